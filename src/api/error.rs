@@ -1,0 +1,129 @@
+//! The one place where errors become HTTP responses. Every error body is
+//! `{"error":{"code":"…","message":"…"}}`; 5xx bodies stay opaque while the
+//! log gets the whole cause chain.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::domain::ValidationError;
+use crate::provisioning::ProvisionError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Validation(#[from] ValidationError),
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("missing or invalid access token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the database is unavailable")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> ApiError {
+        ApiError::Internal(Box::new(e))
+    }
+
+    fn code(&self) -> String {
+        match self {
+            ApiError::Validation(v) => format!("invalid_{}", v.field),
+            ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => (*code).into(),
+            ApiError::InvalidCredentials => "invalid_credentials".into(),
+            ApiError::Unauthorized => "unauthorized".into(),
+            ApiError::NotFound(_) => "not_found".into(),
+            ApiError::Unavailable => "unavailable".into(),
+            ApiError::Internal(_) => "internal_error".into(),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::InvalidCredentials | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(source) = self {
+            tracing::error!(error = %cause_chain(source.as_ref()), "request failed");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized) {
+            response.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        response.json(error_body(&self.code(), &self.to_string()))
+    }
+}
+
+pub fn error_body(code: &str, message: &str) -> serde_json::Value {
+    json!({ "error": { "code": code, "message": message } })
+}
+
+/// "outer: middle: inner", for the log.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.is_closed() || e.as_db_error().is_none() && e.to_string().contains("connect") {
+            tracing::error!(error = %cause_chain(&e), "database unavailable");
+            return ApiError::Unavailable;
+        }
+        ApiError::internal(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        tracing::error!(error = %cause_chain(&e), "cannot get a database connection");
+        ApiError::Unavailable
+    }
+}
+
+impl From<ProvisionError> for ApiError {
+    fn from(e: ProvisionError) -> Self {
+        match e {
+            ProvisionError::UsernameTaken(name) => ApiError::Conflict {
+                code: "username_taken",
+                message: format!("username {name} is already taken"),
+            },
+            ProvisionError::EmailTaken => ApiError::Conflict {
+                code: "email_taken",
+                message: "email is already registered".into(),
+            },
+            ProvisionError::Postgres(pg) => pg.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! The `tenantry` command line. Exit codes: 0 success, 2 usage error (bad
+//! arguments or input), 1 any other failure.
+
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::configuration::{DatabaseTarget, Settings};
+use crate::db::Target;
+use crate::domain::{Email, Password, Username};
+use crate::embedded::{self, Cluster};
+use crate::provisioning::{self, NewAccount};
+use crate::startup::{Application, Context};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tenantry",
+    version,
+    about = "Schema-per-tenant provisioning for PostgreSQL"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the HTTP service (starts the embedded PostgreSQL when DATABASE_URL is unset)
+    Serve,
+    /// Manage the embedded PostgreSQL cluster
+    Db {
+        #[command(subcommand)]
+        action: DbCommand,
+    },
+    /// Manage the system schema
+    System {
+        #[command(subcommand)]
+        action: SystemCommand,
+    },
+    /// List, show and create tenants
+    Tenants {
+        #[command(subcommand)]
+        action: TenantsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DbCommand {
+    /// Start the embedded cluster (or report the one already running)
+    Start,
+    /// Stop the embedded cluster
+    Stop,
+    /// Is the embedded cluster running?
+    Status,
+    /// Print a connection string psql accepts (starts the cluster if needed)
+    Url,
+}
+
+#[derive(Subcommand, Debug)]
+enum SystemCommand {
+    /// Apply pending system migrations (idempotent)
+    Migrate,
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantsCommand {
+    /// List every tenant
+    List {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one tenant
+    Show {
+        name: String,
+        /// Print a JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a user and their tenant; the password is read from stdin
+    Create {
+        name: String,
+        #[arg(long)]
+        email: String,
+    },
+}
+
+/// A command's failure: usage (exit 2) or anything else (exit 1).
+#[derive(Debug)]
+enum Failure {
+    Usage(String),
+    Other(String),
+}
+
+impl<E: std::error::Error + 'static> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(crate::api::error::cause_chain(&e))
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_tracing(matches!(cli.command, Command::Serve));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let settings = Settings::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
+    match cli.command {
+        Command::Serve => serve(settings).await,
+        Command::Db { action } => db(settings, action).await,
+        Command::System {
+            action: SystemCommand::Migrate,
+        } => {
+            let target = Target::resolve(&settings).await?;
+            let mut client = target.connect().await?;
+            let (_, applied) = crate::db::bootstrap(&mut client).await?;
+            for name in &applied {
+                println!("applied {name}");
+            }
+            let version: Option<i32> = client
+                .query_one(
+                    "SELECT max(version) FROM tenantry.refinery_schema_history",
+                    &[],
+                )
+                .await?
+                .get(0);
+            println!(
+                "system schema is up to date at version {}",
+                version.unwrap_or(0)
+            );
+            Ok(())
+        }
+        Command::Tenants { action } => tenants(settings, action).await,
+    }
+}
+
+async fn serve(settings: Settings) -> Result<(), Failure> {
+    let app = Application::build(settings.clone()).await?;
+    tracing::info!(
+        address = %format!("http://{}:{}", settings.bind.ip(), app.port()),
+        "tenantry is listening"
+    );
+    let embedded = app.target().embedded.clone();
+    let served = app.run_until_stopped().await;
+    if let Some((cluster, running)) = embedded {
+        if running.started_here {
+            tokio::task::spawn_blocking(move || cluster.stop()).await??;
+        }
+    }
+    served?;
+    Ok(())
+}
+
+async fn db(settings: Settings, action: DbCommand) -> Result<(), Failure> {
+    if let DatabaseTarget::Url(_) = settings.database {
+        return Err(Failure::Usage(
+            "DATABASE_URL is set: tenantry manages no cluster of its own (unset it to use the embedded one)".into(),
+        ));
+    }
+    match action {
+        DbCommand::Start | DbCommand::Url => {
+            let target = Target::resolve(&settings).await?;
+            let (cluster, running) = target.embedded.expect("embedded mode");
+            if matches!(action, DbCommand::Url) {
+                println!("{}", cluster.url(&running, embedded::DATABASE_NAME));
+            } else {
+                println!(
+                    "{} (pid {}, port {}, socket {})",
+                    if running.started_here {
+                        "started"
+                    } else {
+                        "already running"
+                    },
+                    running.pid,
+                    running.port,
+                    running.socket_dir.display()
+                );
+            }
+        }
+        DbCommand::Stop => {
+            let data_dir = settings.data_dir.clone();
+            let stopped = tokio::task::spawn_blocking(move || {
+                Cluster::open(&data_dir).and_then(|c| c.stop())
+            })
+            .await??;
+            println!("{}", if stopped { "stopped" } else { "not running" });
+        }
+        DbCommand::Status => {
+            let data_dir = settings.data_dir.clone();
+            let running = tokio::task::spawn_blocking(move || {
+                Cluster::open(&data_dir).and_then(|c| c.running())
+            })
+            .await??;
+            match running {
+                Some(r) => println!(
+                    "running (pid {}, port {}, socket {})",
+                    r.pid,
+                    r.port,
+                    r.socket_dir.display()
+                ),
+                None => println!("stopped"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failure> {
+    match action {
+        TenantsCommand::List { json } => {
+            let ctx = Context::open(&settings, 1).await?;
+            let client = ctx.pool.get().await?;
+            let all = crate::tenants::list(&**client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no tenants");
+            } else {
+                println!(
+                    "{:<32} {:<40} {:>7} {:<10} created",
+                    "USERNAME", "SCHEMA", "VERSION", "STATUS"
+                );
+                for t in &all {
+                    println!(
+                        "{:<32} {:<40} {:>7} {:<10} {}",
+                        t.username,
+                        t.schema,
+                        t.template_version,
+                        t.status,
+                        t.created_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        TenantsCommand::Show { name, json } => {
+            let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+            let ctx = Context::open(&settings, 1).await?;
+            let client = ctx.pool.get().await?;
+            let tenant = crate::tenants::find(&**client, &username)
+                .await?
+                .ok_or_else(|| Failure::Other(format!("no tenant named {username}")))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tenant)?);
+            } else {
+                println!("username:         {}", tenant.username);
+                println!("email:            {}", tenant.email);
+                println!("user id:          {}", tenant.user_id);
+                println!("schema:           {}", tenant.schema);
+                println!("role:             {}", tenant.role);
+                println!("template version: {}", tenant.template_version);
+                println!("status:           {}", tenant.status);
+                println!("created:          {}", tenant.created_at.to_rfc3339());
+            }
+        }
+        TenantsCommand::Create { name, email } => {
+            let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+            let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
+            let password = read_password(&username)?;
+            let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
+            let ctx = Context::open(&settings, 1).await?;
+            let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
+            let account = NewAccount {
+                username,
+                email,
+                password_hash,
+                role: "user",
+                refresh_token: None,
+            };
+            let mut client = ctx.pool.get().await?;
+            let t =
+                provisioning::provision(&mut client, &ctx.installation, &ctx.templates, &account)
+                    .await?;
+            println!(
+                "created tenant {} (schema {}, role {}, template version {})",
+                t.username, t.schema, t.role, t.template_version
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The password from stdin: one line, without its line ending.
+fn read_password(username: &Username) -> Result<String, Failure> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("password for {username}: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        stdin.read_line(&mut line)?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    let mut all = String::new();
+    stdin.lock().take(4096).read_to_string(&mut all)?;
+    let line = all.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(Failure::Usage(
+            "no password on stdin (pipe it in, e.g. `echo \"$PASSWORD\" | tenantry tenants create …`)"
+                .into(),
+        ));
+    }
+    Ok(line.to_owned())
+}

@@ -1,0 +1,578 @@
+//! The embedded default: a private PostgreSQL cluster under the data dir.
+//!
+//! Layout of `TENANTRY_DATA_DIR`:
+//! - `pgdata/`   the cluster (owned by the server's OS user, 0700)
+//! - `run/`      its Unix socket and `postgres.log` (owned by the server's OS user, 0700)
+//! - `cluster.lock` an advisory file lock held while starting or stopping, so
+//!   two processes on the same data dir never race each other
+//! - `pg_password`, `jwt_secret` generated secrets (0600)
+//!
+//! Everything here is blocking (it runs `initdb` and `pg_ctl`); async callers
+//! go through `spawn_blocking`.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// Name of the database Tenantry uses inside the embedded cluster.
+pub const DATABASE_NAME: &str = "tenantry";
+/// The cluster's bootstrap superuser.
+pub const SUPERUSER: &str = "postgres";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(
+        "no PostgreSQL server binaries found (looked for pg_ctl and initdb on PATH, in `pg_config --bindir` \
+         and under /usr/lib/postgresql/*/bin); install them (Debian/Ubuntu: `apt-get install postgresql`, \
+         Fedora: `dnf install postgresql-server`, macOS: `brew install postgresql@16`) or set DATABASE_URL"
+    )]
+    NoBinaries,
+    #[error(
+        "running as root, but PostgreSQL refuses to run as root and there is no `postgres` OS user to run it as; \
+         create one (`useradd --system postgres`) or run tenantry as a normal user"
+    )]
+    NoServerUser,
+    #[error(
+        "the `{user}` OS user, which runs the embedded PostgreSQL, cannot reach {dir} (a parent directory is not \
+         searchable by it, as with a checkout under /root); set TENANTRY_DATA_DIR to a directory it can reach \
+         (e.g. /var/lib/tenantry or /tmp/tenantry) or make the parents searchable (chmod o+x)"
+    )]
+    Unreachable { user: String, dir: PathBuf },
+    #[error("the data dir path {0} is too long for a Unix socket; set TENANTRY_DATA_DIR to a shorter path")]
+    PathTooLong(PathBuf),
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
+    let context = context.into();
+    move |source| ClusterError::Io { context, source }
+}
+
+/// The OS user the server runs as when we are root.
+#[derive(Debug, Clone)]
+struct ServerUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// A private cluster under a data dir (not necessarily running).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    data_dir: PathBuf,
+    bindir: PathBuf,
+    user: Option<ServerUser>,
+}
+
+/// A running cluster as found in its `postmaster.pid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    pub pid: u32,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    /// True when this call started the server (so this process should stop it).
+    pub started_here: bool,
+}
+
+impl Cluster {
+    /// Find the server binaries and the OS user, and make sure the data dir
+    /// exists. Starts nothing.
+    pub fn open(data_dir: &Path) -> Result<Cluster, ClusterError> {
+        let bindir = find_bindir().ok_or(ClusterError::NoBinaries)?;
+        let user = if nix::unistd::geteuid().is_root() {
+            let u = nix::unistd::User::from_name(SUPERUSER)
+                .ok()
+                .flatten()
+                .ok_or(ClusterError::NoServerUser)?;
+            Some(ServerUser {
+                name: u.name,
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+            })
+        } else {
+            None
+        };
+        if !data_dir.exists() {
+            // 0711: the server's OS user may pass through, but not list.
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(data_dir)
+                .map_err(io_err(format!(
+                    "cannot create data dir {}",
+                    data_dir.display()
+                )))?;
+        }
+        let data_dir = data_dir.canonicalize().map_err(io_err(format!(
+            "cannot resolve data dir {}",
+            data_dir.display()
+        )))?;
+        let cluster = Cluster {
+            data_dir,
+            bindir,
+            user,
+        };
+        let socket = cluster.run_dir().join(".s.PGSQL.65535");
+        if socket.as_os_str().len() > 100 {
+            return Err(ClusterError::PathTooLong(cluster.data_dir.clone()));
+        }
+        Ok(cluster)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    fn pgdata(&self) -> PathBuf {
+        self.data_dir.join("pgdata")
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.run_dir().join("postgres.log")
+    }
+
+    /// Take the data dir's lock for the duration of a start or stop.
+    fn lock(&self) -> Result<File, ClusterError> {
+        let path = self.data_dir.join("cluster.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(format!("cannot open {}", path.display())))?;
+        file.lock()
+            .map_err(io_err(format!("cannot lock {}", path.display())))?;
+        Ok(file)
+    }
+
+    /// Start the cluster (running `initdb` first if it has never been
+    /// initialised), or reuse it when it is already running. `settings` are
+    /// extra `-c name=value` server settings for a start by this call.
+    pub fn ensure_running(&self, settings: &[(&str, &str)]) -> Result<Running, ClusterError> {
+        let _lock = self.lock()?;
+        if !self.pgdata().join("PG_VERSION").exists() {
+            self.init()?;
+        }
+        if let Some(running) = self.running()? {
+            return Ok(running);
+        }
+        // A free loopback port can be taken between our probe and the
+        // server's bind; try a few.
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match self.start(port, settings) {
+                Ok(()) => {
+                    let mut running = self.wait_ready()?;
+                    running.started_here = true;
+                    tracing::info!(port = running.port, socket = %running.socket_dir.display(), "embedded PostgreSQL started");
+                    return Ok(running);
+                }
+                Err(e) => {
+                    // e.g. the port was taken, or the old server's children
+                    // are still exiting after a crash.
+                    last = Some(e);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    /// The running server, if any. A `postmaster.pid` left behind by a crash
+    /// (its process gone, or the pid reused by something else) is removed.
+    pub fn running(&self) -> Result<Option<Running>, ClusterError> {
+        let pidfile = self.pgdata().join("postmaster.pid");
+        let mut text = String::new();
+        match File::open(&pidfile) {
+            Ok(mut f) => {
+                f.read_to_string(&mut text)
+                    .map_err(io_err(format!("cannot read {}", pidfile.display())))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("cannot read {}", pidfile.display()))(e)),
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(pid) = lines.first().and_then(|l| l.trim().parse::<u32>().ok()) else {
+            // Still being written by a server that is starting up.
+            return Ok(None);
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Stale after a crash or kill -9. PostgreSQL itself takes over a
+            // pid file whose process is gone, and checks its shared memory
+            // interlock on the way, so leave the file to it.
+            return Ok(None);
+        }
+        if !is_postgres_process(pid) {
+            // The pid was reused by an unrelated process: PostgreSQL would
+            // refuse to start, so take the stale file away.
+            tracing::warn!(pidfile = %pidfile.display(), pid, "removing stale postmaster.pid");
+            let _ = fs::remove_file(&pidfile);
+            return Ok(None);
+        }
+        let port = lines.get(3).and_then(|l| l.trim().parse().ok());
+        let socket_dir = lines.get(4).map(|l| PathBuf::from(l.trim()));
+        match (port, socket_dir) {
+            (Some(port), Some(socket_dir)) => Ok(Some(Running {
+                pid,
+                port,
+                socket_dir,
+                started_here: false,
+            })),
+            // Still being written by a server that is starting up.
+            _ => Ok(None),
+        }
+    }
+
+    /// Stop the server if it runs. Returns whether there was one.
+    pub fn stop(&self) -> Result<bool, ClusterError> {
+        let _lock = self.lock()?;
+        if self.running()?.is_none() {
+            return Ok(false);
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("stop")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args(["-m", "fast", "-w", "-t", "60", "-s"])
+            .output()
+            .map_err(io_err("cannot run pg_ctl"))?;
+        check(out, "pg_ctl stop")?;
+        tracing::info!("embedded PostgreSQL stopped");
+        Ok(true)
+    }
+
+    /// Connection settings for the running server, over its Unix socket.
+    pub fn pg_config(&self, running: &Running, dbname: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(&running.socket_dir)
+            .port(running.port)
+            .user(SUPERUSER)
+            .dbname(dbname)
+            .application_name("tenantry");
+        config
+    }
+
+    /// A connection string `psql` accepts.
+    pub fn url(&self, running: &Running, dbname: &str) -> String {
+        format!(
+            "postgresql://{SUPERUSER}@/{dbname}?host={}&port={}",
+            percent_encode(&running.socket_dir.to_string_lossy()),
+            running.port
+        )
+    }
+
+    fn init(&self) -> Result<(), ClusterError> {
+        self.check_reachable()?;
+        for dir in [self.pgdata(), self.run_dir()] {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err(format!("cannot create {}", dir.display())))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err(format!("cannot chmod {}", dir.display())))?;
+            if let Some(u) = &self.user {
+                std::os::unix::fs::chown(&dir, Some(u.uid), Some(u.gid))
+                    .map_err(io_err(format!("cannot chown {}", dir.display())))?;
+            }
+        }
+        // The superuser gets a password for TCP connections on the loopback
+        // port; the Unix socket (in a 0700 directory) trusts its OS user.
+        let password = generated_secret(&self.data_dir.join("pg_password"))?;
+        let pwfile = self.run_dir().join("initdb.pw");
+        write_private(&pwfile, &password, self.user.as_ref())?;
+        let out = self
+            .command("initdb")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args([
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-instructions",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .map_err(io_err("cannot run initdb"));
+        let _ = fs::remove_file(&pwfile);
+        check(out?, "initdb")?;
+        let conf = self.pgdata().join("postgresql.conf");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(io_err(format!("cannot open {}", conf.display())))?;
+        writeln!(
+            f,
+            "\n# added by tenantry\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n",
+            self.run_dir().display().to_string().replace('\'', "''")
+        )
+        .map_err(io_err(format!("cannot write {}", conf.display())))?;
+        tracing::info!(pgdata = %self.pgdata().display(), "initialised embedded PostgreSQL cluster");
+        Ok(())
+    }
+
+    fn start(&self, port: u16, settings: &[(&str, &str)]) -> Result<(), ClusterError> {
+        let mut opts = format!("-p {port}");
+        for (name, value) in settings {
+            let simple = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            };
+            if !simple(name) || !simple(value) {
+                return Err(ClusterError::Command {
+                    what: "pg_ctl start".into(),
+                    detail: format!("unsupported server setting {name}={value}"),
+                });
+            }
+            opts.push_str(&format!(" -c {name}={value}"));
+        }
+        let out = self
+            .command("pg_ctl")
+            .arg("start")
+            .arg("-D")
+            .arg(self.pgdata())
+            .arg("-l")
+            .arg(self.log_file())
+            .args(["-w", "-t", "60", "-s", "-o", &opts])
+            .output()
+            .map_err(io_err("cannot run pg_ctl"))?;
+        check(out, "pg_ctl start").map_err(|e| match e {
+            ClusterError::Command { what, detail } => ClusterError::Command {
+                what,
+                detail: format!("{detail}\n{}", tail(&self.log_file(), 15)),
+            },
+            other => other,
+        })
+    }
+
+    fn wait_ready(&self) -> Result<Running, ClusterError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(r) = self.running()? {
+                if r.socket_dir.join(format!(".s.PGSQL.{}", r.port)).exists() {
+                    return Ok(r);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Command {
+                    what: "pg_ctl start".into(),
+                    detail: format!(
+                        "server did not become ready\n{}",
+                        tail(&self.log_file(), 15)
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// When a different OS user runs the server, it must be able to reach
+    /// the data dir; say so plainly instead of letting initdb fail obscurely.
+    fn check_reachable(&self) -> Result<(), ClusterError> {
+        let Some(u) = &self.user else { return Ok(()) };
+        let ok = Command::new("test")
+            .arg("-x")
+            .arg(&self.data_dir)
+            .uid(u.uid)
+            .gid(u.gid)
+            .current_dir("/")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            Err(ClusterError::Unreachable {
+                user: u.name.clone(),
+                dir: self.data_dir.clone(),
+            })
+        }
+    }
+
+    /// A server command, run as the server's OS user when we are root.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bindir.join(program));
+        cmd.current_dir("/").env_remove("PGDATA").env("LC_ALL", "C");
+        if let Some(u) = &self.user {
+            // std drops supplementary groups when it changes the uid.
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        cmd
+    }
+}
+
+/// Read a generated secret, creating it (0600) on first use.
+pub fn generated_secret(path: &Path) -> Result<String, ClusterError> {
+    match fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("cannot read {}", path.display()))(e)),
+    }
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    let secret = hex::encode(bytes);
+    write_private(path, &secret, None)?;
+    Ok(secret)
+}
+
+fn write_private(
+    path: &Path,
+    content: &str,
+    owner: Option<&ServerUser>,
+) -> Result<(), ClusterError> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("cannot write {}", path.display())))?;
+    f.write_all(content.as_bytes())
+        .map_err(io_err(format!("cannot write {}", path.display())))?;
+    if let Some(u) = owner {
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+            .map_err(io_err(format!("cannot chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn check(out: Output, what: &str) -> Result<(), ClusterError> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ClusterError::Command {
+            what: what.into(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ),
+        })
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    format!(
+        "server log ({}):\n{}",
+        path.display(),
+        lines[start..].join("\n")
+    )
+}
+
+fn is_postgres_process(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().starts_with("postgres") || c.trim().starts_with("postmaster"))
+        .unwrap_or(false)
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("cannot find a free port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io_err("cannot find a free port"))?
+        .port())
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Where the server binaries are: PATH, then `pg_config --bindir`, then the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bindir() -> Option<PathBuf> {
+    let has_tools = |dir: &Path| {
+        ["pg_ctl", "initdb", "postgres"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let pg_ctl = dir.join("pg_ctl");
+            if pg_ctl.is_file() {
+                // Follow symlinks (e.g. /usr/local/bin/pg_ctl) to the real bindir.
+                if let Some(real) = pg_ctl
+                    .canonicalize()
+                    .ok()
+                    .and_then(|p| p.parent().map(Path::to_path_buf))
+                {
+                    if has_tools(&real) {
+                        return Some(real);
+                    }
+                }
+                if has_tools(&dir) {
+                    return Some(dir);
+                }
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_tools(&dir) {
+                return Some(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            has_tools(&bin).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_are_percent_encoded_for_urls() {
+        assert_eq!(percent_encode("/tmp/a b/run"), "%2Ftmp%2Fa%20b%2Frun");
+    }
+}

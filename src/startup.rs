@@ -1,0 +1,151 @@
+//! Building the application: database, bootstrap, templates, keys, and the
+//! HTTP server with its one route table.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use deadpool_postgres::Pool;
+
+use crate::auth::JwtKeys;
+use crate::configuration::Settings;
+use crate::db::{self, DbError, Installation, Target};
+use crate::embedded;
+use crate::templates::{TemplateError, TemplateSet};
+
+/// Shared by every request.
+pub struct AppState {
+    pub pool: Pool,
+    pub installation: Installation,
+    pub templates: Arc<TemplateSet>,
+    pub jwt: JwtKeys,
+    pub bcrypt_cost: u32,
+    /// A real bcrypt hash at the configured cost, verified against for
+    /// unknown users so that they take as long as known ones.
+    pub dummy_hash: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Templates(#[from] TemplateError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare the dummy password hash: {0}")]
+    Hash(#[from] crate::auth::AuthError),
+}
+
+/// Everything a command that works on tenants needs.
+pub struct Context {
+    pub target: Target,
+    pub pool: Pool,
+    pub installation: Installation,
+    pub templates: Arc<TemplateSet>,
+}
+
+impl Context {
+    /// Resolve the database (starting the embedded cluster if needed), run
+    /// the bootstrap and load the templates.
+    pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
+        let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
+        let target = Target::resolve(settings).await?;
+        let mut client = target.connect().await?;
+        let (installation, _) = db::bootstrap(&mut client).await?;
+        drop(client);
+        let pool = target.pool(pool_size)?;
+        Ok(Context {
+            target,
+            pool,
+            installation,
+            templates,
+        })
+    }
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    context_target: Target,
+}
+
+impl Application {
+    /// Bind (port 0 picks a free one, as the tests do) and build the server.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let context = Context::open(&settings, settings.pool_size).await?;
+        let secret = match &settings.jwt_secret {
+            Some(s) => s.expose().to_owned(),
+            // Embedded mode: generated once, kept 0600 in the data dir.
+            None => embedded::generated_secret(&settings.data_dir.join("jwt_secret"))
+                .map_err(DbError::from)?,
+        };
+        let cost = settings.bcrypt_cost;
+        let dummy_hash = crate::auth::hash_password(
+            &crate::domain::Password::parse("tenantry-dummy-password").expect("valid"),
+            cost,
+        )
+        .await?;
+        let state = web::Data::new(AppState {
+            pool: context.pool,
+            installation: context.installation,
+            templates: context.templates,
+            jwt: JwtKeys::new(secret.as_bytes()),
+            bcrypt_cost: cost,
+            dummy_hash,
+        });
+        let listener = TcpListener::bind(settings.bind).map_err(|source| StartupError::Bind {
+            addr: settings.bind.to_string(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: settings.bind.to_string(),
+                source,
+            })?
+            .port();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(tracing_actix())
+                .app_data(state.clone())
+                .configure(crate::api::configure)
+        })
+        .listen(listener)
+        .map_err(|source| StartupError::Bind {
+            addr: settings.bind.to_string(),
+            source,
+        })?
+        .run();
+        Ok(Application {
+            port,
+            server,
+            context_target: context.target,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Where the database is (for `serve`, which stops an embedded cluster
+    /// it started).
+    pub fn target(&self) -> &Target {
+        &self.context_target
+    }
+
+    /// Serve until SIGINT/SIGTERM (actix handles both, gracefully).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Request logging through `tracing`.
+fn tracing_actix() -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new("%r %s %b %Dms")
+}

@@ -1,0 +1,199 @@
+//! Tenant templates: the versioned SQL (`V<n>__<name>.sql`) that builds a
+//! tenant schema. Parsed and checksummed with refinery's `Migration`, so a
+//! tenant's `refinery_schema_history` table is one refinery itself reads.
+//! Built into the binary; `TENANTRY_TEMPLATES_DIR` overrides at run time.
+
+use std::path::{Path, PathBuf};
+
+use refinery::Migration;
+
+use crate::domain::TemplateVersion;
+
+mod builtin {
+    include!(concat!(env!("OUT_DIR"), "/templates.rs"));
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("cannot read templates from {dir}: {source}")]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("template file {file} is not named V<version>__<name>.sql: {reason}")]
+    BadName { file: String, reason: String },
+    #[error("template version {0} appears twice")]
+    Duplicate(i32),
+    #[error("no tenant templates found in {0}")]
+    Empty(String),
+}
+
+/// One template version.
+#[derive(Debug, Clone)]
+pub struct Template {
+    version: TemplateVersion,
+    name: String,
+    sql: String,
+    checksum: u64,
+}
+
+impl Template {
+    pub fn version(&self) -> TemplateVersion {
+        self.version
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn sql(&self) -> &str {
+        &self.sql
+    }
+
+    /// refinery's checksum of name, version and SQL.
+    pub fn checksum(&self) -> u64 {
+        self.checksum
+    }
+}
+
+/// Every template version, ascending.
+#[derive(Debug, Clone)]
+pub struct TemplateSet {
+    templates: Vec<Template>,
+}
+
+impl TemplateSet {
+    /// The set built into the binary.
+    pub fn builtin() -> Result<TemplateSet, TemplateError> {
+        Self::from_files(
+            builtin::BUILTIN
+                .iter()
+                .map(|(f, sql)| (f.to_string(), sql.to_string())),
+            "the built-in templates",
+        )
+    }
+
+    /// Read `V*.sql` from a directory.
+    pub fn from_dir(dir: &Path) -> Result<TemplateSet, TemplateError> {
+        let read_err = |source| TemplateError::Read {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_err)? {
+            let path = entry.map_err(read_err)?.path();
+            if path.extension().is_some_and(|x| x == "sql") {
+                let sql = std::fs::read_to_string(&path).map_err(read_err)?;
+                files.push((
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    sql,
+                ));
+            }
+        }
+        Self::from_files(files.into_iter(), &dir.display().to_string())
+    }
+
+    /// The built-in set, or the directory's when one is configured.
+    pub fn load(dir: Option<&Path>) -> Result<TemplateSet, TemplateError> {
+        match dir {
+            Some(d) => Self::from_dir(d),
+            None => Self::builtin(),
+        }
+    }
+
+    fn from_files(
+        files: impl Iterator<Item = (String, String)>,
+        origin: &str,
+    ) -> Result<TemplateSet, TemplateError> {
+        let mut templates = Vec::new();
+        for (file, sql) in files {
+            let stem = file.strip_suffix(".sql").unwrap_or(&file);
+            let bad = |reason: String| TemplateError::BadName {
+                file: file.clone(),
+                reason,
+            };
+            if !stem.starts_with('V') {
+                return Err(bad("only versioned (V) templates are supported".into()));
+            }
+            let migration = Migration::unapplied(stem, &sql).map_err(|e| bad(e.to_string()))?;
+            let version = TemplateVersion::parse(i64::from(migration.version()))
+                .map_err(|e| bad(e.to_string()))?;
+            templates.push(Template {
+                version,
+                name: migration.name().to_owned(),
+                checksum: migration.checksum(),
+                sql,
+            });
+        }
+        templates.sort_by_key(|t| t.version);
+        for pair in templates.windows(2) {
+            if pair[0].version == pair[1].version {
+                return Err(TemplateError::Duplicate(pair[0].version.get()));
+            }
+        }
+        if templates.is_empty() {
+            return Err(TemplateError::Empty(origin.to_owned()));
+        }
+        Ok(TemplateSet { templates })
+    }
+
+    pub fn all(&self) -> &[Template] {
+        &self.templates
+    }
+
+    /// The version new tenants are provisioned at.
+    pub fn latest(&self) -> TemplateVersion {
+        self.templates.last().expect("a set is never empty").version
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_set_has_the_four_product_versions_in_order() {
+        let set = TemplateSet::builtin().unwrap();
+        let names: Vec<_> = set
+            .all()
+            .iter()
+            .map(|t| (t.version().get(), t.name()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (1, "experiences"),
+                (2, "conversations"),
+                (3, "summaries"),
+                (4, "skills")
+            ]
+        );
+        assert_eq!(set.latest().get(), 4);
+    }
+
+    #[test]
+    fn a_badly_named_template_is_refused() {
+        let err = TemplateSet::from_files(
+            vec![("experiences.sql".to_string(), "select 1".to_string())].into_iter(),
+            "test",
+        )
+        .unwrap_err();
+        assert!(matches!(err, TemplateError::BadName { .. }));
+    }
+
+    #[test]
+    fn checksums_change_with_the_sql() {
+        let a = TemplateSet::from_files(
+            vec![("V1__a.sql".into(), "select 1".into())].into_iter(),
+            "t",
+        )
+        .unwrap();
+        let b = TemplateSet::from_files(
+            vec![("V1__a.sql".into(), "select 2".into())].into_iter(),
+            "t",
+        )
+        .unwrap();
+        assert_ne!(a.all()[0].checksum(), b.all()[0].checksum());
+    }
+}
