@@ -128,7 +128,9 @@ async fn ensure_database(cluster: &Cluster, running: &Running) -> Result<(), DbE
         {
             Ok(()) => {}
             // Another process created it between our check and now.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                    || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -217,18 +217,21 @@ impl Cluster {
             // Still being written by a server that is starting up.
             return Ok(None);
         };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            // Stale after a crash or kill -9. PostgreSQL itself takes over a
-            // pid file whose process is gone, and checks its shared memory
-            // interlock on the way, so leave the file to it.
-            return Ok(None);
-        }
-        if !is_postgres_process(pid) {
-            // The pid was reused by an unrelated process: PostgreSQL would
-            // refuse to start, so take the stale file away.
-            tracing::warn!(pidfile = %pidfile.display(), pid, "removing stale postmaster.pid");
-            let _ = fs::remove_file(&pidfile);
-            return Ok(None);
+        match process_state(pid) {
+            // Stale after a crash or kill -9, the process reaped. PostgreSQL
+            // itself takes over a pid file whose process is gone, and checks
+            // its shared memory interlock on the way, so leave the file to it.
+            None => return Ok(None),
+            // Dead but unreaped (a zombie: in containers nobody may reap it),
+            // or the pid now belongs to an unrelated process. PostgreSQL
+            // would refuse to start ("lock file already exists"), so take
+            // the stale file away; `start` waits for any orphaned backends.
+            Some(state) if state == 'Z' || state == 'X' || !is_postgres_process(pid) => {
+                tracing::warn!(pidfile = %pidfile.display(), pid, "removing stale postmaster.pid");
+                let _ = fs::remove_file(&pidfile);
+                return Ok(None);
+            }
+            Some(_) => {}
         }
         let port = lines.get(3).and_then(|l| l.trim().parse().ok());
         let socket_dir = lines.get(4).map(|l| PathBuf::from(l.trim()));
@@ -339,6 +342,7 @@ impl Cluster {
     }
 
     fn start(&self, port: u16, settings: &[(&str, &str)]) -> Result<(), ClusterError> {
+        self.wait_for_orphans();
         let mut opts = format!("-p {port}");
         for (name, value) in settings {
             let simple = |s: &str| {
@@ -391,6 +395,34 @@ impl Cluster {
                 });
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// After a crash, backends of the dead server may still be exiting; a
+    /// new server must not run beside them. They all have the data dir as
+    /// their working directory.
+    fn wait_for_orphans(&self) {
+        let pgdata = self.pgdata();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let busy = fs::read_dir("/proc")
+                .map(|entries| {
+                    entries.filter_map(|e| e.ok()).any(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                            && fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd == pgdata)
+                            && process_state(
+                                e.file_name().to_str().unwrap_or("0").parse().unwrap_or(0),
+                            )
+                            .is_some_and(|s| s != 'Z' && s != 'X')
+                    })
+                })
+                .unwrap_or(false);
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -489,6 +521,13 @@ fn tail(path: &Path, n: usize) -> String {
         path.display(),
         lines[start..].join("\n")
     )
+}
+
+/// The state letter of a process (`R`, `S`, `Z`, …), or `None` if it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S …": the state follows the last parenthesis.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
 }
 
 fn is_postgres_process(pid: u32) -> bool {

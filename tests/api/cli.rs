@@ -1,0 +1,233 @@
+//! The CLI against a test database (DATABASE_URL mode).
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn tenants_can_be_created_listed_and_shown_from_the_cli() {
+    let db = create_database().await;
+    let env = cli_env(&db);
+
+    let out = tenantry(
+        &["tenants", "create", "Nina", "--email", "nina@example.com"],
+        &env,
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("tenant_nina"));
+
+    let out = tenantry(&["tenants", "list", "--json"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["username"], "nina");
+    assert_eq!(list[0]["schema"], "tenant_nina");
+    assert_eq!(list[0]["template_version"], 4);
+    assert_eq!(list[0]["status"], "active");
+    assert!(list[0]["role"].as_str().unwrap().ends_with("_nina"));
+
+    let out = tenantry(&["tenants", "show", "nina", "--json"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(shown, list[0]);
+
+    let out = tenantry(&["tenants", "list"], &env, None).await;
+    assert!(stdout(&out).contains("tenant_nina"));
+
+    // The password set on the CLI logs in over HTTP.
+    let app = spawn_app_on(test_settings(&db), db.clone()).await;
+    let login = app
+        .post_json(
+            "/api/auth/login",
+            &serde_json::json!({"username": "nina", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(login.status(), 200);
+}
+
+#[tokio::test]
+async fn bad_cli_input_exits_2_and_creates_nothing() {
+    let db = create_database().await;
+    let env = cli_env(&db);
+    let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (
+            vec![
+                "tenants",
+                "create",
+                "x'; drop table y; --",
+                "--email",
+                "a@example.com",
+            ],
+            Some("a perfectly fine password\n"),
+        ),
+        (
+            vec!["tenants", "create", "admin", "--email", "a@example.com"],
+            Some("a perfectly fine password\n"),
+        ),
+        (
+            vec!["tenants", "create", "olga", "--email", "nope"],
+            Some("a perfectly fine password\n"),
+        ),
+        (
+            vec!["tenants", "create", "olga", "--email", "olga@example.com"],
+            Some("short\n"),
+        ),
+        (
+            vec!["tenants", "create", "olga", "--email", "olga@example.com"],
+            Some(""),
+        ),
+        (
+            vec!["tenants", "create", "olga"],
+            Some("a perfectly fine password\n"),
+        ),
+        (vec!["tenants", "frobnicate"], None),
+        (vec!["tenants", "show", "Robert\"); --"], None),
+    ];
+    for (args, stdin) in cases {
+        let out = tenantry(&args, &env, stdin).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty());
+    }
+    let out = tenantry(&["tenants", "list", "--json"], &env, None).await;
+    assert_eq!(stdout(&out).trim(), "[]");
+}
+
+#[tokio::test]
+async fn other_cli_failures_exit_1_with_a_message() {
+    let db = create_database().await;
+    let env = cli_env(&db);
+    let out = tenantry(&["tenants", "show", "nobody"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no tenant named nobody"));
+
+    let create = ["tenants", "create", "paul", "--email", "paul@example.com"];
+    let out = tenantry(&create, &env, Some(PASSWORD)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tenantry(&create, &env, Some(PASSWORD)).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already taken"), "{}", stderr(&out));
+
+    let mut unreachable = env.clone();
+    unreachable[0].1 = "host=127.0.0.1 port=1 user=postgres dbname=x connect_timeout=2".into();
+    let out = tenantry(&["tenants", "list"], &unreachable, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot connect"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn system_migrate_is_idempotent_and_safe_when_run_twice_at_once() {
+    let db = create_database().await;
+    let env = cli_env(&db);
+    let (a, b) = tokio::join!(
+        tenantry(&["system", "migrate"], &env, None),
+        tenantry(&["system", "migrate"], &env, None)
+    );
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    // Exactly one of them applied the migrations.
+    let applied = [&a, &b]
+        .iter()
+        .filter(|o| stdout(o).contains("applied V1__control_plane"))
+        .count();
+    assert_eq!(applied, 1);
+
+    let again = tenantry(&["system", "migrate"], &env, None).await;
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("up to date at version 5"));
+    let client = connect(&db).await;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 5);
+    let installations: i64 = client
+        .query_one("SELECT count(*) FROM tenantry.installation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(installations, 1);
+}
+
+#[tokio::test]
+async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
+    let db = create_database().await;
+    // V2 sleeps, so the process can be killed while the tenant's role,
+    // schema and V1 tables exist inside its open transaction.
+    let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
+    let mut env = cli_env(&db);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["tenants", "create", "quinn", "--email", "quinn@example.com"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+        .env("BCRYPT_COST", "4")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
+    }
+    let admin = connect(&db).await;
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()";
+    let mut seen = false;
+    for _ in 0..200 {
+        if admin
+            .query_one(sleeping, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(seen, "provisioning never reached the slow template");
+    child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
+
+    // The server notices the vanished client and rolls back.
+    for _ in 0..400 {
+        if admin
+            .query_one(sleeping, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let leftovers: (i64, i64, i64) = {
+        let row = admin
+            .query_one(
+                "SELECT (SELECT count(*) FROM tenantry.users),
+                        (SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_quinn'),
+                        (SELECT count(*) FROM pg_roles r, tenantry.installation i WHERE r.rolname = 'tnt_' || i.id || '_quinn')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(leftovers, (0, 0, 0));
+
+    // The name is free again.
+    let out = tenantry(
+        &["tenants", "create", "quinn", "--email", "quinn@example.com"],
+        &cli_env(&db),
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -1,0 +1,235 @@
+//! The embedded default, through the CLI: no DATABASE_URL, a data dir of
+//! its own per test.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+fn embedded_env(dir: &std::path::Path) -> Vec<(&'static str, String)> {
+    vec![("TENANTRY_DATA_DIR", dir.display().to_string())]
+}
+
+/// Stop whatever a test left running, even when it failed half-way.
+struct StopOnDrop(Vec<(&'static str, String)>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(["db", "stop"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.0.iter().map(|(k, v)| (*k, v.clone())))
+            .output();
+    }
+}
+
+fn pid_of(out: &std::process::Output) -> String {
+    let text = stdout(out);
+    let start = text.find("pid ").expect("a pid") + 4;
+    text[start..].split(',').next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() {
+    let dir = temp_dir("tenantry-embedded");
+    spawn_reaper(&dir);
+    let env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+
+    let first = tenantry(&["db", "start"], &env, None).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stdout(&first).starts_with("started"), "{}", stdout(&first));
+    let second = tenantry(&["db", "start"], &env, None).await;
+    assert!(stdout(&second).starts_with("already running"));
+    assert_eq!(pid_of(&first), pid_of(&second));
+
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert!(stdout(&status).starts_with("running"));
+
+    // `db url` prints something psql accepts.
+    let url = tenantry(&["db", "url"], &env, None).await;
+    let url = stdout(&url).trim().to_string();
+    let psql = CLUSTER.cluster.bindir().join("psql");
+    let out = std::process::Command::new(psql)
+        .args([url.as_str(), "-Atc", "SELECT current_database()"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tenantry",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let created = tenantry(
+        &["tenants", "create", "rosa", "--email", "rosa@example.com"],
+        &env,
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    let stopped = tenantry(&["db", "stop"], &env, None).await;
+    assert_eq!(stdout(&stopped).trim(), "stopped");
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert_eq!(stdout(&status).trim(), "stopped");
+
+    // Any command that needs the database starts it again; the data is kept.
+    let list = tenantry(&["tenants", "list", "--json"], &env, None).await;
+    assert!(list.status.success(), "{}", stderr(&list));
+    let list: Value = serde_json::from_str(&stdout(&list)).unwrap();
+    assert_eq!(list[0]["username"], "rosa");
+}
+
+#[tokio::test]
+async fn a_stale_postmaster_pid_after_a_crash_is_handled() {
+    let dir = temp_dir("tenantry-crash");
+    spawn_reaper(&dir);
+    let env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+
+    let started = tenantry(&["db", "start"], &env, None).await;
+    assert!(started.status.success(), "{}", stderr(&started));
+    let pid: i32 = pid_of(&started).parse().unwrap();
+    // Crash: the postmaster dies without removing postmaster.pid.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(" Z ")
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(dir.join("pgdata/postmaster.pid").exists());
+
+    let list = tenantry(&["tenants", "list"], &env, None).await;
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert_eq!(stdout(&list).trim(), "no tenants");
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert!(stdout(&status).starts_with("running"));
+    assert_ne!(pid_of(&status), pid.to_string());
+}
+
+#[tokio::test]
+async fn two_processes_starting_at_once_share_one_cluster() {
+    let dir = temp_dir("tenantry-race");
+    spawn_reaper(&dir);
+    let env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+
+    let (a, b) = tokio::join!(
+        tenantry(&["system", "migrate"], &env, None),
+        tenantry(&["system", "migrate"], &env, None)
+    );
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(b.status.success(), "{}", stderr(&b));
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert!(stdout(&status).starts_with("running"));
+}
+
+#[tokio::test]
+async fn serve_stops_the_cluster_it_started_on_sigterm() {
+    let dir = temp_dir("tenantry-serve");
+    spawn_reaper(&dir);
+    let env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TENANTRY_DATA_DIR", &dir)
+        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
+        .env("BCRYPT_COST", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut healthy = false;
+    for _ in 0..300 {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}/health"))
+            .send()
+            .await
+        {
+            healthy = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(healthy, "serve never became healthy");
+
+    // It generated its JWT secret, private to its user.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("jwt_secret"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let registered = client
+        .post(format!("http://127.0.0.1:{port}/api/auth/register"))
+        .json(&serde_json::json!({"username": "sam", "email": "sam@example.com", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), serve.wait())
+        .await
+        .expect("serve exits after SIGTERM")
+        .unwrap();
+    assert!(status.success());
+    let db_status = tenantry(&["db", "status"], &env, None).await;
+    assert_eq!(stdout(&db_status).trim(), "stopped");
+}
+
+#[tokio::test]
+async fn db_commands_refuse_to_manage_a_database_url() {
+    let out = tenantry(
+        &["db", "stop"],
+        &[
+            ("DATABASE_URL", "host=/nonexistent user=x".into()),
+            ("JWT_SECRET", JWT_SECRET.into()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("DATABASE_URL is set"));
+}
+
+#[tokio::test]
+async fn a_data_dir_the_server_user_cannot_reach_is_explained() {
+    if !nix::unistd::geteuid().is_root() {
+        // Only root hands the cluster to another OS user; as a normal user
+        // the data dir is the caller's own.
+        return;
+    }
+    let outer = temp_dir("tenantry-private");
+    spawn_reaper(&outer);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&outer, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let env = embedded_env(&outer.join("data"));
+    let out = tenantry(&["db", "start"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("TENANTRY_DATA_DIR"));
+}

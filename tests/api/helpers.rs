@@ -1,0 +1,286 @@
+//! The test harness. The first test to need PostgreSQL starts a private
+//! cluster (initdb + pg_ctl, via the product's own `embedded` module) in a
+//! fresh temp dir on a free port; when run as root it runs as the `postgres`
+//! OS user. A detached reaper stops it and deletes the dir when this test
+//! process exits, so runs never collide and nothing is left behind. Every
+//! test gets its own database.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::LazyLock;
+
+use serde_json::Value;
+use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
+use tenantry::embedded::{Cluster, Running};
+use tenantry::startup::Application;
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123";
+pub const PASSWORD: &str = "a perfectly fine password";
+
+pub struct TestCluster {
+    pub cluster: Cluster,
+    pub running: Running,
+}
+
+pub static CLUSTER: LazyLock<TestCluster> = LazyLock::new(start_cluster);
+
+/// A fresh temp dir that the server's OS user can traverse.
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o711)
+        .recursive(true)
+        .create(&dir)
+        .expect("create temp dir");
+    dir
+}
+
+fn start_cluster() -> TestCluster {
+    let dir = temp_dir("tenantry-test");
+    let cluster = Cluster::open(&dir).expect("open test cluster");
+    // Durability is not what these tests test; speed is welcome.
+    let running = cluster
+        .ensure_running(&[
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("full_page_writes", "off"),
+            ("max_connections", "400"),
+        ])
+        .expect("start test cluster");
+    spawn_reaper(&dir);
+    TestCluster { cluster, running }
+}
+
+/// Stop the cluster under `dir` (if any) and delete `dir` once this process
+/// is gone.
+// The reaper must outlive this process, so nobody waits for it.
+#[allow(clippy::zombie_processes)]
+pub fn spawn_reaper(dir: &Path) {
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null; do sleep 1; done
+        pid=$(head -n 1 "$2/pgdata/postmaster.pid" 2>/dev/null)
+        if [ -n "$pid" ]; then kill -INT "$pid" 2>/dev/null; fi
+        i=0
+        while [ -e "$2/pgdata/postmaster.pid" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
+        rm -rf "$2"
+    "#;
+    Command::new("sh")
+        .args(["-c", script, "reaper"])
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("spawn reaper");
+}
+
+/// A superuser connection string for a database of the test cluster.
+pub fn db_url(db_name: &str) -> String {
+    let c = &*CLUSTER;
+    format!(
+        "host={} port={} user=postgres dbname={db_name}",
+        c.running.socket_dir.display(),
+        c.running.port
+    )
+}
+
+pub async fn connect(db_name: &str) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = db_url(db_name).parse().unwrap();
+    tenantry::db::connect(&config).await.expect("connect")
+}
+
+/// A new, empty database.
+pub async fn create_database() -> String {
+    let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    let admin = connect("postgres").await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    name
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub db_name: String,
+    pub api: reqwest::Client,
+}
+
+pub fn test_settings(db_name: &str) -> Settings {
+    Settings {
+        database: DatabaseTarget::Url(SecretString::new(db_url(db_name))),
+        data_dir: std::env::temp_dir(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_secret: Some(SecretString::new(JWT_SECRET.into())),
+        bcrypt_cost: 4,
+        templates_dir: None,
+        pool_size: 20,
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let db_name = create_database().await;
+    let mut settings = test_settings(&db_name);
+    adjust(&mut settings);
+    spawn_app_on(settings, db_name).await
+}
+
+/// Start the service on an existing database (a restart, say).
+pub async fn spawn_app_on(settings: Settings, db_name: String) -> TestApp {
+    let app = Application::build(settings).await.expect("build app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        db_name,
+        api: reqwest::Client::new(),
+    }
+}
+
+impl TestApp {
+    pub async fn db(&self) -> tokio_postgres::Client {
+        connect(&self.db_name).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.api
+            .post(format!("{}{path}", self.address))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn register(&self, username: &str) -> reqwest::Response {
+        self.post_json(
+            "/api/auth/register",
+            &serde_json::json!({
+                "username": username,
+                "email": format!("{}@example.com", username.trim().to_lowercase()),
+                "password": PASSWORD,
+            }),
+        )
+        .await
+    }
+
+    /// How many tenant schemas exist in this database.
+    pub async fn schema_count(&self) -> i64 {
+        self.db()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The installation's role prefix (`tnt_<id>_`).
+    pub async fn role_prefix(&self) -> String {
+        let id: String = self
+            .db()
+            .await
+            .query_one("SELECT id FROM tenantry.installation", &[])
+            .await
+            .unwrap()
+            .get(0);
+        format!("tnt_{id}_")
+    }
+
+    /// How many tenant roles of this installation exist.
+    pub async fn tenant_role_count(&self) -> i64 {
+        let prefix = self.role_prefix().await;
+        self.db()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1) AND rolname <> $1 || 'tenants'",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn user_count(&self) -> i64 {
+        self.db()
+            .await
+            .query_one("SELECT count(*) FROM tenantry.users", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+pub async fn json(response: reqwest::Response) -> Value {
+    response.json().await.expect("a JSON body")
+}
+
+/// Run the `tenantry` binary with a clean environment plus `env`.
+pub async fn tenantry(
+    args: &[&str],
+    env: &[(&str, String)],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("BCRYPT_COST", "4")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tenantry");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut pipe = child.stdin.take().unwrap();
+        if let Some(input) = stdin {
+            pipe.write_all(input.as_bytes()).await.unwrap();
+        }
+    }
+    child.wait_with_output().await.expect("run tenantry")
+}
+
+/// The environment for the CLI against a test database.
+pub fn cli_env(db_name: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db_url(db_name)),
+        ("JWT_SECRET", JWT_SECRET.to_string()),
+    ]
+}
+
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A templates directory holding the built-in V1 plus the given files.
+pub fn templates_dir_with(files: &[(&str, &str)]) -> PathBuf {
+    let dir = temp_dir("tenantry-templates");
+    spawn_reaper(&dir);
+    let v1 = Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_templates/V1__experiences.sql");
+    std::fs::copy(v1, dir.join("V1__experiences.sql")).unwrap();
+    for (name, sql) in files {
+        std::fs::write(dir.join(name), sql).unwrap();
+    }
+    dir
+}

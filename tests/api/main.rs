@@ -1,0 +1,10 @@
+//! One test binary: one private PostgreSQL cluster for the whole run, a fresh
+//! database per test. See helpers.rs.
+
+mod cli;
+mod embedded;
+mod health;
+mod helpers;
+mod login;
+mod provisioning;
+mod register;

@@ -1,0 +1,81 @@
+//! What the database itself enforces once tenants exist.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_tenant_role_reaches_its_own_schema_and_reference_only() {
+    let app = spawn_app().await;
+    assert_eq!(app.register("lena").await.status(), 201);
+    assert_eq!(app.register("mike").await.status(), 201);
+    let prefix = app.role_prefix().await;
+    let db = app.db().await;
+
+    let as_lena = |sql: &str| format!("BEGIN; SET LOCAL ROLE \"{prefix}lena\"; {sql}; ROLLBACK;");
+    db.batch_execute(&as_lena(
+        "INSERT INTO tenant_lena.experiences (title, started_on) VALUES ('Engineer', '2020-01-01')",
+    ))
+    .await
+    .expect("own schema is writable");
+    db.batch_execute(&as_lena("SELECT count(*) FROM reference.skills"))
+        .await
+        .expect("reference is readable");
+
+    for forbidden in [
+        "SELECT * FROM tenant_mike.experiences",
+        "SELECT * FROM tenantry.users",
+        "INSERT INTO reference.industries (code, name, level) VALUES ('99', 'x', 'sector')",
+        "CREATE TABLE public.sneaky (id int)",
+    ] {
+        let err = db
+            .batch_execute(&as_lena(forbidden))
+            .await
+            .expect_err(forbidden);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{forbidden}: {err}"
+        );
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_reference_schema_is_seeded_with_real_data() {
+    let app = spawn_app().await;
+    let db = app.db().await;
+    let count = |table: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(&format!("SELECT count(*) FROM reference.{table}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert!(count("skills").await >= 300);
+    assert!(count("skill_categories").await >= 15);
+    assert_eq!(
+        db.query_one(
+            "SELECT count(*) FROM reference.industries WHERE level = 'sector'",
+            &[]
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0),
+        20,
+        "the 20 NAICS sectors"
+    );
+    assert!(count("industries").await >= 100);
+    assert!(count("career_paths").await >= 15);
+    assert!(count("role_templates").await >= 30);
+    assert!(count("competencies").await >= 20);
+    let rust: String = db
+        .query_one(
+            "SELECT c.name FROM reference.skills s JOIN reference.skill_categories c ON c.id = s.category_id WHERE s.name = 'Rust'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rust, "Programming Languages");
+}

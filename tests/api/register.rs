@@ -1,0 +1,372 @@
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn registering_creates_a_user_a_role_and_a_complete_schema() {
+    let app = spawn_app().await;
+    let response = app
+        .post_json(
+            "/api/auth/register",
+            &json!({"username": "  Alice_01 ", "email": "Alice@Example.com", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let body = json(response).await;
+    assert_eq!(body["username"], "alice_01");
+    assert_eq!(body["schema"], "tenant_alice_01");
+    assert_eq!(body["template_version"], 4);
+    assert!(body["user_id"]
+        .as_str()
+        .unwrap()
+        .parse::<uuid::Uuid>()
+        .is_ok());
+    assert!(body["access_token"].as_str().unwrap().split('.').count() == 3);
+    assert!(!body["refresh_token"].as_str().unwrap().is_empty());
+
+    let db = app.db().await;
+    let user = db
+        .query_one(
+            "SELECT u.email, u.password_hash, t.schema_name, t.role_name, t.template_version, t.status
+             FROM tenantry.users u JOIN tenantry.tenants t ON t.user_id = u.id WHERE u.username = 'alice_01'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(user.get::<_, String>(0), "alice@example.com");
+    assert!(
+        user.get::<_, String>(1).starts_with("$2"),
+        "bcrypt hash stored"
+    );
+    assert_eq!(user.get::<_, String>(2), "tenant_alice_01");
+    let role: String = user.get(3);
+    assert_eq!(role, format!("{}alice_01", app.role_prefix().await));
+    assert_eq!(user.get::<_, i32>(4), 4);
+    assert_eq!(user.get::<_, String>(5), "active");
+
+    // Every template table exists, owned by the tenant's role.
+    let tables: Vec<(String, String)> = db
+        .query(
+            "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = 'tenant_alice_01' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for table in [
+        "experiences",
+        "experience_highlights",
+        "conversations",
+        "messages",
+        "summaries",
+        "summary_revisions",
+        "skills",
+        "skill_progress",
+        "career_milestones",
+        "achievements",
+    ] {
+        let found = tables.iter().find(|(t, _)| t == table);
+        assert_eq!(
+            found.map(|(_, o)| o.as_str()),
+            Some(role.as_str()),
+            "{table}"
+        );
+    }
+    // The per-tenant history records each version with refinery's checksum.
+    let history: Vec<(i32, String)> = db
+        .query(
+            "SELECT version, name FROM tenant_alice_01.refinery_schema_history ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            (1, "experiences".to_string()),
+            (2, "conversations".to_string()),
+            (3, "summaries".to_string()),
+            (4, "skills".to_string())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_taken_username_or_email_gets_409() {
+    let app = spawn_app().await;
+    assert_eq!(app.register("bob").await.status(), 201);
+
+    let again = app.register("BOB").await;
+    assert_eq!(again.status(), 409);
+    assert_eq!(json(again).await["error"]["code"], "username_taken");
+
+    let same_email = app
+        .post_json(
+            "/api/auth/register",
+            &json!({"username": "bobby", "email": "BOB@example.com", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(same_email.status(), 409);
+    assert_eq!(json(same_email).await["error"]["code"], "email_taken");
+    assert_eq!(app.schema_count().await, 1);
+    assert_eq!(app.user_count().await, 1);
+}
+
+#[tokio::test]
+async fn hostile_usernames_are_rejected_and_leave_no_schema_or_role() {
+    let app = spawn_app().await;
+    let long = "a".repeat(10_000);
+    let hostile = [
+        "robert'); DROP TABLE tenantry.users;--",
+        "x\"; DROP SCHEMA reference CASCADE; --",
+        "tenant\" OR 1=1",
+        "quote'quote",
+        "semi;colon",
+        "white space",
+        "аlice",        // Cyrillic а
+        "ａｌｉｃｅ",   // full-width
+        "ali\u{0441}e", // Cyrillic с inside
+        "zero\u{200b}width",
+        "émile",
+        "ab",
+        "a_b_c_d_e_f_g_h_i_j_k_l_m_n_o_p_q",
+        long.as_str(),
+        "admin",
+        "postgres",
+        "public",
+        "tenantry",
+        "reference",
+        "information_schema",
+        "pg_signal_backend",
+        "double__underscore",
+        "trailing_",
+        "9lives",
+        "",
+        "   ",
+    ];
+    for name in hostile {
+        let response = app
+            .post_json(
+                "/api/auth/register",
+                &json!({"username": name, "email": "ok@example.com", "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!(response.status(), 400, "{name:?}");
+        assert_eq!(
+            json(response).await["error"]["code"],
+            "invalid_username",
+            "{name:?}"
+        );
+    }
+    assert_eq!(app.schema_count().await, 0);
+    assert_eq!(app.tenant_role_count().await, 0);
+    assert_eq!(app.user_count().await, 0);
+    // And the system is intact.
+    assert_eq!(app.register("survivor").await.status(), 201);
+}
+
+#[tokio::test]
+async fn bad_emails_and_passwords_get_400_naming_the_field() {
+    let app = spawn_app().await;
+    let cases = [
+        (
+            json!({"username": "carol", "email": "not-an-email", "password": PASSWORD}),
+            "invalid_email",
+        ),
+        (
+            json!({"username": "carol", "email": "a@b", "password": PASSWORD}),
+            "invalid_email",
+        ),
+        (
+            json!({"username": "carol", "email": format!("{}@example.com", "x".repeat(300)), "password": PASSWORD}),
+            "invalid_email",
+        ),
+        (
+            json!({"username": "carol", "email": "carol@example.com", "password": "short"}),
+            "invalid_password",
+        ),
+        // 73 bytes: refused, never truncated.
+        (
+            json!({"username": "carol", "email": "carol@example.com", "password": "p".repeat(73)}),
+            "invalid_password",
+        ),
+        // 37 two-byte characters: 37 characters, 74 bytes.
+        (
+            json!({"username": "carol", "email": "carol@example.com", "password": "é".repeat(37)}),
+            "invalid_password",
+        ),
+        (
+            json!({"username": "carol", "email": "carol@example.com", "password": "password1234"}),
+            "invalid_password",
+        ),
+    ];
+    for (body, code) in cases {
+        let response = app.post_json("/api/auth/register", &body).await;
+        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(json(response).await["error"]["code"], code, "{body}");
+    }
+    assert_eq!(app.schema_count().await, 0);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_json_4xx_never_a_500() {
+    let app = spawn_app().await;
+    let url = format!("{}/api/auth/register", app.address);
+    let send = |body: String, content_type: &'static str| {
+        app.api
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(String, &str, u16, &str)> = vec![
+        ("{not json".into(), "application/json", 400, "invalid_json"),
+        ("".into(), "application/json", 400, "invalid_json"),
+        ("[]".into(), "application/json", 400, "invalid_json"),
+        (r#"{"username": 5, "email": "a@example.com", "password": "x"}"#.into(), "application/json", 400, "invalid_json"),
+        (r#"{"username": "dave"}"#.into(), "application/json", 400, "invalid_json"),
+        (r#"{"username": "dave", "email": "d@example.com", "password": "a perfectly fine password", "is_admin": true}"#.into(), "application/json", 400, "invalid_json"),
+        (format!(r#"{{"username": "{}", "email": "d@example.com", "password": "x"}}"#, "a".repeat(100_000)), "application/json", 413, "payload_too_large"),
+        (r#"{"username": "dave", "email": "d@example.com", "password": "a perfectly fine password"}"#.into(), "text/plain", 415, "unsupported_media_type"),
+    ];
+    for (body, content_type, status, code) in cases {
+        let response = send(body.clone(), content_type).await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            status,
+            "{}",
+            &body[..body.len().min(80)]
+        );
+        assert_eq!(json(response).await["error"]["code"], code);
+    }
+    assert_eq!(app.schema_count().await, 0);
+}
+
+#[tokio::test]
+async fn many_clients_registering_the_same_name_get_exactly_one_201() {
+    let app = spawn_app().await;
+    let bodies: Vec<_> = (0..24)
+        .map(|i| json!({"username": "racer", "email": format!("racer{i}@example.com"), "password": PASSWORD}))
+        .collect();
+    let attempts = bodies
+        .iter()
+        .map(|b| app.post_json("/api/auth/register", b));
+    let statuses: Vec<u16> = futures::future::join_all(attempts)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 409).count(),
+        23,
+        "{statuses:?}"
+    );
+    assert_eq!(app.schema_count().await, 1);
+    assert_eq!(app.tenant_role_count().await, 1);
+}
+
+#[tokio::test]
+async fn dozens_of_distinct_signups_at_once_all_complete() {
+    let app = spawn_app().await;
+    let names: Vec<String> = (0..40).map(|i| format!("crowd_{i:02}")).collect();
+    let responses = futures::future::join_all(names.iter().map(|n| app.register(n))).await;
+    for r in &responses {
+        assert_eq!(r.status(), 201);
+    }
+    assert_eq!(app.schema_count().await, 40);
+    assert_eq!(app.tenant_role_count().await, 40);
+    let complete: i64 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'tenant\\_crowd\\_%' AND tablename = 'achievements'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(complete, 40);
+}
+
+#[tokio::test]
+async fn a_template_that_fails_mid_provisioning_leaves_nothing_behind() {
+    let templates = templates_dir_with(&[(
+        "V2__broken.sql",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY);\nCREATE TABLE broken (note_id bigint REFERENCES no_such_table (id));",
+    )]);
+    let app = spawn_app_with(|s| s.templates_dir = Some(templates)).await;
+
+    let response = app.register("ivan").await;
+    assert_eq!(response.status(), 500);
+    let body = json(response).await;
+    assert_eq!(body["error"]["code"], "internal_error");
+    // Opaque: the cause goes to the log, not to the client.
+    assert!(!body.to_string().contains("no_such_table"));
+
+    assert_eq!(app.user_count().await, 0);
+    assert_eq!(app.schema_count().await, 0);
+    assert_eq!(app.tenant_role_count().await, 0);
+    let tokens: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM tenantry.refresh_tokens", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tokens, 0);
+}
+
+#[tokio::test]
+async fn templates_dir_overrides_the_built_in_templates() {
+    let templates = templates_dir_with(&[(
+        "V2__notes.sql",
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
+    )]);
+    let app = spawn_app_with(|s| s.templates_dir = Some(templates)).await;
+    let response = app.register("judy").await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(json(response).await["template_version"], 2);
+    let notes: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_judy' AND tablename = 'notes'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notes, 1);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_data() {
+    let app = spawn_app().await;
+    assert_eq!(app.register("kate").await.status(), 201);
+    // A second service on the same database: the bootstrap runs again
+    // (idempotently) and the user and tenant are still there.
+    let again = spawn_app_on(test_settings(&app.db_name), app.db_name.clone()).await;
+    let response = again
+        .post_json(
+            "/api/auth/login",
+            &json!({"username": "kate", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["schema"], "tenant_kate");
+    let versions: i64 = again
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 5);
+}
