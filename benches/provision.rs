@@ -1,1 +1,197 @@
-fn main() {}
+//! Provisioning benchmark: the service's own provisioning code against the
+//! same template SQL sent raw, side by side on one private cluster.
+//!
+//! `cargo bench --bench provision -- [N]` (or `scripts/bench-provision [N]`).
+//! For each i in 0..N it provisions one tenant through
+//! `tenantry::provisioning::provision` (pool of one connection, bcrypt hash
+//! precomputed) and one raw tenant: `BEGIN; CREATE SCHEMA; SET LOCAL
+//! search_path; <every template>; INSERT registry row; COMMIT` as one
+//! multi-statement query on one open connection. The two alternate which goes
+//! first. It prints median and p95 per tenant for both and their ratio, near
+//! an empty fleet (the first W tenants) and near N tenants (the last W).
+
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tenantry::db::{self, Target};
+use tenantry::domain::{Email, Password, Username};
+use tenantry::embedded::Cluster;
+use tenantry::provisioning::{provision, NewAccount};
+use tenantry::templates::TemplateSet;
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("N must be a number"))
+        .unwrap_or(1000);
+    let cost: u32 = std::env::var("BCRYPT_COST")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(12);
+
+    // A private cluster with default settings (durable, as in production).
+    let dir = std::env::temp_dir().join(format!("tenantry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let cluster = Cluster::open(&dir).expect("open cluster");
+    let running = cluster.ensure_running(&[]).expect("start cluster");
+    let admin = db::connect(&cluster.pg_config(&running, "postgres")).await.unwrap();
+    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
+    let target = Target {
+        config: cluster.pg_config(&running, "bench"),
+        embedded: None,
+    };
+    let mut boot = target.connect().await.unwrap();
+    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    let templates = TemplateSet::builtin().unwrap();
+    let pool = target.pool(1).unwrap();
+    let mut service = pool.get().await.unwrap();
+    let raw = target.connect().await.unwrap();
+    raw.batch_execute(
+        "CREATE TABLE public.raw_registry (schema_name text PRIMARY KEY, template_version int NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    let all_sql: String = templates
+        .all()
+        .iter()
+        .map(|t| t.sql())
+        .collect::<Vec<_>>()
+        .join("\n;\n");
+
+    // bcrypt, reported on its own.
+    let password = Password::parse("a perfectly fine password").unwrap();
+    let mut bcrypt_times = Vec::new();
+    let mut hash = String::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        hash = tenantry::auth::hash_password(&password, cost).await.unwrap();
+        bcrypt_times.push(t.elapsed());
+    }
+
+    println!(
+        "provisioning {n} tenants each way on PostgreSQL {} ({} tables per tenant from {} template versions)",
+        server_version(&raw).await,
+        count_tables(&all_sql),
+        templates.all().len()
+    );
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap(),
+    );
+    let mut svc_times = Vec::with_capacity(n);
+    let mut raw_times = Vec::with_capacity(n);
+    let started = Instant::now();
+    for i in 0..n {
+        let account = NewAccount {
+            username: Username::parse(&format!("svc_{i}")).unwrap(),
+            email: Email::parse(&format!("svc_{i}@example.com")).unwrap(),
+            password_hash: hash.clone(),
+            role: "user",
+            refresh_token: None,
+        };
+        // Names are generated here, not user input.
+        let raw_sql = format!(
+            "BEGIN; CREATE SCHEMA raw_{i}; SET LOCAL search_path TO raw_{i};\n{all_sql}\n;\
+             INSERT INTO public.raw_registry (schema_name, template_version) VALUES ('raw_{i}', {}); COMMIT;",
+            templates.latest().get()
+        );
+        let run_service = async {
+            let t = Instant::now();
+            provision(&mut service, &installation, &templates, &account)
+                .await
+                .expect("provision");
+            t.elapsed()
+        };
+        if i % 2 == 0 {
+            svc_times.push(run_service.await);
+            raw_times.push(time_raw(&raw, &raw_sql).await);
+        } else {
+            raw_times.push(time_raw(&raw, &raw_sql).await);
+            svc_times.push(run_service.await);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let total = started.elapsed();
+
+    let w = (n / 10).clamp(10.min(n), 100);
+    println!();
+    println!("{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>8}", "window", "service med", "service p95", "raw med", "raw p95", "ratio", "ratio95");
+    report(&format!("first {w} (fleet ~0)"), &svc_times[..w], &raw_times[..w]);
+    report(&format!("last {w} (fleet ~{})", 2 * n), &svc_times[n - w..], &raw_times[n - w..]);
+    report(&format!("all {n}"), &svc_times, &raw_times);
+    println!();
+    println!(
+        "flatness (last/first median): service {:.2}, raw {:.2}",
+        ms(median(&svc_times[n - w..])) / ms(median(&svc_times[..w])),
+        ms(median(&raw_times[n - w..])) / ms(median(&raw_times[..w]))
+    );
+    println!(
+        "bcrypt at cost {cost} (not in the figures above): median {:.1} ms per signup",
+        ms(median(&bcrypt_times))
+    );
+    println!(
+        "{} schemas in {:.1} s ({:.1} tenants/s both ways together, one session each)",
+        2 * n,
+        total.as_secs_f64(),
+        (2 * n) as f64 / total.as_secs_f64()
+    );
+
+    drop(service);
+    drop(pool);
+    cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn time_raw(client: &tokio_postgres::Client, sql: &str) -> Duration {
+    let t = Instant::now();
+    client.batch_execute(sql).await.expect("raw provision");
+    t.elapsed()
+}
+
+fn report(label: &str, svc: &[Duration], raw: &[Duration]) {
+    let (sm, sp, rm, rp) = (median(svc), p95(svc), median(raw), p95(raw));
+    println!(
+        "{label:<28} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>7.2}x {:>7.2}x",
+        ms(sm),
+        ms(sp),
+        ms(rm),
+        ms(rp),
+        ms(sm) / ms(rm),
+        ms(sp) / ms(rp)
+    );
+}
+
+fn sorted(d: &[Duration]) -> Vec<Duration> {
+    let mut v = d.to_vec();
+    v.sort();
+    v
+}
+
+fn median(d: &[Duration]) -> Duration {
+    sorted(d)[d.len() / 2]
+}
+
+fn p95(d: &[Duration]) -> Duration {
+    let v = sorted(d);
+    v[((v.len() as f64 * 0.95).ceil() as usize).saturating_sub(1).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn server_version(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn count_tables(sql: &str) -> usize {
+    sql.matches("CREATE TABLE").count()
+}
