@@ -37,7 +37,9 @@ async fn main() {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let cluster = Cluster::open(&dir).expect("open cluster");
     let running = cluster.ensure_running(&[]).expect("start cluster");
-    let admin = db::connect(&cluster.pg_config(&running, "postgres")).await.unwrap();
+    let admin = db::connect(&cluster.pg_config(&running, "postgres"))
+        .await
+        .unwrap();
     admin.batch_execute("CREATE DATABASE bench").await.unwrap();
     let target = Target {
         config: cluster.pg_config(&running, "bench"),
@@ -67,7 +69,9 @@ async fn main() {
     let mut hash = String::new();
     for _ in 0..5 {
         let t = Instant::now();
-        hash = tenantry::auth::hash_password(&password, cost).await.unwrap();
+        hash = tenantry::auth::hash_password(&password, cost)
+            .await
+            .unwrap();
         bcrypt_times.push(t.elapsed());
     }
 
@@ -78,9 +82,7 @@ async fn main() {
         templates.all().len()
     );
     let bar = ProgressBar::new(n as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap(),
-    );
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap());
     let mut svc_times = Vec::with_capacity(n);
     let mut raw_times = Vec::with_capacity(n);
     let started = Instant::now();
@@ -119,9 +121,20 @@ async fn main() {
 
     let w = (n / 10).clamp(10.min(n), 100);
     println!();
-    println!("{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>8}", "window", "service med", "service p95", "raw med", "raw p95", "ratio", "ratio95");
-    report(&format!("first {w} (fleet ~0)"), &svc_times[..w], &raw_times[..w]);
-    report(&format!("last {w} (fleet ~{})", 2 * n), &svc_times[n - w..], &raw_times[n - w..]);
+    println!(
+        "{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>8}",
+        "window", "service med", "service p95", "raw med", "raw p95", "ratio", "ratio95"
+    );
+    report(
+        &format!("first {w} (fleet ~0)"),
+        &svc_times[..w],
+        &raw_times[..w],
+    );
+    report(
+        &format!("last {w} (fleet ~{})", 2 * n),
+        &svc_times[n - w..],
+        &raw_times[n - w..],
+    );
     report(&format!("all {n}"), &svc_times, &raw_times);
     println!();
     println!(
@@ -177,7 +190,9 @@ fn median(d: &[Duration]) -> Duration {
 
 fn p95(d: &[Duration]) -> Duration {
     let v = sorted(d);
-    v[((v.len() as f64 * 0.95).ceil() as usize).saturating_sub(1).min(v.len() - 1)]
+    v[((v.len() as f64 * 0.95).ceil() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1)]
 }
 
 fn ms(d: Duration) -> f64 {

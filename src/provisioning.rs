@@ -3,6 +3,7 @@
 //! instant rolls everything back: the tenant is complete, or absent.
 
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::db::Installation;
@@ -72,13 +73,12 @@ pub struct Provisioned {
 
 const INSERT_ACCOUNT: &str = "\
 WITH u AS (
-    INSERT INTO tenantry.users (username, email, password_hash, role)
-    VALUES ($1, $2, $3, $4)
+    INSERT INTO tenantry.users (id, username, email, password_hash, role)
+    VALUES ($1, $2, $3, $4, $5)
     RETURNING id
 )
 INSERT INTO tenantry.tenants (user_id, username, schema_name, role_name, template_version, status)
-SELECT id, $1, $5, $6, $7, 'active' FROM u
-RETURNING user_id";
+SELECT id, $2, $6, $7, $8, 'active' FROM u";
 
 const INSERT_REFRESH: &str = "\
 INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at)
@@ -98,34 +98,47 @@ pub async fn provision(
     let role = installation.id.tenant_role(username);
     let version = templates.latest();
 
+    // Round trips are most of what this path adds to the DDL itself, so
+    // everything between BEGIN and COMMIT goes out as one pipeline: each
+    // request is written on its future's first poll, in order, and the
+    // server runs them in order. The first failure aborts the transaction,
+    // every later request then fails too, and we report the first error.
     let tx = client.transaction().await?;
-
-    // The registry rows first: a concurrent signup for the same name waits
-    // on the unique index here and then gets a clean unique violation,
-    // before either of us touches DDL.
-    let insert = tx.prepare_cached(INSERT_ACCOUNT).await?;
-    let row = tx
-        .query_one(
-            &insert,
-            &[
-                &username.as_str(),
-                &account.email.as_str(),
-                &account.password_hash,
-                &account.role,
-                &schema.as_str(),
-                &role.as_str(),
-                &version.get(),
-            ],
-        )
-        .await
-        .map_err(|e| conflict_or(e, username))?;
-    let user_id: Uuid = row.get(0);
-
-    if let Some(token) = &account.refresh_token {
-        let insert = tx.prepare_cached(INSERT_REFRESH).await?;
-        tx.execute(&insert, &[&token.family_id, &user_id, &token.hash])
-            .await?;
-    }
+    let user_id = Uuid::new_v4();
+    let (name, email, schema_name, role_name, version_number) = (
+        username.as_str(),
+        account.email.as_str(),
+        schema.as_str(),
+        role.as_str(),
+        version.get(),
+    );
+    let account_params: [(&(dyn ToSql + Sync), Type); 8] = [
+        (&user_id, Type::UUID),
+        (&name, Type::TEXT),
+        (&email, Type::TEXT),
+        (&account.password_hash, Type::TEXT),
+        (&account.role, Type::TEXT),
+        (&schema_name, Type::TEXT),
+        (&role_name, Type::TEXT),
+        (&version_number, Type::INT4),
+    ];
+    let insert_account = tx.execute_typed(INSERT_ACCOUNT, &account_params);
+    let insert_refresh = async {
+        match &account.refresh_token {
+            Some(token) => tx
+                .execute_typed(
+                    INSERT_REFRESH,
+                    &[
+                        (&token.family_id, Type::UUID),
+                        (&user_id, Type::UUID),
+                        (&token.hash, Type::BYTEA),
+                    ],
+                )
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    };
 
     // Identifiers below are validated names, always quoted; no value is
     // interpolated.
@@ -135,7 +148,7 @@ pub async fn provision(
         // A non-superuser service needs membership to act as the role.
         format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
     };
-    tx.batch_execute(&format!(
+    let prelude_sql = format!(
         "CREATE ROLE {r} NOLOGIN IN ROLE {g};
          {membership}
          CREATE SCHEMA {s} AUTHORIZATION {r};
@@ -149,21 +162,13 @@ pub async fn provision(
         r = role.quoted(),
         g = installation.group_role().quoted(),
         s = schema.quoted(),
-    ))
-    .await
-    .map_err(|e| conflict_or(e, username))?;
-
-    // Each version in its own round trip, so a failure names the version.
-    // The tables belong to the tenant's role, which created them.
-    for t in templates.all() {
-        tx.batch_execute(t.sql())
-            .await
-            .map_err(|source| ProvisionError::Template {
-                version: t.version().get(),
-                name: t.name().to_owned(),
-                source,
-            })?;
-    }
+    );
+    let prelude = tx.batch_execute(&prelude_sql);
+    // One request per version, so a failure names its version. The tables
+    // belong to the tenant's role, which creates them.
+    let apply =
+        futures::future::join_all(templates.all().iter().map(|t| tx.batch_execute(t.sql())));
+    let reset_role = tx.batch_execute("RESET ROLE");
 
     let versions: Vec<i32> = templates.all().iter().map(|t| t.version().get()).collect();
     let names: Vec<&str> = templates.all().iter().map(|t| t.name()).collect();
@@ -172,17 +177,41 @@ pub async fn provision(
         .iter()
         .map(|t| t.checksum().to_string())
         .collect();
-    tx.batch_execute("RESET ROLE").await?;
-    tx.execute(
-        &format!(
-            "INSERT INTO {s}.{HISTORY_TABLE} (version, name, applied_on, checksum)
-             SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), c
-             FROM unnest($1::int4[], $2::text[], $3::text[]) AS h(v, n, c)",
-            s = schema.quoted()
-        ),
-        &[&versions, &names, &checksums],
-    )
-    .await?;
+    let history_sql = format!(
+        "INSERT INTO {s}.{HISTORY_TABLE} (version, name, applied_on, checksum)
+         SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), c
+         FROM unnest($1::int4[], $2::text[], $3::text[]) AS h(v, n, c)",
+        s = schema.quoted()
+    );
+    let history_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&versions, Type::INT4_ARRAY),
+        (&names, Type::TEXT_ARRAY),
+        (&checksums, Type::TEXT_ARRAY),
+    ];
+    let record_history = tx.execute_typed(&history_sql, &history_params);
+
+    let (account_done, refresh_done, prelude_done, applied, reset_done, history_done) = tokio::join!(
+        insert_account,
+        insert_refresh,
+        prelude,
+        apply,
+        reset_role,
+        record_history
+    );
+    // A concurrent signup for the same name waits on the registry's unique
+    // index and then gets a clean unique violation, before any DDL runs.
+    account_done.map_err(|e| conflict_or(e, username))?;
+    refresh_done?;
+    prelude_done.map_err(|e| conflict_or(e, username))?;
+    for (t, result) in templates.all().iter().zip(applied) {
+        result.map_err(|source| ProvisionError::Template {
+            version: t.version().get(),
+            name: t.name().to_owned(),
+            source,
+        })?;
+    }
+    reset_done?;
+    history_done?;
     tx.commit().await?;
 
     tracing::info!(schema = %schema, version = version.get(), "tenant provisioned");
