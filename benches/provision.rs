@@ -152,9 +152,19 @@ async fn main() {
     );
     report(&format!("all {n}"), &svc_times, &raw_times);
     println!();
-    println!("the same DDL as the service (role, owned schema, history table) sent raw in one query:");
-    report(&format!("first {w} vs service"), &svc_times[..w], &same_times[..w]);
-    report(&format!("last {w} vs service"), &svc_times[n - w..], &same_times[n - w..]);
+    println!(
+        "the same DDL as the service (role, owned schema, history table) sent raw in one query:"
+    );
+    report(
+        &format!("first {w} vs service"),
+        &svc_times[..w],
+        &same_times[..w],
+    );
+    report(
+        &format!("last {w} vs service"),
+        &svc_times[n - w..],
+        &same_times[n - w..],
+    );
     report(&format!("all {n} vs service"), &svc_times, &same_times);
     println!();
     println!(
