@@ -560,40 +560,49 @@ fn percent_encode(s: &str) -> String {
 /// Where the server binaries are: PATH, then `pg_config --bindir`, then the
 /// newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Option<PathBuf> {
+    find_bindir_in(std::env::var_os("PATH"), Path::new("/usr/lib/postgresql"))
+}
+
+fn find_bindir_in(path: Option<std::ffi::OsString>, versions_root: &Path) -> Option<PathBuf> {
     let has_tools = |dir: &Path| {
         ["pg_ctl", "initdb", "postgres"]
             .iter()
             .all(|b| dir.join(b).is_file())
     };
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let pg_ctl = dir.join("pg_ctl");
-            if pg_ctl.is_file() {
-                // Follow symlinks (e.g. /usr/local/bin/pg_ctl) to the real bindir.
-                if let Some(real) = pg_ctl
-                    .canonicalize()
-                    .ok()
-                    .and_then(|p| p.parent().map(Path::to_path_buf))
-                {
-                    if has_tools(&real) {
-                        return Some(real);
-                    }
+    let dirs: Vec<PathBuf> = path
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for dir in &dirs {
+        let pg_ctl = dir.join("pg_ctl");
+        if pg_ctl.is_file() {
+            // Follow symlinks (e.g. /usr/local/bin/pg_ctl) to the real bindir.
+            if let Some(real) = pg_ctl
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+            {
+                if has_tools(&real) {
+                    return Some(real);
                 }
-                if has_tools(&dir) {
-                    return Some(dir);
-                }
+            }
+            if has_tools(dir) {
+                return Some(dir.clone());
             }
         }
     }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
+    if let Some(pg_config) = dirs
+        .iter()
+        .map(|d| d.join("pg_config"))
+        .find(|p| p.is_file())
+    {
+        if let Ok(out) = Command::new(pg_config).arg("--bindir").output() {
             let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if has_tools(&dir) {
+            if out.status.success() && has_tools(&dir) {
                 return Some(dir);
             }
         }
     }
-    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir(versions_root)
         .ok()?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -609,6 +618,43 @@ pub fn find_bindir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fake_bindir(dir: &Path) {
+        fs::create_dir_all(dir).unwrap();
+        for tool in ["pg_ctl", "initdb", "postgres"] {
+            fs::write(dir.join(tool), "").unwrap();
+        }
+    }
+
+    #[test]
+    fn the_newest_installed_version_is_found_when_path_has_none() {
+        let root = std::env::temp_dir().join(format!("tenantry-bindir-{}", std::process::id()));
+        for v in ["9", "14", "16", "not-a-version"] {
+            fake_bindir(&root.join("lib").join(v).join("bin"));
+        }
+        let empty = root.join("empty");
+        fs::create_dir_all(&empty).unwrap();
+        let found = find_bindir_in(Some(empty.clone().into_os_string()), &root.join("lib"));
+        assert_eq!(found, Some(root.join("lib/16/bin")));
+
+        // PATH wins over the versioned directories.
+        fake_bindir(&root.join("onpath"));
+        let found = find_bindir_in(
+            Some(root.join("onpath").into_os_string()),
+            &root.join("lib"),
+        );
+        assert_eq!(found, Some(root.join("onpath")));
+
+        // Nothing anywhere: none, and the error says how to install them.
+        assert_eq!(
+            find_bindir_in(Some(empty.into_os_string()), &root.join("nowhere")),
+            None
+        );
+        assert!(ClusterError::NoBinaries
+            .to_string()
+            .contains("apt-get install postgresql"));
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn socket_paths_are_percent_encoded_for_urls() {

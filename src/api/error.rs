@@ -76,16 +76,35 @@ pub fn error_body(code: &str, message: &str) -> serde_json::Value {
     json!({ "error": { "code": code, "message": message } })
 }
 
-/// "outer: middle: inner", for the log.
+/// "outer: middle: inner", for the log. Messages that already end with
+/// their cause's text (`"…failed: {source}"`) do not repeat it.
 pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(cause) = next {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         next = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer failed: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_cause_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(cause_chain(&e), "outer failed: disk on fire");
+    }
 }
 
 impl From<AuthError> for ApiError {

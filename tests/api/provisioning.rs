@@ -79,3 +79,98 @@ async fn the_reference_schema_is_seeded_with_real_data() {
         .get(0);
     assert_eq!(rust, "Programming Languages");
 }
+
+fn account(name: &str) -> tenantry::provisioning::NewAccount {
+    tenantry::provisioning::NewAccount {
+        username: tenantry::domain::Username::parse(name).unwrap(),
+        email: tenantry::domain::Email::parse(&format!("{name}@example.com")).unwrap(),
+        password_hash: "$2b$04$not.a.real.hash.but.never.checked.here".into(),
+        role: "user",
+        refresh_token: None,
+    }
+}
+
+/// The one connection of a pool of one: same backend, default role and
+/// search path, no transaction left open.
+async fn assert_clean(pool: &deadpool_postgres::Pool, backend: Option<i32>) -> i32 {
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT pg_backend_pid(), current_user::text, current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pid: i32 = row.get(0);
+    if let Some(expected) = backend {
+        assert_eq!(pid, expected, "the pool kept its one connection");
+    }
+    assert_eq!(row.get::<_, String>(1), "postgres");
+    assert_eq!(row.get::<_, String>(2), "\"$user\", public");
+    // SAVEPOINT only works inside a transaction block.
+    let err = client.batch_execute("SAVEPOINT probe").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::NO_ACTIVE_SQL_TRANSACTION),
+        "no transaction left open"
+    );
+    pid
+}
+
+#[tokio::test]
+async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error() {
+    let db = create_database().await;
+    let ctx = tenantry::startup::Context::open(&test_settings(&db), 1)
+        .await
+        .unwrap();
+    let broken = tenantry::templates::TemplateSet::from_dir(&templates_dir_with(&[(
+        "V2__broken.sql",
+        "CREATE TABLE broken (id bigint REFERENCES missing (id));",
+    )]))
+    .unwrap();
+    let backend = assert_clean(&ctx.pool, None).await;
+
+    let mut client = ctx.pool.get().await.unwrap();
+    tenantry::provisioning::provision(
+        &mut client,
+        &ctx.installation,
+        &ctx.templates,
+        &account("uma"),
+    )
+    .await
+    .unwrap();
+    drop(client);
+    assert_clean(&ctx.pool, Some(backend)).await;
+
+    let mut client = ctx.pool.get().await.unwrap();
+    let err = tenantry::provisioning::provision(
+        &mut client,
+        &ctx.installation,
+        &broken,
+        &account("vera"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("V2__broken"), "{err}");
+    drop(client);
+    assert_clean(&ctx.pool, Some(backend)).await;
+
+    let mut client = ctx.pool.get().await.unwrap();
+    let err = tenantry::provisioning::provision(
+        &mut client,
+        &ctx.installation,
+        &ctx.templates,
+        &account("uma"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tenantry::provisioning::ProvisionError::UsernameTaken(_)
+        ),
+        "{err}"
+    );
+    drop(client);
+    assert_clean(&ctx.pool, Some(backend)).await;
+}
