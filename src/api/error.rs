@@ -92,21 +92,6 @@ pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer failed: {0}")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn the_cause_chain_names_every_cause_once() {
-        let e = Outer(std::io::Error::other("disk on fire"));
-        assert_eq!(cause_chain(&e), "outer failed: disk on fire");
-    }
-}
-
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         ApiError::internal(e)
@@ -144,5 +129,20 @@ impl From<ProvisionError> for ApiError {
             ProvisionError::Postgres(pg) => pg.into(),
             other => ApiError::internal(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer failed: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_cause_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("disk on fire"));
+        assert_eq!(cause_chain(&e), "outer failed: disk on fire");
     }
 }
