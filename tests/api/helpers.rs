@@ -154,6 +154,11 @@ impl TestApp {
         connect(&self.db_name).await
     }
 
+    /// The single `bigint` a counting query returns.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.db().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.api
             .post(format!("{}{path}", self.address))
@@ -177,15 +182,8 @@ impl TestApp {
 
     /// How many tenant schemas exist in this database.
     pub async fn schema_count(&self) -> i64 {
-        self.db()
+        self.count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%'")
             .await
-            .query_one(
-                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
     }
 
     /// The installation's role prefix (`tnt_<id>_`).
@@ -215,12 +213,7 @@ impl TestApp {
     }
 
     pub async fn user_count(&self) -> i64 {
-        self.db()
-            .await
-            .query_one("SELECT count(*) FROM tenantry.users", &[])
-            .await
-            .unwrap()
-            .get(0)
+        self.count("SELECT count(*) FROM tenantry.users").await
     }
 }
 

@@ -285,16 +285,7 @@ async fn dozens_of_distinct_signups_at_once_all_complete() {
     }
     assert_eq!(app.schema_count().await, 40);
     assert_eq!(app.tenant_role_count().await, 40);
-    let complete: i64 = app
-        .db()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'tenant\\_crowd\\_%' AND tablename = 'achievements'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let complete: i64 = app.count("SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'tenant\\_crowd\\_%' AND tablename = 'achievements'").await;
     assert_eq!(complete, 40);
 }
 
@@ -317,12 +308,8 @@ async fn a_template_that_fails_mid_provisioning_leaves_nothing_behind() {
     assert_eq!(app.schema_count().await, 0);
     assert_eq!(app.tenant_role_count().await, 0);
     let tokens: i64 = app
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM tenantry.refresh_tokens", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .count("SELECT count(*) FROM tenantry.refresh_tokens")
+        .await;
     assert_eq!(tokens, 0);
 }
 
@@ -336,13 +323,7 @@ async fn templates_dir_overrides_the_built_in_templates() {
     let response = app.register("judy").await;
     assert_eq!(response.status(), 201);
     assert_eq!(json(response).await["template_version"], 2);
-    let notes: i64 = app
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_judy' AND tablename = 'notes'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let notes: i64 = app.count("SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_judy' AND tablename = 'notes'").await;
     assert_eq!(notes, 1);
 }
 
@@ -362,11 +343,7 @@ async fn a_restart_keeps_the_data() {
     assert_eq!(response.status(), 200);
     assert_eq!(json(response).await["schema"], "tenant_kate");
     let versions: i64 = again
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
-        .await
-        .unwrap()
-        .get(0);
+        .count("SELECT count(*) FROM tenantry.refinery_schema_history")
+        .await;
     assert_eq!(versions, 5);
 }
