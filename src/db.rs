@@ -32,6 +32,8 @@ pub enum DbError {
     Migration(#[from] refinery::Error),
     #[error("cannot create the connection pool: {0}")]
     Pool(String),
+    #[error("the control plane is inconsistent: {0}")]
+    Corrupt(String),
     #[error("the embedded cluster task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -205,7 +207,7 @@ async fn bootstrap_locked(
     let id: String = row.get(0);
     let installation = Installation {
         id: InstallationId::parse(&id)
-            .map_err(|e| DbError::Pool(format!("corrupt tenantry.installation row: {e}")))?,
+            .map_err(|e| DbError::Corrupt(format!("bad tenantry.installation row: {e}")))?,
         superuser: row.get(1),
     };
     let group = installation.group_role();

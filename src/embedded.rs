@@ -504,10 +504,12 @@ fn check(out: Output, what: &str) -> Result<(), ClusterError> {
         Err(ClusterError::Command {
             what: what.into(),
             detail: format!(
-                "{}{}",
+                "{}\n{}",
                 String::from_utf8_lossy(&out.stderr).trim(),
                 String::from_utf8_lossy(&out.stdout).trim()
-            ),
+            )
+            .trim()
+            .to_owned(),
         })
     }
 }

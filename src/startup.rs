@@ -72,7 +72,7 @@ impl Context {
 pub struct Application {
     port: u16,
     server: Server,
-    context_target: Target,
+    target: Target,
 }
 
 impl Application {
@@ -112,7 +112,7 @@ impl Application {
             .port();
         let server = HttpServer::new(move || {
             App::new()
-                .wrap(tracing_actix())
+                .wrap(request_log())
                 .app_data(state.clone())
                 .configure(crate::api::configure)
         })
@@ -125,7 +125,7 @@ impl Application {
         Ok(Application {
             port,
             server,
-            context_target: context.target,
+            target: context.target,
         })
     }
 
@@ -136,7 +136,7 @@ impl Application {
     /// Where the database is (for `serve`, which stops an embedded cluster
     /// it started).
     pub fn target(&self) -> &Target {
-        &self.context_target
+        &self.target
     }
 
     /// Serve until SIGINT/SIGTERM (actix handles both, gracefully).
@@ -145,7 +145,8 @@ impl Application {
     }
 }
 
-/// Request logging through `tracing`.
-fn tracing_actix() -> actix_web::middleware::Logger {
+/// One log line per request (actix logs through `log`, bridged into
+/// `tracing` by the subscriber).
+fn request_log() -> actix_web::middleware::Logger {
     actix_web::middleware::Logger::new("%r %s %b %Dms")
 }

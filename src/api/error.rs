@@ -100,7 +100,7 @@ impl From<AuthError> for ApiError {
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.is_closed() || e.as_db_error().is_none() && e.to_string().contains("connect") {
+        if e.is_closed() {
             tracing::error!(error = %cause_chain(&e), "database unavailable");
             return ApiError::Unavailable;
         }
