@@ -137,8 +137,16 @@ async fn main() {
     let w = (n / 10).clamp(10.min(n), 100);
     println!();
     println!(
-        "{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>8}",
-        "window", "service med", "service p95", "raw med", "raw p95", "ratio", "ratio95"
+        "{:<28} {:>14} {:>14} {:>14} {:>14} {:>8} {:>8} {:>9} {:>9}",
+        "window",
+        "service med",
+        "service p95",
+        "raw med",
+        "raw p95",
+        "ratio",
+        "ratio95",
+        "svc max",
+        "raw max"
     );
     report(
         &format!("first {w} (fleet ~0)"),
@@ -198,13 +206,15 @@ async fn time_raw(client: &tokio_postgres::Client, sql: &str) -> Duration {
 fn report(label: &str, svc: &[Duration], raw: &[Duration]) {
     let (sm, sp, rm, rp) = (median(svc), p95(svc), median(raw), p95(raw));
     println!(
-        "{label:<28} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>7.2}x {:>7.2}x",
+        "{label:<28} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>7.2}x {:>7.2}x {:>9.0} {:>9.0}",
         ms(sm),
         ms(sp),
         ms(rm),
         ms(rp),
         ms(sm) / ms(rm),
-        ms(sp) / ms(rp)
+        ms(sp) / ms(rp),
+        ms(*svc.iter().max().unwrap()),
+        ms(*raw.iter().max().unwrap()),
     );
 }
 
