@@ -154,7 +154,7 @@ async fn main() {
         &raw_times[..w],
     );
     report(
-        &format!("last {w} (fleet ~{})", 2 * n),
+        &format!("last {w} (fleet ~{})", 3 * n),
         &svc_times[n - w..],
         &raw_times[n - w..],
     );
