@@ -11,7 +11,7 @@ use crate::db::Target;
 use crate::domain::{Email, Password, Username};
 use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, NewAccount};
-use crate::startup::{Application, Context};
+use crate::startup::{Application, Context, StartupError};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -175,7 +175,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn serve(settings: Settings) -> Result<(), Failure> {
-    let app = Application::build(settings.clone()).await?;
+    let app = Application::build(settings.clone())
+        .await
+        .map_err(|e| match e {
+            StartupError::Settings(s) => Failure::Usage(s.to_string()),
+            other => other.into(),
+        })?;
     tracing::info!(
         address = %format!("http://{}:{}", settings.bind.ip(), app.port()),
         "tenantry is listening"

@@ -69,9 +69,6 @@ impl Settings {
                 })
             }
             Some(s) => Some(SecretString(s)),
-            None if matches!(database, DatabaseTarget::Url(_)) => {
-                return Err(SettingsError::MissingJwtSecret)
-            }
             None => None,
         };
         let bcrypt_cost = match get("BCRYPT_COST") {
@@ -105,6 +102,25 @@ impl Settings {
             templates_dir: get("TENANTRY_TEMPLATES_DIR").map(PathBuf::from),
             pool_size,
         })
+    }
+}
+
+impl Settings {
+    /// The HS256 key for `serve`: `JWT_SECRET`, or in embedded mode the one
+    /// generated into the data dir. Only `serve` needs one, so only it asks.
+    pub fn jwt_secret(&self) -> Result<SecretString, SettingsError> {
+        match (&self.jwt_secret, &self.database) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, DatabaseTarget::Url(_)) => Err(SettingsError::MissingJwtSecret),
+            (None, DatabaseTarget::Embedded) => {
+                crate::embedded::generated_secret(&self.data_dir.join("jwt_secret"))
+                    .map(SecretString)
+                    .map_err(|e| SettingsError::Invalid {
+                        name: "TENANTRY_DATA_DIR",
+                        reason: e.to_string(),
+                    })
+            }
+        }
     }
 }
 
@@ -151,9 +167,12 @@ mod tests {
 
     #[test]
     fn a_database_url_requires_a_jwt_secret() {
-        let err = Settings::from_lookup(lookup(&[("DATABASE_URL", "postgres://x@localhost/db")]))
-            .unwrap_err();
-        assert!(matches!(err, SettingsError::MissingJwtSecret));
+        let s = Settings::from_lookup(lookup(&[("DATABASE_URL", "postgres://x@localhost/db")]))
+            .unwrap();
+        assert!(matches!(
+            s.jwt_secret(),
+            Err(SettingsError::MissingJwtSecret)
+        ));
     }
 
     #[test]

@@ -9,9 +9,8 @@ use actix_web::{web, App, HttpServer};
 use deadpool_postgres::Pool;
 
 use crate::auth::JwtKeys;
-use crate::configuration::Settings;
+use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
-use crate::embedded;
 use crate::templates::{TemplateError, TemplateSet};
 
 /// Shared by every request.
@@ -38,6 +37,8 @@ pub enum StartupError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     #[error("cannot prepare the dummy password hash: {0}")]
     Hash(#[from] crate::auth::AuthError),
 }
@@ -78,13 +79,14 @@ pub struct Application {
 impl Application {
     /// Bind (port 0 picks a free one, as the tests do) and build the server.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        // Refused before anything starts.
+        if let (None, DatabaseTarget::Url(_)) = (&settings.jwt_secret, &settings.database) {
+            return Err(SettingsError::MissingJwtSecret.into());
+        }
         let context = Context::open(&settings, settings.pool_size).await?;
-        let secret = match &settings.jwt_secret {
-            Some(s) => s.expose().to_owned(),
-            // Embedded mode: generated once, kept 0600 in the data dir.
-            None => embedded::generated_secret(&settings.data_dir.join("jwt_secret"))
-                .map_err(DbError::from)?,
-        };
+        // Embedded mode: generated once, kept 0600 in the data dir (which
+        // exists now that the cluster runs).
+        let secret = settings.jwt_secret()?;
         let cost = settings.bcrypt_cost;
         let dummy_hash = crate::auth::hash_password(
             &crate::domain::Password::parse("tenantry-dummy-password").expect("valid"),
@@ -95,7 +97,7 @@ impl Application {
             pool: context.pool,
             installation: context.installation,
             templates: context.templates,
-            jwt: JwtKeys::new(secret.as_bytes()),
+            jwt: JwtKeys::new(secret.expose().as_bytes()),
             bcrypt_cost: cost,
             dummy_hash,
         });
