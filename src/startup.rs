@@ -57,6 +57,14 @@ impl Context {
     pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
         let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
         let target = Target::resolve(settings).await?;
+        Self::on(target, templates, pool_size).await
+    }
+
+    async fn on(
+        target: Target,
+        templates: Arc<TemplateSet>,
+        pool_size: usize,
+    ) -> Result<Context, StartupError> {
         let mut client = target.connect().await?;
         let (installation, _) = db::bootstrap(&mut client).await?;
         drop(client);
@@ -78,14 +86,46 @@ pub struct Application {
 
 impl Application {
     /// Bind (port 0 picks a free one, as the tests do) and build the server.
+    /// Whatever can be refused is refused before the embedded cluster
+    /// starts; a failure after it started stops it again.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        // Refused before anything starts.
         if let (None, DatabaseTarget::Url(_)) = (&settings.jwt_secret, &settings.database) {
             return Err(SettingsError::MissingJwtSecret.into());
         }
-        let context = Context::open(&settings, settings.pool_size).await?;
-        // Embedded mode: generated once, kept 0600 in the data dir (which
-        // exists now that the cluster runs).
+        let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
+        let bind_err = |source| StartupError::Bind {
+            addr: settings.bind.to_string(),
+            source,
+        };
+        let listener = TcpListener::bind(settings.bind).map_err(bind_err)?;
+        let port = listener.local_addr().map_err(bind_err)?.port();
+
+        let target = Target::resolve(&settings).await?;
+        match Self::serve_on(&settings, target.clone(), templates, listener).await {
+            Ok(server) => Ok(Application {
+                port,
+                server,
+                target,
+            }),
+            Err(e) => {
+                if let Some((cluster, running)) = target.embedded {
+                    if running.started_here {
+                        let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn serve_on(
+        settings: &Settings,
+        target: Target,
+        templates: Arc<TemplateSet>,
+        listener: TcpListener,
+    ) -> Result<Server, StartupError> {
+        let context = Context::on(target, templates, settings.pool_size).await?;
+        // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
         let cost = settings.bcrypt_cost;
         let dummy_hash = crate::auth::hash_password(
@@ -101,34 +141,16 @@ impl Application {
             bcrypt_cost: cost,
             dummy_hash,
         });
-        let listener = TcpListener::bind(settings.bind).map_err(|source| StartupError::Bind {
-            addr: settings.bind.to_string(),
-            source,
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: settings.bind.to_string(),
-                source,
-            })?
-            .port();
-        let server = HttpServer::new(move || {
+        let addr = settings.bind.to_string();
+        Ok(HttpServer::new(move || {
             App::new()
                 .wrap(request_log())
                 .app_data(state.clone())
                 .configure(crate::api::configure)
         })
         .listen(listener)
-        .map_err(|source| StartupError::Bind {
-            addr: settings.bind.to_string(),
-            source,
-        })?
-        .run();
-        Ok(Application {
-            port,
-            server,
-            target: context.target,
-        })
+        .map_err(|source| StartupError::Bind { addr, source })?
+        .run())
     }
 
     pub fn port(&self) -> u16 {

@@ -233,3 +233,66 @@ async fn a_data_dir_the_server_user_cannot_reach_is_explained() {
     assert!(stderr(&out).contains("cannot reach"), "{}", stderr(&out));
     assert!(stderr(&out).contains("TENANTRY_DATA_DIR"));
 }
+
+#[tokio::test]
+async fn serve_refuses_a_busy_port_without_leaving_a_cluster_running() {
+    let dir = temp_dir("tenantry-busy");
+    spawn_reaper(&dir);
+    let mut env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    env.push(("TENANTRY_BIND", busy.local_addr().unwrap().to_string()));
+
+    let out = tenantry(&["serve"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot listen on"),
+        "{}",
+        stderr(&out)
+    );
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert_eq!(stdout(&status).trim(), "stopped");
+}
+
+#[tokio::test]
+async fn serve_stops_the_cluster_it_started_when_startup_fails_later() {
+    let dir = temp_dir("tenantry-badstart");
+    spawn_reaper(&dir);
+    let mut env = embedded_env(&dir);
+    let _guard = StopOnDrop(env.clone());
+    // A cluster whose `tenantry` database refuses connections: the cluster
+    // starts, then the bootstrap fails.
+    let started = tenantry(&["db", "start"], &env, None).await;
+    assert!(started.status.success(), "{}", stderr(&started));
+    let url = stdout(&tenantry(&["db", "url"], &env, None).await)
+        .trim()
+        .to_string();
+    let psql = CLUSTER.cluster.bindir().join("psql");
+    let admin_url = url.replace("/tenantry?", "/postgres?");
+    let out = std::process::Command::new(&psql)
+        .args([
+            admin_url.as_str(),
+            "-c",
+            "ALTER DATABASE tenantry ALLOW_CONNECTIONS false",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stopped = tenantry(&["db", "stop"], &env, None).await;
+    assert_eq!(stdout(&stopped).trim(), "stopped");
+
+    env.push(("TENANTRY_BIND", "127.0.0.1:0".into()));
+    let out = tenantry(&["serve"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not currently accepting connections"),
+        "{}",
+        stderr(&out)
+    );
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert_eq!(stdout(&status).trim(), "stopped");
+}
