@@ -6,9 +6,11 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use crate::db::Installation;
+use futures::future::BoxFuture;
+
+use crate::db::{self, Installation};
 use crate::domain::{Email, RoleName, SchemaName, TemplateVersion, Username};
-use crate::templates::TemplateSet;
+use crate::templates::{Template, TemplateSet};
 
 /// The name of the per-tenant history table: refinery's own default, in the
 /// tenant's schema, in refinery's format.
@@ -99,10 +101,8 @@ pub async fn provision(
     let version = templates.latest();
 
     // Round trips are most of what this path adds to the DDL itself, so
-    // everything between BEGIN and COMMIT goes out as one pipeline: each
-    // request is written on its future's first poll, in order, and the
-    // server runs them in order. The first failure aborts the transaction,
-    // every later request then fails too, and we report the first error.
+    // everything between BEGIN and COMMIT goes out as one pipeline (see
+    // `db::pipeline`): three round trips in all.
     let tx = client.transaction().await?;
     let user_id = Uuid::new_v4();
     let (name, email, schema_name, role_name, version_number) = (
@@ -122,23 +122,14 @@ pub async fn provision(
         (&role_name, Type::TEXT),
         (&version_number, Type::INT4),
     ];
-    let insert_account = tx.execute_typed(INSERT_ACCOUNT, &account_params);
-    let insert_refresh = async {
-        match &account.refresh_token {
-            Some(token) => tx
-                .execute_typed(
-                    INSERT_REFRESH,
-                    &[
-                        (&token.family_id, Type::UUID),
-                        (&user_id, Type::UUID),
-                        (&token.hash, Type::BYTEA),
-                    ],
-                )
-                .await
-                .map(drop),
-            None => Ok(()),
-        }
-    };
+    let refresh_params: Option<[(&(dyn ToSql + Sync), Type); 3]> =
+        account.refresh_token.as_ref().map(|token| {
+            [
+                (&token.family_id as &(dyn ToSql + Sync), Type::UUID),
+                (&user_id, Type::UUID),
+                (&token.hash, Type::BYTEA),
+            ]
+        });
 
     // Identifiers below are validated names, always quoted; no value is
     // interpolated.
@@ -163,12 +154,6 @@ pub async fn provision(
         g = installation.group_role().quoted(),
         s = schema.quoted(),
     );
-    let prelude = tx.batch_execute(&prelude_sql);
-    // One request per version, so a failure names its version. The tables
-    // belong to the tenant's role, which creates them.
-    let apply =
-        futures::future::join_all(templates.all().iter().map(|t| tx.batch_execute(t.sql())));
-    let reset_role = tx.batch_execute("RESET ROLE");
 
     let versions: Vec<i32> = templates.all().iter().map(|t| t.version().get()).collect();
     let names: Vec<&str> = templates.all().iter().map(|t| t.name()).collect();
@@ -188,30 +173,53 @@ pub async fn provision(
         (&names, Type::TEXT_ARRAY),
         (&checksums, Type::TEXT_ARRAY),
     ];
-    let record_history = tx.execute_typed(&history_sql, &history_params);
 
-    let (account_done, refresh_done, prelude_done, applied, reset_done, history_done) = tokio::join!(
-        insert_account,
-        insert_refresh,
-        prelude,
-        apply,
-        reset_role,
-        record_history
-    );
-    // A concurrent signup for the same name waits on the registry's unique
-    // index and then gets a clean unique violation, before any DDL runs.
-    account_done.map_err(|e| conflict_or(e, username))?;
-    refresh_done?;
-    prelude_done.map_err(|e| conflict_or(e, username))?;
-    for (t, result) in templates.all().iter().zip(applied) {
-        result.map_err(|source| ProvisionError::Template {
-            version: t.version().get(),
-            name: t.name().to_owned(),
-            source,
+    let mut steps: Vec<Step> = Vec::new();
+    let mut requests: Vec<BoxFuture<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
+    steps.push(Step::Account);
+    requests.push(Box::pin(async {
+        tx.execute_typed(INSERT_ACCOUNT, &account_params)
+            .await
+            .map(drop)
+    }));
+    if let Some(params) = &refresh_params {
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute_typed(INSERT_REFRESH, params).await.map(drop)
+        }));
+    }
+    steps.push(Step::Prelude);
+    requests.push(Box::pin(tx.batch_execute(&prelude_sql)));
+    // One request per version, so a failure names its version. The tables
+    // belong to the tenant's role, which creates them.
+    for t in templates.all() {
+        steps.push(Step::Template(t));
+        requests.push(Box::pin(tx.batch_execute(t.sql())));
+    }
+    steps.push(Step::Other);
+    requests.push(Box::pin(tx.batch_execute("RESET ROLE")));
+    steps.push(Step::Other);
+    requests.push(Box::pin(async {
+        tx.execute_typed(&history_sql, &history_params)
+            .await
+            .map(drop)
+    }));
+
+    // The first failure aborts the transaction and every later request
+    // fails with it; report the first. A concurrent signup for the same name
+    // waits on the registry's unique index and then gets a clean unique
+    // violation, before any DDL runs.
+    for (step, result) in steps.into_iter().zip(db::pipeline(requests).await) {
+        result.map_err(|e| match step {
+            Step::Account | Step::Prelude => conflict_or(e, username),
+            Step::Template(t) => ProvisionError::Template {
+                version: t.version().get(),
+                name: t.name().to_owned(),
+                source: e,
+            },
+            Step::Other => e.into(),
         })?;
     }
-    reset_done?;
-    history_done?;
     tx.commit().await?;
 
     tracing::info!(schema = %schema, version = version.get(), "tenant provisioned");
@@ -222,6 +230,14 @@ pub async fn provision(
         role,
         template_version: version,
     })
+}
+
+/// What a pipelined request was, to say what failed.
+enum Step<'a> {
+    Account,
+    Prelude,
+    Template(&'a Template),
+    Other,
 }
 
 /// A unique violation on the registry means the name or email is taken;

@@ -347,3 +347,36 @@ async fn a_restart_keeps_the_data() {
         .await;
     assert_eq!(versions, 5);
 }
+
+#[tokio::test]
+async fn many_template_versions_are_applied_in_order() {
+    // Each version depends on the one before it, so any reordering fails.
+    let files: Vec<(String, String)> = (2..=41)
+        .map(|v| {
+            let sql = if v == 2 {
+                "CREATE TABLE step_2 (id int PRIMARY KEY);".to_string()
+            } else {
+                format!(
+                    "CREATE TABLE step_{v} (id int PRIMARY KEY, prev int REFERENCES step_{} (id));",
+                    v - 1
+                )
+            };
+            (format!("V{v}__step_{v}.sql"), sql)
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(f, s)| (f.as_str(), s.as_str()))
+        .collect();
+    let templates = templates_dir_with(&refs);
+    let app = spawn_app_with(|s| s.templates_dir = Some(templates)).await;
+
+    let response = app.register("olive").await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(json(response).await["template_version"], 41);
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenant_olive.refinery_schema_history")
+            .await,
+        41
+    );
+}
