@@ -43,6 +43,16 @@ async fn registering_creates_a_user_a_role_and_a_complete_schema() {
     assert_eq!(role, format!("{}alice_01", app.role_prefix().await));
     assert_eq!(user.get::<_, i32>(4), 4);
     assert_eq!(user.get::<_, String>(5), "active");
+    // The tenant role cannot log in; it is only ever switched to.
+    let can_login: bool = db
+        .query_one(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!can_login);
 
     // Every template table exists, owned by the tenant's role.
     let tables: Vec<(String, String)> = db
