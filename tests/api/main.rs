@@ -6,5 +6,6 @@ mod embedded;
 mod health;
 mod helpers;
 mod login;
+mod pool;
 mod provisioning;
 mod register;
