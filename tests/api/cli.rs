@@ -184,6 +184,7 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
+        drop(stdin);
     }
     let admin = connect(&db).await;
     let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()";

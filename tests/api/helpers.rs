@@ -244,7 +244,8 @@ pub async fn tenantry(
         use tokio::io::AsyncWriteExt;
         let mut pipe = child.stdin.take().unwrap();
         if let Some(input) = stdin {
-            pipe.write_all(input.as_bytes()).await.unwrap();
+            // A command that fails before reading its stdin closes the pipe.
+            let _ = pipe.write_all(input.as_bytes()).await;
         }
     }
     child.wait_with_output().await.expect("run tenantry")
