@@ -95,7 +95,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
 }
 
 /// How long a pooled connection lives. A backend keeps every relation it has
-/// touched in its caches for good (~50 KB per tenant provisioned, measured by
+/// touched in its caches for good (~35 KB per tenant provisioned, measured by
 /// `scripts/bench-provision`; ~23 KB per table read), so a connection that
 /// wanders over thousands of tenants would grow without bound: it is
 /// replaced after `max_uses` checkouts or `max_age`, whichever comes first.
