@@ -11,16 +11,27 @@ fn embedded_env(dir: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![("TENANTRY_DATA_DIR", dir.display().to_string())]
 }
 
-/// Stop whatever a test left running, even when it failed half-way.
-struct StopOnDrop(Vec<(&'static str, String)>);
+/// A data dir of its own, removed when the test process exits, and its
+/// cluster stopped when the test ends, even when it failed half-way.
+struct DataDir {
+    path: std::path::PathBuf,
+    env: Vec<(&'static str, String)>,
+}
 
-impl Drop for StopOnDrop {
+fn data_dir(prefix: &str) -> DataDir {
+    let path = temp_dir(prefix);
+    spawn_reaper(&path);
+    let env = embedded_env(&path);
+    DataDir { path, env }
+}
+
+impl Drop for DataDir {
     fn drop(&mut self) {
         let _ = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
             .args(["db", "stop"])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(self.0.iter().map(|(k, v)| (*k, v.clone())))
+            .envs(self.env.iter().map(|(k, v)| (*k, v.clone())))
             .output();
     }
 }
@@ -33,10 +44,8 @@ fn pid_of(out: &std::process::Output) -> String {
 
 #[tokio::test]
 async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() {
-    let dir = temp_dir("tenantry-embedded");
-    spawn_reaper(&dir);
-    let env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-embedded");
+    let env = data.env.clone();
 
     let first = tenantry(&["db", "start"], &env, None).await;
     assert!(first.status.success(), "{}", stderr(&first));
@@ -85,10 +94,9 @@ async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() 
 
 #[tokio::test]
 async fn a_stale_postmaster_pid_after_a_crash_is_handled() {
-    let dir = temp_dir("tenantry-crash");
-    spawn_reaper(&dir);
-    let env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-crash");
+    let env = data.env.clone();
+    let dir = &data.path;
 
     let started = tenantry(&["db", "start"], &env, None).await;
     assert!(started.status.success(), "{}", stderr(&started));
@@ -118,10 +126,8 @@ async fn a_stale_postmaster_pid_after_a_crash_is_handled() {
 
 #[tokio::test]
 async fn two_processes_starting_at_once_share_one_cluster() {
-    let dir = temp_dir("tenantry-race");
-    spawn_reaper(&dir);
-    let env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-race");
+    let env = data.env.clone();
 
     let (a, b) = tokio::join!(
         tenantry(&["system", "migrate"], &env, None),
@@ -135,10 +141,9 @@ async fn two_processes_starting_at_once_share_one_cluster() {
 
 #[tokio::test]
 async fn serve_stops_the_cluster_it_started_on_sigterm() {
-    let dir = temp_dir("tenantry-serve");
-    spawn_reaper(&dir);
-    let env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-serve");
+    let env = data.env.clone();
+    let dir = &data.path;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -149,7 +154,7 @@ async fn serve_stops_the_cluster_it_started_on_sigterm() {
         .arg("serve")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("TENANTRY_DATA_DIR", &dir)
+        .env("TENANTRY_DATA_DIR", dir)
         .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
         .env("BCRYPT_COST", "4")
         .stdout(std::process::Stdio::null())
@@ -236,10 +241,8 @@ async fn a_data_dir_the_server_user_cannot_reach_is_explained() {
 
 #[tokio::test]
 async fn serve_refuses_a_busy_port_without_leaving_a_cluster_running() {
-    let dir = temp_dir("tenantry-busy");
-    spawn_reaper(&dir);
-    let mut env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-busy");
+    let mut env = data.env.clone();
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     env.push(("TENANTRY_BIND", busy.local_addr().unwrap().to_string()));
 
@@ -256,10 +259,8 @@ async fn serve_refuses_a_busy_port_without_leaving_a_cluster_running() {
 
 #[tokio::test]
 async fn serve_stops_the_cluster_it_started_when_startup_fails_later() {
-    let dir = temp_dir("tenantry-badstart");
-    spawn_reaper(&dir);
-    let mut env = embedded_env(&dir);
-    let _guard = StopOnDrop(env.clone());
+    let data = data_dir("tenantry-badstart");
+    let mut env = data.env.clone();
     // A cluster whose `tenantry` database refuses connections: the cluster
     // starts, then the bootstrap fails.
     let started = tenantry(&["db", "start"], &env, None).await;
