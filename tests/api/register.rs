@@ -390,3 +390,104 @@ async fn many_template_versions_are_applied_in_order() {
         41
     );
 }
+
+#[tokio::test]
+async fn random_hostile_signups_never_get_a_5xx_or_leave_a_partial_tenant() {
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+
+    let app = spawn_app().await;
+    let fragments = [
+        "a",
+        "z",
+        "_",
+        "__",
+        "0",
+        "9",
+        "'",
+        "\"",
+        ";",
+        "--",
+        "/*",
+        "*/",
+        " ",
+        "\t",
+        "\n",
+        "\\",
+        "%",
+        "DROP",
+        "tenant",
+        "pg_",
+        "admin",
+        "é",
+        "а",
+        "ｚ",
+        "\u{0}",
+        "\u{200b}",
+        "😀",
+        "$$",
+        "(",
+        ")",
+        "@",
+        ".",
+        "example.com",
+        "x".repeat(40).leak(),
+    ];
+    // A fixed seed: the same inputs on every run.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let mut piece = |n: usize| -> String {
+        (0..rng.random_range(0..n))
+            .map(|_| *fragments.choose(&mut rng).unwrap())
+            .collect()
+    };
+    let mut bodies = Vec::new();
+    let mut plausible = rand::rngs::StdRng::seed_from_u64(7);
+    for i in 0..150 {
+        // Half the requests are well-formed but for a random-ish name (some
+        // valid, some taken twice), so that conflicts and successes mix with
+        // the garbage.
+        let (username, email, password) = if i % 2 == 0 {
+            let len = plausible.random_range(1..34);
+            let name: String = (0..len)
+                .map(|_| *b"abcdefghij0123_".choose(&mut plausible).unwrap() as char)
+                .collect();
+            (
+                format!("u{name}"),
+                format!("user{}@example.com", i % 40),
+                PASSWORD.to_string(),
+            )
+        } else {
+            (
+                format!("{}{}", if i % 3 == 0 { "u" } else { "" }, piece(6)),
+                format!("{}@{}", piece(4), piece(3)),
+                piece(20),
+            )
+        };
+        let mut body = serde_json::json!({
+            "username": username,
+            "email": email,
+            "password": password,
+        });
+        if i % 10 == 0 {
+            body["username"] = serde_json::json!(i);
+        }
+        if i % 15 == 0 {
+            body["email"] = serde_json::json!(null);
+        }
+        bodies.push(body);
+    }
+    for body in &bodies {
+        let response = app.post_json("/api/auth/register", body).await;
+        let status = response.status().as_u16();
+        assert!([201, 400, 409].contains(&status), "{status} for {body}");
+        let error = json(response).await;
+        if status != 201 {
+            assert!(error["error"]["code"].is_string(), "{error}");
+        }
+    }
+    // Whatever was accepted is complete: one schema and one role per user.
+    let users = app.user_count().await;
+    assert!(users > 0, "some of the plausible signups succeed");
+    assert_eq!(app.schema_count().await, users);
+    assert_eq!(app.tenant_role_count().await, users);
+}
