@@ -3,12 +3,7 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_is_200_when_the_database_answers() {
     let app = spawn_app().await;
-    let response = app
-        .api
-        .get(format!("{}/health", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/health").await;
     assert_eq!(response.status(), 200);
     let body = json(response).await;
     assert_eq!(body["status"], "healthy");
@@ -29,12 +24,7 @@ async fn health_is_503_when_the_database_is_unreachable() {
         ))
         .await
         .unwrap();
-    let response = app
-        .api
-        .get(format!("{}/health", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/health").await;
     assert_eq!(response.status(), 503);
     let body = json(response).await;
     assert_eq!(body["status"], "unhealthy");
@@ -48,24 +38,14 @@ async fn health_is_503_when_the_database_is_unreachable() {
         ))
         .await
         .unwrap();
-    let response = app
-        .api
-        .get(format!("{}/health", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/health").await;
     assert_eq!(response.status(), 200);
 }
 
 #[tokio::test]
 async fn an_unknown_route_gets_a_json_404() {
     let app = spawn_app().await;
-    let response = app
-        .api
-        .get(format!("{}/nope", app.address))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/nope").await;
     assert_eq!(response.status(), 404);
     assert_eq!(json(response).await["error"]["code"], "not_found");
 }

@@ -159,6 +159,14 @@ impl TestApp {
         self.db().await.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.api
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("request")
+    }
+
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
         self.api
             .post(format!("{}{path}", self.address))

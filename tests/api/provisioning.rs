@@ -129,41 +129,31 @@ async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error
     )]))
     .unwrap();
     let backend = assert_clean(&ctx.pool, None).await;
+    // Each provisioning on the pool's one connection, then a check that the
+    // connection came back clean.
+    let provision_on_the_pool = |templates, name: &'static str| {
+        let ctx = &ctx;
+        async move {
+            let mut client = ctx.pool.get().await.unwrap();
+            let result = tenantry::provisioning::provision(
+                &mut client,
+                &ctx.installation,
+                templates,
+                &account(name),
+            )
+            .await;
+            drop(client);
+            assert_clean(&ctx.pool, Some(backend)).await;
+            result
+        }
+    };
 
-    let mut client = ctx.pool.get().await.unwrap();
-    tenantry::provisioning::provision(
-        &mut client,
-        &ctx.installation,
-        &ctx.templates,
-        &account("uma"),
-    )
-    .await
-    .unwrap();
-    drop(client);
-    assert_clean(&ctx.pool, Some(backend)).await;
-
-    let mut client = ctx.pool.get().await.unwrap();
-    let err = tenantry::provisioning::provision(
-        &mut client,
-        &ctx.installation,
-        &broken,
-        &account("vera"),
-    )
-    .await
-    .unwrap_err();
+    provision_on_the_pool(&ctx.templates, "uma").await.unwrap();
+    let err = provision_on_the_pool(&broken, "vera").await.unwrap_err();
     assert!(err.to_string().contains("V2__broken"), "{err}");
-    drop(client);
-    assert_clean(&ctx.pool, Some(backend)).await;
-
-    let mut client = ctx.pool.get().await.unwrap();
-    let err = tenantry::provisioning::provision(
-        &mut client,
-        &ctx.installation,
-        &ctx.templates,
-        &account("uma"),
-    )
-    .await
-    .unwrap_err();
+    let err = provision_on_the_pool(&ctx.templates, "uma")
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -171,6 +161,4 @@ async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error
         ),
         "{err}"
     );
-    drop(client);
-    assert_clean(&ctx.pool, Some(backend)).await;
 }
