@@ -197,6 +197,21 @@ impl InstallationId {
 }
 
 impl RoleName {
+    /// Re-validate a tenant role name read from the registry or the catalog:
+    /// `tnt_<installation id>_<valid username>`.
+    pub fn parse(raw: &str) -> Result<RoleName, ValidationError> {
+        let invalid = || ValidationError::new("role", "must be tnt_<installation>_<username>");
+        let rest = raw.strip_prefix("tnt_").ok_or_else(invalid)?;
+        let (id, name) = rest.split_at_checked(8).ok_or_else(invalid)?;
+        let name = name.strip_prefix('_').ok_or_else(invalid)?;
+        let id = InstallationId::parse(id).map_err(|_| invalid())?;
+        let username = Username::parse(name).map_err(|_| invalid())?;
+        if username.as_str() != name {
+            return Err(invalid());
+        }
+        Ok(id.tenant_role(&username))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -214,7 +229,7 @@ impl fmt::Display for RoleName {
 
 /// Quote an identifier the way PostgreSQL's `quote_ident` does. Callers only
 /// pass names that already passed validation; quoting is the second fence.
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 

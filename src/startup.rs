@@ -11,11 +11,14 @@ use deadpool_postgres::Pool;
 use crate::auth::JwtKeys;
 use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
+use crate::tenancy::integrity::{self, IntegrityError};
 use crate::templates::{TemplateError, TemplateSet};
 
 /// Shared by every request.
 pub struct AppState {
     pub pool: Pool,
+    /// For connections outside the pool (fleet runs have their own).
+    pub db_config: tokio_postgres::Config,
     pub installation: Installation,
     pub templates: Arc<TemplateSet>,
     pub jwt: JwtKeys,
@@ -41,6 +44,8 @@ pub enum StartupError {
     Settings(#[from] SettingsError),
     #[error("cannot prepare the dummy password hash: {0}")]
     Hash(#[from] crate::auth::AuthError),
+    #[error("refusing to start: {0}")]
+    Integrity(#[from] IntegrityError),
 }
 
 /// Everything a command that works on tenants needs.
@@ -124,7 +129,11 @@ impl Application {
         templates: Arc<TemplateSet>,
         listener: TcpListener,
     ) -> Result<Server, StartupError> {
+        let db_config = target.config.clone();
         let context = Context::on(target, templates, settings.pool_size).await?;
+        // Never provision with templates that disagree with what this
+        // database has applied.
+        integrity::verify_and_record(&**context.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?, &context.templates).await?;
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
         let cost = settings.bcrypt_cost;
@@ -135,6 +144,7 @@ impl Application {
         .await?;
         let state = web::Data::new(AppState {
             pool: context.pool,
+            db_config,
             installation: context.installation,
             templates: context.templates,
             jwt: JwtKeys::new(secret.expose().as_bytes()),

@@ -6,15 +6,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-use futures::future::BoxFuture;
-
 use crate::db::{self, Installation};
 use crate::domain::{Email, RoleName, SchemaName, TemplateVersion, Username};
-use crate::templates::{Template, TemplateSet};
+use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
+use crate::tenancy::templates::TemplateSet;
 
-/// The name of the per-tenant history table: refinery's own default, in the
-/// tenant's schema, in refinery's format.
-pub const HISTORY_TABLE: &str = "refinery_schema_history";
+pub use crate::tenancy::apply::HISTORY_TABLE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
@@ -99,12 +96,12 @@ pub async fn provision(
     let schema = username.schema();
     let role = installation.id.tenant_role(username);
     let version = templates.latest();
+    let user_id = Uuid::new_v4();
 
     // Round trips are most of what this path adds to the DDL itself, so
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`): three round trips in all.
     let tx = client.transaction().await?;
-    let user_id = Uuid::new_v4();
     let (name, email, schema_name, role_name, version_number) = (
         username.as_str(),
         account.email.as_str(),
@@ -130,52 +127,11 @@ pub async fn provision(
                 (&token.hash, Type::BYTEA),
             ]
         });
-
-    // Identifiers below are validated names, always quoted; no value is
-    // interpolated.
-    let membership = if installation.superuser {
-        String::new()
-    } else {
-        // A non-superuser service needs membership to act as the role.
-        format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
-    };
-    let prelude_sql = format!(
-        "CREATE ROLE {r} NOLOGIN IN ROLE {g};
-         {membership}
-         CREATE SCHEMA {s} AUTHORIZATION {r};
-         CREATE TABLE {s}.{HISTORY_TABLE} (
-             version int4 PRIMARY KEY,
-             name varchar(255),
-             applied_on varchar(255),
-             checksum varchar(255));
-         SET LOCAL search_path TO {s};
-         SET LOCAL ROLE {r};",
-        r = role.quoted(),
-        g = installation.group_role().quoted(),
-        s = schema.quoted(),
-    );
-
-    let versions: Vec<i32> = templates.all().iter().map(|t| t.version().get()).collect();
-    let names: Vec<&str> = templates.all().iter().map(|t| t.name()).collect();
-    let checksums: Vec<String> = templates
-        .all()
-        .iter()
-        .map(|t| t.checksum().to_string())
-        .collect();
-    let history_sql = format!(
-        "INSERT INTO {s}.{HISTORY_TABLE} (version, name, applied_on, checksum)
-         SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), c
-         FROM unnest($1::int4[], $2::text[], $3::text[]) AS h(v, n, c)",
-        s = schema.quoted()
-    );
-    let history_params: [(&(dyn ToSql + Sync), Type); 3] = [
-        (&versions, Type::INT4_ARRAY),
-        (&names, Type::TEXT_ARRAY),
-        (&checksums, Type::TEXT_ARRAY),
-    ];
+    let prelude_sql = prelude(installation, &schema, &role);
+    let application = TemplateApplication::new(&schema, &role, templates.all());
 
     let mut steps: Vec<Step> = Vec::new();
-    let mut requests: Vec<BoxFuture<'_, Result<(), tokio_postgres::Error>>> = Vec::new();
+    let mut requests: Vec<Request<'_>> = Vec::new();
     steps.push(Step::Account);
     requests.push(Box::pin(async {
         tx.execute_typed(INSERT_ACCOUNT, &account_params)
@@ -190,20 +146,10 @@ pub async fn provision(
     }
     steps.push(Step::Prelude);
     requests.push(Box::pin(tx.batch_execute(&prelude_sql)));
-    // One request per version, so a failure names its version. The tables
-    // belong to the tenant's role, which creates them.
-    for t in templates.all() {
-        steps.push(Step::Template(t));
-        requests.push(Box::pin(tx.batch_execute(t.sql())));
+    for (step, request) in application.requests(tx.client()) {
+        steps.push(Step::Apply(step));
+        requests.push(request);
     }
-    steps.push(Step::Other);
-    requests.push(Box::pin(tx.batch_execute("RESET ROLE")));
-    steps.push(Step::Other);
-    requests.push(Box::pin(async {
-        tx.execute_typed(&history_sql, &history_params)
-            .await
-            .map(drop)
-    }));
 
     // The first failure aborts the transaction and every later request
     // fails with it; report the first. A concurrent signup for the same name
@@ -212,12 +158,12 @@ pub async fn provision(
     for (step, result) in steps.into_iter().zip(db::pipeline(requests).await) {
         result.map_err(|e| match step {
             Step::Account | Step::Prelude => conflict_or(e, username),
-            Step::Template(t) => ProvisionError::Template {
+            Step::Apply(ApplyStep::Template(t)) => ProvisionError::Template {
                 version: t.version().get(),
                 name: t.name().to_owned(),
                 source: e,
             },
-            Step::Other => e.into(),
+            Step::Apply(_) | Step::Other => e.into(),
         })?;
     }
     tx.commit().await?;
@@ -232,11 +178,35 @@ pub async fn provision(
     })
 }
 
+/// The tenant's role and its empty schema with its history table.
+/// Identifiers are validated names, always quoted; no value is interpolated.
+fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
+    let membership = if installation.superuser {
+        String::new()
+    } else {
+        // A non-superuser service needs membership to act as the role.
+        format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
+    };
+    format!(
+        "CREATE ROLE {r} NOLOGIN IN ROLE {g};
+         {membership}
+         CREATE SCHEMA {s} AUTHORIZATION {r};
+         CREATE TABLE {s}.{HISTORY_TABLE} (
+             version int4 PRIMARY KEY,
+             name varchar(255),
+             applied_on varchar(255),
+             checksum varchar(255));",
+        r = role.quoted(),
+        g = installation.group_role().quoted(),
+        s = schema.quoted(),
+    )
+}
+
 /// What a pipelined request was, to say what failed.
 enum Step<'a> {
     Account,
     Prelude,
-    Template(&'a Template),
+    Apply(ApplyStep<'a>),
     Other,
 }
 

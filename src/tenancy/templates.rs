@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use refinery::Migration;
 
 use crate::domain::TemplateVersion;
+use crate::tenancy::lint;
 
 mod builtin {
     include!(concat!(env!("OUT_DIR"), "/templates.rs"));
@@ -27,6 +28,18 @@ pub enum TemplateError {
     Duplicate(i32),
     #[error("no tenant templates found in {0}")]
     Empty(String),
+    #[error("template V{missing} is missing from {origin}: versions must run 1, 2, 3, … without gaps (the next one found is {next})")]
+    Gap {
+        missing: i32,
+        next: String,
+        origin: String,
+    },
+    #[error("template {file} is refused (line {line}): {reason}")]
+    Refused {
+        file: String,
+        line: usize,
+        reason: String,
+    },
 }
 
 /// One template version.
@@ -55,12 +68,18 @@ impl Template {
     pub fn checksum(&self) -> u64 {
         self.checksum
     }
+
+    /// `V<version>__<name>.sql`, as the admin named the file.
+    pub fn file_name(&self) -> String {
+        format!("V{}__{}.sql", self.version.get(), self.name)
+    }
 }
 
 /// Every template version, ascending.
 #[derive(Debug, Clone)]
 pub struct TemplateSet {
     templates: Vec<Template>,
+    origin: String,
 }
 
 impl TemplateSet {
@@ -117,6 +136,11 @@ impl TemplateSet {
                 return Err(bad("only versioned (V) templates are supported".into()));
             }
             let migration = Migration::unapplied(stem, &sql).map_err(|e| bad(e.to_string()))?;
+            lint::check(&sql).map_err(|e| TemplateError::Refused {
+                file: file.clone(),
+                line: e.line,
+                reason: e.reason,
+            })?;
             let version = TemplateVersion::parse(i64::from(migration.version()))
                 .map_err(|e| bad(e.to_string()))?;
             templates.push(Template {
@@ -135,7 +159,37 @@ impl TemplateSet {
         if templates.is_empty() {
             return Err(TemplateError::Empty(origin.to_owned()));
         }
-        Ok(TemplateSet { templates })
+        for (expected, t) in (1..).zip(&templates) {
+            if t.version.get() != expected {
+                return Err(TemplateError::Gap {
+                    missing: expected,
+                    next: t.file_name(),
+                    origin: origin.to_owned(),
+                });
+            }
+        }
+        Ok(TemplateSet {
+            templates,
+            origin: origin.to_owned(),
+        })
+    }
+
+    /// Where the set was read from, for messages.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// One version, if the set has it.
+    pub fn get(&self, version: TemplateVersion) -> Option<&Template> {
+        // Versions run 1..=n without gaps (checked at load).
+        self.templates.get(usize::try_from(version.get()).ok()?.checked_sub(1)?)
+    }
+
+    /// The versions after `from`, up to and including `to`.
+    pub fn between(&self, from: i32, to: TemplateVersion) -> &[Template] {
+        let start = usize::try_from(from).unwrap_or(0).min(self.templates.len());
+        let end = usize::try_from(to.get()).unwrap_or(0).min(self.templates.len());
+        &self.templates[start.min(end)..end]
     }
 
     pub fn all(&self) -> &[Template] {
@@ -195,5 +249,49 @@ mod tests {
         )
         .unwrap();
         assert_ne!(a.all()[0].checksum(), b.all()[0].checksum());
+    }
+
+    fn set(files: &[(&str, &str)]) -> Result<TemplateSet, TemplateError> {
+        TemplateSet::from_files(
+            files.iter().map(|(f, s)| (f.to_string(), s.to_string())),
+            "test",
+        )
+    }
+
+    #[test]
+    fn a_gap_in_the_versions_is_refused_naming_the_missing_one() {
+        let err = set(&[("V1__a.sql", "select 1"), ("V3__c.sql", "select 3")]).unwrap_err();
+        assert!(
+            matches!(&err, TemplateError::Gap { missing: 2, next, .. } if next == "V3__c.sql"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_template_with_commit_is_refused_at_load_naming_the_file() {
+        let err = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "CREATE TABLE t (id int);\nCOMMIT;"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("V2__b.sql") && text.contains("line 2"), "{text}");
+        assert!(text.contains("COMMIT is not allowed"), "{text}");
+    }
+
+    #[test]
+    fn between_gives_the_pending_versions() {
+        let s = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "select 2"),
+            ("V3__c.sql", "select 3"),
+        ])
+        .unwrap();
+        let v = |n| TemplateVersion::parse(n).unwrap();
+        let names: Vec<_> = s.between(1, v(3)).iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert!(s.between(3, v(3)).is_empty());
+        assert_eq!(s.get(v(2)).unwrap().name(), "b");
+        assert!(s.get(v(4)).is_none());
     }
 }

@@ -13,6 +13,8 @@ use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, NewAccount};
 use crate::startup::{Application, Context, StartupError};
 
+mod fleet;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tenantry",
@@ -42,6 +44,29 @@ enum Command {
     Tenants {
         #[command(subcommand)]
         action: TenantsCommand,
+    },
+    /// Roll template versions out to every tenant; fleet status and drift
+    Fleet {
+        #[command(subcommand)]
+        action: fleet::FleetCommand,
+    },
+    /// Manage admin and auditor accounts (no tenant schema)
+    Admin {
+        #[command(subcommand)]
+        action: AdminCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Create an admin account (or an auditor with --auditor); the password is read from stdin
+    Create {
+        name: String,
+        #[arg(long)]
+        email: String,
+        /// An auditor (reads the audit log) instead of an admin
+        #[arg(long)]
+        auditor: bool,
     },
 }
 
@@ -88,7 +113,7 @@ enum TenantsCommand {
 
 /// A command's failure: usage (exit 2) or anything else (exit 1).
 #[derive(Debug)]
-enum Failure {
+pub(crate) enum Failure {
     Usage(String),
     Other(String),
 }
@@ -171,6 +196,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Tenants { action } => tenants(settings, action).await,
+        Command::Fleet { action } => fleet::run(settings, action).await,
+        Command::Admin { action } => admin(settings, action).await,
     }
 }
 
@@ -303,6 +330,7 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             let password = read_password(&username)?;
             let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
             let ctx = Context::open(&settings, 1).await?;
+            fleet::verify_templates(&ctx).await?;
             let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
             let account = NewAccount {
                 username,
@@ -322,6 +350,43 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
         }
     }
     Ok(())
+}
+
+async fn admin(settings: Settings, action: AdminCommand) -> Result<(), Failure> {
+    let AdminCommand::Create {
+        name,
+        email,
+        auditor,
+    } = action;
+    let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
+    let password = read_password(&username)?;
+    let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
+    let role = if auditor { "auditor" } else { "admin" };
+    let ctx = Context::open(&settings, 1).await?;
+    let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
+    let client = ctx.target.connect().await?;
+    let created = client
+        .execute(
+            "INSERT INTO tenantry.users (username, email, password_hash, role)
+             VALUES ($1, $2, $3, $4)",
+            &[&username.as_str(), &email.as_str(), &password_hash, &role],
+        )
+        .await;
+    match created {
+        Ok(_) => {
+            println!("created {role} {username} (no tenant schema)");
+            Ok(())
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            let what = match e.as_db_error().and_then(|d| d.constraint()) {
+                Some("users_email_key") => "email is already registered".to_string(),
+                _ => format!("username {username} is already taken"),
+            };
+            Err(Failure::Other(what))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The password from stdin: one line, without its line ending.

@@ -1,0 +1,10 @@
+//! Everything about tenant schemas: the template set and its checks, the one
+//! applier that runs template versions in a tenant's schema, provisioning
+//! (signup) and the fleet (rolling a new version out to every tenant).
+
+pub mod apply;
+pub mod fleet;
+pub mod integrity;
+pub mod lint;
+pub mod provisioning;
+pub mod templates;
