@@ -11,8 +11,8 @@ use deadpool_postgres::Pool;
 use crate::auth::JwtKeys;
 use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
-use crate::tenancy::integrity::{self, IntegrityError};
 use crate::templates::{TemplateError, TemplateSet};
+use crate::tenancy::integrity::{self, IntegrityError};
 
 /// Shared by every request.
 pub struct AppState {
@@ -133,7 +133,15 @@ impl Application {
         let context = Context::on(target, templates, settings.pool_size).await?;
         // Never provision with templates that disagree with what this
         // database has applied.
-        integrity::verify_and_record(&**context.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))?, &context.templates).await?;
+        integrity::verify_and_record(
+            &**context
+                .pool
+                .get()
+                .await
+                .map_err(|e| DbError::Pool(e.to_string()))?,
+            &context.templates,
+        )
+        .await?;
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
         let cost = settings.bcrypt_cost;

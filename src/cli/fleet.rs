@@ -84,7 +84,11 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
         return Ok(());
     }
     let latest = ctx.templates.all().last().expect("never empty");
-    println!("target version: V{} ({})", s.target_version, latest.file_name());
+    println!(
+        "target version: V{} ({})",
+        s.target_version,
+        latest.file_name()
+    );
     println!("tenants:        {}", s.tenants);
     for v in &s.versions {
         println!("  at V{:<4} {}", v.version, v.tenants);
@@ -93,7 +97,10 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
         "pending:        {} (of which failed in their last attempt: {})",
         s.pending, s.failed
     );
-    println!("drift:          {} (`tenantry fleet check` lists it)", s.drift);
+    println!(
+        "drift:          {} (`tenantry fleet check` lists it)",
+        s.drift
+    );
     if let Some(problem) = &s.template_problem {
         println!("templates:      REFUSED: {problem}");
     }
@@ -216,7 +223,9 @@ async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
     let stop = prepared.stop_handle();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("stopping at the next tenant boundary (tenants in flight finish or roll back)…");
+            eprintln!(
+                "stopping at the next tenant boundary (tenants in flight finish or roll back)…"
+            );
             stop.store(true, Ordering::SeqCst);
         }
     });
@@ -359,7 +368,11 @@ impl Progress for CliProgress {
         } else if l.last.elapsed() >= Duration::from_secs(2) || l.done == l.total {
             l.last = Instant::now();
             let elapsed = l.started.elapsed().as_secs_f64();
-            let rate = if elapsed > 0.0 { l.done as f64 / elapsed } else { 0.0 };
+            let rate = if elapsed > 0.0 {
+                l.done as f64 / elapsed
+            } else {
+                0.0
+            };
             let eta = if rate > 0.0 {
                 (l.total - l.done) as f64 / rate
             } else {
@@ -399,7 +412,10 @@ async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failu
         println!("no drift: the registry and the catalog agree");
     } else {
         for d in &drift {
-            let tag = if repaired.iter().any(|r| r.name == d.name && r.kind == d.kind) {
+            let tag = if repaired
+                .iter()
+                .any(|r| r.name == d.name && r.kind == d.kind)
+            {
                 "repaired"
             } else if d.kind.repairable() {
                 "repairable"
@@ -425,9 +441,7 @@ async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failu
         );
     }
     if remaining > 0 {
-        return Err(Failure::Other(format!(
-            "{remaining} finding(s) remain"
-        )));
+        return Err(Failure::Other(format!("{remaining} finding(s) remain")));
     }
     Ok(())
 }

@@ -76,11 +76,20 @@ impl<'t> TemplateApplication<'t> {
     ) -> Vec<(ApplyStep<'t>, Request<'a>)> {
         let mut out: Vec<(ApplyStep<'t>, Request<'a>)> =
             Vec::with_capacity(self.templates.len() + 3);
-        out.push((ApplyStep::Enter, Box::pin(client.batch_execute(&self.enter_sql))));
+        out.push((
+            ApplyStep::Enter,
+            Box::pin(client.batch_execute(&self.enter_sql)),
+        ));
         for t in self.templates {
-            out.push((ApplyStep::Template(t), Box::pin(client.batch_execute(t.sql()))));
+            out.push((
+                ApplyStep::Template(t),
+                Box::pin(client.batch_execute(t.sql())),
+            ));
         }
-        out.push((ApplyStep::Leave, Box::pin(client.batch_execute("RESET ROLE"))));
+        out.push((
+            ApplyStep::Leave,
+            Box::pin(client.batch_execute("RESET ROLE")),
+        ));
         out.push((
             ApplyStep::History,
             Box::pin(async move {

@@ -38,10 +38,7 @@ pub enum IntegrityError {
 }
 
 /// Check `set` against what this database has applied. Reads only.
-pub async fn verify(
-    client: &impl GenericClient,
-    set: &TemplateSet,
-) -> Result<(), IntegrityError> {
+pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<(), IntegrityError> {
     let applied = client
         .query(
             "SELECT version, name, checksum FROM tenantry.templates ORDER BY version",
@@ -63,7 +60,11 @@ pub async fn verify(
             }
             Some(t) if t.name() != name || t.checksum().to_string() != checksum => {
                 return Err(IntegrityError::Changed {
-                    file: if t.name() == name { file } else { t.file_name() },
+                    file: if t.name() == name {
+                        file
+                    } else {
+                        t.file_name()
+                    },
                     found: t.checksum().to_string(),
                     applied: checksum,
                 })

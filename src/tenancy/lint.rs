@@ -39,7 +39,10 @@ pub fn check(sql: &str) -> Result<(), LintError> {
             }
             continue;
         }
-        if words.windows(2).any(|w| w[0] == "BEGIN" && w[1] == "ATOMIC") {
+        if words
+            .windows(2)
+            .any(|w| w[0] == "BEGIN" && w[1] == "ATOMIC")
+        {
             in_atomic_body = true;
             continue;
         }
@@ -310,7 +313,11 @@ mod tests {
     fn transaction_control_is_refused_with_its_line() {
         let e = refused("CREATE TABLE a (id int);\n\nCOMMIT;\nCREATE TABLE b (id int);");
         assert_eq!(e.line, 3);
-        assert!(e.reason.starts_with("COMMIT is not allowed"), "{}", e.reason);
+        assert!(
+            e.reason.starts_with("COMMIT is not allowed"),
+            "{}",
+            e.reason
+        );
         for sql in [
             "BEGIN;",
             "begin transaction;",

@@ -182,13 +182,16 @@ impl TemplateSet {
     /// One version, if the set has it.
     pub fn get(&self, version: TemplateVersion) -> Option<&Template> {
         // Versions run 1..=n without gaps (checked at load).
-        self.templates.get(usize::try_from(version.get()).ok()?.checked_sub(1)?)
+        self.templates
+            .get(usize::try_from(version.get()).ok()?.checked_sub(1)?)
     }
 
     /// The versions after `from`, up to and including `to`.
     pub fn between(&self, from: i32, to: TemplateVersion) -> &[Template] {
         let start = usize::try_from(from).unwrap_or(0).min(self.templates.len());
-        let end = usize::try_from(to.get()).unwrap_or(0).min(self.templates.len());
+        let end = usize::try_from(to.get())
+            .unwrap_or(0)
+            .min(self.templates.len());
         &self.templates[start.min(end)..end]
     }
 
@@ -275,7 +278,10 @@ mod tests {
         ])
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("V2__b.sql") && text.contains("line 2"), "{text}");
+        assert!(
+            text.contains("V2__b.sql") && text.contains("line 2"),
+            "{text}"
+        );
         assert!(text.contains("COMMIT is not allowed"), "{text}");
     }
 

@@ -286,3 +286,19 @@ pub fn templates_dir_with(files: &[(&str, &str)]) -> PathBuf {
     }
     dir
 }
+
+/// A templates directory holding every built-in template (V1–V4) plus the
+/// given files: what an admin has after adding a version.
+pub fn builtin_templates_with(files: &[(&str, &str)]) -> PathBuf {
+    let dir = temp_dir("tenantry-templates");
+    spawn_reaper(&dir);
+    let builtin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_templates");
+    for entry in std::fs::read_dir(builtin).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    for (name, sql) in files {
+        std::fs::write(dir.join(name), sql).unwrap();
+    }
+    dir
+}

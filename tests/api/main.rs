@@ -3,6 +3,7 @@
 
 mod cli;
 mod embedded;
+mod fleet;
 mod health;
 mod helpers;
 mod login;

@@ -23,7 +23,9 @@ mod run;
 mod status;
 
 pub use check::{find_drift, repair_drift, Drift, DriftKind, DriftReport};
-pub use run::{plan_only, prepare, Plan, PlannedTenant, PreparedRun, Progress, RunSummary, TenantResult};
+pub use run::{
+    plan_only, prepare, Plan, PlannedTenant, PreparedRun, Progress, RunSummary, TenantResult,
+};
 pub use status::{fleet_status, run_report, FleetStatus, RunReport};
 
 use std::time::Duration;

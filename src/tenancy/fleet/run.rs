@@ -119,7 +119,10 @@ pub async fn prepare(
     }
     let control = db::connect(config).await?;
     let locked: bool = control
-        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&RUN_LOCK.0, &RUN_LOCK.1])
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&RUN_LOCK.0, &RUN_LOCK.1],
+        )
         .await?
         .get(0);
     if !locked {
@@ -331,7 +334,11 @@ impl PreparedRun {
             (Some(reason), _) => (RunStatus::Aborted, Some(reason)),
             (None, true) => (
                 RunStatus::Interrupted,
-                Some(state.stop_reason.unwrap_or_else(|| "stopped on request".into())),
+                Some(
+                    state
+                        .stop_reason
+                        .unwrap_or_else(|| "stopped on request".into()),
+                ),
             ),
             (None, false) if state.failed > 0 => (RunStatus::Failed, None),
             (None, false) => (RunStatus::Succeeded, None),
@@ -661,11 +668,13 @@ async fn one_transaction(
     let code = error.code().map(SqlState::code);
     Err(match (step, code) {
         (Step::Claim, Some("TY001" | "TY002")) => Failure::Skipped(db_message(&error)),
-        (Step::Claim, Some(c)) if c == SqlState::LOCK_NOT_AVAILABLE.code() => Failure::Failed(format!(
-            "the tenant is busy: its lock was not free within {} ({})",
-            ctx.lock_timeout,
-            db_message(&error)
-        )),
+        (Step::Claim, Some(c)) if c == SqlState::LOCK_NOT_AVAILABLE.code() => {
+            Failure::Failed(format!(
+                "the tenant is busy: its lock was not free within {} ({})",
+                ctx.lock_timeout,
+                db_message(&error)
+            ))
+        }
         (Step::Apply(ApplyStep::Template(t)), _) => {
             Failure::Failed(format!("{}: {}", t.file_name(), db_message(&error)))
         }

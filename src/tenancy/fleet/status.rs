@@ -138,7 +138,10 @@ pub async fn fleet_status(
 }
 
 /// One run, with counts (live while it runs) and its failed tenants.
-pub async fn run_report(client: &Client, run_id: i64) -> Result<Option<RunReport>, tokio_postgres::Error> {
+pub async fn run_report(
+    client: &Client,
+    run_id: i64,
+) -> Result<Option<RunReport>, tokio_postgres::Error> {
     let Some(row) = client
         .query_opt(
             "SELECT r.*,
@@ -184,8 +187,11 @@ fn report_from_row(row: &Row, failures: Vec<FailedTenant>) -> RunReport {
         status = RunStatus::Interrupted;
         reason.get_or_insert_with(|| "the runner stopped before it finished".into());
     }
-    let (succeeded, failed, skipped): (i64, i64, i64) =
-        (row.get("n_succeeded"), row.get("n_failed"), row.get("n_skipped"));
+    let (succeeded, failed, skipped): (i64, i64, i64) = (
+        row.get("n_succeeded"),
+        row.get("n_failed"),
+        row.get("n_skipped"),
+    );
     RunReport {
         run_id: row.get("id"),
         status,

@@ -1,0 +1,814 @@
+//! Fleet migrations against real PostgreSQL: the admin adds V5 and runs
+//! `tenantry fleet migrate` (the real binary) over tenants that signed up at V4.
+
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+use tenantry::tenancy::fleet::RUN_LOCK;
+
+use crate::helpers::*;
+
+/// A realistic new version: a column with a default and an index.
+const V5_RATING: &str = "ALTER TABLE experiences ADD COLUMN rating integer NOT NULL DEFAULT 0;\n\
+                         CREATE INDEX experiences_rating_idx ON experiences (rating);\n";
+
+/// The same, slow enough to act while a run is under way.
+fn slow_v5(seconds: f64) -> String {
+    format!("SELECT pg_sleep({seconds});\n{V5_RATING}")
+}
+
+struct Fleet {
+    app: TestApp,
+    env: Vec<(&'static str, String)>,
+    templates: std::path::PathBuf,
+}
+
+/// Tenants signed up at V4 (the built-in templates), and a CLI environment
+/// whose templates add `V5__rating.sql`.
+async fn fleet_at_v4(users: &[&str], v5: &str) -> Fleet {
+    let app = spawn_app().await;
+    for user in users {
+        assert_eq!(app.register(user).await.status(), 201, "{user}");
+    }
+    let templates = builtin_templates_with(&[("V5__rating.sql", v5)]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    Fleet {
+        app,
+        env,
+        templates,
+    }
+}
+
+impl Fleet {
+    async fn fleet(&self, args: &[&str]) -> Output {
+        let mut all = vec!["fleet"];
+        all.extend_from_slice(args);
+        tenantry(&all, &self.env, None).await
+    }
+
+    fn fleet_command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"));
+        cmd.arg("fleet")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (*k, v.clone())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    async fn registry_version(&self, user: &str) -> i32 {
+        self.app
+            .db()
+            .await
+            .query_one(
+                "SELECT template_version FROM tenantry.tenants WHERE username = $1",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn history_versions(&self, user: &str) -> Vec<i32> {
+        self.app
+            .db()
+            .await
+            .query(
+                &format!("SELECT version FROM tenant_{user}.refinery_schema_history ORDER BY 1"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Whether V5's column and index exist in the tenant's schema.
+    async fn has_v5(&self, user: &str) -> (bool, bool) {
+        let row = self
+            .app
+            .db()
+            .await
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                                WHERE table_schema = $1 AND table_name = 'experiences' AND column_name = 'rating'),
+                        EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND indexname = 'experiences_rating_idx')",
+                &[&format!("tenant_{user}")],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
+    /// The tenant is wholly at V4 or wholly at V5: registry, history and
+    /// tables agree. Returns the version.
+    async fn assert_whole(&self, user: &str) -> i32 {
+        let version = self.registry_version(user).await;
+        let history = self.history_versions(user).await;
+        let v5 = self.has_v5(user).await;
+        match version {
+            4 => {
+                assert_eq!(history, [1, 2, 3, 4], "{user}");
+                assert_eq!(v5, (false, false), "{user}");
+            }
+            5 => {
+                assert_eq!(history, [1, 2, 3, 4, 5], "{user}");
+                assert_eq!(v5, (true, true), "{user}");
+            }
+            other => panic!("{user} is at V{other}"),
+        }
+        version
+    }
+
+    async fn status(&self) -> Value {
+        let out = self.fleet(&["status", "--json"]).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+
+    async fn result_of(&self, user: &str) -> Option<(String, Option<String>)> {
+        self.app
+            .db()
+            .await
+            .query_opt(
+                "SELECT status, error FROM tenantry.fleet_results WHERE username = $1
+                 ORDER BY run_id DESC LIMIT 1",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .map(|r| (r.get(0), r.get(1)))
+    }
+
+    async fn runs(&self) -> i64 {
+        self.app
+            .count("SELECT count(*) FROM tenantry.fleet_runs")
+            .await
+    }
+}
+
+#[tokio::test]
+async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_nothing() {
+    let fleet = fleet_at_v4(&["amy", "ben", "cal", "dee", "eve"], V5_RATING).await;
+    let status = fleet.status().await;
+    assert_eq!(status["target_version"], 5);
+    assert_eq!(status["pending"], 5);
+    assert_eq!(
+        status["versions"],
+        serde_json::json!([{"version": 4, "tenants": 5}])
+    );
+
+    let out = fleet.fleet(&["migrate", "--concurrency", "2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("5 migrated, 0 failed"),
+        "{}",
+        stdout(&out)
+    );
+    for user in ["amy", "ben", "cal", "dee", "eve"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    // The tenant's role owns what the template created.
+    let owner: String = fleet
+        .app
+        .db()
+        .await
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE schemaname = 'tenant_amy' AND tablename = 'experiences'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(owner.ends_with("_amy"), "{owner}");
+
+    let status = fleet.status().await;
+    assert_eq!(status["pending"], 0);
+    assert_eq!(status["last_run"]["status"], "succeeded");
+    assert_eq!(status["last_run"]["succeeded"], 5);
+    assert!(status["last_run"]["started_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("cli:"));
+
+    let again = fleet.fleet(&["migrate"]).await;
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stdout(&again).contains("0 tenant(s) to V5"),
+        "{}",
+        stdout(&again)
+    );
+    let results: i64 = fleet
+        .app
+        .count("SELECT count(*) FROM tenantry.fleet_results")
+        .await;
+    assert_eq!(results, 5, "the rerun touched no tenant");
+}
+
+#[tokio::test]
+async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
+    let fleet = fleet_at_v4(&["ann", "bob", "cid", "dot"], V5_RATING).await;
+    // bob already has a column of that name: V5 cannot apply to him.
+    fleet
+        .app
+        .db()
+        .await
+        .batch_execute("ALTER TABLE tenant_bob.experiences ADD COLUMN rating text")
+        .await
+        .unwrap();
+
+    let out = fleet.fleet(&["migrate", "--canary", "0"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("3 migrated, 1 failed"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("failed bob"), "{}", stdout(&out));
+    for user in ["ann", "cid", "dot"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    assert_eq!(fleet.registry_version("bob").await, 4);
+    assert_eq!(fleet.history_versions("bob").await, [1, 2, 3, 4]);
+    let (status, error) = fleet.result_of("bob").await.unwrap();
+    assert_eq!(status, "failed");
+    let error = error.unwrap();
+    assert!(
+        error.contains("V5__rating.sql") && error.contains("already exists"),
+        "{error}"
+    );
+    let status = fleet.status().await;
+    assert_eq!(status["pending"], 1);
+    assert_eq!(status["failed"], 1);
+    assert_eq!(status["last_run"]["status"], "failed");
+    assert_eq!(status["last_run"]["failures"][0]["username"], "bob");
+
+    // The cause removed, the next run picks up exactly bob.
+    fleet
+        .app
+        .db()
+        .await
+        .batch_execute("ALTER TABLE tenant_bob.experiences DROP COLUMN rating")
+        .await
+        .unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1 tenant(s) to V5"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(fleet.assert_whole("bob").await, 5);
+    assert_eq!(fleet.status().await["failed"], 0);
+}
+
+#[tokio::test]
+async fn a_failing_canary_stops_the_run_before_the_rest_are_touched() {
+    // Tenants go in username order: aaron is the canary.
+    let fleet = fleet_at_v4(&["aaron", "beth", "carl"], V5_RATING).await;
+    fleet
+        .app
+        .db()
+        .await
+        .batch_execute("ALTER TABLE tenant_aaron.experiences ADD COLUMN rating text")
+        .await
+        .unwrap();
+    let out = fleet.fleet(&["migrate", "--canary", "1"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("a canary failed"), "{}", stdout(&out));
+    assert_eq!(fleet.registry_version("aaron").await, 4);
+    assert_eq!(fleet.history_versions("aaron").await, [1, 2, 3, 4]);
+    for user in ["beth", "carl"] {
+        assert_eq!(fleet.assert_whole(user).await, 4);
+    }
+    assert!(fleet.result_of("beth").await.is_none());
+    assert_eq!(fleet.status().await["last_run"]["status"], "aborted");
+}
+
+#[tokio::test]
+async fn max_failures_stops_starting_tenants() {
+    let fleet = fleet_at_v4(&["fay", "gus", "hal", "ida"], V5_RATING).await;
+    let db = fleet.app.db().await;
+    for user in ["fay", "gus"] {
+        db.batch_execute(&format!(
+            "ALTER TABLE tenant_{user}.experiences ADD COLUMN rating text"
+        ))
+        .await
+        .unwrap();
+    }
+    let out = fleet
+        .fleet(&[
+            "migrate",
+            "--canary",
+            "0",
+            "--concurrency",
+            "1",
+            "--max-failures",
+            "1",
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("--max-failures"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("3 not started"), "{}", stdout(&out));
+    assert_eq!(fleet.result_of("fay").await.unwrap().0, "failed");
+    assert_eq!(fleet.registry_version("gus").await, 4);
+    assert!(fleet.result_of("gus").await.is_none(), "not started");
+    for user in ["hal", "ida"] {
+        assert_eq!(fleet.assert_whole(user).await, 4);
+        assert!(fleet.result_of(user).await.is_none(), "not started");
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_prints_the_plan_and_changes_nothing() {
+    let fleet = fleet_at_v4(&["jon", "kim"], V5_RATING).await;
+    let out = fleet.fleet(&["migrate", "--dry-run"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("2 tenant(s) would be migrated to V5"),
+        "{text}"
+    );
+    assert!(
+        text.contains("jon") && text.contains("V4 → V5  V5__rating.sql"),
+        "{text}"
+    );
+    for user in ["jon", "kim"] {
+        assert_eq!(fleet.assert_whole(user).await, 4);
+    }
+    assert_eq!(fleet.runs().await, 0);
+    let recorded: i64 = fleet
+        .app
+        .count("SELECT count(*) FROM tenantry.templates WHERE version = 5")
+        .await;
+    assert_eq!(recorded, 0, "a dry run records nothing");
+}
+
+#[tokio::test]
+async fn one_tenant_can_be_migrated_alone() {
+    let fleet = fleet_at_v4(&["lea", "max"], V5_RATING).await;
+    let out = fleet.fleet(&["migrate", "--tenant", "max"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.assert_whole("max").await, 5);
+    assert_eq!(fleet.assert_whole("lea").await, 4);
+    let out = fleet.fleet(&["migrate", "--tenant", "nobody"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no tenant named nobody"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn targets_only_go_forward() {
+    let fleet = fleet_at_v4(&["ned"], V5_RATING).await;
+    let out = fleet.fleet(&["migrate", "--to", "3"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("templates only go forward"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fleet.fleet(&["migrate", "--to", "9"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no template V9: the latest is V5"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fleet.fleet(&["migrate", "--to", "zero"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(fleet.assert_whole("ned").await, 4);
+    assert_eq!(fleet.runs().await, 0);
+}
+
+#[tokio::test]
+async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
+    let fleet = fleet_at_v4(&["oli", "pam"], V5_RATING).await;
+    assert!(fleet.fleet(&["migrate"]).await.status.success());
+
+    // V5 edited after it was applied, and a V6 added: refused, naming V5.
+    std::fs::write(
+        fleet.templates.join("V5__rating.sql"),
+        format!("{V5_RATING}-- tweaked\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        fleet.templates.join("V6__notes.sql"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY);",
+    )
+    .unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("template V5__rating.sql has changed"),
+        "{}",
+        stderr(&out)
+    );
+    let mut settings = test_settings(&fleet.app.db_name);
+    settings.templates_dir = Some(fleet.templates.clone());
+    let refused = tenantry::startup::Application::build(settings)
+        .await
+        .err()
+        .expect("serve refuses changed templates");
+    assert!(refused.to_string().contains("V5__rating.sql"), "{refused}");
+
+    // V5 gone from the set: refused at load (a gap before V6).
+    std::fs::remove_file(fleet.templates.join("V5__rating.sql")).unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("template V5 is missing"),
+        "{}",
+        stderr(&out)
+    );
+    // Only V1–V4 left: the tenants are at a version the set does not know.
+    std::fs::remove_file(fleet.templates.join("V6__notes.sql")).unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("V5__rating.sql was applied to this database but is missing"),
+        "{}",
+        stderr(&out)
+    );
+
+    for user in ["oli", "pam"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    let notes: i64 = fleet
+        .app
+        .count("SELECT count(*) FROM pg_tables WHERE tablename = 'notes'")
+        .await;
+    assert_eq!(notes, 0);
+    assert_eq!(fleet.runs().await, 1);
+}
+
+#[tokio::test]
+async fn tenants_newer_than_the_binary_are_refused() {
+    let fleet = fleet_at_v4(&["quin"], V5_RATING).await;
+    assert!(fleet.fleet(&["migrate"]).await.status.success());
+    // A database some newer binary migrated, without its template record.
+    fleet
+        .app
+        .db()
+        .await
+        .batch_execute("DELETE FROM tenantry.templates WHERE version = 5")
+        .await
+        .unwrap();
+    let env = cli_env(&fleet.app.db_name);
+    let out = tenantry(&["fleet", "migrate"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(
+            "1 tenant(s) are at template version 5, newer than the latest this binary knows (V4)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test]
+async fn a_template_with_commit_is_refused_at_load() {
+    let fleet = fleet_at_v4(
+        &["rae"],
+        "ALTER TABLE experiences ADD COLUMN rating int;\nCOMMIT;\n",
+    )
+    .await;
+    let out = fleet.fleet(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("V5__rating.sql")
+            && err.contains("line 2")
+            && err.contains("COMMIT is not allowed"),
+        "{err}"
+    );
+    assert_eq!(fleet.assert_whole("rae").await, 4);
+    assert_eq!(fleet.runs().await, 0);
+}
+
+#[tokio::test]
+async fn a_second_runner_is_refused_while_one_holds_the_run_lock() {
+    let fleet = fleet_at_v4(&["sam", "tia"], &slow_v5(0.5)).await;
+    // Forced: the test holds the run lock as another runner would.
+    let holder = fleet.app.db().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&RUN_LOCK.0, &RUN_LOCK.1],
+        )
+        .await
+        .unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("another fleet migration is running"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fleet.runs().await, 0);
+    drop(holder);
+
+    // A real run under way, and a second one started meanwhile.
+    let first = fleet
+        .fleet_command(&["migrate", "--concurrency", "1"])
+        .spawn()
+        .unwrap();
+    wait_for(
+        &fleet.app,
+        "SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'",
+    )
+    .await;
+    let second = fleet.fleet(&["migrate"]).await;
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        stderr(&second).contains("another fleet migration is running (run 1 started by cli:"),
+        "{}",
+        stderr(&second)
+    );
+    let first = first.wait_with_output().await.unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    for user in ["sam", "tia"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+}
+
+/// Poll until a counting query returns at least one.
+async fn wait_for(app: &TestApp, sql: &str) {
+    for _ in 0..400 {
+        if app.count(sql).await > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {sql}");
+}
+
+#[tokio::test]
+async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishes() {
+    let users = ["uma", "vic", "wes", "xia", "yan", "zoe"];
+    let fleet = fleet_at_v4(&users, &slow_v5(0.3)).await;
+    let mut run = fleet
+        .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
+        .spawn()
+        .unwrap();
+    wait_for(
+        &fleet.app,
+        "SELECT (count(*) >= 2)::int::int8 FROM tenantry.tenants WHERE template_version = 5",
+    )
+    .await;
+    run.kill().await.unwrap(); // SIGKILL mid-run
+
+    // Let the server finish or roll back what was in flight.
+    wait_for(
+        &fleet.app,
+        "SELECT (count(*) = 0)::int::int8 FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE '%pg_sleep%' AND pid <> pg_backend_pid()",
+    )
+    .await;
+    let mut done = 0;
+    for user in users {
+        if fleet.assert_whole(user).await == 5 {
+            done += 1;
+        }
+    }
+    assert!(
+        (2..6).contains(&done),
+        "{done} of 6 migrated before the kill"
+    );
+    let status = fleet.status().await;
+    assert_eq!(status["last_run"]["status"], "interrupted");
+    assert_eq!(status["pending"], 6 - done);
+
+    let out = fleet.fleet(&["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{} tenant(s) to V5", 6 - done)),
+        "{}",
+        stdout(&out)
+    );
+    for user in users {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    let runs: Vec<String> = fleet
+        .app
+        .db()
+        .await
+        .query("SELECT status FROM tenantry.fleet_runs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(runs, ["interrupted", "succeeded"]);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_rolls_its_tenant_back_and_the_run_goes_on() {
+    let fleet = fleet_at_v4(&["abe", "bea", "cyd"], &slow_v5(0.5)).await;
+    let run = fleet
+        .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
+        .spawn()
+        .unwrap();
+    let sleeping = "SELECT count(*) FROM pg_stat_activity
+                    WHERE datname = current_database() AND query LIKE '%pg_sleep(0.5)%' AND pid <> pg_backend_pid()";
+    wait_for(&fleet.app, sleeping).await;
+    // The first tenant's (abe's) migration loses its connection mid-template.
+    fleet
+        .app
+        .db()
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE '%pg_sleep(0.5)%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let out = run.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(fleet.assert_whole("abe").await, 4);
+    let (status, error) = fleet.result_of("abe").await.unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.unwrap().contains("connection"));
+    for user in ["bea", "cyd"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    let out = fleet.fleet(&["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.assert_whole("abe").await, 5);
+}
+
+#[tokio::test]
+async fn a_busy_tenant_times_out_alone_and_is_retried_by_the_next_run() {
+    let fleet = fleet_at_v4(&["dan", "eli", "flo"], V5_RATING).await;
+    // A long transaction holds a lock on eli's table (a request would).
+    let blocker = fleet.app.db().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE tenant_eli.experiences IN ACCESS SHARE MODE")
+        .await
+        .unwrap();
+    let out = fleet
+        .fleet(&["migrate", "--canary", "0", "--lock-timeout", "0.3"])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    let (status, error) = fleet.result_of("eli").await.unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.unwrap().contains("lock timeout"));
+    assert_eq!(fleet.assert_whole("eli").await, 4);
+    for user in ["dan", "flo"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let out = fleet.fleet(&["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(fleet.assert_whole("eli").await, 5);
+}
+
+#[tokio::test]
+async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again() {
+    let old = ["gil", "hua", "ivy", "jax"];
+    let fleet = fleet_at_v4(&old, &slow_v5(0.3)).await;
+    // The service restarted with the new templates, serving signups.
+    let mut settings = test_settings(&fleet.app.db_name);
+    settings.templates_dir = Some(fleet.templates.clone());
+    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+
+    let run = fleet
+        .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
+        .spawn()
+        .unwrap();
+    wait_for(
+        &fleet.app,
+        "SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'",
+    )
+    .await;
+    for user in ["kai", "lou"] {
+        let response = service.register(user).await;
+        assert_eq!(response.status(), 201);
+        assert_eq!(json(response).await["template_version"], 5);
+    }
+    let out = run.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("4 migrated"), "{}", stdout(&out));
+    for user in old.iter().chain(&["kai", "lou"]) {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    assert!(fleet.result_of("kai").await.is_none());
+}
+
+#[tokio::test]
+async fn requests_keep_working_while_tenants_are_on_different_versions() {
+    let fleet = fleet_at_v4(&["mia", "noa"], V5_RATING).await;
+    assert!(fleet
+        .fleet(&["migrate", "--tenant", "noa"])
+        .await
+        .status
+        .success());
+    let mut settings = test_settings(&fleet.app.db_name);
+    settings.templates_dir = Some(fleet.templates.clone());
+    settings.pool_size = 1; // every request on the same connection
+    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    for _ in 0..3 {
+        for (user, version) in [("mia", 4), ("noa", 5)] {
+            let login = service
+                .post_json(
+                    "/api/auth/login",
+                    &serde_json::json!({"username": user, "password": PASSWORD}),
+                )
+                .await;
+            assert_eq!(login.status(), 200);
+            let token = json(login).await["access_token"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let me = service
+                .api
+                .get(format!("{}/api/me", service.address))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(me.status(), 200);
+            assert_eq!(json(me).await["tenant"]["template_version"], version);
+        }
+    }
+}
+
+#[tokio::test]
+async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
+    let fleet = fleet_at_v4(&["ozzy", "pia", "quy"], V5_RATING).await;
+    let prefix = fleet.app.role_prefix().await;
+    let db = fleet.app.db().await;
+    db.batch_execute(&format!(
+        "CREATE SCHEMA tenant_ghost;
+         CREATE TABLE tenant_ghost.t (id int);
+         CREATE ROLE \"{prefix}ghost\" NOLOGIN;
+         INSERT INTO tenantry.users (username, email, password_hash) VALUES ('lonely', 'lonely@example.com', 'x');
+         DROP SCHEMA tenant_pia CASCADE;
+         DELETE FROM tenant_quy.refinery_schema_history WHERE version = 4;"
+    ))
+    .await
+    .unwrap();
+
+    let out = fleet.fleet(&["check", "--json"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mut found: Vec<(String, String)> = report["drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![
+        ("history_mismatch".to_string(), "tenant_quy".to_string()),
+        ("missing_schema".into(), "tenant_pia".into()),
+        ("orphan_role".into(), format!("{prefix}ghost")),
+        ("orphan_schema".into(), "tenant_ghost".into()),
+        ("user_without_tenant".into(), "lonely".into()),
+    ];
+    expected.sort();
+    assert_eq!(found, expected);
+    assert_eq!(fleet.status().await["drift"], 4, "catalog-level drift");
+
+    let out = fleet.fleet(&["check", "--repair"]).await;
+    assert_eq!(out.status.code(), Some(1), "two findings need a person");
+    assert!(
+        stdout(&out).contains("5 finding(s), 3 repaired"),
+        "{}",
+        stdout(&out)
+    );
+    let left: (i64, i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_ghost'),
+                        (SELECT count(*) FROM pg_roles WHERE rolname = $1),
+                        (SELECT count(*) FROM tenantry.users WHERE username = 'lonely')",
+                &[&format!("{prefix}ghost")],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(left, (0, 0, 0));
+    // Registered tenants are untouched by a repair.
+    assert_eq!(fleet.registry_version("pia").await, 4);
+    assert_eq!(fleet.assert_whole("ozzy").await, 4);
+    // The username is free again.
+    assert_eq!(fleet.app.register("lonely").await.status(), 201);
+}
