@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::domain::ValidationError;
 use crate::provisioning::ProvisionError;
+use crate::tenancy::fleet::FleetError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -22,6 +23,8 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("missing or invalid access token")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("{0}")]
     NotFound(String),
     #[error("the database is unavailable")]
@@ -41,6 +44,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => (*code).into(),
             ApiError::InvalidCredentials => "invalid_credentials".into(),
             ApiError::Unauthorized => "unauthorized".into(),
+            ApiError::Forbidden(_) => "forbidden".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::Unavailable => "unavailable".into(),
             ApiError::Internal(_) => "internal_error".into(),
@@ -54,6 +58,7 @@ impl ResponseError for ApiError {
             ApiError::Validation(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::InvalidCredentials | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -128,6 +133,36 @@ impl From<ProvisionError> for ApiError {
             },
             ProvisionError::Postgres(pg) => pg.into(),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(e: FleetError) -> Self {
+        match e {
+            FleetError::AlreadyRunning(_) => ApiError::Conflict {
+                code: "fleet_busy",
+                message: e.to_string(),
+            },
+            // The admin must see which file is refused, and why.
+            FleetError::Integrity(crate::tenancy::integrity::IntegrityError::Postgres(pg))
+            | FleetError::Postgres(pg) => pg.into(),
+            FleetError::Integrity(_) => ApiError::Conflict {
+                code: "templates_refused",
+                message: e.to_string(),
+            },
+            FleetError::UnknownTarget { .. } | FleetError::Backwards { .. } => {
+                ApiError::BadRequest {
+                    code: "invalid_target_version",
+                    message: e.to_string(),
+                }
+            }
+            FleetError::BadConcurrency => ApiError::BadRequest {
+                code: "invalid_concurrency",
+                message: e.to_string(),
+            },
+            FleetError::NoSuchTenant(_) => ApiError::NotFound(e.to_string()),
+            FleetError::Db(_) => ApiError::internal(e),
         }
     }
 }

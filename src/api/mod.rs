@@ -1,5 +1,6 @@
 //! The HTTP API: one route table, JSON in and out.
 
+mod admin;
 mod auth;
 pub mod error;
 mod extract;
@@ -26,6 +27,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/auth/register").route(web::post().to(auth::register)))
         .service(resource("/api/auth/login").route(web::post().to(auth::login)))
         .service(resource("/api/me").route(web::get().to(me::me)))
+        .service(resource("/admin/fleet").route(web::get().to(admin::fleet_status)))
+        .service(resource("/admin/fleet/migrations").route(web::post().to(admin::start_migration)))
+        .service(
+            resource("/admin/fleet/migrations/{run_id}").route(web::get().to(admin::migration)),
+        )
         .default_service(web::to(not_found));
 }
 

@@ -812,3 +812,201 @@ async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
     // The username is free again.
     assert_eq!(fleet.app.register("lonely").await.status(), 201);
 }
+
+/// A token for an account made with `tenantry admin create` (or an
+/// `--auditor`), logged in over HTTP.
+async fn staff_token(app: &TestApp, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["admin", "create", name, "--email"];
+    let email = format!("{name}@example.com");
+    args.push(&email);
+    args.extend_from_slice(extra);
+    let out = tenantry(&args, &cli_env(&app.db_name), Some(PASSWORD)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let login = app
+        .post_json(
+            "/api/auth/login",
+            &serde_json::json!({"username": name, "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(login.status(), 200);
+    json(login).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn admins_run_and_follow_a_migration_over_http() {
+    let fleet = fleet_at_v4(&["ray", "sue", "tom"], V5_RATING).await;
+    let mut settings = test_settings(&fleet.app.db_name);
+    settings.templates_dir = Some(fleet.templates.clone());
+    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    let admin = staff_token(&service, "root_ops", &[]).await;
+    let auditor = staff_token(&service, "audrey", &["--auditor"]).await;
+    let user_login = service
+        .post_json(
+            "/api/auth/login",
+            &serde_json::json!({"username": "ray", "password": PASSWORD}),
+        )
+        .await;
+    let user = json(user_login).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An admin has no tenant schema.
+    assert_eq!(fleet.app.schema_count().await, 3);
+
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = service.api.get(format!("{}{path}", service.address));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    let post = |body: Value, token: &str| {
+        service
+            .api
+            .post(format!("{}/admin/fleet/migrations", service.address))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(get("/admin/fleet", None).await.unwrap().status(), 401);
+    assert_eq!(
+        get("/admin/fleet", Some(&user)).await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        get("/admin/fleet", Some(&auditor)).await.unwrap().status(),
+        403
+    );
+    let forbidden = post(serde_json::json!({}), &user).await.unwrap();
+    assert_eq!(forbidden.status(), 403);
+    assert_eq!(json(forbidden).await["error"]["code"], "forbidden");
+
+    let status = get("/admin/fleet", Some(&admin)).await.unwrap();
+    assert_eq!(status.status(), 200);
+    let status = json(status).await;
+    assert_eq!(status["pending"], 3);
+    assert_eq!(status["target_version"], 5);
+
+    // Bad requests are 400s with the JSON error shape.
+    for (body, code) in [
+        (
+            serde_json::json!({"target_version": 9}),
+            "invalid_target_version",
+        ),
+        (
+            serde_json::json!({"target_version": 3}),
+            "invalid_target_version",
+        ),
+        (serde_json::json!({"concurrency": 0}), "invalid_concurrency"),
+        (serde_json::json!({"surprise": true}), "invalid_json"),
+    ] {
+        let response = post(body.clone(), &admin).await.unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        assert_eq!(json(response).await["error"]["code"], code, "{body}");
+    }
+
+    // Another runner holds the lock: 409.
+    let holder = fleet.app.db().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&RUN_LOCK.0, &RUN_LOCK.1],
+        )
+        .await
+        .unwrap();
+    let busy = post(serde_json::json!({}), &admin).await.unwrap();
+    assert_eq!(busy.status(), 409);
+    assert_eq!(json(busy).await["error"]["code"], "fleet_busy");
+    drop(holder);
+
+    let started = post(serde_json::json!({"concurrency": 2, "canary": 1}), &admin)
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let started = json(started).await;
+    assert_eq!(started["planned"], 3);
+    let run_id = started["run_id"].as_i64().unwrap();
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = json(
+            get(&format!("/admin/fleet/migrations/{run_id}"), Some(&admin))
+                .await
+                .unwrap(),
+        )
+        .await;
+        if report["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["succeeded"], 3);
+    assert_eq!(report["started_by"], "admin:root_ops");
+    for user in ["ray", "sue", "tom"] {
+        assert_eq!(fleet.assert_whole(user).await, 5);
+    }
+    let missing = get("/admin/fleet/migrations/999999", Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let garbage = get("/admin/fleet/migrations/abc", Some(&admin))
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 404);
+}
+
+#[tokio::test]
+async fn a_failed_tenant_shows_in_the_run_report_over_http() {
+    let fleet = fleet_at_v4(&["uli", "val"], V5_RATING).await;
+    fleet
+        .app
+        .db()
+        .await
+        .batch_execute("ALTER TABLE tenant_val.experiences ADD COLUMN rating text")
+        .await
+        .unwrap();
+    let mut settings = test_settings(&fleet.app.db_name);
+    settings.templates_dir = Some(fleet.templates.clone());
+    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    let admin = staff_token(&service, "ops_lead", &[]).await;
+    let started = service
+        .api
+        .post(format!("{}/admin/fleet/migrations", service.address))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"canary": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let run_id = json(started).await["run_id"].as_i64().unwrap();
+    let mut report = Value::Null;
+    for _ in 0..200 {
+        report = json(
+            service
+                .api
+                .get(format!(
+                    "{}/admin/fleet/migrations/{run_id}",
+                    service.address
+                ))
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if report["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(report["status"], "failed", "{report}");
+    assert_eq!(report["failed"], 1);
+    assert_eq!(report["failures"][0]["username"], "val");
+    assert!(report["failures"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("V5__rating.sql"));
+}
