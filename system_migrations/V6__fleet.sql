@@ -36,10 +36,14 @@ CREATE INDEX fleet_runs_started_at_idx ON tenantry.fleet_runs (started_at DESC);
 
 -- A tenant's result in a run. A success is written in the tenant's own
 -- migration transaction (so it exists exactly when the tenant moved); a
--- failure after that transaction rolled back.
+-- failure after that transaction rolled back. Written once per tenant per
+-- run, on the fleet's hot path, so it carries no foreign keys (each check
+-- locks a row: the one run row, shared by every tenant transaction of a run,
+-- or the user's) and only the indexes its readers need. Whoever deletes a
+-- user deletes its results (`fleet check --repair` does).
 CREATE TABLE tenantry.fleet_results (
-    run_id        bigint NOT NULL REFERENCES tenantry.fleet_runs (id) ON DELETE CASCADE,
-    user_id       uuid NOT NULL REFERENCES tenantry.users (id) ON DELETE CASCADE,
+    run_id        bigint NOT NULL,
+    user_id       uuid NOT NULL,
     username      text NOT NULL,
     from_version  integer NOT NULL,
     to_version    integer NOT NULL,
@@ -49,24 +53,22 @@ CREATE TABLE tenantry.fleet_results (
     finished_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (run_id, user_id)
 );
-CREATE INDEX fleet_results_user_idx ON tenantry.fleet_results (user_id);
+-- `fleet status` counts the pending tenants whose latest attempt failed.
+CREATE INDEX fleet_results_failed_idx ON tenantry.fleet_results (user_id, finished_at)
+    WHERE status = 'failed';
 
--- The first statement of every tenant's migration transaction: per-tenant
--- timeouts, then a transaction-scoped advisory lock on the tenant (so no two
--- runners, nor a runner and an erasure, work on one tenant at once), then a
--- check, under that lock, that the tenant is still at the version the plan
--- was made for. SQLSTATE TY001: moved on already; TY002: gone.
+-- The first statement of every tenant's migration transaction (after the
+-- per-tenant timeouts): a transaction-scoped advisory lock on the tenant (so
+-- no two runners, nor a runner and an erasure, work on one tenant at once),
+-- then a check, under that lock, that the tenant is still at the version the
+-- plan was made for. SQLSTATE TY001: moved on already; TY002: gone.
 CREATE FUNCTION tenantry.fleet_claim(
     p_user_id uuid,
-    p_from_version integer,
-    p_lock_timeout text,
-    p_statement_timeout text
+    p_from_version integer
 ) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     current_version integer;
 BEGIN
-    PERFORM set_config('lock_timeout', p_lock_timeout, true);
-    PERFORM set_config('statement_timeout', p_statement_timeout, true);
     PERFORM pg_advisory_xact_lock(1953395828, hashtext(p_user_id::text)); -- 'tnt' + id
     SELECT template_version INTO current_version
     FROM tenantry.tenants WHERE user_id = p_user_id;
@@ -77,5 +79,49 @@ BEGIN
         RAISE EXCEPTION 'the tenant is at version % already, not %', current_version, p_from_version
             USING ERRCODE = 'TY001';
     END IF;
+END
+$$;
+
+-- A tenant's history rows, in refinery's format, in the schema first on the
+-- search path: the tenant's, which the applier has set (SET LOCAL) for the
+-- rest of the transaction. Signup and the fleet both record history through
+-- this one function. The table name is unqualified so that PL/pgSQL's cached
+-- plan serves every tenant (it is re-planned when the search path changes).
+CREATE FUNCTION tenantry.record_history(
+    p_versions integer[],
+    p_names text[],
+    p_checksums text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+    SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), c
+    FROM unnest(p_versions, p_names, p_checksums) AS h(v, n, c);
+END
+$$;
+
+-- The last statement of a tenant's migration transaction: its history, its
+-- registry row and the run's result for it, together, so all three exist
+-- exactly when the tenant moved.
+CREATE FUNCTION tenantry.fleet_finish(
+    p_user_id uuid,
+    p_from_version integer,
+    p_to_version integer,
+    p_run_id bigint,
+    p_versions integer[],
+    p_names text[],
+    p_checksums text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tenantry.record_history(p_versions, p_names, p_checksums);
+    WITH moved AS (
+        UPDATE tenantry.tenants SET template_version = p_to_version, updated_at = now()
+        WHERE user_id = p_user_id
+        RETURNING user_id, username
+    )
+    INSERT INTO tenantry.fleet_results
+        (run_id, user_id, username, from_version, to_version, status, duration_ms)
+    SELECT p_run_id, user_id, username, p_from_version, p_to_version, 'succeeded',
+           (1000 * extract(epoch FROM clock_timestamp() - now()))::float8
+    FROM moved;
 END
 $$;

@@ -14,22 +14,28 @@ use crate::tenancy::templates::Template;
 /// tenant's schema, in refinery's format.
 pub const HISTORY_TABLE: &str = "refinery_schema_history";
 
+/// Records the applied versions ($1 versions, $2 names, $3 checksums) in
+/// the history of the schema first on the search path: the tenant's, set by
+/// the application's first request for the rest of the transaction. The one
+/// place that writes history rows is `tenantry.record_history`
+/// (system_migrations/V6__fleet.sql); the fleet calls it from
+/// `tenantry.fleet_finish`.
+pub const RECORD_HISTORY: &str = "SELECT tenantry.record_history($1, $2, $3)";
+
 /// What one pipelined request of an application was, to say what failed.
 #[derive(Debug, Clone, Copy)]
 pub enum ApplyStep<'t> {
-    /// Entering the tenant: its schema first on the search path, its role.
-    Enter,
+    /// A template version (the first also enters the tenant, the last
+    /// leaves it).
     Template(&'t Template),
-    /// Back to the service's role, to write the history.
-    Leave,
     History,
 }
 
 /// Template versions to apply to one tenant, with the SQL that does it.
 pub struct TemplateApplication<'t> {
     templates: &'t [Template],
-    enter_sql: String,
-    history_sql: String,
+    /// One batch per template; see `new`.
+    batches: Vec<String>,
     versions: Vec<i32>,
     names: Vec<String>,
     checksums: Vec<String>,
@@ -44,23 +50,36 @@ impl<'t> TemplateApplication<'t> {
         role: &RoleName,
         templates: &'t [Template],
     ) -> TemplateApplication<'t> {
-        // Identifiers are validated names, always quoted; every value below
-        // is a bind parameter. Both settings end with the transaction.
-        let enter_sql = format!(
-            "SET LOCAL search_path TO {s}; SET LOCAL ROLE {r};",
+        // Identifiers are validated names, always quoted; every value is a
+        // bind parameter. Entering the tenant (its schema first on the search
+        // path, its role; both end with the transaction) rides with the first
+        // template and leaving it (back to the service's role, to write the
+        // history) with the last: fewer messages per tenant, which the fleet
+        // sends thousands of times. The newline ends a trailing `--` comment.
+        let enter = format!(
+            "SET LOCAL search_path TO {s}; SET LOCAL ROLE {r};\n",
             s = schema.quoted(),
             r = role.quoted()
         );
-        let history_sql = format!(
-            "INSERT INTO {s}.{HISTORY_TABLE} (version, name, applied_on, checksum)
-             SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), c
-             FROM unnest($1::int4[], $2::text[], $3::text[]) AS h(v, n, c)",
-            s = schema.quoted()
-        );
+        let last = templates.len().saturating_sub(1);
+        let mut batches: Vec<String> = templates
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut sql = if i == 0 { enter.clone() } else { String::new() };
+                sql.push_str(t.sql());
+                if i == last {
+                    sql.push_str("\n;RESET ROLE");
+                }
+                sql
+            })
+            .collect();
+        if batches.is_empty() {
+            batches.push(format!("{enter};RESET ROLE"));
+        }
         TemplateApplication {
             templates,
-            enter_sql,
-            history_sql,
+            batches,
             versions: templates.iter().map(|t| t.version().get()).collect(),
             names: templates.iter().map(|t| t.name().to_owned()).collect(),
             checksums: templates.iter().map(|t| t.checksum().to_string()).collect(),
@@ -68,42 +87,50 @@ impl<'t> TemplateApplication<'t> {
     }
 
     /// The requests, in order, for a pipeline on `client` inside an open
-    /// transaction. One request per version, so a failure names its version.
-    /// The tables belong to the tenant's role, which creates them.
+    /// transaction: one request per version, so a failure names its version
+    /// (the tables belong to the tenant's role, which creates them). The
+    /// history is written after them, by `history_request` or by a function
+    /// of the caller's that calls `tenantry.record_history` with
+    /// `history_params`.
     pub fn requests<'a>(
         &'a self,
         client: &'a tokio_postgres::Client,
     ) -> Vec<(ApplyStep<'t>, Request<'a>)> {
-        let mut out: Vec<(ApplyStep<'t>, Request<'a>)> =
-            Vec::with_capacity(self.templates.len() + 3);
-        out.push((
-            ApplyStep::Enter,
-            Box::pin(client.batch_execute(&self.enter_sql)),
-        ));
-        for t in self.templates {
-            out.push((
-                ApplyStep::Template(t),
-                Box::pin(client.batch_execute(t.sql())),
-            ));
-        }
-        out.push((
-            ApplyStep::Leave,
-            Box::pin(client.batch_execute("RESET ROLE")),
-        ));
-        out.push((
+        self.batches
+            .iter()
+            .enumerate()
+            .map(|(i, sql)| {
+                let step = match self.templates.get(i) {
+                    Some(t) => ApplyStep::Template(t),
+                    None => ApplyStep::History,
+                };
+                (step, Box::pin(client.batch_execute(sql)) as Request<'a>)
+            })
+            .collect()
+    }
+
+    /// `$1`, `$2`, `$3` of `RECORD_HISTORY`.
+    pub fn history_params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.versions, Type::INT4_ARRAY),
+            (&self.names, Type::TEXT_ARRAY),
+            (&self.checksums, Type::TEXT_ARRAY),
+        ]
+    }
+
+    /// `RECORD_HISTORY` on its own, after `requests`.
+    pub fn history_request<'a>(
+        &'a self,
+        client: &'a tokio_postgres::Client,
+    ) -> (ApplyStep<'t>, Request<'a>) {
+        (
             ApplyStep::History,
             Box::pin(async move {
-                let params: [(&(dyn ToSql + Sync), Type); 3] = [
-                    (&self.versions, Type::INT4_ARRAY),
-                    (&self.names, Type::TEXT_ARRAY),
-                    (&self.checksums, Type::TEXT_ARRAY),
-                ];
                 client
-                    .execute_typed(&self.history_sql, &params)
+                    .execute_typed(RECORD_HISTORY, &self.history_params())
                     .await
                     .map(drop)
             }),
-        ));
-        out
+        )
     }
 }

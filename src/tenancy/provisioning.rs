@@ -146,7 +146,12 @@ pub async fn provision(
     }
     steps.push(Step::Prelude);
     requests.push(Box::pin(tx.batch_execute(&prelude_sql)));
-    for (step, request) in application.requests(tx.client()) {
+    let history = application.history_request(tx.client());
+    for (step, request) in application
+        .requests(tx.client())
+        .into_iter()
+        .chain([history])
+    {
         steps.push(Step::Apply(step));
         requests.push(request);
     }

@@ -267,12 +267,19 @@ pub async fn repair_drift(
                 }
             }
             DriftKind::UserWithoutTenant => {
-                tx.execute(
-                    "DELETE FROM tenantry.users u WHERE u.username = $1 AND u.role = 'user'
-                       AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.user_id = u.id)",
+                tx.query_one(
+                    "WITH gone AS (
+                         DELETE FROM tenantry.users u WHERE u.username = $1 AND u.role = 'user'
+                           AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.user_id = u.id)
+                         RETURNING u.id
+                     ), results AS (
+                         DELETE FROM tenantry.fleet_results r USING gone WHERE r.user_id = gone.id
+                     )
+                     SELECT count(*) FROM gone",
                     &[&d.name],
                 )
                 .await?
+                .get::<_, i64>(0)
                     == 1
             }
             _ => false,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
 use super::{pg_interval, FleetError, Outcome, RunOptions, RunStatus, MAX_CONCURRENCY, RUN_LOCK};
@@ -292,12 +292,25 @@ impl PreparedRun {
         let started = Instant::now();
         let tenants = &self.plan.tenants;
         progress.start(self.run_id, tenants.len());
+        let lock_timeout = pg_interval(self.options.lock_timeout);
         let ctx = TenantContext {
             run_id: self.run_id,
             target: self.plan.target,
             templates: &self.templates,
-            lock_timeout: pg_interval(self.options.lock_timeout),
-            statement_timeout: pg_interval(self.options.statement_timeout),
+            // A tenant's transaction commits without waiting for its WAL
+            // flush. Safe here, and only here: a tenant's migration is
+            // atomic and re-runnable, with its registry row and result in
+            // the same transaction, so a server crash can only roll back the
+            // last few tenants as a whole (old schema, old registry row, no
+            // result), and the next run redoes exactly them. The run's end
+            // is committed synchronously, which flushes every tenant's
+            // commit before it: a run recorded as finished is durable.
+            begin: format!(
+                "BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL statement_timeout = '{}'; \
+                 SET LOCAL synchronous_commit = off",
+                pg_interval(self.options.statement_timeout)
+            ),
+            lock_timeout,
         };
         let tally = Tally::new(self.options.max_failures, self.stop.clone());
         let workers = self.options.concurrency.min(tenants.len()).max(1);
@@ -395,8 +408,10 @@ struct TenantContext<'a> {
     run_id: i64,
     target: TemplateVersion,
     templates: &'a TemplateSet,
+    /// `BEGIN`, the per-tenant timeouts (durations we formatted) and an
+    /// asynchronous commit (see `execute`).
+    begin: String,
     lock_timeout: String,
-    statement_timeout: String,
 }
 
 /// Counts, failures and the reasons to stop, shared by the workers.
@@ -474,18 +489,58 @@ impl Tally {
 }
 
 /// A worker's dedicated connection (not from the request pool), opened on
-/// first use and again after it is lost.
+/// first use and again after it is lost, with the statements every tenant's
+/// transaction runs prepared once.
 #[derive(Default)]
 struct Worker {
-    client: Option<Client>,
+    connection: Option<Connection>,
+}
+
+struct Connection {
+    client: Client,
+    claim: Statement,
+    finish: Statement,
 }
 
 impl Worker {
-    async fn client(&mut self, config: &tokio_postgres::Config) -> Result<&Client, db::DbError> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(db::connect(config).await?);
+    async fn connection(
+        &mut self,
+        config: &tokio_postgres::Config,
+    ) -> Result<&Connection, db::DbError> {
+        if self
+            .connection
+            .as_ref()
+            .is_none_or(|c| c.client.is_closed())
+        {
+            let client = db::connect(config).await?;
+            let claim = client
+                .prepare_typed(CLAIM, &[Type::UUID, Type::INT4])
+                .await?;
+            let finish = client
+                .prepare_typed(
+                    FINISH,
+                    &[
+                        Type::UUID,
+                        Type::INT4,
+                        Type::INT4,
+                        Type::INT8,
+                        Type::INT4_ARRAY,
+                        Type::TEXT_ARRAY,
+                        Type::TEXT_ARRAY,
+                    ],
+                )
+                .await?;
+            self.connection = Some(Connection {
+                client,
+                claim,
+                finish,
+            });
         }
-        Ok(self.client.as_ref().expect("just connected"))
+        Ok(self.connection.as_ref().expect("just connected"))
+    }
+
+    async fn client(&mut self, config: &tokio_postgres::Config) -> Result<&Client, db::DbError> {
+        Ok(&self.connection(config).await?.client)
     }
 }
 
@@ -532,8 +587,8 @@ async fn migrate_tenant(
     config: &tokio_postgres::Config,
 ) -> Result<TenantResult, db::DbError> {
     let started = Instant::now();
-    let client = worker.client(config).await?;
-    let attempt = one_transaction(client, tenant, ctx).await;
+    let connection = worker.connection(config).await?;
+    let attempt = one_transaction(connection, tenant, ctx).await;
     let (outcome, error) = match attempt {
         Ok(()) => (Outcome::Succeeded, None),
         Err(Failure::Skipped(why)) => (Outcome::Skipped, Some(why)),
@@ -586,23 +641,14 @@ enum Failure {
     Lost(tokio_postgres::Error),
 }
 
-/// Lock, check, apply, record: see `tenantry.fleet_claim` in
+/// Lock the tenant and check its version: see `tenantry.fleet_claim` in
 /// system_migrations/V6__fleet.sql.
-const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2, $3, $4)";
+const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2)";
 
-/// The registry moves and the success is recorded in the tenant's own
-/// transaction, so both exist exactly when the tenant moved.
-const FINISH: &str = "\
-WITH moved AS (
-    UPDATE tenantry.tenants SET template_version = $2, updated_at = now()
-    WHERE user_id = $1
-    RETURNING user_id, username
-)
-INSERT INTO tenantry.fleet_results
-    (run_id, user_id, username, from_version, to_version, status, duration_ms)
-SELECT $3, user_id, username, $4, $2, 'succeeded',
-       (1000 * extract(epoch FROM clock_timestamp() - now()))::float8
-FROM moved";
+/// The tenant's history, its registry row and the run's result, written
+/// together by `tenantry.fleet_finish` in the tenant's own transaction, so
+/// all three exist exactly when the tenant moved.
+const FINISH: &str = "SELECT tenantry.fleet_finish($1, $2, $3, $4, $5, $6, $7)";
 
 #[derive(Clone, Copy)]
 enum Step<'t> {
@@ -618,30 +664,35 @@ enum Step<'t> {
 /// and the final COMMIT then ends it as a ROLLBACK: the connection is clean
 /// for the next tenant either way.
 async fn one_transaction(
-    client: &Client,
+    connection: &Connection,
     tenant: &PlannedTenant,
     ctx: &TenantContext<'_>,
 ) -> Result<(), Failure> {
+    let client = &connection.client;
     let pending = ctx.templates.between(tenant.from_version, ctx.target);
     let application = TemplateApplication::new(&tenant.schema, &tenant.role, pending);
     let target = ctx.target.get();
-    let claim_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&tenant.user_id, Type::UUID),
-        (&tenant.from_version, Type::INT4),
-        (&ctx.lock_timeout, Type::TEXT),
-        (&ctx.statement_timeout, Type::TEXT),
-    ];
-    let finish_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&tenant.user_id, Type::UUID),
-        (&target, Type::INT4),
-        (&ctx.run_id, Type::INT8),
-        (&tenant.from_version, Type::INT4),
+    let claim_params: [&(dyn ToSql + Sync); 2] = [&tenant.user_id, &tenant.from_version];
+    let [versions, names, checksums] = application.history_params().map(|(p, _)| p);
+    let finish_params: [&(dyn ToSql + Sync); 7] = [
+        &tenant.user_id,
+        &tenant.from_version,
+        &target,
+        &ctx.run_id,
+        versions,
+        names,
+        checksums,
     ];
 
     let mut steps: Vec<Step> = vec![Step::Begin, Step::Claim];
     let mut requests: Vec<Request<'_>> = vec![
-        Box::pin(client.batch_execute("BEGIN")),
-        Box::pin(async { client.execute_typed(CLAIM, &claim_params).await.map(drop) }),
+        Box::pin(client.batch_execute(&ctx.begin)),
+        Box::pin(async {
+            client
+                .execute(&connection.claim, &claim_params)
+                .await
+                .map(drop)
+        }),
     ];
     for (step, request) in application.requests(client) {
         steps.push(Step::Apply(step));
@@ -649,7 +700,10 @@ async fn one_transaction(
     }
     steps.push(Step::Finish);
     requests.push(Box::pin(async {
-        client.execute_typed(FINISH, &finish_params).await.map(drop)
+        client
+            .execute(&connection.finish, &finish_params)
+            .await
+            .map(drop)
     }));
     steps.push(Step::Commit);
     requests.push(Box::pin(client.batch_execute("COMMIT")));

@@ -100,10 +100,13 @@ pub async fn fleet_status(
         .sum();
     let failed: i64 = client
         .query_one(
+            // A success moves the registry row (updated_at); a failure
+            // after the tenant's last move is its latest attempt.
             "SELECT count(*) FROM tenantry.tenants t
              WHERE t.template_version < $1
-               AND (SELECT r.status FROM tenantry.fleet_results r
-                    WHERE r.user_id = t.user_id ORDER BY r.run_id DESC LIMIT 1) = 'failed'",
+               AND EXISTS (SELECT 1 FROM tenantry.fleet_results r
+                           WHERE r.user_id = t.user_id AND r.status = 'failed'
+                             AND r.finished_at >= t.updated_at)",
             &[&target],
         )
         .await?

@@ -1,0 +1,373 @@
+//! Fleet migration benchmark: `tenantry`'s fleet runner against the same SQL
+//! applied raw, side by side on one private cluster (default settings,
+//! durable), then a no-op run over a large fleet.
+//!
+//! `cargo bench --bench fleet -- [N] [NOOP_N] [BIN]` (or `scripts/bench-fleet`).
+//! 1. Provisions N tenants at V4 (the built-in templates).
+//! 2. For concurrency 1, 2 and 4: `fleet migrate` (the library's runner: run
+//!    lock, plan, one pipelined transaction per tenant with its advisory
+//!    lock, history and result rows) of a realistic version — a column with
+//!    a default and an index on `experiences` — over all N tenants; then
+//!    the same DDL plus the registry update applied raw by persistent
+//!    parallel sessions, one transaction (one multi-statement query) per
+//!    tenant; and raw again with a history row per tenant as well (the
+//!    bookkeeping Tenantry keeps in each tenant's schema). Each side adds a
+//!    column of its own, so all do the same amount of new work.
+//! 3. Grows the fleet to NOOP_N tenants (default 10,000) and times a no-op
+//!    run: in process, and as the real binary BIN (`tenantry fleet migrate`,
+//!    process start and connect included), next to the raw registry query.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tenantry::db::{self, Target};
+use tenantry::domain::{Email, TemplateVersion, Username};
+use tenantry::embedded::Cluster;
+use tenantry::provisioning::{provision, NewAccount};
+use tenantry::templates::TemplateSet;
+use tenantry::tenancy::fleet::{self, Progress, RunOptions};
+
+const CONCURRENCY: [usize; 3] = [1, 2, 4];
+
+fn version_sql(column: &str) -> String {
+    format!(
+        "ALTER TABLE experiences ADD COLUMN {column} integer NOT NULL DEFAULT 0;\n\
+         CREATE INDEX experiences_{column}_idx ON experiences ({column});\n"
+    )
+}
+
+struct Quiet;
+impl Progress for Quiet {}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let n: usize = args.first().map_or(2000, |a| a.parse().expect("N"));
+    let noop_n: usize = args.get(1).map_or(10_000, |a| a.parse().expect("NOOP_N"));
+    let bin = args.get(2).cloned();
+
+    let dir = std::env::temp_dir().join(format!("tenantry-bench-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let cluster = Cluster::open(&dir).expect("open cluster");
+    // TENANTRY_BENCH_LOG=1 logs every statement's duration and keeps the
+    // cluster's directory, to see where the time goes.
+    let keep_log = std::env::var("TENANTRY_BENCH_LOG").is_ok_and(|v| v == "1");
+    let mut settings = vec![("max_connections", "100")];
+    if keep_log {
+        settings.push(("log_min_duration_statement", "0"));
+    }
+    let running = cluster.ensure_running(&settings).expect("start cluster");
+    let admin = db::connect(&cluster.pg_config(&running, "postgres"))
+        .await
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
+    let target = Target {
+        config: cluster.pg_config(&running, "bench"),
+        embedded: None,
+    };
+    let mut boot = target.connect().await.unwrap();
+    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    let v4 = TemplateSet::builtin().unwrap();
+
+    // The admin's templates: the built-in V1–V4 plus one version per
+    // concurrency measured.
+    let tdir = dir.join("templates");
+    std::fs::create_dir_all(&tdir).unwrap();
+    for t in v4.all() {
+        std::fs::write(tdir.join(t.file_name()), t.sql()).unwrap();
+    }
+    for (i, c) in CONCURRENCY.iter().enumerate() {
+        std::fs::write(
+            tdir.join(format!("V{}__rating_p{c}.sql", 5 + i)),
+            version_sql(&format!("rating_p{c}")),
+        )
+        .unwrap();
+    }
+    let templates = Arc::new(TemplateSet::from_dir(&tdir).unwrap());
+
+    println!(
+        "fleet benchmark on PostgreSQL {}: {n} tenants at V4, then a no-op run over {noop_n}",
+        boot.query_one("SHOW server_version", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    );
+    let t = Instant::now();
+    provision_many(&target, &installation, &v4, 0..n, 4).await;
+    println!(
+        "provisioned {n} tenants in {:.1} s (4 sessions)",
+        t.elapsed().as_secs_f64()
+    );
+    let checkpoint = Instant::now();
+    boot.batch_execute("CHECKPOINT").await.unwrap();
+    println!(
+        "checkpoint after provisioning: {:.1} s",
+        checkpoint.elapsed().as_secs_f64()
+    );
+
+    println!();
+    println!(
+        "{:<12} {:>9} {:>9} {:>7} {:>13} {:>7}",
+        "concurrency", "fleet/s", "raw/s", "ratio", "raw+history/s", "ratio"
+    );
+    let schemas: Vec<String> = (0..n).map(|i| format!("tenant_t{i:05}")).collect();
+    for (i, &c) in CONCURRENCY.iter().enumerate() {
+        let version = TemplateVersion::parse(5 + i as i64).unwrap();
+        let options = RunOptions {
+            target: Some(version),
+            concurrency: c,
+            canary: 0,
+            started_by: "bench".into(),
+            ..RunOptions::default()
+        };
+        // A checkpoint before each side, and the order rotating: the first
+        // writer to a page after a checkpoint pays for its full-page image in
+        // the WAL.
+        let mut times = [Duration::ZERO; 3];
+        for side in (0..3).map(|k| (k + i) % 3) {
+            boot.batch_execute("CHECKPOINT").await.unwrap();
+            times[side] = match side {
+                0 => {
+                    let t = Instant::now();
+                    let run = fleet::prepare(&target.config, templates.clone(), options.clone())
+                        .await
+                        .expect("prepare");
+                    let summary = run.execute(&Quiet).await.expect("run");
+                    assert_eq!(summary.succeeded, n, "{summary:?}");
+                    t.elapsed()
+                }
+                1 => raw_fan_out(&target, &schemas, &format!("raw_p{c}"), c, Raw::Minimal).await,
+                _ => {
+                    raw_fan_out(
+                        &target,
+                        &schemas,
+                        &format!("same_p{c}"),
+                        c,
+                        Raw::WithHistory(100 + version.get()),
+                    )
+                    .await
+                }
+            };
+        }
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        let (svc, raw, same) = (rate(times[0]), rate(times[1]), rate(times[2]));
+        println!(
+            "{c:<12} {svc:>9.0} {raw:>9.0} {:>6.2}x {same:>13.0} {:>6.2}x",
+            svc / raw,
+            svc / same
+        );
+    }
+
+    // The no-op run over a large fleet.
+    if noop_n > n {
+        let latest = templates.latest();
+        let t = Instant::now();
+        provision_many(&target, &installation, &templates, n..noop_n, 4).await;
+        println!();
+        println!(
+            "grew the fleet to {noop_n} tenants in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        boot.batch_execute("CHECKPOINT").await.unwrap();
+        let behind: i64 = boot
+            .query_one(
+                "SELECT count(*) FROM tenantry.tenants WHERE template_version < $1",
+                &[&latest.get()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(behind, 0);
+    }
+    let tenants: i64 = boot
+        .query_one("SELECT count(*) FROM tenantry.tenants", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut in_process = Vec::new();
+    let mut raw_query = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let run = fleet::prepare(&target.config, templates.clone(), RunOptions::default())
+            .await
+            .unwrap();
+        let summary = run.execute(&Quiet).await.unwrap();
+        in_process.push(t.elapsed());
+        assert_eq!(summary.planned, 0);
+        let t = Instant::now();
+        let client = target.connect().await.unwrap();
+        client
+            .query(
+                "SELECT user_id FROM tenantry.tenants WHERE template_version < $1",
+                &[&templates.latest().get()],
+            )
+            .await
+            .unwrap();
+        raw_query.push(t.elapsed());
+    }
+    println!();
+    println!("no-op run over {tenants} tenants (median of 5):");
+    println!(
+        "  in process (connect, run lock, template check, plan, record): {:.1} ms",
+        ms(median(&in_process))
+    );
+    println!(
+        "  raw: connect + the registry query alone:                      {:.1} ms",
+        ms(median(&raw_query))
+    );
+    if let Some(bin) = bin {
+        let url = format!(
+            "host={} port={} user=postgres dbname=bench",
+            running.socket_dir.display(),
+            running.port
+        );
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let out = std::process::Command::new(&bin)
+                .args(["fleet", "migrate"])
+                .env("DATABASE_URL", &url)
+                .env("TENANTRY_TEMPLATES_DIR", &tdir)
+                .output()
+                .expect("run tenantry");
+            times.push(t.elapsed());
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        println!(
+            "  `tenantry fleet migrate` end to end (process start, bootstrap check, run): {:.1} ms",
+            ms(median(&times))
+        );
+    }
+
+    drop(boot);
+    cluster.stop().unwrap();
+    if keep_log {
+        println!("statement log kept under {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Provision tenants `t<i>` for i in `range` on `sessions` pooled
+/// connections (bcrypt is not what is measured: a fixed hash).
+async fn provision_many(
+    target: &Target,
+    installation: &db::Installation,
+    templates: &TemplateSet,
+    range: std::ops::Range<usize>,
+    sessions: usize,
+) {
+    let pool = target.pool(sessions).unwrap();
+    let next = AtomicUsize::new(range.start);
+    let bar = ProgressBar::new(range.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap());
+    let workers = (0..sessions).map(|_| async {
+        let mut client = pool.get().await.unwrap();
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            if i >= range.end {
+                break;
+            }
+            let account = NewAccount {
+                username: Username::parse(&format!("t{i:05}")).unwrap(),
+                email: Email::parse(&format!("t{i:05}@example.com")).unwrap(),
+                password_hash: "$2b$04$bench.bench.bench.bench.bench.bench.bench.bench.be".into(),
+                role: "user",
+                refresh_token: None,
+            };
+            provision(&mut client, installation, templates, &account)
+                .await
+                .expect("provision");
+            bar.inc(1);
+        }
+    });
+    futures::future::join_all(workers).await;
+    bar.finish_and_clear();
+}
+
+/// What a raw tenant transaction does besides the template's DDL.
+#[derive(Clone, Copy)]
+enum Raw {
+    /// The registry's version row only: the raw limit.
+    Minimal,
+    /// Also a row in the tenant's own history table (at this version), as
+    /// Tenantry keeps one: the same bookkeeping, without the service.
+    WithHistory(i32),
+}
+
+/// `sessions` persistent connections, each taking the next tenant and
+/// sending its whole transaction as one multi-statement query.
+async fn raw_fan_out(
+    target: &Target,
+    schemas: &[String],
+    column: &str,
+    sessions: usize,
+    kind: Raw,
+) -> Duration {
+    let mut clients = Vec::new();
+    let setup = target.connect().await.unwrap();
+    // The raw side's registry: like tenantry.tenants, the version is indexed.
+    setup
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS public.raw_registry (
+                 schema_name text PRIMARY KEY, template_version int NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now());
+             CREATE INDEX IF NOT EXISTS raw_registry_version_idx ON public.raw_registry (template_version);
+             INSERT INTO public.raw_registry (schema_name, template_version)
+             SELECT schema_name, 4 FROM tenantry.tenants ON CONFLICT DO NOTHING;",
+        )
+        .await
+        .unwrap();
+    for _ in 0..sessions {
+        clients.push(target.connect().await.unwrap());
+    }
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    let work = clients.iter().map(|client| {
+        let next = &next;
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(schema) = schemas.get(i) else { break };
+                // Generated names, not input.
+                let history = match kind {
+                    Raw::Minimal => String::new(),
+                    Raw::WithHistory(v) => format!(
+                        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+                         VALUES ({v}, '{column}', now()::text, '0');"
+                    ),
+                };
+                let sql = format!(
+                    "BEGIN; SET LOCAL search_path TO {schema};\n{}{history}\
+                     UPDATE public.raw_registry SET template_version = template_version + 1, updated_at = now()\
+                     WHERE schema_name = '{schema}';\
+                     COMMIT;",
+                    version_sql(column)
+                );
+                client.batch_execute(&sql).await.expect("raw fan-out");
+            }
+        }
+    });
+    futures::future::join_all(work).await;
+    started.elapsed()
+}
+
+fn median(d: &[Duration]) -> Duration {
+    let mut v = d.to_vec();
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
