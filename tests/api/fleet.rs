@@ -498,7 +498,7 @@ async fn a_template_with_commit_is_refused_at_load() {
 
 #[tokio::test]
 async fn a_second_runner_is_refused_while_one_holds_the_run_lock() {
-    let fleet = fleet_at_v4(&["sam", "tia"], &slow_v5(0.5)).await;
+    let fleet = fleet_at_v4(&["sam", "tia"], &slow_v5(1.0)).await;
     // Forced: the test holds the run lock as another runner would.
     let holder = fleet.app.db().await;
     holder
@@ -677,7 +677,7 @@ async fn a_busy_tenant_times_out_alone_and_is_retried_by_the_next_run() {
 #[tokio::test]
 async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again() {
     let old = ["gil", "hua", "ivy", "jax"];
-    let fleet = fleet_at_v4(&old, &slow_v5(0.3)).await;
+    let fleet = fleet_at_v4(&old, &slow_v5(0.6)).await;
     // The service restarted with the new templates, serving signups.
     let mut settings = test_settings(&fleet.app.db_name);
     settings.templates_dir = Some(fleet.templates.clone());
@@ -697,6 +697,11 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
         assert_eq!(response.status(), 201);
         assert_eq!(json(response).await["template_version"], 5);
     }
+    let still_running = fleet
+        .app
+        .count("SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'")
+        .await;
+    assert_eq!(still_running, 1, "the signups happened during the run");
     let out = run.wait_with_output().await.unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("4 migrated"), "{}", stdout(&out));
