@@ -65,7 +65,7 @@ CREATE INDEX fleet_results_failed_idx ON tenantry.fleet_results (user_id, finish
 CREATE FUNCTION tenantry.fleet_claim(
     p_user_id uuid,
     p_from_version integer
-) RETURNS void LANGUAGE plpgsql AS $$
+) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     current_version integer;
 BEGIN
@@ -82,20 +82,24 @@ BEGIN
 END
 $$;
 
--- A tenant's history rows, in refinery's format, in the schema first on the
--- search path: the tenant's, which the applier has set (SET LOCAL) for the
--- rest of the transaction. Signup and the fleet both record history through
--- this one function. The table name is unqualified so that PL/pgSQL's cached
--- plan serves every tenant (it is re-planned when the search path changes).
+-- A tenant's history rows, in refinery's format, in its schema. Signup and
+-- the fleet both record history through this one function. The schema name
+-- arrives as a value and reaches the SQL only through format('%I'). A fixed
+-- search_path keeps the callers' cached plans valid from one tenant to the
+-- next (a search path change re-plans every cached statement).
 CREATE FUNCTION tenantry.record_history(
+    p_schema text,
     p_versions integer[],
     p_names text[],
     p_checksums text[]
-) RETURNS void LANGUAGE plpgsql AS $$
+) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
-    SELECT v, n, to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), c
-    FROM unnest(p_versions, p_names, p_checksums) AS h(v, n, c);
+    EXECUTE format(
+        'INSERT INTO %I.refinery_schema_history (version, name, applied_on, checksum)
+         SELECT v, n, to_char(now() AT TIME ZONE ''UTC'', ''YYYY-MM-DD"T"HH24:MI:SS.US"Z"''), c
+         FROM unnest($1, $2, $3) AS h(v, n, c)',
+        p_schema)
+    USING p_versions, p_names, p_checksums;
 END
 $$;
 
@@ -107,12 +111,13 @@ CREATE FUNCTION tenantry.fleet_finish(
     p_from_version integer,
     p_to_version integer,
     p_run_id bigint,
+    p_schema text,
     p_versions integer[],
     p_names text[],
     p_checksums text[]
-) RETURNS void LANGUAGE plpgsql AS $$
+) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM tenantry.record_history(p_versions, p_names, p_checksums);
+    PERFORM tenantry.record_history(p_schema, p_versions, p_names, p_checksums);
     WITH moved AS (
         UPDATE tenantry.tenants SET template_version = p_to_version, updated_at = now()
         WHERE user_id = p_user_id

@@ -14,13 +14,11 @@ use crate::tenancy::templates::Template;
 /// tenant's schema, in refinery's format.
 pub const HISTORY_TABLE: &str = "refinery_schema_history";
 
-/// Records the applied versions ($1 versions, $2 names, $3 checksums) in
-/// the history of the schema first on the search path: the tenant's, set by
-/// the application's first request for the rest of the transaction. The one
-/// place that writes history rows is `tenantry.record_history`
-/// (system_migrations/V6__fleet.sql); the fleet calls it from
-/// `tenantry.fleet_finish`.
-pub const RECORD_HISTORY: &str = "SELECT tenantry.record_history($1, $2, $3)";
+/// Records the applied versions ($2 versions, $3 names, $4 checksums) in the
+/// history of schema $1. The one place that writes history rows is
+/// `tenantry.record_history` (system_migrations/V6__fleet.sql); the fleet
+/// calls it from `tenantry.fleet_finish`.
+pub const RECORD_HISTORY: &str = "SELECT tenantry.record_history($1, $2, $3, $4)";
 
 /// What one pipelined request of an application was, to say what failed.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +32,7 @@ pub enum ApplyStep<'t> {
 /// Template versions to apply to one tenant, with the SQL that does it.
 pub struct TemplateApplication<'t> {
     templates: &'t [Template],
+    schema: String,
     /// One batch per template; see `new`.
     batches: Vec<String>,
     versions: Vec<i32>,
@@ -79,6 +78,7 @@ impl<'t> TemplateApplication<'t> {
         }
         TemplateApplication {
             templates,
+            schema: schema.as_str().to_owned(),
             batches,
             versions: templates.iter().map(|t| t.version().get()).collect(),
             names: templates.iter().map(|t| t.name().to_owned()).collect(),
@@ -109,9 +109,10 @@ impl<'t> TemplateApplication<'t> {
             .collect()
     }
 
-    /// `$1`, `$2`, `$3` of `RECORD_HISTORY`.
-    pub fn history_params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+    /// The parameters of `RECORD_HISTORY`: schema, versions, names, checksums.
+    pub fn history_params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
         [
+            (&self.schema, Type::TEXT),
             (&self.versions, Type::INT4_ARRAY),
             (&self.names, Type::TEXT_ARRAY),
             (&self.checksums, Type::TEXT_ARRAY),

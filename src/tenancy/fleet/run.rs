@@ -524,6 +524,7 @@ impl Worker {
                         Type::INT4,
                         Type::INT4,
                         Type::INT8,
+                        Type::TEXT,
                         Type::INT4_ARRAY,
                         Type::TEXT_ARRAY,
                         Type::TEXT_ARRAY,
@@ -648,7 +649,7 @@ const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2)";
 /// The tenant's history, its registry row and the run's result, written
 /// together by `tenantry.fleet_finish` in the tenant's own transaction, so
 /// all three exist exactly when the tenant moved.
-const FINISH: &str = "SELECT tenantry.fleet_finish($1, $2, $3, $4, $5, $6, $7)";
+const FINISH: &str = "SELECT tenantry.fleet_finish($1, $2, $3, $4, $5, $6, $7, $8)";
 
 #[derive(Clone, Copy)]
 enum Step<'t> {
@@ -673,12 +674,13 @@ async fn one_transaction(
     let application = TemplateApplication::new(&tenant.schema, &tenant.role, pending);
     let target = ctx.target.get();
     let claim_params: [&(dyn ToSql + Sync); 2] = [&tenant.user_id, &tenant.from_version];
-    let [versions, names, checksums] = application.history_params().map(|(p, _)| p);
-    let finish_params: [&(dyn ToSql + Sync); 7] = [
+    let [schema, versions, names, checksums] = application.history_params().map(|(p, _)| p);
+    let finish_params: [&(dyn ToSql + Sync); 8] = [
         &tenant.user_id,
         &tenant.from_version,
         &target,
         &ctx.run_id,
+        schema,
         versions,
         names,
         checksums,
