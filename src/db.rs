@@ -261,13 +261,30 @@ async fn bootstrap_locked(
             .batch_execute(&format!("CREATE ROLE {} NOLOGIN", group.quoted()))
             .await?;
     }
-    client
-        .batch_execute(&format!(
-            "GRANT USAGE ON SCHEMA reference TO {g};
-             GRANT SELECT ON ALL TABLES IN SCHEMA reference TO {g};",
-            g = group.quoted()
-        ))
-        .await?;
+    // Granted when the group is new or a system migration ran (which may
+    // have added reference tables), not on every start: a GRANT waits behind
+    // concurrent signups (they hold a lock on the group role until they
+    // commit), and checking every table's privileges costs a scan of
+    // pg_class, which grows with every tenant.
+    let usage: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a
+                            WHERE n.nspname = 'reference' AND a.grantee = $1::text::regrole
+                              AND a.privilege_type = 'USAGE')",
+            &[&group.as_str()],
+        )
+        .await?
+        .get(0);
+    let granted = has_group && applied.is_empty() && usage;
+    if !granted {
+        client
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA reference TO {g};
+                 GRANT SELECT ON ALL TABLES IN SCHEMA reference TO {g};",
+                g = group.quoted()
+            ))
+            .await?;
+    }
     Ok((installation, applied))
 }
 
