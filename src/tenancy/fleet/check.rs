@@ -217,7 +217,8 @@ async fn history_drift(client: &Client) -> Result<Vec<Drift>, tokio_postgres::Er
 
 /// Remove the repairable orphans, each in a transaction of its own that
 /// checks again, under a lock timeout, that no registry row names it.
-/// Returns what was removed.
+/// Returns what was removed; one that cannot be removed (a role that owns
+/// objects in another database, a busy schema) is logged and left.
 pub async fn repair_drift(
     client: &mut Client,
     installation: &Installation,
@@ -226,69 +227,85 @@ pub async fn repair_drift(
     let prefix = format!("tnt_{}_", installation.id.as_str());
     let mut repaired = Vec::new();
     for d in drift.iter().filter(|d| d.kind.repairable()) {
-        let tx = client.transaction().await?;
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
-        let removed = match d.kind {
-            DriftKind::OrphanSchema => {
-                // Only a name a tenant could have had; quoted either way.
-                let named: bool = tx
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE schema_name = $1)",
-                        &[&d.name],
-                    )
-                    .await?
-                    .get(0);
-                if named || !d.name.starts_with("tenant_") {
-                    false
-                } else {
-                    tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote_ident(&d.name)))
-                        .await?;
-                    true
-                }
+        match repair_one(client, &prefix, d).await {
+            Ok(true) => {
+                tracing::info!(kind = ?d.kind, name = %d.name, "drift repaired");
+                repaired.push(d.clone());
             }
-            DriftKind::OrphanRole => {
-                let named: bool = tx
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE role_name = $1)",
-                        &[&d.name],
-                    )
-                    .await?
-                    .get(0);
-                match RoleName::parse(&d.name) {
-                    Ok(role) if !named && role.as_str().starts_with(&prefix) => {
-                        tx.batch_execute(&format!(
-                            "DROP OWNED BY {r}; DROP ROLE {r}",
-                            r = role.quoted()
-                        ))
-                        .await?;
-                        true
-                    }
-                    _ => false,
-                }
+            Ok(false) => {}
+            Err(e) if e.as_db_error().is_some() => {
+                tracing::warn!(kind = ?d.kind, name = %d.name, error = %e, "cannot repair");
             }
-            DriftKind::UserWithoutTenant => {
-                tx.query_one(
-                    "WITH gone AS (
-                         DELETE FROM tenantry.users u WHERE u.username = $1 AND u.role = 'user'
-                           AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.user_id = u.id)
-                         RETURNING u.id
-                     ), results AS (
-                         DELETE FROM tenantry.fleet_results r USING gone WHERE r.user_id = gone.id
-                     )
-                     SELECT count(*) FROM gone",
-                    &[&d.name],
-                )
-                .await?
-                .get::<_, i64>(0)
-                    == 1
-            }
-            _ => false,
-        };
-        tx.commit().await?;
-        if removed {
-            tracing::info!(kind = ?d.kind, name = %d.name, "drift repaired");
-            repaired.push(d.clone());
+            Err(e) => return Err(e),
         }
     }
     Ok(repaired)
+}
+
+/// Remove one orphan; `false` when it turned out not to be one.
+async fn repair_one(
+    client: &mut Client,
+    prefix: &str,
+    d: &Drift,
+) -> Result<bool, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'").await?;
+    let removed = match d.kind {
+        DriftKind::OrphanSchema => {
+            // Only a name a tenant could have had; quoted either way.
+            let named: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE schema_name = $1)",
+                    &[&d.name],
+                )
+                .await?
+                .get(0);
+            if named || !d.name.starts_with("tenant_") {
+                false
+            } else {
+                tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote_ident(&d.name)))
+                    .await?;
+                true
+            }
+        }
+        DriftKind::OrphanRole => {
+            let named: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE role_name = $1)",
+                    &[&d.name],
+                )
+                .await?
+                .get(0);
+            match RoleName::parse(&d.name) {
+                Ok(role) if !named && role.as_str().starts_with(prefix) => {
+                    tx.batch_execute(&format!(
+                        "DROP OWNED BY {r}; DROP ROLE {r}",
+                        r = role.quoted()
+                    ))
+                    .await?;
+                    true
+                }
+                _ => false,
+            }
+        }
+        DriftKind::UserWithoutTenant => {
+            tx.query_one(
+                "WITH gone AS (
+                     DELETE FROM tenantry.users u WHERE u.username = $1 AND u.role = 'user'
+                       AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.user_id = u.id)
+                     RETURNING u.id
+                 ), results AS (
+                     DELETE FROM tenantry.fleet_results r USING gone WHERE r.user_id = gone.id
+                 )
+                 SELECT count(*) FROM gone",
+                &[&d.name],
+            )
+            .await?
+            .get::<_, i64>(0)
+                == 1
+        }
+        _ => false,
+    };
+    tx.commit().await?;
+    Ok(removed)
 }

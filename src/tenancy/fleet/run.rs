@@ -718,7 +718,9 @@ async fn one_transaction(
     else {
         return Ok(());
     };
-    if error.is_closed() || (error.as_db_error().is_none() && client.is_closed()) {
+    // The connection is gone (a network error, the backend terminated):
+    // whether the COMMIT made it is for the registry to say.
+    if error.is_closed() || client.is_closed() {
         return Err(Failure::Lost(error));
     }
     let code = error.code().map(SqlState::code);
