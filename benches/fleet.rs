@@ -22,9 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
+mod common;
+
+use common::{bench_db, BenchDb};
 use tenantry::db::{self, Target};
 use tenantry::domain::{Email, TemplateVersion, Username};
-use tenantry::embedded::Cluster;
 use tenantry::provisioning::{provision, NewAccount};
 use tenantry::templates::TemplateSet;
 use tenantry::tenancy::fleet::{self, Progress, RunOptions};
@@ -51,10 +53,6 @@ async fn main() {
     let noop_n: usize = args.get(1).map_or(10_000, |a| a.parse().expect("NOOP_N"));
     let bin = args.get(2).cloned();
 
-    let dir = std::env::temp_dir().join(format!("tenantry-bench-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
-    let cluster = Cluster::open(&dir).expect("open cluster");
     // TENANTRY_BENCH_LOG=1 logs every statement's duration and keeps the
     // cluster's directory, to see where the time goes.
     let keep_log = std::env::var("TENANTRY_BENCH_LOG").is_ok_and(|v| v == "1");
@@ -62,17 +60,14 @@ async fn main() {
     if keep_log {
         settings.push(("log_min_duration_statement", "0"));
     }
-    let running = cluster.ensure_running(&settings).expect("start cluster");
-    let admin = db::connect(&cluster.pg_config(&running, "postgres"))
-        .await
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
-    let target = Target {
-        config: cluster.pg_config(&running, "bench"),
-        embedded: None,
-    };
-    let mut boot = target.connect().await.unwrap();
-    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    let BenchDb {
+        dir,
+        cluster,
+        running,
+        target,
+        boot,
+        installation,
+    } = bench_db("bench-fleet", &settings).await;
     let v4 = TemplateSet::builtin().unwrap();
 
     // The admin's templates: the built-in V1–V4 plus one version per

@@ -13,9 +13,10 @@
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tenantry::db::{self, Target};
+mod common;
+
+use common::{bench_db, BenchDb};
 use tenantry::domain::{Email, Password, Username};
-use tenantry::embedded::Cluster;
 use tenantry::provisioning::{provision, NewAccount};
 use tenantry::templates::TemplateSet;
 
@@ -31,22 +32,13 @@ async fn main() {
         .and_then(|c| c.parse().ok())
         .unwrap_or(12);
 
-    // A private cluster with default settings (durable, as in production).
-    let dir = std::env::temp_dir().join(format!("tenantry-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
-    let cluster = Cluster::open(&dir).expect("open cluster");
-    let running = cluster.ensure_running(&[]).expect("start cluster");
-    let admin = db::connect(&cluster.pg_config(&running, "postgres"))
-        .await
-        .unwrap();
-    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
-    let target = Target {
-        config: cluster.pg_config(&running, "bench"),
-        embedded: None,
-    };
-    let mut boot = target.connect().await.unwrap();
-    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    let BenchDb {
+        dir,
+        cluster,
+        target,
+        installation,
+        ..
+    } = bench_db("bench", &[]).await;
     let templates = TemplateSet::builtin().unwrap();
     let pool = target.pool(1).unwrap();
     let mut service = pool.get().await.unwrap();

@@ -126,17 +126,23 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
                 println!("                {reason}");
             }
             for f in r.failures.iter().take(20) {
-                println!(
-                    "  failed {}  V{} → V{}  {}",
-                    f.username,
+                print_failure(
+                    &f.username,
                     f.from_version,
                     f.to_version,
-                    f.error.as_deref().unwrap_or("")
+                    f.error.as_deref(),
                 );
             }
         }
     }
     Ok(())
+}
+
+fn print_failure(username: &str, from: i32, to: i32, error: Option<&str>) {
+    println!(
+        "  failed {username}  V{from} → V{to}  {}",
+        error.unwrap_or("")
+    );
 }
 
 fn options(args: &MigrateArgs) -> Result<RunOptions, Failure> {
@@ -256,12 +262,11 @@ async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
         println!("{reason}");
     }
     for f in &summary.failures {
-        println!(
-            "  failed {}  V{} → V{}  {}",
-            f.username,
+        print_failure(
+            &f.username,
             f.from_version,
             f.to_version,
-            f.error.as_deref().unwrap_or("")
+            f.error.as_deref(),
         );
     }
     if summary.failed > 0 || summary.not_started > 0 {

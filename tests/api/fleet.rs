@@ -840,6 +840,30 @@ async fn staff_token(app: &TestApp, name: &str, extra: &[&str]) -> String {
         .to_owned()
 }
 
+/// Follow `GET /admin/fleet/migrations/{run_id}` until the run is over.
+async fn finished_run(service: &TestApp, token: &str, run_id: i64) -> Value {
+    for _ in 0..200 {
+        let report = json(
+            service
+                .api
+                .get(format!(
+                    "{}/admin/fleet/migrations/{run_id}",
+                    service.address
+                ))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if report["status"] != "running" {
+            return report;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("run {run_id} did not finish");
+}
+
 #[tokio::test]
 async fn admins_run_and_follow_a_migration_over_http() {
     let fleet = fleet_at_v4(&["ray", "sue", "tom"], V5_RATING).await;
@@ -934,19 +958,7 @@ async fn admins_run_and_follow_a_migration_over_http() {
     let started = json(started).await;
     assert_eq!(started["planned"], 3);
     let run_id = started["run_id"].as_i64().unwrap();
-    let mut report = Value::Null;
-    for _ in 0..200 {
-        report = json(
-            get(&format!("/admin/fleet/migrations/{run_id}"), Some(&admin))
-                .await
-                .unwrap(),
-        )
-        .await;
-        if report["status"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let report = finished_run(&service, &admin, run_id).await;
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["succeeded"], 3);
     assert_eq!(report["started_by"], "admin:root_ops");
@@ -987,26 +999,7 @@ async fn a_failed_tenant_shows_in_the_run_report_over_http() {
         .unwrap();
     assert_eq!(started.status(), 202);
     let run_id = json(started).await["run_id"].as_i64().unwrap();
-    let mut report = Value::Null;
-    for _ in 0..200 {
-        report = json(
-            service
-                .api
-                .get(format!(
-                    "{}/admin/fleet/migrations/{run_id}",
-                    service.address
-                ))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        if report["status"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let report = finished_run(&service, &admin, run_id).await;
     assert_eq!(report["status"], "failed", "{report}");
     assert_eq!(report["failed"], 1);
     assert_eq!(report["failures"][0]["username"], "val");

@@ -1,0 +1,48 @@
+//! What the benchmarks share: a private cluster (default settings, durable,
+//! as in production) with a bootstrapped `bench` database.
+
+// Each benchmark uses a part of it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use tenantry::db::{self, Installation, Target};
+use tenantry::embedded::{Cluster, Running};
+
+pub struct BenchDb {
+    pub dir: PathBuf,
+    pub cluster: Cluster,
+    pub running: Running,
+    pub target: Target,
+    /// The connection that ran the bootstrap.
+    pub boot: tokio_postgres::Client,
+    pub installation: Installation,
+}
+
+/// Start a cluster under a fresh temp dir named after `name` and the
+/// process, with `settings`, create and bootstrap the `bench` database.
+pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
+    let dir = std::env::temp_dir().join(format!("tenantry-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    let cluster = Cluster::open(&dir).expect("open cluster");
+    let running = cluster.ensure_running(settings).expect("start cluster");
+    let admin = db::connect(&cluster.pg_config(&running, "postgres"))
+        .await
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
+    let target = Target {
+        config: cluster.pg_config(&running, "bench"),
+        embedded: None,
+    };
+    let mut boot = target.connect().await.unwrap();
+    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    BenchDb {
+        dir,
+        cluster,
+        running,
+        target,
+        boot,
+        installation,
+    }
+}
