@@ -12,7 +12,8 @@
 //!    parallel sessions, one transaction (one multi-statement query) per
 //!    tenant; and raw again with a history row per tenant as well (the
 //!    bookkeeping Tenantry keeps in each tenant's schema). Each side adds a
-//!    column of its own, so all do the same amount of new work.
+//!    column of its own, so all do the same amount of new work; each runs
+//!    three times in rotating order and the median is reported.
 //! 3. Grows the fleet to NOOP_N tenants (default 10,000) and times a no-op
 //!    run: in process, and as the real binary BIN (`tenantry fleet migrate`,
 //!    process start and connect included), next to the raw registry query.
@@ -32,6 +33,10 @@ use tenantry::templates::TemplateSet;
 use tenantry::tenancy::fleet::{self, Progress, RunOptions};
 
 const CONCURRENCY: [usize; 3] = [1, 2, 4];
+
+/// Each side runs this many times per concurrency, in rotating order; the
+/// median is reported (these machines are noisy).
+const ROUNDS: usize = 3;
 
 fn version_sql(column: &str) -> String {
     format!(
@@ -78,11 +83,16 @@ async fn main() {
         std::fs::write(tdir.join(t.file_name()), t.sql()).unwrap();
     }
     for (i, c) in CONCURRENCY.iter().enumerate() {
-        std::fs::write(
-            tdir.join(format!("V{}__rating_p{c}.sql", 5 + i)),
-            version_sql(&format!("rating_p{c}")),
-        )
-        .unwrap();
+        for round in 0..ROUNDS {
+            std::fs::write(
+                tdir.join(format!(
+                    "V{}__rating_p{c}_{round}.sql",
+                    5 + i * ROUNDS + round
+                )),
+                version_sql(&format!("rating_p{c}_{round}")),
+            )
+            .unwrap();
+        }
     }
     let templates = Arc::new(TemplateSet::from_dir(&tdir).unwrap());
 
@@ -113,43 +123,48 @@ async fn main() {
     );
     let schemas: Vec<String> = (0..n).map(|i| format!("tenant_t{i:05}")).collect();
     for (i, &c) in CONCURRENCY.iter().enumerate() {
-        let version = TemplateVersion::parse(5 + i as i64).unwrap();
-        let options = RunOptions {
-            target: Some(version),
-            concurrency: c,
-            canary: 0,
-            started_by: "bench".into(),
-            ..RunOptions::default()
-        };
         // A checkpoint before each side, and the order rotating: the first
         // writer to a page after a checkpoint pays for its full-page image in
         // the WAL.
-        let mut times = [Duration::ZERO; 3];
-        for side in (0..3).map(|k| (k + i) % 3) {
-            boot.batch_execute("CHECKPOINT").await.unwrap();
-            times[side] = match side {
-                0 => {
-                    let t = Instant::now();
-                    let run = fleet::prepare(&target.config, templates.clone(), options.clone())
-                        .await
-                        .expect("prepare");
-                    let summary = run.execute(&Quiet).await.expect("run");
-                    assert_eq!(summary.succeeded, n, "{summary:?}");
-                    t.elapsed()
-                }
-                1 => raw_fan_out(&target, &schemas, &format!("raw_p{c}"), c, Raw::Minimal).await,
-                _ => {
-                    raw_fan_out(
-                        &target,
-                        &schemas,
-                        &format!("same_p{c}"),
-                        c,
-                        Raw::WithHistory(100 + version.get()),
-                    )
-                    .await
-                }
+        let mut rounds: [Vec<Duration>; 3] = Default::default();
+        for round in 0..ROUNDS {
+            let version = TemplateVersion::parse((5 + i * ROUNDS + round) as i64).unwrap();
+            let options = RunOptions {
+                target: Some(version),
+                concurrency: c,
+                canary: 0,
+                started_by: "bench".into(),
+                ..RunOptions::default()
             };
+            for side in (0..3).map(|k| (k + i + round) % 3) {
+                boot.batch_execute("CHECKPOINT").await.unwrap();
+                let column = |prefix: &str| format!("{prefix}_p{c}_{round}");
+                rounds[side].push(match side {
+                    0 => {
+                        let t = Instant::now();
+                        let run =
+                            fleet::prepare(&target.config, templates.clone(), options.clone())
+                                .await
+                                .expect("prepare");
+                        let summary = run.execute(&Quiet).await.expect("run");
+                        assert_eq!(summary.succeeded, n, "{summary:?}");
+                        t.elapsed()
+                    }
+                    1 => raw_fan_out(&target, &schemas, &column("raw"), c, Raw::Minimal).await,
+                    _ => {
+                        raw_fan_out(
+                            &target,
+                            &schemas,
+                            &column("same"),
+                            c,
+                            Raw::WithHistory(1000 + version.get()),
+                        )
+                        .await
+                    }
+                });
+            }
         }
+        let times = rounds.map(|r| median(&r));
         let rate = |d: Duration| n as f64 / d.as_secs_f64();
         let (svc, raw, same) = (rate(times[0]), rate(times[1]), rate(times[2]));
         println!(

@@ -49,38 +49,14 @@ CREATE TABLE tenantry.fleet_results (
     to_version    integer NOT NULL,
     status        text NOT NULL CHECK (status IN ('succeeded', 'failed', 'skipped')),
     error         text,
-    duration_ms   double precision NOT NULL,
+    -- Filled in by the runner once the tenant committed (NULL if it died first).
+    duration_ms   double precision,
     finished_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (run_id, user_id)
 );
 -- `fleet status` counts the pending tenants whose latest attempt failed.
 CREATE INDEX fleet_results_failed_idx ON tenantry.fleet_results (user_id, finished_at)
     WHERE status = 'failed';
-
--- The first statement of every tenant's migration transaction (after the
--- per-tenant timeouts): a transaction-scoped advisory lock on the tenant (so
--- no two runners, nor a runner and an erasure, work on one tenant at once),
--- then a check, under that lock, that the tenant is still at the version the
--- plan was made for. SQLSTATE TY001: moved on already; TY002: gone.
-CREATE FUNCTION tenantry.fleet_claim(
-    p_user_id uuid,
-    p_from_version integer
-) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    current_version integer;
-BEGIN
-    PERFORM pg_advisory_xact_lock(1953395828, hashtext(p_user_id::text)); -- 'tnt' + id
-    SELECT template_version INTO current_version
-    FROM tenantry.tenants WHERE user_id = p_user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'the tenant no longer exists' USING ERRCODE = 'TY002';
-    END IF;
-    IF current_version <> p_from_version THEN
-        RAISE EXCEPTION 'the tenant is at version % already, not %', current_version, p_from_version
-            USING ERRCODE = 'TY001';
-    END IF;
-END
-$$;
 
 -- A tenant's history rows, in refinery's format, in its schema. Signup and
 -- the fleet both record history through this one function. The schema name
@@ -103,10 +79,16 @@ BEGIN
 END
 $$;
 
--- The last statement of a tenant's migration transaction: its history, its
--- registry row and the run's result for it, together, so all three exist
--- exactly when the tenant moved.
-CREATE FUNCTION tenantry.fleet_finish(
+-- The first statement of every tenant's migration transaction, after the
+-- per-tenant timeouts. A transaction-scoped advisory lock on the tenant (so
+-- no two runners, nor a runner and an erasure, work on one tenant at once);
+-- under it, a check that the tenant is still at the version the plan was
+-- made for (SQLSTATE TY001: moved on already; TY002: gone); then the
+-- tenant's history, its registry row and the run's result for it. They are
+-- written before the templates run, in the same transaction, so all of it
+-- commits or rolls back with the templates: everything exists exactly when
+-- the tenant moved. The runner fills in the durations after the run.
+CREATE FUNCTION tenantry.fleet_claim(
     p_user_id uuid,
     p_from_version integer,
     p_to_version integer,
@@ -116,17 +98,24 @@ CREATE FUNCTION tenantry.fleet_finish(
     p_names text[],
     p_checksums text[]
 ) RETURNS void LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current_version integer;
+    current_username text;
 BEGIN
+    PERFORM pg_advisory_xact_lock(1953395828, hashtext(p_user_id::text)); -- 'tnt' + id
+    SELECT template_version, username INTO current_version, current_username
+    FROM tenantry.tenants WHERE user_id = p_user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the tenant no longer exists' USING ERRCODE = 'TY002';
+    END IF;
+    IF current_version <> p_from_version THEN
+        RAISE EXCEPTION 'the tenant is at version % already, not %', current_version, p_from_version
+            USING ERRCODE = 'TY001';
+    END IF;
     PERFORM tenantry.record_history(p_schema, p_versions, p_names, p_checksums);
-    WITH moved AS (
-        UPDATE tenantry.tenants SET template_version = p_to_version, updated_at = now()
-        WHERE user_id = p_user_id
-        RETURNING user_id, username
-    )
-    INSERT INTO tenantry.fleet_results
-        (run_id, user_id, username, from_version, to_version, status, duration_ms)
-    SELECT p_run_id, user_id, username, p_from_version, p_to_version, 'succeeded',
-           (1000 * extract(epoch FROM clock_timestamp() - now()))::float8
-    FROM moved;
+    UPDATE tenantry.tenants SET template_version = p_to_version, updated_at = now()
+    WHERE user_id = p_user_id;
+    INSERT INTO tenantry.fleet_results (run_id, user_id, username, from_version, to_version, status)
+    VALUES (p_run_id, p_user_id, current_username, p_from_version, p_to_version, 'succeeded');
 END
 $$;

@@ -109,6 +109,16 @@ impl<'t> TemplateApplication<'t> {
             .collect()
     }
 
+    /// Append `sql` to the last request (after `RESET ROLE`): the fleet ends
+    /// its transaction there, saving a message per tenant.
+    pub fn end_with(mut self, sql: &str) -> TemplateApplication<'t> {
+        if let Some(last) = self.batches.last_mut() {
+            last.push_str(";\n");
+            last.push_str(sql);
+        }
+        self
+    }
+
     /// The parameters of `RECORD_HISTORY`: schema, versions, names, checksums.
     pub fn history_params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
         [

@@ -49,6 +49,8 @@ impl Plan {
 /// One tenant's result, as reported to `Progress` and in the summary.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TenantResult {
+    #[serde(skip)]
+    pub user_id: Uuid,
     pub username: String,
     pub from_version: i32,
     pub to_version: i32,
@@ -371,6 +373,17 @@ impl PreparedRun {
             failures: state.failures,
         };
         let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+        // Each success's result row was written in its tenant's transaction;
+        // its duration is only known now.
+        let (ids, ms): (Vec<Uuid>, Vec<f64>) = state.durations.into_iter().unzip();
+        self.control
+            .execute(
+                "UPDATE tenantry.fleet_results r SET duration_ms = d.ms
+                 FROM unnest($2::uuid[], $3::float8[]) AS d(id, ms)
+                 WHERE r.run_id = $1 AND r.user_id = d.id",
+                &[&self.run_id, &ids, &ms],
+            )
+            .await?;
         self.control
             .execute(
                 "UPDATE tenantry.fleet_runs SET status = $2, reason = $3, succeeded = $4,
@@ -423,6 +436,8 @@ struct Tally {
 
 #[derive(Default)]
 struct TallyState {
+    /// Who succeeded and how long it took (written to the results at the end).
+    durations: Vec<(Uuid, f64)>,
     succeeded: usize,
     failed: usize,
     skipped: usize,
@@ -447,7 +462,11 @@ impl Tally {
     fn record(&self, result: &TenantResult) {
         let mut s = self.lock();
         match result.outcome {
-            Outcome::Succeeded => s.succeeded += 1,
+            Outcome::Succeeded => {
+                s.succeeded += 1;
+                s.durations
+                    .push((result.user_id, result.duration.as_secs_f64() * 1000.0));
+            }
             Outcome::Skipped => s.skipped += 1,
             Outcome::Failed => {
                 s.failed += 1;
@@ -499,7 +518,6 @@ struct Worker {
 struct Connection {
     client: Client,
     claim: Statement,
-    finish: Statement,
 }
 
 impl Worker {
@@ -514,11 +532,8 @@ impl Worker {
         {
             let client = db::connect(config).await?;
             let claim = client
-                .prepare_typed(CLAIM, &[Type::UUID, Type::INT4])
-                .await?;
-            let finish = client
                 .prepare_typed(
-                    FINISH,
+                    CLAIM,
                     &[
                         Type::UUID,
                         Type::INT4,
@@ -531,11 +546,7 @@ impl Worker {
                     ],
                 )
                 .await?;
-            self.connection = Some(Connection {
-                client,
-                claim,
-                finish,
-            });
+            self.connection = Some(Connection { client, claim });
         }
         Ok(self.connection.as_ref().expect("just connected"))
     }
@@ -616,6 +627,7 @@ async fn migrate_tenant(
         }
     };
     let result = TenantResult {
+        user_id: tenant.user_id,
         username: tenant.username.clone(),
         from_version: tenant.from_version,
         to_version: ctx.target.get(),
@@ -642,28 +654,23 @@ enum Failure {
     Lost(tokio_postgres::Error),
 }
 
-/// Lock the tenant and check its version: see `tenantry.fleet_claim` in
-/// system_migrations/V6__fleet.sql.
-const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2)";
-
-/// The tenant's history, its registry row and the run's result, written
-/// together by `tenantry.fleet_finish` in the tenant's own transaction, so
-/// all three exist exactly when the tenant moved.
-const FINISH: &str = "SELECT tenantry.fleet_finish($1, $2, $3, $4, $5, $6, $7, $8)";
+/// Lock the tenant, check its version, write its history, registry row and
+/// result: see `tenantry.fleet_claim` in system_migrations/V6__fleet.sql.
+const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2, $3, $4, $5, $6, $7, $8)";
 
 #[derive(Clone, Copy)]
 enum Step<'t> {
     Begin,
     Claim,
     Apply(ApplyStep<'t>),
-    Finish,
-    Commit,
 }
 
-/// The tenant's one transaction, as one pipeline (one round trip). A
-/// failing request aborts the transaction, every later one fails with it,
-/// and the final COMMIT then ends it as a ROLLBACK: the connection is clean
-/// for the next tenant either way.
+/// The tenant's one transaction, as one pipeline (one round trip) of three
+/// messages for one pending version: `BEGIN` with the timeouts, the claim
+/// (lock, check, history, registry, result), and the template with
+/// `RESET ROLE; COMMIT` at its end. A failing request aborts the
+/// transaction, every later one fails with it, and a `ROLLBACK` (one more
+/// round trip, on failure only) ends it.
 async fn one_transaction(
     connection: &Connection,
     tenant: &PlannedTenant,
@@ -671,11 +678,11 @@ async fn one_transaction(
 ) -> Result<(), Failure> {
     let client = &connection.client;
     let pending = ctx.templates.between(tenant.from_version, ctx.target);
-    let application = TemplateApplication::new(&tenant.schema, &tenant.role, pending);
+    let application =
+        TemplateApplication::new(&tenant.schema, &tenant.role, pending).end_with("COMMIT");
     let target = ctx.target.get();
-    let claim_params: [&(dyn ToSql + Sync); 2] = [&tenant.user_id, &tenant.from_version];
     let [schema, versions, names, checksums] = application.history_params().map(|(p, _)| p);
-    let finish_params: [&(dyn ToSql + Sync); 8] = [
+    let claim_params: [&(dyn ToSql + Sync); 8] = [
         &tenant.user_id,
         &tenant.from_version,
         &target,
@@ -700,15 +707,6 @@ async fn one_transaction(
         steps.push(Step::Apply(step));
         requests.push(request);
     }
-    steps.push(Step::Finish);
-    requests.push(Box::pin(async {
-        client
-            .execute(&connection.finish, &finish_params)
-            .await
-            .map(drop)
-    }));
-    steps.push(Step::Commit);
-    requests.push(Box::pin(client.batch_execute("COMMIT")));
 
     let replies = db::pipeline(requests).await;
     let Some((step, error)) = steps
@@ -722,6 +720,11 @@ async fn one_transaction(
     // whether the COMMIT made it is for the registry to say.
     if error.is_closed() || client.is_closed() {
         return Err(Failure::Lost(error));
+    }
+    // The failing batch never reached its COMMIT: end the aborted
+    // transaction, so the connection is clean for the next tenant.
+    if let Err(e) = client.batch_execute("ROLLBACK").await {
+        return Err(Failure::Lost(e));
     }
     let code = error.code().map(SqlState::code);
     Err(match (step, code) {
