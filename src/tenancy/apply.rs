@@ -17,7 +17,7 @@ pub const HISTORY_TABLE: &str = "refinery_schema_history";
 /// Records the applied versions ($2 versions, $3 names, $4 checksums) in the
 /// history of schema $1. The one place that writes history rows is
 /// `tenantry.record_history` (system_migrations/V6__fleet.sql); the fleet
-/// calls it from `tenantry.fleet_finish`.
+/// calls it from `tenantry.fleet_claim`.
 pub const RECORD_HISTORY: &str = "SELECT tenantry.record_history($1, $2, $3, $4)";
 
 /// What one pipelined request of an application was, to say what failed.
