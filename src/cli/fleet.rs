@@ -454,7 +454,8 @@ async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failu
 /// Verify and record the template set: what `serve` and `tenants create`
 /// do before they provision anything.
 pub async fn verify_templates(ctx: &Context) -> Result<(), Failure> {
-    let client = ctx.target.connect().await?;
-    integrity::verify_and_record(&client, &ctx.templates).await?;
+    // On the context's pool: the command goes on with the same connection.
+    let client = ctx.pool.get().await?;
+    integrity::verify_and_record(&**client, &ctx.templates).await?;
     Ok(())
 }

@@ -42,6 +42,30 @@ async fn fleet_at_v4(users: &[&str], v5: &str) -> Fleet {
 }
 
 impl Fleet {
+    /// The service's settings on this database with the V5 templates.
+    fn settings(&self) -> tenantry::configuration::Settings {
+        let mut settings = test_settings(&self.app.db_name);
+        settings.templates_dir = Some(self.templates.clone());
+        settings
+    }
+
+    /// The service restarted with the V5 templates.
+    async fn service(&self) -> TestApp {
+        spawn_app_on(self.settings(), self.app.db_name.clone()).await
+    }
+
+    /// Give `user` a `rating` column already, so V5 cannot apply to them.
+    async fn poison(&self, user: &str) {
+        self.app
+            .db()
+            .await
+            .batch_execute(&format!(
+                "ALTER TABLE tenant_{user}.experiences ADD COLUMN rating text"
+            ))
+            .await
+            .unwrap();
+    }
+
     async fn fleet(&self, args: &[&str]) -> Output {
         let mut all = vec!["fleet"];
         all.extend_from_slice(args);
@@ -217,13 +241,7 @@ async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_n
 async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
     let fleet = fleet_at_v4(&["ann", "bob", "cid", "dot"], V5_RATING).await;
     // bob already has a column of that name: V5 cannot apply to him.
-    fleet
-        .app
-        .db()
-        .await
-        .batch_execute("ALTER TABLE tenant_bob.experiences ADD COLUMN rating text")
-        .await
-        .unwrap();
+    fleet.poison("bob").await;
 
     let out = fleet.fleet(&["migrate", "--canary", "0"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -274,13 +292,7 @@ async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
 async fn a_failing_canary_stops_the_run_before_the_rest_are_touched() {
     // Tenants go in username order: aaron is the canary.
     let fleet = fleet_at_v4(&["aaron", "beth", "carl"], V5_RATING).await;
-    fleet
-        .app
-        .db()
-        .await
-        .batch_execute("ALTER TABLE tenant_aaron.experiences ADD COLUMN rating text")
-        .await
-        .unwrap();
+    fleet.poison("aaron").await;
     let out = fleet.fleet(&["migrate", "--canary", "1"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("a canary failed"), "{}", stdout(&out));
@@ -296,13 +308,8 @@ async fn a_failing_canary_stops_the_run_before_the_rest_are_touched() {
 #[tokio::test]
 async fn max_failures_stops_starting_tenants() {
     let fleet = fleet_at_v4(&["fay", "gus", "hal", "ida"], V5_RATING).await;
-    let db = fleet.app.db().await;
     for user in ["fay", "gus"] {
-        db.batch_execute(&format!(
-            "ALTER TABLE tenant_{user}.experiences ADD COLUMN rating text"
-        ))
-        .await
-        .unwrap();
+        fleet.poison(user).await;
     }
     let out = fleet
         .fleet(&[
@@ -414,9 +421,7 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
         "{}",
         stderr(&out)
     );
-    let mut settings = test_settings(&fleet.app.db_name);
-    settings.templates_dir = Some(fleet.templates.clone());
-    let refused = tenantry::startup::Application::build(settings)
+    let refused = tenantry::startup::Application::build(fleet.settings())
         .await
         .err()
         .expect("serve refuses changed templates");
@@ -679,9 +684,7 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
     let old = ["gil", "hua", "ivy", "jax"];
     let fleet = fleet_at_v4(&old, &slow_v5(0.6)).await;
     // The service restarted with the new templates, serving signups.
-    let mut settings = test_settings(&fleet.app.db_name);
-    settings.templates_dir = Some(fleet.templates.clone());
-    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    let service = fleet.service().await;
 
     let run = fleet
         .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
@@ -719,8 +722,7 @@ async fn requests_keep_working_while_tenants_are_on_different_versions() {
         .await
         .status
         .success());
-    let mut settings = test_settings(&fleet.app.db_name);
-    settings.templates_dir = Some(fleet.templates.clone());
+    let mut settings = fleet.settings();
     settings.pool_size = 1; // every request on the same connection
     let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
     for _ in 0..3 {
@@ -867,9 +869,7 @@ async fn finished_run(service: &TestApp, token: &str, run_id: i64) -> Value {
 #[tokio::test]
 async fn admins_run_and_follow_a_migration_over_http() {
     let fleet = fleet_at_v4(&["ray", "sue", "tom"], V5_RATING).await;
-    let mut settings = test_settings(&fleet.app.db_name);
-    settings.templates_dir = Some(fleet.templates.clone());
-    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    let service = fleet.service().await;
     let admin = staff_token(&service, "root_ops", &[]).await;
     let auditor = staff_token(&service, "audrey", &["--auditor"]).await;
     let user_login = service
@@ -978,16 +978,8 @@ async fn admins_run_and_follow_a_migration_over_http() {
 #[tokio::test]
 async fn a_failed_tenant_shows_in_the_run_report_over_http() {
     let fleet = fleet_at_v4(&["uli", "val"], V5_RATING).await;
-    fleet
-        .app
-        .db()
-        .await
-        .batch_execute("ALTER TABLE tenant_val.experiences ADD COLUMN rating text")
-        .await
-        .unwrap();
-    let mut settings = test_settings(&fleet.app.db_name);
-    settings.templates_dir = Some(fleet.templates.clone());
-    let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
+    fleet.poison("val").await;
+    let service = fleet.service().await;
     let admin = staff_token(&service, "ops_lead", &[]).await;
     let started = service
         .api
