@@ -157,7 +157,7 @@ impl fmt::Display for SchemaName {
 }
 
 /// A database role name managed by Tenantry: `tnt_<installation>_<username>`
-/// for a tenant, `tnt_<installation>_tenants` for the group every tenant role
+/// for a tenant, `tnt_<installation>__tenants` for the group every tenant role
 /// belongs to. The installation id keeps several Tenantry databases in one
 /// cluster (roles are cluster-wide) from colliding.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -191,8 +191,11 @@ impl InstallationId {
         RoleName(format!("tnt_{}_{}", self.0, username.as_str()))
     }
 
+    /// `tnt_<id>__tenants`: the double underscore keeps it apart from every
+    /// tenant role (usernames never contain `__`), also from the role of a
+    /// user named `tenants`.
     pub fn group_role(&self) -> RoleName {
-        RoleName(format!("tnt_{}_tenants", self.0))
+        RoleName(format!("tnt_{}__tenants", self.0))
     }
 }
 
@@ -383,6 +386,24 @@ mod tests {
         assert_eq!(inst.tenant_role(&u).as_str(), "tnt_ab12cd34_carol");
         assert_eq!(SchemaName::parse("tenant_carol").unwrap(), u.schema());
         assert!(SchemaName::parse("tenant_pg_x").is_err());
+    }
+
+    #[test]
+    fn no_username_maps_to_the_group_role_or_another_installation() {
+        let inst = InstallationId::parse("ab12cd34").unwrap();
+        let other = InstallationId::parse("ab12cd35").unwrap();
+        for name in ["tenants", "tenants_", "_tenants", "ab12cd35_bob", "bob"] {
+            let Ok(u) = Username::parse(name) else {
+                continue;
+            };
+            let role = inst.tenant_role(&u);
+            assert_ne!(role, inst.group_role(), "{name}");
+            assert_ne!(role, other.group_role(), "{name}");
+            assert_ne!(role, other.tenant_role(&Username::parse("bob").unwrap()));
+            // Every tenant role reads back as one; the group never does.
+            assert_eq!(RoleName::parse(role.as_str()).unwrap(), role);
+        }
+        assert!(RoleName::parse(inst.group_role().as_str()).is_err());
     }
 
     #[test]

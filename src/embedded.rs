@@ -20,8 +20,14 @@ use std::time::{Duration, Instant};
 
 /// Name of the database Tenantry uses inside the embedded cluster.
 pub const DATABASE_NAME: &str = "tenantry";
-/// The cluster's bootstrap superuser.
+/// The cluster's bootstrap superuser: used only to create the service role
+/// and its database (and to adopt a database made by an older version).
 pub const SUPERUSER: &str = "postgres";
+/// The role `serve` and the CLI connect as: LOGIN, CREATEROLE, owner of the
+/// `tenantry` database and schemas, not a superuser. Not `tenantry`: with the
+/// default `search_path` (`"$user", public`) that name would make the
+/// control-plane schema resolve unqualified.
+pub const SERVICE_ROLE: &str = "tenantry_service";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -179,12 +185,18 @@ impl Cluster {
         // A free loopback port can be taken between our probe and the
         // server's bind; try a few.
         let mut last = None;
-        for _ in 0..5 {
-            let port = free_port()?;
+        for attempt in 0..5 {
+            // The port of the last start when it is still free, so that
+            // clients holding the old address find the server again.
+            let port = match self.last_port().filter(|_| attempt == 0) {
+                Some(port) if port_is_free(port) => port,
+                _ => free_port()?,
+            };
             match self.start(port, settings) {
                 Ok(()) => {
                     let mut running = self.wait_ready()?;
                     running.started_here = true;
+                    let _ = fs::write(self.data_dir().join("port"), running.port.to_string());
                     tracing::info!(port = running.port, socket = %running.socket_dir.display(), "embedded PostgreSQL started");
                     return Ok(running);
                 }
@@ -197,6 +209,14 @@ impl Cluster {
             }
         }
         Err(last.expect("at least one attempt"))
+    }
+
+    fn last_port(&self) -> Option<u16> {
+        fs::read_to_string(self.data_dir().join("port"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The running server, if any. A `postmaster.pid` left behind by a crash
@@ -266,22 +286,37 @@ impl Cluster {
         Ok(true)
     }
 
-    /// Connection settings for the running server, over its Unix socket.
+    /// Superuser connection settings for the running server, over its Unix
+    /// socket.
     pub fn pg_config(&self, running: &Running, dbname: &str) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(&running.socket_dir)
-            .port(running.port)
-            .user(SUPERUSER)
-            .dbname(dbname)
-            .application_name("tenantry");
-        config
+        self.pg_config_as(running, dbname, SUPERUSER)
     }
 
-    /// A connection string `psql` accepts.
+    /// Connection settings for `user`, over the Unix socket.
+    pub fn pg_config_as(
+        &self,
+        running: &Running,
+        dbname: &str,
+        user: &str,
+    ) -> tokio_postgres::Config {
+        socket_config(&running.socket_dir, running.port, dbname, user)
+    }
+
+    /// Connection settings for `user` to wherever the server listens now,
+    /// read from its pid file (a restarted cluster may have another port):
+    /// `None` while it is down. Cheap, and without side effects.
+    pub fn current_config(&self, dbname: &str, user: &str) -> Option<tokio_postgres::Config> {
+        let text = fs::read_to_string(self.pgdata().join("postmaster.pid")).ok()?;
+        let mut lines = text.lines().skip(3);
+        let port = lines.next()?.trim().parse().ok()?;
+        let socket_dir = PathBuf::from(lines.next()?.trim());
+        Some(socket_config(&socket_dir, port, dbname, user))
+    }
+
+    /// A connection string `psql` accepts, as the service role.
     pub fn url(&self, running: &Running, dbname: &str) -> String {
         format!(
-            "postgresql://{SUPERUSER}@/{dbname}?host={}&port={}",
+            "postgresql://{SERVICE_ROLE}@/{dbname}?host={}&port={}",
             percent_encode(&running.socket_dir.to_string_lossy()),
             running.port
         )
@@ -536,6 +571,21 @@ fn is_postgres_process(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|c| c.trim().starts_with("postgres") || c.trim().starts_with("postmaster"))
         .unwrap_or(false)
+}
+
+fn socket_config(socket_dir: &Path, port: u16, dbname: &str, user: &str) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host_path(socket_dir)
+        .port(port)
+        .user(user)
+        .dbname(dbname)
+        .application_name("tenantry");
+    config
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 fn free_port() -> Result<u16, ClusterError> {

@@ -128,6 +128,7 @@ pub async fn provision(
             ]
         });
     let prelude_sql = prelude(installation, &schema, &role);
+    let join_sql = join_group(installation, &role);
     let application = TemplateApplication::new(&schema, &role, templates.all());
 
     let mut steps: Vec<Step> = Vec::new();
@@ -155,6 +156,8 @@ pub async fn provision(
         steps.push(Step::Apply(step));
         requests.push(request);
     }
+    steps.push(Step::Other);
+    requests.push(Box::pin(tx.batch_execute(&join_sql)));
 
     // The first failure aborts the transaction and every later request
     // fails with it; report the first. A concurrent signup for the same name
@@ -172,6 +175,9 @@ pub async fn provision(
         })?;
     }
     tx.commit().await?;
+    // The templates ran on this connection as the tenant: whatever session
+    // state they may have left goes before it serves anyone else.
+    client.batch_execute(db::SESSION_RESET).await?;
 
     tracing::info!(schema = %schema, version = version.get(), "tenant provisioned");
     Ok(Provisioned {
@@ -183,7 +189,10 @@ pub async fn provision(
     })
 }
 
-/// The tenant's role and its empty schema with its history table.
+/// The tenant's role and its empty schema with its history table. The
+/// schema and the history belong to the service (a schema's owner may drop
+/// anything in it, the history included); the tenant role gets USAGE and
+/// CREATE on the schema and owns the tables the templates create.
 /// Identifiers are validated names, always quoted; no value is interpolated.
 fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
     let membership = if installation.superuser {
@@ -193,17 +202,29 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
         format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
     };
     format!(
-        "CREATE ROLE {r} NOLOGIN IN ROLE {g};
+        "CREATE ROLE {r} NOLOGIN;
          {membership}
-         CREATE SCHEMA {s} AUTHORIZATION {r};
+         CREATE SCHEMA {s};
+         GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
          CREATE TABLE {s}.{HISTORY_TABLE} (
              version int4 PRIMARY KEY,
              name varchar(255),
              applied_on varchar(255),
              checksum varchar(255));",
         r = role.quoted(),
-        g = installation.group_role().quoted(),
         s = schema.quoted(),
+    )
+}
+
+/// The signup transaction's last statement. Granting membership in the
+/// group locks the group role until commit (also `CREATE ROLE … IN ROLE`
+/// does on PostgreSQL ≥ 16): last, so concurrent signups queue on it only
+/// for the time of their commit, not their DDL.
+fn join_group(installation: &Installation, role: &RoleName) -> String {
+    format!(
+        "GRANT {g} TO {r}",
+        g = installation.group_role().quoted(),
+        r = role.quoted()
     )
 }
 

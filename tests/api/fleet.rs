@@ -756,11 +756,19 @@ async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
     let fleet = fleet_at_v4(&["ozzy", "pia", "quy"], V5_RATING).await;
     let prefix = fleet.app.role_prefix().await;
     let db = fleet.app.db().await;
+    // Orphans as a crashed or hand-run tenantry would leave them: made by
+    // the service role.
+    let service = connect_as_service(&fleet.app.db_name).await;
+    service
+        .batch_execute(&format!(
+            "CREATE SCHEMA tenant_ghost;
+             CREATE TABLE tenant_ghost.t (id int);
+             CREATE ROLE \"{prefix}ghost\" NOLOGIN;"
+        ))
+        .await
+        .unwrap();
     db.batch_execute(&format!(
-        "CREATE SCHEMA tenant_ghost;
-         CREATE TABLE tenant_ghost.t (id int);
-         CREATE ROLE \"{prefix}ghost\" NOLOGIN;
-         INSERT INTO tenantry.users (username, email, password_hash) VALUES ('lonely', 'lonely@example.com', 'x');
+        "INSERT INTO tenantry.users (username, email, password_hash) VALUES ('lonely', 'lonely@example.com', 'x');
          DROP SCHEMA tenant_pia CASCADE;
          DELETE FROM tenant_quy.refinery_schema_history WHERE version = 4;"
     ))

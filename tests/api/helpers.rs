@@ -82,11 +82,26 @@ pub fn spawn_reaper(dir: &Path) {
         .expect("spawn reaper");
 }
 
-/// A superuser connection string for a database of the test cluster.
+/// A superuser connection string for a database of the test cluster (the
+/// tests' own view, for arranging and asserting).
 pub fn db_url(db_name: &str) -> String {
+    url_as(db_name, "postgres")
+}
+
+/// What the service connects as in tests: the database's owner, a
+/// non-superuser role with LOGIN and CREATEROLE (the documented setup).
+pub fn service_url(db_name: &str) -> String {
+    url_as(db_name, &service_role(db_name))
+}
+
+pub fn service_role(db_name: &str) -> String {
+    format!("{db_name}_svc")
+}
+
+fn url_as(db_name: &str, user: &str) -> String {
     let c = &*CLUSTER;
     format!(
-        "host={} port={} user=postgres dbname={db_name}",
+        "host={} port={} user={user} dbname={db_name}",
         c.running.socket_dir.display(),
         c.running.port
     )
@@ -97,12 +112,23 @@ pub async fn connect(db_name: &str) -> tokio_postgres::Client {
     tenantry::db::connect(&config).await.expect("connect")
 }
 
-/// A new, empty database.
+/// A connection as the test database's service role.
+pub async fn connect_as_service(db_name: &str) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = service_url(db_name).parse().unwrap();
+    tenantry::db::connect(&config).await.expect("connect")
+}
+
+/// A new, empty database, owned by its own non-superuser service role.
 pub async fn create_database() -> String {
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
     let admin = connect("postgres").await;
+    let svc = service_role(&name);
     admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .batch_execute(&format!("CREATE ROLE {svc} LOGIN CREATEROLE"))
+        .await
+        .expect("create service role");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name} OWNER {svc}"))
         .await
         .expect("create database");
     name
@@ -116,7 +142,7 @@ pub struct TestApp {
 
 pub fn test_settings(db_name: &str) -> Settings {
     Settings {
-        database: DatabaseTarget::Url(SecretString::new(db_url(db_name))),
+        database: DatabaseTarget::Url(SecretString::new(service_url(db_name))),
         data_dir: std::env::temp_dir(),
         bind: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(SecretString::new(JWT_SECRET.into())),
@@ -212,7 +238,7 @@ impl TestApp {
         self.db()
             .await
             .query_one(
-                "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1) AND rolname <> $1 || 'tenants'",
+                "SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1) AND rolname <> $1 || '_tenants'",
                 &[&prefix],
             )
             .await
@@ -262,7 +288,7 @@ pub async fn tenantry(
 /// The environment for the CLI against a test database.
 pub fn cli_env(db_name: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("DATABASE_URL", db_url(db_name)),
+        ("DATABASE_URL", service_url(db_name)),
         ("JWT_SECRET", JWT_SECRET.to_string()),
     ]
 }

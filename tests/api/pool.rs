@@ -22,7 +22,7 @@ async fn a_connection_is_replaced_after_its_maximum_number_of_uses() {
         max_uses: 3,
         max_age: Duration::from_secs(3600),
     };
-    let pool = pool(db_url(&db).parse().unwrap(), 1, limits).unwrap();
+    let pool = pool(service_url(&db).parse().unwrap(), 1, limits).unwrap();
     let first = backend_pid(&pool).await;
     assert_eq!(backend_pid(&pool).await, first);
     assert_eq!(backend_pid(&pool).await, first);
@@ -38,7 +38,7 @@ async fn a_connection_is_replaced_after_its_maximum_age() {
         max_uses: 1000,
         max_age: Duration::from_millis(200),
     };
-    let pool = pool(db_url(&db).parse().unwrap(), 1, limits).unwrap();
+    let pool = pool(service_url(&db).parse().unwrap(), 1, limits).unwrap();
     let first = backend_pid(&pool).await;
     assert_eq!(backend_pid(&pool).await, first);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -96,7 +96,7 @@ async fn assert_clean(pool: &deadpool_postgres::Pool, backend: Option<i32>) -> i
     let client = pool.get().await.unwrap();
     let row = client
         .query_one(
-            "SELECT pg_backend_pid(), current_user::text, current_setting('search_path')",
+            "SELECT pg_backend_pid(), current_user::text, session_user::text, current_setting('search_path')",
             &[],
         )
         .await
@@ -105,8 +105,12 @@ async fn assert_clean(pool: &deadpool_postgres::Pool, backend: Option<i32>) -> i
     if let Some(expected) = backend {
         assert_eq!(pid, expected, "the pool kept its one connection");
     }
-    assert_eq!(row.get::<_, String>(1), "postgres");
-    assert_eq!(row.get::<_, String>(2), "\"$user\", public");
+    assert_eq!(
+        row.get::<_, String>(1),
+        row.get::<_, String>(2),
+        "back to the service's own role"
+    );
+    assert_eq!(row.get::<_, String>(3), "\"$user\", public");
     // SAVEPOINT only works inside a transaction block.
     let err = client.batch_execute("SAVEPOINT probe").await.unwrap_err();
     assert_eq!(

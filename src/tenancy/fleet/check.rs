@@ -278,8 +278,11 @@ async fn repair_one(
                 .get(0);
             match RoleName::parse(&d.name) {
                 Ok(role) if !named && role.as_str().starts_with(prefix) => {
+                    // DROP OWNED needs the role's privileges: a role left
+                    // without the service's membership gets it first.
                     tx.batch_execute(&format!(
-                        "DROP OWNED BY {r}; DROP ROLE {r}",
+                        "SET LOCAL client_min_messages TO warning;
+                         GRANT {r} TO CURRENT_USER; DROP OWNED BY {r}; DROP ROLE {r}",
                         r = role.quoted()
                     ))
                     .await?;

@@ -1,0 +1,143 @@
+//! Reaching the database: the embedded cluster or `DATABASE_URL` ([`Target`]),
+//! the pool ([`pool`]), the bootstrap that brings the control plane
+//! (`tenantry`) and the shared reference data (`reference`) up to date
+//! ([`bootstrap`]), and request pipelining ([`pipeline`]).
+
+mod bootstrap;
+mod pool;
+
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::NoTls;
+
+use crate::configuration::{DatabaseTarget, Settings};
+use crate::embedded::{self, Cluster, ClusterError, Running};
+
+pub use bootstrap::{bootstrap, Installation};
+pub use pool::{pool, pool_with, ConnectionLimits, PortSource, SESSION_RESET};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("system migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+    #[error("cannot create the connection pool: {0}")]
+    Pool(String),
+    #[error("the control plane is inconsistent: {0}")]
+    Corrupt(String),
+    #[error("the embedded cluster task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Where we connect, and the embedded cluster if we use one.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub embedded: Option<(Cluster, Running)>,
+}
+
+impl Target {
+    /// Resolve the settings to a connection config, starting (or reusing)
+    /// the embedded cluster when there is no `DATABASE_URL`.
+    pub async fn resolve(settings: &Settings) -> Result<Target, DbError> {
+        match &settings.database {
+            DatabaseTarget::Url(url) => Ok(Target {
+                config: url.expose().parse().map_err(DbError::Connect)?,
+                embedded: None,
+            }),
+            DatabaseTarget::Embedded => {
+                let data_dir = settings.data_dir.clone();
+                let (cluster, running) = tokio::task::spawn_blocking(move || {
+                    let cluster = Cluster::open(&data_dir)?;
+                    let running = cluster.ensure_running(&[])?;
+                    Ok::<_, ClusterError>((cluster, running))
+                })
+                .await??;
+                bootstrap::prepare_embedded(&cluster, &running).await?;
+                Ok(Target {
+                    config: cluster.pg_config_as(
+                        &running,
+                        embedded::DATABASE_NAME,
+                        embedded::SERVICE_ROLE,
+                    ),
+                    embedded: Some((cluster, running)),
+                })
+            }
+        }
+    }
+
+    /// One connection outside the pool (bootstrap, CLI, benchmarks).
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        connect(&self.config).await
+    }
+
+    /// The request pool. On the embedded cluster it follows the server to
+    /// the port it listens on now, so a `db stop` / `db start` while
+    /// `serve` runs heals by itself.
+    pub fn pool(&self, size: usize) -> Result<Pool, DbError> {
+        let ports = match &self.embedded {
+            Some((cluster, _)) => PortSource::Cluster(cluster.clone()),
+            None => PortSource::Fixed,
+        };
+        pool_with(
+            self.config.clone(),
+            size,
+            ConnectionLimits::default(),
+            ports,
+        )
+    }
+}
+
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Send every request before reading any reply, and return the replies in
+/// order. tokio-postgres writes a request to the connection when its future
+/// is first polled, so polling each future once, in order, puts them all on
+/// the wire in that order; PostgreSQL answers in the same order. Inside a
+/// transaction this costs one round trip instead of one per request.
+pub async fn pipeline<T>(mut requests: Vec<BoxFuture<'_, T>>) -> Vec<T> {
+    let mut early = Vec::with_capacity(requests.len());
+    for request in &mut requests {
+        early.push(match futures::poll!(request.as_mut()) {
+            Poll::Ready(reply) => Some(reply),
+            Poll::Pending => None,
+        });
+    }
+    let mut replies = Vec::with_capacity(requests.len());
+    for (request, reply) in requests.into_iter().zip(early) {
+        replies.push(match reply {
+            Some(reply) => reply,
+            None => request.await,
+        });
+    }
+    replies
+}
+
+/// Is the database reachable? Used by `/health`.
+pub async fn ping(pool: &Pool) -> bool {
+    let check = async {
+        let client = pool.get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), check).await,
+        Ok(Some(_))
+    )
+}

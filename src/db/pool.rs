@@ -1,0 +1,141 @@
+//! The request pool: how connections are made, how long they live, and what
+//! a connection that ran tenant SQL must shed before it is used again.
+
+use std::time::Duration;
+
+use deadpool_postgres::{
+    Connect, Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
+};
+use futures::future::BoxFuture;
+use tokio_postgres::NoTls;
+
+use crate::db::DbError;
+use crate::embedded::{self, Cluster};
+
+/// Every piece of session state that SQL running on a connection can leave
+/// behind: cursors, `SET` (also `SET ROLE` / `SET SESSION AUTHORIZATION`,
+/// which `RESET ALL` skips), `LISTEN`, session advisory locks, temp tables
+/// and cached sequence values. deadpool's `Clean`, sent by us in the same
+/// message as `COMMIT` (no extra round trip) instead of on every checkout.
+/// Prepared statements are kept: the only ones on a pooled connection are
+/// the statement cache's (templates may not `PREPARE`, see `tenancy::lint`).
+pub const SESSION_RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
+     UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
+
+/// How long a pooled connection lives. A backend keeps every relation it has
+/// touched in its caches for good (~35 KB per tenant provisioned, measured by
+/// `scripts/bench-provision`; ~23 KB per table read, BASELINES.md), so a
+/// connection that wanders over thousands of tenants would grow without
+/// bound: it is replaced after `max_uses` checkouts (which bounds the
+/// distinct tenants it can have touched) or `max_age`, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_uses: usize,
+    pub max_age: Duration,
+}
+
+impl Default for ConnectionLimits {
+    /// 500 checkouts: at most 500 tenants' relations cached per backend
+    /// (a request touches a table and an index or two: ~25–70 MB at worst,
+    /// ~5 MB for the quick summary); reconnecting costs ~3 ms, under
+    /// 10 µs per request when spread over its uses.
+    fn default() -> Self {
+        ConnectionLimits {
+            max_uses: 500,
+            max_age: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// Where new connections go.
+#[derive(Debug, Clone)]
+pub enum PortSource {
+    /// The configured address, always.
+    Fixed,
+    /// The embedded cluster's address as it is now: after a `db stop` /
+    /// `db start` it may listen on another port (and so another socket
+    /// file), which a fixed config would never find.
+    Cluster(Cluster),
+}
+
+struct Connector {
+    ports: PortSource,
+}
+
+impl Connect for Connector {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> BoxFuture<
+        '_,
+        Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let config = match &self.ports {
+            PortSource::Cluster(cluster) => {
+                let user = pg_config.get_user().unwrap_or(embedded::SERVICE_ROLE);
+                let dbname = pg_config.get_dbname().unwrap_or(embedded::DATABASE_NAME);
+                // While the server is down, the old address fails fast.
+                cluster
+                    .current_config(dbname, user)
+                    .unwrap_or_else(|| pg_config.clone())
+            }
+            PortSource::Fixed => pg_config.clone(),
+        };
+        Box::pin(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "pooled connection closed");
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
+/// A pool on a fixed address.
+pub fn pool(
+    config: tokio_postgres::Config,
+    size: usize,
+    limits: ConnectionLimits,
+) -> Result<Pool, DbError> {
+    pool_with(config, size, limits, PortSource::Fixed)
+}
+
+/// The service's pool. `Fast` recycling (is the socket open?) is enough
+/// because nothing session-level stays on a connection that goes back:
+/// routing is transaction-local (`routing::TenantTx`), and every path that
+/// runs tenant SQL ends with [`SESSION_RESET`]; a connection whose
+/// transaction did not end cleanly is discarded, never returned.
+/// Requests fail fast while the database is down: connecting is bounded
+/// by `create_timeout`, waiting for a free connection by `wait_timeout`.
+pub fn pool_with(
+    config: tokio_postgres::Config,
+    size: usize,
+    limits: ConnectionLimits,
+    ports: PortSource,
+) -> Result<Pool, DbError> {
+    let manager = Manager::from_connect(
+        config,
+        Connector { ports },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(3)))
+        .recycle_timeout(Some(Duration::from_secs(3)))
+        .pre_recycle(Hook::sync_fn(move |_, metrics| {
+            if metrics.recycle_count + 1 >= limits.max_uses || metrics.age() >= limits.max_age {
+                // Discarded; the pool opens a fresh connection instead.
+                Err(HookError::message("connection retired"))
+            } else {
+                Ok(())
+            }
+        }))
+        .build()
+        .map_err(|e| DbError::Pool(e.to_string()))
+}
