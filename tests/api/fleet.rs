@@ -767,11 +767,11 @@ async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
         ))
         .await
         .unwrap();
-    db.batch_execute(&format!(
+    db.batch_execute(
         "INSERT INTO tenantry.users (username, email, password_hash) VALUES ('lonely', 'lonely@example.com', 'x');
          DROP SCHEMA tenant_pia CASCADE;
-         DELETE FROM tenant_quy.refinery_schema_history WHERE version = 4;"
-    ))
+         DELETE FROM tenant_quy.refinery_schema_history WHERE version = 4;",
+    )
     .await
     .unwrap();
 
