@@ -8,6 +8,7 @@ pub mod configuration;
 pub mod db;
 pub mod domain;
 pub mod embedded;
+pub mod routing;
 pub mod startup;
 pub mod tenancy;
 pub mod tenants;

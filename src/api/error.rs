@@ -9,7 +9,9 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::domain::ValidationError;
 use crate::provisioning::ProvisionError;
+use crate::routing::RoutingError;
 use crate::tenancy::fleet::FleetError;
+use tokio_postgres::error::SqlState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -73,6 +75,9 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
+        if matches!(self, ApiError::Unavailable) {
+            response.insert_header(("Retry-After", "5"));
+        }
         response.json(error_body(&self.code(), &self.to_string()))
     }
 }
@@ -109,7 +114,43 @@ impl From<tokio_postgres::Error> for ApiError {
             tracing::error!(error = %cause_chain(&e), "database unavailable");
             return ApiError::Unavailable;
         }
+        // The tenant's own constraints are the last fence behind the
+        // handlers' validation: what they refuse is bad input, not a fault.
+        if let Some(db) = e.as_db_error() {
+            let code = db.code();
+            if *code == SqlState::CHECK_VIOLATION
+                || *code == SqlState::NOT_NULL_VIOLATION
+                || *code == SqlState::STRING_DATA_RIGHT_TRUNCATION
+                || *code == SqlState::NUMERIC_VALUE_OUT_OF_RANGE
+                || *code == SqlState::DATETIME_FIELD_OVERFLOW
+                || *code == SqlState::INVALID_TEXT_REPRESENTATION
+            {
+                return ApiError::BadRequest {
+                    code: "invalid_input",
+                    message: db.message().to_owned(),
+                };
+            }
+            if *code == SqlState::UNIQUE_VIOLATION {
+                return ApiError::Conflict {
+                    code: "conflict",
+                    message: "a record with that name already exists".into(),
+                };
+            }
+            if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CANNOT_CONNECT_NOW {
+                return ApiError::Unavailable;
+            }
+        }
         ApiError::internal(e)
+    }
+}
+
+impl From<RoutingError> for ApiError {
+    fn from(e: RoutingError) -> Self {
+        match e {
+            RoutingError::NoTenant => ApiError::Unauthorized,
+            RoutingError::Pool(e) => e.into(),
+            RoutingError::Postgres(e) => e.into(),
+        }
     }
 }
 

@@ -2,10 +2,16 @@
 
 mod admin;
 mod auth;
+mod conversations;
 pub mod error;
+mod experiences;
 mod extract;
 mod health;
 mod me;
+mod paging;
+mod reference;
+mod skills;
+mod summaries;
 
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -27,6 +33,38 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/auth/register").route(web::post().to(auth::register)))
         .service(resource("/api/auth/login").route(web::post().to(auth::login)))
         .service(resource("/api/me").route(web::get().to(me::me)))
+        .service(
+            resource("/api/experiences")
+                .route(web::get().to(experiences::list))
+                .route(web::post().to(experiences::create)),
+        )
+        .service(
+            resource("/api/experiences/{id}")
+                .route(web::get().to(experiences::get))
+                .route(web::patch().to(experiences::update))
+                .route(web::delete().to(experiences::delete)),
+        )
+        .service(
+            resource("/api/conversations")
+                .route(web::get().to(conversations::list))
+                .route(web::post().to(conversations::create)),
+        )
+        .service(
+            resource("/api/conversations/{id}/messages")
+                .route(web::get().to(conversations::messages))
+                .route(web::post().to(conversations::post_message)),
+        )
+        .service(
+            resource("/api/summaries/{kind}")
+                .route(web::get().to(summaries::get))
+                .route(web::put().to(summaries::put)),
+        )
+        .service(
+            resource("/api/skills")
+                .route(web::get().to(skills::list))
+                .route(web::post().to(skills::record)),
+        )
+        .service(resource("/api/reference/{table}").route(web::get().to(reference::list)))
         .service(resource("/admin/fleet").route(web::get().to(admin::fleet_status)))
         .service(resource("/admin/fleet/migrations").route(web::post().to(admin::start_migration)))
         .service(

@@ -18,7 +18,7 @@ use crate::configuration::{DatabaseTarget, Settings};
 use crate::embedded::{self, Cluster, ClusterError, Running};
 
 pub use bootstrap::{bootstrap, Installation};
-pub use pool::{pool, pool_with, ConnectionLimits, PortSource, SESSION_RESET};
+pub use pool::{pool, pool_with, ConnectionLimits, PortSource, COMMIT_AND_RESET, SESSION_RESET};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

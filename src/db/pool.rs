@@ -12,6 +12,13 @@ use tokio_postgres::NoTls;
 use crate::db::DbError;
 use crate::embedded::{self, Cluster};
 
+macro_rules! session_reset {
+    () => {
+        "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+         SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;"
+    };
+}
+
 /// Every piece of session state that SQL running on a connection can leave
 /// behind: cursors, `SET` (also `SET ROLE` / `SET SESSION AUTHORIZATION`,
 /// which `RESET ALL` skips), `LISTEN`, session advisory locks, temp tables
@@ -19,8 +26,11 @@ use crate::embedded::{self, Cluster};
 /// message as `COMMIT` (no extra round trip) instead of on every checkout.
 /// Prepared statements are kept: the only ones on a pooled connection are
 /// the statement cache's (templates may not `PREPARE`, see `tenancy::lint`).
-pub const SESSION_RESET: &str = "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; \
-     UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;";
+pub const SESSION_RESET: &str = session_reset!();
+
+/// The end of a routed transaction: commit, then [`SESSION_RESET`], in one
+/// message. A commit that fails (an aborted transaction) still ends it.
+pub const COMMIT_AND_RESET: &str = concat!("COMMIT; ", session_reset!());
 
 /// How long a pooled connection lives. A backend keeps every relation it has
 /// touched in its caches for good (~35 KB per tenant provisioned, measured by

@@ -214,6 +214,28 @@ impl TestApp {
         .await
     }
 
+    /// Register `username` and return its access token.
+    pub async fn token(&self, username: &str) -> String {
+        let response = self.register(username).await;
+        assert_eq!(response.status(), 201, "register {username}");
+        json(response).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A request with `token` as the bearer.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
+        self.api
+            .request(method, format!("{}{path}", self.address))
+            .bearer_auth(token)
+    }
+
     /// How many tenant schemas exist in this database.
     pub async fn schema_count(&self) -> i64 {
         self.count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%'")

@@ -1,0 +1,273 @@
+//! `/api/conversations` and their messages.
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+
+use crate::api::experiences::wire_name;
+use crate::api::paging::{cursor_part, make_cursor, object, opt_text, text, ListQuery, Page};
+use crate::api::{ApiError, AuthenticatedUser};
+use crate::routing::{Access, TenantTx};
+use crate::startup::AppState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topic {
+    CareerPlanning,
+    InterviewPrep,
+    Resume,
+    Skills,
+    General,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Author {
+    #[default]
+    User,
+    Assistant,
+    System,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| ApiError::internal(std::io::Error::other(format!("unknown value {s:?}"))))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Conversation {
+    pub id: i64,
+    pub title: String,
+    pub topic: Option<Topic>,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const CONVERSATION: &str = "id, title, topic, status, created_at, updated_at";
+
+impl Conversation {
+    fn from_row(row: &Row) -> Result<Conversation, ApiError> {
+        let topic: Option<String> = row.get("topic");
+        Ok(Conversation {
+            id: row.get("id"),
+            title: row.get("title"),
+            topic: topic.as_deref().map(parse).transpose()?,
+            status: row.get("status"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewConversation {
+    pub title: Option<String>,
+    pub topic: Option<Topic>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub author: Author,
+    pub content: String,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+const MESSAGE: &str = "id, conversation_id, author, content, metadata, created_at";
+
+impl Message {
+    fn from_row(row: &Row) -> Result<Message, ApiError> {
+        Ok(Message {
+            id: row.get("id"),
+            conversation_id: row.get("conversation_id"),
+            author: parse(row.get("author"))?,
+            content: row.get("content"),
+            metadata: row.get("metadata"),
+            created_at: row.get("created_at"),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewMessage {
+    #[serde(default)]
+    pub author: Author,
+    pub content: String,
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+fn no_conversation() -> ApiError {
+    ApiError::NotFound("no such conversation".into())
+}
+
+/// `GET /api/conversations`: most recently active first.
+#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+pub async fn list(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit()?;
+    if query.search()?.is_some() {
+        return Err(crate::api::paging::invalid(
+            "q",
+            "conversations are not searchable",
+        ));
+    }
+    let (at, id): (Option<DateTime<Utc>>, Option<i64>) = match query.cursor("c", 2)? {
+        Some(parts) => (Some(cursor_part(&parts[0])?), Some(cursor_part(&parts[1])?)),
+        None => (None, None),
+    };
+    let sql = format!(
+        "SELECT {CONVERSATION} FROM conversations
+         WHERE $1::timestamptz IS NULL OR (updated_at, id) < ($1::timestamptz, $2::int8)
+         ORDER BY updated_at DESC, id DESC LIMIT $3"
+    );
+    let rows = TenantTx::once(
+        &state.pool,
+        user.0.sub,
+        Access::ReadOnly,
+        &sql,
+        &[&at, &id, &(limit + 1)],
+    )
+    .await?;
+    let items = rows
+        .iter()
+        .map(Conversation::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let page = Page::from_rows(items, limit, |c| {
+        make_cursor(
+            "c",
+            &[
+                c.updated_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                c.id.to_string(),
+            ],
+        )
+    });
+    Ok(HttpResponse::Ok().json(page))
+}
+
+/// `POST /api/conversations` → 201.
+#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+pub async fn create(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    body: web::Json<NewConversation>,
+) -> Result<HttpResponse, ApiError> {
+    let input = body.into_inner();
+    opt_text("title", input.title.as_deref(), 1, 300)?;
+    let sql = format!(
+        "INSERT INTO conversations (title, topic) VALUES (COALESCE($1, 'New conversation'), $2)
+         RETURNING {CONVERSATION}"
+    );
+    let rows = TenantTx::once(
+        &state.pool,
+        user.0.sub,
+        Access::ReadWrite,
+        &sql,
+        &[&input.title, &input.topic.as_ref().map(wire_name)],
+    )
+    .await?;
+    let row = rows.first().ok_or_else(no_conversation)?;
+    let conversation = Conversation::from_row(row)?;
+    Ok(HttpResponse::Created()
+        .insert_header((
+            "Location",
+            format!("/api/conversations/{}/messages", conversation.id),
+        ))
+        .json(conversation))
+}
+
+/// `GET /api/conversations/{id}/messages`: oldest first; 404 for a
+/// conversation that is not the caller's.
+#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+pub async fn messages(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    id: web::Path<i64>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit()?;
+    if query.search()?.is_some() {
+        return Err(crate::api::paging::invalid(
+            "q",
+            "messages are not searchable",
+        ));
+    }
+    let after: Option<i64> = match query.cursor("m", 1)? {
+        Some(parts) => Some(cursor_part(&parts[0])?),
+        None => None,
+    };
+    // One row per message, or one row of NULLs for an empty conversation;
+    // no row at all when the conversation does not exist.
+    let sql = "SELECT m.id, m.conversation_id, m.author, m.content, m.metadata, m.created_at
+               FROM conversations c
+               LEFT JOIN LATERAL (
+                   SELECT id, conversation_id, author, content, metadata, created_at FROM messages
+                   WHERE conversation_id = c.id AND ($2::int8 IS NULL OR id > $2::int8)
+                   ORDER BY id LIMIT $3
+               ) m ON true
+               WHERE c.id = $1";
+    let rows = TenantTx::once(
+        &state.pool,
+        user.0.sub,
+        Access::ReadOnly,
+        sql,
+        &[&id.into_inner(), &after, &(limit + 1)],
+    )
+    .await?;
+    if rows.is_empty() {
+        return Err(no_conversation());
+    }
+    let items = rows
+        .iter()
+        .filter(|row| row.get::<_, Option<i64>>("id").is_some())
+        .map(Message::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let page = Page::from_rows(items, limit, |m| make_cursor("m", &[m.id.to_string()]));
+    Ok(HttpResponse::Ok().json(page))
+}
+
+/// `POST /api/conversations/{id}/messages` → 201; the conversation becomes
+/// the most recently active.
+#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+pub async fn post_message(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    id: web::Path<i64>,
+    body: web::Json<NewMessage>,
+) -> Result<HttpResponse, ApiError> {
+    let input = body.into_inner();
+    text("content", &input.content, 1, 100_000)?;
+    object("metadata", &input.metadata)?;
+    let metadata = serde_json::Value::Object(input.metadata);
+    let sql = format!(
+        "WITH c AS (UPDATE conversations SET updated_at = now() WHERE id = $1 RETURNING id)
+         INSERT INTO messages (conversation_id, author, content, metadata)
+         SELECT id, $2, $3, $4 FROM c
+         RETURNING {MESSAGE}"
+    );
+    let rows = TenantTx::once(
+        &state.pool,
+        user.0.sub,
+        Access::ReadWrite,
+        &sql,
+        &[
+            &id.into_inner(),
+            &wire_name(&input.author),
+            &input.content,
+            &metadata,
+        ],
+    )
+    .await?;
+    let row = rows.first().ok_or_else(no_conversation)?;
+    Ok(HttpResponse::Created().json(Message::from_row(row)?))
+}

@@ -1,0 +1,152 @@
+//! What the tenant data routes share: list queries with cursor paging, the
+//! page they return, and field checks.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::api::ApiError;
+use crate::domain::ValidationError;
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 200;
+
+/// `?q=&limit=&cursor=`; anything else is refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub q: Option<String>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    /// The search terms, if any (blank counts as none), at most 200 bytes.
+    pub fn search(&self) -> Result<Option<&str>, ApiError> {
+        match self.q.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(q) if q.len() > 200 => Err(invalid("q", "must be at most 200 bytes")),
+            Some(q) => Ok(Some(q)),
+        }
+    }
+
+    /// 1..=200, 50 when absent.
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_LIMIT),
+            Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            Some(_) => Err(invalid("limit", "must be between 1 and 200")),
+        }
+    }
+
+    /// The decoded cursor: the sort key of the last item of the previous
+    /// page, as `parts` strings, each parsed by the caller.
+    pub fn cursor(&self, kind: &str, parts: usize) -> Result<Option<Vec<String>>, ApiError> {
+        let Some(raw) = &self.cursor else {
+            return Ok(None);
+        };
+        let bad = || invalid("cursor", "is not a cursor this list returned");
+        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let mut fields = text.split('\u{1f}');
+        if fields.next() != Some(kind) {
+            return Err(bad());
+        }
+        let values: Vec<String> = fields.map(str::to_owned).collect();
+        if values.len() != parts {
+            return Err(bad());
+        }
+        Ok(Some(values))
+    }
+}
+
+/// Parse one part of a cursor.
+pub fn cursor_part<T: std::str::FromStr>(value: &str) -> Result<T, ApiError> {
+    value
+        .parse()
+        .map_err(|_| invalid("cursor", "is not a cursor this list returned"))
+}
+
+/// An opaque cursor for the sort key `parts` of the last item of a page.
+pub fn make_cursor(kind: &str, parts: &[String]) -> String {
+    let mut text = kind.to_owned();
+    for part in parts {
+        text.push('\u{1f}');
+        text.push_str(part);
+    }
+    URL_SAFE_NO_PAD.encode(text)
+}
+
+/// One page of a list; `next_cursor` is absent on the last page.
+#[derive(Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// `rows` were fetched with `limit + 1`: the extra one says whether
+    /// there is a next page, and `key` gives the cursor of the last item.
+    pub fn from_rows(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
+        let more = items.len() as i64 > limit;
+        items.truncate(limit as usize);
+        let next_cursor = if more { items.last().map(key) } else { None };
+        Page { items, next_cursor }
+    }
+}
+
+pub fn invalid(field: &'static str, reason: &str) -> ApiError {
+    ApiError::Validation(ValidationError::new(field, reason))
+}
+
+/// A required text field: trimmed length (in characters) within bounds.
+pub fn text(field: &'static str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    let n = value.trim().chars().count();
+    if n < min || value.chars().count() > max {
+        return Err(invalid(
+            field,
+            &if min > 0 {
+                format!("must be {min} to {max} characters")
+            } else {
+                format!("must be at most {max} characters")
+            },
+        ));
+    }
+    if value.contains('\0') {
+        return Err(invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// An optional text field.
+pub fn opt_text(
+    field: &'static str,
+    value: Option<&str>,
+    min: usize,
+    max: usize,
+) -> Result<(), ApiError> {
+    value.map_or(Ok(()), |v| text(field, v, min, max))
+}
+
+/// A JSON object small enough to store.
+pub fn object(
+    field: &'static str,
+    value: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    if serde_json::to_vec(value).map_or(0, |v| v.len()) > 16 * 1024 {
+        return Err(invalid(field, "must be at most 16 kB of JSON"));
+    }
+    if serde_json::to_string(value).is_ok_and(|s| s.contains("\\u0000")) {
+        return Err(invalid(field, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// For PATCH bodies: absent stays `None`, `null` becomes `Some(None)`.
+pub fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}

@@ -1,0 +1,258 @@
+//! The tenant guard: the only way code gets a connection routed to a tenant.
+//!
+//! [`TenantTx`] checks a connection out of the pool, and in the same round
+//! trip as `BEGIN` runs `tenantry.enter_tenant(user_id)`, which reads the
+//! tenant's schema and role from the registry (never from the token) and
+//! sets `search_path` to `tenant_<name>, reference` and the role to the
+//! tenant's own, both transaction-locally. It ends with `COMMIT` and the
+//! session reset in one message ([`db::COMMIT_AND_RESET`]); a guard dropped
+//! before that (handler error, panic, client gone mid-request) takes its
+//! connection out of the pool and closes it: a connection is never returned
+//! in a transaction or with tenant state on it.
+
+use std::pin::pin;
+
+use deadpool_postgres::{Object, Pool, PoolError};
+use futures::future::maybe_done;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::db;
+
+const ENTER: &str = "SELECT tenantry.enter_tenant($1)";
+
+/// SQLSTATE raised by `tenantry.enter_tenant` when the user has no active
+/// tenant (erased, disabled, being deleted).
+const NO_TENANT: &str = "TY401";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("no active tenant for this user")]
+    NoTenant,
+    #[error("cannot get a database connection: {0}")]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+impl RoutingError {
+    fn from_enter(e: tokio_postgres::Error) -> RoutingError {
+        match e.code() {
+            Some(code) if code.code() == NO_TENANT => RoutingError::NoTenant,
+            _ => e.into(),
+        }
+    }
+}
+
+/// Whether a routed transaction may write. Reads run `BEGIN READ ONLY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadOnly,
+    ReadWrite,
+}
+
+impl Access {
+    fn begin(self) -> &'static str {
+        match self {
+            Access::ReadOnly => "BEGIN READ ONLY",
+            Access::ReadWrite => "BEGIN",
+        }
+    }
+}
+
+/// A transaction routed to one tenant. See the module docs.
+pub struct TenantTx {
+    client: Option<Object>,
+    template_version: i32,
+}
+
+impl TenantTx {
+    /// Check out, `BEGIN` and enter the user's tenant: one round trip (two
+    /// the first time a connection routes, to prepare the statement).
+    #[tracing::instrument(name = "route", skip_all, fields(user = %user_id))]
+    pub async fn begin(
+        pool: &Pool,
+        user_id: Uuid,
+        access: Access,
+    ) -> Result<TenantTx, RoutingError> {
+        let client = pool.get().await?;
+        let enter = client.prepare_cached(ENTER).await?;
+        let mut guard = TenantTx {
+            client: Some(client),
+            template_version: 0,
+        };
+        let c = guard.client();
+        let enter_params: [&(dyn ToSql + Sync); 1] = [&user_id];
+        let (begun, entered) = futures::join!(
+            c.batch_execute(access.begin()),
+            c.query_one(&enter, &enter_params)
+        );
+        begun?;
+        match entered {
+            Ok(row) => {
+                guard.template_version = row.get(0);
+                Ok(guard)
+            }
+            Err(e) => {
+                let err = RoutingError::from_enter(e);
+                // An unknown user is not worth a connection: end the aborted
+                // transaction and give it back clean.
+                guard.end(db::COMMIT_AND_RESET).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// One statement in its own routed transaction, all in one round trip:
+    /// `BEGIN`, enter, the statement, `COMMIT` and reset. If entering fails,
+    /// the transaction is aborted, so the statement never runs as anyone
+    /// but the tenant; its rows are returned only when all four succeeded.
+    /// A statement new to the connection is prepared behind the `BEGIN` and
+    /// the entry (its names must resolve in the tenant's schema): one more
+    /// round trip, once per connection.
+    #[tracing::instrument(name = "route", skip_all, fields(user = %user_id))]
+    pub async fn once(
+        pool: &Pool,
+        user_id: Uuid,
+        access: Access,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, RoutingError> {
+        let client = pool.get().await?;
+        let enter = client.prepare_cached(ENTER).await?;
+        let mut guard = TenantTx {
+            client: Some(client),
+            template_version: 0,
+        };
+        let (begun, entered, statement, rows, ended) = {
+            let c = guard.client();
+            let enter_params: [&(dyn ToSql + Sync); 1] = [&user_id];
+            let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
+            let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));
+            // Polling a request once puts it on the wire (see db::pipeline).
+            let _ = futures::poll!(begun.as_mut());
+            let _ = futures::poll!(entered.as_mut());
+            let mut prepared = pin!(maybe_done(c.prepare_cached(sql)));
+            if futures::poll!(prepared.as_mut()).is_pending() {
+                futures::join!(begun.as_mut(), entered.as_mut(), prepared.as_mut());
+            }
+            let statement = prepared
+                .as_mut()
+                .take_output()
+                .expect("the statement is prepared or failed");
+            let (rows, ended) = match &statement {
+                Ok(statement) => {
+                    let mut rows = pin!(maybe_done(c.query(statement, params)));
+                    let mut ended = pin!(maybe_done(c.batch_execute(db::COMMIT_AND_RESET)));
+                    futures::join!(
+                        begun.as_mut(),
+                        entered.as_mut(),
+                        rows.as_mut(),
+                        ended.as_mut()
+                    );
+                    (rows.as_mut().take_output(), ended.as_mut().take_output())
+                }
+                Err(_) => {
+                    let ended = c.batch_execute(db::COMMIT_AND_RESET).await;
+                    futures::join!(begun.as_mut(), entered.as_mut());
+                    (None, Some(ended))
+                }
+            };
+            (
+                begun.as_mut().take_output().expect("joined"),
+                entered.as_mut().take_output().expect("joined"),
+                statement.map(drop),
+                rows,
+                ended.expect("joined"),
+            )
+        };
+        // The transaction is over, one way or the other: the connection is
+        // clean again, unless it broke.
+        if ended.is_ok() {
+            guard.release();
+        }
+        begun?;
+        entered.map_err(RoutingError::from_enter)?;
+        let rows = rows.transpose()?;
+        statement?;
+        ended?;
+        Ok(rows.unwrap_or_default())
+    }
+
+    /// The tenant's template version, as the registry has it.
+    pub fn template_version(&self) -> i32 {
+        self.template_version
+    }
+
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let c = self.client();
+        let statement = c.prepare_cached(sql).await?;
+        c.query(&statement, params).await
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let c = self.client();
+        let statement = c.prepare_cached(sql).await?;
+        c.query_opt(&statement, params).await
+    }
+
+    pub async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let c = self.client();
+        let statement = c.prepare_cached(sql).await?;
+        c.execute(&statement, params).await
+    }
+
+    /// Commit, reset the session and give the connection back.
+    pub async fn commit(mut self) -> Result<(), RoutingError> {
+        self.end(db::COMMIT_AND_RESET).await
+    }
+
+    /// Roll back, reset the session and give the connection back.
+    pub async fn rollback(mut self) -> Result<(), RoutingError> {
+        self.end(&ROLLBACK_AND_RESET).await
+    }
+
+    async fn end(&mut self, sql: &str) -> Result<(), RoutingError> {
+        self.client().batch_execute(sql).await?;
+        self.release();
+        Ok(())
+    }
+
+    fn client(&self) -> &Object {
+        self.client
+            .as_ref()
+            .expect("a live guard has its connection")
+    }
+
+    /// Back to the pool (the transaction ended and the session was reset).
+    fn release(&mut self) {
+        self.client.take();
+    }
+}
+
+static ROLLBACK_AND_RESET: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("ROLLBACK; {}", db::SESSION_RESET));
+
+impl Drop for TenantTx {
+    /// Dropped in a transaction, or with its reply unread: the connection
+    /// may be mid-transaction as the tenant. Never reuse it.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            tracing::debug!("discarding a routed connection that did not finish");
+            drop(Object::take(client));
+        }
+    }
+}
