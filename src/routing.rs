@@ -1,9 +1,8 @@
 //! The tenant guard: the only way code gets a connection routed to a tenant.
 //!
 //! [`TenantTx`] checks a connection out of the pool, and in the same round
-//! trip as `BEGIN` runs `tenantry.enter_tenant(user_id)`, which reads the
-//! tenant's schema and role from the registry (never from the token) and
-//! sets `search_path` to `tenant_<name>, reference` and the role to the
+//! trip as `BEGIN` runs one statement ([`ENTER`]) that reads the tenant's
+//! schema and role from the registry (never from the token) and sets `search_path` to `tenant_<name>, reference` and the role to the
 //! tenant's own, both transaction-locally. It ends with `COMMIT` and the
 //! session reset in one message ([`db::COMMIT_AND_RESET`]); a guard dropped
 //! before that (handler error, panic, client gone mid-request) takes its
@@ -20,11 +19,15 @@ use uuid::Uuid;
 
 use crate::db;
 
-const ENTER: &str = "SELECT tenantry.enter_tenant($1)";
-
-/// SQLSTATE raised by `tenantry.enter_tenant` when the user has no active
-/// tenant (erased, disabled, being deleted).
-const NO_TENANT: &str = "TY401";
+/// Enter the tenant of user `$1`: its schema and role, read from the
+/// registry (never from the token), set transaction-locally. No active
+/// tenant makes `1 / count(*)` divide by zero, which aborts the transaction:
+/// statements pipelined behind this one then never run as the service.
+const ENTER: &str = "SELECT 1 / count(*) AS entered,
+        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(schema_name)) || ', reference', true),
+        pg_catalog.set_config('role', max(role_name), true),
+        max(template_version) AS template_version
+ FROM tenantry.tenants WHERE user_id = $1 AND status = 'active'";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -38,8 +41,12 @@ pub enum RoutingError {
 
 impl RoutingError {
     fn from_enter(e: tokio_postgres::Error) -> RoutingError {
+        // What ENTER raises when the user has no active tenant (erased,
+        // disabled, being deleted).
         match e.code() {
-            Some(code) if code.code() == NO_TENANT => RoutingError::NoTenant,
+            Some(code) if *code == tokio_postgres::error::SqlState::DIVISION_BY_ZERO => {
+                RoutingError::NoTenant
+            }
             _ => e.into(),
         }
     }
@@ -91,7 +98,7 @@ impl TenantTx {
         begun?;
         match entered {
             Ok(row) => {
-                guard.template_version = row.get(0);
+                guard.template_version = row.get("template_version");
                 Ok(guard)
             }
             Err(e) => {

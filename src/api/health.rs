@@ -13,10 +13,12 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             "template_version": state.templates.latest().get(),
         }))
     } else {
-        HttpResponse::ServiceUnavailable().json(json!({
-            "status": "unhealthy",
-            "database": "unreachable",
-            "error": { "code": "unavailable", "message": "the database is unreachable" },
-        }))
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(json!({
+                "status": "unhealthy",
+                "database": "unreachable",
+                "error": { "code": "unavailable", "message": "the database is unreachable" },
+            }))
     }
 }

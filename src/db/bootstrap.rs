@@ -338,7 +338,7 @@ async fn warn_about_privileges(
             connect,
             create_in_public = create,
             "PUBLIC keeps privileges that tenant roles should not have; as the database owner run: \
-             REVOKE TEMPORARY, CONNECT ON DATABASE <db> FROM PUBLIC; REVOKE ALL ON SCHEMA public FROM PUBLIC"
+             REVOKE TEMPORARY, CONNECT ON DATABASE <db> FROM PUBLIC; REVOKE CREATE ON SCHEMA public FROM PUBLIC"
         );
     }
     Ok(())

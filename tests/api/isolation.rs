@@ -536,3 +536,74 @@ async fn a_pool_of_one_alternating_tenants_never_serves_one_tenants_data_to_anot
     }
     assert_eq!(discarded, 100);
 }
+
+/// `db stop` / `db start` while `serve` runs: requests fail fast with 503
+/// and Retry-After during the outage, and the service finds the cluster
+/// again by itself, also when it comes back on another port.
+#[tokio::test]
+async fn the_service_recovers_when_the_embedded_cluster_restarts_on_another_port() {
+    use tenantry::configuration::{DatabaseTarget, SecretString};
+    use tenantry::embedded::Cluster;
+
+    let dir = temp_dir("tenantry-recovery");
+    spawn_reaper(&dir);
+    let mut settings = test_settings("unused");
+    settings.database = DatabaseTarget::Embedded;
+    settings.data_dir = dir.clone();
+    settings.jwt_secret = Some(SecretString::new(JWT_SECRET.into()));
+    let app = spawn_app_on(settings, "tenantry".into()).await;
+    let token = app.token("lars").await;
+    let api = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        api.get(format!("{}{path}", app.address))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(get("/api/experiences").await.unwrap().status(), 200);
+
+    let cluster = Cluster::open(&dir).unwrap();
+    let old_port = cluster.running().unwrap().unwrap().port;
+    let stopper = cluster.clone();
+    tokio::task::spawn_blocking(move || stopper.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let outage = get("/api/experiences")
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(outage.status(), 503);
+    assert!(outage.headers().contains_key("retry-after"));
+    assert_eq!(json(outage).await["error"]["code"], "unavailable");
+
+    // The old port is taken meanwhile: the cluster comes back elsewhere.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", old_port)).unwrap();
+    let starter = cluster.clone();
+    let running = tokio::task::spawn_blocking(move || starter.ensure_running(&[]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(running.port, old_port);
+    let mut status = 0;
+    for _ in 0..40 {
+        status = get("/api/experiences").await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(status, 200, "the service found the restarted cluster");
+    let health = api
+        .get(format!("{}/health", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    drop(squatter);
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .unwrap()
+        .unwrap();
+}
