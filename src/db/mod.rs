@@ -18,7 +18,9 @@ use crate::configuration::{DatabaseTarget, Settings};
 use crate::embedded::{self, Cluster, ClusterError, Running};
 
 pub use bootstrap::{bootstrap, Installation};
-pub use pool::{pool, pool_with, ConnectionLimits, PortSource, COMMIT_AND_RESET, SESSION_RESET};
+pub use pool::{
+    pool, pool_with, ConnectionLimits, PortSource, Retire, COMMIT_AND_RESET, SESSION_RESET,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -93,6 +95,7 @@ impl Target {
             size,
             ConnectionLimits::default(),
             ports,
+            Retire::Spread,
         )
     }
 }
