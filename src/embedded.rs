@@ -6,6 +6,7 @@
 //! - `cluster.lock` an advisory file lock held while starting or stopping, so
 //!   two processes on the same data dir never race each other
 //! - `pg_password`, `jwt_secret` generated secrets (0600)
+//! - `port`       the port of the last start, tried first on the next one
 //!
 //! Everything here is blocking (it runs `initdb` and `pg_ctl`); async callers
 //! go through `spawn_blocking`.

@@ -151,6 +151,11 @@ pub fn pool_with(
     retire: Retire,
 ) -> Result<Pool, DbError> {
     std::sync::LazyLock::force(&EPOCH);
+    let mut config = config;
+    if config.get_application_name().is_none() {
+        // What operators (and scripts/bench-routing) find it by.
+        config.application_name("tenantry");
+    }
     let manager = Manager::from_connect(
         config,
         Connector { ports },
