@@ -14,7 +14,7 @@ use std::pin::pin;
 use deadpool_postgres::{Object, Pool, PoolError};
 use futures::future::maybe_done;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, SimpleQueryMessage};
 use uuid::Uuid;
 
 use crate::db;
@@ -166,7 +166,7 @@ impl TenantTx {
             let (rows, ended) = match &statement {
                 Ok(statement) => {
                     let mut rows = pin!(maybe_done(c.query(statement, params)));
-                    let mut ended = pin!(maybe_done(c.batch_execute(access.end())));
+                    let mut ended = pin!(maybe_done(c.simple_query(access.end())));
                     futures::join!(
                         begun.as_mut(),
                         entered.as_mut(),
@@ -176,7 +176,7 @@ impl TenantTx {
                     (rows.as_mut().take_output(), ended.as_mut().take_output())
                 }
                 Err(_) => {
-                    let ended = c.batch_execute(access.end()).await;
+                    let ended = c.simple_query(access.end()).await;
                     futures::join!(begun.as_mut(), entered.as_mut());
                     (None, Some(ended))
                 }
@@ -191,8 +191,8 @@ impl TenantTx {
         };
         // The transaction is over, one way or the other: the connection is
         // clean again, unless it broke.
-        if ended.is_ok() {
-            guard.release();
+        if let Ok(replies) = &ended {
+            guard.release_if_clean(replies);
         }
         begun?;
         entered.map_err(RoutingError::from_enter)?;
@@ -248,9 +248,26 @@ impl TenantTx {
     }
 
     async fn end(&mut self, sql: &str) -> Result<(), RoutingError> {
-        self.client().batch_execute(sql).await?;
-        self.release();
+        let replies = self.client().simple_query(sql).await?;
+        self.release_if_clean(&replies);
         Ok(())
+    }
+
+    /// Back to the pool, unless the reset found SQL-prepared statements
+    /// (see `db::SESSION_RESET`): then the connection is closed.
+    fn release_if_clean(&mut self, replies: &[SimpleQueryMessage]) {
+        let leaked = replies.iter().rev().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get("leaked").map(|n| n != "0"),
+            _ => None,
+        });
+        if leaked == Some(true) {
+            tracing::warn!("a routed connection kept a prepared statement; closing it");
+            if let Some(client) = self.client.take() {
+                drop(Object::take(client));
+            }
+        } else {
+            self.release();
+        }
     }
 
     fn client(&self) -> &Object {

@@ -5,8 +5,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
-use crate::api::experiences::wire_name;
-use crate::api::paging::{cursor_part, make_cursor, object, opt_text, text, ListQuery, Page};
+use crate::api::paging::{
+    cursor_part, from_wire, make_cursor, object, opt_text, text, wire_name, ListQuery, Page,
+};
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
 use crate::startup::AppState;
@@ -30,11 +31,6 @@ pub enum Author {
     System,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, ApiError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| ApiError::internal(std::io::Error::other(format!("unknown value {s:?}"))))
-}
-
 #[derive(Debug, Serialize)]
 pub struct Conversation {
     pub id: i64,
@@ -53,7 +49,7 @@ impl Conversation {
         Ok(Conversation {
             id: row.get("id"),
             title: row.get("title"),
-            topic: topic.as_deref().map(parse).transpose()?,
+            topic: topic.as_deref().map(from_wire).transpose()?,
             status: row.get("status"),
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
@@ -85,7 +81,7 @@ impl Message {
         Ok(Message {
             id: row.get("id"),
             conversation_id: row.get("conversation_id"),
-            author: parse(row.get("author"))?,
+            author: from_wire(row.get("author"))?,
             content: row.get("content"),
             metadata: row.get("metadata"),
             created_at: row.get("created_at"),

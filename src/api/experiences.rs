@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
 use crate::api::paging::{
-    cursor_part, invalid, make_cursor, nullable, opt_text, text, ListQuery, Page,
+    cursor_part, from_wire, invalid, make_cursor, nullable, opt_text, text, wire_name, ListQuery,
+    Page,
 };
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
@@ -35,19 +36,6 @@ pub enum EmploymentType {
     Internship,
     Apprenticeship,
     SelfEmployed,
-}
-
-/// The name a serde enum has in JSON (and in the tenant's CHECKs).
-pub(crate) fn wire_name<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::String(s)) => s,
-        _ => unreachable!("unit enum variants serialise as strings"),
-    }
-}
-
-fn from_wire<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, ApiError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| ApiError::internal(std::io::Error::other(format!("unknown value {s:?}"))))
 }
 
 #[derive(Debug, Serialize)]

@@ -1,5 +1,5 @@
 //! What the tenant data routes share: list queries with cursor paging, the
-//! page they return, and field checks.
+//! page they return, field checks, and enums to and from their stored names.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -93,6 +93,20 @@ impl<T> Page<T> {
         let next_cursor = if more { items.last().map(key) } else { None };
         Page { items, next_cursor }
     }
+}
+
+/// The name a serde enum has in JSON (and in the tenant's CHECKs).
+pub fn wire_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => unreachable!("unit enum variants serialise as strings"),
+    }
+}
+
+/// A stored enum value back; one the enum does not know is a fault.
+pub fn from_wire<T: for<'de> Deserialize<'de>>(s: &str) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| ApiError::internal(std::io::Error::other(format!("unknown value {s:?}"))))
 }
 
 pub fn invalid(field: &'static str, reason: &str) -> ApiError {

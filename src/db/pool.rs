@@ -15,7 +15,8 @@ use crate::embedded::{self, Cluster};
 macro_rules! session_reset {
     () => {
         "CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
-         SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES;"
+         SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
+         SELECT count(*) AS leaked FROM pg_prepared_statements WHERE from_sql;"
     };
 }
 
@@ -24,8 +25,10 @@ macro_rules! session_reset {
 /// which `RESET ALL` skips), `LISTEN`, session advisory locks, temp tables
 /// and cached sequence values. deadpool's `Clean`, sent by us in the same
 /// message as `COMMIT` (no extra round trip) instead of on every checkout.
-/// Prepared statements are kept: the only ones on a pooled connection are
-/// the statement cache's (templates may not `PREPARE`, see `tenancy::lint`).
+/// Prepared statements are kept (the statement cache's are needed); the last
+/// statement counts those made by SQL `PREPARE` (templates may not, see
+/// `tenancy::lint`, but a function could), and a connection with any is
+/// closed instead of going back (`routing::TenantTx`).
 pub const SESSION_RESET: &str = session_reset!();
 
 /// The end of a routed transaction: commit, then [`SESSION_RESET`], in one

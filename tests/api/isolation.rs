@@ -406,6 +406,45 @@ async fn session_state_set_as_a_tenant_does_not_reach_the_next_checkout() {
 }
 
 #[tokio::test]
+async fn a_prepared_statement_made_as_a_tenant_does_not_reach_the_next_checkout() {
+    let app = spawn_app().await;
+    app.token("hilde").await;
+    let hilde = user_id(&app, "hilde").await;
+    let pool = pool(
+        service_url(&app.db_name).parse().unwrap(),
+        1,
+        ConnectionLimits::default(),
+    )
+    .unwrap();
+    let (first, ..) = session_state(&pool).await;
+    let tx = TenantTx::begin(&pool, hilde, Access::ReadWrite)
+        .await
+        .unwrap();
+    tx.execute("PREPARE leak AS SELECT content FROM summaries", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT pg_backend_pid(), (SELECT count(*) FROM pg_prepared_statements WHERE from_sql)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(1),
+        0,
+        "no prepared statement of the tenant's"
+    );
+    assert_ne!(
+        row.get::<_, i32>(0),
+        first,
+        "the connection that had one was closed"
+    );
+}
+
+#[tokio::test]
 async fn a_guard_dropped_mid_transaction_discards_its_connection() {
     let app = spawn_app().await;
     app.token("ines").await;
