@@ -216,7 +216,13 @@ async fn serve(settings: Settings) -> Result<(), Failure> {
     let served = app.run_until_stopped().await;
     if let Some((cluster, running)) = embedded {
         if running.started_here {
-            tokio::task::spawn_blocking(move || cluster.stop()).await??;
+            // Only the server it started: after a `db stop` / `db start`
+            // while serving, the running one belongs to whoever started it.
+            tokio::task::spawn_blocking(move || match cluster.running()? {
+                Some(now) if now.pid == running.pid => cluster.stop().map(drop),
+                _ => Ok(()),
+            })
+            .await??;
         }
     }
     served?;

@@ -297,3 +297,75 @@ async fn serve_stops_the_cluster_it_started_when_startup_fails_later() {
     let status = tenantry(&["db", "status"], &env, None).await;
     assert_eq!(stdout(&status).trim(), "stopped");
 }
+
+/// `db stop` / `db start` while `serve` runs: serve recovers, and on its way
+/// out leaves the server that `db start` started running.
+#[tokio::test]
+async fn serve_survives_a_cluster_restart_and_leaves_the_new_server_running() {
+    let data = data_dir("tenantry-restart");
+    let env = data.env.clone();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TENANTRY_DATA_DIR", &data.path)
+        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
+        .env("BCRYPT_COST", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let health = || client.get(format!("http://127.0.0.1:{port}/health")).send();
+    let mut up = false;
+    for _ in 0..300 {
+        if let Ok(r) = health().await {
+            up = r.status() == 200;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "serve never became healthy");
+
+    assert!(tenantry(&["db", "stop"], &env, None).await.status.success());
+    let down = health().await.expect("an answer, not a hang");
+    assert_eq!(down.status(), 503);
+    assert!(down.headers().contains_key("retry-after"));
+    assert!(tenantry(&["db", "start"], &env, None)
+        .await
+        .status
+        .success());
+    let mut back = false;
+    for _ in 0..40 {
+        if health().await.is_ok_and(|r| r.status() == 200) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(back, "serve found the restarted cluster");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), serve.wait())
+        .await
+        .expect("serve exits after SIGTERM")
+        .unwrap();
+    let status = tenantry(&["db", "status"], &env, None).await;
+    assert!(
+        stdout(&status).starts_with("running"),
+        "{}",
+        stdout(&status)
+    );
+}
