@@ -26,6 +26,7 @@ impl ListQuery {
         match self.q.as_deref().map(str::trim) {
             None | Some("") => Ok(None),
             Some(q) if q.len() > 200 => Err(invalid("q", "must be at most 200 bytes")),
+            Some(q) if q.contains('\0') => Err(invalid("q", "must not contain NUL characters")),
             Some(q) => Ok(Some(q)),
         }
     }
@@ -47,13 +48,9 @@ impl ListQuery {
         };
         let bad = || invalid("cursor", "is not a cursor this list returned");
         let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
-        let text = String::from_utf8(bytes).map_err(|_| bad())?;
-        let mut fields = text.split('\u{1f}');
-        if fields.next() != Some(kind) {
-            return Err(bad());
-        }
-        let values: Vec<String> = fields.map(str::to_owned).collect();
-        if values.len() != parts {
+        let (found, values): (String, Vec<String>) =
+            serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        if found != kind || values.len() != parts {
             return Err(bad());
         }
         Ok(Some(values))
@@ -69,12 +66,8 @@ pub fn cursor_part<T: std::str::FromStr>(value: &str) -> Result<T, ApiError> {
 
 /// An opaque cursor for the sort key `parts` of the last item of a page.
 pub fn make_cursor(kind: &str, parts: &[String]) -> String {
-    let mut text = kind.to_owned();
-    for part in parts {
-        text.push('\u{1f}');
-        text.push_str(part);
-    }
-    URL_SAFE_NO_PAD.encode(text)
+    let json = serde_json::to_vec(&(kind, parts)).expect("strings serialise");
+    URL_SAFE_NO_PAD.encode(json)
 }
 
 /// One page of a list; `next_cursor` is absent on the last page.
@@ -163,4 +156,47 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(cursor: &str) -> ListQuery {
+        ListQuery {
+            cursor: Some(cursor.to_owned()),
+            ..ListQuery::default()
+        }
+    }
+
+    #[test]
+    fn a_cursor_gives_back_exactly_its_parts_and_only_to_its_own_list() {
+        let parts = vec!["c++ \u{1f} \"odd\"".to_string(), "42".to_string()];
+        let cursor = make_cursor("s", &parts);
+        assert_eq!(query(&cursor).cursor("s", 2).unwrap(), Some(parts));
+        assert!(
+            query(&cursor).cursor("d", 2).is_err(),
+            "another list's cursor"
+        );
+        assert!(query(&cursor).cursor("s", 1).is_err());
+        assert!(query("not base64!").cursor("s", 2).is_err());
+        assert!(query(&URL_SAFE_NO_PAD.encode("[1,2]"))
+            .cursor("s", 2)
+            .is_err());
+    }
+
+    #[test]
+    fn limits_and_searches_are_bounded() {
+        let q = |limit: Option<i64>, q: Option<&str>| ListQuery {
+            q: q.map(str::to_owned),
+            limit,
+            cursor: None,
+        };
+        assert_eq!(q(None, None).limit().unwrap(), DEFAULT_LIMIT);
+        assert!(q(Some(0), None).limit().is_err());
+        assert!(q(Some(MAX_LIMIT + 1), None).limit().is_err());
+        assert_eq!(q(None, Some("  ")).search().unwrap(), None);
+        assert!(q(None, Some("a\0b")).search().is_err());
+        assert!(q(None, Some(&"x".repeat(201))).search().is_err());
+    }
 }

@@ -30,6 +30,10 @@ pub struct Skill {
     pub progression: Vec<Progress>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// PostgreSQL's `lower(name)`, the list's sort key (Rust's lower-casing
+    /// may differ from the database's for some letters).
+    #[serde(skip)]
+    sort_key: String,
 }
 
 impl Skill {
@@ -46,6 +50,7 @@ impl Skill {
             progression: serde_json::from_value(progression).map_err(ApiError::internal)?,
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
+            sort_key: row.get("sort_key"),
         })
     }
 }
@@ -53,6 +58,7 @@ impl Skill {
 /// The columns of `s` (a skills row) with its progression.
 const COLUMNS: &str = "s.id, s.name, s.catalog_skill_id, s.category, s.level,
      s.years_experience::float8 AS years_experience, s.last_used_on, s.created_at, s.updated_at,
+     lower(s.name) AS sort_key,
      COALESCE((SELECT jsonb_agg(jsonb_build_object('level', p.level, 'note', p.note,
                                                    'recorded_at', p.recorded_at)
                                 ORDER BY p.recorded_at, p.id)
@@ -121,7 +127,7 @@ pub async fn list(
         .map(Skill::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let page = Page::from_rows(items, limit, |s| {
-        make_cursor("s", &[s.name.to_lowercase(), s.id.to_string()])
+        make_cursor("s", &[s.sort_key.clone(), s.id.to_string()])
     });
     Ok(HttpResponse::Ok().json(page))
 }

@@ -171,6 +171,47 @@ async fn experiences_page_with_a_cursor_newest_first() {
     assert_eq!(status, 400);
     let (status, _) = send(&app, Method::GET, "/api/experiences?sort=title", &t, None).await;
     assert_eq!(status, 400, "unknown query parameters are refused");
+    for hostile in [
+        "%00",
+        "a%00b",
+        "%27%3B%20drop%20table%20experiences%3B--",
+        "%E2%80%8B",
+        "!!!%26%26%7C",
+    ] {
+        let (status, body) = send(
+            &app,
+            Method::GET,
+            &format!("/api/experiences?q={hostile}"),
+            &t,
+            None,
+        )
+        .await;
+        assert!(status == 200 || status == 400, "{hostile}: {status} {body}");
+        let (status, body) = send(
+            &app,
+            Method::GET,
+            &format!("/api/reference/skills?q={hostile}"),
+            &t,
+            None,
+        )
+        .await;
+        assert!(status == 200 || status == 400, "{hostile}: {status} {body}");
+    }
+    let long = "x".repeat(10_000);
+    let (status, _) = send(
+        &app,
+        Method::GET,
+        &format!("/api/experiences?q={long}"),
+        &t,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenant_fred.experiences")
+            .await,
+        7
+    );
 }
 
 #[tokio::test]
