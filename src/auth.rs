@@ -127,6 +127,15 @@ impl JwtKeys {
     }
 }
 
+/// How long a refresh token lives: 7 days (`INSERT_REFRESH_TOKEN`).
+pub const REFRESH_TOKEN_SECONDS: i64 = 7 * 24 * 3600;
+
+/// The one insert of a refresh token, with its lifetime: `$1` family id,
+/// `$2` user id, `$3` the token's hash. Signup, login and rotation use it.
+pub const INSERT_REFRESH_TOKEN: &str = "\
+INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at)
+VALUES ($1, $2, $3, now() + interval '7 days')";
+
 /// A new opaque refresh token and the hash that is stored for it.
 pub fn new_refresh_token() -> (String, Vec<u8>) {
     let bytes: [u8; 32] = rand::rng().random();

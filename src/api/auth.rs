@@ -1,4 +1,4 @@
-//! Signup and login.
+//! Signup, login, and refresh-token rotation and revocation.
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -91,6 +91,15 @@ pub struct LoginRequest {
     password: String,
 }
 
+/// A login's writes, in one statement: a new refresh-token family, and
+/// the time of the login.
+static LOGIN_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH t AS ({}) UPDATE tenantry.users SET last_login_at = now() WHERE id = $2",
+        auth::INSERT_REFRESH_TOKEN
+    )
+});
+
 /// `POST /api/auth/login`. An unknown user and a wrong password get the same
 /// 401, in body and in time: unknown users are verified against a dummy hash.
 #[tracing::instrument(skip_all)]
@@ -133,15 +142,7 @@ pub async fn login(
     let db_role: Option<String> = row.get(5);
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
     let client = state.pool.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "WITH t AS (
-                 INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at)
-                 VALUES ($1, $2, $3, now() + interval '7 days')
-             )
-             UPDATE tenantry.users SET last_login_at = now() WHERE id = $2",
-        )
-        .await?;
+    let stmt = client.prepare_cached(&LOGIN_WRITES).await?;
     client
         .execute(&stmt, &[&Uuid::new_v4(), &user_id, &refresh_hash])
         .await?;
@@ -161,4 +162,115 @@ pub async fn login(
         "token_type": "Bearer",
         "expires_in": ACCESS_TOKEN_SECONDS,
     })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+/// Consume a refresh token: only an unused, unrevoked, unexpired one, and
+/// only once (the row lock makes two racing refreshes of one token queue;
+/// the second finds it used).
+const CONSUME: &str = "\
+UPDATE tenantry.refresh_tokens SET used_at = now()
+WHERE token_hash = $1 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > now()
+RETURNING family_id, user_id";
+
+/// A used token presented again (a replay, RFC 9700 §4.14.2): the whole
+/// family is revoked, the holder's current token included.
+const REVOKE_REPLAYED_FAMILY: &str = "\
+UPDATE tenantry.refresh_tokens SET revoked_at = now()
+WHERE revoked_at IS NULL
+  AND family_id = (SELECT family_id FROM tenantry.refresh_tokens
+                   WHERE token_hash = $1 AND used_at IS NOT NULL)";
+
+/// `POST /api/auth/refresh` `{refresh_token}`: a new pair, the old refresh
+/// token used up (rotation). Unknown, expired, revoked or used → 401; a used
+/// one also revokes its family.
+#[tracing::instrument(skip_all)]
+pub async fn refresh(
+    state: web::Data<AppState>,
+    body: web::Json<RefreshRequest>,
+) -> Result<HttpResponse, ApiError> {
+    if body.refresh_token.len() > 256 {
+        return Err(ApiError::Unauthorized);
+    }
+    let hash = auth::refresh_token_hash(&body.refresh_token);
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let Some(consumed) = tx.query_opt(CONSUME, &[&hash]).await? else {
+        let revoked = tx.execute(REVOKE_REPLAYED_FAMILY, &[&hash]).await?;
+        tx.commit().await?;
+        if revoked > 0 {
+            tracing::warn!(
+                security_event = "refresh_token_reuse",
+                revoked,
+                "a used refresh token was presented again; its family is revoked"
+            );
+        }
+        return Err(ApiError::Unauthorized);
+    };
+    let family: Uuid = consumed.get("family_id");
+    let user_id: Uuid = consumed.get("user_id");
+    // The account as it is now; a tenant that is not active gets no tokens.
+    let account = tx
+        .query_opt(
+            "SELECT u.username, u.role, t.schema_name, t.role_name
+             FROM tenantry.users u LEFT JOIN tenantry.tenants t ON t.user_id = u.id
+             WHERE u.id = $1 AND (t.status IS NULL OR t.status = 'active')",
+            &[&user_id],
+        )
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let (refresh_token, refresh_hash) = auth::new_refresh_token();
+    tx.execute(
+        auth::INSERT_REFRESH_TOKEN,
+        &[&family, &user_id, &refresh_hash],
+    )
+    .await?;
+    tx.commit().await?;
+    let username: String = account.get("username");
+    let schema: Option<String> = account.get("schema_name");
+    let db_role: Option<String> = account.get("role_name");
+    let access_token = state.jwt.issue(
+        user_id,
+        &username,
+        schema.as_deref(),
+        db_role.as_deref(),
+        account.get("role"),
+    )?;
+    Ok(HttpResponse::Ok().json(json!({
+        "user_id": user_id,
+        "username": username,
+        "schema": schema,
+        "access_token": access_token,
+        "refresh_token": refresh_token,
+        "token_type": "Bearer",
+        "expires_in": ACCESS_TOKEN_SECONDS,
+    })))
+}
+
+/// `POST /api/auth/logout` `{refresh_token}` → 204: the token's whole family
+/// is revoked. Answered the same for any token (RFC 7009 §2.2), so it tells
+/// nobody which tokens exist.
+#[tracing::instrument(skip_all)]
+pub async fn logout(
+    state: web::Data<AppState>,
+    body: web::Json<RefreshRequest>,
+) -> Result<HttpResponse, ApiError> {
+    if body.refresh_token.len() <= 256 {
+        let hash = auth::refresh_token_hash(&body.refresh_token);
+        let client = state.pool.get().await?;
+        client
+            .execute(
+                "UPDATE tenantry.refresh_tokens SET revoked_at = now()
+                 WHERE revoked_at IS NULL
+                   AND family_id = (SELECT family_id FROM tenantry.refresh_tokens WHERE token_hash = $1)",
+                &[&hash],
+            )
+            .await?;
+    }
+    Ok(HttpResponse::NoContent().finish())
 }

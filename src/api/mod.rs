@@ -32,6 +32,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/health").route(web::get().to(health::health)))
         .service(resource("/api/auth/register").route(web::post().to(auth::register)))
         .service(resource("/api/auth/login").route(web::post().to(auth::login)))
+        .service(resource("/api/auth/refresh").route(web::post().to(auth::refresh)))
+        .service(resource("/api/auth/logout").route(web::post().to(auth::logout)))
         .service(resource("/api/me").route(web::get().to(me::me)))
         .service(
             resource("/api/experiences")

@@ -79,10 +79,6 @@ WITH u AS (
 INSERT INTO tenantry.tenants (user_id, username, schema_name, role_name, template_version, status)
 SELECT id, $2, $6, $7, $8, 'active' FROM u";
 
-const INSERT_REFRESH: &str = "\
-INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at)
-VALUES ($1, $2, $3, now() + interval '7 days')";
-
 /// Create the account and its tenant. `client` may be a pooled client or a
 /// plain one; the transaction is ours.
 #[tracing::instrument(skip_all, fields(tenant = %account.username))]
@@ -142,7 +138,9 @@ pub async fn provision(
     if let Some(params) = &refresh_params {
         steps.push(Step::Other);
         requests.push(Box::pin(async {
-            tx.execute_typed(INSERT_REFRESH, params).await.map(drop)
+            tx.execute_typed(crate::auth::INSERT_REFRESH_TOKEN, params)
+                .await
+                .map(drop)
         }));
     }
     steps.push(Step::Prelude);

@@ -10,5 +10,6 @@ mod isolation;
 mod login;
 mod pool;
 mod provisioning;
+mod refresh;
 mod register;
 mod tenant_data;
