@@ -16,6 +16,8 @@ use crate::domain::Password;
 pub const ISSUER: &str = "tenantry";
 pub const AUDIENCE: &str = "tenantry-api";
 pub const ACCESS_TOKEN_SECONDS: i64 = 15 * 60;
+/// The `typ` claim of an access token.
+pub const ACCESS_TYPE: &str = "access";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -61,6 +63,9 @@ pub struct Claims {
     pub db_role: Option<String>,
     /// `user`, `admin` or `auditor`.
     pub role: String,
+    /// Always `access`: no other token of ours (nor one without it) can
+    /// stand in for an access token.
+    pub typ: String,
     pub iss: String,
     pub aud: String,
     pub iat: i64,
@@ -110,6 +115,7 @@ impl JwtKeys {
             schema: schema.map(str::to_owned),
             db_role: db_role.map(str::to_owned),
             role: role.to_owned(),
+            typ: ACCESS_TYPE.into(),
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
             iat: now,
@@ -124,6 +130,7 @@ impl JwtKeys {
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .ok()
             .map(|d| d.claims)
+            .filter(|claims| claims.typ == ACCESS_TYPE)
     }
 }
 

@@ -21,7 +21,11 @@ impl FromRequest for AuthenticatedUser {
         let claims = (|| {
             let state = req.app_data::<web::Data<AppState>>()?;
             let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
-            let token = header.to_str().ok()?.strip_prefix("Bearer ")?;
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            let (scheme, token) = header.to_str().ok()?.trim().split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return None;
+            }
             state.jwt.verify(token.trim())
         })();
         ready(claims.map(AuthenticatedUser).ok_or(ApiError::Unauthorized))

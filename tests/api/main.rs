@@ -13,3 +13,4 @@ mod provisioning;
 mod refresh;
 mod register;
 mod tenant_data;
+mod tokens;
