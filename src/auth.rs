@@ -138,10 +138,18 @@ impl JwtKeys {
 pub const REFRESH_TOKEN_SECONDS: i64 = 7 * 24 * 3600;
 
 /// The one insert of a refresh token, with its lifetime: `$1` family id,
-/// `$2` user id, `$3` the token's hash. Signup, login and rotation use it.
+/// `$2` user id, `$3` the token's hash, `$4` the user agent (text, may be
+/// NULL; see [`user_agent`]). Signup, login and rotation use it.
 pub const INSERT_REFRESH_TOKEN: &str = "\
-INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at)
-VALUES ($1, $2, $3, now() + interval '7 days')";
+INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at, user_agent)
+VALUES ($1, $2, $3, now() + interval '7 days', $4)";
+
+/// A request's `User-Agent`, as stored with its session: at most 512
+/// characters, control characters dropped.
+pub fn user_agent(raw: Option<&str>) -> Option<String> {
+    let cleaned: String = raw?.chars().filter(|c| !c.is_control()).take(512).collect();
+    (!cleaned.is_empty()).then_some(cleaned)
+}
 
 /// A new opaque refresh token and the hash that is stored for it.
 pub fn new_refresh_token() -> (String, Vec<u8>) {

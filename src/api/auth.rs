@@ -1,6 +1,6 @@
 //! Signup, login, and refresh-token rotation and revocation.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -10,6 +10,15 @@ use crate::auth::{self, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
 use crate::provisioning::{self, NewAccount, RefreshTokenRow};
 use crate::startup::AppState;
+
+fn agent_of(request: &HttpRequest) -> Option<String> {
+    auth::user_agent(
+        request
+            .headers()
+            .get(actix_web::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +32,7 @@ pub struct RegisterRequest {
 #[tracing::instrument(skip_all, fields(tenant = tracing::field::Empty))]
 pub async fn register(
     state: web::Data<AppState>,
+    request: HttpRequest,
     body: web::Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let username = Username::parse(&body.username)?;
@@ -59,6 +69,7 @@ pub async fn register(
         refresh_token: Some(RefreshTokenRow {
             family_id: Uuid::new_v4(),
             hash: refresh_hash,
+            user_agent: agent_of(&request),
         }),
     };
     let mut client = state.pool.get().await?;
@@ -105,6 +116,7 @@ static LOGIN_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 #[tracing::instrument(skip_all)]
 pub async fn login(
     state: web::Data<AppState>,
+    request: HttpRequest,
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -144,7 +156,15 @@ pub async fn login(
     let client = state.pool.get().await?;
     let stmt = client.prepare_cached(&LOGIN_WRITES).await?;
     client
-        .execute(&stmt, &[&Uuid::new_v4(), &user_id, &refresh_hash])
+        .execute(
+            &stmt,
+            &[
+                &Uuid::new_v4(),
+                &user_id,
+                &refresh_hash,
+                &agent_of(&request),
+            ],
+        )
         .await?;
     let access_token = state.jwt.issue(
         user_id,
@@ -192,6 +212,7 @@ WHERE revoked_at IS NULL
 #[tracing::instrument(skip_all)]
 pub async fn refresh(
     state: web::Data<AppState>,
+    request: HttpRequest,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if body.refresh_token.len() > 256 {
@@ -227,7 +248,7 @@ pub async fn refresh(
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
     tx.execute(
         auth::INSERT_REFRESH_TOKEN,
-        &[&family, &user_id, &refresh_hash],
+        &[&family, &user_id, &refresh_hash, &agent_of(&request)],
     )
     .await?;
     tx.commit().await?;

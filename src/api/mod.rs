@@ -10,6 +10,7 @@ mod health;
 mod me;
 mod paging;
 mod reference;
+mod sessions;
 mod skills;
 mod summaries;
 
@@ -34,6 +35,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/auth/login").route(web::post().to(auth::login)))
         .service(resource("/api/auth/refresh").route(web::post().to(auth::refresh)))
         .service(resource("/api/auth/logout").route(web::post().to(auth::logout)))
+        .service(resource("/api/auth/sessions").route(web::get().to(sessions::list)))
+        .service(resource("/api/auth/sessions/{id}").route(web::delete().to(sessions::end)))
+        .service(resource("/api/auth/revoke-all").route(web::post().to(sessions::revoke_all)))
         .service(resource("/api/me").route(web::get().to(me::me)))
         .service(
             resource("/api/experiences")

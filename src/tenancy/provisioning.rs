@@ -58,6 +58,8 @@ pub struct NewAccount {
 pub struct RefreshTokenRow {
     pub family_id: Uuid,
     pub hash: Vec<u8>,
+    /// Of the signup request (`auth::user_agent`).
+    pub user_agent: Option<String>,
 }
 
 /// What was created.
@@ -115,12 +117,13 @@ pub async fn provision(
         (&role_name, Type::TEXT),
         (&version_number, Type::INT4),
     ];
-    let refresh_params: Option<[(&(dyn ToSql + Sync), Type); 3]> =
+    let refresh_params: Option<[(&(dyn ToSql + Sync), Type); 4]> =
         account.refresh_token.as_ref().map(|token| {
             [
                 (&token.family_id as &(dyn ToSql + Sync), Type::UUID),
                 (&user_id, Type::UUID),
                 (&token.hash, Type::BYTEA),
+                (&token.user_agent, Type::TEXT),
             ]
         });
     let prelude_sql = prelude(installation, &schema, &role);

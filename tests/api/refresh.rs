@@ -148,3 +148,120 @@ async fn expired_unknown_and_logged_out_tokens_get_401() {
         .unwrap();
     assert_eq!(refresh(&app, &fresh).await.0, 401);
 }
+
+async fn with_agent(app: &TestApp, path: &str, agent: &str, body: &Value) -> Value {
+    let response = app
+        .api
+        .post(format!("{}{path}", app.address))
+        .header("User-Agent", agent)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{path}");
+    json(response).await
+}
+
+async fn sessions(app: &TestApp, access: &str) -> Vec<Value> {
+    let response = app
+        .call(Method::GET, "/api/auth/sessions", access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    json(response).await["sessions"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn sessions_are_listed_and_can_be_ended_one_by_one_or_all_at_once() {
+    let app = spawn_app().await;
+    let phone = with_agent(
+        &app,
+        "/api/auth/register",
+        "phone-app/1.0",
+        &json!({"username": "sara", "email": "sara@example.com", "password": PASSWORD}),
+    )
+    .await;
+    let laptop = with_agent(
+        &app,
+        "/api/auth/login",
+        "laptop-browser",
+        &json!({"username": "sara", "password": PASSWORD}),
+    )
+    .await;
+    let access = laptop["access_token"].as_str().unwrap().to_owned();
+    let listed = sessions(&app, &access).await;
+    let agents: Vec<&str> = listed
+        .iter()
+        .map(|s| s["user_agent"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        agents,
+        ["laptop-browser", "phone-app/1.0"],
+        "most recent first"
+    );
+
+    // A refresh keeps the session (same family).
+    let (status, rotated) = refresh(&app, phone["refresh_token"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(sessions(&app, &access).await.len(), 2);
+
+    // End the phone's session: its token stops working; ending it again,
+    // or a session of someone else, is 404.
+    let phone_id = listed[1]["id"].as_str().unwrap().to_owned();
+    let end = |id: String, token: String| {
+        let request = app.call(Method::DELETE, &format!("/api/auth/sessions/{id}"), &token);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(end(phone_id.clone(), access.clone()).await, 204);
+    assert_eq!(
+        refresh(&app, rotated["refresh_token"].as_str().unwrap())
+            .await
+            .0,
+        401
+    );
+    assert_eq!(end(phone_id.clone(), access.clone()).await, 404);
+    let other = registered(&app, "otto").await;
+    let laptop_id = sessions(&app, &access).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        end(
+            laptop_id,
+            other["access_token"].as_str().unwrap().to_owned()
+        )
+        .await,
+        404,
+        "another user's session"
+    );
+    assert_eq!(sessions(&app, &access).await.len(), 1);
+
+    // Revoke all: every refresh token of the user is dead, others' live.
+    let all = app
+        .call(Method::POST, "/api/auth/revoke-all", &access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.status(), 204);
+    assert!(sessions(&app, &access).await.is_empty());
+    assert_eq!(
+        refresh(&app, laptop["refresh_token"].as_str().unwrap())
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        refresh(&app, other["refresh_token"].as_str().unwrap())
+            .await
+            .0,
+        200
+    );
+    let anonymous = app
+        .api
+        .get(format!("{}/api/auth/sessions", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+}
