@@ -63,6 +63,30 @@ pub(crate) async fn prepare_embedded(cluster: &Cluster, running: &Running) -> Re
                 .await?;
             let tenantry = connect(&cluster.pg_config(running, embedded::DATABASE_NAME)).await?;
             tenantry.batch_execute(ADOPT).await?;
+            // The superuser made each tenant's history table: hand them over
+            // one by one (one transaction for all could run out of locks).
+            let has_registry: bool = tenantry
+                .query_one("SELECT to_regclass('tenantry.tenants') IS NOT NULL", &[])
+                .await?
+                .get(0);
+            let schemas = if has_registry {
+                tenantry
+                    .query("SELECT schema_name FROM tenantry.tenants", &[])
+                    .await?
+            } else {
+                Vec::new()
+            };
+            for row in schemas {
+                if let Ok(schema) = SchemaName::parse(row.get(0)) {
+                    tenantry
+                        .batch_execute(&format!(
+                            "ALTER TABLE IF EXISTS {s}.{h} OWNER TO {service}",
+                            s = schema.quoted(),
+                            h = crate::tenancy::apply::HISTORY_TABLE,
+                        ))
+                        .await?;
+                }
+            }
         }
         Some(_) => {}
     }
@@ -294,19 +318,37 @@ async fn adopt_tenants(
             format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
         };
         let tx = client.transaction().await?;
-        tx.batch_execute(&format!(
-            "{membership}
-             ALTER SCHEMA {s} OWNER TO CURRENT_USER;
-             GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
-             ALTER TABLE {s}.{h} OWNER TO CURRENT_USER;
-             REVOKE ALL ON {s}.{h} FROM {r};",
-            s = schema.quoted(),
-            r = role.quoted(),
-            h = crate::tenancy::apply::HISTORY_TABLE,
-        ))
-        .await?;
-        tx.commit().await?;
-        tracing::info!(schema = %schema, "tenant schema handed to the service role");
+        let moved = tx
+            .batch_execute(&format!(
+                "{membership}
+                 ALTER SCHEMA {s} OWNER TO CURRENT_USER;
+                 GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
+                 ALTER TABLE {s}.{h} OWNER TO CURRENT_USER;
+                 REVOKE ALL ON {s}.{h} FROM {r};",
+                s = schema.quoted(),
+                r = role.quoted(),
+                h = crate::tenancy::apply::HISTORY_TABLE,
+            ))
+            .await;
+        match moved {
+            Ok(()) => {
+                tx.commit().await?;
+                tracing::info!(schema = %schema, "tenant schema handed to the service role");
+            }
+            // Made by a role we cannot act as (a superuser, say): the tenant
+            // keeps working as before; say what to run.
+            Err(e) => {
+                tx.rollback().await?;
+                tracing::warn!(
+                    schema = %schema,
+                    error = %e,
+                    "cannot take over this tenant schema; as a superuser run: ALTER SCHEMA {s} OWNER TO <service role>; ALTER TABLE {s}.{h} OWNER TO <service role>; GRANT USAGE, CREATE ON SCHEMA {s} TO {r}",
+                    s = schema.quoted(),
+                    r = role.quoted(),
+                    h = crate::tenancy::apply::HISTORY_TABLE,
+                );
+            }
+        }
     }
     Ok(())
 }
