@@ -166,17 +166,46 @@ pub async fn login(
             ],
         )
         .await?;
+    token_pair(
+        &state,
+        Account {
+            user_id,
+            username,
+            role,
+            schema,
+            db_role,
+        },
+        refresh_token,
+    )
+}
+
+/// Whom a token pair is for.
+struct Account {
+    user_id: Uuid,
+    username: String,
+    role: String,
+    schema: Option<String>,
+    db_role: Option<String>,
+}
+
+/// The 200 of login and refresh: a new access token with the given
+/// refresh token.
+fn token_pair(
+    state: &AppState,
+    account: Account,
+    refresh_token: String,
+) -> Result<HttpResponse, ApiError> {
     let access_token = state.jwt.issue(
-        user_id,
-        &username,
-        schema.as_deref(),
-        db_role.as_deref(),
-        &role,
+        account.user_id,
+        &account.username,
+        account.schema.as_deref(),
+        account.db_role.as_deref(),
+        &account.role,
     )?;
     Ok(HttpResponse::Ok().json(json!({
-        "user_id": user_id,
-        "username": username,
-        "schema": schema,
+        "user_id": account.user_id,
+        "username": account.username,
+        "schema": account.schema,
         "access_token": access_token,
         "refresh_token": refresh_token,
         "token_type": "Bearer",
@@ -252,25 +281,17 @@ pub async fn refresh(
     )
     .await?;
     tx.commit().await?;
-    let username: String = account.get("username");
-    let schema: Option<String> = account.get("schema_name");
-    let db_role: Option<String> = account.get("role_name");
-    let access_token = state.jwt.issue(
-        user_id,
-        &username,
-        schema.as_deref(),
-        db_role.as_deref(),
-        account.get("role"),
-    )?;
-    Ok(HttpResponse::Ok().json(json!({
-        "user_id": user_id,
-        "username": username,
-        "schema": schema,
-        "access_token": access_token,
-        "refresh_token": refresh_token,
-        "token_type": "Bearer",
-        "expires_in": ACCESS_TOKEN_SECONDS,
-    })))
+    token_pair(
+        &state,
+        Account {
+            user_id,
+            username: account.get("username"),
+            role: account.get("role"),
+            schema: account.get("schema_name"),
+            db_role: account.get("role_name"),
+        },
+        refresh_token,
+    )
 }
 
 /// `POST /api/auth/logout` `{refresh_token}` → 204: the token's whole family

@@ -36,6 +36,21 @@ impl Drop for DataDir {
     }
 }
 
+/// `tenantry serve` on the embedded cluster of `dir`, listening on `port`.
+fn spawn_serve(dir: &std::path::Path, port: u16) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TENANTRY_DATA_DIR", dir)
+        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
+        .env("BCRYPT_COST", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn pid_of(out: &std::process::Output) -> String {
     let text = stdout(out);
     let start = text.find("pid ").expect("a pid") + 4;
@@ -150,17 +165,7 @@ async fn serve_stops_the_cluster_it_started_on_sigterm() {
         .unwrap()
         .port();
 
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("TENANTRY_DATA_DIR", dir)
-        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
-        .env("BCRYPT_COST", "4")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = spawn_serve(dir, port);
     let client = reqwest::Client::new();
     let mut healthy = false;
     for _ in 0..300 {
@@ -309,17 +314,7 @@ async fn serve_survives_a_cluster_restart_and_leaves_the_new_server_running() {
         .local_addr()
         .unwrap()
         .port();
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("TENANTRY_DATA_DIR", &data.path)
-        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
-        .env("BCRYPT_COST", "4")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut serve = spawn_serve(&data.path, port);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(20))
         .build()
