@@ -292,8 +292,10 @@ async fn provision_many(
                 username: Username::parse(&format!("t{i:05}")).unwrap(),
                 email: Email::parse(&format!("t{i:05}@example.com")).unwrap(),
                 password_hash: "$2b$04$bench.bench.bench.bench.bench.bench.bench.bench.be".into(),
-                role: "user",
+                role: tenantry::auth::Role::User,
                 refresh_token: None,
+                idempotency_key: None,
+                audit: None,
             };
             provision(&mut client, installation, templates, &account)
                 .await

@@ -84,8 +84,10 @@ async fn main() {
             username: Username::parse(&format!("svc_{i}")).unwrap(),
             email: Email::parse(&format!("svc_{i}@example.com")).unwrap(),
             password_hash: hash.clone(),
-            role: "user",
+            role: tenantry::auth::Role::User,
             refresh_token: None,
+            idempotency_key: None,
+            audit: None,
         };
         // Names are generated here, not user input.
         let raw_sql = format!(

@@ -91,8 +91,10 @@ async fn main() {
                     username: Username::parse(&format!("rt{}", 1000 + i)).unwrap(),
                     email: Email::parse(&format!("rt{}@example.com", 1000 + i)).unwrap(),
                     password_hash: hash.clone(),
-                    role: "user",
+                    role: tenantry::auth::Role::User,
                     refresh_token: None,
+                    idempotency_key: None,
+                    audit: None,
                 };
                 let mut client = pool.get().await.unwrap();
                 let t = provision(&mut client, installation, templates, &account)
@@ -111,13 +113,15 @@ async fn main() {
                     .await
                     .unwrap();
                 bar.inc(1);
-                keys.issue(
-                    t.user_id,
-                    t.username.as_str(),
-                    Some(t.schema.as_str()),
-                    Some(t.role.as_str()),
-                    "user",
-                )
+                keys.issue(&tenantry::auth::Subject {
+                    user_id: t.user_id,
+                    username: t.username.as_str(),
+                    schema: Some(t.schema.as_str()),
+                    db_role: Some(t.role.as_str()),
+                    role: tenantry::auth::Role::User,
+                    generation: 0,
+                    session: None,
+                })
                 .unwrap()
             }
         })
@@ -137,6 +141,11 @@ async fn main() {
         bcrypt_cost: 4,
         templates_dir: None,
         pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
+        // The benchmark is one client making thousands of requests.
+        limits: tenantry::configuration::Limits::off(),
+        client_timeout: std::time::Duration::from_secs(10),
+        audit_anchor_file: bench.dir.join("audit-anchors"),
+        maintenance_interval: std::time::Duration::from_secs(60),
     };
     let pool_size = settings.pool_size;
     let app = Application::build(settings).await.unwrap();

@@ -51,6 +51,129 @@ pub async fn verify_password(candidate: String, hash: String) -> Result<bool, Au
     .await?)
 }
 
+/// What an account may do. Stored as text in `tenantry.users.role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A tenant: their own data, through `/api`.
+    User,
+    /// Staff: every `/admin` route.
+    Admin,
+    /// Staff: the audit log only.
+    Auditor,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    /// The registry's text; anything else is no role at all.
+    pub fn parse(raw: &str) -> Option<Role> {
+        match raw {
+            "user" => Some(Role::User),
+            "admin" => Some(Role::Admin),
+            "auditor" => Some(Role::Auditor),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who a token is issued to.
+#[derive(Debug, Clone)]
+pub struct Subject<'a> {
+    pub user_id: Uuid,
+    pub username: &'a str,
+    pub schema: Option<&'a str>,
+    pub db_role: Option<&'a str>,
+    pub role: Role,
+    pub generation: i32,
+    pub session: Option<Uuid>,
+}
+
+/// Password hashing for the service: bcrypt at the configured cost, with
+/// at most one hash or verification per core at a time (a flood of logins
+/// queues here instead of starving every other request of CPU).
+#[derive(Clone)]
+pub struct Hasher {
+    cost: u32,
+    permits: Arc<tokio::sync::Semaphore>,
+    /// A real hash at the configured cost, verified against for unknown
+    /// users so that they take as long as known ones.
+    dummy: Arc<str>,
+}
+
+impl Hasher {
+    pub async fn new(cost: u32) -> Result<Hasher, AuthError> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let permits = Arc::new(tokio::sync::Semaphore::new(cores));
+        let dummy = hash_password(
+            &Password::parse("tenantry-dummy-password").expect("a valid password"),
+            cost,
+        )
+        .await?;
+        Ok(Hasher {
+            cost,
+            permits,
+            dummy: dummy.into(),
+        })
+    }
+
+    pub fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// Take every permit (what a flood of logins does): hashing waits
+    /// until the returned permit is dropped. For tests of the bound.
+    pub async fn hold_all_permits(&self) -> tokio::sync::SemaphorePermit<'_> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        self.permits
+            .acquire_many(cores as u32)
+            .await
+            .expect("never closed")
+    }
+
+    pub async fn hash(&self, password: &Password) -> Result<String, AuthError> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        hash_password(password, self.cost).await
+    }
+
+    /// Verify against `hash`, or against the dummy hash when there is none
+    /// (then the answer is always false, after the same work).
+    pub async fn verify(&self, candidate: String, hash: Option<String>) -> Result<bool, AuthError> {
+        let _permit = self.permits.acquire().await.expect("never closed");
+        let known = hash.is_some();
+        let verified =
+            verify_password(candidate, hash.unwrap_or_else(|| self.dummy.to_string())).await?;
+        Ok(verified && known)
+    }
+
+    /// A stored hash made at another cost (or not parseable as bcrypt) is
+    /// replaced at the next successful login.
+    pub fn needs_rehash(&self, hash: &str) -> bool {
+        bcrypt_cost(hash) != Some(self.cost)
+    }
+}
+
+/// The cost of a bcrypt hash (`$2b$12$…` → 12).
+pub fn bcrypt_cost(hash: &str) -> Option<u32> {
+    let mut parts = hash.split('$');
+    let (Some(""), Some(_variant), Some(cost)) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    cost.parse().ok()
+}
+
 /// Claims of an access token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Claims {
@@ -61,8 +184,14 @@ pub struct Claims {
     pub schema: Option<String>,
     /// The tenant's database role.
     pub db_role: Option<String>,
-    /// `user`, `admin` or `auditor`.
-    pub role: String,
+    pub role: Role,
+    /// The account's token generation when this was issued; a token of an
+    /// older generation is refused (see `tenantry.users.token_generation`).
+    #[serde(rename = "gen")]
+    pub generation: i32,
+    /// The session (refresh-token family) it was issued in, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
     /// Always `access`: no other token of ours (nor one without it) can
     /// stand in for an access token.
     pub typ: String,
@@ -100,21 +229,16 @@ impl JwtKeys {
         }
     }
 
-    pub fn issue(
-        &self,
-        user_id: Uuid,
-        username: &str,
-        schema: Option<&str>,
-        db_role: Option<&str>,
-        role: &str,
-    ) -> Result<String, AuthError> {
+    pub fn issue(&self, subject: &Subject<'_>) -> Result<String, AuthError> {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims {
-            sub: user_id,
-            username: username.to_owned(),
-            schema: schema.map(str::to_owned),
-            db_role: db_role.map(str::to_owned),
-            role: role.to_owned(),
+            sub: subject.user_id,
+            username: subject.username.to_owned(),
+            schema: subject.schema.map(str::to_owned),
+            db_role: subject.db_role.map(str::to_owned),
+            role: subject.role,
+            generation: subject.generation,
+            sid: subject.session,
             typ: ACCESS_TYPE.into(),
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
@@ -172,20 +296,30 @@ mod tests {
         let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef");
         let id = Uuid::new_v4();
         let token = keys
-            .issue(
-                id,
-                "alice",
-                Some("tenant_alice"),
-                Some("tnt_x_alice"),
-                "user",
-            )
+            .issue(&Subject {
+                user_id: id,
+                username: "alice",
+                schema: Some("tenant_alice"),
+                db_role: Some("tnt_x_alice"),
+                role: Role::User,
+                generation: 3,
+                session: None,
+            })
             .unwrap();
         let claims = keys.verify(&token).unwrap();
         assert_eq!(claims.sub, id);
+        assert_eq!((claims.role, claims.generation), (Role::User, 3));
         assert_eq!(claims.exp - claims.iat, 900);
         let other = JwtKeys::new(b"another-secret-another-secret-xx");
         assert!(other.verify(&token).is_none());
         assert!(keys.verify("not.a.token").is_none());
+    }
+
+    #[test]
+    fn the_cost_of_a_hash_is_read_from_it() {
+        let hash = bcrypt::hash("x", 5).unwrap();
+        assert_eq!(bcrypt_cost(&hash), Some(5));
+        assert_eq!(bcrypt_cost("plain"), None);
     }
 
     #[test]

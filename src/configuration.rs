@@ -1,8 +1,9 @@
 //! One typed `Settings`, read from the environment and validated at start.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Where the database is.
 #[derive(Clone, Debug)]
@@ -24,6 +25,58 @@ pub struct Settings {
     pub templates_dir: Option<PathBuf>,
     /// Largest pool the service keeps.
     pub pool_size: usize,
+    /// Abuse controls (`TENANTRY_RATE_LIMIT_*`, `TENANTRY_LOGIN_MAX_FAILURES`,
+    /// `TENANTRY_TRUSTED_PROXIES`).
+    pub limits: Limits,
+    /// How long a request's body may take to arrive (idle between chunks,
+    /// and in all) before the request is cut off with 408.
+    pub client_timeout: Duration,
+    /// Where the audit chain's anchors are appended
+    /// (`TENANTRY_AUDIT_ANCHOR_FILE`, default `<data dir>/audit-anchors`).
+    pub audit_anchor_file: PathBuf,
+    /// How often `serve` anchors the audit chain and purges expired rows
+    /// (`TENANTRY_MAINTENANCE_INTERVAL`, seconds).
+    pub maintenance_interval: Duration,
+}
+
+/// Requests per minute; `0` turns a limit off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Per client IP on `/api/auth/*`.
+    pub auth_per_minute: u32,
+    /// Per client IP on other requests without a valid access token.
+    pub anon_per_minute: u32,
+    /// Per user (a valid access token) everywhere else.
+    pub user_per_minute: u32,
+    /// Failed logins in 15 minutes before an account name is locked (0: never).
+    pub login_max_failures: u32,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            auth_per_minute: 10,
+            anon_per_minute: 20,
+            user_per_minute: 100,
+            login_max_failures: 10,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// Every limit off (tests and benchmarks that create many accounts).
+    pub fn off() -> Limits {
+        Limits {
+            auth_per_minute: 0,
+            anon_per_minute: 0,
+            user_per_minute: 0,
+            login_max_failures: 0,
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +146,55 @@ impl Settings {
                     reason: "must be an integer from 1 to 1000".into(),
                 })?,
         };
+        let number = |name: &'static str, default: u32, max: u32| -> Result<u32, SettingsError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v.trim().parse::<u32>().ok().filter(|n| *n <= max).ok_or(
+                    SettingsError::Invalid {
+                        name,
+                        reason: format!("must be an integer from 0 to {max}"),
+                    },
+                ),
+            }
+        };
+        let trusted_proxies = match get("TENANTRY_TRUSTED_PROXIES") {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<IpAddr>().map_err(|_| SettingsError::Invalid {
+                        name: "TENANTRY_TRUSTED_PROXIES",
+                        reason: format!(
+                            "{s:?} is not an IP address (expected a comma-separated list)"
+                        ),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let limits = Limits {
+            auth_per_minute: number("TENANTRY_RATE_LIMIT_AUTH", 10, 1_000_000)?,
+            anon_per_minute: number("TENANTRY_RATE_LIMIT_ANON", 20, 1_000_000)?,
+            user_per_minute: number("TENANTRY_RATE_LIMIT_USER", 100, 1_000_000)?,
+            login_max_failures: number("TENANTRY_LOGIN_MAX_FAILURES", 10, 1_000_000)?,
+            trusted_proxies,
+        };
+        let client_timeout =
+            Duration::from_secs(number("TENANTRY_CLIENT_TIMEOUT", 10, 3600)?.max(1).into());
+        let maintenance_interval = Duration::from_secs(
+            number("TENANTRY_MAINTENANCE_INTERVAL", 60, 86_400)?
+                .max(1)
+                .into(),
+        );
+        let audit_anchor_file = get("TENANTRY_AUDIT_ANCHOR_FILE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data_dir.join("audit-anchors"));
         Ok(Settings {
+            limits,
+            client_timeout,
+            audit_anchor_file,
+            maintenance_interval,
             database,
             data_dir,
             bind,
@@ -184,6 +285,31 @@ mod tests {
         .unwrap();
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2") && !shown.contains("-secret"));
+    }
+
+    #[test]
+    fn limits_have_the_documented_defaults_and_zero_turns_them_off() {
+        let s = Settings::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(s.limits, Limits::default());
+        assert_eq!(
+            (
+                s.limits.auth_per_minute,
+                s.limits.anon_per_minute,
+                s.limits.user_per_minute
+            ),
+            (10, 20, 100)
+        );
+        let s = Settings::from_lookup(lookup(&[
+            ("TENANTRY_RATE_LIMIT_AUTH", "0"),
+            ("TENANTRY_TRUSTED_PROXIES", "10.0.0.1, ::1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.limits.auth_per_minute, 0);
+        assert_eq!(s.limits.trusted_proxies.len(), 2);
+        assert!(Settings::from_lookup(lookup(&[("TENANTRY_RATE_LIMIT_USER", "-1")])).is_err());
+        assert!(
+            Settings::from_lookup(lookup(&[("TENANTRY_TRUSTED_PROXIES", "10.0.0.0/8x")])).is_err()
+        );
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod configuration;
 pub mod db;
 pub mod domain;
 pub mod embedded;
+pub mod maintenance;
 pub mod routing;
 pub mod startup;
 pub mod tenancy;

@@ -19,15 +19,26 @@ use uuid::Uuid;
 
 use crate::db;
 
-/// Enter the tenant of user `$1`: its schema and role, read from the
-/// registry (never from the token), set transaction-locally. No active
-/// tenant makes `1 / count(*)` divide by zero, which aborts the transaction:
-/// statements pipelined behind this one then never run as the service.
+/// Enter the tenant of user `$1` whose access token has generation `$2`:
+/// its schema and role, read from the registry (never from the token), set
+/// transaction-locally. No active tenant, a disabled account or a token of
+/// an older generation (password changed, signed out everywhere) makes
+/// `1 / count(*)` divide by zero, which aborts the transaction: statements
+/// pipelined behind this one then never run as the service.
 const ENTER: &str = "SELECT 1 / count(*) AS entered,
-        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(schema_name)) || ', reference', true),
-        pg_catalog.set_config('role', max(role_name), true),
-        max(template_version) AS template_version
- FROM tenantry.tenants WHERE user_id = $1 AND status = 'active'";
+        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true),
+        pg_catalog.set_config('role', max(t.role_name), true),
+        max(t.template_version) AS template_version
+ FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
+ WHERE t.user_id = $1 AND t.status = 'active'
+   AND u.token_generation = $2 AND u.disabled_at IS NULL";
+
+/// Who a routed request is for: the access token's user and generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub user_id: Uuid,
+    pub generation: i32,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -91,10 +102,10 @@ pub struct TenantTx {
 impl TenantTx {
     /// Check out, `BEGIN` and enter the user's tenant: one round trip (two
     /// the first time a connection routes, to prepare the statement).
-    #[tracing::instrument(name = "route", skip_all, fields(user = %user_id))]
+    #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn begin(
         pool: &Pool,
-        user_id: Uuid,
+        caller: Caller,
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
         let client = pool.get().await?;
@@ -104,7 +115,7 @@ impl TenantTx {
             template_version: 0,
         };
         let c = guard.client();
-        let enter_params: [&(dyn ToSql + Sync); 1] = [&user_id];
+        let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
         let (begun, entered) = futures::join!(
             c.batch_execute(access.begin()),
             c.query_one(&enter, &enter_params)
@@ -133,10 +144,10 @@ impl TenantTx {
     /// A statement new to the connection is prepared behind the `BEGIN` and
     /// the entry (its names must resolve in the tenant's schema): one more
     /// round trip, once per connection.
-    #[tracing::instrument(name = "route", skip_all, fields(user = %user_id))]
+    #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn once(
         pool: &Pool,
-        user_id: Uuid,
+        caller: Caller,
         access: Access,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -149,7 +160,7 @@ impl TenantTx {
         };
         let (begun, entered, statement, rows, ended) = {
             let c = guard.client();
-            let enter_params: [&(dyn ToSql + Sync); 1] = [&user_id];
+            let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
             let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));
             // Polling a request once puts it on the wire (see db::pipeline).

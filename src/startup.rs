@@ -8,7 +8,9 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use deadpool_postgres::Pool;
 
-use crate::auth::JwtKeys;
+use crate::api::middleware::{self, RateLimits};
+use crate::audit::Pseudonyms;
+use crate::auth::{Hasher, JwtKeys};
 use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
 use crate::templates::{TemplateError, TemplateSet};
@@ -22,10 +24,14 @@ pub struct AppState {
     pub installation: Installation,
     pub templates: Arc<TemplateSet>,
     pub jwt: JwtKeys,
-    pub bcrypt_cost: u32,
-    /// A real bcrypt hash at the configured cost, verified against for
-    /// unknown users so that they take as long as known ones.
-    pub dummy_hash: String,
+    /// bcrypt at the configured cost, bounded to the core count.
+    pub hasher: Hasher,
+    /// Pseudonyms for the audit log.
+    pub pseudonyms: Pseudonyms,
+    /// Failed logins before an account name is locked (0: never).
+    pub login_max_failures: u32,
+    /// How long a request body may take (`middleware::body_timeout`).
+    pub client_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,28 +150,39 @@ impl Application {
         .await?;
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
-        let cost = settings.bcrypt_cost;
-        let dummy_hash = crate::auth::hash_password(
-            &crate::domain::Password::parse("tenantry-dummy-password").expect("valid"),
-            cost,
-        )
-        .await?;
         let state = web::Data::new(AppState {
             pool: context.pool,
             db_config,
             installation: context.installation,
             templates: context.templates,
             jwt: JwtKeys::new(secret.expose().as_bytes()),
-            bcrypt_cost: cost,
-            dummy_hash,
+            hasher: Hasher::new(settings.bcrypt_cost).await?,
+            pseudonyms: Pseudonyms::from_secret(secret.expose().as_bytes()),
+            login_max_failures: settings.limits.login_max_failures,
+            client_timeout: settings.client_timeout,
         });
+        let limits = web::Data::new(RateLimits::new(&settings.limits));
+        crate::maintenance::spawn(
+            state.clone().into_inner(),
+            limits.clone().into_inner(),
+            settings.audit_anchor_file.clone(),
+            settings.maintenance_interval,
+        );
         let addr = settings.bind.to_string();
+        let client_timeout = settings.client_timeout;
         Ok(HttpServer::new(move || {
             App::new()
-                .wrap(request_log())
                 .app_data(state.clone())
+                .app_data(limits.clone())
                 .configure(crate::api::configure)
+                .wrap(actix_web::middleware::from_fn(middleware::body_timeout))
+                .wrap(actix_web::middleware::from_fn(middleware::rate_limit))
+                .wrap(actix_web::middleware::from_fn(middleware::head_as_get))
+                .wrap(middleware::security_headers())
+                .wrap(request_log())
         })
+        .client_request_timeout(client_timeout)
+        .client_disconnect_timeout(std::time::Duration::from_secs(1))
         .listen(listener)
         .map_err(|source| StartupError::Bind { addr, source })?
         .run())

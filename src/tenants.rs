@@ -62,3 +62,27 @@ pub async fn find(
         .await?;
     Ok(row.as_ref().map(from_row))
 }
+
+/// A page of tenants by username, after `after`, optionally of one status
+/// and/or template version. `limit` rows at most.
+pub async fn page(
+    client: &impl tokio_postgres::GenericClient,
+    status: Option<&str>,
+    version: Option<i32>,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TenantInfo>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "{SELECT}
+                 WHERE ($1::text IS NULL OR t.status = $1)
+                   AND ($2::int4 IS NULL OR t.template_version = $2)
+                   AND ($3::text IS NULL OR t.username > $3)
+                 ORDER BY t.username LIMIT $4"
+            ),
+            &[&status, &version, &after, &limit],
+        )
+        .await?;
+    Ok(rows.iter().map(from_row).collect())
+}

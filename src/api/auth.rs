@@ -1,14 +1,19 @@
-//! Signup, login, and refresh-token rotation and revocation.
+//! Signup (idempotent), login (throttled), refresh-token rotation,
+//! logout and password change. Every security-relevant outcome is appended
+//! to the audit log in the transaction that makes it.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::api::extract::CurrentUser;
+use crate::api::middleware::RateLimits;
 use crate::api::ApiError;
-use crate::auth::{self, ACCESS_TOKEN_SECONDS};
+use crate::audit::{self, Action, Entry};
+use crate::auth::{self, Role, Subject, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
-use crate::provisioning::{self, NewAccount, RefreshTokenRow};
+use crate::provisioning::{self, AuditContext, NewAccount, ProvisionError, RefreshTokenRow};
 use crate::startup::AppState;
 
 fn agent_of(request: &HttpRequest) -> Option<String> {
@@ -20,6 +25,15 @@ fn agent_of(request: &HttpRequest) -> Option<String> {
     )
 }
 
+/// The client's address, pseudonymised for the audit log.
+pub(crate) fn client_of(state: &AppState, request: &HttpRequest) -> Option<String> {
+    let ip = match request.app_data::<web::Data<RateLimits>>() {
+        Some(limits) => limits.client_ip(request),
+        None => request.peer_addr().map(|a| a.ip()),
+    }?;
+    Some(state.pseudonyms.client(ip))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
@@ -28,17 +42,44 @@ pub struct RegisterRequest {
     password: String,
 }
 
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = request.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or(ApiError::BadRequest {
+            code: "invalid_idempotency_key",
+            message: "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        })?;
+    Ok(Some(key.to_owned()))
+}
+
 /// `POST /api/auth/register`: a user and their complete tenant, or nothing.
+/// With an `Idempotency-Key`, a retry of the same request within 24 hours
+/// gets the original account's 201 (with fresh tokens) instead of a 409;
+/// the same key with another body is a 422.
 #[tracing::instrument(skip_all, fields(tenant = tracing::field::Empty))]
 pub async fn register(
     state: web::Data<AppState>,
     request: HttpRequest,
     body: web::Json<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let key = idempotency_key(&request)?;
     let username = Username::parse(&body.username)?;
     tracing::Span::current().record("tenant", username.as_str());
     let email = Email::parse(&body.email)?;
     let password = Password::parse(&body.password)?;
+
+    if let Some(key) = &key {
+        if let Some(replayed) = replay(&state, &request, key, &username, &email, &body).await? {
+            return Ok(replayed);
+        }
+    }
 
     // Spare the bcrypt work for a name or email that is plainly taken. The
     // transaction below is what guarantees uniqueness; this is only a
@@ -55,34 +96,57 @@ pub async fn register(
             .await?
         {
             let same_name: bool = row.get(0);
-            return Err(provisioning::ProvisionError::from_taken(same_name, &username).into());
+            return Err(ProvisionError::from_taken(same_name, &username).into());
         }
     }
 
-    let password_hash = auth::hash_password(&password, state.bcrypt_cost).await?;
+    let password_hash = state.hasher.hash(&password).await?;
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
+    let family_id = Uuid::new_v4();
     let account = NewAccount {
         username,
-        email,
+        email: email.clone(),
         password_hash,
-        role: "user",
+        role: Role::User,
         refresh_token: Some(RefreshTokenRow {
-            family_id: Uuid::new_v4(),
+            family_id,
             hash: refresh_hash,
             user_agent: agent_of(&request),
         }),
+        idempotency_key: key.clone(),
+        audit: Some(AuditContext {
+            pseudonyms: state.pseudonyms.clone(),
+            actor: None,
+            client: client_of(&state, &request),
+        }),
     };
     let mut client = state.pool.get().await?;
-    let tenant =
-        provisioning::provision(&mut client, &state.installation, &state.templates, &account)
-            .await?;
-    let access_token = state.jwt.issue(
-        tenant.user_id,
-        tenant.username.as_str(),
-        Some(tenant.schema.as_str()),
-        Some(tenant.role.as_str()),
-        "user",
-    )?;
+    let provisioned =
+        provisioning::provision(&mut client, &state.installation, &state.templates, &account).await;
+    drop(client);
+    let tenant = match provisioned {
+        Ok(t) => t,
+        Err(e) => {
+            // A concurrent request with the same key may have won the race.
+            if let Some(key) = &key {
+                if let Some(replayed) =
+                    replay(&state, &request, key, &account.username, &email, &body).await?
+                {
+                    return Ok(replayed);
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let access_token = state.jwt.issue(&Subject {
+        user_id: tenant.user_id,
+        username: tenant.username.as_str(),
+        schema: Some(tenant.schema.as_str()),
+        db_role: Some(tenant.role.as_str()),
+        role: Role::User,
+        generation: 0,
+        session: Some(family_id),
+    })?;
     Ok(HttpResponse::Created().json(json!({
         "user_id": tenant.user_id,
         "username": tenant.username.as_str(),
@@ -95,6 +159,84 @@ pub async fn register(
     })))
 }
 
+/// The 201 again for a signup retried with its `Idempotency-Key`: the same
+/// account (if the body is the same: name, email, and a password that
+/// verifies against the stored hash) with a new session. `None` when the
+/// key is unknown or expired.
+async fn replay(
+    state: &AppState,
+    request: &HttpRequest,
+    key: &str,
+    username: &Username,
+    email: &Email,
+    body: &RegisterRequest,
+) -> Result<Option<HttpResponse>, ApiError> {
+    let row = {
+        let client = state.pool.get().await?;
+        client
+            .query_opt(
+                "SELECT u.id, u.username, u.email, u.password_hash, u.token_generation,
+                        t.schema_name, t.role_name, t.template_version
+                 FROM tenantry.idempotency_keys k
+                 JOIN tenantry.users u ON u.id = k.user_id
+                 JOIN tenantry.tenants t ON t.user_id = u.id
+                 WHERE k.key = $1 AND k.created_at > now() - interval '24 hours'",
+                &[&key],
+            )
+            .await?
+    };
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let same_names = row.get::<_, String>("username") == username.as_str()
+        && row.get::<_, String>("email") == email.as_str();
+    let same_password = state
+        .hasher
+        .verify(body.password.clone(), Some(row.get("password_hash")))
+        .await?;
+    if !(same_names && same_password) {
+        return Err(ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            message: "this Idempotency-Key was used for a different signup".into(),
+        });
+    }
+    let user_id: Uuid = row.get("id");
+    let family = Uuid::new_v4();
+    let (refresh_token, refresh_hash) = auth::new_refresh_token();
+    let client = state.pool.get().await?;
+    client
+        .execute(
+            auth::INSERT_REFRESH_TOKEN,
+            &[&family, &user_id, &refresh_hash, &agent_of(request)],
+        )
+        .await?;
+    let schema: String = row.get("schema_name");
+    let db_role: String = row.get("role_name");
+    let access_token = state.jwt.issue(&Subject {
+        user_id,
+        username: username.as_str(),
+        schema: Some(&schema),
+        db_role: Some(&db_role),
+        role: Role::User,
+        generation: row.get("token_generation"),
+        session: Some(family),
+    })?;
+    Ok(Some(
+        HttpResponse::Created()
+            .insert_header(("Idempotent-Replayed", "true"))
+            .json(json!({
+                "user_id": user_id,
+                "username": username.as_str(),
+                "schema": schema,
+                "template_version": row.get::<_, i32>("template_version"),
+                "access_token": access_token,
+                "refresh_token": refresh_token,
+                "token_type": "Bearer",
+                "expires_in": ACCESS_TOKEN_SECONDS,
+            })),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
@@ -102,17 +244,47 @@ pub struct LoginRequest {
     password: String,
 }
 
-/// A login's writes, in one statement: a new refresh-token family, and
-/// the time of the login.
-static LOGIN_WRITES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH t AS ({}) UPDATE tenantry.users SET last_login_at = now() WHERE id = $2",
-        auth::INSERT_REFRESH_TOKEN
-    )
-});
+/// The account (if any) behind a login, and how long its name is locked.
+const LOGIN_LOOKUP: &str = "\
+SELECT u.id, u.username, u.password_hash, u.role, u.token_generation,
+       u.disabled_at IS NOT NULL AS disabled, t.schema_name, t.role_name,
+       (SELECT ceil(extract(epoch FROM l.locked_until - now()))::int8
+        FROM tenantry.login_throttle l
+        WHERE l.username = $2 AND l.locked_until > now()) AS locked_for
+FROM (SELECT 1) AS one
+LEFT JOIN tenantry.users u ON u.username = $1
+LEFT JOIN tenantry.tenants t ON t.user_id = u.id";
+
+/// Count a failed login against a name (in a 15-minute window).
+const COUNT_FAILURE: &str = "\
+INSERT INTO tenantry.login_throttle AS l (username, failures, window_start)
+VALUES ($1, 1, now())
+ON CONFLICT (username) DO UPDATE SET
+    failures = CASE WHEN l.window_start < now() - interval '15 minutes' THEN 1 ELSE l.failures + 1 END,
+    window_start = CASE WHEN l.window_start < now() - interval '15 minutes' THEN now() ELSE l.window_start END
+RETURNING failures";
+
+/// Lock a name: 1 minute, doubling with each lockout, at most 15 minutes;
+/// the count starts again.
+const LOCK_NAME: &str = "\
+UPDATE tenantry.login_throttle
+SET locked_until = now() + least(interval '15 minutes', interval '1 minute' * power(2, least(lockouts, 10))),
+    lockouts = lockouts + 1, failures = 0, window_start = now()
+WHERE username = $1
+RETURNING ceil(extract(epoch FROM locked_until - now()))::int8";
+
+/// What the throttle keys on: the name as presented, so unknown names are
+/// counted exactly like existing ones.
+fn throttle_key(raw: &str) -> String {
+    raw.trim().to_lowercase().chars().take(64).collect()
+}
 
 /// `POST /api/auth/login`. An unknown user and a wrong password get the same
-/// 401, in body and in time: unknown users are verified against a dummy hash.
+/// 401, in body and in time (unknown users are verified against a dummy
+/// hash, and count against the throttle the same way). After
+/// `TENANTRY_LOGIN_MAX_FAILURES` failures in 15 minutes the name gets 429
+/// with `Retry-After`, without a password check, for a back-off that
+/// expires.
 #[tracing::instrument(skip_all)]
 pub async fn login(
     state: web::Data<AppState>,
@@ -120,72 +292,146 @@ pub async fn login(
     body: web::Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let account = match Username::parse(&body.username) {
-        Ok(username) => {
-            let client = state.pool.get().await?;
-            let stmt = client
-                .prepare_cached(
-                    "SELECT u.id, u.username, u.password_hash, u.role, t.schema_name, t.role_name
-                     FROM tenantry.users u LEFT JOIN tenantry.tenants t ON t.user_id = u.id
-                     WHERE u.username = $1",
-                )
-                .await?;
-            client.query_opt(&stmt, &[&username.as_str()]).await?
-        }
-        Err(_) => None,
+    let name_key = throttle_key(&body.username);
+    let username = Username::parse(&body.username).ok();
+    let row = {
+        let client = state.pool.get().await?;
+        let stmt = client.prepare_cached(LOGIN_LOOKUP).await?;
+        client
+            .query_one(&stmt, &[&username.as_ref().map(|u| u.as_str()), &name_key])
+            .await?
     };
-    let hash = account
-        .as_ref()
-        .map(|row| row.get::<_, String>(2))
-        .unwrap_or_else(|| state.dummy_hash.clone());
+    if state.login_max_failures > 0 {
+        if let Some(seconds) = row.get::<_, Option<i64>>("locked_for") {
+            return Err(ApiError::Throttled {
+                retry_after: seconds.max(1) as u64,
+            });
+        }
+    }
+    let user_id: Option<Uuid> = row.get("id");
+    let stored_hash: Option<String> = row.get("password_hash");
     // bcrypt only reads 72 bytes; a longer password was never accepted at
     // signup, so it can never be right (but costs the same to refuse).
     let too_long = body.password.len() > 72;
-    let verified = auth::verify_password(body.password, hash).await?;
-    let row = match account {
-        Some(row) if verified && !too_long => row,
-        _ => return Err(ApiError::InvalidCredentials),
+    let verified = state
+        .hasher
+        .verify(body.password.clone(), stored_hash.clone())
+        .await?;
+    let disabled: Option<bool> = row.get("disabled");
+    let client_pseudonym = client_of(&state, &request);
+
+    let (Some(user_id), Some(stored_hash), true, false, Some(false)) =
+        (user_id, stored_hash, verified, too_long, disabled)
+    else {
+        let subject = match user_id {
+            Some(id) => state.pseudonyms.user(id),
+            None => state.pseudonyms.name(&name_key),
+        };
+        return Err(login_failed(&state, &name_key, subject, client_pseudonym).await?);
     };
 
-    let user_id: Uuid = row.get(0);
-    let username: String = row.get(1);
-    let role: String = row.get(3);
-    let schema: Option<String> = row.get(4);
-    let db_role: Option<String> = row.get(5);
+    let role = Role::parse(&row.get::<_, String>("role")).ok_or(ApiError::InvalidCredentials)?;
+    // Made at another cost (BCRYPT_COST changed): rehash now that we have
+    // the password.
+    let rehash = match Password::parse(&body.password) {
+        Ok(p) if state.hasher.needs_rehash(&stored_hash) => Some(state.hasher.hash(&p).await?),
+        _ => None,
+    };
+    let family = Uuid::new_v4();
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
-    let client = state.pool.get().await?;
-    let stmt = client.prepare_cached(&LOGIN_WRITES).await?;
-    client
-        .execute(
-            &stmt,
-            &[
-                &Uuid::new_v4(),
-                &user_id,
-                &refresh_hash,
-                &agent_of(&request),
-            ],
+    let entry = Entry::new(Action::LoginSucceeded)
+        .actor(state.pseudonyms.user(user_id))
+        .client(client_pseudonym)
+        .detail("session", family)
+        .detail("rehashed", rehash.is_some());
+    {
+        let mut client = state.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            auth::INSERT_REFRESH_TOKEN,
+            &[&family, &user_id, &refresh_hash, &agent_of(&request)],
         )
         .await?;
+        tx.execute(
+            "UPDATE tenantry.users
+             SET last_login_at = now(), password_hash = coalesce($3, password_hash)
+             WHERE id = $1 AND password_hash = $2",
+            &[&user_id, &stored_hash, &rehash],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM tenantry.login_throttle WHERE username = $1",
+            &[&name_key],
+        )
+        .await?;
+        audit::append(&*tx, &entry).await?;
+        tx.commit().await?;
+    }
     token_pair(
         &state,
         Account {
             user_id,
-            username,
+            username: row.get("username"),
             role,
-            schema,
-            db_role,
+            schema: row.get("schema_name"),
+            db_role: row.get("role_name"),
+            generation: row.get("token_generation"),
         },
+        family,
         refresh_token,
     )
+}
+
+/// Record a failed login (throttle count, audit entries) and return the
+/// error to answer: 401, or 429 when this failure locked the name.
+async fn login_failed(
+    state: &AppState,
+    name_key: &str,
+    subject: String,
+    client: Option<String>,
+) -> Result<ApiError, ApiError> {
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    let mut locked_for = None;
+    if state.login_max_failures > 0 {
+        let failures: i32 = tx.query_one(COUNT_FAILURE, &[&name_key]).await?.get(0);
+        if failures as i64 >= i64::from(state.login_max_failures) {
+            let seconds: i64 = tx.query_one(LOCK_NAME, &[&name_key]).await?.get(0);
+            locked_for = Some(seconds.max(1) as u64);
+        }
+    }
+    audit::append(
+        &*tx,
+        &Entry::new(Action::LoginFailed)
+            .subject(subject.clone())
+            .client(client.clone()),
+    )
+    .await?;
+    if let Some(seconds) = locked_for {
+        audit::append(
+            &*tx,
+            &Entry::new(Action::LoginThrottled)
+                .subject(subject)
+                .client(client)
+                .detail("locked_seconds", seconds),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(match locked_for {
+        Some(retry_after) => ApiError::Throttled { retry_after },
+        None => ApiError::InvalidCredentials,
+    })
 }
 
 /// Whom a token pair is for.
 struct Account {
     user_id: Uuid,
     username: String,
-    role: String,
+    role: Role,
     schema: Option<String>,
     db_role: Option<String>,
+    generation: i32,
 }
 
 /// The 200 of login and refresh: a new access token with the given
@@ -193,19 +439,23 @@ struct Account {
 fn token_pair(
     state: &AppState,
     account: Account,
+    session: Uuid,
     refresh_token: String,
 ) -> Result<HttpResponse, ApiError> {
-    let access_token = state.jwt.issue(
-        account.user_id,
-        &account.username,
-        account.schema.as_deref(),
-        account.db_role.as_deref(),
-        &account.role,
-    )?;
+    let access_token = state.jwt.issue(&Subject {
+        user_id: account.user_id,
+        username: &account.username,
+        schema: account.schema.as_deref(),
+        db_role: account.db_role.as_deref(),
+        role: account.role,
+        generation: account.generation,
+        session: Some(session),
+    })?;
     Ok(HttpResponse::Ok().json(json!({
         "user_id": account.user_id,
         "username": account.username,
         "schema": account.schema,
+        "role": account.role,
         "access_token": access_token,
         "refresh_token": refresh_token,
         "token_type": "Bearer",
@@ -233,11 +483,12 @@ const REVOKE_REPLAYED_FAMILY: &str = "\
 UPDATE tenantry.refresh_tokens SET revoked_at = now()
 WHERE revoked_at IS NULL
   AND family_id = (SELECT family_id FROM tenantry.refresh_tokens
-                   WHERE token_hash = $1 AND used_at IS NOT NULL)";
+                   WHERE token_hash = $1 AND used_at IS NOT NULL)
+RETURNING user_id, family_id";
 
 /// `POST /api/auth/refresh` `{refresh_token}`: a new pair, the old refresh
 /// token used up (rotation). Unknown, expired, revoked or used → 401; a used
-/// one also revokes its family.
+/// one also revokes its family and is audited as a security event.
 #[tracing::instrument(skip_all)]
 pub async fn refresh(
     state: web::Data<AppState>,
@@ -251,25 +502,38 @@ pub async fn refresh(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let Some(consumed) = tx.query_opt(CONSUME, &[&hash]).await? else {
-        let revoked = tx.execute(REVOKE_REPLAYED_FAMILY, &[&hash]).await?;
-        tx.commit().await?;
-        if revoked > 0 {
+        let revoked = tx.query(REVOKE_REPLAYED_FAMILY, &[&hash]).await?;
+        if let Some(first) = revoked.first() {
+            let user: Uuid = first.get(0);
+            let family: Uuid = first.get(1);
             tracing::warn!(
                 security_event = "refresh_token_reuse",
-                revoked,
+                revoked = revoked.len(),
                 "a used refresh token was presented again; its family is revoked"
             );
+            audit::append(
+                &*tx,
+                &Entry::new(Action::RefreshTokenReuse)
+                    .subject(state.pseudonyms.user(user))
+                    .client(client_of(&state, &request))
+                    .detail("session", family)
+                    .detail("revoked_tokens", revoked.len()),
+            )
+            .await?;
         }
+        tx.commit().await?;
         return Err(ApiError::Unauthorized);
     };
     let family: Uuid = consumed.get("family_id");
     let user_id: Uuid = consumed.get("user_id");
-    // The account as it is now; a tenant that is not active gets no tokens.
+    // The account as it is now; a disabled account, or a tenant that is not
+    // active, gets no tokens.
     let account = tx
         .query_opt(
-            "SELECT u.username, u.role, t.schema_name, t.role_name
+            "SELECT u.username, u.role, u.token_generation, t.schema_name, t.role_name
              FROM tenantry.users u LEFT JOIN tenantry.tenants t ON t.user_id = u.id
-             WHERE u.id = $1 AND (t.status IS NULL OR t.status = 'active')",
+             WHERE u.id = $1 AND u.disabled_at IS NULL
+               AND (t.status IS NULL OR t.status = 'active')",
             &[&user_id],
         )
         .await?
@@ -286,10 +550,12 @@ pub async fn refresh(
         Account {
             user_id,
             username: account.get("username"),
-            role: account.get("role"),
+            role: Role::parse(&account.get::<_, String>("role")).ok_or(ApiError::Unauthorized)?,
             schema: account.get("schema_name"),
             db_role: account.get("role_name"),
+            generation: account.get("token_generation"),
         },
+        family,
         refresh_token,
     )
 }
@@ -300,19 +566,125 @@ pub async fn refresh(
 #[tracing::instrument(skip_all)]
 pub async fn logout(
     state: web::Data<AppState>,
+    request: HttpRequest,
     body: web::Json<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if body.refresh_token.len() <= 256 {
         let hash = auth::refresh_token_hash(&body.refresh_token);
-        let client = state.pool.get().await?;
-        client
-            .execute(
+        let mut client = state.pool.get().await?;
+        let tx = client.transaction().await?;
+        let revoked = tx
+            .query(
                 "UPDATE tenantry.refresh_tokens SET revoked_at = now()
                  WHERE revoked_at IS NULL
-                   AND family_id = (SELECT family_id FROM tenantry.refresh_tokens WHERE token_hash = $1)",
+                   AND family_id = (SELECT family_id FROM tenantry.refresh_tokens WHERE token_hash = $1)
+                 RETURNING user_id, family_id",
                 &[&hash],
             )
             .await?;
+        if let Some(first) = revoked.first() {
+            audit::append(
+                &*tx,
+                &Entry::new(Action::Logout)
+                    .actor(state.pseudonyms.user(first.get(0)))
+                    .client(client_of(&state, &request))
+                    .detail("session", first.get::<_, Uuid>(1)),
+            )
+            .await?;
+        }
+        tx.commit().await?;
     }
     Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordRequest {
+    current_password: String,
+    new_password: String,
+}
+
+/// `POST /api/auth/change-password` `{current_password, new_password}` →
+/// 200 with a new access token. Every other session ends, and every access
+/// token issued before (this one's included) stops working at once: the
+/// account's token generation moves on. The session the call came from
+/// keeps its refresh token. A wrong current password is a 401.
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
+pub async fn change_password(
+    state: web::Data<AppState>,
+    request: HttpRequest,
+    user: CurrentUser,
+    body: web::Json<ChangePasswordRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let new_password = Password::parse(&body.new_password).map_err(|mut e| {
+        e.field = "new_password";
+        e
+    })?;
+    let stored: String = {
+        let client = state.pool.get().await?;
+        client
+            .query_one(
+                "SELECT password_hash FROM tenantry.users WHERE id = $1",
+                &[&user.id()],
+            )
+            .await?
+            .get(0)
+    };
+    if body.current_password.len() > 72
+        || !state
+            .hasher
+            .verify(body.current_password, Some(stored.clone()))
+            .await?
+    {
+        return Err(ApiError::InvalidCredentials);
+    }
+    let new_hash = state.hasher.hash(&new_password).await?;
+    let session = user.claims.sid;
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    // Only if nothing changed it meanwhile (another change, a disable).
+    let row = tx
+        .query_opt(
+            "UPDATE tenantry.users
+             SET password_hash = $3, password_changed_at = now(), updated_at = now(),
+                 token_generation = token_generation + 1
+             WHERE id = $1 AND password_hash = $2 AND disabled_at IS NULL
+             RETURNING token_generation, username, role",
+            &[&user.id(), &stored, &new_hash],
+        )
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    let revoked = tx
+        .execute(
+            "UPDATE tenantry.refresh_tokens SET revoked_at = now()
+             WHERE user_id = $1 AND revoked_at IS NULL AND family_id IS DISTINCT FROM $2",
+            &[&user.id(), &session],
+        )
+        .await?;
+    audit::append(
+        &*tx,
+        &Entry::new(Action::PasswordChanged)
+            .actor(state.pseudonyms.user(user.id()))
+            .client(client_of(&state, &request))
+            .detail("sessions_revoked", revoked),
+    )
+    .await?;
+    tx.commit().await?;
+    let username: String = row.get("username");
+    let access_token = state.jwt.issue(&Subject {
+        user_id: user.id(),
+        username: &username,
+        schema: user.claims.schema.as_deref(),
+        db_role: user.claims.db_role.as_deref(),
+        role: user.role,
+        generation: row.get("token_generation"),
+        session,
+    })?;
+    Ok(HttpResponse::Ok().json(json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": ACCESS_TOKEN_SECONDS,
+        "sessions_revoked": revoked,
+    })))
 }

@@ -128,7 +128,7 @@ pub async fn list(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         &sql,
         &[&at, &id, &(limit + 1)],
@@ -166,7 +166,7 @@ pub async fn create(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadWrite,
         &sql,
         &[&input.title, &input.topic.as_ref().map(wire_name)],
@@ -214,7 +214,7 @@ pub async fn messages(
                WHERE c.id = $1";
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         sql,
         &[&id.into_inner(), &after, &(limit + 1)],
@@ -253,7 +253,7 @@ pub async fn post_message(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadWrite,
         &sql,
         &[

@@ -29,6 +29,12 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("{0}")]
     NotFound(String),
+    #[error("{message}")]
+    Unprocessable { code: &'static str, message: String },
+    #[error("too many failed logins; try again in {retry_after} s")]
+    Throttled { retry_after: u64 },
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     #[error("the database is unavailable")]
     Unavailable,
     #[error("internal error")]
@@ -43,7 +49,11 @@ impl ApiError {
     fn code(&self) -> String {
         match self {
             ApiError::Validation(v) => format!("invalid_{}", v.field),
-            ApiError::BadRequest { code, .. } | ApiError::Conflict { code, .. } => (*code).into(),
+            ApiError::BadRequest { code, .. }
+            | ApiError::Conflict { code, .. }
+            | ApiError::Unprocessable { code, .. } => (*code).into(),
+            ApiError::Throttled { .. } => "too_many_attempts".into(),
+            ApiError::RequestTimeout => "request_timeout".into(),
             ApiError::InvalidCredentials => "invalid_credentials".into(),
             ApiError::Unauthorized => "unauthorized".into(),
             ApiError::Forbidden(_) => "forbidden".into(),
@@ -62,6 +72,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidCredentials | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +90,13 @@ impl ResponseError for ApiError {
         }
         if matches!(self, ApiError::Unavailable) {
             response.insert_header(("Retry-After", "5"));
+        }
+        if let ApiError::Throttled { retry_after } = self {
+            response.insert_header(("Retry-After", retry_after.to_string()));
+        }
+        if matches!(self, ApiError::RequestTimeout) {
+            // The rest of the body may still be on its way: end the connection.
+            response.force_close();
         }
         response.json(error_body(&self.code(), &self.to_string()))
     }

@@ -233,7 +233,7 @@ pub async fn list(
         );
         let rows = TenantTx::once(
             &state.pool,
-            user.0.sub,
+            user.caller(),
             Access::ReadOnly,
             &sql,
             &[&q, &rank, &id, &fetch],
@@ -265,7 +265,7 @@ pub async fn list(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         &sql,
         &[&date, &id, &fetch],
@@ -298,7 +298,7 @@ pub async fn create(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadWrite,
         &sql,
         &[
@@ -333,7 +333,7 @@ pub async fn get(
     let sql = format!("SELECT {COLUMNS} FROM experiences WHERE id = $1");
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         &sql,
         &[&id.into_inner()],
@@ -352,7 +352,7 @@ pub async fn update(
     body: web::Json<ExperiencePatch>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    let tx = TenantTx::begin(&state.pool, user.0.sub, Access::ReadWrite).await?;
+    let tx = TenantTx::begin(&state.pool, user.caller(), Access::ReadWrite).await?;
     let select = format!("SELECT {COLUMNS} FROM experiences WHERE id = $1 FOR UPDATE");
     let Some(row) = tx.query_opt(&select, &[&id]).await? else {
         tx.rollback().await?;
@@ -405,7 +405,7 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadWrite,
         "DELETE FROM experiences WHERE id = $1 RETURNING id",
         &[&id.into_inner()],

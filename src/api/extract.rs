@@ -1,44 +1,69 @@
 //! The authenticated caller, from `Authorization: Bearer <access token>`.
+//!
+//! [`AuthenticatedUser`] only checks the token's signature and claims: it is
+//! for the tenant routes, whose guard ([`crate::routing::TenantTx`]) checks
+//! the registry (account enabled, token generation current) in the same
+//! statement that routes. Every other route takes [`CurrentUser`] (or
+//! [`AdminUser`] / [`AuditReader`]), which checks the registry itself. So
+//! on every route a token stops working the moment its account is erased
+//! or disabled, its password changes, or it signs out everywhere.
 
 use std::future::{ready, Ready};
 
 use futures::future::LocalBoxFuture;
 
 use actix_web::{web, FromRequest, HttpRequest};
+use uuid::Uuid;
 
+use crate::api::middleware::bearer_claims;
 use crate::api::ApiError;
-use crate::auth::Claims;
+use crate::auth::{Claims, Role};
+use crate::routing::Caller;
 use crate::startup::AppState;
 
+/// A valid access token's claims (signature, issuer, audience, expiry and
+/// type checked; the registry not yet).
 #[derive(Debug, Clone)]
 pub struct AuthenticatedUser(pub Claims);
+
+impl AuthenticatedUser {
+    /// Whom the tenant guard routes to.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            user_id: self.0.sub,
+            generation: self.0.generation,
+        }
+    }
+}
 
 impl FromRequest for AuthenticatedUser {
     type Error = ApiError;
     type Future = Ready<Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let claims = (|| {
-            let state = req.app_data::<web::Data<AppState>>()?;
-            let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
-            // The scheme is case-insensitive (RFC 9110 §11.1).
-            let (scheme, token) = header.to_str().ok()?.trim().split_once(' ')?;
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return None;
-            }
-            state.jwt.verify(token.trim())
-        })();
-        ready(claims.map(AuthenticatedUser).ok_or(ApiError::Unauthorized))
+        ready(
+            bearer_claims(req)
+                .map(AuthenticatedUser)
+                .ok_or(ApiError::Unauthorized),
+        )
     }
 }
 
-/// An authenticated admin. The role is read from the registry on every
-/// request, not trusted from the token: a demoted admin loses access at once.
-/// No token: 401; any other role: 403.
+/// A caller whose token is valid and whose account, as the registry has it
+/// now, is enabled at the token's generation. `role` is the registry's.
 #[derive(Debug, Clone)]
-pub struct AdminUser(pub Claims);
+pub struct CurrentUser {
+    pub claims: Claims,
+    pub role: Role,
+}
 
-impl FromRequest for AdminUser {
+impl CurrentUser {
+    pub fn id(&self) -> Uuid {
+        self.claims.sub
+    }
+}
+
+impl FromRequest for CurrentUser {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
@@ -50,17 +75,61 @@ impl FromRequest for AdminUser {
             let state = state.ok_or(ApiError::Unauthorized)?;
             let client = state.pool.get().await?;
             let stmt = client
-                .prepare_cached("SELECT role FROM tenantry.users WHERE id = $1")
+                .prepare_cached(
+                    "SELECT role FROM tenantry.users
+                     WHERE id = $1 AND token_generation = $2 AND disabled_at IS NULL",
+                )
                 .await?;
             let role: String = client
-                .query_opt(&stmt, &[&claims.sub])
+                .query_opt(&stmt, &[&claims.sub, &claims.generation])
                 .await?
                 .ok_or(ApiError::Unauthorized)?
                 .get(0);
-            if role != "admin" {
-                return Err(ApiError::Forbidden("this route is for admins only"));
+            let role = Role::parse(&role).ok_or(ApiError::Unauthorized)?;
+            Ok(CurrentUser { claims, role })
+        })
+    }
+}
+
+/// An admin, per the registry now (a demoted admin loses access at once).
+/// No token: 401; any other role: 403.
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub CurrentUser);
+
+impl FromRequest for AdminUser {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let user = CurrentUser::from_request(req, payload);
+        Box::pin(async move {
+            let user = user.await?;
+            match user.role {
+                Role::Admin => Ok(AdminUser(user)),
+                _ => Err(ApiError::Forbidden("this route is for admins only")),
             }
-            Ok(AdminUser(claims))
+        })
+    }
+}
+
+/// An admin or an auditor: who may read the audit log.
+#[derive(Debug, Clone)]
+pub struct AuditReader(pub CurrentUser);
+
+impl FromRequest for AuditReader {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let user = CurrentUser::from_request(req, payload);
+        Box::pin(async move {
+            let user = user.await?;
+            match user.role {
+                Role::Admin | Role::Auditor => Ok(AuditReader(user)),
+                Role::User => Err(ApiError::Forbidden(
+                    "this route is for admins and auditors only",
+                )),
+            }
         })
     }
 }

@@ -1,15 +1,13 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::api::{ApiError, AuthenticatedUser};
+use crate::api::extract::CurrentUser;
+use crate::api::ApiError;
 use crate::startup::AppState;
 
 /// The caller's profile and tenant.
-#[tracing::instrument(skip_all, fields(user = %user.0.username))]
-pub async fn me(
-    state: web::Data<AppState>,
-    user: AuthenticatedUser,
-) -> Result<HttpResponse, ApiError> {
+#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
     let stmt = client
         .prepare_cached(
@@ -21,7 +19,7 @@ pub async fn me(
         .await?;
     // A valid token for a user that no longer exists is no longer valid.
     let row = client
-        .query_opt(&stmt, &[&user.0.sub])
+        .query_opt(&stmt, &[&user.id()])
         .await?
         .ok_or(ApiError::Unauthorized)?;
     let schema: Option<String> = row.get(6);

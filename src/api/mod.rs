@@ -8,6 +8,7 @@ mod experiences;
 mod extract;
 mod health;
 mod me;
+pub mod middleware;
 mod paging;
 mod reference;
 mod sessions;
@@ -38,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/auth/sessions").route(web::get().to(sessions::list)))
         .service(resource("/api/auth/sessions/{id}").route(web::delete().to(sessions::end)))
         .service(resource("/api/auth/revoke-all").route(web::post().to(sessions::revoke_all)))
+        .service(resource("/api/auth/change-password").route(web::post().to(auth::change_password)))
         .service(resource("/api/me").route(web::get().to(me::me)))
         .service(
             resource("/api/experiences")
@@ -71,6 +73,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(skills::record)),
         )
         .service(resource("/api/reference/{table}").route(web::get().to(reference::list)))
+        .service(resource("/admin/tenants").route(web::get().to(admin::tenants)))
+        .service(resource("/admin/tenants/{name}").route(web::get().to(admin::tenant)))
+        .service(resource("/admin/audit").route(web::get().to(admin::audit_log)))
         .service(resource("/admin/fleet").route(web::get().to(admin::fleet_status)))
         .service(resource("/admin/fleet/migrations").route(web::post().to(admin::start_migration)))
         .service(
@@ -99,6 +104,11 @@ fn json_config() -> web::JsonConfig {
                     "unsupported_media_type",
                     "expected Content-Type: application/json".to_string(),
                 ),
+                JsonPayloadError::Payload(actix_web::error::PayloadError::Io(e))
+                    if e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return ApiError::RequestTimeout.into();
+                }
                 JsonPayloadError::Deserialize(e) => (
                     actix_web::http::StatusCode::BAD_REQUEST,
                     "invalid_json",

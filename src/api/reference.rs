@@ -105,7 +105,7 @@ pub async fn list(
     };
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         table.sql,
         &[&search, &after, &(limit + 1)],

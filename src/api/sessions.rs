@@ -6,7 +6,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::api::{ApiError, AuthenticatedUser};
+use actix_web::HttpRequest;
+
+use crate::api::auth::client_of;
+use crate::api::extract::CurrentUser;
+use crate::api::ApiError;
+use crate::audit::{self, Action, Entry};
 use crate::startup::AppState;
 
 #[derive(Debug, Serialize)]
@@ -18,14 +23,13 @@ pub struct Session {
     /// When its current refresh token was issued (the last refresh).
     pub last_used_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// Whether the calling access token was issued in this session.
+    pub current: bool,
 }
 
 /// `GET /api/auth/sessions`: the caller's live sessions, most recent first.
-#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
-pub async fn list(
-    state: web::Data<AppState>,
-    user: AuthenticatedUser,
-) -> Result<HttpResponse, ApiError> {
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
+pub async fn list(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
     let stmt = client
         .prepare_cached(
@@ -40,7 +44,7 @@ pub async fn list(
         )
         .await?;
     let sessions: Vec<Session> = client
-        .query(&stmt, &[&user.0.sub])
+        .query(&stmt, &[&user.id()])
         .await?
         .iter()
         .map(|row| Session {
@@ -49,6 +53,7 @@ pub async fn list(
             created_at: row.get("created_at"),
             last_used_at: row.get("last_used_at"),
             expires_at: row.get("expires_at"),
+            current: user.claims.sid == Some(row.get("family_id")),
         })
         .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "sessions": sessions })))
@@ -56,39 +61,64 @@ pub async fn list(
 
 /// `DELETE /api/auth/sessions/{id}` → 204; 404 for a session that is not
 /// the caller's (or already ended).
-#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn end(
     state: web::Data<AppState>,
-    user: AuthenticatedUser,
+    request: HttpRequest,
+    user: CurrentUser,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    let client = state.pool.get().await?;
-    let revoked = client
+    let family = id.into_inner();
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let revoked = tx
         .execute(
             "UPDATE tenantry.refresh_tokens SET revoked_at = now()
              WHERE user_id = $1 AND family_id = $2 AND revoked_at IS NULL",
-            &[&user.0.sub, &id.into_inner()],
+            &[&user.id(), &family],
         )
         .await?;
     if revoked == 0 {
         return Err(ApiError::NotFound("no such session".into()));
     }
+    audit::append(
+        &*tx,
+        &Entry::new(Action::SessionRevoked)
+            .actor(state.pseudonyms.user(user.id()))
+            .client(client_of(&state, &request))
+            .detail("session", family),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
-/// `POST /api/auth/revoke-all` → 204: every session of the caller ends.
-#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+/// `POST /api/auth/revoke-all` → 204: every session of the caller ends (no
+/// refresh token of theirs works any more; access tokens run out within
+/// their 15 minutes; a password change ends those at once).
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn revoke_all(
     state: web::Data<AppState>,
-    user: AuthenticatedUser,
+    request: HttpRequest,
+    user: CurrentUser,
 ) -> Result<HttpResponse, ApiError> {
-    let client = state.pool.get().await?;
-    client
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    let revoked = tx
         .execute(
             "UPDATE tenantry.refresh_tokens SET revoked_at = now()
              WHERE user_id = $1 AND revoked_at IS NULL",
-            &[&user.0.sub],
+            &[&user.id()],
         )
         .await?;
+    audit::append(
+        &*tx,
+        &Entry::new(Action::SessionsRevokedAll)
+            .actor(state.pseudonyms.user(user.id()))
+            .client(client_of(&state, &request))
+            .detail("revoked_tokens", revoked),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(HttpResponse::NoContent().finish())
 }

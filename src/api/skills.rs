@@ -116,7 +116,7 @@ pub async fn list(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         &sql,
         &[&name, &id, &search, &(limit + 1)],
@@ -142,7 +142,7 @@ pub async fn record(
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
     input.validate()?;
-    let tx = TenantTx::begin(&state.pool, user.0.sub, Access::ReadWrite).await?;
+    let tx = TenantTx::begin(&state.pool, user.caller(), Access::ReadWrite).await?;
     if let Some(catalog_id) = input.catalog_skill_id {
         // The shared catalog, always schema-qualified: the tenant has a
         // `skills` table of its own.

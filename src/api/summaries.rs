@@ -78,7 +78,7 @@ pub async fn get(
     let kind = kind.into_inner();
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadOnly,
         "SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = $1",
         &[&kind.as_str()],
@@ -121,7 +121,7 @@ pub async fn put(
     );
     let rows = TenantTx::once(
         &state.pool,
-        user.0.sub,
+        user.caller(),
         Access::ReadWrite,
         &sql,
         &[&kind.as_str(), &input.headline, &input.content, &details],

@@ -180,6 +180,7 @@ fn options(args: &MigrateArgs) -> Result<RunOptions, Failure> {
         lock_timeout: seconds("--lock-timeout", args.lock_timeout)?,
         statement_timeout: seconds("--statement-timeout", args.statement_timeout)?,
         started_by: format!("cli:{}", os_user()),
+        audit_actor: None,
     })
 }
 

@@ -6,11 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::audit::{self, Action, Entry, Pseudonyms};
+use crate::auth::Role;
 use crate::configuration::{DatabaseTarget, Settings};
 use crate::db::Target;
 use crate::domain::{Email, Password, Username};
 use crate::embedded::{self, Cluster};
-use crate::provisioning::{self, NewAccount};
+use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
 
 mod fleet;
@@ -54,6 +56,26 @@ enum Command {
     Admin {
         #[command(subcommand)]
         action: AdminCommand,
+    },
+    /// Check the tamper-evident audit log
+    Audit {
+        #[command(subcommand)]
+        action: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Recompute the hash chain and compare it with the anchors; exit 1 naming the first broken entry
+    Verify {
+        /// The anchor file (default: TENANTRY_AUDIT_ANCHOR_FILE, or audit-anchors in the data dir)
+        #[arg(long)]
+        anchors: Option<std::path::PathBuf>,
+    },
+    /// Append the chain's current head to the anchor file now (serve does it periodically)
+    Anchor {
+        #[arg(long)]
+        anchors: Option<std::path::PathBuf>,
     },
 }
 
@@ -198,6 +220,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tenants { action } => tenants(settings, action).await,
         Command::Fleet { action } => fleet::run(settings, action).await,
         Command::Admin { action } => admin(settings, action).await,
+        Command::Audit { action } => audit_command(settings, action).await,
     }
 }
 
@@ -342,8 +365,14 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 username,
                 email,
                 password_hash,
-                role: "user",
+                role: Role::User,
                 refresh_token: None,
+                idempotency_key: None,
+                audit: Some(AuditContext {
+                    pseudonyms: pseudonyms(&settings)?,
+                    actor: Some("cli".into()),
+                    client: None,
+                }),
             };
             let mut client = ctx.pool.get().await?;
             let t =
@@ -368,19 +397,37 @@ async fn admin(settings: Settings, action: AdminCommand) -> Result<(), Failure> 
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
     let password = read_password(&username)?;
     let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
-    let role = if auditor { "auditor" } else { "admin" };
+    let role = if auditor { Role::Auditor } else { Role::Admin };
+    let pseudonyms = pseudonyms(&settings)?;
     let ctx = Context::open(&settings, 1).await?;
     let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
-    let client = ctx.target.connect().await?;
-    let created = client
+    let mut client = ctx.target.connect().await?;
+    let id = uuid::Uuid::new_v4();
+    let tx = client.transaction().await?;
+    let created = tx
         .execute(
-            "INSERT INTO tenantry.users (username, email, password_hash, role)
-             VALUES ($1, $2, $3, $4)",
-            &[&username.as_str(), &email.as_str(), &password_hash, &role],
+            "INSERT INTO tenantry.users (id, username, email, password_hash, role)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &id,
+                &username.as_str(),
+                &email.as_str(),
+                &password_hash,
+                &role.as_str(),
+            ],
         )
         .await;
     match created {
         Ok(_) => {
+            audit::append(
+                &tx,
+                &Entry::new(Action::AdminCreated)
+                    .actor("cli")
+                    .subject(pseudonyms.user(id))
+                    .detail("role", role),
+            )
+            .await?;
+            tx.commit().await?;
             println!("created {role} {username} (no tenant schema)");
             Ok(())
         }
@@ -393,6 +440,56 @@ async fn admin(settings: Settings, action: AdminCommand) -> Result<(), Failure> 
         }
         Err(e) => Err(e.into()),
     }
+}
+
+async fn audit_command(settings: Settings, action: AuditCommand) -> Result<(), Failure> {
+    let (AuditCommand::Verify { anchors } | AuditCommand::Anchor { anchors }) = &action;
+    let path = anchors
+        .clone()
+        .unwrap_or_else(|| settings.audit_anchor_file.clone());
+    let ctx = Context::open(&settings, 1).await?;
+    let client = ctx.pool.get().await?;
+    let installation = ctx.installation.id.as_str();
+    match action {
+        AuditCommand::Anchor { .. } => {
+            match audit::write_anchor(&**client, &path, installation).await? {
+                Some(a) => println!(
+                    "anchored entry {} ({}) in {}",
+                    a.seq,
+                    hex::encode(a.hash),
+                    path.display()
+                ),
+                None => println!("nothing new to anchor"),
+            }
+            Ok(())
+        }
+        AuditCommand::Verify { .. } => {
+            let anchors = audit::read_anchors(&path, installation)?;
+            match audit::verify(&**client, &anchors).await? {
+                audit::Verdict::Intact { entries, anchors } => {
+                    println!(
+                        "audit log intact: {entries} entries, chain verified, {anchors} anchor(s) from {} match",
+                        path.display()
+                    );
+                    Ok(())
+                }
+                audit::Verdict::Broken { seq, reason } => Err(Failure::Other(format!(
+                    "audit log broken at entry {seq}: {reason}"
+                ))),
+            }
+        }
+    }
+}
+
+/// The audit log's pseudonym key, from the service secret (`JWT_SECRET`,
+/// or the one generated into the embedded data dir).
+pub(crate) fn pseudonyms(settings: &Settings) -> Result<Pseudonyms, Failure> {
+    let secret = settings.jwt_secret().map_err(|e| {
+        Failure::Usage(format!(
+            "{e} (the audit log's pseudonyms are keyed with it)"
+        ))
+    })?;
+    Ok(Pseudonyms::from_secret(secret.expose().as_bytes()))
 }
 
 /// The password from stdin: one line, without its line ending.

@@ -6,6 +6,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
+use crate::audit::{self, Action, Entry, Pseudonyms};
+use crate::auth::Role;
 use crate::db::{self, Installation};
 use crate::domain::{Email, RoleName, SchemaName, TemplateVersion, Username};
 use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
@@ -47,11 +49,25 @@ pub struct NewAccount {
     pub username: Username,
     pub email: Email,
     pub password_hash: String,
-    /// `user`, `admin` or `auditor`.
-    pub role: &'static str,
+    pub role: Role,
     /// A refresh token hash to store with the account, in the same
     /// transaction (so a signup's tokens exist exactly when the user does).
     pub refresh_token: Option<RefreshTokenRow>,
+    /// A signup's `Idempotency-Key`, stored with the account in the same
+    /// transaction.
+    pub idempotency_key: Option<String>,
+    /// Append a `register` entry to the audit log, in the same transaction.
+    pub audit: Option<AuditContext>,
+}
+
+/// Who signs a user up, for the audit entry.
+#[derive(Debug, Clone)]
+pub struct AuditContext {
+    pub pseudonyms: Pseudonyms,
+    /// `None`: the new user signed up themselves.
+    pub actor: Option<String>,
+    /// The client's pseudonymised address.
+    pub client: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +116,7 @@ pub async fn provision(
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`): three round trips in all.
     let tx = client.transaction().await?;
+    let role_text = account.role.as_str();
     let (name, email, schema_name, role_name, version_number) = (
         username.as_str(),
         account.email.as_str(),
@@ -112,7 +129,7 @@ pub async fn provision(
         (&name, Type::TEXT),
         (&email, Type::TEXT),
         (&account.password_hash, Type::TEXT),
-        (&account.role, Type::TEXT),
+        (&role_text, Type::TEXT),
         (&schema_name, Type::TEXT),
         (&role_name, Type::TEXT),
         (&version_number, Type::INT4),
@@ -126,6 +143,26 @@ pub async fn provision(
                 (&token.user_agent, Type::TEXT),
             ]
         });
+    let idempotency_params: Option<[(&(dyn ToSql + Sync), Type); 2]> =
+        account.idempotency_key.as_ref().map(|key| {
+            [
+                (key as &(dyn ToSql + Sync), Type::TEXT),
+                (&user_id, Type::UUID),
+            ]
+        });
+    let audit_entry: Option<String> = account.audit.as_ref().map(|a| {
+        let me = a.pseudonyms.user(user_id);
+        Entry::new(Action::Register)
+            .actor(a.actor.clone().unwrap_or_else(|| me.clone()))
+            .subject(me)
+            .client(a.client.clone())
+            .detail("role", role_text)
+            .detail("template_version", version_number)
+            .text()
+    });
+    let audit_params: Option<[(&(dyn ToSql + Sync), Type); 1]> = audit_entry
+        .as_ref()
+        .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
     let prelude_sql = prelude(installation, &schema, &role);
     let join_sql = join_group(installation, &role);
     let application = TemplateApplication::new(&schema, &role, templates.all());
@@ -159,6 +196,24 @@ pub async fn provision(
     }
     steps.push(Step::Other);
     requests.push(Box::pin(tx.batch_execute(&join_sql)));
+    if let Some(params) = &idempotency_params {
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute_typed(
+                "INSERT INTO tenantry.idempotency_keys (key, user_id) VALUES ($1, $2)",
+                params,
+            )
+            .await
+            .map(drop)
+        }));
+    }
+    // Last: the chain-head lock is held only for the commit.
+    if let Some(params) = &audit_params {
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute_typed(audit::APPEND, params).await.map(drop)
+        }));
+    }
 
     // The first failure aborts the transaction and every later request
     // fails with it; report the first. A concurrent signup for the same name

@@ -149,6 +149,12 @@ pub fn test_settings(db_name: &str) -> Settings {
         bcrypt_cost: 4,
         templates_dir: None,
         pool_size: 20,
+        // Tests create many accounts from one address: limits are turned on
+        // by the tests of the limits.
+        limits: tenantry::configuration::Limits::off(),
+        client_timeout: std::time::Duration::from_secs(10),
+        audit_anchor_file: std::env::temp_dir().join(format!("tenantry-anchors-{db_name}")),
+        maintenance_interval: std::time::Duration::from_secs(3600),
     }
 }
 

@@ -354,7 +354,7 @@ async fn session_state_set_as_a_tenant_does_not_reach_the_next_checkout() {
     .unwrap();
     let clean = session_state(&pool).await;
 
-    let tx = TenantTx::begin(&pool, hugo, Access::ReadWrite)
+    let tx = TenantTx::begin(&pool, caller(hugo), Access::ReadWrite)
         .await
         .unwrap();
     let who = tx
@@ -386,7 +386,7 @@ async fn session_state_set_as_a_tenant_does_not_reach_the_next_checkout() {
     tx.rollback().await.unwrap();
     assert_eq!(session_state(&pool).await, clean);
 
-    let tx = TenantTx::begin(&pool, hugo, Access::ReadWrite)
+    let tx = TenantTx::begin(&pool, caller(hugo), Access::ReadWrite)
         .await
         .unwrap();
     for sql in [
@@ -417,7 +417,7 @@ async fn a_prepared_statement_made_as_a_tenant_does_not_reach_the_next_checkout(
     )
     .unwrap();
     let (first, ..) = session_state(&pool).await;
-    let tx = TenantTx::begin(&pool, hilde, Access::ReadWrite)
+    let tx = TenantTx::begin(&pool, caller(hilde), Access::ReadWrite)
         .await
         .unwrap();
     tx.execute("PREPARE leak AS SELECT content FROM summaries", &[])
@@ -456,7 +456,7 @@ async fn a_guard_dropped_mid_transaction_discards_its_connection() {
     )
     .unwrap();
     let (first, ..) = session_state(&pool).await;
-    let tx = TenantTx::begin(&pool, ines, Access::ReadOnly)
+    let tx = TenantTx::begin(&pool, caller(ines), Access::ReadOnly)
         .await
         .unwrap();
     tx.query("SELECT 1", &[]).await.unwrap();
@@ -481,7 +481,7 @@ async fn an_unknown_user_gets_no_tenant_and_keeps_the_connection_clean() {
     .unwrap();
     let clean = session_state(&pool).await;
     let stranger = uuid::Uuid::new_v4();
-    let err = TenantTx::begin(&pool, stranger, Access::ReadOnly)
+    let err = TenantTx::begin(&pool, caller(stranger), Access::ReadOnly)
         .await
         .err()
         .unwrap();
@@ -489,7 +489,7 @@ async fn an_unknown_user_gets_no_tenant_and_keeps_the_connection_clean() {
     // Pipelined: the statement behind a failed entry never runs as anyone.
     let err = TenantTx::once(
         &pool,
-        stranger,
+        caller(stranger),
         Access::ReadWrite,
         "SELECT pg_advisory_lock(7)",
         &[],
@@ -531,7 +531,9 @@ async fn a_pool_of_one_alternating_tenants_never_serves_one_tenants_data_to_anot
         match i % 10 {
             // A handler error half-way: the guard is dropped in the transaction.
             3 => {
-                let tx = TenantTx::begin(&pool, id, Access::ReadWrite).await.unwrap();
+                let tx = TenantTx::begin(&pool, caller(id), Access::ReadWrite)
+                    .await
+                    .unwrap();
                 tx.execute("UPDATE summaries SET content = 'overwritten'", &[])
                     .await
                     .unwrap();
@@ -542,12 +544,14 @@ async fn a_pool_of_one_alternating_tenants_never_serves_one_tenants_data_to_anot
             // The client went away mid-request: the future is dropped after
             // its requests went out, before their answers were read.
             5 => {
-                let request = TenantTx::once(&pool, id, Access::ReadOnly, read, &[]);
+                let request = TenantTx::once(&pool, caller(id), Access::ReadOnly, read, &[]);
                 let _ = tokio::time::timeout(Duration::from_micros(1), request).await;
             }
             // The tenant leaves session state behind and commits.
             7 => {
-                let tx = TenantTx::begin(&pool, id, Access::ReadWrite).await.unwrap();
+                let tx = TenantTx::begin(&pool, caller(id), Access::ReadWrite)
+                    .await
+                    .unwrap();
                 tx.execute(
                     "SELECT set_config('search_path', 'tenant_jonas, tenant_katia', false)",
                     &[],
@@ -558,7 +562,7 @@ async fn a_pool_of_one_alternating_tenants_never_serves_one_tenants_data_to_anot
             }
             _ => {}
         }
-        let rows = TenantTx::once(&pool, id, Access::ReadOnly, read, &[])
+        let rows = TenantTx::once(&pool, caller(id), Access::ReadOnly, read, &[])
             .await
             .unwrap();
         assert_eq!(rows.len(), 1);
@@ -645,4 +649,12 @@ async fn the_service_recovers_when_the_embedded_cluster_restarts_on_another_port
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A freshly registered user's token generation.
+fn caller(user_id: uuid::Uuid) -> tenantry::routing::Caller {
+    tenantry::routing::Caller {
+        user_id,
+        generation: 0,
+    }
 }

@@ -121,13 +121,15 @@ async fn api_me_refuses_missing_forged_and_foreign_tokens() {
 
     let registered = json(app.register("heidi").await).await;
     let foreign = tenantry::auth::JwtKeys::new(b"some-other-secret-some-other-secret")
-        .issue(
-            registered["user_id"].as_str().unwrap().parse().unwrap(),
-            "heidi",
-            Some("tenant_heidi"),
-            None,
-            "admin",
-        )
+        .issue(&tenantry::auth::Subject {
+            user_id: registered["user_id"].as_str().unwrap().parse().unwrap(),
+            username: "heidi",
+            schema: Some("tenant_heidi"),
+            db_role: None,
+            role: tenantry::auth::Role::Admin,
+            generation: 0,
+            session: None,
+        })
         .unwrap();
     let forged = app.api.get(&url).bearer_auth(foreign).send().await.unwrap();
     assert_eq!(forged.status(), 401);

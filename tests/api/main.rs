@@ -1,6 +1,7 @@
 //! One test binary: one private PostgreSQL cluster for the whole run, a fresh
 //! database per test. See helpers.rs.
 
+mod abuse;
 mod cli;
 mod embedded;
 mod fleet;

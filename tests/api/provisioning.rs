@@ -85,8 +85,10 @@ fn account(name: &str) -> tenantry::provisioning::NewAccount {
         username: tenantry::domain::Username::parse(name).unwrap(),
         email: tenantry::domain::Email::parse(&format!("{name}@example.com")).unwrap(),
         password_hash: "$2b$04$not.a.real.hash.but.never.checked.here".into(),
-        role: "user",
+        role: tenantry::auth::Role::User,
         refresh_token: None,
+        idempotency_key: None,
+        audit: None,
     }
 }
 

@@ -43,7 +43,7 @@ async fn forged_altered_and_foreign_tokens_get_401() {
     let tampered = {
         let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
         let payload = URL_SAFE_NO_PAD
-            .encode(serde_json::to_vec(&with(&|c| c.role = "admin".into())).unwrap());
+            .encode(serde_json::to_vec(&with(&|c| c.role = tenantry::auth::Role::Admin)).unwrap());
         parts[1] = payload;
         parts.join(".")
     };

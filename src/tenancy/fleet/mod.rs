@@ -57,6 +57,9 @@ pub struct RunOptions {
     pub statement_timeout: Duration,
     /// Who started the run, for the record (`cli:<os user>`, `admin:<name>`).
     pub started_by: String,
+    /// Who started it, for the audit log: a user pseudonym; `cli` when
+    /// `None`.
+    pub audit_actor: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -70,6 +73,7 @@ impl Default for RunOptions {
             lock_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(300),
             started_by: "unknown".into(),
+            audit_actor: None,
         }
     }
 }

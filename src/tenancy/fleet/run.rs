@@ -11,6 +11,7 @@ use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
 use super::{pg_interval, FleetError, Outcome, RunOptions, RunStatus, MAX_CONCURRENCY, RUN_LOCK};
+use crate::audit::{self, Action, Entry};
 use crate::db;
 use crate::domain::{RoleName, SchemaName, TemplateVersion};
 use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
@@ -167,23 +168,46 @@ pub async fn prepare(
     let max_failures = options
         .max_failures
         .map(|f| i32::try_from(f).unwrap_or(i32::MAX));
-    let run_id: i64 = control
-        .query_one(
-            "INSERT INTO tenantry.fleet_runs
-                 (started_by, target_version, concurrency, canary, max_failures, only_tenant, planned)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            &[
-                &options.started_by,
-                &plan.target.get(),
-                &(options.concurrency as i32),
-                &i32::try_from(options.canary).unwrap_or(i32::MAX),
-                &max_failures,
-                &options.only_tenant.as_ref().map(|u| u.as_str()),
-                &planned,
-            ],
+    // The run's record and its audit entry, in one transaction.
+    control.batch_execute("BEGIN").await?;
+    let recorded = async {
+        let run_id: i64 = control
+            .query_one(
+                "INSERT INTO tenantry.fleet_runs
+                     (started_by, target_version, concurrency, canary, max_failures, only_tenant, planned)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                &[
+                    &options.started_by,
+                    &plan.target.get(),
+                    &(options.concurrency as i32),
+                    &i32::try_from(options.canary).unwrap_or(i32::MAX),
+                    &max_failures,
+                    &options.only_tenant.as_ref().map(|u| u.as_str()),
+                    &planned,
+                ],
+            )
+            .await?
+            .get(0);
+        audit::append(
+            &control,
+            &Entry::new(Action::FleetRunStarted)
+                .actor(options.audit_actor.clone().unwrap_or_else(|| "cli".into()))
+                .detail("run", run_id)
+                .detail("target_version", plan.target.get())
+                .detail("planned", planned),
         )
-        .await?
-        .get(0);
+        .await?;
+        control.batch_execute("COMMIT").await?;
+        Ok::<i64, tokio_postgres::Error>(run_id)
+    }
+    .await;
+    let run_id = match recorded {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = control.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+    };
     Ok(PreparedRun {
         control,
         config: config.clone(),
@@ -384,21 +408,43 @@ impl PreparedRun {
                 &[&self.run_id, &ids, &ms],
             )
             .await?;
-        self.control
-            .execute(
-                "UPDATE tenantry.fleet_runs SET status = $2, reason = $3, succeeded = $4,
-                     failed = $5, skipped = $6, finished_at = now()
-                 WHERE id = $1",
-                &[
-                    &self.run_id,
-                    &status.as_str(),
-                    &summary.reason,
-                    &count(summary.succeeded),
-                    &count(summary.failed),
-                    &count(summary.skipped),
-                ],
+        let finished = Entry::new(Action::FleetRunFinished)
+            .actor(
+                self.options
+                    .audit_actor
+                    .clone()
+                    .unwrap_or_else(|| "cli".into()),
             )
-            .await?;
+            .detail("run", self.run_id)
+            .detail("status", status.as_str())
+            .detail("succeeded", summary.succeeded)
+            .detail("failed", summary.failed)
+            .detail("skipped", summary.skipped);
+        let recorded = async {
+            self.control.batch_execute("BEGIN").await?;
+            self.control
+                .execute(
+                    "UPDATE tenantry.fleet_runs SET status = $2, reason = $3, succeeded = $4,
+                         failed = $5, skipped = $6, finished_at = now()
+                     WHERE id = $1",
+                    &[
+                        &self.run_id,
+                        &status.as_str(),
+                        &summary.reason,
+                        &count(summary.succeeded),
+                        &count(summary.failed),
+                        &count(summary.skipped),
+                    ],
+                )
+                .await?;
+            audit::append(&self.control, &finished).await?;
+            self.control.batch_execute("COMMIT").await
+        }
+        .await;
+        if let Err(e) = recorded {
+            let _ = self.control.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
         self.control
             .execute(
                 "SELECT pg_advisory_unlock($1, $2)",

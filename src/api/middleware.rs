@@ -1,0 +1,298 @@
+//! What wraps every request: security headers, `HEAD` as `GET`, the client
+//! timeout on request bodies, and rate limits.
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::Method;
+use actix_web::middleware::{DefaultHeaders, Next};
+use actix_web::{web, Error, HttpMessage, HttpResponse};
+use futures::StreamExt;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use uuid::Uuid;
+
+use crate::api::error::error_body;
+use crate::auth::Claims;
+use crate::configuration::Limits;
+use crate::startup::AppState;
+
+/// On every response, errors and 429s included. No response of this API is
+/// meant for a cache, a frame or a browser's content sniffing.
+pub fn security_headers() -> DefaultHeaders {
+    DefaultHeaders::new()
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("Referrer-Policy", "no-referrer"))
+        .add(("X-Frame-Options", "DENY"))
+        .add((
+            "Content-Security-Policy",
+            "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+        ))
+        .add(("Cache-Control", "no-store"))
+}
+
+/// `HEAD` is answered wherever `GET` is: routed as `GET`; the server sends
+/// the headers (Content-Length included) and no body.
+pub async fn head_as_get(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    if req.method() == Method::HEAD {
+        req.head_mut().method = Method::GET;
+    }
+    next.call(req).await
+}
+
+/// The marker error of a body that stalled ([`body_timeout`]); the JSON
+/// extractor's error handler answers it with 408.
+pub const BODY_TIMEOUT_MESSAGE: &str = "the request body did not arrive in time";
+
+/// A request body must keep coming: no gap longer than the client timeout,
+/// and all of it within twice that. Otherwise the read fails, the request
+/// gets 408 and the connection is closed (a client that declares a body and
+/// sends one byte no longer holds a socket for good).
+pub async fn body_timeout(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let limit = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.client_timeout)
+        .unwrap_or(Duration::from_secs(10));
+    let has_body = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() != "0")
+        || req
+            .headers()
+            .contains_key(actix_web::http::header::TRANSFER_ENCODING);
+    if has_body {
+        let (_, payload) = req.parts_mut();
+        let inner = payload.take();
+        let deadline = tokio::time::Instant::now() + limit * 2;
+        let stream = futures::stream::unfold(Some(inner), move |state| async move {
+            let mut inner = state?;
+            let wait = (tokio::time::Instant::now() + limit).min(deadline);
+            match tokio::time::timeout_at(wait, inner.next()).await {
+                Ok(Some(item)) => Some((item, Some(inner))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(actix_web::error::PayloadError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        BODY_TIMEOUT_MESSAGE,
+                    ))),
+                    None,
+                )),
+            }
+        });
+        req.set_payload(Payload::from(Box::pin(stream)
+            as std::pin::Pin<
+                Box<
+                    dyn futures::Stream<
+                        Item = Result<actix_web::web::Bytes, actix_web::error::PayloadError>,
+                    >,
+                >,
+            >));
+    }
+    next.call(req).await
+}
+
+type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+
+/// One limiter per class of request.
+struct Limiter<K: std::hash::Hash + Eq + Clone> {
+    per_minute: u32,
+    limiter: Option<Keyed<K>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
+    fn new(per_minute: u32) -> Self {
+        Limiter {
+            per_minute,
+            limiter: NonZeroU32::new(per_minute).map(|n| {
+                RateLimiter::keyed(Quota::per_minute(n))
+                    .with_middleware::<StateInformationMiddleware>()
+            }),
+        }
+    }
+
+    fn check(&self, key: &K) -> Option<Decision> {
+        let limiter = self.limiter.as_ref()?;
+        let per_token = 60.0 / f64::from(self.per_minute);
+        Some(match limiter.check_key(key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Decision {
+                    limit: self.per_minute,
+                    remaining,
+                    // Until the bucket is full again.
+                    reset: (f64::from(self.per_minute - remaining) * per_token).ceil() as u64,
+                    retry_after: None,
+                }
+            }
+            Err(not_until) => {
+                let wait = not_until
+                    .wait_time_from(DefaultClock::default().now())
+                    .as_secs_f64()
+                    .ceil()
+                    .max(1.0) as u64;
+                Decision {
+                    limit: self.per_minute,
+                    remaining: 0,
+                    reset: wait,
+                    retry_after: Some(wait),
+                }
+            }
+        })
+    }
+
+    fn forget_idle(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
+struct Decision {
+    limit: u32,
+    remaining: u32,
+    reset: u64,
+    retry_after: Option<u64>,
+}
+
+/// The three rate limits of `TENANTRY_RATE_LIMIT_*` (in this process).
+pub struct RateLimits {
+    auth: Limiter<IpAddr>,
+    anon: Limiter<IpAddr>,
+    user: Limiter<Uuid>,
+    trusted_proxies: Arc<Vec<IpAddr>>,
+}
+
+impl RateLimits {
+    pub fn new(limits: &Limits) -> RateLimits {
+        RateLimits {
+            auth: Limiter::new(limits.auth_per_minute),
+            anon: Limiter::new(limits.anon_per_minute),
+            user: Limiter::new(limits.user_per_minute),
+            trusted_proxies: Arc::new(limits.trusted_proxies.clone()),
+        }
+    }
+
+    /// Drop the state of keys that are full again (memory stays bounded by
+    /// the clients of the last minute).
+    pub fn forget_idle(&self) {
+        self.auth.forget_idle();
+        self.anon.forget_idle();
+        self.user.forget_idle();
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy,
+    /// then the right-most address of `X-Forwarded-For` that is not one.
+    pub fn client_ip(&self, req: &actix_web::HttpRequest) -> Option<IpAddr> {
+        let peer = req.peer_addr()?.ip();
+        if !self.trusted_proxies.contains(&peer) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        for value in req.headers().get_all("x-forwarded-for") {
+            let Ok(list) = value.to_str() else {
+                return Some(peer);
+            };
+            for hop in list.split(',').rev() {
+                match hop.trim().parse::<IpAddr>() {
+                    Ok(ip) if self.trusted_proxies.contains(&ip) => client = ip,
+                    Ok(ip) => return Some(ip),
+                    Err(_) => return Some(client),
+                }
+            }
+        }
+        Some(client)
+    }
+}
+
+/// The caller's verified access-token claims, put in the request's
+/// extensions by [`rate_limit`] so the extractor need not verify twice.
+#[derive(Clone)]
+pub struct VerifiedClaims(pub Option<Claims>);
+
+/// Verify the bearer token of a request, once.
+pub fn bearer_claims(req: &actix_web::HttpRequest) -> Option<Claims> {
+    if let Some(v) = req.extensions().get::<VerifiedClaims>() {
+        return v.0.clone();
+    }
+    let state = req.app_data::<web::Data<AppState>>()?;
+    let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
+    // The scheme is case-insensitive (RFC 9110 §11.1).
+    let (scheme, token) = header.to_str().ok()?.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    state.jwt.verify(token.trim())
+}
+
+/// Per client IP on `/api/auth/*`, per user with a valid access token,
+/// per client IP otherwise; health probes are not limited. Every limited
+/// response carries `X-RateLimit-Limit`, `-Remaining` and `-Reset`
+/// (seconds); past the limit: 429 with `Retry-After`.
+pub async fn rate_limit(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
+    let Some(limits) = req.app_data::<web::Data<RateLimits>>().cloned() else {
+        return Ok(next.call(req).await?.map_into_left_body());
+    };
+    let path = req.path();
+    let decision = if path == "/health" || path.starts_with("/health/") {
+        None
+    } else if path.starts_with("/api/auth/") {
+        limits
+            .client_ip(req.request())
+            .and_then(|ip| limits.auth.check(&ip))
+    } else {
+        let claims = bearer_claims(req.request());
+        req.extensions_mut().insert(VerifiedClaims(claims.clone()));
+        match claims {
+            Some(c) => limits.user.check(&c.sub),
+            None => limits
+                .client_ip(req.request())
+                .and_then(|ip| limits.anon.check(&ip)),
+        }
+    };
+    let Some(decision) = decision else {
+        return Ok(next.call(req).await?.map_into_left_body());
+    };
+    let headers = [
+        ("x-ratelimit-limit", decision.limit.to_string()),
+        ("x-ratelimit-remaining", decision.remaining.to_string()),
+        ("x-ratelimit-reset", decision.reset.to_string()),
+    ];
+    let mut response = match decision.retry_after {
+        Some(wait) => {
+            let response = HttpResponse::TooManyRequests()
+                .insert_header(("Retry-After", wait.to_string()))
+                .json(error_body(
+                    "rate_limited",
+                    &format!("too many requests; retry in {wait} s"),
+                ));
+            req.into_response(response).map_into_right_body()
+        }
+        None => next.call(req).await?.map_into_left_body(),
+    };
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(response)
+}
