@@ -2,6 +2,8 @@
 //! database per test. See helpers.rs.
 
 mod abuse;
+mod accounts;
+mod audit;
 mod cli;
 mod embedded;
 mod fleet;
