@@ -85,9 +85,21 @@ async fn main() {
             email: Email::parse(&format!("svc_{i}@example.com")).unwrap(),
             password_hash: hash.clone(),
             role: tenantry::auth::Role::User,
-            refresh_token: None,
+            // What an API signup writes besides the tenant: its first
+            // session and its audit entry (the chain head is taken last).
+            refresh_token: Some(tenantry::provisioning::RefreshTokenRow {
+                family_id: uuid::Uuid::new_v4(),
+                hash: tenantry::auth::new_refresh_token().1,
+                user_agent: Some("bench".into()),
+            }),
             idempotency_key: None,
-            audit: None,
+            audit: Some(tenantry::provisioning::AuditContext {
+                pseudonyms: tenantry::audit::Pseudonyms::from_secret(
+                    b"bench-secret-bench-secret-bench-secret",
+                ),
+                actor: None,
+                client: None,
+            }),
         };
         // Names are generated here, not user input.
         let raw_sql = format!(
