@@ -55,6 +55,7 @@ pub enum Action {
     FleetRunStarted,
     FleetRunFinished,
     TenantErased,
+    TenantImported,
 }
 
 impl Action {
@@ -73,6 +74,7 @@ impl Action {
             Action::FleetRunStarted => "fleet_run_started",
             Action::FleetRunFinished => "fleet_run_finished",
             Action::TenantErased => "tenant_erased",
+            Action::TenantImported => "tenant_imported",
         }
     }
 

@@ -33,6 +33,15 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
  WHERE t.user_id = $1 AND t.status = 'active'
    AND u.token_generation = $2 AND u.disabled_at IS NULL";
 
+/// Taken (shared, until the transaction ends) before [`ENTER`], in its own
+/// statement so that ENTER's snapshot is taken after it: an erasure takes
+/// the same key exclusively for its final transaction, so it waits for the
+/// requests already routed to the tenant, and requests that come after it
+/// find the tenant gone (401), never half-dropped tables. The fleet's
+/// per-tenant claim takes it exclusively too (see `fleet::TENANT_LOCK_CLASS`).
+const ENTER_LOCK: &str =
+    "SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext($1::text))";
+
 /// Who a routed request is for: the access token's user and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
@@ -109,18 +118,27 @@ impl TenantTx {
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
         let client = pool.get().await?;
+        let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {
             client: Some(client),
             template_version: 0,
         };
         let c = guard.client();
+        let user_text = caller.user_id.to_string();
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
         let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
-        let (begun, entered) = futures::join!(
+        let (begun, locked, entered) = futures::join!(
             c.batch_execute(access.begin()),
+            c.execute(&lock, &lock_params),
             c.query_one(&enter, &enter_params)
         );
         begun?;
+        if let Err(e) = locked {
+            drop(entered);
+            let _ = guard.end(db::COMMIT_AND_RESET).await;
+            return Err(e.into());
+        }
         match entered {
             Ok(row) => {
                 guard.template_version = row.get("template_version");
@@ -153,22 +171,32 @@ impl TenantTx {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, RoutingError> {
         let client = pool.get().await?;
+        let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {
             client: Some(client),
             template_version: 0,
         };
-        let (begun, entered, statement, rows, ended) = {
+        let user_text = caller.user_id.to_string();
+        let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
+            let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
             let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
+            let mut locked = pin!(maybe_done(c.execute(&lock, &lock_params)));
             let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));
             // Polling a request once puts it on the wire (see db::pipeline).
             let _ = futures::poll!(begun.as_mut());
+            let _ = futures::poll!(locked.as_mut());
             let _ = futures::poll!(entered.as_mut());
             let mut prepared = pin!(maybe_done(c.prepare_cached(sql)));
             if futures::poll!(prepared.as_mut()).is_pending() {
-                futures::join!(begun.as_mut(), entered.as_mut(), prepared.as_mut());
+                futures::join!(
+                    begun.as_mut(),
+                    locked.as_mut(),
+                    entered.as_mut(),
+                    prepared.as_mut()
+                );
             }
             let statement = prepared
                 .as_mut()
@@ -180,6 +208,7 @@ impl TenantTx {
                     let mut ended = pin!(maybe_done(c.simple_query(access.end())));
                     futures::join!(
                         begun.as_mut(),
+                        locked.as_mut(),
                         entered.as_mut(),
                         rows.as_mut(),
                         ended.as_mut()
@@ -188,12 +217,13 @@ impl TenantTx {
                 }
                 Err(_) => {
                     let ended = c.simple_query(access.end()).await;
-                    futures::join!(begun.as_mut(), entered.as_mut());
+                    futures::join!(begun.as_mut(), locked.as_mut(), entered.as_mut());
                     (None, Some(ended))
                 }
             };
             (
                 begun.as_mut().take_output().expect("joined"),
+                locked.as_mut().take_output().expect("joined"),
                 entered.as_mut().take_output().expect("joined"),
                 statement.map(drop),
                 rows,
@@ -206,6 +236,7 @@ impl TenantTx {
             guard.release_if_clean(replies);
         }
         begun?;
+        locked?;
         entered.map_err(RoutingError::from_enter)?;
         let rows = rows.transpose()?;
         statement?;

@@ -28,6 +28,8 @@ pub struct AppState {
     pub hasher: Hasher,
     /// Pseudonyms for the audit log.
     pub pseudonyms: Pseudonyms,
+    /// Signs exports.
+    pub export_key: crate::tenancy::export::ExportKey,
     /// Failed logins before an account name is locked (0: never).
     pub login_max_failures: u32,
     /// How long a request body may take (`middleware::body_timeout`).
@@ -158,6 +160,7 @@ impl Application {
             jwt: JwtKeys::new(secret.expose().as_bytes()),
             hasher: Hasher::new(settings.bcrypt_cost).await?,
             pseudonyms: Pseudonyms::from_secret(secret.expose().as_bytes()),
+            export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
         });

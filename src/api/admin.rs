@@ -176,6 +176,30 @@ pub async fn tenant(
     Ok(HttpResponse::Ok().json(tenant))
 }
 
+/// `DELETE /admin/tenants/{name}`: erase a tenant (GDPR art. 17) → 200
+/// with the receipt; 404 if there is none, 409 while it is busy.
+#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+pub async fn erase_tenant(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let receipt = crate::api::me::erase_tenant(
+        &state,
+        &username,
+        crate::tenancy::erasure::Requester {
+            actor: state.pseudonyms.user(admin.0.id()),
+            client: crate::api::auth::client_of(&state, &request),
+            reason: "admin",
+        },
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(receipt))
+}
+
 /// Filters of `GET /admin/audit`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -198,6 +198,21 @@ impl From<ProvisionError> for ApiError {
     }
 }
 
+impl From<crate::tenancy::erasure::ErasureError> for ApiError {
+    fn from(e: crate::tenancy::erasure::ErasureError) -> Self {
+        use crate::tenancy::erasure::ErasureError;
+        match e {
+            ErasureError::NoSuchTenant(_) => ApiError::NotFound(e.to_string()),
+            ErasureError::Busy => ApiError::Conflict {
+                code: "tenant_busy",
+                message: e.to_string(),
+            },
+            ErasureError::Postgres(pg) => pg.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 impl From<FleetError> for ApiError {
     fn from(e: FleetError) -> Self {
         match e {

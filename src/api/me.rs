@@ -1,4 +1,5 @@
 use actix_web::{web, HttpResponse};
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::api::extract::CurrentUser;
@@ -41,4 +42,114 @@ pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpRes
         "last_login_at": row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(5),
         "tenant": tenant,
     })))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseRequest {
+    password: String,
+}
+
+/// `DELETE /api/me` `{password}`: the caller's tenant, account and sessions
+/// erased for good (re-authenticated: a wrong password removes nothing).
+/// 200 with the receipt.
+#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+pub async fn erase(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    user: CurrentUser,
+    body: web::Json<EraseRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let stored: String = {
+        let client = state.pool.get().await?;
+        client
+            .query_one(
+                "SELECT password_hash FROM tenantry.users WHERE id = $1",
+                &[&user.id()],
+            )
+            .await?
+            .get(0)
+    };
+    let password = body.into_inner().password;
+    if password.len() > 72 || !state.hasher.verify(password, Some(stored)).await? {
+        return Err(ApiError::InvalidCredentials);
+    }
+    let username = crate::domain::Username::parse(&user.claims.username)
+        .map_err(|_| ApiError::Unauthorized)?;
+    let receipt = erase_tenant(
+        &state,
+        &username,
+        crate::tenancy::erasure::Requester {
+            actor: state.pseudonyms.user(user.id()),
+            client: crate::api::auth::client_of(&state, &request),
+            reason: "self-service",
+        },
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(receipt))
+}
+
+/// Run an erasure on a pooled connection (its settings are transaction-local).
+pub(crate) async fn erase_tenant(
+    state: &AppState,
+    username: &crate::domain::Username,
+    requester: crate::tenancy::erasure::Requester,
+) -> Result<crate::tenancy::erasure::Receipt, ApiError> {
+    let mut client = state.pool.get().await?;
+    let receipt = crate::tenancy::erasure::erase(
+        &mut client,
+        username,
+        &state.pseudonyms,
+        &requester,
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    Ok(receipt)
+}
+
+/// `GET /api/me/export`: every row of the caller's tenant and their account
+/// data, one JSON document from one snapshot, streamed (see
+/// `tenancy::export` for the format). A stream cut short lacks its
+/// integrity trailer, so a truncated download is recognisable.
+#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+pub async fn export(
+    state: web::Data<AppState>,
+    user: CurrentUser,
+) -> Result<HttpResponse, ApiError> {
+    let mut client = crate::db::connect(&state.db_config)
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let key = state.export_key.clone();
+    let user_id = user.id();
+    let task = tokio::spawn(async move {
+        crate::tenancy::export::export(&mut client, user_id, &key, tx).await
+    });
+    let Some(first) = rx.recv().await else {
+        return match task.await {
+            Ok(Err(crate::tenancy::export::ExportError::NoTenant)) => {
+                Err(ApiError::NotFound("no tenant to export".into()))
+            }
+            Ok(Err(crate::tenancy::export::ExportError::Postgres(e))) => Err(e.into()),
+            Ok(Err(e)) => Err(ApiError::internal(e)),
+            Ok(Ok(())) => Err(ApiError::internal(std::io::Error::other("empty export"))),
+            Err(e) => Err(ApiError::internal(e)),
+        };
+    };
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), rx))
+    });
+    let body = futures::stream::once(async move { Ok(web::Bytes::from(first)) }).chain(rest);
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((
+            "Content-Disposition",
+            format!(
+                "attachment; filename=\"{}-export.json\"",
+                user.claims.username
+            ),
+        ))
+        .streaming(body))
 }

@@ -7,7 +7,7 @@ pub mod error;
 mod experiences;
 mod extract;
 mod health;
-mod me;
+pub(crate) mod me;
 pub mod middleware;
 mod paging;
 mod reference;
@@ -40,7 +40,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/auth/sessions/{id}").route(web::delete().to(sessions::end)))
         .service(resource("/api/auth/revoke-all").route(web::post().to(sessions::revoke_all)))
         .service(resource("/api/auth/change-password").route(web::post().to(auth::change_password)))
-        .service(resource("/api/me").route(web::get().to(me::me)))
+        .service(
+            resource("/api/me")
+                .route(web::get().to(me::me))
+                .route(web::delete().to(me::erase)),
+        )
+        .service(resource("/api/me/export").route(web::get().to(me::export)))
         .service(
             resource("/api/experiences")
                 .route(web::get().to(experiences::list))
@@ -74,7 +79,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         )
         .service(resource("/api/reference/{table}").route(web::get().to(reference::list)))
         .service(resource("/admin/tenants").route(web::get().to(admin::tenants)))
-        .service(resource("/admin/tenants/{name}").route(web::get().to(admin::tenant)))
+        .service(
+            resource("/admin/tenants/{name}")
+                .route(web::get().to(admin::tenant))
+                .route(web::delete().to(admin::erase_tenant)),
+        )
         .service(resource("/admin/audit").route(web::get().to(admin::audit_log)))
         .service(resource("/admin/fleet").route(web::get().to(admin::fleet_status)))
         .service(resource("/admin/fleet/migrations").route(web::post().to(admin::start_migration)))

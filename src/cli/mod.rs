@@ -131,6 +131,28 @@ enum TenantsCommand {
         #[arg(long)]
         email: String,
     },
+    /// Export every row of a tenant and its account data as one JSON document on stdout
+    Export { name: String },
+    /// Recreate a tenant from an export (one transaction); the new password is read from stdin
+    Import {
+        file: std::path::PathBuf,
+        /// Under another name (default: the exported username)
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        /// With another email (default: the exported one)
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// Erase a tenant for good: schema, role, account, sessions (GDPR art. 17); prints a receipt
+    Delete {
+        name: String,
+        /// Really erase (without it nothing happens)
+        #[arg(long)]
+        yes: bool,
+        /// Print the receipt as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A command's failure: usage (exit 2) or anything else (exit 1).
@@ -353,6 +375,15 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 println!("created:          {}", tenant.created_at.to_rfc3339());
             }
         }
+        TenantsCommand::Export { name } => export_tenant(&settings, &name).await?,
+        TenantsCommand::Import {
+            file,
+            as_name,
+            email,
+        } => import_tenant(&settings, &file, as_name, email).await?,
+        TenantsCommand::Delete { name, yes, json } => {
+            delete_tenant(&settings, &name, yes, json).await?;
+        }
         TenantsCommand::Create { name, email } => {
             let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
             let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
@@ -383,6 +414,153 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 t.username, t.schema, t.role, t.template_version
             );
         }
+    }
+    Ok(())
+}
+
+fn export_key(settings: &Settings) -> Result<crate::tenancy::export::ExportKey, Failure> {
+    let secret = settings
+        .jwt_secret()
+        .map_err(|e| Failure::Usage(format!("{e} (exports are signed with it)")))?;
+    Ok(crate::tenancy::export::ExportKey::from_secret(
+        secret.expose().as_bytes(),
+    ))
+}
+
+async fn export_tenant(settings: &Settings, name: &str) -> Result<(), Failure> {
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let key = export_key(settings)?;
+    let ctx = Context::open(settings, 1).await?;
+    let user_id = {
+        let client = ctx.pool.get().await?;
+        crate::tenants::find(&**client, &username)
+            .await?
+            .ok_or_else(|| Failure::Other(format!("no tenant named {username}")))?
+            .user_id
+    };
+    let mut client = ctx.target.connect().await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let task = tokio::spawn(async move {
+        crate::tenancy::export::export(&mut client, user_id, &key, tx).await
+    });
+    let mut stdout = tokio::io::stdout();
+    while let Some(chunk) = rx.recv().await {
+        tokio::io::AsyncWriteExt::write_all(&mut stdout, &chunk).await?;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut stdout).await?;
+    task.await??;
+    Ok(())
+}
+
+async fn import_tenant(
+    settings: &Settings,
+    file: &std::path::Path,
+    as_name: Option<String>,
+    email: Option<String>,
+) -> Result<(), Failure> {
+    use crate::tenancy::export::{ImportError, RestoreError};
+    let key = export_key(settings)?;
+    let pseudonyms = pseudonyms(settings)?;
+    let bytes = std::fs::read(file)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let document = key
+        .open(&bytes)
+        .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+    let name = as_name
+        .or_else(|| document["account"]["username"].as_str().map(str::to_owned))
+        .ok_or_else(|| Failure::Usage("the export names no user; pass --as NAME".into()))?;
+    let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let email = email
+        .or_else(|| document["account"]["email"].as_str().map(str::to_owned))
+        .ok_or_else(|| Failure::Usage("the export has no email; pass --email".into()))?;
+    let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
+    let password = read_password(&username)?;
+    let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
+    let ctx = Context::open(settings, 1).await?;
+    fleet::verify_templates(&ctx).await?;
+    let account = NewAccount {
+        username,
+        email,
+        password_hash: crate::auth::hash_password(&password, settings.bcrypt_cost).await?,
+        role: Role::User,
+        refresh_token: None,
+        idempotency_key: None,
+        audit: None,
+    };
+    let mut client = ctx.pool.get().await?;
+    let restored = crate::tenancy::export::import(
+        &mut client,
+        &ctx.installation,
+        &ctx.templates,
+        &document,
+        &account,
+        &pseudonyms,
+    )
+    .await
+    .map_err(|e| match e {
+        RestoreError::File(ImportError::Format(_))
+        | RestoreError::NewerVersion(..)
+        | RestoreError::UnknownTable(..) => Failure::Usage(e.to_string()),
+        RestoreError::Provision(p) => Failure::Other(p.to_string()),
+        other => Failure::Other(crate::api::error::cause_chain(&other)),
+    })?;
+    println!(
+        "imported tenant {} (schema {}): {} rows in {} tables, exported at template version {}, now at {}",
+        restored.username,
+        restored.schema,
+        restored.rows,
+        restored.tables,
+        restored.from_version,
+        restored.template_version
+    );
+    Ok(())
+}
+
+async fn delete_tenant(
+    settings: &Settings,
+    name: &str,
+    yes: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    if !yes {
+        return Err(Failure::Usage(format!(
+            "erasing {username} removes its schema, data, role, account and sessions for good; nothing was done. Run again with --yes to erase it"
+        )));
+    }
+    let pseudonyms = pseudonyms(settings)?;
+    let ctx = Context::open(settings, 1).await?;
+    let mut client = ctx.target.connect().await?;
+    let receipt = crate::tenancy::erasure::erase(
+        &mut client,
+        &username,
+        &pseudonyms,
+        &crate::tenancy::erasure::Requester {
+            actor: "cli".into(),
+            client: None,
+            reason: "admin",
+        },
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&receipt)?);
+    } else {
+        println!(
+            "erased tenant {} at {}: schema {}, role {}, {} tables, {} rows, {} sessions revoked; audit entry {}",
+            receipt.username,
+            receipt.erased_at.to_rfc3339(),
+            receipt.schema,
+            receipt.role,
+            receipt.tables.len(),
+            receipt.rows,
+            receipt.sessions_revoked,
+            receipt.audit_entry
+        );
+        for t in &receipt.tables {
+            println!("  {:<40} {:>10} rows", t.table, t.rows);
+        }
+        println!("verified absent: {}", receipt.verified_absent.join(", "));
     }
     Ok(())
 }

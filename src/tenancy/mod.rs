@@ -3,6 +3,8 @@
 //! (signup) and the fleet (rolling a new version out to every tenant).
 
 pub mod apply;
+pub mod erasure;
+pub mod export;
 pub mod fleet;
 pub mod integrity;
 pub mod lint;

@@ -106,16 +106,36 @@ pub async fn provision(
     templates: &TemplateSet,
     account: &NewAccount,
 ) -> Result<Provisioned, ProvisionError> {
-    let username = &account.username;
-    let schema = username.schema();
-    let role = installation.id.tenant_role(username);
-    let version = templates.latest();
-    let user_id = Uuid::new_v4();
-
     // Round trips are most of what this path adds to the DDL itself, so
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`): three round trips in all.
     let tx = client.transaction().await?;
+    let provisioned = provision_in(&tx, installation, templates.all(), account).await?;
+    tx.commit().await?;
+    // The templates ran on this connection as the tenant: whatever session
+    // state they may have left goes before it serves anyone else.
+    client.batch_execute(db::SESSION_RESET).await?;
+    tracing::info!(schema = %provisioned.schema, version = provisioned.template_version.get(), "tenant provisioned");
+    Ok(provisioned)
+}
+
+/// The work of [`provision`] inside the caller's transaction, at the last
+/// version of `templates` (ascending and contiguous from V1): one pipeline.
+/// The caller commits (and resets the session afterwards).
+pub async fn provision_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    installation: &Installation,
+    templates: &[crate::tenancy::templates::Template],
+    account: &NewAccount,
+) -> Result<Provisioned, ProvisionError> {
+    let username = &account.username;
+    let schema = username.schema();
+    let role = installation.id.tenant_role(username);
+    let version = templates
+        .last()
+        .expect("at least one template version")
+        .version();
+    let user_id = Uuid::new_v4();
     let role_text = account.role.as_str();
     let (name, email, schema_name, role_name, version_number) = (
         username.as_str(),
@@ -165,7 +185,7 @@ pub async fn provision(
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
     let prelude_sql = prelude(installation, &schema, &role);
     let join_sql = join_group(installation, &role);
-    let application = TemplateApplication::new(&schema, &role, templates.all());
+    let application = TemplateApplication::new(&schema, &role, templates);
 
     let mut steps: Vec<Step> = Vec::new();
     let mut requests: Vec<Request<'_>> = Vec::new();
@@ -230,12 +250,6 @@ pub async fn provision(
             Step::Apply(_) | Step::Other => e.into(),
         })?;
     }
-    tx.commit().await?;
-    // The templates ran on this connection as the tenant: whatever session
-    // state they may have left goes before it serves anyone else.
-    client.batch_execute(db::SESSION_RESET).await?;
-
-    tracing::info!(schema = %schema, version = version.get(), "tenant provisioned");
     Ok(Provisioned {
         user_id,
         username: username.clone(),

@@ -145,14 +145,14 @@ async fn system_migrate_is_idempotent_and_safe_when_run_twice_at_once() {
 
     let again = tenantry(&["system", "migrate"], &env, None).await;
     assert!(again.status.success());
-    assert!(stdout(&again).contains("up to date at version 9"));
+    assert!(stdout(&again).contains("up to date at version 10"));
     let client = connect(&db).await;
     let rows: i64 = client
         .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 9, "V1–V9 of system_migrations/, each once");
+    assert_eq!(rows, 10, "V1–V10 of system_migrations/, each once");
     let installations: i64 = client
         .query_one("SELECT count(*) FROM tenantry.installation", &[])
         .await

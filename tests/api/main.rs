@@ -7,6 +7,7 @@ mod audit;
 mod cli;
 mod embedded;
 mod fleet;
+mod gdpr;
 mod health;
 mod helpers;
 mod isolation;

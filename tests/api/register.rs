@@ -355,7 +355,7 @@ async fn a_restart_keeps_the_data() {
     let versions: i64 = again
         .count("SELECT count(*) FROM tenantry.refinery_schema_history")
         .await;
-    assert_eq!(versions, 9, "V1–V9 of system_migrations/");
+    assert_eq!(versions, 10, "V1–V10 of system_migrations/");
 }
 
 #[tokio::test]

@@ -1,0 +1,317 @@
+//! Erasure (GDPR art. 17): a tenant's schema, role, account and sessions
+//! removed for good, with a receipt and a pseudonymous audit entry.
+//!
+//! 1. Mark: under the tenant's advisory lock, the tenant becomes `deleting`,
+//!    its token generation moves on and its sessions are revoked: from this
+//!    commit on, no request routes to it (401) and no fleet run claims it.
+//!    What is there is counted for the receipt (rows per table).
+//! 2. Only for a tenant with more relations than one transaction can lock
+//!    (`max_locks_per_transaction`): its tables are dropped in batches, a
+//!    transaction each. The tenant is already invisible; a crash here leaves
+//!    it `deleting`, and erasing it again finishes the job.
+//! 3. Drop, in ONE transaction with a `lock_timeout`: take the tenant's
+//!    advisory lock exclusively (so requests already routed to it finish
+//!    first), `DROP SCHEMA … CASCADE`, `DROP OWNED BY` and `DROP ROLE`, the
+//!    user and its registry rows (sessions and keys cascade), its fleet
+//!    results and throttle rows, and the audit entry, last.
+//! 4. Verify: no schema, role, owned object, privilege or row of it remains.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::audit::{Action, Entry, Pseudonyms};
+use crate::domain::{RoleName, SchemaName, Username};
+use crate::tenancy::fleet::TENANT_LOCK_CLASS;
+
+/// Relations dropped per transaction when a tenant is too large for one.
+/// At most this many tables per batch; fewer when `max_locks_per_transaction`
+/// is small (a table brings its indexes, sequences and TOAST along).
+pub const DROP_BATCH: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ErasureError {
+    #[error("no tenant named {0}")]
+    NoSuchTenant(String),
+    #[error("the tenant is busy (locked by a running request or migration); nothing was removed, try again")]
+    Busy,
+    #[error("erasure failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("erasure left objects behind: {0}")]
+    Incomplete(String),
+}
+
+/// What was removed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Receipt {
+    pub username: String,
+    pub schema: String,
+    pub role: String,
+    pub template_version: i32,
+    pub erased_at: chrono::DateTime<chrono::Utc>,
+    /// Each table with the rows it held just before removal.
+    pub tables: Vec<TableCount>,
+    pub rows: i64,
+    pub sessions_revoked: u64,
+    /// The audit log entry (`seq`) that records the erasure.
+    pub audit_entry: i64,
+    /// What was checked afterwards, all absent.
+    pub verified_absent: Vec<&'static str>,
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableCount {
+    pub table: String,
+    pub rows: i64,
+}
+
+/// Who asks: the user themselves (self-service) or an admin/operator.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    /// Audit actor: a user pseudonym, or `cli`.
+    pub actor: String,
+    pub client: Option<String>,
+    pub reason: &'static str,
+}
+
+/// Erase `username`'s tenant. `client` must be a dedicated connection (its
+/// session settings change).
+pub async fn erase(
+    client: &mut Client,
+    username: &Username,
+    pseudonyms: &Pseudonyms,
+    requester: &Requester,
+    lock_timeout: Duration,
+) -> Result<Receipt, ErasureError> {
+    let started = std::time::Instant::now();
+    let timeout = format!("{}ms", lock_timeout.as_millis().max(1));
+
+    // 1. Mark.
+    let tx = client.transaction().await?;
+    tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
+        .await?;
+    let row = tx
+        .query_opt(
+            "SELECT t.user_id, t.schema_name, t.role_name, t.template_version
+             FROM tenantry.tenants t WHERE t.username = $1",
+            &[&username.as_str()],
+        )
+        .await?
+        .ok_or_else(|| ErasureError::NoSuchTenant(username.to_string()))?;
+    let user_id: Uuid = row.get(0);
+    let schema = SchemaName::parse(row.get::<_, &str>(1))
+        .map_err(|e| ErasureError::Incomplete(e.to_string()))?;
+    let role = RoleName::parse(row.get::<_, &str>(2))
+        .map_err(|e| ErasureError::Incomplete(e.to_string()))?;
+    let template_version: i32 = row.get(3);
+    let locked = tx
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+            &[&TENANT_LOCK_CLASS, &user_id.to_string()],
+        )
+        .await;
+    busy_or(locked)?;
+    busy_or(
+        tx.execute(
+            "UPDATE tenantry.tenants SET status = 'deleting', updated_at = now() WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await,
+    )?;
+    tx.execute(
+        "UPDATE tenantry.users SET token_generation = token_generation + 1 WHERE id = $1",
+        &[&user_id],
+    )
+    .await?;
+    let sessions_revoked = tx
+        .execute(
+            "UPDATE tenantry.refresh_tokens SET revoked_at = now()
+             WHERE user_id = $1 AND revoked_at IS NULL",
+            &[&user_id],
+        )
+        .await?;
+    let tables: Vec<String> = tx
+        .query(
+            "SELECT c.relname FROM pg_catalog.pg_class c
+             WHERE c.relnamespace = to_regnamespace($1) AND c.relkind IN ('r', 'p')
+               AND c.relname <> 'refinery_schema_history'
+             ORDER BY c.relname",
+            &[&schema.as_str()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut counts = Vec::with_capacity(tables.len());
+    for table in &tables {
+        // A name read from the catalog, quoted as an identifier.
+        let rows: i64 = tx
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {}.{}",
+                    schema.quoted(),
+                    quote_ident(table)
+                ),
+                &[],
+            )
+            .await?
+            .get(0);
+        counts.push(TableCount {
+            table: table.clone(),
+            rows,
+        });
+    }
+    let relations: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = to_regnamespace($1)",
+            &[&schema.as_str()],
+        )
+        .await?
+        .get(0);
+    let per_transaction: i64 = tx
+        .query_one(
+            "SELECT current_setting('max_locks_per_transaction')::int8",
+            &[],
+        )
+        .await?
+        .get(0);
+    tx.commit().await?;
+
+    // 2. A tenant larger than one transaction's share of the lock table
+    //    loses its tables in batches first.
+    if relations > per_transaction {
+        let per_batch = usize::try_from(per_transaction / 8)
+            .unwrap_or(1)
+            .clamp(1, DROP_BATCH);
+        for batch in tables.chunks(per_batch) {
+            let names: Vec<String> = batch
+                .iter()
+                .map(|t| format!("{}.{}", schema.quoted(), quote_ident(t)))
+                .collect();
+            let tx = client.transaction().await?;
+            tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
+                .await?;
+            busy_or(
+                tx.batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {} CASCADE",
+                    names.join(", ")
+                ))
+                .await
+                .map(|_| 0),
+            )?;
+            tx.commit().await?;
+        }
+    }
+
+    // 3. Drop, in one transaction; the audit entry last.
+    let rows: i64 = counts.iter().map(|c| c.rows).sum();
+    let entry = Entry::new(Action::TenantErased)
+        .actor(requester.actor.clone())
+        .subject(pseudonyms.user(user_id))
+        .client(requester.client.clone())
+        .detail("reason", requester.reason)
+        .detail("tables", counts.len())
+        .detail("rows", rows)
+        .detail("template_version", template_version);
+    let tx = client.transaction().await?;
+    tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
+        .await?;
+    busy_or(
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+            &[&TENANT_LOCK_CLASS, &user_id.to_string()],
+        )
+        .await,
+    )?;
+    busy_or(
+        tx.batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {s} CASCADE; DROP OWNED BY {r}; DROP ROLE {r};",
+            s = schema.quoted(),
+            r = role.quoted()
+        ))
+        .await
+        .map(|_| 0),
+    )?;
+    tx.execute(
+        "DELETE FROM tenantry.fleet_results WHERE user_id = $1",
+        &[&user_id],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM tenantry.login_throttle WHERE username = $1",
+        &[&username.as_str()],
+    )
+    .await?;
+    // The registry row, sessions and idempotency keys go with the user.
+    tx.execute("DELETE FROM tenantry.users WHERE id = $1", &[&user_id])
+        .await?;
+    let audit_entry: i64 = tx
+        .query_one(
+            &format!("{} RETURNING seq", crate::audit::APPEND),
+            &[&entry.text()],
+        )
+        .await?
+        .get(0);
+    tx.commit().await?;
+    let erased_at = chrono::Utc::now();
+
+    // 4. Verify.
+    let left = client
+        .query_one(
+            "SELECT to_regnamespace($1) IS NOT NULL,
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $2),
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend d
+                            JOIN pg_catalog.pg_roles r ON r.oid = d.refobjid
+                            WHERE r.rolname = $2),
+                    EXISTS (SELECT 1 FROM tenantry.users WHERE id = $3)
+                    OR EXISTS (SELECT 1 FROM tenantry.tenants WHERE user_id = $3)
+                    OR EXISTS (SELECT 1 FROM tenantry.refresh_tokens WHERE user_id = $3)",
+            &[&schema.as_str(), &role.as_str(), &user_id],
+        )
+        .await?;
+    let names = [
+        "schema",
+        "role",
+        "owned objects and privileges",
+        "account rows",
+    ];
+    let remaining: Vec<&str> = (0..4)
+        .filter(|i| left.get::<_, bool>(*i))
+        .map(|i| names[i])
+        .collect();
+    if !remaining.is_empty() {
+        return Err(ErasureError::Incomplete(remaining.join(", ")));
+    }
+    tracing::info!(schema = %schema, tables = counts.len(), rows, "tenant erased");
+    Ok(Receipt {
+        username: username.to_string(),
+        schema: schema.to_string(),
+        role: role.to_string(),
+        template_version,
+        erased_at,
+        tables: counts,
+        rows,
+        sessions_revoked,
+        audit_entry,
+        verified_absent: names.to_vec(),
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// A lock timeout means something else holds the tenant: say so.
+fn busy_or<T>(result: Result<T, tokio_postgres::Error>) -> Result<T, ErasureError> {
+    result.map_err(|e| match e.code() {
+        Some(code) if *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE => {
+            ErasureError::Busy
+        }
+        _ => e.into(),
+    })
+}
+
+/// Quote a catalog name as an identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
