@@ -146,6 +146,7 @@ async fn main() {
         client_timeout: std::time::Duration::from_secs(10),
         audit_anchor_file: bench.dir.join("audit-anchors"),
         maintenance_interval: std::time::Duration::from_secs(60),
+        metrics_token: None,
     };
     let pool_size = settings.pool_size;
     let app = Application::build(settings).await.unwrap();
@@ -171,13 +172,14 @@ async fn main() {
         "{:<34} {:>10} {:>9} {:>9} {:>13}",
         "run", "req/s", "p50 ms", "p99 ms", "backend MB"
     );
-    // The same reads routed the way the service routes them (registry
-    // read, then search_path and role set transaction-locally), sent raw as
-    // ONE message per transaction: the floor for any routed design.
+    // The same reads routed the way the service routes them (the tenant's
+    // shared advisory lock, the registry read with the account check, then
+    // search_path and role set transaction-locally), sent raw as ONE message
+    // per transaction: the floor for any routed design.
     let routed = |select: &str| {
         format!(
             "\\set n random(1000, 999 + :tenants)\n\
-             BEGIN READ ONLY\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(schema_name)) || ', reference', true), pg_catalog.set_config('role', max(role_name), true) FROM tenantry.tenants WHERE username = 'rt' || :n AND status = 'active'\\; {select}\\; COMMIT;\n"
+             BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; {select}\\; COMMIT;\n"
         )
     };
     let quick_select = "SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = 'quick'";

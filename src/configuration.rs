@@ -37,6 +37,9 @@ pub struct Settings {
     /// How often `serve` anchors the audit chain and purges expired rows
     /// (`TENANTRY_MAINTENANCE_INTERVAL`, seconds).
     pub maintenance_interval: Duration,
+    /// `TENANTRY_METRICS_TOKEN`: the bearer token `/metrics` asks for; unset,
+    /// it answers loopback clients only.
+    pub metrics_token: Option<SecretString>,
 }
 
 /// Requests per minute; `0` turns a limit off.
@@ -190,7 +193,17 @@ impl Settings {
         let audit_anchor_file = get("TENANTRY_AUDIT_ANCHOR_FILE")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_dir.join("audit-anchors"));
+        let metrics_token = match get("TENANTRY_METRICS_TOKEN") {
+            Some(t) if t.len() < 16 => {
+                return Err(SettingsError::Invalid {
+                    name: "TENANTRY_METRICS_TOKEN",
+                    reason: "must be at least 16 characters".into(),
+                })
+            }
+            other => other.map(SecretString),
+        };
         Ok(Settings {
+            metrics_token,
             limits,
             client_timeout,
             audit_anchor_file,

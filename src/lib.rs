@@ -10,6 +10,7 @@ pub mod db;
 pub mod domain;
 pub mod embedded;
 pub mod maintenance;
+pub mod metrics;
 pub mod routing;
 pub mod startup;
 pub mod tenancy;

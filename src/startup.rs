@@ -34,6 +34,9 @@ pub struct AppState {
     pub login_max_failures: u32,
     /// How long a request body may take (`middleware::body_timeout`).
     pub client_timeout: std::time::Duration,
+    /// `TENANTRY_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer
+    /// token; when not, it answers loopback clients only.
+    pub metrics_token: Option<crate::configuration::SecretString>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +166,9 @@ impl Application {
             export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
+            metrics_token: settings.metrics_token.clone(),
         });
+        crate::metrics::handle();
         let limits = web::Data::new(RateLimits::new(&settings.limits));
         crate::maintenance::spawn(
             state.clone().into_inner(),
@@ -182,7 +187,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(middleware::rate_limit))
                 .wrap(actix_web::middleware::from_fn(middleware::head_as_get))
                 .wrap(middleware::security_headers())
-                .wrap(request_log())
+                .wrap(actix_web::middleware::from_fn(middleware::observe))
         })
         .client_request_timeout(client_timeout)
         .client_disconnect_timeout(std::time::Duration::from_secs(1))
@@ -205,10 +210,4 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
-}
-
-/// One log line per request (actix logs through `log`, bridged into
-/// `tracing` by the subscriber).
-fn request_log() -> actix_web::middleware::Logger {
-    actix_web::middleware::Logger::new("%r %s %b %Dms")
 }

@@ -131,6 +131,7 @@ impl From<AuthError> for ApiError {
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
         if e.is_closed() {
+            crate::metrics::database_error("unavailable");
             tracing::error!(error = %cause_chain(&e), "database unavailable");
             return ApiError::Unavailable;
         }
@@ -157,9 +158,11 @@ impl From<tokio_postgres::Error> for ApiError {
                 };
             }
             if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CANNOT_CONNECT_NOW {
+                crate::metrics::database_error("unavailable");
                 return ApiError::Unavailable;
             }
         }
+        crate::metrics::database_error("query");
         ApiError::internal(e)
     }
 }
@@ -177,6 +180,7 @@ impl From<RoutingError> for ApiError {
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         tracing::error!(error = %cause_chain(&e), "cannot get a database connection");
+        crate::metrics::database_error("pool");
         ApiError::Unavailable
     }
 }

@@ -1,24 +1,106 @@
+//! `GET /health` (readiness, with reasons) and `GET /health/live`.
+
+use std::time::Duration;
+
 use actix_web::{web, HttpResponse};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::startup::AppState;
 
-/// 200 when the database answers, 503 when it does not.
+/// The pool, as deadpool sees it now.
+#[derive(Debug, Serialize)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+pub fn pool_status(pool: &deadpool_postgres::Pool) -> PoolStatus {
+    let s = pool.status();
+    PoolStatus {
+        max_size: s.max_size,
+        size: s.size,
+        available: s.available,
+        waiting: s.waiting,
+    }
+}
+
+/// What the database says about the fleet, in one query.
+const FLEET_FACTS: &str = "\
+SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pending,
+       (SELECT count(*) FROM tenantry.tenants WHERE status = 'deleting') AS deleting,
+       (SELECT status FROM tenantry.fleet_runs ORDER BY id DESC LIMIT 1) AS last_run";
+
+/// `healthy` (200), `degraded` (200, with the reasons: the pool is
+/// saturated, tenants are behind the latest template version, the last
+/// fleet run failed or was cut short, an erasure did not finish) or
+/// `unhealthy` (503 with `Retry-After`: the database does not answer
+/// within 3 s).
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    if crate::db::ping(&state.pool).await {
-        HttpResponse::Ok().json(json!({
-            "status": "healthy",
-            "database": "up",
-            "version": env!("CARGO_PKG_VERSION"),
-            "template_version": state.templates.latest().get(),
-        }))
-    } else {
-        HttpResponse::ServiceUnavailable()
+    let latest = state.templates.latest().get();
+    let check = async {
+        if state.pool.status().available == 0 {
+            // Every pooled connection is busy: ask on a connection of our
+            // own rather than queue behind the requests.
+            let client = crate::db::connect(&state.db_config).await.ok()?;
+            client.query_one(FLEET_FACTS, &[&latest]).await.ok()
+        } else {
+            let client = state.pool.get().await.ok()?;
+            client.query_one(FLEET_FACTS, &[&latest]).await.ok()
+        }
+    };
+    let Ok(Some(facts)) = tokio::time::timeout(Duration::from_secs(3), check).await else {
+        return HttpResponse::ServiceUnavailable()
             .insert_header(("Retry-After", "5"))
             .json(json!({
                 "status": "unhealthy",
                 "database": "unreachable",
+                "reasons": ["the database does not answer"],
                 "error": { "code": "unavailable", "message": "the database is unreachable" },
-            }))
+            }));
+    };
+    let pool = pool_status(&state.pool);
+    let pending: i64 = facts.get("pending");
+    let deleting: i64 = facts.get("deleting");
+    let last_run: Option<String> = facts.get("last_run");
+    let mut reasons = Vec::new();
+    if pool.available == 0 && pool.waiting > 0 {
+        reasons.push(format!(
+            "the connection pool is saturated ({} requests waiting for {} connections)",
+            pool.waiting, pool.max_size
+        ));
     }
+    if pending > 0 {
+        reasons.push(format!(
+            "{pending} tenant(s) behind template version {latest}: run `tenantry fleet migrate`"
+        ));
+    }
+    if let Some(run) = last_run
+        .as_deref()
+        .filter(|s| *s != "succeeded" && *s != "running")
+    {
+        reasons.push(format!("the last fleet run ended {run}"));
+    }
+    if deleting > 0 {
+        reasons.push(format!(
+            "{deleting} erasure(s) did not finish: run `tenantry tenants delete NAME --yes` again"
+        ));
+    }
+    HttpResponse::Ok().json(json!({
+        "status": if reasons.is_empty() { "healthy" } else { "degraded" },
+        "reasons": reasons,
+        "database": "up",
+        "version": env!("CARGO_PKG_VERSION"),
+        "template_version": latest,
+        "tenants_pending_migration": pending,
+        "last_fleet_run": last_run,
+        "pool": pool,
+    }))
+}
+
+/// `GET /health/live`: the process serves requests (no database work).
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "alive" }))
 }

@@ -296,3 +296,68 @@ pub async fn rate_limit(
     }
     Ok(response)
 }
+
+/// The request's id: its `X-Request-Id` when well-formed (1 to 128 of
+/// `A-Z a-z 0-9 . _ -`), a new UUID otherwise.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn well_formed(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A span per request (id, method, route; handlers add tenant and user),
+/// `X-Request-Id` on every response, one log line per request, and the
+/// HTTP metrics (by route pattern, never by raw path).
+pub async fn observe(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    use tracing::Instrument;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| well_formed(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().to_string();
+    let span =
+        tracing::info_span!("request", id = %id, method = %method, route = tracing::field::Empty);
+    let started = std::time::Instant::now();
+    let result = next.call(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let (status, route) = match &result {
+        Ok(res) => (
+            res.status().as_u16(),
+            res.request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".into()),
+        ),
+        Err(e) => (
+            e.as_response_error().status_code().as_u16(),
+            "unmatched".into(),
+        ),
+    };
+    span.record("route", route.as_str());
+    let status_label = status.to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status_label.clone()).increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method.clone(), "route" => route.clone(), "status" => status_label).record(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            ms = elapsed.as_secs_f64() * 1000.0,
+            "{method} {route}"
+        );
+    });
+    let mut res = result?;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        res.headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(res)
+}

@@ -6,8 +6,9 @@ mod conversations;
 pub mod error;
 mod experiences;
 mod extract;
-mod health;
+pub(crate) mod health;
 pub(crate) mod me;
+mod metrics;
 pub mod middleware;
 mod paging;
 mod reference;
@@ -32,6 +33,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error))
         .service(resource("/health").route(web::get().to(health::health)))
+        .service(resource("/health/live").route(web::get().to(health::live)))
+        .service(resource("/metrics").route(web::get().to(metrics::metrics)))
         .service(resource("/api/auth/register").route(web::post().to(auth::register)))
         .service(resource("/api/auth/login").route(web::post().to(auth::login)))
         .service(resource("/api/auth/refresh").route(web::post().to(auth::refresh)))

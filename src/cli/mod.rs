@@ -181,7 +181,10 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(matches!(cli.command, Command::Serve));
+    if let Err(e) = init_tracing(matches!(cli.command, Command::Serve)) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -202,14 +205,33 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(serving: bool) {
+/// Logs go to stderr: text, or one JSON object per line with
+/// `TENANTRY_LOG_FORMAT=json` (spans included: request id, route, tenant).
+fn init_tracing(serving: bool) -> Result<(), String> {
     let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    match std::env::var("TENANTRY_LOG_FORMAT").ok().as_deref() {
+        None | Some("") | Some("text") => {
+            let _ = builder.try_init();
+        }
+        Some("json") => {
+            let _ = builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .try_init();
+        }
+        Some(other) => {
+            return Err(format!(
+                "TENANTRY_LOG_FORMAT is invalid: {other:?} (expected text or json)"
+            ))
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {

@@ -109,12 +109,15 @@ pub async fn provision(
     // Round trips are most of what this path adds to the DDL itself, so
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`): three round trips in all.
+    let started = std::time::Instant::now();
     let tx = client.transaction().await?;
     let provisioned = provision_in(&tx, installation, templates.all(), account).await?;
     tx.commit().await?;
     // The templates ran on this connection as the tenant: whatever session
     // state they may have left goes before it serves anyone else.
     client.batch_execute(db::SESSION_RESET).await?;
+    metrics::histogram!("tenantry_provisioning_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     tracing::info!(schema = %provisioned.schema, version = provisioned.template_version.get(), "tenant provisioned");
     Ok(provisioned)
 }

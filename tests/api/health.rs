@@ -62,3 +62,103 @@ async fn a_wrong_method_gets_a_json_405() {
     assert_eq!(response.status(), 405);
     assert_eq!(json(response).await["error"]["code"], "method_not_allowed");
 }
+
+#[tokio::test]
+async fn liveness_needs_no_database() {
+    let app = spawn_app().await;
+    let admin = connect("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';",
+            db = app.db_name
+        ))
+        .await
+        .unwrap();
+    let live = app.get("/health/live").await;
+    assert_eq!(live.status(), 200);
+    assert_eq!(json(live).await["status"], "alive");
+    let head = app
+        .api
+        .head(format!("{}/health/live", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(app.get("/health").await.status(), 503);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            app.db_name
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn health_is_degraded_with_its_reasons() {
+    let app = spawn_app().await;
+    assert_eq!(app.register("hanna").await.status(), 201);
+    let body = json(app.get("/health").await).await;
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["reasons"].as_array().unwrap().len(), 0);
+
+    let db = app.db().await;
+    db.batch_execute(
+        "UPDATE tenantry.tenants SET template_version = 3;
+         INSERT INTO tenantry.fleet_runs (started_by, target_version, concurrency, canary, planned, status, failed)
+         VALUES ('test', 4, 1, 0, 1, 'failed', 1);",
+    )
+    .await
+    .unwrap();
+    let response = app.get("/health").await;
+    assert_eq!(response.status(), 200, "degraded still serves");
+    let body = json(response).await;
+    assert_eq!(body["status"], "degraded");
+    let reasons = body["reasons"].to_string();
+    assert!(
+        reasons.contains("1 tenant(s) behind template version 4"),
+        "{reasons}"
+    );
+    assert!(
+        reasons.contains("the last fleet run ended failed"),
+        "{reasons}"
+    );
+    assert_eq!(body["tenants_pending_migration"], 1);
+}
+
+#[tokio::test]
+async fn health_reports_a_saturated_pool() {
+    let app = spawn_app_with(|s| s.pool_size = 2).await;
+    let signup = json(app.register("sven").await).await;
+    let token = signup["access_token"].as_str().unwrap().to_owned();
+    // Hold the tenant's lock from the test: its requests queue on it, each
+    // holding a pooled connection, and one more waits for a connection.
+    let db = app.db().await;
+    db.batch_execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(1953395828, hashtext('{}'))",
+        signup["user_id"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    let blocked = futures::future::join_all((0..3).map(|_| {
+        app.call(reqwest::Method::GET, "/api/experiences", &token)
+            .send()
+    }));
+    let probe = async {
+        let mut body = serde_json::Value::Null;
+        for _ in 0..50 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            body = json(app.get("/health").await).await;
+            if body["status"] == "degraded" {
+                break;
+            }
+        }
+        db.batch_execute("COMMIT").await.unwrap();
+        body
+    };
+    let (responses, body) = futures::join!(blocked, probe);
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert!(body["reasons"].to_string().contains("saturated"), "{body}");
+    assert!(responses.into_iter().all(|r| r.unwrap().status() == 200));
+}

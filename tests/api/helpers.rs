@@ -155,6 +155,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         client_timeout: std::time::Duration::from_secs(10),
         audit_anchor_file: std::env::temp_dir().join(format!("tenantry-anchors-{db_name}")),
         maintenance_interval: std::time::Duration::from_secs(3600),
+        metrics_token: None,
     }
 }
 

@@ -12,6 +12,7 @@ mod health;
 mod helpers;
 mod isolation;
 mod login;
+mod observability;
 mod pool;
 mod provisioning;
 mod refresh;

@@ -1,0 +1,126 @@
+//! `GET /metrics`: Prometheus text (see `crate::metrics` for the names).
+//! With `TENANTRY_METRICS_TOKEN` set it wants `Authorization: Bearer
+//! <token>` (401 otherwise); without, it answers loopback clients only (403
+//! for others).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use crate::api::error::error_body;
+use crate::startup::AppState;
+
+pub async fn metrics(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
+    match &state.metrics_token {
+        Some(token) => {
+            let presented = request
+                .headers()
+                .get(actix_web::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t.trim().to_owned());
+            let ok = presented.is_some_and(|p| {
+                use sha2::Digest;
+                // Compare digests: equal length, no early exit on content.
+                sha2::Sha256::digest(p.as_bytes())
+                    == sha2::Sha256::digest(token.expose().as_bytes())
+            });
+            if !ok {
+                return HttpResponse::Unauthorized()
+                    .insert_header(("WWW-Authenticate", "Bearer"))
+                    .json(error_body(
+                        "unauthorized",
+                        "/metrics wants its bearer token",
+                    ));
+            }
+        }
+        None => {
+            if !request.peer_addr().is_some_and(|a| a.ip().is_loopback()) {
+                return HttpResponse::Forbidden().json(error_body(
+                    "forbidden",
+                    "/metrics answers loopback clients only (set TENANTRY_METRICS_TOKEN to allow others)",
+                ));
+            }
+        }
+    }
+    record_gauges(&state).await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(crate::metrics::handle().render())
+}
+
+/// What is read at scrape time: the pool now, and the registry and the
+/// latest fleet run from the database (skipped when it does not answer).
+async fn record_gauges(state: &AppState) {
+    let pool = crate::api::health::pool_status(&state.pool);
+    for (name, value) in [
+        ("max", pool.max_size),
+        ("open", pool.size),
+        ("idle", pool.available),
+        ("in_use", pool.size.saturating_sub(pool.available)),
+    ] {
+        metrics::gauge!("tenantry_pool_connections", "state" => name).set(value as f64);
+    }
+    metrics::gauge!("tenantry_pool_waiting").set(pool.waiting as f64);
+
+    let latest = state.templates.latest().get();
+    let read = async {
+        let client = state.pool.get().await.ok()?;
+        let versions = client
+            .query(
+                "SELECT template_version, count(*) FROM tenantry.tenants GROUP BY 1",
+                &[],
+            )
+            .await
+            .ok()?;
+        let run = client
+            .query_opt(
+                "SELECT r.id, r.status, r.planned,
+                        (SELECT count(*) FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.status = 'succeeded'),
+                        (SELECT count(*) FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.status = 'failed'),
+                        (SELECT count(*) FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.status = 'skipped')
+                 FROM tenantry.fleet_runs r ORDER BY r.id DESC LIMIT 1",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some((versions, run))
+    };
+    let Ok(Some((versions, run))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), read).await
+    else {
+        return;
+    };
+    let mut pending = 0i64;
+    for row in versions {
+        let version: i32 = row.get(0);
+        let count: i64 = row.get(1);
+        if version < latest {
+            pending += count;
+        }
+        metrics::gauge!("tenantry_tenants", "template_version" => version.to_string())
+            .set(count as f64);
+    }
+    metrics::gauge!("tenantry_tenants_pending_migration").set(pending as f64);
+    if let Some(run) = run {
+        let id: i64 = run.get(0);
+        let status: String = run.get(1);
+        let planned = i64::from(run.get::<_, i32>(2));
+        let (ok, failed, skipped): (i64, i64, i64) = (run.get(3), run.get(4), run.get(5));
+        let run_label = id.to_string();
+        for (state_name, value) in [
+            ("planned", planned),
+            ("succeeded", ok),
+            ("failed", failed),
+            ("skipped", skipped),
+            ("pending", (planned - ok - failed - skipped).max(0)),
+        ] {
+            metrics::gauge!("tenantry_fleet_run_tenants", "run" => run_label.clone(), "state" => state_name)
+                .set(value as f64);
+        }
+        metrics::gauge!("tenantry_fleet_run_running").set(if status == "running" {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}
