@@ -13,7 +13,7 @@ use crate::api::ApiError;
 use crate::audit::{self, Action, Entry};
 use crate::auth::{self, Role, Subject, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
-use crate::provisioning::{self, AuditContext, NewAccount, ProvisionError, RefreshTokenRow};
+use crate::provisioning::{self, AuditContext, NewAccount, RefreshTokenRow};
 use crate::startup::AppState;
 
 fn agent_of(request: &HttpRequest) -> Option<String> {
@@ -81,24 +81,9 @@ pub async fn register(
         }
     }
 
-    // Spare the bcrypt work for a name or email that is plainly taken. The
-    // transaction below is what guarantees uniqueness; this is only a
-    // shortcut.
-    {
-        let client = state.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT username = $1 FROM tenantry.users WHERE username = $1 OR email = $2 LIMIT 1",
-            )
-            .await?;
-        if let Some(row) = client
-            .query_opt(&stmt, &[&username.as_str(), &email.as_str()])
-            .await?
-        {
-            let same_name: bool = row.get(0);
-            return Err(ProvisionError::from_taken(same_name, &username).into());
-        }
-    }
+    // Spare the bcrypt work and the DDL for a name or email that is
+    // plainly taken.
+    provisioning::check_available(&state.pool.get().await?, &username, &email).await?;
 
     let password_hash = state.hasher.hash(&password).await?;
     let (refresh_token, refresh_hash) = auth::new_refresh_token();

@@ -21,7 +21,24 @@ mod fleet;
 #[command(
     name = "tenantry",
     version,
-    about = "Schema-per-tenant provisioning for PostgreSQL"
+    about = "Schema-per-tenant provisioning for PostgreSQL",
+    after_help = "Environment (every command reads the same; see README.md):\n  \
+DATABASE_URL                 PostgreSQL to use; unset: the embedded cluster under TENANTRY_DATA_DIR\n  \
+TENANTRY_DATA_DIR            embedded cluster, generated secret, audit anchors [./.tenantry]\n  \
+TENANTRY_BIND                HTTP address of serve [127.0.0.1:8080]\n  \
+JWT_SECRET                   token, export and audit-pseudonym key (required with DATABASE_URL)\n  \
+BCRYPT_COST                  [12]\n  \
+TENANTRY_TEMPLATES_DIR       tenant templates instead of the built-in ones\n  \
+TENANTRY_POOL_SIZE           [16]\n  \
+TENANTRY_RATE_LIMIT_AUTH / _ANON / _USER   per minute, 0 = off [10 / 20 / 100]\n  \
+TENANTRY_LOGIN_MAX_FAILURES  [10]\n  \
+TENANTRY_TRUSTED_PROXIES     addresses whose X-Forwarded-For is believed\n  \
+TENANTRY_CLIENT_TIMEOUT      seconds [10]\n  \
+TENANTRY_AUDIT_ANCHOR_FILE   [<data dir>/audit-anchors]\n  \
+TENANTRY_MAINTENANCE_INTERVAL seconds [60]\n  \
+TENANTRY_METRICS_TOKEN       bearer token for /metrics (unset: loopback only)\n  \
+TENANTRY_LOG_FORMAT          text or json [text]\n  \
+RUST_LOG                     log filter [info for serve, warn otherwise]"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -98,7 +115,7 @@ enum DbCommand {
     Start,
     /// Stop the embedded cluster
     Stop,
-    /// Is the embedded cluster running?
+    /// Is the embedded cluster running? (exit 0 running, 3 stopped)
     Status,
     /// Print a connection string psql accepts (starts the cluster if needed)
     Url,
@@ -160,6 +177,8 @@ enum TenantsCommand {
 pub(crate) enum Failure {
     Usage(String),
     Other(String),
+    /// Exit with this code, having said all there is to say.
+    Code(u8),
 }
 
 impl<E: std::error::Error + 'static> From<E> for Failure {
@@ -202,6 +221,7 @@ pub fn main() -> ExitCode {
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
+        Err(Failure::Code(code)) => ExitCode::from(code),
     }
 }
 
@@ -343,7 +363,11 @@ async fn db(settings: Settings, action: DbCommand) -> Result<(), Failure> {
                     r.port,
                     r.socket_dir.display()
                 ),
-                None => println!("stopped"),
+                None => {
+                    // pg_ctl's convention: 3 when not running.
+                    println!("stopped");
+                    return Err(Failure::Code(3));
+                }
             }
         }
     }
@@ -413,6 +437,9 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
             let ctx = Context::open(&settings, 1).await?;
             fleet::verify_templates(&ctx).await?;
+            provisioning::check_available(&ctx.pool.get().await?, &username, &email)
+                .await
+                .map_err(|e| Failure::Other(e.to_string()))?;
             let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
             let account = NewAccount {
                 username,

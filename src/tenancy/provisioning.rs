@@ -43,6 +43,29 @@ impl ProvisionError {
     }
 }
 
+/// Refuse a name or email that is plainly taken before any work (bcrypt,
+/// DDL) is done, so a duplicate signup costs one indexed read and leaves no
+/// aborted transaction behind. The provisioning transaction is what
+/// guarantees uniqueness; this is only a shortcut.
+pub async fn check_available(
+    client: &deadpool_postgres::Client,
+    username: &Username,
+    email: &Email,
+) -> Result<(), ProvisionError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT username = $1 FROM tenantry.users WHERE username = $1 OR email = $2 LIMIT 1",
+        )
+        .await?;
+    match client
+        .query_opt(&stmt, &[&username.as_str(), &email.as_str()])
+        .await?
+    {
+        Some(row) => Err(ProvisionError::from_taken(row.get(0), username)),
+        None => Ok(()),
+    }
+}
+
 /// An account to create, with its password already hashed.
 #[derive(Debug)]
 pub struct NewAccount {

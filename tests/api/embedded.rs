@@ -71,6 +71,7 @@ async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() 
 
     let status = tenantry(&["db", "status"], &env, None).await;
     assert!(stdout(&status).starts_with("running"));
+    assert_eq!(status.status.code(), Some(0));
 
     // `db url` prints something psql accepts.
     let url = tenantry(&["db", "url"], &env, None).await;
@@ -99,6 +100,11 @@ async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() 
     assert_eq!(stdout(&stopped).trim(), "stopped");
     let status = tenantry(&["db", "status"], &env, None).await;
     assert_eq!(stdout(&status).trim(), "stopped");
+    assert_eq!(
+        status.status.code(),
+        Some(3),
+        "pg_ctl's convention for stopped"
+    );
 
     // Any command that needs the database starts it again; the data is kept.
     let list = tenantry(&["tenants", "list", "--json"], &env, None).await;

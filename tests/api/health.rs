@@ -60,7 +60,21 @@ async fn a_wrong_method_gets_a_json_405() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(
+        response.headers().get("allow").unwrap().to_str().unwrap(),
+        "POST"
+    );
     assert_eq!(json(response).await["error"]["code"], "method_not_allowed");
+    let response = app
+        .api
+        .put(format!("{}/api/experiences/1", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers().get("allow").unwrap().to_str().unwrap(),
+        "GET, HEAD, PATCH, DELETE"
+    );
 }
 
 #[tokio::test]
@@ -161,4 +175,16 @@ async fn health_reports_a_saturated_pool() {
     assert_eq!(body["status"], "degraded", "{body}");
     assert!(body["reasons"].to_string().contains("saturated"), "{body}");
     assert!(responses.into_iter().all(|r| r.unwrap().status() == 200));
+}
+
+#[tokio::test]
+async fn json_errors_do_not_name_internal_types() {
+    let app = spawn_app().await;
+    let response = app
+        .post_json("/api/auth/register", &serde_json::json!([1, 2]))
+        .await;
+    assert_eq!(response.status(), 400);
+    let message = json(response).await["error"]["message"].to_string();
+    assert!(!message.contains("RegisterRequest"), "{message}");
+    assert!(message.contains("a JSON object"), "{message}");
 }
