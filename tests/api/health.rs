@@ -181,7 +181,7 @@ async fn health_reports_a_saturated_pool() {
 async fn json_errors_do_not_name_internal_types() {
     let app = spawn_app().await;
     let response = app
-        .post_json("/api/auth/register", &serde_json::json!([1, 2]))
+        .post_json("/api/auth/register", &serde_json::json!("a string"))
         .await;
     assert_eq!(response.status(), 400);
     let message = json(response).await["error"]["message"].to_string();
