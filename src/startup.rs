@@ -30,6 +30,8 @@ pub struct AppState {
     pub pseudonyms: Pseudonyms,
     /// Signs exports.
     pub export_key: crate::tenancy::export::ExportKey,
+    /// Fleet runs started here, to stop on shutdown.
+    pub fleet_runs: FleetRuns,
     /// Failed logins before an account name is locked (0: never).
     pub login_max_failures: u32,
     /// How long a request body may take (`middleware::body_timeout`).
@@ -98,7 +100,30 @@ pub struct Application {
     port: u16,
     server: Server,
     target: Target,
+    fleet_runs: FleetRuns,
 }
+
+/// The stop flags of fleet runs started through the API in this process:
+/// a shutdown stops them at a tenant boundary.
+#[derive(Clone, Default)]
+pub struct FleetRuns(Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>);
+
+impl FleetRuns {
+    pub fn register(&self, stop: Arc<std::sync::atomic::AtomicBool>) {
+        let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        runs.retain(|s| Arc::strong_count(s) > 1);
+        runs.push(stop);
+    }
+
+    fn stop_all(&self) {
+        for stop in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// How long requests in flight get to finish after SIGTERM/SIGINT.
+pub const DRAIN_SECONDS: u64 = 30;
 
 impl Application {
     /// Bind (port 0 picks a free one, as the tests do) and build the server.
@@ -118,10 +143,11 @@ impl Application {
 
         let target = Target::resolve(&settings).await?;
         match Self::serve_on(&settings, target.clone(), templates, listener).await {
-            Ok(server) => Ok(Application {
+            Ok((server, fleet_runs)) => Ok(Application {
                 port,
                 server,
                 target,
+                fleet_runs,
             }),
             Err(e) => {
                 if let Some((cluster, running)) = target.embedded {
@@ -139,7 +165,7 @@ impl Application {
         target: Target,
         templates: Arc<TemplateSet>,
         listener: TcpListener,
-    ) -> Result<Server, StartupError> {
+    ) -> Result<(Server, FleetRuns), StartupError> {
         let db_config = target.config.clone();
         let context = Context::on(target, templates, settings.pool_size).await?;
         // Never provision with templates that disagree with what this
@@ -167,7 +193,9 @@ impl Application {
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),
+            fleet_runs: FleetRuns::default(),
         });
+        let fleet_runs = state.fleet_runs.clone();
         crate::metrics::handle();
         let limits = web::Data::new(RateLimits::new(&settings.limits));
         crate::maintenance::spawn(
@@ -178,7 +206,7 @@ impl Application {
         );
         let addr = settings.bind.to_string();
         let client_timeout = settings.client_timeout;
-        Ok(HttpServer::new(move || {
+        let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(limits.clone())
@@ -191,9 +219,14 @@ impl Application {
         })
         .client_request_timeout(client_timeout)
         .client_disconnect_timeout(std::time::Duration::from_secs(1))
+        // Signals are ours (`run_until_stopped`): actix treats SIGINT as
+        // a forced shutdown, we drain on both.
+        .disable_signals()
+        .shutdown_timeout(DRAIN_SECONDS)
         .listen(listener)
         .map_err(|source| StartupError::Bind { addr, source })?
-        .run())
+        .run();
+        Ok((server, fleet_runs))
     }
 
     pub fn port(&self) -> u16 {
@@ -208,6 +241,36 @@ impl Application {
 
     /// Serve until SIGINT/SIGTERM (actix handles both, gracefully).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let handle = self.server.handle();
+        let fleet_runs = self.fleet_runs.clone();
+        tokio::spawn(async move {
+            let signal = shutdown_signal().await;
+            tracing::info!(
+                signal,
+                drain_seconds = DRAIN_SECONDS,
+                "shutting down: no new connections; finishing requests in flight and stopping fleet runs at a tenant boundary"
+            );
+            fleet_runs.stop_all();
+            handle.stop(true).await;
+        });
+        let served = self.server.await;
+        tracing::info!("stopped serving");
+        served
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
     }
 }

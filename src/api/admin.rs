@@ -74,6 +74,7 @@ pub async fn start_migration(
     };
     let prepared = fleet::prepare(&state.db_config, state.templates.clone(), options).await?;
     let run_id = prepared.run_id();
+    state.fleet_runs.register(prepared.stop_handle());
     let planned = prepared.plan().tenants.len();
     let target = prepared.plan().target.get();
     // Not tied to the request: the run goes on after the response.

@@ -11,6 +11,7 @@ mod gdpr;
 mod health;
 mod helpers;
 mod isolation;
+mod lifecycle;
 mod login;
 mod observability;
 mod pool;
