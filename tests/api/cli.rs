@@ -242,3 +242,29 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn invalid_settings_exit_2_naming_the_variable() {
+    let db = create_database().await;
+    for (name, value) in [
+        ("BCRYPT_COST", "99"),
+        ("TENANTRY_BIND", "not an address"),
+        ("TENANTRY_RATE_LIMIT_USER", "-1"),
+        ("TENANTRY_TRUSTED_PROXIES", "10.0.0.0/8x"),
+        ("TENANTRY_POOL_SIZE", "0"),
+        ("JWT_SECRET", "short"),
+        ("TENANTRY_METRICS_TOKEN", "short"),
+    ] {
+        let mut env = cli_env(&db);
+        env.retain(|(k, _)| *k != name);
+        env.push((name, value.to_string()));
+        let out = tenantry(&["tenants", "list"], &env, None).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}={value}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(name), "{name}: {}", stderr(&out));
+    }
+}

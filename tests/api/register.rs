@@ -21,7 +21,15 @@ async fn registering_creates_a_user_a_role_and_a_complete_schema() {
         .unwrap()
         .parse::<uuid::Uuid>()
         .is_ok());
-    assert!(body["access_token"].as_str().unwrap().split('.').count() == 3);
+    // The access token is ours and says whom it is for.
+    let claims = tenantry::auth::JwtKeys::new(JWT_SECRET.as_bytes())
+        .verify(body["access_token"].as_str().unwrap())
+        .expect("a valid access token");
+    assert_eq!(claims.sub.to_string(), body["user_id"].as_str().unwrap());
+    assert_eq!(claims.username, "alice_01");
+    assert_eq!(claims.schema.as_deref(), Some("tenant_alice_01"));
+    assert_eq!(claims.role, tenantry::auth::Role::User);
+    assert_eq!(claims.exp - claims.iat, 900);
     assert!(!body["refresh_token"].as_str().unwrap().is_empty());
 
     let db = app.db().await;
@@ -490,4 +498,47 @@ async fn random_hostile_signups_never_get_a_5xx_or_leave_a_partial_tenant() {
     assert!(users > 0, "some of the plausible signups succeed");
     assert_eq!(app.schema_count().await, users);
     assert_eq!(app.tenant_role_count().await, users);
+}
+
+#[tokio::test]
+async fn two_signups_racing_on_one_email_get_one_201_and_one_409() {
+    let app = spawn_app().await;
+    // Hold the users table's unique index from the test: both signups pass
+    // the pre-check, then queue on the insert.
+    let db = app.db().await;
+    db.batch_execute(
+        "BEGIN; INSERT INTO tenantry.users (username, email, password_hash) VALUES ('blocker', 'same@example.com', 'x')",
+    )
+    .await
+    .unwrap();
+    let body =
+        |name: &str| json!({"username": name, "email": "same@example.com", "password": PASSWORD});
+    let (a_body, b_body) = (body("racer_a"), body("racer_b"));
+    let a = app.post_json("/api/auth/register", &a_body);
+    let b = app.post_json("/api/auth/register", &b_body);
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        db.batch_execute("ROLLBACK").await.unwrap();
+    };
+    let (a, b, ()) = futures::join!(a, b, release);
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409]);
+    assert_eq!(app.user_count().await, 1);
+    assert_eq!(app.schema_count().await, 1);
+}
+
+#[tokio::test]
+async fn a_schema_that_exists_outside_the_registry_makes_the_name_taken() {
+    let app = spawn_app().await;
+    app.db()
+        .await
+        .batch_execute("CREATE SCHEMA tenant_squatter")
+        .await
+        .unwrap();
+    let response = app.register("squatter").await;
+    assert_eq!(response.status(), 409);
+    assert_eq!(json(response).await["error"]["code"], "username_taken");
+    assert_eq!(app.user_count().await, 0);
+    assert_eq!(app.tenant_role_count().await, 0);
 }
