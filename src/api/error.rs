@@ -128,9 +128,26 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// The database went away (closed connection, a connection exception, an
+/// operator or crash shutdown): a 503, not a fault of ours.
+pub fn database_unavailable(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if e.as_db_error().is_none() && e.code().is_none() {
+        // An I/O error on the socket.
+        return std::error::Error::source(e)
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
+    }
+    e.code().is_some_and(|c| {
+        let code = c.code();
+        code.starts_with("08") || code.starts_with("57P")
+    })
+}
+
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
-        if e.is_closed() {
+        if database_unavailable(&e) {
             crate::metrics::database_error("unavailable");
             tracing::error!(error = %cause_chain(&e), "database unavailable");
             return ApiError::Unavailable;
@@ -197,6 +214,10 @@ impl From<ProvisionError> for ApiError {
                 message: "email is already registered".into(),
             },
             ProvisionError::Postgres(pg) => pg.into(),
+            ProvisionError::Template { ref source, .. } if database_unavailable(source) => {
+                crate::metrics::database_error("unavailable");
+                ApiError::Unavailable
+            }
             other => ApiError::internal(other),
         }
     }

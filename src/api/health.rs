@@ -40,8 +40,10 @@ SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pe
 /// within 3 s).
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let latest = state.templates.latest().get();
+    let before = pool_status(&state.pool);
+    let saturated = before.size >= before.max_size && before.available == 0;
     let check = async {
-        if state.pool.status().available == 0 {
+        if saturated {
             // Every pooled connection is busy: ask on a connection of our
             // own rather than queue behind the requests.
             let client = crate::db::connect(&state.db_config).await.ok()?;
@@ -51,15 +53,32 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             client.query_one(FLEET_FACTS, &[&latest]).await.ok()
         }
     };
-    let Ok(Some(facts)) = tokio::time::timeout(Duration::from_secs(3), check).await else {
-        return HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "5"))
-            .json(json!({
-                "status": "unhealthy",
-                "database": "unreachable",
-                "reasons": ["the database does not answer"],
-                "error": { "code": "unavailable", "message": "the database is unreachable" },
+    let facts = match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Some(facts)) => facts,
+        // Busy connections mean the database was answering a moment ago.
+        _ if saturated => {
+            return HttpResponse::Ok().json(json!({
+                "status": "degraded",
+                "reasons": [format!(
+                    "the connection pool is saturated ({} requests waiting for {} connections)",
+                    before.waiting, before.max_size
+                )],
+                "database": "busy",
+                "version": env!("CARGO_PKG_VERSION"),
+                "template_version": latest,
+                "pool": before,
             }));
+        }
+        _ => {
+            return HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "5"))
+                .json(json!({
+                    "status": "unhealthy",
+                    "database": "unreachable",
+                    "reasons": ["the database does not answer"],
+                    "error": { "code": "unavailable", "message": "the database is unreachable" },
+                }));
+        }
     };
     let pool = pool_status(&state.pool);
     let pending: i64 = facts.get("pending");

@@ -6,6 +6,7 @@ mod accounts;
 mod audit;
 mod cli;
 mod embedded;
+mod faults;
 mod fleet;
 mod gdpr;
 mod health;
