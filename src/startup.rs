@@ -75,6 +75,16 @@ impl Context {
     pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
         let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
         let target = Target::resolve(settings).await?;
+        if let Some((cluster, running)) = &target.embedded {
+            if running.started_here {
+                // A command-line user should know a server now runs.
+                eprintln!(
+                    "note: started the embedded PostgreSQL under {} (port {}); it keeps running for the next command: `tenantry db stop` stops it",
+                    cluster.data_dir().display(),
+                    running.port
+                );
+            }
+        }
         Self::on(target, templates, pool_size).await
     }
 

@@ -344,6 +344,33 @@ async fn db(settings: Settings, action: DbCommand) -> Result<(), Failure> {
         }
         DbCommand::Stop => {
             let data_dir = settings.data_dir.clone();
+            // A running service's pool (application_name "tenantry"): say
+            // what stopping does to it.
+            let open = tokio::task::spawn_blocking({
+                let data_dir = data_dir.clone();
+                move || Cluster::open(&data_dir).and_then(|c| Ok(c.running()?.map(|r| (c, r))))
+            })
+            .await??;
+            if let Some((cluster, running)) = open {
+                if let Ok(client) =
+                    crate::db::connect(&cluster.pg_config(&running, "postgres")).await
+                {
+                    let serving: i64 = client
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity
+                             WHERE application_name = 'tenantry' AND pid <> pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0);
+                    if serving > 0 {
+                        eprintln!(
+                            "warning: a running `tenantry serve` has {serving} connection(s) open: its requests get 503 until `tenantry db start` (it reconnects by itself)"
+                        );
+                    }
+                }
+            }
             let stopped = tokio::task::spawn_blocking(move || {
                 Cluster::open(&data_dir).and_then(|c| c.stop())
             })

@@ -109,8 +109,15 @@ async fn the_embedded_cluster_starts_is_reused_and_keeps_data_across_restarts() 
     // Any command that needs the database starts it again; the data is kept.
     let list = tenantry(&["tenants", "list", "--json"], &env, None).await;
     assert!(list.status.success(), "{}", stderr(&list));
+    assert!(
+        stderr(&list).contains("started the embedded PostgreSQL"),
+        "a command that starts the server says so: {}",
+        stderr(&list)
+    );
     let list: Value = serde_json::from_str(&stdout(&list)).unwrap();
     assert_eq!(list[0]["username"], "rosa");
+    let again = tenantry(&["tenants", "list", "--json"], &env, None).await;
+    assert!(!stderr(&again).contains("started"), "{}", stderr(&again));
 }
 
 #[tokio::test]
@@ -336,7 +343,13 @@ async fn serve_survives_a_cluster_restart_and_leaves_the_new_server_running() {
     }
     assert!(up, "serve never became healthy");
 
-    assert!(tenantry(&["db", "stop"], &env, None).await.status.success());
+    let stop = tenantry(&["db", "stop"], &env, None).await;
+    assert!(stop.status.success());
+    assert!(
+        stderr(&stop).contains("running `tenantry serve`"),
+        "db stop under a running service says so: {}",
+        stderr(&stop)
+    );
     let down = health().await.expect("an answer, not a hang");
     assert_eq!(down.status(), 503);
     assert!(down.headers().contains_key("retry-after"));
