@@ -16,7 +16,7 @@ mod system {
 /// Key of the advisory lock that serialises bootstraps of one database (two
 /// processes starting at once must not both run the migrations or race on
 /// `CREATE SCHEMA IF NOT EXISTS`, which is not concurrency-safe).
-const BOOTSTRAP_LOCK: i64 = 0x7465_6e61_6e74_7279; // "tenantry"
+pub const BOOTSTRAP_LOCK: i64 = 0x7465_6e61_6e74_7279; // "tenantry"
 
 /// As the embedded cluster's superuser: create the service role (LOGIN,
 /// CREATEROLE, not a superuser) and the `tenantry` database it owns. A

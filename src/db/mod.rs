@@ -17,7 +17,7 @@ use tokio_postgres::NoTls;
 use crate::configuration::{DatabaseTarget, Settings};
 use crate::embedded::{self, Cluster, ClusterError, Running};
 
-pub use bootstrap::{bootstrap, Installation};
+pub use bootstrap::{bootstrap, Installation, BOOTSTRAP_LOCK};
 pub use pool::{
     pool, pool_with, ConnectionLimits, PortSource, Retire, COMMIT_AND_RESET, SESSION_RESET,
 };

@@ -300,4 +300,19 @@ mod tests {
         assert_eq!(s.get(v(2)).unwrap().name(), "b");
         assert!(s.get(v(4)).is_none());
     }
+
+    #[test]
+    fn duplicate_and_empty_template_sets_are_refused() {
+        let err = set(&[("V1__a.sql", "select 1"), ("V1__b.sql", "select 2")]).unwrap_err();
+        assert!(matches!(err, TemplateError::Duplicate(1)), "{err}");
+        let err = set(&[]).unwrap_err();
+        assert!(matches!(err, TemplateError::Empty(_)), "{err}");
+        let dir = std::env::temp_dir().join(format!("tenantry-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(
+            TemplateSet::from_dir(&dir),
+            Err(TemplateError::Empty(_))
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

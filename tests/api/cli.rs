@@ -268,3 +268,76 @@ async fn invalid_settings_exit_2_naming_the_variable() {
         assert!(stderr(&out).contains(name), "{name}: {}", stderr(&out));
     }
 }
+
+#[tokio::test]
+async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() {
+    // Force the overlap: the test holds the bootstrap lock while both start,
+    // so both are waiting on it when it is released.
+    let db = create_database().await;
+    let env = cli_env(&db);
+    let holder = connect(&db).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&tenantry::db::BOOTSTRAP_LOCK],
+        )
+        .await
+        .unwrap();
+    let a = tenantry(&["system", "migrate"], &env, None);
+    let b = tenantry(&["system", "migrate"], &env, None);
+    let release = async {
+        // Both wait on the lock before it is released.
+        for _ in 0..100 {
+            let waiting: i64 = holder
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let waiting: i64 = holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        holder
+            .execute(
+                "SELECT pg_advisory_unlock($1)",
+                &[&tenantry::db::BOOTSTRAP_LOCK],
+            )
+            .await
+            .unwrap();
+        waiting
+    };
+    let (a, b, waiting) = tokio::join!(a, b, release);
+    assert_eq!(waiting, 2, "both runs waited on the lock at once");
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    let applied = [&a, &b]
+        .iter()
+        .filter(|o| stdout(o).contains("applied V1__control_plane"))
+        .count();
+    assert_eq!(applied, 1);
+    let rows = connect(&db)
+        .await
+        .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(rows, 10);
+}

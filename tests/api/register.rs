@@ -542,3 +542,31 @@ async fn a_schema_that_exists_outside_the_registry_makes_the_name_taken() {
     assert_eq!(app.user_count().await, 0);
     assert_eq!(app.tenant_role_count().await, 0);
 }
+
+#[tokio::test]
+async fn two_signups_racing_past_the_pre_check_on_one_name_get_one_201() {
+    // Both pass the pre-check (the test's row is not committed), then queue
+    // on the registry's unique index: the unique-violation path, forced.
+    let app = spawn_app().await;
+    let db = app.db().await;
+    db.batch_execute(
+        "BEGIN; INSERT INTO tenantry.users (username, email, password_hash) VALUES ('duo', 'held@example.com', 'x')",
+    )
+    .await
+    .unwrap();
+    let body = |n: u8| json!({"username": "duo", "email": format!("duo{n}@example.com"), "password": PASSWORD});
+    let (a_body, b_body) = (body(1), body(2));
+    let a = app.post_json("/api/auth/register", &a_body);
+    let b = app.post_json("/api/auth/register", &b_body);
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        db.batch_execute("ROLLBACK").await.unwrap();
+    };
+    let (a, b, ()) = futures::join!(a, b, release);
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409]);
+    assert_eq!(app.user_count().await, 1);
+    assert_eq!(app.schema_count().await, 1);
+    assert_eq!(app.tenant_role_count().await, 1);
+}
