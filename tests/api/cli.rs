@@ -205,19 +205,35 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
     assert!(seen, "provisioning never reached the slow template");
     child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
 
-    // The server notices the vanished client and rolls back.
+    // The server notices the vanished client and rolls back: wait until the
+    // killed client's backend is gone (until then its transaction is open,
+    // and invisible, so counting now would prove nothing).
+    let backend: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+             AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    let mut gone = false;
     for _ in 0..400 {
-        if admin
-            .query_one(sleeping, &[])
+        let alive: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&backend],
+            )
             .await
             .unwrap()
-            .get::<_, i64>(0)
-            == 0
-        {
+            .get(0);
+        if alive == 0 {
+            gone = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+    assert!(gone, "the killed client's backend ended");
     let leftovers: (i64, i64, i64) = {
         let row = admin
             .query_one(

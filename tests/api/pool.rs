@@ -36,11 +36,13 @@ async fn a_connection_is_replaced_after_its_maximum_age() {
     let db = create_database().await;
     let limits = ConnectionLimits {
         max_uses: 1000,
-        max_age: Duration::from_millis(200),
+        // Seconds, not milliseconds: a loaded machine must not age the
+        // connection between the first two checkouts.
+        max_age: Duration::from_secs(3),
     };
     let pool = pool(service_url(&db).parse().unwrap(), 1, limits).unwrap();
     let first = backend_pid(&pool).await;
     assert_eq!(backend_pid(&pool).await, first);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_ne!(backend_pid(&pool).await, first);
 }
