@@ -168,3 +168,37 @@ async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn refinerys_own_runner_reads_a_tenants_history_as_fully_applied() {
+    // The history is in refinery's format: its runner, pointed at a tenant's
+    // history table with the same templates, finds nothing to apply and no
+    // divergent checksum.
+    let app = spawn_app().await;
+    assert_eq!(app.register("refi").await.status(), 201);
+    let templates = tenantry::templates::TemplateSet::builtin().unwrap();
+    let migrations: Vec<refinery::Migration> = templates
+        .all()
+        .iter()
+        .map(|t| {
+            refinery::Migration::unapplied(&t.file_name().replace(".sql", ""), t.sql()).unwrap()
+        })
+        .collect();
+    let mut runner = refinery::Runner::new(&migrations).set_abort_divergent(true);
+    runner.set_migration_table_name("tenant_refi.refinery_schema_history");
+    let mut client = app.db().await;
+    let applied = runner
+        .get_applied_migrations_async(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), templates.all().len());
+    for (m, t) in applied.iter().zip(templates.all()) {
+        assert_eq!(m.version() as i32, t.version().get());
+        assert_eq!(m.checksum(), t.checksum());
+    }
+    let report = runner.run_async(&mut client).await.unwrap();
+    assert!(
+        report.applied_migrations().is_empty(),
+        "nothing left to apply"
+    );
+}
