@@ -606,24 +606,7 @@ pub async fn change_password(
         e.field = "new_password";
         e
     })?;
-    let stored: String = {
-        let client = state.pool.get().await?;
-        client
-            .query_one(
-                "SELECT password_hash FROM tenantry.users WHERE id = $1",
-                &[&user.id()],
-            )
-            .await?
-            .get(0)
-    };
-    if body.current_password.len() > 72
-        || !state
-            .hasher
-            .verify(body.current_password, Some(stored.clone()))
-            .await?
-    {
-        return Err(ApiError::InvalidCredentials);
-    }
+    let stored = reauthenticate(&state, user.id(), body.current_password).await?;
     let new_hash = state.hasher.hash(&new_password).await?;
     let session = user.claims.sid;
     let mut client = state.pool.get().await?;
@@ -672,4 +655,29 @@ pub async fn change_password(
         "expires_in": ACCESS_TOKEN_SECONDS,
         "sessions_revoked": revoked,
     })))
+}
+
+/// Re-authentication for a sensitive action: `password` must be the
+/// account's current one (401 otherwise). Returns the stored hash, so the
+/// action can make sure nothing changed it meanwhile.
+pub(crate) async fn reauthenticate(
+    state: &AppState,
+    user_id: Uuid,
+    password: String,
+) -> Result<String, ApiError> {
+    let stored: String = {
+        let client = state.pool.get().await?;
+        client
+            .query_one(
+                "SELECT password_hash FROM tenantry.users WHERE id = $1",
+                &[&user_id],
+            )
+            .await?
+            .get(0)
+    };
+    // bcrypt reads 72 bytes; a longer password was never accepted.
+    if password.len() > 72 || !state.hasher.verify(password, Some(stored.clone())).await? {
+        return Err(ApiError::InvalidCredentials);
+    }
+    Ok(stored)
 }

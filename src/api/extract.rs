@@ -91,8 +91,26 @@ impl FromRequest for CurrentUser {
     }
 }
 
+/// The current user, if their role (per the registry now) is one of
+/// `allowed`: 401 without a valid token, 403 for any other role.
+fn with_role(
+    req: &HttpRequest,
+    payload: &mut actix_web::dev::Payload,
+    allowed: &'static [Role],
+    refusal: &'static str,
+) -> LocalBoxFuture<'static, Result<CurrentUser, ApiError>> {
+    let user = CurrentUser::from_request(req, payload);
+    Box::pin(async move {
+        let user = user.await?;
+        if allowed.contains(&user.role) {
+            Ok(user)
+        } else {
+            Err(ApiError::Forbidden(refusal))
+        }
+    })
+}
+
 /// An admin, per the registry now (a demoted admin loses access at once).
-/// No token: 401; any other role: 403.
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub CurrentUser);
 
@@ -101,14 +119,13 @@ impl FromRequest for AdminUser {
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
-        let user = CurrentUser::from_request(req, payload);
-        Box::pin(async move {
-            let user = user.await?;
-            match user.role {
-                Role::Admin => Ok(AdminUser(user)),
-                _ => Err(ApiError::Forbidden("this route is for admins only")),
-            }
-        })
+        let user = with_role(
+            req,
+            payload,
+            &[Role::Admin],
+            "this route is for admins only",
+        );
+        Box::pin(async move { user.await.map(AdminUser) })
     }
 }
 
@@ -121,15 +138,12 @@ impl FromRequest for AuditReader {
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
-        let user = CurrentUser::from_request(req, payload);
-        Box::pin(async move {
-            let user = user.await?;
-            match user.role {
-                Role::Admin | Role::Auditor => Ok(AuditReader(user)),
-                Role::User => Err(ApiError::Forbidden(
-                    "this route is for admins and auditors only",
-                )),
-            }
-        })
+        let user = with_role(
+            req,
+            payload,
+            &[Role::Admin, Role::Auditor],
+            "this route is for admins and auditors only",
+        );
+        Box::pin(async move { user.await.map(AuditReader) })
     }
 }

@@ -60,20 +60,7 @@ pub async fn erase(
     user: CurrentUser,
     body: web::Json<EraseRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let stored: String = {
-        let client = state.pool.get().await?;
-        client
-            .query_one(
-                "SELECT password_hash FROM tenantry.users WHERE id = $1",
-                &[&user.id()],
-            )
-            .await?
-            .get(0)
-    };
-    let password = body.into_inner().password;
-    if password.len() > 72 || !state.hasher.verify(password, Some(stored)).await? {
-        return Err(ApiError::InvalidCredentials);
-    }
+    crate::api::auth::reauthenticate(&state, user.id(), body.into_inner().password).await?;
     let username = crate::domain::Username::parse(&user.claims.username)
         .map_err(|_| ApiError::Unauthorized)?;
     let receipt = erase_tenant(

@@ -134,15 +134,7 @@ async fn a_disabled_account_is_locked_out_at_once() {
         status_of(app.call(Method::GET, "/api/me", access)).await,
         401
     );
-    assert_eq!(
-        app.post_json(
-            "/api/auth/refresh",
-            &json!({"refresh_token": signup["refresh_token"]})
-        )
-        .await
-        .status(),
-        401
-    );
+    assert_eq!(app.refresh_status(&signup["refresh_token"]).await, 401);
     assert_eq!(login(&app, "dora", PASSWORD).await.status(), 401);
 }
 

@@ -337,13 +337,7 @@ async fn serve_anchors_the_chain_periodically() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let installation: String = app
-        .db()
-        .await
-        .query_one("SELECT id FROM tenantry.installation", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let installation = app.installation_id().await;
     assert!(text.starts_with(&format!("{installation} 1 ")), "{text:?}");
 }
 
@@ -408,13 +402,5 @@ async fn expired_rows_are_purged_in_the_background() {
         (0, 1),
         "expired tokens and stale throttle rows go; fresh ones stay"
     );
-    assert_eq!(
-        app.post_json(
-            "/api/auth/refresh",
-            &json!({"refresh_token": signup["refresh_token"]})
-        )
-        .await
-        .status(),
-        401
-    );
+    assert_eq!(app.refresh_status(&signup["refresh_token"]).await, 401);
 }

@@ -285,6 +285,19 @@ async fn invalid_settings_exit_2_naming_the_variable() {
     }
 }
 
+/// Sessions of this database waiting for an advisory lock.
+async fn waiters(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() {
     // Force the overlap: the test holds the bootstrap lock while both start,
@@ -304,29 +317,12 @@ async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() 
     let release = async {
         // Both wait on the lock before it is released.
         for _ in 0..100 {
-            let waiting: i64 = holder
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting == 2 {
+            if waiters(&holder).await == 2 {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let waiting: i64 = holder
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let waiting = waiters(&holder).await;
         holder
             .execute(
                 "SELECT pg_advisory_unlock($1)",

@@ -8,14 +8,6 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn serve(env: &[(&'static str, String)], port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
         .arg("serve")
@@ -113,18 +105,7 @@ async fn a_service_killed_during_signups_leaves_every_201_usable_and_nothing_hal
         stdout(&out),
         stderr(&out)
     );
-    let admin = connect(&db).await;
-    let (users, tenants, schemas): (i64, i64, i64) = {
-        let r = admin
-            .query_one(
-                "SELECT (SELECT count(*) FROM tenantry.users), (SELECT count(*) FROM tenantry.tenants),
-                        (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%')",
-                &[],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1), r.get(2))
-    };
+    let (users, tenants, schemas) = tenant_counts(&connect(&db).await).await;
     assert_eq!(users, tenants);
     assert_eq!(tenants, schemas);
     assert!(tenants >= created.len() as i64);
@@ -207,15 +188,7 @@ async fn postgres_killed_during_a_burst_gives_only_503s_and_nothing_half_made() 
     let check = tenantry::db::connect(&cluster.pg_config(&back, "tenantry"))
         .await
         .unwrap();
-    let row = check
-        .query_one(
-            "SELECT (SELECT count(*) FROM tenantry.users), (SELECT count(*) FROM tenantry.tenants),
-                    (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%')",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (users, tenants, schemas): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (users, tenants, schemas) = tenant_counts(&check).await;
     assert_eq!(
         (users, tenants),
         (tenants, schemas),

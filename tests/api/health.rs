@@ -1,5 +1,30 @@
 use crate::helpers::*;
 
+/// Break the database on purpose: refuse new connections and cut the
+/// pool's existing ones. Returns the superuser connection that undoes it.
+async fn cut_off(app: &TestApp) -> tokio_postgres::Client {
+    let admin = connect("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';",
+            db = app.db_name
+        ))
+        .await
+        .unwrap();
+    admin
+}
+
+async fn reconnect(admin: &tokio_postgres::Client, app: &TestApp) {
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            app.db_name
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn health_is_200_when_the_database_answers() {
     let app = spawn_app().await;
@@ -15,15 +40,7 @@ async fn health_is_503_when_the_database_is_unreachable() {
     let app = spawn_app().await;
     // Break the database on purpose: refuse new connections and cut the
     // pool's existing ones.
-    let admin = connect("postgres").await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';",
-            db = app.db_name
-        ))
-        .await
-        .unwrap();
+    let admin = cut_off(&app).await;
     let response = app.get("/health").await;
     assert_eq!(response.status(), 503);
     let body = json(response).await;
@@ -31,13 +48,7 @@ async fn health_is_503_when_the_database_is_unreachable() {
     assert_eq!(body["error"]["code"], "unavailable");
 
     // And it recovers when the database comes back.
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            app.db_name
-        ))
-        .await
-        .unwrap();
+    reconnect(&admin, &app).await;
     let response = app.get("/health").await;
     assert_eq!(response.status(), 200);
 }
@@ -80,15 +91,7 @@ async fn a_wrong_method_gets_a_json_405() {
 #[tokio::test]
 async fn liveness_needs_no_database() {
     let app = spawn_app().await;
-    let admin = connect("postgres").await;
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';",
-            db = app.db_name
-        ))
-        .await
-        .unwrap();
+    let admin = cut_off(&app).await;
     let live = app.get("/health/live").await;
     assert_eq!(live.status(), 200);
     assert_eq!(json(live).await["status"], "alive");
@@ -100,13 +103,7 @@ async fn liveness_needs_no_database() {
         .unwrap();
     assert_eq!(head.status(), 200);
     assert_eq!(app.get("/health").await.status(), 503);
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            app.db_name
-        ))
-        .await
-        .unwrap();
+    reconnect(&admin, &app).await;
 }
 
 #[tokio::test]

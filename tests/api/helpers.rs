@@ -249,16 +249,36 @@ impl TestApp {
             .await
     }
 
-    /// The installation's role prefix (`tnt_<id>_`).
-    pub async fn role_prefix(&self) -> String {
-        let id: String = self
-            .db()
+    /// This database's installation id.
+    pub async fn installation_id(&self) -> String {
+        self.db()
             .await
             .query_one("SELECT id FROM tenantry.installation", &[])
             .await
             .unwrap()
-            .get(0);
-        format!("tnt_{id}_")
+            .get(0)
+    }
+
+    /// The installation's role prefix (`tnt_<id>_`).
+    pub async fn role_prefix(&self) -> String {
+        format!("tnt_{}_", self.installation_id().await)
+    }
+
+    /// The status of `POST /api/auth/refresh` with `token` (a JSON value as
+    /// signup and login return it).
+    pub async fn refresh_status(&self, token: &Value) -> u16 {
+        self.post_json(
+            "/api/auth/refresh",
+            &serde_json::json!({ "refresh_token": token }),
+        )
+        .await
+        .status()
+        .as_u16()
+    }
+
+    /// Users, tenant registry rows and tenant schemas, which must agree.
+    pub async fn tenant_counts(&self) -> (i64, i64, i64) {
+        tenant_counts(&self.db().await).await
     }
 
     /// How many tenant roles of this installation exist.
@@ -278,6 +298,28 @@ impl TestApp {
     pub async fn user_count(&self) -> i64 {
         self.count("SELECT count(*) FROM tenantry.users").await
     }
+}
+
+/// Users, tenant registry rows and tenant schemas in `client`'s database.
+pub async fn tenant_counts(client: &tokio_postgres::Client) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM tenantry.users), (SELECT count(*) FROM tenantry.tenants),
+                    (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%')",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// A free loopback port (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub async fn json(response: reqwest::Response) -> Value {

@@ -6,14 +6,6 @@ use reqwest::Method;
 
 use crate::helpers::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn sigterm_and_sigint_drain_requests_in_flight_then_exit_cleanly() {
     for signal in [
