@@ -107,6 +107,7 @@ pub struct Subject<'a> {
 #[derive(Clone)]
 pub struct Hasher {
     cost: u32,
+    cores: usize,
     permits: Arc<tokio::sync::Semaphore>,
     /// A real hash at the configured cost, verified against for unknown
     /// users so that they take as long as known ones.
@@ -124,6 +125,7 @@ impl Hasher {
         .await?;
         Ok(Hasher {
             cost,
+            cores,
             permits,
             dummy: dummy.into(),
         })
@@ -136,9 +138,8 @@ impl Hasher {
     /// Take every permit (what a flood of logins does): hashing waits
     /// until the returned permit is dropped. For tests of the bound.
     pub async fn hold_all_permits(&self) -> tokio::sync::SemaphorePermit<'_> {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         self.permits
-            .acquire_many(cores as u32)
+            .acquire_many(self.cores as u32)
             .await
             .expect("never closed")
     }

@@ -80,7 +80,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                 }));
         }
     };
-    let pool = pool_status(&state.pool);
+    let pool = before;
     let pending: i64 = facts.get("pending");
     let deleting: i64 = facts.get("deleting");
     let last_run: Option<String> = facts.get("last_run");

@@ -11,13 +11,7 @@ use crate::startup::AppState;
 pub async fn metrics(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
     match &state.metrics_token {
         Some(token) => {
-            let presented = request
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().split_once(' '))
-                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-                .map(|(_, t)| t.trim().to_owned());
+            let presented = crate::api::middleware::bearer_token(&request);
             let ok = presented.is_some_and(|p| {
                 use sha2::Digest;
                 // Compare digests: equal length, no early exit on content.

@@ -230,13 +230,17 @@ pub fn bearer_claims(req: &actix_web::HttpRequest) -> Option<Claims> {
         return v.0.clone();
     }
     let state = req.app_data::<web::Data<AppState>>()?;
+    state.jwt.verify(bearer_token(req)?)
+}
+
+/// The token of `Authorization: Bearer <token>` (the scheme is
+/// case-insensitive, RFC 9110 §11.1).
+pub fn bearer_token(req: &actix_web::HttpRequest) -> Option<&str> {
     let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?;
-    // The scheme is case-insensitive (RFC 9110 §11.1).
     let (scheme, token) = header.to_str().ok()?.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    state.jwt.verify(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Per client IP on `/api/auth/*`, per user with a valid access token,

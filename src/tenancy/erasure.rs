@@ -232,8 +232,7 @@ pub async fn erase(
             s = schema.quoted(),
             r = role.quoted()
         ))
-        .await
-        .map(|_| 0),
+        .await,
     )?;
     tx.execute(
         "DELETE FROM tenantry.fleet_results WHERE user_id = $1",
@@ -258,29 +257,23 @@ pub async fn erase(
     tx.commit().await?;
     let erased_at = chrono::Utc::now();
 
-    // 4. Verify.
+    // 4. Verify. (The role's owned objects and privileges are gone because
+    // DROP ROLE succeeded: PostgreSQL refuses it while any remain.)
     let left = client
         .query_one(
             "SELECT to_regnamespace($1) IS NOT NULL,
                     EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $2),
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_shdepend d
-                            JOIN pg_catalog.pg_roles r ON r.oid = d.refobjid
-                            WHERE r.rolname = $2),
                     EXISTS (SELECT 1 FROM tenantry.users WHERE id = $3)
                     OR EXISTS (SELECT 1 FROM tenantry.tenants WHERE user_id = $3)
                     OR EXISTS (SELECT 1 FROM tenantry.refresh_tokens WHERE user_id = $3)",
             &[&schema.as_str(), &role.as_str(), &user_id],
         )
         .await?;
-    let names = [
-        "schema",
-        "role",
-        "owned objects and privileges",
-        "account rows",
-    ];
-    let remaining: Vec<&str> = (0..4)
-        .filter(|i| left.get::<_, bool>(*i))
-        .map(|i| names[i])
+    let remaining: Vec<&str> = ["schema", "role", "account rows"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| left.get::<_, bool>(*i))
+        .map(|(_, name)| name)
         .collect();
     if !remaining.is_empty() {
         return Err(ErasureError::Incomplete(remaining.join(", ")));
@@ -296,7 +289,12 @@ pub async fn erase(
         rows,
         sessions_revoked,
         audit_entry,
-        verified_absent: names.to_vec(),
+        verified_absent: vec![
+            "schema",
+            "role",
+            "owned objects and privileges",
+            "account rows",
+        ],
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
 }

@@ -22,7 +22,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes_buf::Buffer;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::mpsc;
@@ -105,39 +104,34 @@ pub enum ImportError {
     Format(String),
 }
 
-/// A buffer that is sent on when full, MAC'd as it goes.
-mod bytes_buf {
-    use super::*;
+/// Bytes on their way out: sent on in chunks, MAC'd as they go.
+struct Buffer {
+    buf: Vec<u8>,
+    mac: HmacSha256,
+    tx: mpsc::Sender<Vec<u8>>,
+}
 
-    pub struct Buffer {
-        pub buf: Vec<u8>,
-        pub mac: HmacSha256,
-        pub tx: mpsc::Sender<Vec<u8>>,
+impl Buffer {
+    async fn put(&mut self, bytes: &[u8]) -> Result<(), ExportError> {
+        self.mac.update(bytes);
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
-    impl Buffer {
-        pub async fn put(&mut self, bytes: &[u8]) -> Result<(), ExportError> {
-            self.mac.update(bytes);
-            self.buf.extend_from_slice(bytes);
-            if self.buf.len() >= CHUNK {
-                self.flush().await?;
-            }
-            Ok(())
-        }
+    /// Bytes outside the signed body (the trailer).
+    fn put_unsigned(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
 
-        /// Unsigned bytes (the trailer).
-        pub async fn put_unsigned(&mut self, bytes: &[u8]) -> Result<(), ExportError> {
-            self.buf.extend_from_slice(bytes);
-            Ok(())
+    async fn flush(&mut self) -> Result<(), ExportError> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx.send(chunk).await.map_err(|_| ExportError::Closed)?;
         }
-
-        pub async fn flush(&mut self) -> Result<(), ExportError> {
-            if !self.buf.is_empty() {
-                let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-                self.tx.send(chunk).await.map_err(|_| ExportError::Closed)?;
-            }
-            Ok(())
-        }
+        Ok(())
     }
 }
 
@@ -313,8 +307,8 @@ pub async fn export(
     let trailer = format!(
         "{{\"algorithm\":\"HMAC-SHA256\",\"tables\":{total_tables},\"rows\":{total_rows},\"mac\":\"{mac}\"}}}}\n"
     );
-    buf.put_unsigned(TRAILER).await?;
-    buf.put_unsigned(trailer.as_bytes()).await?;
+    buf.put_unsigned(TRAILER);
+    buf.put_unsigned(trailer.as_bytes());
     buf.flush().await?;
     Ok(())
 }
