@@ -199,8 +199,7 @@ pub async fn erase(
                     "DROP TABLE IF EXISTS {} CASCADE",
                     names.join(", ")
                 ))
-                .await
-                .map(|_| 0),
+                .await,
             )?;
             tx.commit().await?;
         }
