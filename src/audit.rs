@@ -37,7 +37,7 @@ WITH head AS (
 INSERT INTO tenantry.audit_log (seq, entry, hash) SELECT seq, $1::text, hash FROM head";
 
 /// What happened. The names are what `GET /admin/audit?action=` filters on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Register,
@@ -133,7 +133,7 @@ impl Pseudonyms {
 }
 
 /// One entry, before it is written. Field order is the canonical order.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Entry {
     /// RFC 3339, UTC, microseconds: sorts as text.
     pub at: String,

@@ -52,7 +52,7 @@ pub async fn verify_password(candidate: String, hash: String) -> Result<bool, Au
 }
 
 /// What an account may do. Stored as text in `tenantry.users.role`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// A tenant: their own data, through `/api`.

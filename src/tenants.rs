@@ -6,7 +6,7 @@ use tokio_postgres::Row;
 use crate::domain::Username;
 
 /// One tenant as the registry records it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TenantInfo {
     pub user_id: uuid::Uuid,
     pub username: String,

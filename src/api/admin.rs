@@ -2,19 +2,28 @@
 //! and the fleet: its status, starting a migration run (which goes on in
 //! the background, past the request) and following a run.
 
-use actix_web::{web, HttpResponse};
-use serde::Deserialize;
-use serde_json::json;
+use actix_web::{delete, get, post, web, HttpResponse};
+use serde::{Deserialize, Serialize};
 
 use crate::api::extract::{AdminUser, AuditReader};
 use crate::api::paging::{cursor_part, invalid, make_cursor, Page};
 use crate::api::ApiError;
 use crate::audit::{self, Action, Entry};
 use crate::domain::{TemplateVersion, Username};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 use crate::tenancy::fleet::{self, Progress, RunOptions};
 
 /// `GET /admin/fleet`: tenants per version, pending, failed, drift, last run.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The fleet", body = crate::tenancy::fleet::FleetStatus),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/fleet")]
 pub async fn fleet_status(
     state: web::Data<AppState>,
     _admin: AdminUser,
@@ -24,14 +33,33 @@ pub async fn fleet_status(
     Ok(HttpResponse::Ok().json(status))
 }
 
-#[derive(Deserialize)]
+/// A fleet migration run; every field is optional.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartRun {
+    /// The version to migrate to (the latest when absent).
+    #[schema(minimum = 1)]
     target_version: Option<i64>,
+    /// Tenants migrated at once (default 4).
+    #[schema(minimum = 1, maximum = 64)]
     concurrency: Option<usize>,
+    /// Tenants migrated first, one at a time; if one fails the run stops.
     canary: Option<usize>,
+    /// Stop after this many failures (no limit when absent).
+    #[schema(minimum = 1)]
     max_failures: Option<usize>,
+    /// Only this tenant (a username).
+    #[schema(pattern = "^[A-Za-z][A-Za-z0-9_]{2,31}$")]
     tenant: Option<String>,
+}
+
+/// A run was started.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunStarted {
+    pub run_id: i64,
+    pub target_version: i32,
+    /// Tenants the run will migrate.
+    pub planned: usize,
 }
 
 /// Nobody watches a background run's progress in-process: its results are
@@ -42,11 +70,24 @@ impl Progress for Unwatched {}
 /// `POST /admin/fleet/migrations`: take the run lock, plan and record the
 /// run, answer 202 with its id, and run it in the background. 409 while
 /// another run (from any process) holds the lock.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    request_body = StartRun,
+    responses(
+        (status = 202, description = "Started; it runs in the background", body = RunStarted,
+         headers(("Location" = String, description = "The run's URL"))),
+        (status = 400, description = "Invalid options", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Another run is in progress, or the templates are refused", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/fleet/migrations")]
 #[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
 pub async fn start_migration(
     state: web::Data<AppState>,
     admin: AdminUser,
-    body: web::Json<StartRun>,
+    body: JsonBody<StartRun>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let defaults = RunOptions::default();
@@ -85,15 +126,26 @@ pub async fn start_migration(
     });
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/admin/fleet/migrations/{run_id}")))
-        .json(json!({
-            "run_id": run_id,
-            "target_version": target,
-            "planned": planned,
-        })))
+        .json(RunStarted {
+            run_id,
+            target_version: target,
+            planned,
+        }))
 }
 
 /// `GET /admin/fleet/migrations/{run_id}`: a run's status, progress and
 /// failed tenants (live while it runs).
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("run_id" = i64, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run", body = crate::tenancy::fleet::RunReport),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such run", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/fleet/migrations/{run_id}")]
 pub async fn migration(
     state: web::Data<AppState>,
     _admin: AdminUser,
@@ -107,33 +159,63 @@ pub async fn migration(
 }
 
 /// `?status=&version=&limit=&cursor=` of `GET /admin/tenants`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TenantsQuery {
-    status: Option<String>,
+    /// Only tenants in this status.
+    #[param(inline)]
+    status: Option<TenantStatus>,
+    /// Only tenants at this template version.
+    #[param(minimum = 1)]
     version: Option<i32>,
+    /// Items per page, 1 to 200 (50 when absent).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
     cursor: Option<String>,
 }
 
-const TENANT_STATUSES: [&str; 4] = ["active", "migrating", "failed", "deleting"];
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantStatus {
+    Active,
+    Migrating,
+    Failed,
+    Deleting,
+}
+
+impl TenantStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            TenantStatus::Active => "active",
+            TenantStatus::Migrating => "migrating",
+            TenantStatus::Failed => "failed",
+            TenantStatus::Deleting => "deleting",
+        }
+    }
+}
 
 /// `GET /admin/tenants`: the registry by username, a page at a time,
 /// optionally only one status and/or template version.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(TenantsQuery),
+    responses(
+        (status = 200, description = "A page of tenants by username", body = Page<crate::tenants::TenantInfo>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/tenants")]
 pub async fn tenants(
     state: web::Data<AppState>,
     _admin: AdminUser,
     query: web::Query<TenantsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner();
-    if let Some(status) = &q.status {
-        if !TENANT_STATUSES.contains(&status.as_str()) {
-            return Err(invalid(
-                "status",
-                "must be one of active, migrating, failed, deleting",
-            ));
-        }
-    }
     if q.version.is_some_and(|v| v < 1) {
         return Err(invalid("version", "must be at least 1"));
     }
@@ -150,7 +232,7 @@ pub async fn tenants(
     let client = state.pool.get().await?;
     let items = crate::tenants::page(
         &**client,
-        q.status.as_deref(),
+        q.status.map(TenantStatus::as_str),
         q.version,
         after.as_deref(),
         limit + 1,
@@ -163,6 +245,17 @@ pub async fn tenants(
 }
 
 /// `GET /admin/tenants/{name}`: one tenant, 404 if there is none.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    responses(
+        (status = 200, description = "The tenant", body = crate::tenants::TenantInfo),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/tenants/{name}")]
 pub async fn tenant(
     state: web::Data<AppState>,
     _admin: AdminUser,
@@ -179,6 +272,18 @@ pub async fn tenant(
 
 /// `DELETE /admin/tenants/{name}`: erase a tenant (GDPR art. 17) → 200
 /// with the receipt; 404 if there is none, 409 while it is busy.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    responses(
+        (status = 200, description = "Erased; what was removed", body = crate::tenancy::erasure::Receipt),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "The tenant is busy (a migration holds it); retry", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[delete("/admin/tenants/{name}")]
 #[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
 pub async fn erase_tenant(
     state: web::Data<AppState>,
@@ -202,26 +307,33 @@ pub async fn erase_tenant(
 }
 
 /// Filters of `GET /admin/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
-    /// One action name (`login_failed`, …).
-    action: Option<String>,
+    /// Only entries of this action.
+    #[param(inline)]
+    action: Option<Action>,
     /// Entries whose actor or subject is this user (looked up by name and
     /// turned into its pseudonym; entries of erased users stay findable
     /// by pseudonym only).
     user: Option<String>,
     /// A pseudonym (`u_…`, `n_…`), as actor or subject.
     pseudonym: Option<String>,
-    /// RFC 3339 times, inclusive.
+    /// RFC 3339 time, inclusive.
     since: Option<chrono::DateTime<chrono::Utc>>,
+    /// RFC 3339 time, inclusive.
     until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Items per page, 1 to 200 (50 when absent).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
     cursor: Option<String>,
 }
 
 /// One audit entry as `GET /admin/audit` shows it.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct AuditItem {
     pub seq: i64,
     /// Hex of the entry's chain hash.
@@ -232,6 +344,18 @@ pub struct AuditItem {
 
 /// `GET /admin/audit` (admins and auditors): newest first, filtered, a page
 /// at a time.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of entries, newest first", body = Page<AuditItem>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Neither admin nor auditor", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "`user` names nobody", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/audit")]
 #[tracing::instrument(skip_all, fields(reader = %reader.0.claims.username))]
 pub async fn audit_log(
     state: web::Data<AppState>,
@@ -239,12 +363,7 @@ pub async fn audit_log(
     query: web::Query<AuditQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query.into_inner();
-    let action = q
-        .action
-        .as_deref()
-        .map(|a| Action::parse(a).ok_or_else(|| invalid("action", "is not an audited action")))
-        .transpose()?
-        .map(Action::as_str);
+    let action = q.action.map(Action::as_str);
     let paging = crate::api::paging::ListQuery {
         q: None,
         limit: q.limit,

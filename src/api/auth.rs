@@ -2,9 +2,8 @@
 //! logout and password change. Every security-relevant outcome is appended
 //! to the audit log in the transaction that makes it.
 
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
-use serde_json::json;
+use actix_web::{post, web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::extract::CurrentUser;
@@ -14,6 +13,7 @@ use crate::audit::{self, Action, Entry};
 use crate::auth::{self, Role, Subject, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
 use crate::provisioning::{self, AuditContext, NewAccount, RefreshTokenRow};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
 fn agent_of(request: &HttpRequest) -> Option<String> {
@@ -34,12 +34,77 @@ pub(crate) fn client_of(state: &AppState, request: &HttpRequest) -> Option<Strin
     Some(state.pseudonyms.client(ip))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
+    /// 3 to 32 of a-z, 0-9 and `_` (case-insensitive, stored lower-case),
+    /// starting with a letter, no `__`, not ending in `_`; some names are
+    /// reserved. Surrounding spaces are trimmed.
+    #[schema(
+        example = "alice",
+        max_length = 256,
+        pattern = r"^\s*[A-Za-z][A-Za-z0-9]*(_[A-Za-z0-9]+)*\s*$"
+    )]
     username: String,
+    /// Stored lower-case; surrounding spaces are trimmed.
+    #[schema(
+        example = "alice@example.com",
+        max_length = 254,
+        pattern = r"^\s*[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+\s*$"
+    )]
     email: String,
+    /// 12 characters to 72 bytes, used exactly as sent (never trimmed), not
+    /// a commonly used password.
+    #[schema(
+        example = "correct horse battery",
+        min_length = 12,
+        max_length = 72,
+        pattern = "^[^\\u0000]*$"
+    )]
     password: String,
+}
+
+/// A new account and its first session.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Registered {
+    pub user_id: Uuid,
+    pub username: String,
+    /// The tenant's schema.
+    pub schema: String,
+    pub template_version: i32,
+    pub access_token: String,
+    pub refresh_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds the access token is valid.
+    pub expires_in: i64,
+}
+
+/// A session's tokens (login, refresh).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenPair {
+    pub user_id: Uuid,
+    pub username: String,
+    /// The tenant's schema (none for staff accounts).
+    pub schema: Option<String>,
+    pub role: Role,
+    pub access_token: String,
+    pub refresh_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds the access token is valid.
+    pub expires_in: i64,
+}
+
+/// After a password change: a new access token for this session.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PasswordChanged {
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    pub expires_in: i64,
+    /// The caller's other sessions, now ended.
+    pub sessions_revoked: u64,
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
@@ -63,11 +128,25 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
 /// With an `Idempotency-Key`, a retry of the same request within 24 hours
 /// gets the original account's 201 (with fresh tokens) instead of a 409;
 /// the same key with another body is a 422.
+#[utoipa::path(
+    tag = "auth",
+    request_body = RegisterRequest,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
+            description = "1 to 255 visible ASCII characters; a retry with the same key and body gets the same account")),
+    responses(
+        (status = 201, description = "The account and its tenant exist", body = Registered,
+         headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry"))),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "The username or email is taken", body = crate::api::openapi::ErrorBody),
+        (status = 422, description = "The Idempotency-Key was used for another signup", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/auth/register")]
 #[tracing::instrument(skip_all, fields(tenant = tracing::field::Empty))]
 pub async fn register(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Json<RegisterRequest>,
+    body: JsonBody<RegisterRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let key = idempotency_key(&request)?;
     let username = Username::parse(&body.username)?;
@@ -132,16 +211,16 @@ pub async fn register(
         generation: 0,
         session: Some(family_id),
     })?;
-    Ok(HttpResponse::Created().json(json!({
-        "user_id": tenant.user_id,
-        "username": tenant.username.as_str(),
-        "schema": tenant.schema.as_str(),
-        "template_version": tenant.template_version.get(),
-        "access_token": access_token,
-        "refresh_token": refresh_token,
-        "token_type": "Bearer",
-        "expires_in": ACCESS_TOKEN_SECONDS,
-    })))
+    Ok(HttpResponse::Created().json(Registered {
+        user_id: tenant.user_id,
+        username: tenant.username.as_str().to_owned(),
+        schema: tenant.schema.as_str().to_owned(),
+        template_version: tenant.template_version.get(),
+        access_token,
+        refresh_token,
+        token_type: "Bearer",
+        expires_in: ACCESS_TOKEN_SECONDS,
+    }))
 }
 
 /// The 201 again for a signup retried with its `Idempotency-Key`: the same
@@ -209,20 +288,20 @@ async fn replay(
     Ok(Some(
         HttpResponse::Created()
             .insert_header(("Idempotent-Replayed", "true"))
-            .json(json!({
-                "user_id": user_id,
-                "username": username.as_str(),
-                "schema": schema,
-                "template_version": row.get::<_, i32>("template_version"),
-                "access_token": access_token,
-                "refresh_token": refresh_token,
-                "token_type": "Bearer",
-                "expires_in": ACCESS_TOKEN_SECONDS,
-            })),
+            .json(Registered {
+                user_id,
+                username: username.as_str().to_owned(),
+                schema,
+                template_version: row.get("template_version"),
+                access_token,
+                refresh_token,
+                token_type: "Bearer",
+                expires_in: ACCESS_TOKEN_SECONDS,
+            }),
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     username: String,
@@ -270,11 +349,22 @@ fn throttle_key(raw: &str) -> String {
 /// `TENANTRY_LOGIN_MAX_FAILURES` failures in 15 minutes the name gets 429
 /// with `Retry-After`, without a password check, for a back-off that
 /// expires.
+#[utoipa::path(
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A new session", body = TokenPair),
+        (status = 401, description = "Unknown user or wrong password (the same answer)", body = crate::api::openapi::ErrorBody),
+        (status = 429, description = "Too many failed logins for this name, or rate limited", body = crate::api::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds until the name may try again"))),
+    )
+)]
+#[post("/api/auth/login")]
 #[tracing::instrument(skip_all)]
 pub async fn login(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Json<LoginRequest>,
+    body: JsonBody<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let name_key = throttle_key(&body.username);
@@ -436,19 +526,19 @@ fn token_pair(
         generation: account.generation,
         session: Some(session),
     })?;
-    Ok(HttpResponse::Ok().json(json!({
-        "user_id": account.user_id,
-        "username": account.username,
-        "schema": account.schema,
-        "role": account.role,
-        "access_token": access_token,
-        "refresh_token": refresh_token,
-        "token_type": "Bearer",
-        "expires_in": ACCESS_TOKEN_SECONDS,
-    })))
+    Ok(HttpResponse::Ok().json(TokenPair {
+        user_id: account.user_id,
+        username: account.username,
+        schema: account.schema,
+        role: account.role,
+        access_token,
+        refresh_token,
+        token_type: "Bearer",
+        expires_in: ACCESS_TOKEN_SECONDS,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     refresh_token: String,
@@ -474,11 +564,20 @@ RETURNING user_id, family_id";
 /// `POST /api/auth/refresh` `{refresh_token}`: a new pair, the old refresh
 /// token used up (rotation). Unknown, expired, revoked or used → 401; a used
 /// one also revokes its family and is audited as a security event.
+#[utoipa::path(
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses(
+        (status = 200, description = "A new token pair; the presented refresh token is used up", body = TokenPair),
+        (status = 401, description = "Unknown, expired, revoked or already used", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/auth/refresh")]
 #[tracing::instrument(skip_all)]
 pub async fn refresh(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Json<RefreshRequest>,
+    body: JsonBody<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if body.refresh_token.len() > 256 {
         return Err(ApiError::Unauthorized);
@@ -548,11 +647,17 @@ pub async fn refresh(
 /// `POST /api/auth/logout` `{refresh_token}` → 204: the token's whole family
 /// is revoked. Answered the same for any token (RFC 7009 §2.2), so it tells
 /// nobody which tokens exist.
+#[utoipa::path(
+    tag = "auth",
+    request_body = RefreshRequest,
+    responses((status = 204, description = "The session is over (answered the same for any token)"))
+)]
+#[post("/api/auth/logout")]
 #[tracing::instrument(skip_all)]
 pub async fn logout(
     state: web::Data<AppState>,
     request: HttpRequest,
-    body: web::Json<RefreshRequest>,
+    body: JsonBody<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if body.refresh_token.len() <= 256 {
         let hash = auth::refresh_token_hash(&body.refresh_token);
@@ -582,10 +687,12 @@ pub async fn logout(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordRequest {
     current_password: String,
+    /// The password rules of signup.
+    #[schema(min_length = 12, max_length = 72, pattern = "^[^\\u0000]*$")]
     new_password: String,
 }
 
@@ -594,12 +701,23 @@ pub struct ChangePasswordRequest {
 /// token issued before (this one's included) stops working at once: the
 /// account's token generation moves on. The session the call came from
 /// keeps its refresh token. A wrong current password is a 401.
+#[utoipa::path(
+    tag = "auth",
+    request_body = ChangePasswordRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Changed; other sessions ended", body = PasswordChanged),
+        (status = 400, description = "The new password breaks the rules", body = crate::api::openapi::ErrorBody),
+        (status = 401, description = "Wrong current password, or no valid token", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/auth/change-password")]
 #[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn change_password(
     state: web::Data<AppState>,
     request: HttpRequest,
     user: CurrentUser,
-    body: web::Json<ChangePasswordRequest>,
+    body: JsonBody<ChangePasswordRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let new_password = Password::parse(&body.new_password).map_err(|mut e| {
@@ -649,12 +767,12 @@ pub async fn change_password(
         generation: row.get("token_generation"),
         session,
     })?;
-    Ok(HttpResponse::Ok().json(json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": ACCESS_TOKEN_SECONDS,
-        "sessions_revoked": revoked,
-    })))
+    Ok(HttpResponse::Ok().json(PasswordChanged {
+        access_token,
+        token_type: "Bearer",
+        expires_in: ACCESS_TOKEN_SECONDS,
+        sessions_revoked: revoked,
+    }))
 }
 
 /// Re-authentication for a sensitive action: `password` must be the

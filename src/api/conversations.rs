@@ -1,18 +1,20 @@
 //! `/api/conversations` and their messages.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
 use crate::api::paging::{
     cursor_part, from_wire, make_cursor, object, opt_text, text, wire_name, ListQuery, Page,
+    PageQuery,
 };
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Topic {
     CareerPlanning,
@@ -22,7 +24,7 @@ pub enum Topic {
     General,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Author {
     #[default]
@@ -31,7 +33,7 @@ pub enum Author {
     System,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Conversation {
     pub id: i64,
     pub title: String,
@@ -57,20 +59,24 @@ impl Conversation {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewConversation {
+    /// 1 to 300 characters ("New conversation" when absent).
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub title: Option<String>,
     pub topic: Option<Topic>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Message {
     pub id: i64,
     pub conversation_id: i64,
     pub author: Author,
     pub content: String,
-    pub metadata: serde_json::Value,
+    /// As stored (numbers exactly as PostgreSQL keeps them).
+    #[schema(value_type = Object)]
+    pub metadata: Box<serde_json::value::RawValue>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -83,18 +89,23 @@ impl Message {
             conversation_id: row.get("conversation_id"),
             author: from_wire(row.get("author"))?,
             content: row.get("content"),
-            metadata: row.get("metadata"),
+            metadata: row
+                .get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>("metadata")
+                .0,
             created_at: row.get("created_at"),
         })
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMessage {
     #[serde(default)]
     pub author: Author,
+    /// 1 to 100,000 characters.
+    #[schema(max_length = 100000, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub content: String,
+    /// Up to 16 kB of JSON, no NUL characters.
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
@@ -104,19 +115,24 @@ fn no_conversation() -> ApiError {
 }
 
 /// `GET /api/conversations`: most recently active first.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of conversations", body = Page<Conversation>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/conversations")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn list(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
-    query: web::Query<ListQuery>,
+    query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    let query = ListQuery::from(query.into_inner());
     let limit = query.limit()?;
-    if query.search()?.is_some() {
-        return Err(crate::api::paging::invalid(
-            "q",
-            "conversations are not searchable",
-        ));
-    }
     let (at, id): (Option<DateTime<Utc>>, Option<i64>) = match query.cursor("c", 2)? {
         Some(parts) => (Some(cursor_part(&parts[0])?), Some(cursor_part(&parts[1])?)),
         None => (None, None),
@@ -152,11 +168,22 @@ pub async fn list(
 }
 
 /// `POST /api/conversations` → 201.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    request_body = NewConversation,
+    responses(
+        (status = 201, description = "Started", body = Conversation,
+         headers(("Location" = String, description = "Its messages' URL"))),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/conversations")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn create(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
-    body: web::Json<NewConversation>,
+    body: JsonBody<NewConversation>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
     opt_text("title", input.title.as_deref(), 1, 300)?;
@@ -184,20 +211,26 @@ pub async fn create(
 
 /// `GET /api/conversations/{id}/messages`: oldest first; 404 for a
 /// conversation that is not the caller's.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The conversation's id"), PageQuery),
+    responses(
+        (status = 200, description = "A page of messages, oldest first", body = Page<Message>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such conversation of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/conversations/{id}/messages")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn messages(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
     id: web::Path<i64>,
-    query: web::Query<ListQuery>,
+    query: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
+    let query = ListQuery::from(query.into_inner());
     let limit = query.limit()?;
-    if query.search()?.is_some() {
-        return Err(crate::api::paging::invalid(
-            "q",
-            "messages are not searchable",
-        ));
-    }
     let after: Option<i64> = match query.cursor("m", 1)? {
         Some(parts) => Some(cursor_part(&parts[0])?),
         None => None,
@@ -234,12 +267,24 @@ pub async fn messages(
 
 /// `POST /api/conversations/{id}/messages` → 201; the conversation becomes
 /// the most recently active.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The conversation's id")),
+    request_body = NewMessage,
+    responses(
+        (status = 201, description = "Stored", body = Message),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such conversation of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/conversations/{id}/messages")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn post_message(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
     id: web::Path<i64>,
-    body: web::Json<NewMessage>,
+    body: JsonBody<NewMessage>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
     text("content", &input.content, 1, 100_000)?;

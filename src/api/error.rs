@@ -4,7 +4,6 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::domain::ValidationError;
@@ -102,8 +101,13 @@ impl ResponseError for ApiError {
     }
 }
 
-pub fn error_body(code: &str, message: &str) -> serde_json::Value {
-    json!({ "error": { "code": code, "message": message } })
+pub fn error_body(code: &str, message: &str) -> crate::api::openapi::ErrorBody {
+    crate::api::openapi::ErrorBody {
+        error: crate::api::openapi::ErrorDetail {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        },
+    }
 }
 
 /// "outer: middle: inner", for the log. Messages that already end with

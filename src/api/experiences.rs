@@ -2,7 +2,8 @@
 //! full-text search and cursor paging. Every statement runs through the
 //! tenant guard, so unqualified names are the caller's own tables.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, patch, post, web, HttpResponse};
+use utoipa::ToSchema;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
@@ -13,9 +14,10 @@ use crate::api::paging::{
 };
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     #[default]
@@ -26,7 +28,7 @@ pub enum Kind {
     Certification,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EmploymentType {
     FullTime,
@@ -38,7 +40,7 @@ pub enum EmploymentType {
     SelfEmployed,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Experience {
     pub id: i64,
     pub kind: Kind,
@@ -89,25 +91,42 @@ impl Experience {
     }
 }
 
-/// A new experience (POST), or one with a PATCH applied.
-#[derive(Debug, Clone, Deserialize)]
+/// A new experience (POST), or one with a PATCH applied. Text is at most
+/// the given length in characters, never contains NUL; dates are between
+/// 1900-01-01 and 2199-12-31, and `ended_on` is not before `started_on`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExperienceInput {
     #[serde(default)]
     pub kind: Kind,
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub title: String,
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
     pub organization: Option<String>,
     pub employment_type: Option<EmploymentType>,
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
     pub location: Option<String>,
     #[serde(default)]
     pub is_remote: bool,
+    /// A NAICS code: `51`, `518` or `31-33`.
+    #[schema(pattern = r"^[0-9]{2}(-[0-9]{2})?$|^[0-9]{3}$")]
     pub industry_code: Option<String>,
+    #[schema(pattern = "^(19[0-9]{2}|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}$")]
     pub started_on: NaiveDate,
+    #[schema(pattern = "^(19[0-9]{2}|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}$")]
     pub ended_on: Option<NaiveDate>,
+    #[schema(max_length = 20000, pattern = "^[^\\u0000]*$")]
     pub description: Option<String>,
     #[serde(default)]
-    pub skills: Vec<String>,
+    #[schema(max_items = 50, inline)]
+    pub skills: Vec<SkillName>,
 }
+
+/// A skill named on an experience: 1 to 100 characters.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(max_length = 100, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
+pub struct SkillName(pub String);
 
 impl ExperienceInput {
     fn validate(&self) -> Result<(), ApiError> {
@@ -129,20 +148,20 @@ impl ExperienceInput {
             }
         }
         let earliest = NaiveDate::from_ymd_opt(1900, 1, 1).expect("a valid date");
-        let latest = NaiveDate::from_ymd_opt(2200, 1, 1).expect("a valid date");
+        let latest = NaiveDate::from_ymd_opt(2199, 12, 31).expect("a valid date");
         for (field, date) in [
             ("started_on", Some(self.started_on)),
             ("ended_on", self.ended_on),
         ] {
             if date.is_some_and(|d| d < earliest || d > latest) {
-                return Err(invalid(field, "must be between 1900-01-01 and 2200-01-01"));
+                return Err(invalid(field, "must be between 1900-01-01 and 2199-12-31"));
             }
         }
         if self.skills.len() > 50 {
             return Err(invalid("skills", "must list at most 50 skills"));
         }
         for skill in &self.skills {
-            text("skills", skill, 1, 100)?;
+            text("skills", &skill.0, 1, 100)?;
         }
         Ok(())
     }
@@ -153,26 +172,35 @@ impl ExperienceInput {
 }
 
 /// PATCH: only the fields present change; `null` clears an optional one.
-#[derive(Debug, Deserialize)]
+/// The result must be a valid experience.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExperiencePatch {
     kind: Option<Kind>,
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     title: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
     organization: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     employment_type: Option<Option<EmploymentType>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
     location: Option<Option<String>>,
     is_remote: Option<bool>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(pattern = r"^[0-9]{2}(-[0-9]{2})?$|^[0-9]{3}$")]
     industry_code: Option<Option<String>>,
+    #[schema(pattern = "^(19[0-9]{2}|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}$")]
     started_on: Option<NaiveDate>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(pattern = "^(19[0-9]{2}|2[01][0-9]{2})-[0-9]{2}-[0-9]{2}$")]
     ended_on: Option<Option<NaiveDate>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(max_length = 20000, pattern = "^[^\\u0000]*$")]
     description: Option<Option<String>>,
-    skills: Option<Vec<String>>,
+    #[schema(max_items = 50, inline)]
+    skills: Option<Vec<SkillName>>,
 }
 
 impl ExperiencePatch {
@@ -188,7 +216,9 @@ impl ExperiencePatch {
             started_on: self.started_on.unwrap_or(current.started_on),
             ended_on: self.ended_on.unwrap_or(current.ended_on),
             description: self.description.unwrap_or(current.description),
-            skills: self.skills.unwrap_or(current.skills),
+            skills: self
+                .skills
+                .unwrap_or_else(|| current.skills.into_iter().map(SkillName).collect()),
         }
     }
 }
@@ -204,6 +234,16 @@ fn not_found() -> ApiError {
 
 /// `GET /api/experiences[?q=…][&limit=…][&cursor=…]`: newest first, or by
 /// search rank with `q` (title, organization, skills and description).
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of experiences (with `rank` when searching)", body = Page<Experience>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/experiences")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn list(
     state: web::Data<AppState>,
@@ -282,11 +322,22 @@ pub async fn list(
 }
 
 /// `POST /api/experiences` → 201 with the stored experience.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    request_body = ExperienceInput,
+    responses(
+        (status = 201, description = "Stored", body = Experience,
+         headers(("Location" = String, description = "The experience's URL"))),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/experiences")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn create(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
-    body: web::Json<ExperienceInput>,
+    body: JsonBody<ExperienceInput>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
     input.validate()?;
@@ -324,6 +375,16 @@ pub async fn create(
 }
 
 /// `GET /api/experiences/{id}`; another tenant's id is simply not found.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The experience's id")),
+    responses(
+        (status = 200, description = "The experience", body = Experience),
+        (status = 404, description = "No such experience of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/experiences/{id}")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn get(
     state: web::Data<AppState>,
@@ -344,12 +405,24 @@ pub async fn get(
 }
 
 /// `PATCH /api/experiences/{id}`: the merged result is validated whole.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The experience's id")),
+    request_body = ExperiencePatch,
+    responses(
+        (status = 200, description = "The updated experience", body = Experience),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such experience of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[patch("/api/experiences/{id}")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn update(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
     id: web::Path<i64>,
-    body: web::Json<ExperiencePatch>,
+    body: JsonBody<ExperiencePatch>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let tx = TenantTx::begin(&state.pool, user.caller(), Access::ReadWrite).await?;
@@ -397,6 +470,16 @@ pub async fn update(
 }
 
 /// `DELETE /api/experiences/{id}` → 204.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The experience's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such experience of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[delete("/api/experiences/{id}")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn delete(
     state: web::Data<AppState>,

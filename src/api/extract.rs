@@ -147,3 +147,44 @@ impl FromRequest for AuditReader {
         Box::pin(async move { user.await.map(AuditReader) })
     }
 }
+
+/// A JSON request body, which must be a JSON object: serde would also take
+/// an array for a struct (`[null, null]` for two optional fields), and no
+/// client means that. Size, content type and timeouts are `web::Json`'s
+/// (the app's `JsonConfig`); every error is a JSON 4xx.
+pub struct JsonBody<T>(pub T);
+
+impl<T> JsonBody<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for JsonBody<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: serde::de::DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let raw = web::Json::<Box<serde_json::value::RawValue>>::from_request(req, payload);
+        Box::pin(async move {
+            let raw = raw.await?.into_inner();
+            let invalid = |message: String| ApiError::BadRequest {
+                code: "invalid_json",
+                message,
+            };
+            if !raw.get().trim_start().starts_with('{') {
+                return Err(invalid("expected a JSON object".into()).into());
+            }
+            serde_json::from_str(raw.get())
+                .map(JsonBody)
+                .map_err(|e| invalid(crate::api::deserialize_message(&e.to_string())).into())
+        })
+    }
+}

@@ -2,14 +2,13 @@
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
-use serde_json::json;
 
 use crate::startup::AppState;
 
 /// The pool, as deadpool sees it now.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     pub max_size: usize,
     pub size: usize,
@@ -27,6 +26,39 @@ pub fn pool_status(pool: &deadpool_postgres::Pool) -> PoolStatus {
     }
 }
 
+/// Readiness, with the reasons when not `healthy`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthReport {
+    /// `healthy`, `degraded` or `unhealthy`.
+    #[schema(example = "healthy")]
+    pub status: &'static str,
+    /// Why the service is not `healthy`; empty when it is.
+    pub reasons: Vec<String>,
+    /// `up`, `busy` (every pooled connection in use) or `unreachable`.
+    pub database: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+    /// The latest template version (what signups get).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_version: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenants_pending_migration: Option<i64>,
+    /// How the last fleet run ended (`succeeded`, `failed`, …), if any ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_fleet_run: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStatus>,
+    /// Present when `unhealthy` (the error shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<crate::api::openapi::ErrorDetail>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Liveness {
+    #[schema(example = "alive")]
+    pub status: &'static str,
+}
+
 /// What the database says about the fleet, in one query.
 const FLEET_FACTS: &str = "\
 SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pending,
@@ -38,6 +70,15 @@ SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pe
 /// fleet run failed or was cut short, an erasure did not finish) or
 /// `unhealthy` (503 with `Retry-After`: the database does not answer
 /// within 3 s).
+#[utoipa::path(
+    tag = "health",
+    responses(
+        (status = 200, description = "Healthy or degraded", body = HealthReport),
+        (status = 503, description = "Unhealthy: the database does not answer", body = HealthReport,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    )
+)]
+#[get("/health")]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let latest = state.templates.latest().get();
     let before = pool_status(&state.pool);
@@ -57,27 +98,38 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         Ok(Some(facts)) => facts,
         // Busy connections mean the database was answering a moment ago.
         _ if saturated => {
-            return HttpResponse::Ok().json(json!({
-                "status": "degraded",
-                "reasons": [format!(
+            return HttpResponse::Ok().json(HealthReport {
+                status: "degraded",
+                reasons: vec![format!(
                     "the connection pool is saturated ({} requests waiting for {} connections)",
                     before.waiting, before.max_size
                 )],
-                "database": "busy",
-                "version": env!("CARGO_PKG_VERSION"),
-                "template_version": latest,
-                "pool": before,
-            }));
+                database: "busy",
+                version: Some(env!("CARGO_PKG_VERSION")),
+                template_version: Some(latest),
+                tenants_pending_migration: None,
+                last_fleet_run: None,
+                pool: Some(before),
+                error: None,
+            });
         }
         _ => {
             return HttpResponse::ServiceUnavailable()
                 .insert_header(("Retry-After", "5"))
-                .json(json!({
-                    "status": "unhealthy",
-                    "database": "unreachable",
-                    "reasons": ["the database does not answer"],
-                    "error": { "code": "unavailable", "message": "the database is unreachable" },
-                }));
+                .json(HealthReport {
+                    status: "unhealthy",
+                    reasons: vec!["the database does not answer".into()],
+                    database: "unreachable",
+                    version: None,
+                    template_version: None,
+                    tenants_pending_migration: None,
+                    last_fleet_run: None,
+                    pool: None,
+                    error: Some(crate::api::openapi::ErrorDetail {
+                        code: "unavailable".into(),
+                        message: "the database is unreachable".into(),
+                    }),
+                });
         }
     };
     let pool = before;
@@ -107,19 +159,26 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             "{deleting} erasure(s) did not finish: run `tenantry tenants delete NAME --yes` again"
         ));
     }
-    HttpResponse::Ok().json(json!({
-        "status": if reasons.is_empty() { "healthy" } else { "degraded" },
-        "reasons": reasons,
-        "database": "up",
-        "version": env!("CARGO_PKG_VERSION"),
-        "template_version": latest,
-        "tenants_pending_migration": pending,
-        "last_fleet_run": last_run,
-        "pool": pool,
-    }))
+    HttpResponse::Ok().json(HealthReport {
+        status: if reasons.is_empty() {
+            "healthy"
+        } else {
+            "degraded"
+        },
+        reasons,
+        database: "up",
+        version: Some(env!("CARGO_PKG_VERSION")),
+        template_version: Some(latest),
+        tenants_pending_migration: Some(pending),
+        last_fleet_run: Some(last_run),
+        pool: Some(pool),
+        error: None,
+    })
 }
 
 /// `GET /health/live`: the process serves requests (no database work).
+#[utoipa::path(tag = "health", responses((status = 200, description = "Alive", body = Liveness)))]
+#[get("/health/live")]
 pub async fn live() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "alive" }))
+    HttpResponse::Ok().json(Liveness { status: "alive" })
 }

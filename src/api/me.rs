@@ -1,12 +1,47 @@
-use actix_web::{web, HttpResponse};
+//! `/api/me`: the caller's profile, the export of their data and erasure.
+
+use actix_web::{delete, get, web, HttpResponse};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use serde_json::json;
+use serde::Serialize;
+use uuid::Uuid;
 
 use crate::api::extract::CurrentUser;
 use crate::api::ApiError;
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
+/// The caller's account.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Profile {
+    pub user_id: Uuid,
+    pub username: String,
+    pub email: String,
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub last_login_at: Option<DateTime<Utc>>,
+    /// None for staff accounts.
+    pub tenant: Option<ProfileTenant>,
+}
+
+/// The caller's tenant.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProfileTenant {
+    pub schema: String,
+    /// Its database role.
+    pub role: String,
+    pub template_version: i32,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// The caller's profile and tenant.
+#[utoipa::path(
+    tag = "me",
+    security(("bearer" = [])),
+    responses((status = 200, description = "The caller's account and tenant", body = Profile))
+)]
+#[get("/api/me")]
 #[tracing::instrument(skip_all, fields(user = %user.claims.username))]
 pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
@@ -24,41 +59,51 @@ pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpRes
         .await?
         .ok_or(ApiError::Unauthorized)?;
     let schema: Option<String> = row.get(6);
-    let tenant = schema.map(|schema| {
-        json!({
-            "schema": schema,
-            "role": row.get::<_, String>(7),
-            "template_version": row.get::<_, i32>(8),
-            "status": row.get::<_, String>(9),
-            "created_at": row.get::<_, chrono::DateTime<chrono::Utc>>(10),
-        })
+    let tenant = schema.map(|schema| ProfileTenant {
+        schema,
+        role: row.get(7),
+        template_version: row.get(8),
+        status: row.get(9),
+        created_at: row.get(10),
     });
-    Ok(HttpResponse::Ok().json(json!({
-        "user_id": row.get::<_, uuid::Uuid>(0),
-        "username": row.get::<_, String>(1),
-        "email": row.get::<_, String>(2),
-        "role": row.get::<_, String>(3),
-        "created_at": row.get::<_, chrono::DateTime<chrono::Utc>>(4),
-        "last_login_at": row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(5),
-        "tenant": tenant,
-    })))
+    Ok(HttpResponse::Ok().json(Profile {
+        user_id: row.get(0),
+        username: row.get(1),
+        email: row.get(2),
+        role: row.get(3),
+        created_at: row.get(4),
+        last_login_at: row.get(5),
+        tenant,
+    }))
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EraseRequest {
+    /// The account's current password (re-authentication).
     password: String,
 }
 
 /// `DELETE /api/me` `{password}`: the caller's tenant, account and sessions
 /// erased for good (re-authenticated: a wrong password removes nothing).
 /// 200 with the receipt.
+#[utoipa::path(
+    tag = "me",
+    request_body = EraseRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Erased; what was removed", body = crate::tenancy::erasure::Receipt),
+        (status = 401, description = "Wrong password, or no valid token", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "The tenant is busy (a migration holds it); retry", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[delete("/api/me")]
 #[tracing::instrument(skip_all, fields(user = %user.claims.username))]
 pub async fn erase(
     state: web::Data<AppState>,
     request: actix_web::HttpRequest,
     user: CurrentUser,
-    body: web::Json<EraseRequest>,
+    body: JsonBody<EraseRequest>,
 ) -> Result<HttpResponse, ApiError> {
     crate::api::auth::reauthenticate(&state, user.id(), body.into_inner().password).await?;
     let username = crate::domain::Username::parse(&user.claims.username)
@@ -98,6 +143,17 @@ pub(crate) async fn erase_tenant(
 /// data, one JSON document from one snapshot, streamed (see
 /// `tenancy::export` for the format). A stream cut short lacks its
 /// integrity trailer, so a truncated download is recognisable.
+#[utoipa::path(
+    tag = "me",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Every row of the caller's tenant and their account, with an integrity trailer",
+         content_type = "application/json", body = Object,
+         headers(("Content-Disposition" = String, description = "attachment; filename=\"<username>-export.json\""))),
+        (status = 404, description = "The caller has no tenant (a staff account)", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/me/export")]
 #[tracing::instrument(skip_all, fields(user = %user.claims.username))]
 pub async fn export(
     state: web::Data<AppState>,

@@ -3,11 +3,22 @@
 //! <token>` (401 otherwise); without, it answers loopback clients only (403
 //! for others).
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{get, web, HttpRequest, HttpResponse};
 
 use crate::api::error::error_body;
 use crate::startup::AppState;
 
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(
+    tag = "health",
+    security((), ("metrics_token" = [])),
+    responses(
+        (status = 200, description = "Prometheus text", content_type = "text/plain", body = String),
+        (status = 401, description = "`TENANTRY_METRICS_TOKEN` is set and was not presented", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "No token is configured and the client is not on loopback", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/metrics")]
 pub async fn metrics(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
     match &state.metrics_token {
         Some(token) => {
@@ -52,9 +63,9 @@ async fn record_gauges(state: &AppState) {
         ("idle", pool.available),
         ("in_use", pool.size.saturating_sub(pool.available)),
     ] {
-        metrics::gauge!("tenantry_pool_connections", "state" => name).set(value as f64);
+        ::metrics::gauge!("tenantry_pool_connections", "state" => name).set(value as f64);
     }
-    metrics::gauge!("tenantry_pool_waiting").set(pool.waiting as f64);
+    ::metrics::gauge!("tenantry_pool_waiting").set(pool.waiting as f64);
 
     let latest = state.templates.latest().get();
     let read = async {
@@ -91,10 +102,10 @@ async fn record_gauges(state: &AppState) {
         if version < latest {
             pending += count;
         }
-        metrics::gauge!("tenantry_tenants", "template_version" => version.to_string())
+        ::metrics::gauge!("tenantry_tenants", "template_version" => version.to_string())
             .set(count as f64);
     }
-    metrics::gauge!("tenantry_tenants_pending_migration").set(pending as f64);
+    ::metrics::gauge!("tenantry_tenants_pending_migration").set(pending as f64);
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);
@@ -108,10 +119,10 @@ async fn record_gauges(state: &AppState) {
             ("skipped", skipped),
             ("pending", (planned - ok - failed - skipped).max(0)),
         ] {
-            metrics::gauge!("tenantry_fleet_run_tenants", "run" => run_label.clone(), "state" => state_name)
+            ::metrics::gauge!("tenantry_fleet_run_tenants", "run" => run_label.clone(), "state" => state_name)
                 .set(value as f64);
         }
-        metrics::gauge!("tenantry_fleet_run_running").set(if status == "running" {
+        ::metrics::gauge!("tenantry_fleet_run_running").set(if status == "running" {
             1.0
         } else {
             0.0

@@ -1,4 +1,5 @@
-//! The HTTP API: one route table, JSON in and out.
+//! The HTTP API: one route table, JSON in and out, described by the
+//! OpenAPI document it generates (`openapi`).
 
 mod admin;
 mod auth;
@@ -9,6 +10,7 @@ mod extract;
 pub(crate) mod health;
 pub(crate) mod me;
 mod metrics;
+pub mod openapi;
 pub mod middleware;
 mod paging;
 mod reference;
@@ -27,91 +29,62 @@ use error::error_body;
 /// Largest JSON body accepted; larger gets 413.
 pub const JSON_LIMIT: usize = 64 * 1024;
 
-/// The route table.
+/// The route table: every route once, with its OpenAPI description on its
+/// handler (`utoipa-actix-web` collects them for `/openapi.json`).
+pub(crate) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(health::health)
+        .service(health::live)
+        .service(metrics::metrics)
+        .service(openapi::openapi_json)
+        .service(auth::register)
+        .service(auth::login)
+        .service(auth::refresh)
+        .service(auth::logout)
+        .service(auth::change_password)
+        .service(sessions::list)
+        .service(sessions::end)
+        .service(sessions::revoke_all)
+        .service(me::me)
+        .service(me::erase)
+        .service(me::export)
+        .service(experiences::list)
+        .service(experiences::create)
+        .service(experiences::get)
+        .service(experiences::update)
+        .service(experiences::delete)
+        .service(conversations::list)
+        .service(conversations::create)
+        .service(conversations::messages)
+        .service(conversations::post_message)
+        .service(summaries::get_quick)
+        .service(summaries::put_quick)
+        .service(summaries::get_profile)
+        .service(summaries::put_profile)
+        .service(skills::list)
+        .service(skills::record)
+        .service(reference::list)
+        .service(admin::tenants)
+        .service(admin::tenant)
+        .service(admin::erase_tenant)
+        .service(admin::audit_log)
+        .service(admin::fleet_status)
+        .service(admin::start_migration)
+        .service(admin::migration);
+}
+
+/// The app's routes, their extractors' error handlers, a JSON 405 with
+/// `Allow` for any other method on a known path (the methods read from the
+/// OpenAPI document, so they cannot disagree) and a JSON 404 elsewhere.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(json_config())
         .app_data(web::PathConfig::default().error_handler(path_error))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .service(resource("/health", "GET, HEAD").route(web::get().to(health::health)))
-        .service(resource("/health/live", "GET, HEAD").route(web::get().to(health::live)))
-        .service(resource("/metrics", "GET, HEAD").route(web::get().to(metrics::metrics)))
-        .service(resource("/api/auth/register", "POST").route(web::post().to(auth::register)))
-        .service(resource("/api/auth/login", "POST").route(web::post().to(auth::login)))
-        .service(resource("/api/auth/refresh", "POST").route(web::post().to(auth::refresh)))
-        .service(resource("/api/auth/logout", "POST").route(web::post().to(auth::logout)))
-        .service(resource("/api/auth/sessions", "GET, HEAD").route(web::get().to(sessions::list)))
-        .service(
-            resource("/api/auth/sessions/{id}", "DELETE").route(web::delete().to(sessions::end)),
-        )
-        .service(
-            resource("/api/auth/revoke-all", "POST").route(web::post().to(sessions::revoke_all)),
-        )
-        .service(
-            resource("/api/auth/change-password", "POST")
-                .route(web::post().to(auth::change_password)),
-        )
-        .service(
-            resource("/api/me", "GET, HEAD, DELETE")
-                .route(web::get().to(me::me))
-                .route(web::delete().to(me::erase)),
-        )
-        .service(resource("/api/me/export", "GET, HEAD").route(web::get().to(me::export)))
-        .service(
-            resource("/api/experiences", "GET, HEAD, POST")
-                .route(web::get().to(experiences::list))
-                .route(web::post().to(experiences::create)),
-        )
-        .service(
-            resource("/api/experiences/{id}", "GET, HEAD, PATCH, DELETE")
-                .route(web::get().to(experiences::get))
-                .route(web::patch().to(experiences::update))
-                .route(web::delete().to(experiences::delete)),
-        )
-        .service(
-            resource("/api/conversations", "GET, HEAD, POST")
-                .route(web::get().to(conversations::list))
-                .route(web::post().to(conversations::create)),
-        )
-        .service(
-            resource("/api/conversations/{id}/messages", "GET, HEAD, POST")
-                .route(web::get().to(conversations::messages))
-                .route(web::post().to(conversations::post_message)),
-        )
-        .service(
-            resource("/api/summaries/{kind}", "GET, HEAD, PUT")
-                .route(web::get().to(summaries::get))
-                .route(web::put().to(summaries::put)),
-        )
-        .service(
-            resource("/api/skills", "GET, HEAD, POST")
-                .route(web::get().to(skills::list))
-                .route(web::post().to(skills::record)),
-        )
-        .service(
-            resource("/api/reference/{table}", "GET, HEAD").route(web::get().to(reference::list)),
-        )
-        .service(resource("/admin/tenants", "GET, HEAD").route(web::get().to(admin::tenants)))
-        .service(
-            resource("/admin/tenants/{name}", "GET, HEAD, DELETE")
-                .route(web::get().to(admin::tenant))
-                .route(web::delete().to(admin::erase_tenant)),
-        )
-        .service(resource("/admin/audit", "GET, HEAD").route(web::get().to(admin::audit_log)))
-        .service(resource("/admin/fleet", "GET, HEAD").route(web::get().to(admin::fleet_status)))
-        .service(
-            resource("/admin/fleet/migrations", "POST")
-                .route(web::post().to(admin::start_migration)),
-        )
-        .service(
-            resource("/admin/fleet/migrations/{run_id}", "GET, HEAD")
-                .route(web::get().to(admin::migration)),
-        )
-        .default_service(web::to(not_found));
-}
-
-/// A route's resource; any other method gets a JSON 405 with `Allow`.
-fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(move || method_not_allowed(allow)))
+        .app_data(web::QueryConfig::default().error_handler(query_error));
+    routes(&mut utoipa_actix_web::service_config::ServiceConfig::new(cfg));
+    for (path, item) in openapi::document().paths.paths.iter() {
+        let allow = openapi::allowed_methods(item);
+        cfg.service(web::resource(path.as_str()).to(move || method_not_allowed(allow.clone())));
+    }
+    cfg.default_service(web::to(not_found));
 }
 
 fn json_config() -> web::JsonConfig {
@@ -138,7 +111,7 @@ fn json_config() -> web::JsonConfig {
                 JsonPayloadError::Deserialize(e) => (
                     actix_web::http::StatusCode::BAD_REQUEST,
                     "invalid_json",
-                    truncate(&without_type_names(&e.to_string()), 200),
+                    deserialize_message(&e.to_string()),
                 ),
                 other => (
                     actix_web::http::StatusCode::BAD_REQUEST,
@@ -169,13 +142,18 @@ async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(error_body("not_found", "no such route"))
 }
 
-async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+async fn method_not_allowed(allow: String) -> HttpResponse {
     HttpResponse::MethodNotAllowed()
         .insert_header(("Allow", allow))
         .json(error_body(
             "method_not_allowed",
             "this route does not accept that method",
         ))
+}
+
+/// A serde error as a client sees it: short, without our type names.
+pub(crate) fn deserialize_message(error: &str) -> String {
+    truncate(&without_type_names(error), 200)
 }
 
 /// serde names our Rust types ("expected struct RegisterRequest"); a client

@@ -12,20 +12,53 @@ pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 200;
 
 /// `?q=&limit=&cursor=`; anything else is refused.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Search terms (at most 200 characters).
+    #[param(max_length = 200, pattern = "^[^\\u0000]*$")]
     pub q: Option<String>,
+    /// Items per page, 1 to 200 (50 when absent).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
     pub cursor: Option<String>,
 }
 
+/// `?limit=&cursor=` for lists without search; anything else is refused.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1 to 200 (50 when absent).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]*$")]
+    pub cursor: Option<String>,
+}
+
+impl From<PageQuery> for ListQuery {
+    fn from(p: PageQuery) -> ListQuery {
+        ListQuery {
+            q: None,
+            limit: p.limit,
+            cursor: p.cursor,
+        }
+    }
+}
+
 impl ListQuery {
-    /// The search terms, if any (blank counts as none), at most 200 bytes.
+    /// The search terms, if any (blank counts as none), at most 200
+    /// characters.
     pub fn search(&self) -> Result<Option<&str>, ApiError> {
         match self.q.as_deref().map(str::trim) {
             None | Some("") => Ok(None),
-            Some(q) if q.len() > 200 => Err(invalid("q", "must be at most 200 bytes")),
+            Some(q) if q.chars().count() > 200 => {
+                Err(invalid("q", "must be at most 200 characters"))
+            }
             Some(q) if q.contains('\0') => Err(invalid("q", "must not contain NUL characters")),
             Some(q) => Ok(Some(q)),
         }
@@ -43,7 +76,8 @@ impl ListQuery {
     /// The decoded cursor: the sort key of the last item of the previous
     /// page, as `parts` strings, each parsed by the caller.
     pub fn cursor(&self, kind: &str, parts: usize) -> Result<Option<Vec<String>>, ApiError> {
-        let Some(raw) = &self.cursor else {
+        // An empty cursor is the first page (as when absent).
+        let Some(raw) = self.cursor.as_deref().filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
         let bad = || invalid("cursor", "is not a cursor this list returned");
@@ -70,8 +104,8 @@ pub fn make_cursor(kind: &str, parts: &[String]) -> String {
     URL_SAFE_NO_PAD.encode(json)
 }
 
-/// One page of a list; `next_cursor` is absent on the last page.
-#[derive(Debug, Serialize)]
+/// One page of a list; `next_cursor` is null on the last page.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,

@@ -4,7 +4,7 @@
 //! with a fixed, schema-qualified query: the tenant has a `skills` table of
 //! its own, and the path never reaches SQL.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
 use crate::api::paging::{cursor_part, make_cursor, ListQuery, Page};
@@ -72,10 +72,26 @@ pub fn table_names() -> Vec<&'static str> {
     TABLES.iter().map(|t| t.name).collect()
 }
 
-#[derive(Debug, Serialize)]
+/// One row of a reference table, as a JSON object (its columns).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(value_type = Object)]
 pub struct ReferenceItem(serde_json::Value);
 
 /// `GET /api/reference/{table}`: 404 for a table not on the list.
+#[utoipa::path(
+    tag = "reference",
+    security(("bearer" = [])),
+    params(
+        ("table" = String, Path, description = "`skills`, `skill_categories`, `industries`, `career_paths`, `role_templates` or `competencies`"),
+        ListQuery,
+    ),
+    responses(
+        (status = 200, description = "A page of the table (`q` filters by name)", body = Page<ReferenceItem>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No reference table by that name", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/reference/{table}")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn list(
     state: web::Data<AppState>,

@@ -1,7 +1,7 @@
 //! `/api/auth/sessions` and `/api/auth/revoke-all`: a user's sessions (one
 //! per refresh-token family) and ending them.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{delete, get, post, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
@@ -14,7 +14,7 @@ use crate::api::ApiError;
 use crate::audit::{self, Action, Entry};
 use crate::startup::AppState;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Session {
     /// The family id; `DELETE /api/auth/sessions/{id}` ends it.
     pub id: Uuid,
@@ -27,7 +27,19 @@ pub struct Session {
     pub current: bool,
 }
 
+/// The caller's live sessions.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Sessions {
+    pub sessions: Vec<Session>,
+}
+
 /// `GET /api/auth/sessions`: the caller's live sessions, most recent first.
+#[utoipa::path(
+    tag = "auth",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Live sessions, most recent first", body = Sessions))
+)]
+#[get("/api/auth/sessions")]
 #[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn list(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
@@ -56,11 +68,21 @@ pub async fn list(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpR
             current: user.claims.sid == Some(row.get("family_id")),
         })
         .collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "sessions": sessions })))
+    Ok(HttpResponse::Ok().json(Sessions { sessions }))
 }
 
 /// `DELETE /api/auth/sessions/{id}` → 204; 404 for a session that is not
 /// the caller's (or already ended).
+#[utoipa::path(
+    tag = "auth",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The session's id (from `GET /api/auth/sessions`)")),
+    responses(
+        (status = 204, description = "Ended"),
+        (status = 404, description = "No such session of the caller's", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[delete("/api/auth/sessions/{id}")]
 #[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn end(
     state: web::Data<AppState>,
@@ -96,6 +118,12 @@ pub async fn end(
 /// `POST /api/auth/revoke-all` → 204: every session of the caller ends (no
 /// refresh token of theirs works any more; access tokens run out within
 /// their 15 minutes; a password change ends those at once).
+#[utoipa::path(
+    tag = "auth",
+    security(("bearer" = [])),
+    responses((status = 204, description = "Every session ended"))
+)]
+#[post("/api/auth/revoke-all")]
 #[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn revoke_all(
     state: web::Data<AppState>,

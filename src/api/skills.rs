@@ -1,7 +1,7 @@
 //! `/api/skills`: the tenant's skills, each with its progression (every
 //! level it was recorded at, oldest first).
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, post, web, HttpResponse};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
@@ -9,16 +9,17 @@ use tokio_postgres::Row;
 use crate::api::paging::{cursor_part, invalid, make_cursor, opt_text, text, ListQuery, Page};
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub level: i16,
     pub note: Option<String>,
     pub recorded_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Skill {
     pub id: i64,
     pub name: String,
@@ -66,15 +67,23 @@ const COLUMNS: &str = "s.id, s.name, s.catalog_skill_id, s.category, s.level,
 
 /// A skill to record. Posting a name that exists (case-insensitively)
 /// records a new level for it: its progression grows by one entry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SkillInput {
+    #[schema(max_length = 200, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub name: String,
+    /// A `reference.skills` id, if the skill is in the catalog.
     pub catalog_skill_id: Option<i32>,
+    #[schema(max_length = 200, pattern = "^[^\\u0000]*$")]
     pub category: Option<String>,
+    /// 1 (beginner) to 5 (expert).
+    #[schema(minimum = 1, maximum = 5)]
     pub level: i16,
+    #[schema(minimum = 0, maximum = 80)]
     pub years_experience: Option<f64>,
     pub last_used_on: Option<NaiveDate>,
+    /// Kept with this level in the progression.
+    #[schema(max_length = 2000, pattern = "^[^\\u0000]*$")]
     pub note: Option<String>,
 }
 
@@ -96,6 +105,16 @@ impl SkillInput {
 }
 
 /// `GET /api/skills`: by name.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of skills by name (`q` filters by name)", body = Page<Skill>),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/skills")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn list(
     state: web::Data<AppState>,
@@ -134,11 +153,22 @@ pub async fn list(
 
 /// `POST /api/skills` → 201 for a new skill, 200 when a known one got a new
 /// level; either way with its whole progression.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    request_body = SkillInput,
+    responses(
+        (status = 201, description = "A new skill", body = Skill),
+        (status = 200, description = "A known skill with a new level", body = Skill),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/api/skills")]
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
 pub async fn record(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
-    body: web::Json<SkillInput>,
+    body: JsonBody<SkillInput>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
     input.validate()?;

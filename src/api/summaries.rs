@@ -1,7 +1,7 @@
 //! `/api/summaries/quick` and `/api/summaries/profile`: one current text
 //! each, every change kept as a revision.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{get, put, web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
@@ -9,9 +9,10 @@ use tokio_postgres::Row;
 use crate::api::paging::{object, opt_text, text};
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
+use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SummaryKind {
     Quick,
@@ -34,12 +35,14 @@ impl SummaryKind {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Summary {
     pub kind: SummaryKind,
     pub headline: Option<String>,
     pub content: String,
-    pub details: serde_json::Value,
+    /// As stored (numbers exactly as PostgreSQL keeps them).
+    #[schema(value_type = Object)]
+    pub details: Box<serde_json::value::RawValue>,
     pub revision: i32,
     pub updated_at: DateTime<Utc>,
 }
@@ -50,32 +53,148 @@ impl Summary {
             kind,
             headline: row.get("headline"),
             content: row.get("content"),
-            details: row.get("details"),
+            details: row
+                .get::<_, tokio_postgres::types::Json<Box<serde_json::value::RawValue>>>("details")
+                .0,
             revision: row.get("revision"),
             updated_at: row.get("updated_at"),
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// The quick summary's new text.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SummaryInput {
+pub struct QuickSummaryInput {
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
     pub headline: Option<String>,
+    #[schema(max_length = 2000, pattern = "^[^\\u0000]*$")]
     pub content: String,
+    /// Up to 16 kB of JSON, no NUL characters.
     #[serde(default)]
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The profile summary's new text.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSummaryInput {
+    #[schema(max_length = 300, pattern = "^[^\\u0000]*$")]
+    pub headline: Option<String>,
+    #[schema(max_length = 50000, pattern = "^[^\\u0000]*$")]
+    pub content: String,
+    /// Up to 16 kB of JSON, no NUL characters.
+    #[serde(default)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+struct SummaryInput {
+    headline: Option<String>,
+    content: String,
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<QuickSummaryInput> for SummaryInput {
+    fn from(i: QuickSummaryInput) -> SummaryInput {
+        SummaryInput {
+            headline: i.headline,
+            content: i.content,
+            details: i.details,
+        }
+    }
+}
+
+impl From<ProfileSummaryInput> for SummaryInput {
+    fn from(i: ProfileSummaryInput) -> SummaryInput {
+        SummaryInput {
+            headline: i.headline,
+            content: i.content,
+            details: i.details,
+        }
+    }
+}
+
 const COLUMNS: &str = "headline, content, details, revision, updated_at";
 
-/// `GET /api/summaries/{kind}`: 404 until the first PUT.
-#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
-pub async fn get(
+/// `GET /api/summaries/quick`: 404 until the first PUT.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The quick summary", body = Summary),
+        (status = 404, description = "None yet", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/summaries/quick")]
+pub async fn get_quick(
     state: web::Data<AppState>,
     user: AuthenticatedUser,
-    kind: web::Path<SummaryKind>,
 ) -> Result<HttpResponse, ApiError> {
-    let kind = kind.into_inner();
+    read(&state, user, SummaryKind::Quick).await
+}
+
+/// `GET /api/summaries/profile`: 404 until the first PUT.
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile summary", body = Summary),
+        (status = 404, description = "None yet", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/api/summaries/profile")]
+pub async fn get_profile(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+) -> Result<HttpResponse, ApiError> {
+    read(&state, user, SummaryKind::Profile).await
+}
+
+/// `PUT /api/summaries/quick` (content at most 2,000 characters).
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    request_body = QuickSummaryInput,
+    responses(
+        (status = 200, description = "The new revision", body = Summary),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[put("/api/summaries/quick")]
+pub async fn put_quick(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    body: JsonBody<QuickSummaryInput>,
+) -> Result<HttpResponse, ApiError> {
+    write(&state, user, SummaryKind::Quick, body.into_inner().into()).await
+}
+
+/// `PUT /api/summaries/profile` (content at most 50,000 characters).
+#[utoipa::path(
+    tag = "tenant data",
+    security(("bearer" = [])),
+    request_body = ProfileSummaryInput,
+    responses(
+        (status = 200, description = "The new revision", body = Summary),
+        (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[put("/api/summaries/profile")]
+pub async fn put_profile(
+    state: web::Data<AppState>,
+    user: AuthenticatedUser,
+    body: JsonBody<ProfileSummaryInput>,
+) -> Result<HttpResponse, ApiError> {
+    write(&state, user, SummaryKind::Profile, body.into_inner().into()).await
+}
+
+/// A summary: 404 until the first PUT.
+#[tracing::instrument(skip_all, fields(user = %user.0.sub))]
+async fn read(
+    state: &AppState,
+    user: AuthenticatedUser,
+    kind: SummaryKind,
+) -> Result<HttpResponse, ApiError> {
     let rows = TenantTx::once(
         &state.pool,
         user.caller(),
@@ -90,17 +209,15 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(Summary::from_row(kind, row)))
 }
 
-/// `PUT /api/summaries/{kind}`: replaces the text, bumps the revision and
-/// keeps the new text as a revision, in one statement.
+/// Replace a summary's text, bump its revision and keep the new text as a
+/// revision, in one statement.
 #[tracing::instrument(skip_all, fields(user = %user.0.sub))]
-pub async fn put(
-    state: web::Data<AppState>,
+async fn write(
+    state: &AppState,
     user: AuthenticatedUser,
-    kind: web::Path<SummaryKind>,
-    body: web::Json<SummaryInput>,
+    kind: SummaryKind,
+    input: SummaryInput,
 ) -> Result<HttpResponse, ApiError> {
-    let kind = kind.into_inner();
-    let input = body.into_inner();
     opt_text("headline", input.headline.as_deref(), 0, 300)?;
     text("content", &input.content, 0, kind.max_content())?;
     object("details", &input.details)?;

@@ -44,7 +44,7 @@ pub enum ErasureError {
 }
 
 /// What was removed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Receipt {
     pub username: String,
     pub schema: String,
@@ -62,7 +62,7 @@ pub struct Receipt {
     pub duration_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TableCount {
     pub table: String,
     pub rows: i64,

@@ -11,13 +11,13 @@ use crate::db::Installation;
 use crate::tenancy::integrity;
 use crate::tenancy::templates::TemplateSet;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VersionCount {
     pub version: i32,
     pub tenants: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FleetStatus {
     /// The latest template version: what new signups get and runs aim at.
     pub target_version: i32,
@@ -36,7 +36,7 @@ pub struct FleetStatus {
 }
 
 /// A run as recorded, with its progress and its failures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunReport {
     pub run_id: i64,
     pub status: RunStatus,
@@ -58,7 +58,7 @@ pub struct RunReport {
     pub failures: Vec<FailedTenant>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FailedTenant {
     pub username: String,
     pub from_version: i32,
