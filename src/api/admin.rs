@@ -5,12 +5,12 @@
 use actix_web::{delete, get, post, web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use crate::api::extract::JsonBody;
 use crate::api::extract::{AdminUser, AuditReader};
 use crate::api::paging::{cursor_part, invalid, make_cursor, Page};
 use crate::api::ApiError;
 use crate::audit::{self, Action, Entry};
 use crate::domain::{TemplateVersion, Username};
-use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 use crate::tenancy::fleet::{self, Progress, RunOptions};
 

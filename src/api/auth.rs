@@ -7,13 +7,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::api::extract::CurrentUser;
+use crate::api::extract::JsonBody;
 use crate::api::middleware::RateLimits;
 use crate::api::ApiError;
 use crate::audit::{self, Action, Entry};
 use crate::auth::{self, Role, Subject, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
 use crate::provisioning::{self, AuditContext, NewAccount, RefreshTokenRow};
-use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
 fn agent_of(request: &HttpRequest) -> Option<String> {

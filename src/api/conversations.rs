@@ -5,13 +5,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
+use crate::api::extract::JsonBody;
 use crate::api::paging::{
     cursor_part, from_wire, make_cursor, object, opt_text, text, wire_name, ListQuery, Page,
     PageQuery,
 };
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -3,18 +3,18 @@
 //! tenant guard, so unqualified names are the caller's own tables.
 
 use actix_web::{delete, get, patch, post, web, HttpResponse};
-use utoipa::ToSchema;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
+use utoipa::ToSchema;
 
+use crate::api::extract::JsonBody;
 use crate::api::paging::{
     cursor_part, from_wire, invalid, make_cursor, nullable, opt_text, text, wire_name, ListQuery,
     Page,
 };
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

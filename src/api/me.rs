@@ -7,8 +7,8 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::api::extract::CurrentUser;
-use crate::api::ApiError;
 use crate::api::extract::JsonBody;
+use crate::api::ApiError;
 use crate::startup::AppState;
 
 /// The caller's account.

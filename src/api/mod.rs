@@ -10,8 +10,8 @@ mod extract;
 pub(crate) mod health;
 pub(crate) mod me;
 mod metrics;
-pub mod openapi;
 pub mod middleware;
+pub mod openapi;
 mod paging;
 mod reference;
 mod sessions;
@@ -79,7 +79,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(json_config())
         .app_data(web::PathConfig::default().error_handler(path_error))
         .app_data(web::QueryConfig::default().error_handler(query_error));
-    routes(&mut utoipa_actix_web::service_config::ServiceConfig::new(cfg));
+    routes(&mut utoipa_actix_web::service_config::ServiceConfig::new(
+        cfg,
+    ));
     for (path, item) in openapi::document().paths.paths.iter() {
         let allow = openapi::allowed_methods(item);
         cfg.service(web::resource(path.as_str()).to(move || method_not_allowed(allow.clone())));

@@ -169,7 +169,13 @@ pub fn opt_text(
     value.map_or(Ok(()), |v| text(field, v, min, max))
 }
 
-/// A JSON object small enough to store.
+/// Largest magnitude of a number in stored JSON. PostgreSQL keeps `jsonb`
+/// numbers as exact decimals and writes them out in full (309 digits for
+/// 1.7976931348623157e308), which common JSON parsers (serde_json among
+/// them) refuse near the limit of a double.
+pub const MAX_JSON_NUMBER: f64 = 1e300;
+
+/// A JSON object small enough to store, and that reads back in any parser.
 pub fn object(
     field: &'static str,
     value: &serde_json::Map<String, serde_json::Value>,
@@ -179,6 +185,17 @@ pub fn object(
     }
     if serde_json::to_string(value).is_ok_and(|s| s.contains("\\u0000")) {
         return Err(invalid(field, "must not contain NUL characters"));
+    }
+    fn numbers_in_range(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f.abs() <= MAX_JSON_NUMBER),
+            serde_json::Value::Array(items) => items.iter().all(numbers_in_range),
+            serde_json::Value::Object(map) => map.values().all(numbers_in_range),
+            _ => true,
+        }
+    }
+    if !value.values().all(numbers_in_range) {
+        return Err(invalid(field, "numbers must be between -1e300 and 1e300"));
     }
     Ok(())
 }

@@ -6,10 +6,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
+use crate::api::extract::JsonBody;
 use crate::api::paging::{cursor_part, invalid, make_cursor, opt_text, text, ListQuery, Page};
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::api::extract::JsonBody;
 use crate::startup::AppState;
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]

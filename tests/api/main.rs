@@ -15,6 +15,7 @@ mod isolation;
 mod lifecycle;
 mod login;
 mod observability;
+mod openapi;
 mod pool;
 mod provisioning;
 mod refresh;
