@@ -96,13 +96,18 @@ async fn main() {
     }
     let templates = Arc::new(TemplateSet::from_dir(&tdir).unwrap());
 
-    println!(
-        "fleet benchmark on PostgreSQL {}: {n} tenants at V4, then a no-op run over {noop_n}",
-        boot.query_one("SHOW server_version", &[])
-            .await
-            .unwrap()
-            .get::<_, String>(0)
+    let version: String = boot
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    common::record_fact("fleet", "postgres", &version);
+    common::record_fact(
+        "fleet",
+        "size",
+        &format!("{n} tenants migrated V4 → V5, no-op run over {noop_n}"),
     );
+    println!("fleet benchmark on PostgreSQL {version}: {n} tenants at V4, then a no-op run over {noop_n}");
     let t = Instant::now();
     provision_many(&target, &installation, &v4, 0..n, 4).await;
     println!(
@@ -172,6 +177,14 @@ async fn main() {
             svc / raw,
             svc / same
         );
+        common::record(
+            "fleet",
+            &format!("migrate, concurrency {c}"),
+            "tenants/s",
+            common::Better::Higher,
+            svc,
+            ("raw SQL + history", same),
+        );
     }
 
     // The no-op run over a large fleet.
@@ -230,6 +243,14 @@ async fn main() {
     println!(
         "  raw: connect + the registry query alone:                      {:.1} ms",
         ms(median(&raw_query))
+    );
+    common::record(
+        "fleet",
+        &format!("no-op run over {tenants} tenants"),
+        "ms",
+        common::Better::Lower,
+        ms(median(&in_process)),
+        ("connect + registry query", ms(median(&raw_query))),
     );
     if let Some(bin) = bin {
         let url = format!(

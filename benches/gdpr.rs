@@ -96,8 +96,19 @@ async fn main() {
     }
     sql.batch_execute("CHECKPOINT").await.unwrap();
 
+    let version: String = sql
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    common::record_fact("gdpr", "postgres", &version);
+    common::record_fact(
+        "gdpr",
+        "size",
+        &format!("tenants of {} and {rows} rows", rows / 10),
+    );
     println!(
-        "GDPR benchmark on PostgreSQL, tenants of {} and {rows} rows\n",
+        "GDPR benchmark on PostgreSQL {version}, tenants of {} and {rows} rows\n",
         rows / 10
     );
     println!(
@@ -174,6 +185,14 @@ async fn main() {
     }
     for (i, (ms, raw)) in export_ms.iter().enumerate() {
         println!("export ratio ({}): {:.2}× raw", ids[i].0, ms / raw);
+        common::record(
+            "gdpr",
+            &format!("export of {} rows", ids[i].4),
+            "ms",
+            common::Better::Lower,
+            *ms,
+            ("raw COPY in one snapshot", *raw),
+        );
     }
 
     // Erasure of `big` through Tenantry, raw DROP of `twin`.
@@ -204,6 +223,14 @@ async fn main() {
     .await
     .unwrap();
     let raw_erase_ms = started.elapsed().as_secs_f64() * 1000.0;
+    common::record(
+        "gdpr",
+        &format!("erasure of {} rows", receipt.rows),
+        "ms",
+        common::Better::Lower,
+        erase_ms,
+        ("raw DROP SCHEMA + DROP ROLE", raw_erase_ms),
+    );
     println!(
         "\nerasure of {} rows in {} tables: tenantry {:.0} ms (incl. counting rows for the receipt), raw DROP SCHEMA + DROP ROLE {:.0} ms: {:.2}× raw",
         receipt.rows,

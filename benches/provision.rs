@@ -67,9 +67,12 @@ async fn main() {
         bcrypt_times.push(t.elapsed());
     }
 
+    let version = server_version(&raw).await;
+    common::record_fact("provision", "postgres", &version);
+    common::record_fact("provision", "size", &format!("{n} signups each way"));
     println!(
         "provisioning {n} tenants each way on PostgreSQL {} ({} tables per tenant from {} template versions)",
-        server_version(&raw).await,
+        version,
         count_tables(&all_sql),
         templates.all().len()
     );
@@ -165,6 +168,43 @@ async fn main() {
         &raw_times[n - w..],
     );
     report(&format!("all {n}"), &svc_times, &raw_times);
+    use common::{record, Better};
+    let figures: [(&str, &[Duration], &[Duration], &[Duration]); 2] = [
+        ("first", &svc_times[..w], &raw_times[..w], &same_times[..w]),
+        (
+            "last",
+            &svc_times[n - w..],
+            &raw_times[n - w..],
+            &same_times[n - w..],
+        ),
+    ];
+    for (which, svc, raw, same) in figures {
+        let what = format!("signup, median of the {which} {w}");
+        record(
+            "provision",
+            &what,
+            "ms",
+            Better::Lower,
+            ms(median(svc)),
+            ("raw template SQL", ms(median(raw))),
+        );
+        record(
+            "provision",
+            &format!("{what}, same DDL"),
+            "ms",
+            Better::Lower,
+            ms(median(svc)),
+            ("raw, same DDL", ms(median(same))),
+        );
+    }
+    record(
+        "provision",
+        &format!("signup, p95 of all {n}"),
+        "ms",
+        Better::Lower,
+        ms(p95(&svc_times)),
+        ("raw template SQL", ms(p95(&raw_times))),
+    );
     println!();
     println!(
         "the same DDL as the service (role, schema with grants, history table, group joined last) sent raw in one query:"

@@ -172,6 +172,17 @@ async fn main() {
         "{:<34} {:>10} {:>9} {:>9} {:>13}",
         "run", "req/s", "p50 ms", "p99 ms", "backend MB"
     );
+    let version: String = admin
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    common::record_fact("routing", "postgres", &version);
+    common::record_fact(
+        "routing",
+        "size",
+        &format!("{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run"),
+    );
     // The same reads routed the way the service routes them (the tenant's
     // shared advisory lock, the registry read with the account check, then
     // search_path and role set transaction-locally), sent raw as ONE message
@@ -225,6 +236,31 @@ async fn main() {
                 run.backend_mb
             );
         }
+        use common::{record, Better};
+        record(
+            "routing",
+            &format!("{label}: throughput"),
+            "req/s",
+            Better::Higher,
+            http.rate,
+            ("pgbench routed", floor.rate),
+        );
+        record(
+            "routing",
+            &format!("{label}: throughput"),
+            "req/s",
+            Better::Higher,
+            http.rate,
+            ("pgbench qualified", raw.rate),
+        );
+        record(
+            "routing",
+            &format!("{label}: p99 latency"),
+            "ms",
+            Better::Lower,
+            http.p99_ms,
+            ("pgbench routed", floor.p99_ms),
+        );
         println!(
             "{:<34} {:>10.2}× of qualified, {:.2}× of routed\n",
             format!("{label}: service ratio"),

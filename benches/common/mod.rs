@@ -46,3 +46,52 @@ pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
         installation,
     }
 }
+
+/// How a figure compares with its baseline.
+#[derive(Clone, Copy)]
+pub enum Better {
+    /// A time: lower is better.
+    Lower,
+    /// A rate: higher is better.
+    Higher,
+}
+
+/// One figure beside its raw-PostgreSQL baseline, for `scripts/bench`'s
+/// report: appended as a JSON line to `$TENANTRY_BENCH_RESULTS` when that
+/// is set (the benchmark prints its own table either way).
+pub fn record(
+    bench: &str,
+    figure: &str,
+    unit: &str,
+    better: Better,
+    tenantry: f64,
+    baseline: (&str, f64),
+) {
+    write_line(serde_json::json!({
+        "bench": bench,
+        "figure": figure,
+        "unit": unit,
+        "higher_is_better": matches!(better, Better::Higher),
+        "tenantry": tenantry,
+        "baseline_name": baseline.0,
+        "baseline": baseline.1,
+    }));
+}
+
+/// A fact about the run (`postgres` version, the benchmark's size, …).
+pub fn record_fact(bench: &str, key: &str, value: &str) {
+    write_line(serde_json::json!({ "bench": bench, "fact": key, "value": value }));
+}
+
+fn write_line(line: serde_json::Value) {
+    let Some(path) = std::env::var_os("TENANTRY_BENCH_RESULTS") else {
+        return;
+    };
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the results file");
+    writeln!(file, "{line}").expect("write the results file");
+}

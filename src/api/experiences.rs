@@ -167,7 +167,7 @@ impl ExperienceInput {
     }
 
     fn details_skills(&self) -> serde_json::Value {
-        serde_json::json!(self.skills)
+        serde_json::to_value(&self.skills).expect("strings serialise")
     }
 }
 
