@@ -169,16 +169,12 @@ async fn main() {
     );
     report(&format!("all {n}"), &svc_times, &raw_times);
     use common::{record, Better};
-    let figures: [(&str, &[Duration], &[Duration], &[Duration]); 2] = [
-        ("first", &svc_times[..w], &raw_times[..w], &same_times[..w]),
-        (
-            "last",
-            &svc_times[n - w..],
-            &raw_times[n - w..],
-            &same_times[n - w..],
-        ),
-    ];
-    for (which, svc, raw, same) in figures {
+    for (which, range) in [("first", 0..w), ("last", n - w..n)] {
+        let (svc, raw, same) = (
+            &svc_times[range.clone()],
+            &raw_times[range.clone()],
+            &same_times[range],
+        );
         let what = format!("signup, median of the {which} {w}");
         record(
             "provision",
