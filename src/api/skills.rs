@@ -190,20 +190,23 @@ pub async fn record(
     let upsert = tx
         .query_opt(
             "WITH s AS (
-                 INSERT INTO skills AS cur (name, catalog_skill_id, category, level, years_experience, last_used_on)
-                 VALUES ($1, $2, $3, $4, $5::float8, $6)
+                 INSERT INTO skills AS cur (name, catalog_skill_id, category, level, years_experience, last_used_on, updated_at)
+                 VALUES ($1, $2, $3, $4, $5::float8, $6, now())
                  ON CONFLICT ((lower(name))) DO UPDATE
                      SET level = EXCLUDED.level,
                          catalog_skill_id = COALESCE(EXCLUDED.catalog_skill_id, cur.catalog_skill_id),
                          category = COALESCE(EXCLUDED.category, cur.category),
                          years_experience = COALESCE(EXCLUDED.years_experience, cur.years_experience),
                          last_used_on = COALESCE(EXCLUDED.last_used_on, cur.last_used_on),
-                         updated_at = now()
+                         -- Not now(): Citus allows only immutable functions here.
+                         updated_at = EXCLUDED.updated_at
                  RETURNING id, level, (xmax = 0) AS created
+             ), p AS (
+                 INSERT INTO skill_progress (skill_id, level, note)
+                 SELECT id, level, $7 FROM s
+                 RETURNING skill_id
              )
-             INSERT INTO skill_progress (skill_id, level, note)
-             SELECT id, level, $7 FROM s
-             RETURNING skill_id, (SELECT created FROM s)",
+             SELECT p.skill_id, s.created FROM p JOIN s ON s.id = p.skill_id",
             &[
                 &input.name.trim(),
                 &input.catalog_skill_id,

@@ -224,11 +224,13 @@ async fn write(
     let details = serde_json::Value::Object(input.details);
     let sql = format!(
         "WITH s AS (
-             INSERT INTO summaries AS cur (kind, headline, content, details)
-             VALUES ($1, $2, $3, $4)
+             INSERT INTO summaries AS cur (kind, headline, content, details, updated_at)
+             VALUES ($1, $2, $3, $4, now())
              ON CONFLICT (kind) DO UPDATE
                  SET headline = EXCLUDED.headline, content = EXCLUDED.content,
-                     details = EXCLUDED.details, revision = cur.revision + 1, updated_at = now()
+                     details = EXCLUDED.details, revision = cur.revision + 1,
+                     -- Not now(): Citus allows only immutable functions here.
+                     updated_at = EXCLUDED.updated_at
              RETURNING kind, {COLUMNS}
          ), r AS (
              INSERT INTO summary_revisions (kind, revision, headline, content)

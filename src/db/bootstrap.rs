@@ -136,6 +136,10 @@ pub struct Installation {
     /// Whether the service's own role is a superuser (then it needs no
     /// membership in tenant roles to act as them). Warned about at start.
     pub superuser: bool,
+    /// Whether the database is a Citus coordinator (`tenantry.installation.
+    /// mode`): tenant schemas are then distributed schemas, tenant roles can
+    /// log in (Citus reaches the workers as the current role).
+    pub citus: bool,
 }
 
 impl Installation {
@@ -195,12 +199,17 @@ async fn bootstrap_locked(
         )
         .await?;
     let id: String = row.get(0);
+    let citus = crate::db::citus::prepare(client).await?;
     let installation = Installation {
         id: InstallationId::parse(&id)
             .map_err(|e| DbError::Corrupt(format!("bad tenantry.installation row: {e}")))?,
         superuser: row.get(1),
+        citus,
     };
     let created = ensure_group(client, &installation).await?;
+    if installation.citus {
+        crate::db::citus::allow_tenant_connections(client, &installation).await?;
+    }
     grant_reference(client, &installation, created || !applied.is_empty()).await?;
     adopt_tenants(client, &installation).await?;
     warn_about_privileges(client, &installation).await?;

@@ -210,7 +210,7 @@ pub async fn provision_in(
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
     let prelude_sql = prelude(installation, &schema, &role);
-    let join_sql = join_group(installation, &role);
+    let join_sql = join_group(installation, &schema, &role);
     let application = TemplateApplication::new(&schema, &role, templates);
 
     let mut steps: Vec<Step> = Vec::new();
@@ -297,8 +297,14 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
         // A non-superuser service needs membership to act as the role.
         format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
     };
+    // Citus opens its connections to the workers as the current role.
+    let login = if installation.citus {
+        "LOGIN"
+    } else {
+        "NOLOGIN"
+    };
     format!(
-        "CREATE ROLE {r} NOLOGIN;
+        "CREATE ROLE {r} {login};
          {membership}
          CREATE SCHEMA {s};
          GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
@@ -316,9 +322,22 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
 /// group locks the group role until commit (also `CREATE ROLE … IN ROLE`
 /// does on PostgreSQL ≥ 16): last, so concurrent signups queue on it only
 /// for the time of their commit, not their DDL.
-fn join_group(installation: &Installation, role: &RoleName) -> String {
+///
+/// On Citus the schema then becomes a distributed schema (its tables move
+/// to one worker as one colocated unit), in the same transaction: a failure
+/// leaves nothing on any node.
+fn join_group(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
+    let distribute = if installation.citus {
+        // A validated schema name (`tenant_[a-z0-9_]+`), quoted: no `'` in it.
+        format!(
+            "; SELECT pg_catalog.citus_schema_distribute('{}')",
+            schema.quoted()
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "GRANT {g} TO {r}",
+        "GRANT {g} TO {r}{distribute}",
         g = installation.group_role().quoted(),
         r = role.quoted()
     )

@@ -145,14 +145,14 @@ async fn system_migrate_is_idempotent_and_safe_when_run_twice_at_once() {
 
     let again = tenantry(&["system", "migrate"], &env, None).await;
     assert!(again.status.success());
-    assert!(stdout(&again).contains("up to date at version 10"));
+    assert!(stdout(&again).contains("up to date at version 11"));
     let client = connect(&db).await;
     let rows: i64 = client
         .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 10, "V1–V10 of system_migrations/, each once");
+    assert_eq!(rows, 11, "V1–V11 of system_migrations/, each once");
     let installations: i64 = client
         .query_one("SELECT count(*) FROM tenantry.installation", &[])
         .await
@@ -351,5 +351,5 @@ async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() 
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(rows, 10);
+    assert_eq!(rows, 11);
 }

@@ -1,0 +1,488 @@
+//! The Citus suite: Tenantry on a real Citus cluster (a coordinator and two
+//! workers started by `scripts/citus-cluster` into a temp dir, stopped and
+//! removed afterwards). Without Citus installed it says so and passes,
+//! unless `TENANTRY_REQUIRE_CITUS=1` (as `.ci/run` sets), when that is a
+//! failure. Its own harness: one cluster, the checks in order, each a
+//! function that panics on failure.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tenantry::configuration::{DatabaseTarget, Limits, SecretString, Settings};
+use tenantry::startup::Application;
+
+const PASSWORD: &str = "correct horse battery";
+
+struct Citus {
+    dir: PathBuf,
+    /// The coordinator, as its superuser.
+    url: String,
+    /// Worker ports.
+    workers: Vec<u16>,
+}
+
+impl Citus {
+    fn start() -> Citus {
+        let dir = std::env::temp_dir().join(format!("tenantry-citus-{}", std::process::id()));
+        let out = Command::new(script())
+            .args(["start", dir.to_str().unwrap()])
+            .output()
+            .expect("run scripts/citus-cluster");
+        assert!(
+            out.status.success(),
+            "scripts/citus-cluster start failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let url = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("DATABASE_URL="))
+            .expect("the cluster's DATABASE_URL")
+            .to_owned();
+        let workers = ["worker1", "worker2"]
+            .iter()
+            .map(|w| port_of(&dir.join(w).join("data/postgresql.conf")))
+            .collect();
+        Citus { dir, url, workers }
+    }
+
+    async fn coordinator(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    async fn worker(&self, port: u16) -> tokio_postgres::Client {
+        connect(&format!("postgres://postgres@127.0.0.1:{port}/tenantry")).await
+    }
+}
+
+impl Drop for Citus {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .args(["stop", self.dir.to_str().unwrap()])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster")
+}
+
+fn port_of(conf: &Path) -> u16 {
+    std::fs::read_to_string(conf)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("port = "))
+        .next_back()
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .expect("a port in postgresql.conf")
+}
+
+/// The server's message of an error.
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// Whether the local PostgreSQL has Citus (`citus.so` in its library dir).
+fn citus_installed() -> bool {
+    let pg_config = ["pg_config"].into_iter().map(PathBuf::from).chain(
+        std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| d.path().join("bin/pg_config")),
+    );
+    pg_config.into_iter().any(|bin| {
+        Command::new(&bin)
+            .arg("--pkglibdir")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("citus.so"))
+            .is_some_and(|lib| lib.exists())
+    })
+}
+
+struct App {
+    address: String,
+    api: reqwest::Client,
+}
+
+impl App {
+    async fn start(citus: &Citus) -> App {
+        let settings = Settings {
+            database: DatabaseTarget::Url(SecretString::new(citus.url.clone())),
+            data_dir: citus.dir.clone(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            jwt_secret: Some(SecretString::new(
+                "a-test-secret-of-enough-length-0123456789".into(),
+            )),
+            bcrypt_cost: 4,
+            templates_dir: None,
+            pool_size: 10,
+            limits: Limits::off(),
+            client_timeout: std::time::Duration::from_secs(10),
+            audit_anchor_file: citus.dir.join("anchors"),
+            maintenance_interval: std::time::Duration::from_secs(3600),
+            metrics_token: None,
+        };
+        let app = Application::build(settings)
+            .await
+            .expect("build the app on Citus");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        tokio::spawn(app.run_until_stopped());
+        App {
+            address,
+            api: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .api
+            .request(method, format!("{}{path}", self.address))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn register(&self, name: &str) -> String {
+        let (status, body) = self
+            .send(
+                Method::POST,
+                "/api/auth/register",
+                "",
+                Some(json!({"username": name, "email": format!("{name}@example.com"), "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(status, 201, "register {name}: {body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+type Check = for<'a> fn(&'a Citus, &'a App) -> futures::future::LocalBoxFuture<'a, ()>;
+
+#[tokio::main]
+async fn main() {
+    if !citus_installed() {
+        if std::env::var("TENANTRY_REQUIRE_CITUS").as_deref() == Ok("1") {
+            eprintln!(
+                "the Citus suite must run (TENANTRY_REQUIRE_CITUS=1) but Citus is not installed"
+            );
+            std::process::exit(1);
+        }
+        eprintln!(
+            "\nNOTE: the Citus suite did NOT run: Citus is not installed into the local PostgreSQL \
+             (../shared/citus/install.sh here; .ci/run installs it).\n"
+        );
+        return;
+    }
+    let citus = Citus::start();
+    let app = App::start(&citus).await;
+    let checks: [(&str, Check); 4] = [
+        (
+            "bootstrap makes reference tables Citus reference tables and records the mode",
+            |c, a| Box::pin(bootstrap_on_citus(c, a)),
+        ),
+        ("each signup is a distributed schema on a worker", |c, a| {
+            Box::pin(signups_are_distributed_schemas(c, a))
+        }),
+        (
+            "a tenant's role reads no other tenant's shard, on any node",
+            |c, a| Box::pin(isolation_on_every_node(c, a)),
+        ),
+        (
+            "erasure removes schema, shards and role on every node",
+            |c, a| Box::pin(erasure_on_every_node(c, a)),
+        ),
+    ];
+    let mut failed = 0;
+    for (name, check) in checks {
+        let outcome =
+            futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(check(&citus, &app)))
+                .await;
+        match outcome {
+            Ok(()) => println!("citus: {name} ... ok"),
+            Err(_) => {
+                println!("citus: {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    drop(app);
+    drop(citus);
+    if failed > 0 {
+        eprintln!("{failed} Citus check(s) failed");
+        std::process::exit(1);
+    }
+}
+
+async fn bootstrap_on_citus(citus: &Citus, _app: &App) {
+    let db = citus.coordinator().await;
+    let mode: String = db
+        .query_one("SELECT mode FROM tenantry.installation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "citus");
+    let not_reference: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'reference' AND c.relkind = 'r'
+               AND NOT EXISTS (SELECT 1 FROM pg_dist_partition p
+                               WHERE p.logicalrelid = c.oid AND p.partmethod = 'n' AND p.repmodel = 't')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        not_reference, 0,
+        "every reference table is a Citus reference table"
+    );
+    let distributed_control_plane: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_dist_partition p JOIN pg_class c ON c.oid = p.logicalrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'tenantry'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        distributed_control_plane, 0,
+        "the control plane stays on the coordinator"
+    );
+    // Every worker has all of the reference data, in its copy.
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM reference.skills", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows > 0);
+    for &port in &citus.workers {
+        let shard: String = db
+            .query_one(
+                "SELECT shard_name::text FROM citus_shards
+                 WHERE table_name = 'reference.skills'::regclass AND nodeport = $1",
+                &[&i32::from(port)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let worker = citus.worker(port).await;
+        let copied: i64 = worker
+            .query_one(&format!("SELECT count(*) FROM {shard}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(copied, rows, "reference.skills on worker {port}");
+    }
+}
+
+async fn signups_are_distributed_schemas(citus: &Citus, app: &App) {
+    let mut tokens = Vec::new();
+    for name in ["ada", "bob", "cyd", "dee"] {
+        tokens.push(app.register(name).await);
+    }
+    let db = citus.coordinator().await;
+    let rows = db
+        .query(
+            "SELECT s.schema_name::text, array_agg(DISTINCT sh.nodeport) AS ports
+             FROM citus_shards sh JOIN pg_dist_schema d ON true
+             JOIN LATERAL (SELECT d.schemaid::regnamespace::text AS schema_name) s ON true
+             WHERE sh.table_name::text LIKE s.schema_name || '.%'
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let schemas: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        schemas,
+        ["tenant_ada", "tenant_bob", "tenant_cyd", "tenant_dee"]
+    );
+    let mut used = std::collections::BTreeSet::new();
+    for row in &rows {
+        let ports: Vec<i32> = row.get(1);
+        assert_eq!(
+            ports.len(),
+            1,
+            "a tenant's tables live on one node: {ports:?}"
+        );
+        assert!(
+            citus.workers.contains(&(ports[0] as u16)),
+            "tenant shards are on workers, not the coordinator: {ports:?}"
+        );
+        used.insert(ports[0]);
+    }
+    assert_eq!(used.len(), 2, "new tenants spread over both workers");
+
+    // Routed reads and writes, the reference data joined on the worker.
+    let t = &tokens[0];
+    let (status, _) = app
+        .send(
+            Method::PUT,
+            "/api/summaries/quick",
+            t,
+            Some(json!({"content": "hello from a worker"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .send(
+            Method::POST,
+            "/api/experiences",
+            t,
+            Some(json!({"title": "Engineer", "organization": "Acme", "started_on": "2020-01-01", "industry_code": "51"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, page) = app
+        .send(Method::GET, "/api/experiences?q=engineer", t, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page["items"][0]["title"], "Engineer");
+    let (status, summary) = app.send(Method::GET, "/api/summaries/quick", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["content"], "hello from a worker");
+    let (status, reference) = app
+        .send(Method::GET, "/api/reference/industries?q=51", t, None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(!reference["items"].as_array().unwrap().is_empty());
+}
+
+async fn isolation_on_every_node(citus: &Citus, app: &App) {
+    let _ = app;
+    let db = citus.coordinator().await;
+    let role = |name: &str| {
+        let name = name.to_owned();
+        let db = &db;
+        async move {
+            let r: String = db
+                .query_one(
+                    "SELECT role_name FROM tenantry.tenants WHERE username = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            r
+        }
+    };
+    let (ada, bob) = (role("ada").await, role("bob").await);
+    // On the coordinator: refused before any worker is contacted.
+    let tx_sql =
+        format!("BEGIN; SET LOCAL ROLE \"{bob}\"; SELECT count(*) FROM tenant_ada.summaries;");
+    let err = db.batch_execute(&tx_sql).await.unwrap_err();
+    assert!(message(&err).contains("permission denied"), "{err:?}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    // On the worker that holds ada's shards, as bob's role: refused too.
+    let row = db
+        .query_one(
+            "SELECT nodeport, shard_name::text FROM citus_shards
+             WHERE table_name = 'tenant_ada.summaries'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (port, shard): (i32, String) = (row.get(0), row.get(1));
+    let worker = citus.worker(port as u16).await;
+    let own: i64 = worker
+        .query_one(&format!("SELECT count(*) FROM {shard}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(own, 1, "the superuser sees ada's summary on the worker");
+    let err = worker
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ROLE \"{bob}\"; SELECT count(*) FROM {shard};"
+        ))
+        .await
+        .unwrap_err();
+    assert!(message(&err).contains("permission denied"), "{err:?}");
+    worker.batch_execute("ROLLBACK").await.unwrap();
+    // ada's own role reads it there.
+    worker
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ROLE \"{ada}\"; SELECT count(*) FROM {shard}; ROLLBACK;"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn erasure_on_every_node(citus: &Citus, app: &App) {
+    let db = citus.coordinator().await;
+    let token = app.register("eve").await;
+    let role: String = db
+        .query_one(
+            "SELECT role_name FROM tenantry.tenants WHERE username = 'eve'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (status, receipt) = app
+        .send(
+            Method::DELETE,
+            "/api/me",
+            &token,
+            Some(json!({"password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 200, "{receipt}");
+    for url in std::iter::once(citus.url.clone()).chain(
+        citus
+            .workers
+            .iter()
+            .map(|p| format!("postgres://postgres@127.0.0.1:{p}/tenantry")),
+    ) {
+        let node = connect(&url).await;
+        let left: i64 = node
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_eve')
+                      + (SELECT count(*) FROM pg_roles WHERE rolname = $1)
+                      + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                         WHERE n.nspname = 'tenant_eve')",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "nothing of eve is left on {url}");
+    }
+    let shards: i64 = db
+        .query_one(
+            "SELECT count(*) FROM citus_shards WHERE table_name::text LIKE 'tenant_eve.%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shards, 0);
+}
