@@ -33,8 +33,12 @@ pub enum ApplyStep<'t> {
 pub struct TemplateApplication<'t> {
     templates: &'t [Template],
     schema: String,
-    /// One batch per template; see `new`.
-    batches: Vec<String>,
+    role: String,
+    /// What to send, in order, each with the index of the template it
+    /// belongs to (`None`: entering or leaving the tenant); see `new`.
+    batches: Vec<(Option<usize>, String)>,
+    /// Citus: hand the objects the templates made to the tenant's role.
+    give_to_tenant: bool,
     versions: Vec<i32>,
     names: Vec<String>,
     checksums: Vec<String>,
@@ -61,7 +65,7 @@ impl<'t> TemplateApplication<'t> {
             r = role.quoted()
         );
         let last = templates.len().saturating_sub(1);
-        let mut batches: Vec<String> = templates
+        let mut batches: Vec<(Option<usize>, String)> = templates
             .iter()
             .enumerate()
             .map(|(i, t)| {
@@ -70,20 +74,54 @@ impl<'t> TemplateApplication<'t> {
                 if i == last {
                     sql.push_str("\n;RESET ROLE");
                 }
-                sql
+                (Some(i), sql)
             })
             .collect();
         if batches.is_empty() {
-            batches.push(format!("{enter};RESET ROLE"));
+            batches.push((None, format!("{enter};RESET ROLE")));
         }
         TemplateApplication {
             templates,
             schema: schema.as_str().to_owned(),
+            role: role.as_str().to_owned(),
             batches,
+            give_to_tenant: false,
             versions: templates.iter().map(|t| t.version().get()).collect(),
             names: templates.iter().map(|t| t.name().to_owned()).collect(),
             checksums: templates.iter().map(|t| t.checksum().to_string()).collect(),
         }
+    }
+
+    /// The same on a Citus coordinator, for a tenant whose schema is
+    /// distributed already (a fleet migration). Citus refuses a transaction
+    /// that touches a tenant's shards as two roles in turn, and the history
+    /// is the service's: so the templates run as the service (a member of
+    /// the tenant's role, so it may alter the tenant's tables), the objects
+    /// they create are then given to the tenant's role
+    /// (`tenantry.give_to_tenant`), and the history is written by the same
+    /// service. Each statement is its own message: Citus forwards a
+    /// multi-statement string's whole text to the workers for some DDL
+    /// (`CREATE INDEX`), which they refuse.
+    pub fn for_citus(
+        schema: &SchemaName,
+        role: &RoleName,
+        templates: &'t [Template],
+    ) -> TemplateApplication<'t> {
+        let mut application = TemplateApplication::new(schema, role, templates);
+        let mut batches = vec![(
+            None,
+            format!("SET LOCAL search_path TO {}", schema.quoted()),
+        )];
+        for (i, t) in templates.iter().enumerate() {
+            batches.extend(
+                crate::tenancy::lint::split(t.sql())
+                    .into_iter()
+                    .map(|statement| (Some(i), statement)),
+            );
+        }
+        application.batches = batches;
+        application.give_to_tenant = true;
+        application
     }
 
     /// The requests, in order, for a pipeline on `client` inside an open
@@ -96,23 +134,38 @@ impl<'t> TemplateApplication<'t> {
         &'a self,
         client: &'a tokio_postgres::Client,
     ) -> Vec<(ApplyStep<'t>, Request<'a>)> {
-        self.batches
+        let mut requests: Vec<(ApplyStep<'t>, Request<'a>)> = self
+            .batches
             .iter()
-            .enumerate()
             .map(|(i, sql)| {
-                let step = match self.templates.get(i) {
+                let step = match i.and_then(|i| self.templates.get(i)) {
                     Some(t) => ApplyStep::Template(t),
                     None => ApplyStep::History,
                 };
                 (step, Box::pin(client.batch_execute(sql)) as Request<'a>)
             })
-            .collect()
+            .collect();
+        if self.give_to_tenant {
+            requests.push((
+                ApplyStep::History,
+                Box::pin(async move {
+                    client
+                        .execute(
+                            "SELECT tenantry.give_to_tenant($1, $2)",
+                            &[&self.schema, &self.role],
+                        )
+                        .await
+                        .map(drop)
+                }),
+            ));
+        }
+        requests
     }
 
     /// Append `sql` to the last request (after `RESET ROLE`): the fleet ends
     /// its transaction there, saving a message per tenant.
     pub fn end_with(mut self, sql: &str) -> TemplateApplication<'t> {
-        if let Some(last) = self.batches.last_mut() {
+        if let Some((_, last)) = self.batches.last_mut() {
             last.push_str(";\n");
             last.push_str(sql);
         }

@@ -136,6 +136,22 @@ pub fn check(sql: &str) -> Result<(), LintError> {
 struct Statement {
     line: usize,
     words: Vec<String>,
+    /// Where it is in the source, in chars: from its first token to its `;`.
+    span: std::ops::Range<usize>,
+}
+
+/// The statements of a template, each as its own text (without its `;`),
+/// in order. Comments between statements are left out; quotes, dollar
+/// quotes and comments inside one are respected, as PostgreSQL's own
+/// lexer would. For Citus, which forwards a multi-statement string's whole
+/// text to its workers where one statement is expected.
+pub fn split(sql: &str) -> Vec<String> {
+    let chars: Vec<char> = sql.chars().collect();
+    statements(sql)
+        .into_iter()
+        .map(|s| chars[s.span].iter().collect::<String>())
+        .filter(|s| !s.trim().is_empty())
+        .collect()
 }
 
 fn statements(sql: &str) -> Vec<Statement> {
@@ -145,6 +161,7 @@ fn statements(sql: &str) -> Vec<Statement> {
     let mut word = String::new();
     let mut line = 1;
     let mut start_line: Option<usize> = None;
+    let mut start_char: Option<usize> = None;
     let mut i = 0;
 
     let flush_word = |word: &mut String, words: &mut Vec<String>| {
@@ -199,6 +216,7 @@ fn statements(sql: &str) -> Vec<Statement> {
             }
             flush_word(&mut word, &mut words);
             start_line.get_or_insert(line);
+            start_char.get_or_insert(i);
             // A literal stands in the statement as one neutral word.
             words.push(String::from(if c == '"' { "\"…\"" } else { "'…'" }));
             i += 1;
@@ -235,6 +253,7 @@ fn statements(sql: &str) -> Vec<Statement> {
             if tag_is_valid {
                 let tag: String = chars[i..=j].iter().collect();
                 start_line.get_or_insert(line);
+                start_char.get_or_insert(i);
                 words.push("$…$".into());
                 let mut k = j + 1;
                 loop {
@@ -261,6 +280,7 @@ fn statements(sql: &str) -> Vec<Statement> {
                 out.push(Statement {
                     line: l,
                     words: std::mem::take(&mut words),
+                    span: start_char.take().unwrap_or(i)..i,
                 });
             }
             i += 1;
@@ -268,18 +288,24 @@ fn statements(sql: &str) -> Vec<Statement> {
         }
         if c.is_alphanumeric() || c == '_' {
             start_line.get_or_insert(line);
+            start_char.get_or_insert(i);
             word.push(c);
         } else {
             flush_word(&mut word, &mut words);
             if !c.is_whitespace() {
                 start_line.get_or_insert(line);
+                start_char.get_or_insert(i);
             }
         }
         i += 1;
     }
     flush_word(&mut word, &mut words);
     if let Some(l) = start_line {
-        out.push(Statement { line: l, words });
+        out.push(Statement {
+            line: l,
+            words,
+            span: start_char.unwrap_or(0)..chars.len(),
+        });
     }
     out
 }
@@ -290,6 +316,23 @@ mod tests {
 
     fn refused(sql: &str) -> LintError {
         check(sql).expect_err(sql)
+    }
+
+    #[test]
+    fn a_template_splits_into_its_statements_as_postgresql_reads_them() {
+        let sql = "-- notes\nALTER TABLE t ADD COLUMN n text; -- trailing\n\
+                   CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;\n\
+                   INSERT INTO t (s) VALUES ('a;b', E'c\\';d');\n\
+                   /* block; comment */ CREATE INDEX i ON t (n)";
+        assert_eq!(
+            split(sql),
+            [
+                "ALTER TABLE t ADD COLUMN n text",
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$",
+                "INSERT INTO t (s) VALUES ('a;b', E'c\\';d')",
+                "CREATE INDEX i ON t (n)",
+            ]
+        );
     }
 
     #[test]

@@ -203,7 +203,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 4] = [
+    let checks: [(&str, Check); 7] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -219,6 +219,17 @@ async fn main() {
             "erasure removes schema, shards and role on every node",
             |c, a| Box::pin(erasure_on_every_node(c, a)),
         ),
+        (
+            "a signup killed at its last statement leaves nothing on any node",
+            |c, a| Box::pin(killed_signup_leaves_nothing(c, a)),
+        ),
+        (
+            "an export reads the tenant's shards in one snapshot",
+            |c, a| Box::pin(export_from_the_workers(c, a)),
+        ),
+        ("fleet migrate reaches every tenant's shards", |c, a| {
+            Box::pin(fleet_migrate_on_citus(c, a))
+        }),
     ];
     let mut failed = 0;
     for (name, check) in checks {
@@ -485,4 +496,244 @@ async fn erasure_on_every_node(citus: &Citus, app: &App) {
         .unwrap()
         .get(0);
     assert_eq!(shards, 0);
+}
+
+/// Nothing of `name` anywhere: registry, schema, role, tables, shards.
+async fn assert_absent(citus: &Citus, name: &str) {
+    let db = citus.coordinator().await;
+    let registry: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM tenantry.users WHERE username = $1)
+                  + (SELECT count(*) FROM tenantry.tenants WHERE username = $1)
+                  + (SELECT count(*) FROM citus_shards WHERE table_name::text LIKE 'tenant_' || $1 || '.%')",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(registry, 0, "no registry row or shard of {name}");
+    let schema = format!("tenant_{name}");
+    let role_pattern = format!("tnt\\_%\\_{name}");
+    for url in std::iter::once(citus.url.clone()).chain(
+        citus
+            .workers
+            .iter()
+            .map(|p| format!("postgres://postgres@127.0.0.1:{p}/tenantry")),
+    ) {
+        let node = connect(&url).await;
+        let left: i64 = node
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = $1)
+                      + (SELECT count(*) FROM pg_roles WHERE rolname LIKE $2)
+                      + (SELECT count(*) FROM pg_prepared_xacts)",
+                &[&schema, &role_pattern],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            left, 0,
+            "nothing of {name} (schema, role, prepared transaction) on {url}"
+        );
+    }
+}
+
+async fn killed_signup_leaves_nothing(citus: &Citus, app: &App) {
+    // Hold the audit chain's head: the signup's last statement (after its
+    // schema was distributed) waits on it; then its backend is killed.
+    let mut holder = citus.coordinator().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM tenantry.audit_head FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let signup = {
+        let api = app.api.clone();
+        let url = format!("{}/api/auth/register", app.address);
+        tokio::spawn(async move {
+            api.post(url)
+                .json(&json!({"username": "kim", "email": "kim@example.com", "password": PASSWORD}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let db = citus.coordinator().await;
+    let mut waiting = None;
+    for _ in 0..200 {
+        let row = db
+            .query_opt(
+                "SELECT a.pid FROM pg_stat_activity a
+                 WHERE a.wait_event_type = 'Lock' AND a.query LIKE '%audit%'
+                   AND a.pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            waiting = Some(row.get::<_, i32>(0));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pid = waiting.expect("the signup reached its last statement and waits there");
+    let distributed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_locks l WHERE l.pid = $1 AND l.granted",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(distributed > 0, "the signup holds its DDL's locks");
+    db.execute("SELECT pg_terminate_backend($1::int4)", &[&pid])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let status = signup.await.unwrap().unwrap();
+    assert!(status >= 500, "the killed signup failed ({status})");
+    // Citus resolves what the dead coordinator backend left on the workers.
+    db.execute("SELECT recover_prepared_transactions()", &[])
+        .await
+        .unwrap();
+    assert_absent(citus, "kim").await;
+    // And the name can be used: nothing of the first attempt is in the way.
+    app.register("kim").await;
+}
+
+async fn export_from_the_workers(_citus: &Citus, app: &App) {
+    let (status, login) = app
+        .send(
+            Method::POST,
+            "/api/auth/login",
+            "",
+            Some(json!({"username": "ada", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let token = login["access_token"].as_str().unwrap();
+    let response = app
+        .api
+        .get(format!("{}/api/me/export", app.address))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let doc: Value = serde_json::from_str(&text).expect("a whole JSON document");
+    assert!(
+        text.contains("hello from a worker"),
+        "the summary is in the export"
+    );
+    assert!(doc.get("integrity").is_some(), "with its integrity trailer");
+}
+
+async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
+    use std::sync::Arc;
+    use tenantry::tenancy::fleet::{self, Progress, RunOptions};
+    struct Quiet;
+    impl Progress for Quiet {}
+    let dir = citus.dir.join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let builtin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tenant_templates");
+    for entry in std::fs::read_dir(&builtin).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.join("V5__notes.sql"),
+        "ALTER TABLE experiences ADD COLUMN notes text;\n\
+         CREATE INDEX experiences_notes_idx ON experiences (notes);\n\
+         CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);\n",
+    )
+    .unwrap();
+    let templates = Arc::new(tenantry::templates::TemplateSet::from_dir(&dir).unwrap());
+    let config: tokio_postgres::Config = citus.url.parse().unwrap();
+    let run = fleet::prepare(&config, templates, RunOptions::default())
+        .await
+        .expect("plan the run");
+    let summary = run.execute(&Quiet).await.expect("run");
+    assert_eq!(summary.failed, 0, "{summary:?}");
+    assert!(summary.succeeded >= 4, "{summary:?}");
+    let db = citus.coordinator().await;
+    let behind: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tenantry.tenants WHERE template_version <> 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(behind, 0);
+    // The new column on ada's shard (on its worker), the new table beside
+    // the others on the same node.
+    let placements = db
+        .query(
+            "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_ada.%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        placements.len(),
+        1,
+        "ada's tables, notes included, on one node"
+    );
+    let port: i32 = placements[0].get(0);
+    let shard: String = db
+        .query_one(
+            "SELECT shard_name::text FROM citus_shards WHERE table_name = 'tenant_ada.experiences'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let worker = citus.worker(port as u16).await;
+    worker
+        .query(&format!("SELECT notes FROM {shard}"), &[])
+        .await
+        .expect("the column reached the shard");
+    let notes: i64 = db
+        .query_one(
+            "SELECT count(*) FROM citus_shards WHERE table_name = 'tenant_ada.notes'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        notes, 1,
+        "the new table is part of ada's distributed schema"
+    );
+    // Made by the migration, owned by the tenant, as on plain PostgreSQL;
+    // the history stays the service's.
+    let owners = db
+        .query(
+            "SELECT c.relname::text, pg_get_userbyid(c.relowner)::text = t.role_name
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN tenantry.tenants t ON t.schema_name = n.nspname
+             WHERE t.username = 'ada' AND c.relname IN ('notes', 'experiences', 'refinery_schema_history')
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let owned: Vec<(String, bool)> = owners.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        owned,
+        [
+            ("experiences".to_string(), true),
+            ("notes".to_string(), true),
+            ("refinery_schema_history".to_string(), false),
+        ]
+    );
+    let history: i64 = db
+        .query_one(
+            "SELECT count(*) FROM tenant_ada.refinery_schema_history WHERE version = 5",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(history, 1, "V5 is in ada's history");
 }

@@ -107,6 +107,8 @@ pub struct PreparedRun {
     plan: Plan,
     run_id: i64,
     stop: Arc<AtomicBool>,
+    /// A Citus coordinator: history is written after the templates.
+    citus: bool,
 }
 
 /// Take the run lock, check and record the template set, make the plan and
@@ -150,6 +152,10 @@ pub async fn prepare(
     }
     // From here the lock is ours until `control` is dropped.
     integrity::verify_and_record(&control, &templates).await?;
+    let citus: bool = control
+        .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
+        .await?
+        .get(0);
     let plan = plan(&control, &templates, &options).await?;
     // We hold the lock, so a run still marked running is a dead one.
     control
@@ -216,6 +222,7 @@ pub async fn prepare(
         plan,
         run_id,
         stop: Arc::new(AtomicBool::new(false)),
+        citus,
     })
 }
 
@@ -321,6 +328,7 @@ impl PreparedRun {
         let lock_timeout = pg_interval(self.options.lock_timeout);
         let ctx = TenantContext {
             run_id: self.run_id,
+            citus: self.citus,
             target: self.plan.target,
             templates: &self.templates,
             // A tenant's transaction commits without waiting for its WAL
@@ -465,6 +473,10 @@ impl PreparedRun {
 /// What every tenant's transaction needs.
 struct TenantContext<'a> {
     run_id: i64,
+    /// On Citus a transaction may not touch a tenant's shards as two roles
+    /// in turn: the history is written after the templates (as the service,
+    /// after `RESET ROLE`) rather than by the claim before them.
+    citus: bool,
     target: TemplateVersion,
     templates: &'a TemplateSet,
     /// `BEGIN`, the per-tenant timeouts (durations we formatted) and an
@@ -709,6 +721,7 @@ enum Step<'t> {
     Begin,
     Claim,
     Apply(ApplyStep<'t>),
+    Commit,
 }
 
 /// The tenant's one transaction, as one pipeline (one round trip) of three
@@ -724,10 +737,18 @@ async fn one_transaction(
 ) -> Result<(), Failure> {
     let client = &connection.client;
     let pending = ctx.templates.between(tenant.from_version, ctx.target);
-    let application =
-        TemplateApplication::new(&tenant.schema, &tenant.role, pending).end_with("COMMIT");
+    let application = if ctx.citus {
+        TemplateApplication::for_citus(&tenant.schema, &tenant.role, pending)
+    } else {
+        TemplateApplication::new(&tenant.schema, &tenant.role, pending).end_with("COMMIT")
+    };
     let target = ctx.target.get();
-    let [schema, versions, names, checksums] = application.history_params().map(|(p, _)| p);
+    let [schema, mut versions, mut names, mut checksums] =
+        application.history_params().map(|(p, _)| p);
+    let (no_versions, no_text): (Vec<i32>, Vec<String>) = (Vec::new(), Vec::new());
+    if ctx.citus {
+        (versions, names, checksums) = (&no_versions, &no_text, &no_text);
+    }
     let claim_params: [&(dyn ToSql + Sync); 8] = [
         &tenant.user_id,
         &tenant.from_version,
@@ -752,6 +773,13 @@ async fn one_transaction(
     for (step, request) in application.requests(client) {
         steps.push(Step::Apply(step));
         requests.push(request);
+    }
+    if ctx.citus {
+        let (step, request) = application.history_request(client);
+        steps.push(Step::Apply(step));
+        requests.push(request);
+        steps.push(Step::Commit);
+        requests.push(Box::pin(client.batch_execute("COMMIT")));
     }
 
     let replies = db::pipeline(requests).await;
