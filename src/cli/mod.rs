@@ -79,6 +79,21 @@ enum Command {
         #[command(subcommand)]
         action: AuditCommand,
     },
+    /// A Citus cluster's nodes and where the tenants are
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Nodes, with the tenants and bytes each holds (Citus only)
+    Status {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,6 +174,13 @@ enum TenantsCommand {
         /// With another email (default: the exported one)
         #[arg(long)]
         email: Option<String>,
+    },
+    /// Move a tenant's tables to another Citus worker (online when wal_level = logical)
+    Move {
+        name: String,
+        /// The worker, as HOST:PORT (see `cluster status`)
+        #[arg(long)]
+        node: String,
     },
     /// Erase a tenant for good: schema, role, account, sessions (GDPR art. 17); prints a receipt
     Delete {
@@ -285,7 +307,90 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Fleet { action } => fleet::run(settings, action).await,
         Command::Admin { action } => admin(settings, action).await,
         Command::Audit { action } => audit_command(settings, action).await,
+        Command::Cluster {
+            action: ClusterCommand::Status { json },
+        } => cluster_status(settings, json).await,
     }
+}
+
+const NOT_CITUS: &str = "this database is not a Citus coordinator (see README, \"Scaling out\")";
+
+async fn cluster_status(settings: Settings, json: bool) -> Result<(), Failure> {
+    let ctx = Context::open(&settings, 1).await?;
+    let client = ctx.pool.get().await?;
+    let nodes = crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<12} {:<7} {:>8} {:>14}",
+        "NODE", "ROLE", "ACTIVE", "TENANTS", "BYTES"
+    );
+    for n in &nodes {
+        println!(
+            "{:<32} {:<12} {:<7} {:>8} {:>14}",
+            format!("{}:{}", n.host, n.port),
+            n.role,
+            if n.active { "yes" } else { "no" },
+            n.tenants,
+            n.bytes
+        );
+    }
+    Ok(())
+}
+
+/// `tenants move NAME --node HOST:PORT`.
+async fn move_tenant(settings: Settings, name: String, node: String) -> Result<(), Failure> {
+    let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let (host, port) = node
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<i32>().ok()?)))
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| Failure::Usage(format!("--node must be HOST:PORT, not {node:?}")))?;
+    let ctx = Context::open(&settings, 1).await?;
+    let client = ctx.pool.get().await?;
+    let nodes = crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
+    if !nodes
+        .iter()
+        .any(|n| n.role == "worker" && n.host == host && n.port == port)
+    {
+        return Err(Failure::Usage(format!(
+            "{host}:{port} is not a worker of this cluster (see `tenantry cluster status`)"
+        )));
+    }
+    let tenant = crate::tenants::find(&**client, &username)
+        .await?
+        .ok_or_else(|| Failure::Other(format!("no tenant {username}")))?;
+    let from = crate::db::citus::placement(&client, &tenant.schema)
+        .await?
+        .ok_or_else(|| Failure::Other(format!("{} has no tables placed", tenant.schema)))?;
+    if from == (host.clone(), port) {
+        println!("{username} is on {host}:{port} already");
+        return Ok(());
+    }
+    let mode = crate::db::citus::move_mode(&client).await?;
+    eprintln!(
+        "moving {username} from {}:{} to {host}:{port}: {}",
+        from.0,
+        from.1,
+        if mode == "force_logical" {
+            "online (logical replication; writes continue)"
+        } else {
+            "writes to this tenant are blocked while it is copied (wal_level is not logical); other tenants are unaffected"
+        }
+    );
+    let started = std::time::Instant::now();
+    crate::db::citus::move_schema(&client, &tenant.schema, &host, port, mode).await?;
+    println!(
+        "moved {username} to {host}:{port} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn serve(settings: Settings) -> Result<(), Failure> {
@@ -403,6 +508,7 @@ async fn db(settings: Settings, action: DbCommand) -> Result<(), Failure> {
 
 async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failure> {
     match action {
+        TenantsCommand::Move { name, node } => return move_tenant(settings, name, node).await,
         TenantsCommand::List { json } => {
             let ctx = Context::open(&settings, 1).await?;
             let client = ctx.pool.get().await?;

@@ -91,3 +91,114 @@ pub(crate) async fn allow_tenant_connections(
         .await?;
     Ok(())
 }
+
+/// One node of the cluster, with the tenants it holds.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub host: String,
+    pub port: i32,
+    /// `coordinator` or `worker`.
+    pub role: &'static str,
+    pub active: bool,
+    /// Tenant schemas with their tables on this node.
+    pub tenants: i64,
+    /// The size of those tables' shards.
+    pub bytes: i64,
+}
+
+/// The nodes of a Citus coordinator's cluster, coordinator first;
+/// `None` when the database is plain PostgreSQL.
+pub async fn cluster_status(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Vec<NodeStatus>>, tokio_postgres::Error> {
+    let citus: bool = client
+        .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
+        .await?
+        .get(0);
+    if !citus {
+        return Ok(None);
+    }
+    let rows = client
+        .query(
+            "WITH placed AS (
+                 SELECT sh.nodename, sh.nodeport, n.nspname, sh.shard_size
+                 FROM pg_catalog.citus_shards sh
+                 JOIN pg_catalog.pg_class c ON c.oid = sh.table_name
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 JOIN tenantry.tenants t ON t.schema_name = n.nspname)
+             SELECT d.nodename::text, d.nodeport, d.groupid = 0, d.isactive,
+                    count(DISTINCT p.nspname), coalesce(sum(p.shard_size), 0)::int8
+             FROM pg_catalog.pg_dist_node d
+             LEFT JOIN placed p ON p.nodename = d.nodename AND p.nodeport = d.nodeport
+             WHERE d.noderole = 'primary'
+             GROUP BY 1, 2, 3, 4
+             ORDER BY 3 DESC, 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(Some(
+        rows.iter()
+            .map(|r| NodeStatus {
+                host: r.get(0),
+                port: r.get(1),
+                role: if r.get(2) { "coordinator" } else { "worker" },
+                active: r.get(3),
+                tenants: r.get(4),
+                bytes: r.get(5),
+            })
+            .collect(),
+    ))
+}
+
+/// Where a tenant's tables are (host, port), on a Citus coordinator.
+pub async fn placement(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<Option<(String, i32)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT sh.nodename::text, sh.nodeport FROM pg_catalog.citus_shards sh
+             JOIN pg_catalog.pg_class c ON c.oid = sh.table_name
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 LIMIT 1",
+            &[&schema],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// How a move will go: online (logical replication) when `wal_level` is
+/// `logical`, else blocking writes to that tenant while it is copied.
+pub async fn move_mode(
+    client: &tokio_postgres::Client,
+) -> Result<&'static str, tokio_postgres::Error> {
+    let level: String = client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await?
+        .get(0);
+    Ok(if level == "logical" {
+        "force_logical"
+    } else {
+        "block_writes"
+    })
+}
+
+/// Move a tenant's schema (all its tables, one colocated unit) to another
+/// worker. Citus copies it and switches over; the tenant's requests keep
+/// routing through the coordinator.
+pub async fn move_schema(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    host: &str,
+    port: i32,
+    mode: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_catalog.citus_schema_move($1::text::regnamespace, $2::text, $3::int4,
+                                                 shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
+            &[&schema, &host, &port, &mode],
+        )
+        .await?;
+    Ok(())
+}

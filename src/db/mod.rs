@@ -4,7 +4,7 @@
 //! ([`bootstrap`]), and request pipelining ([`pipeline`]).
 
 mod bootstrap;
-mod citus;
+pub mod citus;
 mod pool;
 
 use std::task::Poll;

@@ -353,3 +353,41 @@ async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() 
         .get::<_, i64>(0);
     assert_eq!(rows, 11);
 }
+
+#[tokio::test]
+async fn cluster_commands_on_plain_postgresql_say_it_is_not_citus() {
+    let db = create_database().await;
+    let env = cli_env(&db);
+    let out = tenantry(&["cluster", "status"], &env, None).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not a Citus coordinator"),
+        "{}",
+        stderr(&out)
+    );
+    let out = tenantry(
+        &["tenants", "create", "moe", "--email", "moe@example.com"],
+        &env,
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tenantry(
+        &["tenants", "move", "moe", "--node", "127.0.0.1:5432"],
+        &env,
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("not a Citus coordinator"),
+        "{}",
+        stderr(&out)
+    );
+    let out = tenantry(&["tenants", "move", "moe", "--node", "no-port"], &env, None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a malformed node is a usage error"
+    );
+}

@@ -203,7 +203,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 7] = [
+    let checks: [(&str, Check); 8] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -230,6 +230,10 @@ async fn main() {
         ("fleet migrate reaches every tenant's shards", |c, a| {
             Box::pin(fleet_migrate_on_citus(c, a))
         }),
+        (
+            "cluster status shows where tenants are and tenants move moves one",
+            |c, a| Box::pin(status_and_move(c, a)),
+        ),
     ];
     let mut failed = 0;
     for (name, check) in checks {
@@ -736,4 +740,105 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
         .unwrap()
         .get(0);
     assert_eq!(history, 1, "V5 is in ada's history");
+}
+
+fn tenantry_cli(citus: &Citus, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(args)
+        .env("DATABASE_URL", &citus.url)
+        .env("JWT_SECRET", "a-test-secret-of-enough-length-0123456789")
+        .env("TENANTRY_DATA_DIR", &citus.dir)
+        .env("TENANTRY_TEMPLATES_DIR", citus.dir.join("templates"))
+        .output()
+        .expect("run tenantry")
+}
+
+async fn status_and_move(citus: &Citus, app: &App) {
+    let out = tenantry_cli(citus, &["cluster", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert_eq!(nodes[0]["role"], "coordinator");
+    assert_eq!(nodes[0]["tenants"], 0, "the coordinator holds no tenant");
+    let db = citus.coordinator().await;
+    let tenants: i64 = db
+        .query_one("SELECT count(*) FROM tenantry.tenants", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let on_workers: i64 = nodes[1..]
+        .iter()
+        .map(|n| n["tenants"].as_i64().unwrap())
+        .sum();
+    assert_eq!(on_workers, tenants, "every tenant is on a worker");
+    assert!(nodes[1..].iter().all(|n| n["bytes"].as_i64().unwrap() > 0));
+
+    let from = ada_port(&db).await;
+    let to = *citus
+        .workers
+        .iter()
+        .find(|&&w| i32::from(w) != from)
+        .unwrap();
+    let out = tenantry_cli(
+        citus,
+        &[
+            "tenants",
+            "move",
+            "ada",
+            "--node",
+            &format!("127.0.0.1:{to}"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("online"),
+        "says up front how the move goes (wal_level = logical here)"
+    );
+    assert_eq!(
+        ada_port(&db).await,
+        i32::from(to),
+        "all of ada's tables moved"
+    );
+    // ada's data, routed as before.
+    let (_, login) = app
+        .send(
+            Method::POST,
+            "/api/auth/login",
+            "",
+            Some(json!({"username": "ada", "password": PASSWORD})),
+        )
+        .await;
+    let token = login["access_token"].as_str().unwrap();
+    let (status, summary) = app
+        .send(Method::GET, "/api/summaries/quick", token, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["content"], "hello from a worker");
+    // A node that is not a worker is a usage error; nothing moves.
+    let out = tenantry_cli(citus, &["tenants", "move", "ada", "--node", "127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = tenantry_cli(citus, &["tenants", "move", "ada", "--node", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(ada_port(&db).await, i32::from(to));
+}
+
+/// The worker port holding ada's tables (all on one node).
+async fn ada_port(db: &tokio_postgres::Client) -> i32 {
+    db.query_one(
+        "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_ada.%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
