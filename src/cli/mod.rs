@@ -94,6 +94,8 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Even out the tenants over the workers, moving whole tenants, with progress (Citus only)
+    Rebalance,
 }
 
 #[derive(Subcommand, Debug)]
@@ -310,6 +312,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Cluster {
             action: ClusterCommand::Status { json },
         } => cluster_status(settings, json).await,
+        Command::Cluster {
+            action: ClusterCommand::Rebalance,
+        } => cluster_rebalance(settings).await,
     }
 }
 
@@ -340,6 +345,64 @@ async fn cluster_status(settings: Settings, json: bool) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+async fn cluster_rebalance(settings: Settings) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let ctx = Context::open(&settings, 1).await?;
+    let client = ctx.pool.get().await?;
+    crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
+    let mode = crate::db::citus::move_mode(&client).await?;
+    eprintln!(
+        "rebalancing: {}",
+        if mode == "force_logical" {
+            "tenants move online (logical replication; writes continue)"
+        } else {
+            "writes to each tenant are blocked while it is copied (wal_level is not logical)"
+        }
+    );
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} moves, {elapsed} (eta {eta})",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
+    let outcome = crate::db::citus::rebalance(&client, &|done, total| match &bar {
+        Some(bar) => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        None => eprintln!("rebalance: {done}/{total} moves done"),
+    })
+    .await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match outcome.state.as_str() {
+        "balanced" => {
+            println!("the tenants are balanced already: nothing to move");
+            Ok(())
+        }
+        "finished" => {
+            println!(
+                "rebalanced: {} move(s) (Citus job {})",
+                outcome.moves,
+                outcome.job.unwrap_or_default()
+            );
+            Ok(())
+        }
+        other => Err(Failure::Other(format!(
+            "the rebalance (Citus job {}) ended {other} after {} move(s); see citus_rebalance_status()",
+            outcome.job.unwrap_or_default(),
+            outcome.moves
+        ))),
+    }
 }
 
 /// `tenants move NAME --node HOST:PORT`.

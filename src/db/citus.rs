@@ -202,3 +202,66 @@ pub async fn move_schema(
         .await?;
     Ok(())
 }
+
+/// How a rebalance ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rebalance {
+    /// Citus's background job (none when nothing needed moving).
+    pub job: Option<i64>,
+    /// Tenant moves (shard-group moves) the job made.
+    pub moves: i64,
+    /// `finished`, `failed`, `cancelled`, or `balanced` when there was nothing to do.
+    pub state: String,
+}
+
+/// Even out the tenants over the workers: Citus's rebalancer moves whole
+/// tenants (each a colocated unit) in the background; this starts it and
+/// follows it, calling `progress(done, total)` as moves complete.
+pub async fn rebalance(
+    client: &tokio_postgres::Client,
+    progress: &(dyn Fn(i64, i64) + Sync),
+) -> Result<Rebalance, tokio_postgres::Error> {
+    let mode = move_mode(client).await?;
+    let job: Option<i64> = client
+        .query_one(
+            "SELECT pg_catalog.citus_rebalance_start(
+                        shard_transfer_mode => $1::text::citus.shard_transfer_mode)",
+            &[&mode],
+        )
+        .await?
+        .get(0);
+    let Some(job) = job else {
+        return Ok(Rebalance {
+            job: None,
+            moves: 0,
+            state: "balanced".into(),
+        });
+    };
+    let mut last = (-1, -1);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT j.state::text,
+                        (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
+                         WHERE t.job_id = j.job_id AND t.status = 'done'),
+                        (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
+                         WHERE t.job_id = j.job_id)
+                 FROM pg_catalog.pg_dist_background_job j WHERE j.job_id = $1",
+                &[&job],
+            )
+            .await?;
+        let (state, done, total): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        if (done, total) != last {
+            progress(done, total);
+            last = (done, total);
+        }
+        if matches!(state.as_str(), "finished" | "failed" | "cancelled") {
+            return Ok(Rebalance {
+                job: Some(job),
+                moves: done,
+                state,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}

@@ -203,7 +203,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 8] = [
+    let checks: [(&str, Check); 9] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -233,6 +233,10 @@ async fn main() {
         (
             "cluster status shows where tenants are and tenants move moves one",
             |c, a| Box::pin(status_and_move(c, a)),
+        ),
+        (
+            "cluster rebalance evens out tenants piled on one worker",
+            |c, a| Box::pin(rebalance_evens_out(c, a)),
         ),
     ];
     let mut failed = 0;
@@ -841,4 +845,77 @@ async fn ada_port(db: &tokio_postgres::Client) -> i32 {
     .await
     .unwrap()
     .get(0)
+}
+
+async fn rebalance_evens_out(citus: &Citus, app: &App) {
+    let db = citus.coordinator().await;
+    // Pile every tenant on the first worker.
+    let first = i32::from(citus.workers[0]);
+    let schemas = db
+        .query(
+            "SELECT DISTINCT n.nspname::text FROM citus_shards sh
+             JOIN pg_class c ON c.oid = sh.table_name JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN tenantry.tenants t ON t.schema_name = n.nspname
+             WHERE sh.nodeport <> $1",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    for row in &schemas {
+        let schema: String = row.get(0);
+        db.execute(
+            "SELECT citus_schema_move($1::text::regnamespace, '127.0.0.1'::text, $2::int4)",
+            &[&schema, &first],
+        )
+        .await
+        .unwrap();
+    }
+    let per_worker = |out: &std::process::Output| -> Vec<i64> {
+        let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
+        nodes.as_array().unwrap()[1..]
+            .iter()
+            .map(|n| n["tenants"].as_i64().unwrap())
+            .collect()
+    };
+    let before = per_worker(&tenantry_cli(citus, &["cluster", "status", "--json"]));
+    assert!(before.contains(&0), "all tenants on one worker: {before:?}");
+
+    let out = tenantry_cli(citus, &["cluster", "rebalance"]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("rebalanced"), "{said}");
+    assert!(
+        said.contains("moves done"),
+        "progress lines off a terminal: {said}"
+    );
+    let after = per_worker(&tenantry_cli(citus, &["cluster", "status", "--json"]));
+    assert!(
+        after.iter().all(|&n| n > 0),
+        "both workers hold tenants: {after:?}"
+    );
+    assert_eq!(after.iter().sum::<i64>(), before.iter().sum::<i64>());
+
+    let out = tenantry_cli(citus, &["cluster", "rebalance"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("balanced already"));
+
+    // Every tenant still answers.
+    let (_, login) = app
+        .send(
+            Method::POST,
+            "/api/auth/login",
+            "",
+            Some(json!({"username": "ada", "password": PASSWORD})),
+        )
+        .await;
+    let token = login["access_token"].as_str().unwrap();
+    let (status, summary) = app
+        .send(Method::GET, "/api/summaries/quick", token, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["content"], "hello from a worker");
 }
