@@ -418,3 +418,120 @@ pub async fn audit_log(
     let page = Page::from_rows(items, limit, |i| make_cursor("a", &[i.seq.to_string()]));
     Ok(HttpResponse::Ok().json(page))
 }
+
+fn not_citus() -> ApiError {
+    ApiError::Conflict {
+        code: "not_citus",
+        message: "this database is not a Citus coordinator".into(),
+    }
+}
+
+/// `GET /admin/cluster`: a Citus cluster's nodes with the tenants and bytes
+/// each holds; 409 on plain PostgreSQL.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The nodes, coordinator first", body = Vec<crate::db::citus::NodeStatus>),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not a Citus coordinator", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/cluster")]
+pub async fn cluster(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.pool.get().await?;
+    let nodes = crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(not_citus)?;
+    Ok(HttpResponse::Ok().json(nodes))
+}
+
+/// Where to move a tenant.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// A worker, as `HOST:PORT` (see `GET /admin/cluster`).
+    #[schema(example = "10.0.0.12:5432")]
+    node: String,
+}
+
+/// A tenant's placement after a move.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Moved {
+    pub tenant: String,
+    pub from: String,
+    pub to: String,
+    /// `online` (logical replication) or `blocking_writes` (this tenant's only).
+    pub mode: &'static str,
+    pub seconds: f64,
+}
+
+/// `POST /admin/tenants/{name}/move` `{node}`: move a tenant's tables to
+/// another worker (online with `wal_level = logical`, else blocking that
+/// tenant's writes while it is copied); 200 when done.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    request_body = MoveRequest,
+    responses(
+        (status = 200, description = "Moved (or there already)", body = Moved),
+        (status = 400, description = "`node` is not a worker of this cluster", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not a Citus coordinator", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/tenants/{name}/move")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+pub async fn move_tenant(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+    name: web::Path<String>,
+    body: JsonBody<MoveRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let client = state.pool.get().await?;
+    let nodes = crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(not_citus)?;
+    let node = body.into_inner().node;
+    let target = node
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<i32>().ok()?)))
+        .filter(|(h, p)| {
+            nodes
+                .iter()
+                .any(|n| n.role == "worker" && &n.host == h && n.port == *p)
+        })
+        .ok_or_else(|| ApiError::BadRequest {
+            code: "invalid_node",
+            message: "node must be HOST:PORT of a worker of this cluster".into(),
+        })?;
+    let found = crate::tenants::find(&**client, &username)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
+    let from = crate::db::citus::placement(&client, &found.schema)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("the tenant has no tables placed".into()))?;
+    let mode = crate::db::citus::move_mode(&client).await?;
+    let started = std::time::Instant::now();
+    if from != target {
+        crate::db::citus::move_schema(&client, &found.schema, &target.0, target.1, mode).await?;
+    }
+    Ok(HttpResponse::Ok().json(Moved {
+        tenant: username.as_str().to_owned(),
+        from: format!("{}:{}", from.0, from.1),
+        to: format!("{}:{}", target.0, target.1),
+        mode: if mode == "force_logical" {
+            "online"
+        } else {
+            "blocking_writes"
+        },
+        seconds: started.elapsed().as_secs_f64(),
+    }))
+}

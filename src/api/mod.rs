@@ -69,7 +69,9 @@ pub(crate) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(admin::audit_log)
         .service(admin::fleet_status)
         .service(admin::start_migration)
-        .service(admin::migration);
+        .service(admin::migration)
+        .service(admin::cluster)
+        .service(admin::move_tenant);
 }
 
 /// The app's routes, their extractors' error handlers, a JSON 405 with

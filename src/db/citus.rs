@@ -93,7 +93,7 @@ pub(crate) async fn allow_tenant_connections(
 }
 
 /// One node of the cluster, with the tenants it holds.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeStatus {
     pub host: String,
     pub port: i32,

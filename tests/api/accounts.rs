@@ -362,3 +362,37 @@ async fn admins_page_and_filter_the_tenant_registry() {
     assert_eq!(get("/admin/tenants?version=0".into()).await.0, 400);
     assert_eq!(get("/admin/tenants?sort=evil".into()).await.0, 400);
 }
+
+#[tokio::test]
+async fn the_cluster_routes_are_for_admins_and_say_when_the_database_is_not_citus() {
+    let app = spawn_app().await;
+    let user = app.token("ulrik").await;
+    let admin = staff_token(&app, "adam", false).await;
+    assert_eq!(app.get("/admin/cluster").await.status(), 401);
+    assert_eq!(
+        status_of(app.call(Method::GET, "/admin/cluster", &user)).await,
+        403
+    );
+    let response = app
+        .call(Method::GET, "/admin/cluster", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(json(response).await["error"]["code"], "not_citus");
+    let response = app
+        .call(Method::POST, "/admin/tenants/ulrik/move", &admin)
+        .json(&serde_json::json!({"node": "127.0.0.1:5432"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        status_of(
+            app.call(Method::POST, "/admin/tenants/ulrik/move", &user)
+                .json(&serde_json::json!({"node": "127.0.0.1:5432"}))
+        )
+        .await,
+        403
+    );
+}

@@ -203,7 +203,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 9] = [
+    let checks: [(&str, Check); 10] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -237,6 +237,10 @@ async fn main() {
         (
             "cluster rebalance evens out tenants piled on one worker",
             |c, a| Box::pin(rebalance_evens_out(c, a)),
+        ),
+        (
+            "admins see the cluster and move a tenant over HTTP",
+            |c, a| Box::pin(admin_http_on_citus(c, a)),
         ),
     ];
     let mut failed = 0;
@@ -918,4 +922,104 @@ async fn rebalance_evens_out(citus: &Citus, app: &App) {
         .await;
     assert_eq!(status, 200);
     assert_eq!(summary["content"], "hello from a worker");
+}
+
+async fn admin_http_on_citus(citus: &Citus, app: &App) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args([
+            "admin",
+            "create",
+            "root_admin",
+            "--email",
+            "root_admin@example.com",
+        ])
+        .env("DATABASE_URL", &citus.url)
+        .env("JWT_SECRET", "a-test-secret-of-enough-length-0123456789")
+        .env("TENANTRY_TEMPLATES_DIR", citus.dir.join("templates"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, login) = app
+        .send(
+            Method::POST,
+            "/api/auth/login",
+            "",
+            Some(json!({"username": "root_admin", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let admin = login["access_token"].as_str().unwrap();
+
+    let (status, nodes) = app.send(Method::GET, "/admin/cluster", admin, None).await;
+    assert_eq!(status, 200, "{nodes}");
+    assert_eq!(nodes.as_array().unwrap().len(), 3);
+
+    let db = citus.coordinator().await;
+    let from: i32 = db
+        .query_one(
+            "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_bob.%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let to = *citus
+        .workers
+        .iter()
+        .find(|&&w| i32::from(w) != from)
+        .unwrap();
+    let (status, moved) = app
+        .send(
+            Method::POST,
+            "/admin/tenants/bob/move",
+            admin,
+            Some(json!({"node": format!("127.0.0.1:{to}")})),
+        )
+        .await;
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["mode"], "online");
+    assert_eq!(moved["to"], format!("127.0.0.1:{to}"));
+    let now: i32 = db
+        .query_one(
+            "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_bob.%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(now, i32::from(to));
+    let (status, body) = app
+        .send(
+            Method::POST,
+            "/admin/tenants/bob/move",
+            admin,
+            Some(json!({"node": "127.0.0.1:1"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_node");
+    let (status, _) = app
+        .send(
+            Method::POST,
+            "/admin/tenants/nobody/move",
+            admin,
+            Some(json!({"node": format!("127.0.0.1:{to}")})),
+        )
+        .await;
+    assert_eq!(status, 404);
 }
