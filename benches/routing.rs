@@ -237,22 +237,19 @@ async fn main() {
             );
         }
         use common::{record, Better};
-        record(
-            "routing",
-            &format!("{label}: throughput"),
-            "req/s",
-            Better::Higher,
-            http.rate,
+        for baseline in [
             ("pgbench routed", floor.rate),
-        );
-        record(
-            "routing",
-            &format!("{label}: throughput"),
-            "req/s",
-            Better::Higher,
-            http.rate,
             ("pgbench qualified", raw.rate),
-        );
+        ] {
+            record(
+                "routing",
+                &format!("{label}: throughput"),
+                "req/s",
+                Better::Higher,
+                http.rate,
+                baseline,
+            );
+        }
         record(
             "routing",
             &format!("{label}: p99 latency"),
