@@ -535,3 +535,88 @@ pub async fn move_tenant(
         seconds: started.elapsed().as_secs_f64(),
     }))
 }
+
+/// A rebalance request's answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RebalanceStarted {
+    /// Citus's background job; null when the tenants are balanced already.
+    pub job_id: Option<i64>,
+    /// `started`, or `balanced` (nothing to move).
+    pub state: &'static str,
+}
+
+/// `POST /admin/cluster/rebalance`: even out the tenants over the workers.
+/// Citus moves whole tenants in the background: 202 with the job (follow it
+/// at `Location`), or 200 when nothing needs moving.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "Started", body = RebalanceStarted,
+         headers(("Location" = String, description = "The job's URL"))),
+        (status = 200, description = "Balanced already", body = RebalanceStarted),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not a Citus coordinator, or a rebalance is running", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/cluster/rebalance")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+pub async fn rebalance(
+    state: web::Data<AppState>,
+    admin: AdminUser,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.pool.get().await?;
+    crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(not_citus)?;
+    let started = crate::db::citus::rebalance_start(&client)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            // Citus refuses a second rebalance while one runs.
+            Some(db) if db.message().contains("already") => ApiError::Conflict {
+                code: "rebalance_running",
+                message: db.message().to_owned(),
+            },
+            _ => e.into(),
+        })?;
+    Ok(match started {
+        Some(job) => HttpResponse::Accepted()
+            .insert_header(("Location", format!("/admin/cluster/rebalance/{job}")))
+            .json(RebalanceStarted {
+                job_id: Some(job),
+                state: "started",
+            }),
+        None => HttpResponse::Ok().json(RebalanceStarted {
+            job_id: None,
+            state: "balanced",
+        }),
+    })
+}
+
+/// `GET /admin/cluster/rebalance/{job_id}`: a rebalance's progress.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("job_id" = i64, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Its state and moves", body = crate::db::citus::RebalanceProgress),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such rebalance job", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not a Citus coordinator", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/cluster/rebalance/{job_id}")]
+pub async fn rebalance_job(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    job: web::Path<i64>,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.pool.get().await?;
+    crate::db::citus::cluster_status(&client)
+        .await?
+        .ok_or_else(not_citus)?;
+    let progress = crate::db::citus::rebalance_progress(&client, job.into_inner())
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such rebalance job".into()))?;
+    Ok(HttpResponse::Ok().json(progress))
+}

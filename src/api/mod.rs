@@ -71,7 +71,9 @@ pub(crate) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(admin::start_migration)
         .service(admin::migration)
         .service(admin::cluster)
-        .service(admin::move_tenant);
+        .service(admin::move_tenant)
+        .service(admin::rebalance)
+        .service(admin::rebalance_job);
 }
 
 /// The app's routes, their extractors' error handlers, a JSON 405 with

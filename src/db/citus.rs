@@ -214,23 +214,71 @@ pub struct Rebalance {
     pub state: String,
 }
 
-/// Even out the tenants over the workers: Citus's rebalancer moves whole
-/// tenants (each a colocated unit) in the background; this starts it and
-/// follows it, calling `progress(done, total)` as moves complete.
-pub async fn rebalance(
+/// Start Citus's rebalancer (whole tenants move, in the background); the
+/// job's id, or `None` when nothing needs moving.
+pub async fn rebalance_start(
     client: &tokio_postgres::Client,
-    progress: &(dyn Fn(i64, i64) + Sync),
-) -> Result<Rebalance, tokio_postgres::Error> {
+) -> Result<Option<i64>, tokio_postgres::Error> {
     let mode = move_mode(client).await?;
-    let job: Option<i64> = client
+    Ok(client
         .query_one(
             "SELECT pg_catalog.citus_rebalance_start(
                         shard_transfer_mode => $1::text::citus.shard_transfer_mode)",
             &[&mode],
         )
         .await?
-        .get(0);
-    let Some(job) = job else {
+        .get(0))
+}
+
+/// A rebalance job's progress.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RebalanceProgress {
+    pub job_id: i64,
+    /// Citus's job state: `scheduled`, `running`, `finished`, `failed`, …
+    pub state: String,
+    /// Moves done and planned.
+    pub done: i64,
+    pub total: i64,
+}
+
+impl RebalanceProgress {
+    pub fn ended(&self) -> bool {
+        matches!(self.state.as_str(), "finished" | "failed" | "cancelled")
+    }
+}
+
+/// Where a rebalance job is; `None` for an unknown job.
+pub async fn rebalance_progress(
+    client: &tokio_postgres::Client,
+    job: i64,
+) -> Result<Option<RebalanceProgress>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT j.state::text,
+                    (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
+                     WHERE t.job_id = j.job_id AND t.status = 'done'),
+                    (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
+                     WHERE t.job_id = j.job_id)
+             FROM pg_catalog.pg_dist_background_job j
+             WHERE j.job_id = $1 AND j.job_type = 'rebalance'",
+            &[&job],
+        )
+        .await?
+        .map(|row| RebalanceProgress {
+            job_id: job,
+            state: row.get(0),
+            done: row.get(1),
+            total: row.get(2),
+        }))
+}
+
+/// Even out the tenants over the workers and wait for it, calling
+/// `progress(done, total)` as moves complete.
+pub async fn rebalance(
+    client: &tokio_postgres::Client,
+    progress: &(dyn Fn(i64, i64) + Sync),
+) -> Result<Rebalance, tokio_postgres::Error> {
+    let Some(job) = rebalance_start(client).await? else {
         return Ok(Rebalance {
             job: None,
             moves: 0,
@@ -239,27 +287,22 @@ pub async fn rebalance(
     };
     let mut last = (-1, -1);
     loop {
-        let row = client
-            .query_one(
-                "SELECT j.state::text,
-                        (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
-                         WHERE t.job_id = j.job_id AND t.status = 'done'),
-                        (SELECT count(*) FROM pg_catalog.pg_dist_background_task t
-                         WHERE t.job_id = j.job_id)
-                 FROM pg_catalog.pg_dist_background_job j WHERE j.job_id = $1",
-                &[&job],
-            )
-            .await?;
-        let (state, done, total): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        if (done, total) != last {
-            progress(done, total);
-            last = (done, total);
-        }
-        if matches!(state.as_str(), "finished" | "failed" | "cancelled") {
+        let Some(now) = rebalance_progress(client, job).await? else {
             return Ok(Rebalance {
                 job: Some(job),
-                moves: done,
-                state,
+                moves: last.0.max(0),
+                state: "vanished".into(),
+            });
+        };
+        if (now.done, now.total) != last {
+            progress(now.done, now.total);
+            last = (now.done, now.total);
+        }
+        if now.ended() {
+            return Ok(Rebalance {
+                job: Some(job),
+                moves: now.done,
+                state: now.state,
             });
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -395,4 +395,13 @@ async fn the_cluster_routes_are_for_admins_and_say_when_the_database_is_not_citu
         .await,
         403
     );
+    for (method, path) in [
+        (Method::POST, "/admin/cluster/rebalance"),
+        (Method::GET, "/admin/cluster/rebalance/1"),
+    ] {
+        assert_eq!(status_of(app.call(method.clone(), path, &user)).await, 403);
+        let response = app.call(method, path, &admin).send().await.unwrap();
+        assert_eq!(response.status(), 409, "{path}");
+        assert_eq!(json(response).await["error"]["code"], "not_citus");
+    }
 }

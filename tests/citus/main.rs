@@ -853,27 +853,7 @@ async fn ada_port(db: &tokio_postgres::Client) -> i32 {
 
 async fn rebalance_evens_out(citus: &Citus, app: &App) {
     let db = citus.coordinator().await;
-    // Pile every tenant on the first worker.
-    let first = i32::from(citus.workers[0]);
-    let schemas = db
-        .query(
-            "SELECT DISTINCT n.nspname::text FROM citus_shards sh
-             JOIN pg_class c ON c.oid = sh.table_name JOIN pg_namespace n ON n.oid = c.relnamespace
-             JOIN tenantry.tenants t ON t.schema_name = n.nspname
-             WHERE sh.nodeport <> $1",
-            &[&first],
-        )
-        .await
-        .unwrap();
-    for row in &schemas {
-        let schema: String = row.get(0);
-        db.execute(
-            "SELECT citus_schema_move($1::text::regnamespace, '127.0.0.1'::text, $2::int4)",
-            &[&schema, &first],
-        )
-        .await
-        .unwrap();
-    }
+    pile_on_one_worker(citus, &db).await;
     let per_worker = |out: &std::process::Output| -> Vec<i64> {
         let nodes: Value = serde_json::from_slice(&out.stdout).unwrap();
         nodes.as_array().unwrap()[1..]
@@ -1022,4 +1002,68 @@ async fn admin_http_on_citus(citus: &Citus, app: &App) {
         )
         .await;
     assert_eq!(status, 404);
+
+    // Rebalance over HTTP: started in the background, followed to its end.
+    pile_on_one_worker(citus, &db).await;
+    let response = app
+        .api
+        .post(format!("{}/admin/cluster/rebalance", app.address))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let mut progress = Value::Null;
+    for _ in 0..300 {
+        let (status, now) = app.send(Method::GET, &location, admin, None).await;
+        assert_eq!(status, 200, "{now}");
+        progress = now;
+        if progress["state"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(progress["state"], "finished", "{progress}");
+    assert!(progress["done"].as_i64().unwrap() > 0, "{progress}");
+    let (_, nodes) = app.send(Method::GET, "/admin/cluster", admin, None).await;
+    assert!(
+        nodes.as_array().unwrap()[1..]
+            .iter()
+            .all(|n| n["tenants"].as_i64().unwrap() > 0),
+        "{nodes}"
+    );
+    let (status, body) = app
+        .send(Method::POST, "/admin/cluster/rebalance", admin, None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "balanced");
+    let (status, _) = app
+        .send(Method::GET, "/admin/cluster/rebalance/999999", admin, None)
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// Move every tenant to the first worker.
+async fn pile_on_one_worker(citus: &Citus, db: &tokio_postgres::Client) {
+    let first = i32::from(citus.workers[0]);
+    let schemas = db
+        .query(
+            "SELECT DISTINCT n.nspname::text FROM citus_shards sh
+             JOIN pg_class c ON c.oid = sh.table_name JOIN pg_namespace n ON n.oid = c.relnamespace
+             JOIN tenantry.tenants t ON t.schema_name = n.nspname
+             WHERE sh.nodeport <> $1",
+            &[&first],
+        )
+        .await
+        .unwrap();
+    for row in &schemas {
+        let schema: String = row.get(0);
+        db.execute(
+            "SELECT citus_schema_move($1::text::regnamespace, '127.0.0.1'::text, $2::int4)",
+            &[&schema, &first],
+        )
+        .await
+        .unwrap();
+    }
 }
