@@ -1,8 +1,9 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the code.
 //! Each handler carries its own `#[utoipa::path]`; `utoipa-actix-web`
 //! collects them from the one route table (`api::routes`), so a route is
-//! written down once. What every operation shares (the error shape, rate
-//! limiting, database outages, the request id) is added here, once.
+//! written down once. What every operation shares (the error shape, the
+//! bearer token, body limits, rate limiting, database outages) is added
+//! here, once.
 
 use std::sync::LazyLock;
 
