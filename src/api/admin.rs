@@ -442,11 +442,11 @@ pub async fn cluster(
     state: web::Data<AppState>,
     _admin: AdminUser,
 ) -> Result<HttpResponse, ApiError> {
+    if !state.installation.citus {
+        return Err(not_citus());
+    }
     let client = state.pool.get().await?;
-    let nodes = crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(not_citus)?;
-    Ok(HttpResponse::Ok().json(nodes))
+    Ok(HttpResponse::Ok().json(crate::db::citus::cluster_status(&client).await?))
 }
 
 /// Where to move a tenant.
@@ -493,41 +493,38 @@ pub async fn move_tenant(
     name: web::Path<String>,
     body: JsonBody<MoveRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    use crate::db::citus::{parse_node, MoveError, MovePlan};
     let username =
         Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    if !state.installation.citus {
+        return Err(not_citus());
+    }
+    let invalid_node = || ApiError::BadRequest {
+        code: "invalid_node",
+        message: "node must be HOST:PORT of a worker of this cluster".into(),
+    };
+    let to = parse_node(&body.into_inner().node).ok_or_else(invalid_node)?;
     let client = state.pool.get().await?;
-    let nodes = crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(not_citus)?;
-    let node = body.into_inner().node;
-    let target = node
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<i32>().ok()?)))
-        .filter(|(h, p)| {
-            nodes
-                .iter()
-                .any(|n| n.role == "worker" && &n.host == h && n.port == *p)
-        })
-        .ok_or_else(|| ApiError::BadRequest {
-            code: "invalid_node",
-            message: "node must be HOST:PORT of a worker of this cluster".into(),
-        })?;
     let found = crate::tenants::find(&**client, &username)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
-    let from = crate::db::citus::placement(&client, &found.schema)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("the tenant has no tables placed".into()))?;
-    let mode = crate::db::citus::move_mode(&client).await?;
     let started = std::time::Instant::now();
-    if from != target {
-        crate::db::citus::move_schema(&client, &found.schema, &target.0, target.1, mode).await?;
-    }
+    let plan = MovePlan::new(&client, &found.schema, to)
+        .await
+        .map_err(|e| match e {
+            MoveError::NotAWorker(..) => invalid_node(),
+            MoveError::NotPlaced(_) => ApiError::NotFound("the tenant has no tables placed".into()),
+            MoveError::Postgres(e) => e.into(),
+        })?;
+    plan.execute(&client).await.map_err(|e| match e {
+        MoveError::Postgres(e) => ApiError::from(e),
+        other => ApiError::internal(other),
+    })?;
     Ok(HttpResponse::Ok().json(Moved {
         tenant: username.as_str().to_owned(),
-        from: format!("{}:{}", from.0, from.1),
-        to: format!("{}:{}", target.0, target.1),
-        mode: if mode == "force_logical" {
+        from: format!("{}:{}", plan.from.0, plan.from.1),
+        to: format!("{}:{}", plan.to.0, plan.to.1),
+        mode: if plan.online {
             "online"
         } else {
             "blocking_writes"
@@ -565,10 +562,10 @@ pub async fn rebalance(
     state: web::Data<AppState>,
     admin: AdminUser,
 ) -> Result<HttpResponse, ApiError> {
+    if !state.installation.citus {
+        return Err(not_citus());
+    }
     let client = state.pool.get().await?;
-    crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(not_citus)?;
     let started = crate::db::citus::rebalance_start(&client)
         .await
         .map_err(|e| match e.as_db_error() {
@@ -611,10 +608,10 @@ pub async fn rebalance_job(
     _admin: AdminUser,
     job: web::Path<i64>,
 ) -> Result<HttpResponse, ApiError> {
+    if !state.installation.citus {
+        return Err(not_citus());
+    }
     let client = state.pool.get().await?;
-    crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(not_citus)?;
     let progress = crate::db::citus::rebalance_progress(&client, job.into_inner())
         .await?
         .ok_or_else(|| ApiError::NotFound("no such rebalance job".into()))?;

@@ -322,10 +322,11 @@ const NOT_CITUS: &str = "this database is not a Citus coordinator (see README, \
 
 async fn cluster_status(settings: Settings, json: bool) -> Result<(), Failure> {
     let ctx = Context::open(&settings, 1).await?;
+    if !ctx.installation.citus {
+        return Err(Failure::Other(NOT_CITUS.into()));
+    }
     let client = ctx.pool.get().await?;
-    let nodes = crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
+    let nodes = crate::db::citus::cluster_status(&client).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
@@ -350,10 +351,10 @@ async fn cluster_status(settings: Settings, json: bool) -> Result<(), Failure> {
 async fn cluster_rebalance(settings: Settings) -> Result<(), Failure> {
     use std::io::IsTerminal;
     let ctx = Context::open(&settings, 1).await?;
+    if !ctx.installation.citus {
+        return Err(Failure::Other(NOT_CITUS.into()));
+    }
     let client = ctx.pool.get().await?;
-    crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
     let mode = crate::db::citus::move_mode(&client).await?;
     eprintln!(
         "rebalancing: {}",
@@ -407,50 +408,45 @@ async fn cluster_rebalance(settings: Settings) -> Result<(), Failure> {
 
 /// `tenants move NAME --node HOST:PORT`.
 async fn move_tenant(settings: Settings, name: String, node: String) -> Result<(), Failure> {
+    use crate::db::citus::{parse_node, MoveError, MovePlan};
     let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
-    let (host, port) = node
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<i32>().ok()?)))
-        .filter(|(h, _)| !h.is_empty())
+    let to = parse_node(&node)
         .ok_or_else(|| Failure::Usage(format!("--node must be HOST:PORT, not {node:?}")))?;
     let ctx = Context::open(&settings, 1).await?;
-    let client = ctx.pool.get().await?;
-    let nodes = crate::db::citus::cluster_status(&client)
-        .await?
-        .ok_or_else(|| Failure::Other(NOT_CITUS.into()))?;
-    if !nodes
-        .iter()
-        .any(|n| n.role == "worker" && n.host == host && n.port == port)
-    {
-        return Err(Failure::Usage(format!(
-            "{host}:{port} is not a worker of this cluster (see `tenantry cluster status`)"
-        )));
+    if !ctx.installation.citus {
+        return Err(Failure::Other(NOT_CITUS.into()));
     }
+    let client = ctx.pool.get().await?;
     let tenant = crate::tenants::find(&**client, &username)
         .await?
         .ok_or_else(|| Failure::Other(format!("no tenant {username}")))?;
-    let from = crate::db::citus::placement(&client, &tenant.schema)
-        .await?
-        .ok_or_else(|| Failure::Other(format!("{} has no tables placed", tenant.schema)))?;
-    if from == (host.clone(), port) {
-        println!("{username} is on {host}:{port} already");
+    let plan = MovePlan::new(&client, &tenant.schema, to)
+        .await
+        .map_err(|e| match e {
+            MoveError::NotAWorker(..) => {
+                Failure::Usage(format!("{e} (see `tenantry cluster status`)"))
+            }
+            other => other.into(),
+        })?;
+    let (to_host, to_port) = &plan.to;
+    if plan.done_already() {
+        println!("{username} is on {to_host}:{to_port} already");
         return Ok(());
     }
-    let mode = crate::db::citus::move_mode(&client).await?;
     eprintln!(
-        "moving {username} from {}:{} to {host}:{port}: {}",
-        from.0,
-        from.1,
-        if mode == "force_logical" {
+        "moving {username} from {}:{} to {to_host}:{to_port}: {}",
+        plan.from.0,
+        plan.from.1,
+        if plan.online {
             "online (logical replication; writes continue)"
         } else {
             "writes to this tenant are blocked while it is copied (wal_level is not logical); other tenants are unaffected"
         }
     );
     let started = std::time::Instant::now();
-    crate::db::citus::move_schema(&client, &tenant.schema, &host, port, mode).await?;
+    plan.execute(&client).await?;
     println!(
-        "moved {username} to {host}:{port} in {:.1} s",
+        "moved {username} to {to_host}:{to_port} in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

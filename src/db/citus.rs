@@ -106,18 +106,11 @@ pub struct NodeStatus {
     pub bytes: i64,
 }
 
-/// The nodes of a Citus coordinator's cluster, coordinator first;
-/// `None` when the database is plain PostgreSQL.
+/// The nodes of a Citus coordinator's cluster, coordinator first (the
+/// caller knows the database is one: `Installation::citus`).
 pub async fn cluster_status(
     client: &tokio_postgres::Client,
-) -> Result<Option<Vec<NodeStatus>>, tokio_postgres::Error> {
-    let citus: bool = client
-        .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
-        .await?
-        .get(0);
-    if !citus {
-        return Ok(None);
-    }
+) -> Result<Vec<NodeStatus>, tokio_postgres::Error> {
     let rows = client
         .query(
             "WITH placed AS (
@@ -136,39 +129,27 @@ pub async fn cluster_status(
             &[],
         )
         .await?;
-    Ok(Some(
-        rows.iter()
-            .map(|r| NodeStatus {
-                host: r.get(0),
-                port: r.get(1),
-                role: if r.get(2) { "coordinator" } else { "worker" },
-                active: r.get(3),
-                tenants: r.get(4),
-                bytes: r.get(5),
-            })
-            .collect(),
-    ))
+    Ok(rows
+        .iter()
+        .map(|r| NodeStatus {
+            host: r.get(0),
+            port: r.get(1),
+            role: if r.get(2) { "coordinator" } else { "worker" },
+            active: r.get(3),
+            tenants: r.get(4),
+            bytes: r.get(5),
+        })
+        .collect())
 }
 
-/// Where a tenant's tables are (host, port), on a Citus coordinator.
-pub async fn placement(
-    client: &tokio_postgres::Client,
-    schema: &str,
-) -> Result<Option<(String, i32)>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            "SELECT sh.nodename::text, sh.nodeport FROM pg_catalog.citus_shards sh
-             JOIN pg_catalog.pg_class c ON c.oid = sh.table_name
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-             WHERE n.nspname = $1 LIMIT 1",
-            &[&schema],
-        )
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
+/// `HOST:PORT`, as `cluster status` shows a node.
+pub fn parse_node(node: &str) -> Option<(String, i32)> {
+    let (host, port) = node.rsplit_once(':')?;
+    Some((host.to_owned(), port.parse().ok()?)).filter(|(h, _)| !h.is_empty())
 }
 
-/// How a move will go: online (logical replication) when `wal_level` is
-/// `logical`, else blocking writes to that tenant while it is copied.
+/// How moves go: `force_logical` (online, writes continue) when
+/// `wal_level` is `logical`, else `block_writes` (the moving tenant's only).
 pub async fn move_mode(
     client: &tokio_postgres::Client,
 ) -> Result<&'static str, tokio_postgres::Error> {
@@ -183,24 +164,84 @@ pub async fn move_mode(
     })
 }
 
-/// Move a tenant's schema (all its tables, one colocated unit) to another
-/// worker. Citus copies it and switches over; the tenant's requests keep
-/// routing through the coordinator.
-pub async fn move_schema(
-    client: &tokio_postgres::Client,
-    schema: &str,
-    host: &str,
-    port: i32,
-    mode: &str,
-) -> Result<(), tokio_postgres::Error> {
-    client
-        .execute(
-            "SELECT pg_catalog.citus_schema_move($1::text::regnamespace, $2::text, $3::int4,
-                                                 shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
-            &[&schema, &host, &port, &mode],
-        )
-        .await?;
-    Ok(())
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}:{1} is not a worker of this cluster")]
+    NotAWorker(String, i32),
+    #[error("{0} has no tables placed")]
+    NotPlaced(String),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+/// A tenant's move, checked and ready: where its tables are, where they
+/// go, and whether it goes online. The CLI says this before it starts.
+#[derive(Debug)]
+pub struct MovePlan {
+    pub schema: String,
+    pub from: (String, i32),
+    pub to: (String, i32),
+    pub online: bool,
+}
+
+impl MovePlan {
+    /// `to` must be a worker; the tenant's tables are found where they are.
+    pub async fn new(
+        client: &tokio_postgres::Client,
+        schema: &str,
+        to: (String, i32),
+    ) -> Result<MovePlan, MoveError> {
+        let nodes = cluster_status(client).await?;
+        if !nodes
+            .iter()
+            .any(|n| n.role == "worker" && n.host == to.0 && n.port == to.1)
+        {
+            return Err(MoveError::NotAWorker(to.0, to.1));
+        }
+        let from = client
+            .query_opt(
+                "SELECT sh.nodename::text, sh.nodeport FROM pg_catalog.citus_shards sh
+                 JOIN pg_catalog.pg_class c ON c.oid = sh.table_name
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 LIMIT 1",
+                &[&schema],
+            )
+            .await?
+            .map(|r| (r.get(0), r.get(1)))
+            .ok_or_else(|| MoveError::NotPlaced(schema.to_owned()))?;
+        Ok(MovePlan {
+            schema: schema.to_owned(),
+            from,
+            to,
+            online: move_mode(client).await? == "force_logical",
+        })
+    }
+
+    /// Whether the tenant is there already.
+    pub fn done_already(&self) -> bool {
+        self.from == self.to
+    }
+
+    /// Move the schema (all its tables, one colocated unit): Citus copies
+    /// it and switches over; requests keep routing through the coordinator.
+    pub async fn execute(&self, client: &tokio_postgres::Client) -> Result<(), MoveError> {
+        if self.done_already() {
+            return Ok(());
+        }
+        let mode = if self.online {
+            "force_logical"
+        } else {
+            "block_writes"
+        };
+        client
+            .execute(
+                "SELECT pg_catalog.citus_schema_move($1::text::regnamespace, $2::text, $3::int4,
+                                                     shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
+                &[&self.schema, &self.to.0, &self.to.1, &mode],
+            )
+            .await?;
+        Ok(())
+    }
 }
 
 /// How a rebalance ended.
