@@ -298,7 +298,7 @@ async fn provision_many(
     range: std::ops::Range<usize>,
     sessions: usize,
 ) {
-    let pool = target.pool(sessions).unwrap();
+    let pool = target.pool(sessions, installation).unwrap();
     let next = AtomicUsize::new(range.start);
     let bar = ProgressBar::new(range.len() as u64);
     bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap());

@@ -56,7 +56,7 @@ async fn main() {
         ..
     } = bench_db("bench-gdpr", &[]).await;
     let templates = TemplateSet::builtin().unwrap();
-    let pool = target.pool(1).unwrap();
+    let pool = target.pool(1, &installation).unwrap();
     let sql = target.connect().await.unwrap();
     let pseudonyms = Pseudonyms::from_secret(b"bench-secret-bench-secret-bench-secret");
     let key = ExportKey::from_secret(b"bench-secret-bench-secret-bench-secret");

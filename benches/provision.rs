@@ -40,7 +40,7 @@ async fn main() {
         ..
     } = bench_db("bench", &[]).await;
     let templates = TemplateSet::builtin().unwrap();
-    let pool = target.pool(1).unwrap();
+    let pool = target.pool(1, &installation).unwrap();
     let mut service = pool.get().await.unwrap();
     let raw = target.connect().await.unwrap();
     raw.batch_execute(

@@ -1,7 +1,8 @@
 //! What `serve` does in the background, every `TENANTRY_MAINTENANCE_INTERVAL`
 //! (and once at start): purge what has expired (refresh tokens, login
 //! throttle rows, signup idempotency keys), anchor the audit chain to the
-//! anchor file, and forget idle rate-limit state.
+//! anchor file, forget idle rate-limit state, and on Citus sweep what a
+//! killed signup left (`provisioning::sweep_pending`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -80,6 +81,13 @@ pub fn spawn(
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging expired rows failed"),
+            }
+            if state.installation.citus {
+                match crate::provisioning::sweep_pending(&client).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(signups = n, "swept what killed signups left"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping killed signups failed"),
+                }
             }
             if let Err(e) =
                 crate::audit::write_anchor(&**client, &anchor_file, state.installation.id.as_str())

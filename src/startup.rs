@@ -95,8 +95,18 @@ impl Context {
     ) -> Result<Context, StartupError> {
         let mut client = target.connect().await?;
         let (installation, _) = db::bootstrap(&mut client).await?;
+        if installation.citus {
+            // What a killed signup left (its session, and so its lock, is
+            // gone): swept before anything else runs.
+            let swept = crate::provisioning::sweep_pending(&client)
+                .await
+                .map_err(DbError::from)?;
+            if swept > 0 {
+                tracing::info!(signups = swept, "swept what killed signups left");
+            }
+        }
         drop(client);
-        let pool = target.pool(pool_size)?;
+        let pool = target.pool(pool_size, &installation)?;
         Ok(Context {
             target,
             pool,

@@ -4,6 +4,8 @@
 // Each benchmark uses a part of it.
 #![allow(dead_code)]
 
+pub mod load;
+
 use std::path::PathBuf;
 
 use tenantry::db::{self, Installation, Target};

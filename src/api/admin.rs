@@ -482,7 +482,7 @@ pub struct Moved {
         (status = 400, description = "`node` is not a worker of this cluster", body = crate::api::openapi::ErrorBody),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
         (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
-        (status = 409, description = "Not a Citus coordinator", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not a Citus coordinator, or the tenant is being erased", body = crate::api::openapi::ErrorBody),
     )
 )]
 #[post("/admin/tenants/{name}/move")]
@@ -509,15 +509,20 @@ pub async fn move_tenant(
         .await?
         .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
     let started = std::time::Instant::now();
-    let plan = MovePlan::new(&client, &found.schema, to)
+    let plan = MovePlan::new(&client, &found, to)
         .await
         .map_err(|e| match e {
             MoveError::NotAWorker(..) => invalid_node(),
             MoveError::NotPlaced(_) => ApiError::NotFound("the tenant has no tables placed".into()),
             MoveError::Postgres(e) => e.into(),
+            other @ MoveError::NotActive(..) => ApiError::internal(other),
         })?;
     plan.execute(&client).await.map_err(|e| match e {
         MoveError::Postgres(e) => ApiError::from(e),
+        MoveError::NotActive(..) => ApiError::Conflict {
+            code: "tenant_not_active",
+            message: e.to_string(),
+        },
         other => ApiError::internal(other),
     })?;
     Ok(HttpResponse::Ok().json(Moved {

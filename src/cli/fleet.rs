@@ -400,6 +400,13 @@ impl Progress for CliProgress {
 async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failure> {
     let ctx = Context::open(&settings, 1).await?;
     let mut client = ctx.target.connect().await?;
+    // What killed Citus signups left goes first (each re-checked under its
+    // name's lock); what is left is drift.
+    let swept = if repair && ctx.installation.citus {
+        crate::provisioning::sweep_pending(&client).await?
+    } else {
+        0
+    };
     let drift = fleet::find_drift(&client, &ctx.installation).await?;
     let repaired = if repair {
         fleet::repair_drift(&mut client, &ctx.installation, &drift).await?
@@ -412,11 +419,17 @@ async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failu
             drift: drift.clone(),
             repaired: repaired.clone(),
             remaining,
+            swept_signups: swept,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else if drift.is_empty() {
-        println!("no drift: the registry and the catalog agree");
     } else {
+        if swept > 0 {
+            println!("removed what {swept} killed signup(s) left");
+        }
+        if drift.is_empty() {
+            println!("no drift: the registry and the catalog agree");
+            return Ok(());
+        }
         for d in &drift {
             let tag = if repaired
                 .iter()

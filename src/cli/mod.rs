@@ -420,7 +420,7 @@ async fn move_tenant(settings: Settings, name: String, node: String) -> Result<(
     let tenant = crate::tenants::find(&**client, &username)
         .await?
         .ok_or_else(|| Failure::Other(format!("no tenant {username}")))?;
-    let plan = MovePlan::new(&client, &tenant.schema, to)
+    let plan = MovePlan::new(&client, &tenant, to)
         .await
         .map_err(|e| match e {
             MoveError::NotAWorker(..) => {
@@ -444,7 +444,10 @@ async fn move_tenant(settings: Settings, name: String, node: String) -> Result<(
         }
     );
     let started = std::time::Instant::now();
-    plan.execute(&client).await?;
+    plan.execute(&client).await.map_err(|e| match e {
+        MoveError::Postgres(e) => e.into(),
+        other => Failure::Other(other.to_string()),
+    })?;
     println!(
         "moved {username} to {to_host}:{to_port} in {:.1} s",
         started.elapsed().as_secs_f64()

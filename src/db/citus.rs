@@ -170,6 +170,8 @@ pub enum MoveError {
     NotAWorker(String, i32),
     #[error("{0} has no tables placed")]
     NotPlaced(String),
+    #[error("tenant {0} is {1}, not active: it is not moved")]
+    NotActive(String, String),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -178,6 +180,8 @@ pub enum MoveError {
 /// go, and whether it goes online. The CLI says this before it starts.
 #[derive(Debug)]
 pub struct MovePlan {
+    pub user_id: uuid::Uuid,
+    pub username: String,
     pub schema: String,
     pub from: (String, i32),
     pub to: (String, i32),
@@ -188,9 +192,10 @@ impl MovePlan {
     /// `to` must be a worker; the tenant's tables are found where they are.
     pub async fn new(
         client: &tokio_postgres::Client,
-        schema: &str,
+        tenant: &crate::tenants::TenantInfo,
         to: (String, i32),
     ) -> Result<MovePlan, MoveError> {
+        let schema = tenant.schema.as_str();
         let nodes = cluster_status(client).await?;
         if !nodes
             .iter()
@@ -210,6 +215,8 @@ impl MovePlan {
             .map(|r| (r.get(0), r.get(1)))
             .ok_or_else(|| MoveError::NotPlaced(schema.to_owned()))?;
         Ok(MovePlan {
+            user_id: tenant.user_id,
+            username: tenant.username.clone(),
             schema: schema.to_owned(),
             from,
             to,
@@ -224,9 +231,49 @@ impl MovePlan {
 
     /// Move the schema (all its tables, one colocated unit): Citus copies
     /// it and switches over; requests keep routing through the coordinator.
+    ///
+    /// Under the tenant's advisory lock, shared (`fleet::TENANT_LOCK_CLASS`,
+    /// session-level, for the whole move): requests, which take it shared
+    /// too, go on; a fleet migration or an erasure of the tenant, which take
+    /// it exclusively, wait for the move, and the move waits for them. A
+    /// tenant that is not active (being erased) is not moved.
     pub async fn execute(&self, client: &tokio_postgres::Client) -> Result<(), MoveError> {
         if self.done_already() {
             return Ok(());
+        }
+        let key = self.user_id.to_string();
+        client
+            .execute(
+                "SELECT pg_catalog.pg_advisory_lock_shared($1, pg_catalog.hashtext($2))",
+                &[&crate::tenancy::fleet::TENANT_LOCK_CLASS, &key],
+            )
+            .await?;
+        let moved = self.execute_locked(client).await;
+        client
+            .execute(
+                "SELECT pg_catalog.pg_advisory_unlock_shared($1, pg_catalog.hashtext($2))",
+                &[&crate::tenancy::fleet::TENANT_LOCK_CLASS, &key],
+            )
+            .await?;
+        moved
+    }
+
+    async fn execute_locked(&self, client: &tokio_postgres::Client) -> Result<(), MoveError> {
+        let status: Option<String> = client
+            .query_opt(
+                "SELECT status FROM tenantry.tenants WHERE user_id = $1",
+                &[&self.user_id],
+            )
+            .await?
+            .map(|r| r.get(0));
+        match status.as_deref() {
+            Some("active") => {}
+            other => {
+                return Err(MoveError::NotActive(
+                    self.username.clone(),
+                    other.unwrap_or("gone").to_owned(),
+                ))
+            }
         }
         let mode = if self.online {
             "force_logical"

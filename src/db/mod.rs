@@ -86,13 +86,27 @@ impl Target {
     /// The request pool. On the embedded cluster it follows the server to
     /// the port it listens on now, so a `db stop` / `db start` while
     /// `serve` runs heals by itself.
-    pub fn pool(&self, size: usize) -> Result<Pool, DbError> {
+    /// The service's pool. On Citus its sessions keep no connections to
+    /// the workers between transactions (`citus.max_cached_conns_per_worker
+    /// = 0`, a session default, so `RESET ALL` keeps it): Citus reaches a
+    /// worker as the tenant's role, and a cached worker session of a role
+    /// that was erased and made again under the same name (the same
+    /// username signing up again) would still be the old role there.
+    pub fn pool(&self, size: usize, installation: &Installation) -> Result<Pool, DbError> {
         let ports = match &self.embedded {
             Some((cluster, _)) => PortSource::Cluster(cluster.clone()),
             None => PortSource::Fixed,
         };
+        let mut config = self.config.clone();
+        if installation.citus {
+            let options = format!(
+                "{} -c citus.max_cached_conns_per_worker=0",
+                config.get_options().unwrap_or_default()
+            );
+            config.options(options.trim_start());
+        }
         pool_with(
-            self.config.clone(),
+            config,
             size,
             ConnectionLimits::default(),
             ports,

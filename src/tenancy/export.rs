@@ -352,9 +352,6 @@ pub async fn import(
     account: &crate::provisioning::NewAccount,
     pseudonyms: &crate::audit::Pseudonyms,
 ) -> Result<Restored, RestoreError> {
-    use crate::audit::{Action, Entry};
-    use crate::tenancy::apply::TemplateApplication;
-
     if document["format"] != FORMAT || document["format_version"] != FORMAT_VERSION {
         return Err(ImportError::Format(format!(
             "format {} version {}",
@@ -374,13 +371,54 @@ pub async fn import(
         .as_array()
         .ok_or_else(|| ImportError::Format("no tables".into()))?;
 
-    let tx = client.transaction().await?;
     let at_export = templates.between(
         0,
         crate::domain::TemplateVersion::parse(version)
             .map_err(|_| ImportError::Format("bad template_version".into()))?,
     );
-    let made = crate::provisioning::provision_in(&tx, installation, at_export, account).await?;
+    let reservation =
+        crate::provisioning::Reservation::take(client, installation, &account.username).await?;
+    let restored = import_in(
+        client,
+        installation,
+        templates,
+        account,
+        pseudonyms,
+        (at_export, version),
+        tables,
+    )
+    .await;
+    let finished = reservation.finish(client, restored.is_ok()).await;
+    let restored = restored?;
+    finished?;
+    client.batch_execute(crate::db::SESSION_RESET).await?;
+    Ok(restored)
+}
+
+/// The transaction of [`import`]: the tenant at the export's version
+/// (`at_export`, `version`), its rows, then forward to the latest.
+async fn import_in(
+    client: &mut deadpool_postgres::Client,
+    installation: &crate::db::Installation,
+    templates: &crate::tenancy::templates::TemplateSet,
+    account: &crate::provisioning::NewAccount,
+    pseudonyms: &crate::audit::Pseudonyms,
+    (at_export, version): (&[crate::tenancy::templates::Template], i64),
+    tables: &[serde_json::Value],
+) -> Result<Restored, RestoreError> {
+    use crate::audit::{Action, Entry};
+    use crate::tenancy::apply::TemplateApplication;
+
+    let tx = client.transaction().await?;
+    let latest = templates.latest();
+    let made = crate::provisioning::provision_in(
+        &tx,
+        installation,
+        at_export,
+        account,
+        crate::provisioning::Distribute::Later,
+    )
+    .await?;
     let schema = made.schema.clone();
     let known: BTreeSet<String> = tx
         .query(
@@ -443,11 +481,17 @@ pub async fn import(
         {
             let column = quote_ident(seq.get::<_, &str>(0));
             let sequence: String = seq.get(1);
+            let loaded: Option<i64> = tx
+                .query_one(&format!("SELECT max({column})::int8 FROM {qualified}"), &[])
+                .await?
+                .get(0);
+            // Never below the sequence's minimum: on Citus a distributed
+            // table's sequence has a range of its own per node. (No table in
+            // this statement: it runs where the sequence is used.)
             tx.execute(
-                &format!(
-                    "SELECT setval($1::text::regclass, coalesce(max({column}), 0) + 1, false) FROM {qualified}"
-                ),
-                &[&sequence],
+                "SELECT setval(s.seqrelid, greatest(coalesce($2::int8, 0) + 1, s.seqmin), false)
+                 FROM pg_catalog.pg_sequence s WHERE s.seqrelid = $1::text::regclass",
+                &[&sequence, &loaded],
             )
             .await?;
         }
@@ -471,6 +515,10 @@ pub async fn import(
         )
         .await?;
     }
+    if installation.citus {
+        tx.batch_execute(&crate::provisioning::distribute_sql(&schema))
+            .await?;
+    }
     crate::audit::append(
         &*tx,
         &Entry::new(Action::TenantImported)
@@ -483,7 +531,6 @@ pub async fn import(
     )
     .await?;
     tx.commit().await?;
-    client.batch_execute(crate::db::SESSION_RESET).await?;
     Ok(Restored {
         username: made.username.to_string(),
         schema: schema.to_string(),

@@ -1,6 +1,19 @@
 //! Provisioning: a user, their database role and their schema at the latest
 //! template version, all in ONE transaction. A failure (or a kill) at any
 //! instant rolls everything back: the tenant is complete, or absent.
+//!
+//! On Citus the role and the empty schema go first, in a transaction of
+//! their own ([`Reservation`]): Citus propagates the objects a new schema's
+//! tables depend on (their sequences) through connections of its own as
+//! the extension's owner, which cannot see a schema this transaction has
+//! not committed (a non-superuser service fails with `schema … does not
+//! exist`). The head start is written down in `tenantry.pending_tenants`
+//! under a session-level advisory lock on the name, and the transaction
+//! that completes the tenant deletes that row. A failure drops the role and
+//! schema again at once; a kill leaves the row, whose lock dies with its
+//! session, and the next signup of the name, `serve`'s maintenance or
+//! `fleet check --repair` sweeps it. Either way no registry row, shard or
+//! half-made tenant is ever visible.
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -133,9 +146,18 @@ pub async fn provision(
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`): three round trips in all.
     let started = std::time::Instant::now();
-    let tx = client.transaction().await?;
-    let provisioned = provision_in(&tx, installation, templates.all(), account).await?;
-    tx.commit().await?;
+    let reservation = Reservation::take(client, installation, &account.username).await?;
+    let made = async {
+        let tx = client.transaction().await?;
+        let provisioned =
+            provision_in(&tx, installation, templates.all(), account, Distribute::Now).await?;
+        tx.commit().await?;
+        Ok::<_, ProvisionError>(provisioned)
+    }
+    .await;
+    let finished = reservation.finish(client, made.is_ok()).await;
+    let provisioned = made?;
+    finished?;
     // The templates ran on this connection as the tenant: whatever session
     // state they may have left goes before it serves anyone else.
     client.batch_execute(db::SESSION_RESET).await?;
@@ -147,12 +169,14 @@ pub async fn provision(
 
 /// The work of [`provision`] inside the caller's transaction, at the last
 /// version of `templates` (ascending and contiguous from V1): one pipeline.
-/// The caller commits (and resets the session afterwards).
+/// The caller commits (and resets the session afterwards); on Citus it
+/// holds a [`Reservation`] of the name, taken before the transaction.
 pub async fn provision_in(
     tx: &deadpool_postgres::Transaction<'_>,
     installation: &Installation,
     templates: &[crate::tenancy::templates::Template],
     account: &NewAccount,
+    distribute: Distribute,
 ) -> Result<Provisioned, ProvisionError> {
     let username = &account.username;
     let schema = username.schema();
@@ -210,7 +234,7 @@ pub async fn provision_in(
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
     let prelude_sql = prelude(installation, &schema, &role);
-    let join_sql = join_group(installation, &schema, &role);
+    let join_sql = join_group(installation, &schema, &role, distribute);
     let application = TemplateApplication::new(&schema, &role, templates);
 
     let mut steps: Vec<Step> = Vec::new();
@@ -242,6 +266,18 @@ pub async fn provision_in(
     }
     steps.push(Step::Other);
     requests.push(Box::pin(tx.batch_execute(&join_sql)));
+    if installation.citus {
+        // The reservation's head start ends with this transaction.
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute(
+                "DELETE FROM tenantry.pending_tenants WHERE username = $1",
+                &[&name],
+            )
+            .await
+            .map(drop)
+        }));
+    }
     if let Some(params) = &idempotency_params {
         steps.push(Step::Other);
         requests.push(Box::pin(async {
@@ -290,7 +326,25 @@ pub async fn provision_in(
 /// anything in it, the history included); the tenant role gets USAGE and
 /// CREATE on the schema and owns the tables the templates create.
 /// Identifiers are validated names, always quoted; no value is interpolated.
+/// On Citus the role and the schema exist already ([`Reservation`]).
 fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
+    let history = format!(
+        "CREATE TABLE {s}.{HISTORY_TABLE} (
+             version int4 PRIMARY KEY,
+             name varchar(255),
+             applied_on varchar(255),
+             checksum varchar(255));",
+        s = schema.quoted(),
+    );
+    if installation.citus {
+        history
+    } else {
+        format!("{}\n{history}", role_and_schema(installation, schema, role))
+    }
+}
+
+/// The tenant's role and its empty schema.
+fn role_and_schema(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
     let membership = if installation.superuser {
         String::new()
     } else {
@@ -307,12 +361,7 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
         "CREATE ROLE {r} {login};
          {membership}
          CREATE SCHEMA {s};
-         GRANT USAGE, CREATE ON SCHEMA {s} TO {r};
-         CREATE TABLE {s}.{HISTORY_TABLE} (
-             version int4 PRIMARY KEY,
-             name varchar(255),
-             applied_on varchar(255),
-             checksum varchar(255));",
+         GRANT USAGE, CREATE ON SCHEMA {s} TO {r};",
         r = role.quoted(),
         s = schema.quoted(),
     )
@@ -326,13 +375,14 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
 /// On Citus the schema then becomes a distributed schema (its tables move
 /// to one worker as one colocated unit), in the same transaction: a failure
 /// leaves nothing on any node.
-fn join_group(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
-    let distribute = if installation.citus {
-        // A validated schema name (`tenant_[a-z0-9_]+`), quoted: no `'` in it.
-        format!(
-            "; SELECT pg_catalog.citus_schema_distribute('{}')",
-            schema.quoted()
-        )
+fn join_group(
+    installation: &Installation,
+    schema: &SchemaName,
+    role: &RoleName,
+    distribute: Distribute,
+) -> String {
+    let distribute = if installation.citus && distribute == Distribute::Now {
+        format!("; {}", distribute_sql(schema))
     } else {
         String::new()
     };
@@ -340,6 +390,238 @@ fn join_group(installation: &Installation, schema: &SchemaName, role: &RoleName)
         "GRANT {g} TO {r}{distribute}",
         g = installation.group_role().quoted(),
         r = role.quoted()
+    )
+}
+
+/// The class of the session-level advisory lock a Citus signup holds on its
+/// name from its head start to its end (second key: `hashtext(username)`).
+pub const PENDING_LOCK_CLASS: i32 = 0x706e64; // 'pnd'
+
+/// On Citus, a name's role and empty schema, committed ahead of the
+/// tenant (see the module's doc); nothing on plain PostgreSQL.
+#[must_use = "finish the reservation: it holds a lock and, on failure, objects to drop"]
+pub struct Reservation {
+    username: Option<Username>,
+}
+
+impl Reservation {
+    /// Take the name: its lock (waiting for a signup of the same name in
+    /// flight, which then has finished), sweep a dead head start of the
+    /// name, then commit the role and the empty schema with their
+    /// `pending_tenants` row. A name whose schema or role exists is taken.
+    pub async fn take(
+        client: &deadpool_postgres::Client,
+        installation: &Installation,
+        username: &Username,
+    ) -> Result<Reservation, ProvisionError> {
+        if !installation.citus {
+            return Ok(Reservation { username: None });
+        }
+        client
+            .execute(
+                "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
+                &[&PENDING_LOCK_CLASS, &username.as_str()],
+            )
+            .await?;
+        let reservation = Reservation {
+            username: Some(username.clone()),
+        };
+        let made = async {
+            discard(client, username).await?;
+            let schema = username.schema();
+            let role = installation.id.tenant_role(username);
+            client.batch_execute("BEGIN").await?;
+            let head_start = async {
+                client
+                    .execute(
+                        "INSERT INTO tenantry.pending_tenants (username, schema_name, role_name)
+                         VALUES ($1, $2, $3)",
+                        &[&username.as_str(), &schema.as_str(), &role.as_str()],
+                    )
+                    .await?;
+                client
+                    .batch_execute(&role_and_schema(installation, &schema, &role))
+                    .await
+            }
+            .await;
+            match head_start {
+                Ok(()) => client.batch_execute("COMMIT").await,
+                Err(e) => {
+                    client.batch_execute("ROLLBACK").await?;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match made {
+            Ok(()) => Ok(reservation),
+            Err(e) => {
+                reservation.finish(client, false).await?;
+                Err(conflict_or(e, username))
+            }
+        }
+    }
+
+    /// End it: unless the tenant was made, drop the head start again; then
+    /// let go of the name. When `client`'s connection died (its backend
+    /// killed: the name's lock died with it), the head start is dropped
+    /// from another of the pool's connections, under the name's lock again.
+    pub async fn finish(
+        self,
+        client: &deadpool_postgres::Client,
+        made: bool,
+    ) -> Result<(), tokio_postgres::Error> {
+        let Some(username) = &self.username else {
+            return Ok(());
+        };
+        let ended = async {
+            if !made {
+                discard(client, username).await?;
+            }
+            client
+                .execute(
+                    "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
+                    &[&PENDING_LOCK_CLASS, &username.as_str()],
+                )
+                .await
+                .map(drop)
+        }
+        .await;
+        match ended {
+            Err(e) if client.is_closed() && !made => {
+                let Some(pool) = deadpool_postgres::Object::pool(client) else {
+                    return Err(e);
+                };
+                let Ok(other) = pool.get().await else {
+                    return Err(e);
+                };
+                other
+                    .execute(
+                        "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
+                        &[&PENDING_LOCK_CLASS, &username.as_str()],
+                    )
+                    .await?;
+                let dropped = discard(&other, username).await;
+                other
+                    .execute(
+                        "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
+                        &[&PENDING_LOCK_CLASS, &username.as_str()],
+                    )
+                    .await?;
+                dropped.map(drop)
+            }
+            other => other,
+        }
+    }
+}
+
+/// Drop a head start of `username` (its role and schema, unless a registry
+/// row names them) and its row, in one transaction. The caller holds the
+/// name's lock, so no signup is using it.
+async fn discard(
+    client: &tokio_postgres::Client,
+    username: &Username,
+) -> Result<bool, tokio_postgres::Error> {
+    client.batch_execute("BEGIN").await?;
+    let dropped = async {
+        let Some(row) = client
+            .query_opt(
+                "DELETE FROM tenantry.pending_tenants p WHERE p.username = $1
+                 RETURNING p.schema_name, p.role_name,
+                           EXISTS (SELECT 1 FROM tenantry.tenants t
+                                   WHERE t.schema_name = p.schema_name OR t.role_name = p.role_name)",
+                &[&username.as_str()],
+            )
+            .await?
+        else {
+            return Ok(false);
+        };
+        let registered: bool = row.get(2);
+        let (Ok(schema), Ok(role)) = (
+            SchemaName::parse(row.get::<_, &str>(0)),
+            RoleName::parse(row.get::<_, &str>(1)),
+        ) else {
+            return Ok(false);
+        };
+        if !registered {
+            client
+                .batch_execute(&format!(
+                    "SET LOCAL client_min_messages TO warning;
+                     DROP SCHEMA IF EXISTS {s} CASCADE; DROP ROLE IF EXISTS {r}",
+                    s = schema.quoted(),
+                    r = role.quoted()
+                ))
+                .await?;
+        }
+        Ok(true)
+    }
+    .await;
+    match dropped {
+        Ok(dropped) => {
+            client.batch_execute("COMMIT").await?;
+            if dropped {
+                tracing::info!(tenant = %username, "a signup's head start was dropped");
+            }
+            Ok(dropped)
+        }
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await?;
+            Err(e)
+        }
+    }
+}
+
+/// Sweep the head starts whose signup is gone (its lock is free): what a
+/// killed Citus signup left. Returns how many were dropped.
+pub async fn sweep_pending(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
+    let mut swept = 0;
+    for row in client
+        .query("SELECT username FROM tenantry.pending_tenants", &[])
+        .await?
+    {
+        let Ok(username) = Username::parse(row.get::<_, &str>(0)) else {
+            continue;
+        };
+        let free: bool = client
+            .query_one(
+                "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))",
+                &[&PENDING_LOCK_CLASS, &username.as_str()],
+            )
+            .await?
+            .get(0);
+        if !free {
+            continue;
+        }
+        let dropped = discard(client, &username).await;
+        client
+            .execute(
+                "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
+                &[&PENDING_LOCK_CLASS, &username.as_str()],
+            )
+            .await?;
+        if dropped? {
+            swept += 1;
+        }
+    }
+    Ok(swept)
+}
+
+/// On Citus, whether [`provision_in`] makes the schema a distributed schema
+/// at its end, or the caller does ([`distribute_sql`]) before it commits,
+/// having written the tenant's rows first (an import: once distributed,
+/// the tenant's shards may not be written by two roles in one transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Distribute {
+    Now,
+    Later,
+}
+
+/// Make `schema` a distributed schema (Citus).
+pub fn distribute_sql(schema: &SchemaName) -> String {
+    // A validated schema name (`tenant_[a-z0-9_]+`), quoted: no `'` in it.
+    format!(
+        "SELECT pg_catalog.citus_schema_distribute('{}')",
+        schema.quoted()
     )
 }
 

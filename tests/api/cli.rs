@@ -145,14 +145,14 @@ async fn system_migrate_is_idempotent_and_safe_when_run_twice_at_once() {
 
     let again = tenantry(&["system", "migrate"], &env, None).await;
     assert!(again.status.success());
-    assert!(stdout(&again).contains("up to date at version 11"));
+    assert!(stdout(&again).contains("up to date at version 12"));
     let client = connect(&db).await;
     let rows: i64 = client
         .query_one("SELECT count(*) FROM tenantry.refinery_schema_history", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, 11, "V1–V11 of system_migrations/, each once");
+    assert_eq!(rows, 12, "V1–V12 of system_migrations/, each once");
     let installations: i64 = client
         .query_one("SELECT count(*) FROM tenantry.installation", &[])
         .await
@@ -246,7 +246,38 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
             .unwrap();
         (row.get(0), row.get(1), row.get(2))
     };
-    assert_eq!(leftovers, (0, 0, 0));
+    if on_citus() {
+        // On Citus the role and the empty schema went first, in their own
+        // transaction, written down as a head start (provisioning's
+        // `Reservation`): no account, and swept by the next command.
+        assert_eq!(leftovers, (0, 1, 1));
+        let pending: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM tenantry.pending_tenants WHERE username = 'quinn'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(pending, 1);
+        let out = tenantry(&["fleet", "status"], &env, None).await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let leftovers: (i64, i64, i64) = {
+            let row = admin
+                .query_one(
+                    "SELECT (SELECT count(*) FROM tenantry.pending_tenants),
+                            (SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_quinn'),
+                            (SELECT count(*) FROM pg_roles r, tenantry.installation i WHERE r.rolname = 'tnt_' || i.id || '_quinn')",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1), row.get(2))
+        };
+        assert_eq!(leftovers, (0, 0, 0), "swept when the next command started");
+    } else {
+        assert_eq!(leftovers, (0, 0, 0));
+    }
 
     // The name is free again (with the same templates: the database has
     // recorded V2__slow as applied and refuses a different V2).
@@ -351,7 +382,7 @@ async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() 
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(rows, 11);
+    assert_eq!(rows, 12);
 }
 
 #[tokio::test]

@@ -685,9 +685,27 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
     let fleet = fleet_at_v4(&old, &slow_v5(0.6)).await;
     // The service restarted with the new templates, serving signups.
     let service = fleet.service().await;
+    // The run cannot end before the signups: jax's tenant lock is held (as
+    // a request being served would), and the run waits for it.
+    let holder = fleet.app.db().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'jax'",
+            &[&tenantry::tenancy::fleet::TENANT_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
 
     let run = fleet
-        .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
+        .fleet_command(&[
+            "migrate",
+            "--concurrency",
+            "1",
+            "--canary",
+            "0",
+            "--lock-timeout",
+            "120",
+        ])
         .spawn()
         .unwrap();
     wait_for(
@@ -705,6 +723,7 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
         .count("SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'")
         .await;
     assert_eq!(still_running, 1, "the signups happened during the run");
+    drop(holder);
     let out = run.wait_with_output().await.unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("4 migrated"), "{}", stdout(&out));

@@ -234,7 +234,9 @@ async fn self_service_erasure_needs_the_password_and_leaves_nothing_behind() {
         .await;
     assert_eq!(refresh.status(), 401);
     let again = json(app.register("erik").await).await;
-    let fresh = again["access_token"].as_str().unwrap();
+    let fresh = again["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{again}"));
     let list = json(
         app.call(Method::GET, "/api/experiences", fresh)
             .send()
@@ -242,7 +244,13 @@ async fn self_service_erasure_needs_the_password_and_leaves_nothing_behind() {
             .unwrap(),
     )
     .await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        list["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{list}"))
+            .len(),
+        0
+    );
     // The other tenant is untouched.
     let theirs = json(
         app.call(

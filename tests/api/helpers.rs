@@ -4,6 +4,12 @@
 //! OS user. A detached reaper stops it and deletes the dir when this test
 //! process exits, so runs never collide and nothing is left behind. Every
 //! test gets its own database.
+//!
+//! With `TENANTRY_TEST_CITUS=1` (`scripts/test-citus`) the same tests run on
+//! a Citus cluster instead: a coordinator and two workers started by
+//! `scripts/citus-cluster` in a temp dir (stopped and removed by a reaper in
+//! the same way), and each test's database is made on every node, with the
+//! extension, the workers registered and the service role on every node.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
@@ -25,6 +31,123 @@ pub struct TestCluster {
 }
 
 pub static CLUSTER: LazyLock<TestCluster> = LazyLock::new(start_cluster);
+
+/// A Citus cluster for the whole run (`TENANTRY_TEST_CITUS=1`).
+pub struct CitusCluster {
+    /// The coordinator's port, then the workers' (all on 127.0.0.1).
+    pub coordinator: u16,
+    pub workers: Vec<u16>,
+}
+
+/// The Citus cluster when this run is on Citus, else `None`.
+pub static CITUS: LazyLock<Option<CitusCluster>> = LazyLock::new(|| {
+    (std::env::var("TENANTRY_TEST_CITUS").as_deref() == Ok("1")).then(start_citus)
+});
+
+/// Whether this run is on Citus.
+pub fn on_citus() -> bool {
+    CITUS.is_some()
+}
+
+// The reaper must outlive this process, so nobody waits for it.
+#[allow(clippy::zombie_processes)]
+fn start_citus() -> CitusCluster {
+    let dir = temp_dir("tenantry-test-citus");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster");
+    // Every test database runs Citus's maintenance daemon on every node, a
+    // background worker each.
+    let out = Command::new(&script)
+        .args(["start", dir.to_str().unwrap()])
+        .env(
+            "TENANTRY_CITUS_CONF",
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             max_worker_processes = 400\nmax_connections = 600",
+        )
+        .output()
+        .expect("run scripts/citus-cluster");
+    // Stop the nodes and delete the dir once this process is gone.
+    let reaper = r#"
+        while kill -0 "$1" 2>/dev/null; do sleep 1; done
+        "$3" stop "$2"
+        rm -rf "$2"
+    "#;
+    Command::new("sh")
+        .args(["-c", reaper, "reaper"])
+        .arg(std::process::id().to_string())
+        .arg(&dir)
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("spawn reaper");
+    assert!(
+        out.status.success(),
+        "scripts/citus-cluster start failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = |node: &str| -> u16 {
+        std::fs::read_to_string(dir.join(node).join("data/postgresql.conf"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("port = "))
+            .next_back()
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .expect("a port in postgresql.conf")
+    };
+    let citus = CitusCluster {
+        coordinator: port("coordinator"),
+        workers: vec![port("worker1"), port("worker2")],
+    };
+    // A template database with the extension on every node (creating the
+    // extension takes a second a node; copying a template, a fraction). No
+    // connections to it, Citus's daemon's included, so it can be copied.
+    let nodes: Vec<u16> = std::iter::once(citus.coordinator)
+        .chain(citus.workers.iter().copied())
+        .collect();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                for port in nodes {
+                    let admin = connect_to(port, "postgres").await;
+                    admin
+                        .batch_execute(&format!("CREATE DATABASE {CITUS_TEMPLATE}"))
+                        .await
+                        .expect("create the template database");
+                    connect_to(port, CITUS_TEMPLATE)
+                        .await
+                        .batch_execute("CREATE EXTENSION citus")
+                        .await
+                        .expect("create extension citus");
+                    admin
+                        .batch_execute(&format!(
+                            "ALTER DATABASE {CITUS_TEMPLATE} ALLOW_CONNECTIONS false;
+                             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                             WHERE datname = '{CITUS_TEMPLATE}'"
+                        ))
+                        .await
+                        .expect("close the template database");
+                }
+            })
+    })
+    .join()
+    .expect("prepare the template databases");
+    citus
+}
+
+const CITUS_TEMPLATE: &str = "citus_template";
+
+/// A superuser connection to a node of the Citus cluster.
+async fn connect_to(port: u16, db_name: &str) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = node_url(port, db_name, "postgres").parse().unwrap();
+    tenantry::db::connect(&config).await.expect("connect")
+}
 
 /// A fresh temp dir that the server's OS user can traverse.
 pub fn temp_dir(prefix: &str) -> PathBuf {
@@ -99,6 +222,9 @@ pub fn service_role(db_name: &str) -> String {
 }
 
 fn url_as(db_name: &str, user: &str) -> String {
+    if let Some(citus) = &*CITUS {
+        return node_url(citus.coordinator, db_name, user);
+    }
     let c = &*CLUSTER;
     format!(
         "host={} port={} user={user} dbname={db_name}",
@@ -118,9 +244,17 @@ pub async fn connect_as_service(db_name: &str) -> tokio_postgres::Client {
     tenantry::db::connect(&config).await.expect("connect")
 }
 
+fn node_url(port: u16, db_name: &str, user: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} dbname={db_name}")
+}
+
 /// A new, empty database, owned by its own non-superuser service role.
 pub async fn create_database() -> String {
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
+    if let Some(citus) = &*CITUS {
+        create_citus_database(citus, &name).await;
+        return name;
+    }
     let admin = connect("postgres").await;
     let svc = service_role(&name);
     admin
@@ -132,6 +266,52 @@ pub async fn create_database() -> String {
         .await
         .expect("create database");
     name
+}
+
+/// The database on every node (roles and databases are per node), the
+/// extension in each, the workers registered with the coordinator, which
+/// holds no tenant shards: what `scripts/citus-cluster` does for its
+/// `tenantry` database.
+async fn create_citus_database(citus: &CitusCluster, name: &str) {
+    // One at a time: adding a node copies every role to it, and must not
+    // meet another test's role being created there.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let svc = service_role(name);
+    let nodes = std::iter::once(&citus.coordinator).chain(&citus.workers);
+    futures::future::join_all(nodes.map(|&port| {
+        let svc = svc.clone();
+        async move {
+            let admin = connect_to(port, "postgres").await;
+            for sql in [
+                format!("CREATE ROLE {svc} LOGIN CREATEROLE"),
+                format!("CREATE DATABASE {name} OWNER {svc} TEMPLATE {CITUS_TEMPLATE}"),
+            ] {
+                admin
+                    .batch_execute(&sql)
+                    .await
+                    .expect("create the service role and database");
+            }
+        }
+    }))
+    .await;
+    let coordinator = connect(name).await;
+    coordinator
+        .execute(
+            "SELECT citus_set_coordinator_host('127.0.0.1', $1)",
+            &[&i32::from(citus.coordinator)],
+        )
+        .await
+        .expect("set the coordinator host");
+    for &port in &citus.workers {
+        coordinator
+            .execute(
+                "SELECT citus_add_node('127.0.0.1', $1)",
+                &[&i32::from(port)],
+            )
+            .await
+            .expect("add a worker");
+    }
 }
 
 pub struct TestApp {
@@ -172,6 +352,13 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
 
 /// Start the service on an existing database (a restart, say).
 pub async fn spawn_app_on(settings: Settings, db_name: String) -> TestApp {
+    if std::env::var_os("TEST_LOG").is_some() {
+        // The service's log on stdout (shown for failing tests).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let app = Application::build(settings).await.expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped());

@@ -51,7 +51,9 @@ async fn registering_creates_a_user_a_role_and_a_complete_schema() {
     assert_eq!(role, format!("{}alice_01", app.role_prefix().await));
     assert_eq!(user.get::<_, i32>(4), 4);
     assert_eq!(user.get::<_, String>(5), "active");
-    // The tenant role cannot log in; it is only ever switched to.
+    // The tenant role cannot log in; it is only ever switched to. On Citus
+    // it can, without a password: Citus reaches the workers as the current
+    // role (SECURITY.md "On Citus").
     let can_login: bool = db
         .query_one(
             "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
@@ -60,7 +62,7 @@ async fn registering_creates_a_user_a_role_and_a_complete_schema() {
         .await
         .unwrap()
         .get(0);
-    assert!(!can_login);
+    assert_eq!(can_login, on_citus());
 
     // Every template table exists, owned by the tenant's role.
     let tables: Vec<(String, String)> = db
@@ -296,15 +298,22 @@ async fn many_clients_registering_the_same_name_get_exactly_one_201() {
 #[tokio::test]
 async fn dozens_of_distinct_signups_at_once_all_complete() {
     let app = spawn_app().await;
-    let names: Vec<String> = (0..40).map(|i| format!("crowd_{i:02}")).collect();
+    // On Citus a signup distributes its schema to a worker (~1 s of the
+    // nodes' CPU on this 2-core machine, BENCHMARKS.md): a crowd beyond the
+    // pool's 20 connections would wait past the pool's 5 s and get 503 +
+    // Retry-After, as designed. There a crowd as large as the pool.
+    let crowd: i64 = if on_citus() { 20 } else { 40 };
+    let names: Vec<String> = (0..crowd as usize)
+        .map(|i| format!("crowd_{i:02}"))
+        .collect();
     let responses = futures::future::join_all(names.iter().map(|n| app.register(n))).await;
     for r in &responses {
         assert_eq!(r.status(), 201);
     }
-    assert_eq!(app.schema_count().await, 40);
-    assert_eq!(app.tenant_role_count().await, 40);
+    assert_eq!(app.schema_count().await, crowd);
+    assert_eq!(app.tenant_role_count().await, crowd);
     let complete: i64 = app.count("SELECT count(*) FROM pg_tables WHERE schemaname LIKE 'tenant\\_crowd\\_%' AND tablename = 'achievements'").await;
-    assert_eq!(complete, 40);
+    assert_eq!(complete, crowd);
 }
 
 #[tokio::test]
@@ -363,7 +372,7 @@ async fn a_restart_keeps_the_data() {
     let versions: i64 = again
         .count("SELECT count(*) FROM tenantry.refinery_schema_history")
         .await;
-    assert_eq!(versions, 11, "V1–V11 of system_migrations/");
+    assert_eq!(versions, 12, "V1–V12 of system_migrations/");
 }
 
 #[tokio::test]

@@ -203,7 +203,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 10] = [
+    let checks: [(&str, Check); 11] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -241,6 +241,10 @@ async fn main() {
         (
             "admins see the cluster and move a tenant over HTTP",
             |c, a| Box::pin(admin_http_on_citus(c, a)),
+        ),
+        (
+            "a move waits for a migration or erasure holding the tenant; a tenant being erased is not moved",
+            |c, a| Box::pin(moves_respect_the_tenant_lock(c, a)),
         ),
     ];
     let mut failed = 0;
@@ -1066,4 +1070,118 @@ async fn pile_on_one_worker(citus: &Citus, db: &tokio_postgres::Client) {
         .await
         .unwrap();
     }
+}
+
+/// The worker port holding `name`'s tables (all on one node).
+async fn port_of_tenant(db: &tokio_postgres::Client, name: &str) -> i32 {
+    db.query_one(
+        "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_' || $1 || '.%'",
+        &[&name],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+async fn moves_respect_the_tenant_lock(citus: &Citus, app: &App) {
+    app.register("lou").await;
+    let mut db = citus.coordinator().await;
+    let user_id: uuid::Uuid = db
+        .query_one(
+            "SELECT user_id FROM tenantry.tenants WHERE username = 'lou'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let from = port_of_tenant(&db, "lou").await;
+    let to = *citus
+        .workers
+        .iter()
+        .find(|&&w| i32::from(w) != from)
+        .unwrap();
+    // What a fleet migration or an erasure of lou holds: the tenant's lock,
+    // exclusively, in its transaction.
+    let holder = db.transaction().await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+            &[
+                &tenantry::tenancy::fleet::TENANT_LOCK_CLASS,
+                &user_id.to_string(),
+            ],
+        )
+        .await
+        .unwrap();
+    let node = format!("127.0.0.1:{to}");
+    let args: Vec<String> = ["tenants", "move", "lou", "--node", &node]
+        .map(String::from)
+        .to_vec();
+    let (url, dir) = (citus.url.clone(), citus.dir.clone());
+    let mover = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_tenantry"))
+            .args(&args)
+            .env("DATABASE_URL", url)
+            .env("JWT_SECRET", "a-test-secret-of-enough-length-0123456789")
+            .env("TENANTRY_DATA_DIR", &dir)
+            .env("TENANTRY_TEMPLATES_DIR", dir.join("templates"))
+            .output()
+            .unwrap()
+    });
+    let watcher = citus.coordinator().await;
+    let mut waits = false;
+    for _ in 0..400 {
+        waits = watcher
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'
+                                AND classid::int8 = $1 AND NOT granted)",
+                &[&i64::from(tenantry::tenancy::fleet::TENANT_LOCK_CLASS)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waits {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waits, "the move waits for the tenant's lock");
+    assert_eq!(
+        port_of_tenant(&watcher, "lou").await,
+        from,
+        "nothing moved yet"
+    );
+    holder.rollback().await.unwrap();
+    let out = mover.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(port_of_tenant(&db, "lou").await, i32::from(to));
+
+    // An erasure that marked lou and has not dropped it yet (a crash in
+    // between; the next erasure run finishes it): lou is not moved.
+    db.execute(
+        "UPDATE tenantry.tenants SET status = 'deleting' WHERE username = 'lou'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let back = format!("127.0.0.1:{from}");
+    let out = tenantry_cli(citus, &["tenants", "move", "lou", "--node", &back]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not active"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(port_of_tenant(&db, "lou").await, i32::from(to));
+    db.execute(
+        "UPDATE tenantry.tenants SET status = 'active' WHERE username = 'lou'",
+        &[],
+    )
+    .await
+    .unwrap();
 }

@@ -2,7 +2,9 @@
 //! catalog (schemas, roles, each tenant's history). A crash cannot cause
 //! drift (a tenant is created and changed in one transaction), but a hand
 //! edit or an older tool can; `fleet check` finds it and `--repair` removes
-//! the orphans — never a schema that a registry row names.
+//! the orphans — never a schema that a registry row names. A Citus signup's
+//! head start (`tenantry.pending_tenants`, see `provisioning`) is not drift
+//! while its signup runs; `--repair` sweeps those whose signup is gone.
 
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -54,6 +56,8 @@ pub struct DriftReport {
     pub repaired: Vec<Drift>,
     /// What is left after repair.
     pub remaining: usize,
+    /// Killed Citus signups whose head start `--repair` removed.
+    pub swept_signups: u64,
 }
 
 /// Everything `fleet check` compares, tenant histories included.
@@ -80,6 +84,7 @@ pub async fn catalog_drift(
             "SELECT n.nspname::text FROM pg_namespace n
              WHERE n.nspname LIKE 'tenant\\_%'
                AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.schema_name = n.nspname)
+               AND NOT EXISTS (SELECT 1 FROM tenantry.pending_tenants p WHERE p.schema_name = n.nspname)
              ORDER BY 1",
             &[],
         )
@@ -96,6 +101,7 @@ pub async fn catalog_drift(
             "SELECT r.rolname::text FROM pg_roles r
              WHERE starts_with(r.rolname, $1) AND r.rolname <> $2
                AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.role_name = r.rolname)
+               AND NOT EXISTS (SELECT 1 FROM tenantry.pending_tenants p WHERE p.role_name = r.rolname)
              ORDER BY 1",
             &[&prefix, &group.as_str()],
         )

@@ -1,0 +1,311 @@
+//! Load generation for the throughput benchmarks (routing, scale): wrk
+//! against the service, pgbench against the database, and the backends'
+//! memory.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tenantry::auth::JwtKeys;
+use tenantry::db::{self, ConnectionLimits, Installation};
+use tenantry::domain::{Email, Username};
+use tenantry::provisioning::{provision, NewAccount};
+use tenantry::templates::TemplateSet;
+
+/// Provision tenants `rt1000`… (`n` of them, four at a time, with a
+/// progress bar) as the service (`service`), each with a quick summary and
+/// three experiences; their access tokens (signed with `secret`).
+pub async fn provision_seeded(
+    service: &tokio_postgres::Config,
+    installation: &Installation,
+    templates: &TemplateSet,
+    n: usize,
+    secret: &str,
+) -> Vec<String> {
+    let pool = db::pool(service.clone(), 4, ConnectionLimits::default()).unwrap();
+    let hash = bcrypt::hash("not used to log in here", 4).unwrap();
+    let bar = ProgressBar::new(n as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}").unwrap(),
+    );
+    let keys = JwtKeys::new(secret.as_bytes());
+    let tokens = stream::iter(0..n)
+        .map(|i| {
+            let (pool, hash, keys, bar) = (&pool, &hash, &keys, &bar);
+            async move {
+                let account = NewAccount {
+                    username: Username::parse(&format!("rt{}", 1000 + i)).unwrap(),
+                    email: Email::parse(&format!("rt{}@example.com", 1000 + i)).unwrap(),
+                    password_hash: hash.clone(),
+                    role: tenantry::auth::Role::User,
+                    refresh_token: None,
+                    idempotency_key: None,
+                    audit: None,
+                };
+                let mut client = pool.get().await.unwrap();
+                let t = provision(&mut client, installation, templates, &account)
+                    .await
+                    .unwrap();
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO {s}.summaries (kind, headline, content)
+                         VALUES ('quick', 'Engineer', 'Data engineer, eight years, tenant {i}.');
+                         INSERT INTO {s}.experiences (title, organization, started_on, description, details) VALUES
+                         ('Data engineer', 'Acme', '2019-01-01', 'Pipelines and warehouses', '{{\"skills\": [\"SQL\"]}}'),
+                         ('Analyst', 'Initech', '2016-01-01', 'Reports; worked with the engineering team', '{{}}'),
+                         ('Barista', 'Cafe', '2014-01-01', 'Coffee', '{{}}');",
+                        s = t.schema.quoted()
+                    ))
+                    .await
+                    .unwrap();
+                bar.inc(1);
+                keys.issue(&tenantry::auth::Subject {
+                    user_id: t.user_id,
+                    username: t.username.as_str(),
+                    schema: Some(t.schema.as_str()),
+                    db_role: Some(t.role.as_str()),
+                    role: tenantry::auth::Role::User,
+                    generation: 0,
+                    session: None,
+                })
+                .unwrap()
+            }
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    bar.finish_and_clear();
+    tokens
+}
+
+/// One load run's figures.
+pub struct Run {
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub backend_mb: f64,
+}
+
+/// A wrk Lua script: GET with a random one of `tokens` as the bearer.
+pub fn wrk_script(tokens: &[String]) -> String {
+    let mut lua = String::from("local tokens = {\n");
+    for t in tokens {
+        lua.push_str(&format!("  \"{t}\",\n"));
+    }
+    lua.push_str(
+        "}\nmath.randomseed(os.time())\n\
+         request = function()\n\
+           local t = tokens[math.random(#tokens)]\n\
+           return wrk.format(\"GET\", nil, {[\"Authorization\"] = \"Bearer \" .. t})\n\
+         end\n\
+         local bad = 0\n\
+         response = function(status, headers, body)\n\
+           if status ~= 200 then bad = bad + 1 end\n\
+         end\n",
+    );
+    lua
+}
+
+/// wrk at `concurrency` against `address` + `path` for `seconds` (after a
+/// 2-second warm-up), with the service's backends' memory at the end
+/// (`superuser_url`: the database, as a superuser).
+pub async fn run_wrk(
+    wrk: &Path,
+    lua: &Path,
+    (address, path): (&str, &str),
+    concurrency: usize,
+    seconds: u64,
+    superuser_url: &str,
+) -> Run {
+    // Warm the pool's connections first, as a running service would be.
+    let _ = Command::new(wrk)
+        .args(["-t2", &format!("-c{concurrency}"), "-d2s", "-s"])
+        .arg(lua)
+        .arg(format!("{address}{path}"))
+        .output()
+        .unwrap();
+    let out = Command::new(wrk)
+        .args([
+            "-t2",
+            &format!("-c{concurrency}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(lua)
+        .arg(format!("{address}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !text.contains("Non-2xx"),
+        "the service answered with errors:\n{text}"
+    );
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk's output:\n{text}"));
+    let percentile = |p: &str| -> f64 {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .map(|v| wrk_ms(v.trim()))
+            .unwrap_or_else(|| panic!("no {p} in wrk's output:\n{text}"))
+    };
+    let backend_mb = backend_memory(superuser_url, "tenantry").await;
+    Run {
+        rate,
+        p50_ms: percentile("50%"),
+        p99_ms: percentile("99%"),
+        backend_mb,
+    }
+}
+
+/// wrk prints latencies as `812.00us`, `1.23ms` or `1.02s`.
+fn wrk_ms(v: &str) -> f64 {
+    let (number, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let x: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => x / 1000.0,
+        "ms" => x,
+        "s" => x * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Where pgbench runs: the server binaries, the server (a socket dir or a
+/// host), its port and the database.
+pub struct PgTarget<'a> {
+    pub bindir: &'a Path,
+    pub host: String,
+    pub port: u16,
+    pub dbname: &'a str,
+}
+
+impl PgTarget<'_> {
+    pub fn url(&self, user: &str) -> String {
+        format!(
+            "host={} port={} user={user} dbname={}",
+            self.host, self.port, self.dbname
+        )
+    }
+}
+
+/// pgbench with `sql` (`:tenants` set to `tenants`) as `user`, at
+/// `concurrency`, for `seconds`; `options` go to the server (PGOPTIONS).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_pgbench(
+    pg: &PgTarget<'_>,
+    work: &Path,
+    sql: &str,
+    tenants: usize,
+    (concurrency, seconds): (usize, u64),
+    user: &str,
+    options: &str,
+) -> Run {
+    let (bindir, host, port) = (pg.bindir, &pg.host, pg.port);
+    let script = work.join("bench.sql");
+    std::fs::write(&script, sql).unwrap();
+    let logs = work.join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).unwrap();
+    // pgbench writes its transaction logs into the current directory.
+    let child = tokio::process::Command::new(bindir.join("pgbench"))
+        .current_dir(&logs)
+        .args(["-n", "-M", "simple", "-j", "2", "-l"])
+        .arg(format!("-c{concurrency}"))
+        .arg(format!("-T{seconds}"))
+        .arg(format!("-Dtenants={tenants}"))
+        .arg("-f")
+        .arg(&script)
+        .arg("-h")
+        .arg(host)
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["-U", user, pg.dbname])
+        .env("PGOPTIONS", options)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its connections close when it exits: measure them a second before.
+    tokio::time::sleep(Duration::from_secs(seconds.saturating_sub(1).max(1))).await;
+    let backend_mb = backend_memory(&pg.url("postgres"), "pgbench").await;
+    let out = child.wait_with_output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "pgbench failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rate: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output:\n{text}"));
+    let mut latencies: Vec<f64> = Vec::new();
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let body = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        latencies.extend(
+            body.lines()
+                .filter_map(|l| l.split_whitespace().nth(2))
+                .filter_map(|us| us.parse::<f64>().ok())
+                .map(|us| us / 1000.0),
+        );
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Run {
+        rate,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        backend_mb,
+    }
+}
+
+/// Sum of the private memory of the client backends of `application`
+/// (`tenantry`: the service's pool; `pgbench`) on the database (of this
+/// machine's servers: on Citus, the coordinator's backends).
+pub async fn backend_memory(superuser_url: &str, application: &str) -> f64 {
+    let config: tokio_postgres::Config = superuser_url.parse().unwrap();
+    let client = db::connect(&config).await.unwrap();
+    let pids: Vec<i32> = client
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND application_name = $1
+               AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[&application],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut kb = 0u64;
+    for pid in pids {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+            for line in text.lines() {
+                if line.starts_with("Private_Clean:") || line.starts_with("Private_Dirty:") {
+                    kb += line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    kb as f64 / 1024.0
+}
+
+/// `program` on PATH.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.exists())
+    })
+}

@@ -1,0 +1,321 @@
+//! Scale-out: the routing benchmark on plain PostgreSQL and on a Citus
+//! coordinator with two workers, same machine, same run.
+//!
+//! Each target gets N tenants (default 2,000) provisioned through Tenantry
+//! as a non-superuser service role, each with a quick summary and three
+//! experiences. Then, on each: `wrk` drives `GET /api/summaries/quick` for a
+//! random tenant per request at concurrency 32 against the real service,
+//! and pgbench sends the same routed transaction the service sends (the
+//! tenant's shared lock, the registry read, role and search path, the
+//! SELECT) as one message, at concurrency 32 and at concurrency 1 (latency).
+//! On Citus pgbench runs twice: as the service's sessions are set up
+//! (`citus.max_cached_conns_per_worker=0`: a new worker connection per
+//! transaction) and with Citus's default worker connection cache, which
+//! shows what that setting costs.
+//!
+//! Usage: cargo bench --bench scale -- [N] [SECONDS]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget, Run};
+use common::{record, record_fact, Better};
+use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
+use tenantry::db;
+use tenantry::startup::Application;
+use tenantry::templates::TemplateSet;
+
+const CONCURRENCY: usize = 32;
+const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
+const NO_WORKER_CACHE: &str = "-c citus.max_cached_conns_per_worker=0";
+
+/// What one target measured.
+struct Figures {
+    http: Run,
+    routed: Run,
+    routed_one: Run,
+    /// Citus only: pgbench with Citus's worker connection cache.
+    cached: Option<(Run, Run)>,
+    provision_s: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
+    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale installs it)");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster");
+
+    // Plain PostgreSQL: a private cluster, as the routing benchmark has.
+    let bench = common::bench_db("scale", &[("max_connections", "200")]).await;
+    let admin = db::connect(&bench.cluster.pg_config(&bench.running, "postgres"))
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE ROLE scale_svc LOGIN CREATEROLE",
+        "CREATE DATABASE scale OWNER scale_svc",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    drop(admin);
+    let plain = PgTarget {
+        bindir: bench.cluster.bindir(),
+        host: bench.running.socket_dir.display().to_string(),
+        port: bench.running.port,
+        dbname: "scale",
+    };
+
+    // Citus: a coordinator and two workers (scripts/citus-cluster), the
+    // `scale` database on every node, owned by the service role.
+    let citus_dir = bench.dir.join("citus");
+    let out = Command::new(&script)
+        .args(["start", citus_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/citus-cluster start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(&script)
+        .args([
+            "createdb",
+            "scale",
+            "scale_svc",
+            citus_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/citus-cluster createdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let coordinator_port =
+        std::fs::read_to_string(citus_dir.join("coordinator/data/postgresql.conf"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("port = "))
+            .next_back()
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .expect("the coordinator's port");
+    let citus = PgTarget {
+        bindir: bench.cluster.bindir(),
+        host: "127.0.0.1".into(),
+        port: coordinator_port,
+        dbname: "scale",
+    };
+
+    let version: String = db::connect(&plain.url("postgres").parse().unwrap())
+        .await
+        .unwrap()
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    record_fact("scale", "postgres", &format!("{version}, Citus 12.1"));
+    record_fact(
+        "scale",
+        "size",
+        &format!(
+            "{n} tenants per target, concurrency {CONCURRENCY}, {seconds} s per run; \
+             Citus: coordinator + 2 workers on this machine"
+        ),
+    );
+
+    let work = bench.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    println!("== plain PostgreSQL");
+    let on_plain = measure(&plain, &wrk, &work, &bench.dir, n, seconds, false).await;
+    println!("== Citus, coordinator + 2 workers");
+    let on_citus = measure(&citus, &wrk, &work, &bench.dir, n, seconds, true).await;
+
+    println!(
+        "\n{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run; all nodes on this machine\n"
+    );
+    println!(
+        "{:<52} {:>10} {:>9} {:>9}",
+        "run", "req/s", "p50 ms", "p99 ms"
+    );
+    let row = |label: &str, run: &Run| {
+        println!(
+            "{label:<52} {:>10.0} {:>9.2} {:>9.2}",
+            run.rate, run.p50_ms, run.p99_ms
+        );
+    };
+    for (name, f) in [("plain", &on_plain), ("citus", &on_citus)] {
+        row(&format!("{name}: service, quick summary (HTTP)"), &f.http);
+        row(
+            &format!("{name}: pgbench routed, c={CONCURRENCY}"),
+            &f.routed,
+        );
+        row(&format!("{name}: pgbench routed, c=1"), &f.routed_one);
+        if let Some((cached, cached_one)) = &f.cached {
+            row(
+                &format!("{name}: pgbench routed, worker conns cached, c={CONCURRENCY}"),
+                cached,
+            );
+            row(
+                &format!("{name}: pgbench routed, worker conns cached, c=1"),
+                cached_one,
+            );
+        }
+    }
+    println!(
+        "\nprovisioning: plain {:.1} tenants/s, Citus {:.1} tenants/s",
+        n as f64 / on_plain.provision_s,
+        n as f64 / on_citus.provision_s
+    );
+    println!(
+        "Citus / plain: service {:.2}×, routed SQL {:.2}×; one transaction's latency {:.2} ms vs {:.2} ms (+{:.2} ms on the coordinator and its worker round trip)",
+        on_citus.http.rate / on_plain.http.rate,
+        on_citus.routed.rate / on_plain.routed.rate,
+        on_citus.routed_one.p50_ms,
+        on_plain.routed_one.p50_ms,
+        on_citus.routed_one.p50_ms - on_plain.routed_one.p50_ms
+    );
+    if let Some((cached, cached_one)) = &on_citus.cached {
+        println!(
+            "Citus's worker connection cache: {:.2}× the routed rate, {:.2} ms per transaction at c=1 (the service does without it; see ARCHITECTURE.md)",
+            cached.rate / on_citus.routed.rate,
+            on_citus.routed_one.p50_ms - cached_one.p50_ms
+        );
+    }
+
+    for (figure, unit, better, citus_value, plain_value) in [
+        (
+            "quick summary over HTTP: throughput",
+            "req/s",
+            Better::Higher,
+            on_citus.http.rate,
+            on_plain.http.rate,
+        ),
+        (
+            "quick summary over HTTP: p99 latency",
+            "ms",
+            Better::Lower,
+            on_citus.http.p99_ms,
+            on_plain.http.p99_ms,
+        ),
+        (
+            "routed SQL (pgbench): throughput",
+            "req/s",
+            Better::Higher,
+            on_citus.routed.rate,
+            on_plain.routed.rate,
+        ),
+        (
+            "routed SQL at concurrency 1: p50 latency",
+            "ms",
+            Better::Lower,
+            on_citus.routed_one.p50_ms,
+            on_plain.routed_one.p50_ms,
+        ),
+        (
+            "provisioning: one tenant",
+            "s",
+            Better::Lower,
+            on_citus.provision_s / n as f64,
+            on_plain.provision_s / n as f64,
+        ),
+    ] {
+        record(
+            "scale",
+            &format!("Citus: {figure}"),
+            unit,
+            better,
+            citus_value,
+            ("plain PostgreSQL", plain_value),
+        );
+    }
+
+    let _ = Command::new(&script)
+        .args(["stop", citus_dir.to_str().unwrap()])
+        .status();
+    bench.cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&bench.dir);
+}
+
+/// Provision, start the service, drive it, then pgbench.
+async fn measure(
+    target: &PgTarget<'_>,
+    wrk: &Path,
+    work: &Path,
+    data_dir: &Path,
+    n: usize,
+    seconds: u64,
+    citus: bool,
+) -> Figures {
+    let service_url = target.url("scale_svc");
+    let service_config: tokio_postgres::Config = service_url.parse().unwrap();
+    let mut boot = db::connect(&service_config).await.unwrap();
+    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    assert_eq!(installation.citus, citus, "the target is what it should be");
+    let templates = TemplateSet::load(None).unwrap();
+    println!("provisioning {n} tenants…");
+    let started = std::time::Instant::now();
+    let tokens =
+        common::load::provision_seeded(&service_config, &installation, &templates, n, SECRET).await;
+    let provision_s = started.elapsed().as_secs_f64();
+    boot.batch_execute("CHECKPOINT").await.ok();
+
+    let settings = Settings {
+        database: DatabaseTarget::Url(SecretString::new(service_url.clone())),
+        data_dir: data_dir.to_path_buf(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_secret: Some(SecretString::new(SECRET.into())),
+        bcrypt_cost: 4,
+        templates_dir: None,
+        pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
+        limits: tenantry::configuration::Limits::off(),
+        client_timeout: std::time::Duration::from_secs(10),
+        audit_anchor_file: data_dir.join(if citus { "anchors-citus" } else { "anchors" }),
+        maintenance_interval: std::time::Duration::from_secs(60),
+        metrics_token: None,
+    };
+    let app = Application::build(settings).await.unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let server = tokio::spawn(app.run_until_stopped());
+    let lua: PathBuf = work.join(if citus { "citus.lua" } else { "plain.lua" });
+    std::fs::write(&lua, wrk_script(&tokens)).unwrap();
+    let http = run_wrk(
+        wrk,
+        &lua,
+        (&address, "/api/summaries/quick"),
+        CONCURRENCY,
+        seconds,
+        &target.url("postgres"),
+    )
+    .await;
+    server.abort();
+
+    let routed = "\\set n random(1000, 999 + :tenants)\n\
+         BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = 'quick'\\; COMMIT;\n";
+    let options = if citus { NO_WORKER_CACHE } else { "" };
+    let many = (CONCURRENCY, seconds);
+    let one = (1, seconds.min(5));
+    let routed_many = run_pgbench(target, work, routed, n, many, "scale_svc", options).await;
+    let routed_one = run_pgbench(target, work, routed, n, one, "scale_svc", options).await;
+    let cached = if citus {
+        Some((
+            run_pgbench(target, work, routed, n, many, "scale_svc", "").await,
+            run_pgbench(target, work, routed, n, one, "scale_svc", "").await,
+        ))
+    } else {
+        None
+    };
+    Figures {
+        http,
+        routed: routed_many,
+        routed_one,
+        cached,
+        provision_s,
+    }
+}
