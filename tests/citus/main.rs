@@ -660,7 +660,10 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
         dir.join("V5__notes.sql"),
         "ALTER TABLE experiences ADD COLUMN notes text;\n\
          CREATE INDEX experiences_notes_idx ON experiences (notes);\n\
-         CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);\n",
+         CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);\n\
+         CREATE TYPE mood AS ENUM ('calm', 'busy');\n\
+         CREATE SEQUENCE ticket_seq;\n\
+         CREATE FUNCTION note_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM notes';\n",
     )
     .unwrap();
     let templates = Arc::new(tenantry::templates::TemplateSet::from_dir(&dir).unwrap());
@@ -752,6 +755,25 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
         .unwrap()
         .get(0);
     assert_eq!(history, 1, "V5 is in ada's history");
+    // A type, a sequence of its own and a function, given to the tenant too.
+    let given: (bool, bool, bool) = {
+        let row = db
+            .query_one(
+                "SELECT pg_get_userbyid((SELECT typowner FROM pg_type WHERE oid = 'tenant_ada.mood'::regtype)) = t.role_name,
+                        pg_get_userbyid((SELECT relowner FROM pg_class WHERE oid = 'tenant_ada.ticket_seq'::regclass)) = t.role_name,
+                        pg_get_userbyid((SELECT proowner FROM pg_proc WHERE oid = 'tenant_ada.note_count()'::regprocedure)) = t.role_name
+                 FROM tenantry.tenants t WHERE t.username = 'ada'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(
+        given,
+        (true, true, true),
+        "type, sequence, function owned by ada's role"
+    );
 }
 
 fn tenantry_cli(citus: &Citus, args: &[&str]) -> std::process::Output {
