@@ -83,6 +83,11 @@ async fn main() {
         "scripts/citus-cluster start: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let coordinator_port: u16 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("PORTS="))
+        .and_then(|p| p.split_whitespace().next()?.parse().ok())
+        .expect("the coordinator's port");
     let out = Command::new(&script)
         .args([
             "createdb",
@@ -97,15 +102,6 @@ async fn main() {
         "scripts/citus-cluster createdb: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let coordinator_port =
-        std::fs::read_to_string(citus_dir.join("coordinator/data/postgresql.conf"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.strip_prefix("port = "))
-            .next_back()
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .expect("the coordinator's port");
     let citus = PgTarget {
         bindir: bench.cluster.bindir(),
         host: "127.0.0.1".into(),

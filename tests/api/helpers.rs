@@ -49,8 +49,6 @@ pub fn on_citus() -> bool {
     CITUS.is_some()
 }
 
-// The reaper must outlive this process, so nobody waits for it.
-#[allow(clippy::zombie_processes)]
 fn start_citus() -> CitusCluster {
     let dir = temp_dir("tenantry-test-citus");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster");
@@ -71,36 +69,25 @@ fn start_citus() -> CitusCluster {
         "$3" stop "$2"
         rm -rf "$2"
     "#;
-    Command::new("sh")
-        .args(["-c", reaper, "reaper"])
-        .arg(std::process::id().to_string())
-        .arg(&dir)
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .expect("spawn reaper");
+    spawn_detached(reaper, &[dir.as_os_str(), script.as_os_str()]);
     assert!(
         out.status.success(),
         "scripts/citus-cluster start failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let port = |node: &str| -> u16 {
-        std::fs::read_to_string(dir.join(node).join("data/postgresql.conf"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.strip_prefix("port = "))
-            .next_back()
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .expect("a port in postgresql.conf")
-    };
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("PORTS="))
+        .map(|p| {
+            p.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .expect("the nodes' ports");
     let citus = CitusCluster {
-        coordinator: port("coordinator"),
-        workers: vec![port("worker1"), port("worker2")],
+        coordinator: ports[0],
+        workers: ports[1..].to_vec(),
     };
     // A template database with the extension on every node (creating the
     // extension takes a second a node; copying a template, a fraction). No
@@ -193,10 +180,18 @@ pub fn spawn_reaper(dir: &Path) {
         while [ -e "$2/pgdata/postmaster.pid" ] && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
         rm -rf "$2"
     "#;
+    spawn_detached(script, &[dir.as_os_str()]);
+}
+
+/// Run the shell `script` with this process's id and `args` as `$1`, `$2`,
+/// …, detached: it outlives this process.
+// The script must outlive this process, so nobody waits for it.
+#[allow(clippy::zombie_processes)]
+fn spawn_detached(script: &str, args: &[&std::ffi::OsStr]) {
     Command::new("sh")
         .args(["-c", script, "reaper"])
         .arg(std::process::id().to_string())
-        .arg(dir)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -42,10 +42,16 @@ impl Citus {
             .find_map(|l| l.strip_prefix("DATABASE_URL="))
             .expect("the cluster's DATABASE_URL")
             .to_owned();
-        let workers = ["worker1", "worker2"]
-            .iter()
-            .map(|w| port_of(&dir.join(w).join("data/postgresql.conf")))
-            .collect();
+        let workers = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("PORTS="))
+            .map(|p| {
+                p.split_whitespace()
+                    .skip(1)
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .expect("the workers' ports");
         Citus { dir, url, workers }
     }
 
@@ -69,17 +75,6 @@ impl Drop for Citus {
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster")
-}
-
-fn port_of(conf: &Path) -> u16 {
-    std::fs::read_to_string(conf)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("port = "))
-        .next_back()
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .expect("a port in postgresql.conf")
 }
 
 /// The server's message of an error.
@@ -812,7 +807,7 @@ async fn status_and_move(citus: &Citus, app: &App) {
     assert_eq!(on_workers, tenants, "every tenant is on a worker");
     assert!(nodes[1..].iter().all(|n| n["bytes"].as_i64().unwrap() > 0));
 
-    let from = ada_port(&db).await;
+    let from = port_of_tenant(&db, "ada").await;
     let to = *citus
         .workers
         .iter()
@@ -839,7 +834,7 @@ async fn status_and_move(citus: &Citus, app: &App) {
         "says up front how the move goes (wal_level = logical here)"
     );
     assert_eq!(
-        ada_port(&db).await,
+        port_of_tenant(&db, "ada").await,
         i32::from(to),
         "all of ada's tables moved"
     );
@@ -863,18 +858,7 @@ async fn status_and_move(citus: &Citus, app: &App) {
     assert_eq!(out.status.code(), Some(2));
     let out = tenantry_cli(citus, &["tenants", "move", "ada", "--node", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(ada_port(&db).await, i32::from(to));
-}
-
-/// The worker port holding ada's tables (all on one node).
-async fn ada_port(db: &tokio_postgres::Client) -> i32 {
-    db.query_one(
-        "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'tenant_ada.%'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    assert_eq!(port_of_tenant(&db, "ada").await, i32::from(to));
 }
 
 async fn rebalance_evens_out(citus: &Citus, app: &App) {
