@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget};
+use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget, Session};
 
 use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
 use tenantry::db;
@@ -169,8 +169,17 @@ async fn main() {
             dbname: "routing",
         };
         let load = (CONCURRENCY, seconds);
-        let raw = run_pgbench(&pg, &work, &sql, n, load, "postgres", "").await;
-        let floor = run_pgbench(&pg, &work, &routed_sql, n, load, "routing_svc", "").await;
+        let raw = run_pgbench(&pg, &work, &sql, n, load, "postgres", &Session::PLAIN).await;
+        let floor = run_pgbench(
+            &pg,
+            &work,
+            &routed_sql,
+            n,
+            load,
+            "routing_svc",
+            &Session::PLAIN,
+        )
+        .await;
         for (who, run) in [
             ("service (HTTP)", &http),
             ("pgbench qualified", &raw),

@@ -20,7 +20,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget, Run};
+use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget, Run, Session};
 use common::{record, record_fact, Better};
 use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
 use tenantry::db;
@@ -29,7 +29,10 @@ use tenantry::templates::TemplateSet;
 
 const CONCURRENCY: usize = 32;
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
-const NO_WORKER_CACHE: &str = "-c citus.max_cached_conns_per_worker=0";
+const NO_WORKER_CACHE: Session<'static> = Session {
+    options: "-c citus.max_cached_conns_per_worker=0",
+    ..Session::PLAIN
+};
 
 /// What one target measured.
 struct Figures {
@@ -38,6 +41,11 @@ struct Figures {
     routed_one: Run,
     /// Citus only: pgbench with Citus's worker connection cache.
     cached: Option<(Run, Run)>,
+    /// Citus only: one tenant's shard read directly on its worker, at
+    /// concurrency 1, on a persistent session, on a new connection per
+    /// transaction without TLS, and with TLS as Citus connects (sslmode
+    /// require): where a new worker connection's time goes.
+    on_worker: Option<[Run; 3]>,
     provision_s: f64,
 }
 
@@ -83,11 +91,17 @@ async fn main() {
         "scripts/citus-cluster start: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let coordinator_port: u16 = String::from_utf8_lossy(&out.stdout)
+    let ports: Vec<u16> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("PORTS="))
-        .and_then(|p| p.split_whitespace().next()?.parse().ok())
-        .expect("the coordinator's port");
+        .map(|p| {
+            p.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ports.len(), 3, "PORTS=<coordinator> <worker1> <worker2>");
+    let coordinator_port = ports[0];
     let out = Command::new(&script)
         .args([
             "createdb",
@@ -164,6 +178,14 @@ async fn main() {
             );
         }
     }
+    if let Some([warm, fresh, tls]) = &on_citus.on_worker {
+        row(
+            "citus: one shard read on its worker, persistent session",
+            warm,
+        );
+        row("citus: the same on a new connection, no TLS", fresh);
+        row("citus: the same on a new connection, TLS (as Citus)", tls);
+    }
     println!(
         "\nprovisioning: plain {:.1} tenants/s, Citus {:.1} tenants/s",
         n as f64 / on_plain.provision_s,
@@ -182,6 +204,21 @@ async fn main() {
             "Citus's worker connection cache: {:.2}× the routed rate, {:.2} ms per transaction at c=1 (the service does without it; see ARCHITECTURE.md)",
             cached.rate / on_citus.routed.rate,
             on_citus.routed_one.p50_ms - cached_one.p50_ms
+        );
+    }
+    if let Some([warm, fresh, tls]) = &on_citus.on_worker {
+        // pgbench's per-transaction latency leaves the connection out:
+        // at concurrency 1 the time per transaction is 1 / rate.
+        let per = |run: &Run| 1000.0 / run.rate;
+        println!(
+            "A new worker connection, on a worker directly: {:.2} ms per transaction on a persistent session, \
+             {:.2} ms with a new connection ({:.2} ms to start a worker backend and set it up), \
+             {:.2} ms with TLS as Citus connects (+{:.2} ms)",
+            per(warm),
+            per(fresh),
+            per(fresh) - per(warm),
+            per(tls),
+            per(tls) - per(fresh)
         );
     }
 
@@ -294,16 +331,25 @@ async fn measure(
 
     let routed = "\\set n random(1000, 999 + :tenants)\n\
          BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = 'quick'\\; COMMIT;\n";
-    let options = if citus { NO_WORKER_CACHE } else { "" };
+    let options = if citus {
+        &NO_WORKER_CACHE
+    } else {
+        &Session::PLAIN
+    };
     let many = (CONCURRENCY, seconds);
     let one = (1, seconds.min(5));
     let routed_many = run_pgbench(target, work, routed, n, many, "scale_svc", options).await;
     let routed_one = run_pgbench(target, work, routed, n, one, "scale_svc", options).await;
     let cached = if citus {
         Some((
-            run_pgbench(target, work, routed, n, many, "scale_svc", "").await,
-            run_pgbench(target, work, routed, n, one, "scale_svc", "").await,
+            run_pgbench(target, work, routed, n, many, "scale_svc", &Session::PLAIN).await,
+            run_pgbench(target, work, routed, n, one, "scale_svc", &Session::PLAIN).await,
         ))
+    } else {
+        None
+    };
+    let on_worker = if citus {
+        Some(shard_read_on_worker(target, &service_config, work, seconds.min(5)).await)
     } else {
         None
     };
@@ -312,6 +358,60 @@ async fn measure(
         routed: routed_many,
         routed_one,
         cached,
+        on_worker,
         provision_s,
     }
+}
+
+/// The first tenant's quick-summary read, sent straight to the worker that
+/// holds its shard: on a persistent session, on a new connection per
+/// transaction without TLS, and with TLS (Citus's `sslmode=require`).
+async fn shard_read_on_worker(
+    coordinator: &PgTarget<'_>,
+    service: &tokio_postgres::Config,
+    work: &Path,
+    seconds: u64,
+) -> [Run; 3] {
+    let client = db::connect(service).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT pg_catalog.quote_ident(t.schema_name) || '.' || pg_catalog.quote_ident('summaries_' || s.shardid),
+                    p.nodename, p.nodeport::int4
+               FROM tenantry.tenants t
+               JOIN pg_dist_shard s
+                 ON s.logicalrelid = (pg_catalog.quote_ident(t.schema_name) || '.summaries')::regclass
+               JOIN pg_dist_shard_placement p ON p.shardid = s.shardid
+              WHERE t.username = 'rt1000'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (shard, host, port): (String, String, i32) = (row.get(0), row.get(1), row.get(2));
+    let worker = PgTarget {
+        bindir: coordinator.bindir,
+        host,
+        port: port as u16,
+        dbname: coordinator.dbname,
+    };
+    let sql = format!(
+        "SELECT headline, content, details, revision, updated_at FROM {shard} WHERE kind = 'quick';\n"
+    );
+    let one = (1, seconds);
+    let mut runs = Vec::new();
+    for session in [
+        Session::PLAIN,
+        Session {
+            connect_each: true,
+            sslmode: "disable",
+            ..Session::PLAIN
+        },
+        Session {
+            connect_each: true,
+            sslmode: "require",
+            ..Session::PLAIN
+        },
+    ] {
+        runs.push(run_pgbench(&worker, work, &sql, 1, one, "scale_svc", &session).await);
+    }
+    runs.try_into().unwrap_or_else(|_| unreachable!())
 }

@@ -203,7 +203,7 @@ pub async fn run_pgbench(
     tenants: usize,
     (concurrency, seconds): (usize, u64),
     user: &str,
-    options: &str,
+    session: &Session<'_>,
 ) -> Run {
     let (bindir, host, port) = (pg.bindir, &pg.host, pg.port);
     let script = work.join("bench.sql");
@@ -225,7 +225,9 @@ pub async fn run_pgbench(
         .arg("-p")
         .arg(port.to_string())
         .args(["-U", user, pg.dbname])
-        .env("PGOPTIONS", options)
+        .args(session.connect_each.then_some("-C"))
+        .env("PGOPTIONS", session.options)
+        .env("PGSSLMODE", session.sslmode)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -264,6 +266,25 @@ pub async fn run_pgbench(
         p99_ms: at(0.99),
         backend_mb,
     }
+}
+
+/// How pgbench's sessions are opened.
+pub struct Session<'a> {
+    /// `PGOPTIONS`: settings for every session (`-c name=value …`).
+    pub options: &'a str,
+    /// A new connection for every transaction (`pgbench -C`).
+    pub connect_each: bool,
+    /// `PGSSLMODE`.
+    pub sslmode: &'a str,
+}
+
+impl Session<'_> {
+    /// Persistent sessions, server defaults, TLS only if the server offers it.
+    pub const PLAIN: Session<'static> = Session {
+        options: "",
+        connect_each: false,
+        sslmode: "prefer",
+    };
 }
 
 /// Sum of the private memory of the client backends of `application`
