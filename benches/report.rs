@@ -40,7 +40,7 @@ impl Figure {
 }
 
 /// The benchmarks in report order, with their titles and how to run one.
-const BENCHES: [(&str, &str, &str); 4] = [
+const BENCHES: [(&str, &str, &str); 5] = [
     (
         "provision",
         "Provisioning: signup against the same template SQL sent raw",
@@ -60,6 +60,11 @@ const BENCHES: [(&str, &str, &str); 4] = [
         "gdpr",
         "GDPR: export and erasure against raw COPY and DROP",
         "scripts/bench-gdpr [ROWS]",
+    ),
+    (
+        "scale",
+        "Scale-out: routing on a Citus coordinator + 2 workers against plain PostgreSQL",
+        "scripts/bench-scale [N] [SECONDS]",
     ),
 ];
 

@@ -16,7 +16,8 @@ use tenantry::templates::TemplateSet;
 
 /// Provision tenants `rt1000`… (`n` of them, four at a time, with a
 /// progress bar) as the service (`service`), each with a quick summary and
-/// three experiences; their access tokens (signed with `secret`).
+/// three experiences; their access tokens (signed with `secret` once all
+/// are made).
 pub async fn provision_seeded(
     service: &tokio_postgres::Config,
     installation: &Installation,
@@ -30,9 +31,9 @@ pub async fn provision_seeded(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}").unwrap(),
     );
     let keys = JwtKeys::new(secret.as_bytes());
-    let tokens = stream::iter(0..n)
+    let tenants = stream::iter(0..n)
         .map(|i| {
-            let (pool, hash, keys, bar) = (&pool, &hash, &keys, &bar);
+            let (pool, hash, bar) = (&pool, &hash, &bar);
             async move {
                 let account = NewAccount {
                     username: Username::parse(&format!("rt{}", 1000 + i)).unwrap(),
@@ -60,23 +61,30 @@ pub async fn provision_seeded(
                     .await
                     .unwrap();
                 bar.inc(1);
-                keys.issue(&tenantry::auth::Subject {
-                    user_id: t.user_id,
-                    username: t.username.as_str(),
-                    schema: Some(t.schema.as_str()),
-                    db_role: Some(t.role.as_str()),
-                    role: tenantry::auth::Role::User,
-                    generation: 0,
-                    session: None,
-                })
-                .unwrap()
+                t
             }
         })
         .buffered(4)
-        .collect()
+        .collect::<Vec<_>>()
         .await;
     bar.finish_and_clear();
-    tokens
+    // Signed once all are made: access tokens live 15 minutes, and
+    // provisioning thousands of tenants on Citus takes longer than that.
+    tenants
+        .iter()
+        .map(|t| {
+            keys.issue(&tenantry::auth::Subject {
+                user_id: t.user_id,
+                username: t.username.as_str(),
+                schema: Some(t.schema.as_str()),
+                db_role: Some(t.role.as_str()),
+                role: tenantry::auth::Role::User,
+                generation: 0,
+                session: None,
+            })
+            .unwrap()
+        })
+        .collect()
 }
 
 /// One load run's figures.
@@ -194,9 +202,24 @@ impl PgTarget<'_> {
 }
 
 /// pgbench with `sql` (`:tenants` set to `tenants`) as `user`, at
-/// `concurrency`, for `seconds`; `options` go to the server (PGOPTIONS).
-#[allow(clippy::too_many_arguments)]
+/// `concurrency`, for `seconds`, its sessions opened as `session` says.
 pub async fn run_pgbench(
+    pg: &PgTarget<'_>,
+    work: &Path,
+    sql: &str,
+    tenants: usize,
+    load: (usize, u64),
+    user: &str,
+    session: &Session<'_>,
+) -> Run {
+    try_run_pgbench(pg, work, sql, tenants, load, user, session)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The same, for a run that may fail (a client aborted by an error): the
+/// error is pgbench's first error line.
+pub async fn try_run_pgbench(
     pg: &PgTarget<'_>,
     work: &Path,
     sql: &str,
@@ -204,7 +227,7 @@ pub async fn run_pgbench(
     (concurrency, seconds): (usize, u64),
     user: &str,
     session: &Session<'_>,
-) -> Run {
+) -> Result<Run, String> {
     let (bindir, host, port) = (pg.bindir, &pg.host, pg.port);
     let script = work.join("bench.sql");
     std::fs::write(&script, sql).unwrap();
@@ -237,11 +260,17 @@ pub async fn run_pgbench(
     let backend_mb = backend_memory(&pg.url("postgres"), "pgbench").await;
     let out = child.wait_with_output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "pgbench failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        let errors = String::from_utf8_lossy(&out.stderr);
+        let first = errors
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or("pgbench failed");
+        return Err(format!(
+            "pgbench failed: {first}\n{text}\n{}",
+            errors.lines().take(20).collect::<Vec<_>>().join("\n")
+        ));
+    }
     let rate: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("tps = "))
@@ -260,12 +289,12 @@ pub async fn run_pgbench(
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    Run {
+    Ok(Run {
         rate,
         p50_ms: at(0.50),
         p99_ms: at(0.99),
         backend_mb,
-    }
+    })
 }
 
 /// How pgbench's sessions are opened.
