@@ -50,13 +50,9 @@ impl Progress for Quiet {}
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let n: usize = args.first().map_or(2000, |a| a.parse().expect("N"));
-    let noop_n: usize = args.get(1).map_or(10_000, |a| a.parse().expect("NOOP_N"));
-    let bin = args.get(2).cloned();
+    let n: usize = common::arg(0, "N", 2000);
+    let noop_n: usize = common::arg(1, "NOOP_N", 10_000);
+    let bin = common::positional(2);
 
     // TENANTRY_BENCH_LOG=1 logs every statement's duration and keeps the
     // cluster's directory, to see where the time goes.

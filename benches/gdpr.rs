@@ -43,11 +43,7 @@ fn reset_peak() {
 
 #[tokio::main]
 async fn main() {
-    let rows: i64 = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|a| a.parse().expect("ROWS must be a number"))
-        .unwrap_or(100_000);
+    let rows: i64 = common::arg(0, "ROWS", 100_000);
     let BenchDb {
         dir,
         cluster,

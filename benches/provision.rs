@@ -22,11 +22,7 @@ use tenantry::templates::TemplateSet;
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .map(|a| a.parse().expect("N must be a number"))
-        .unwrap_or(1000);
+    let n: usize = common::arg(0, "N", 1000);
     let cost: u32 = std::env::var("BCRYPT_COST")
         .ok()
         .and_then(|c| c.parse().ok())

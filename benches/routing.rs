@@ -28,12 +28,8 @@ const SEARCH: &str = "engineer";
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
-    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let n: usize = common::arg(0, "N", 2000);
+    let seconds: u64 = common::arg(1, "SECONDS", 10);
     let wrk = which("wrk").expect("wrk is not installed (scripts/bench-routing installs it)");
 
     let bench = common::bench_db("routing", &[("max_connections", "200")]).await;

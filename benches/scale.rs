@@ -55,12 +55,8 @@ struct Figures {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2000);
-    let seconds: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let n: usize = common::arg(0, "N", 2000);
+    let seconds: u64 = common::arg(1, "SECONDS", 10);
     let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale installs it)");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/citus-cluster");
 

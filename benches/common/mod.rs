@@ -11,6 +11,24 @@ use std::path::PathBuf;
 use tenantry::db::{self, Installation, Target};
 use tenantry::embedded::{Cluster, Running};
 
+/// The `index`th positional argument (flags such as cargo's `--bench` are
+/// skipped).
+pub fn positional(index: usize) -> Option<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .nth(index)
+}
+
+/// The `index`th positional argument parsed, `default` without it; one that
+/// does not parse stops the benchmark, naming `name`.
+pub fn arg<T: std::str::FromStr>(index: usize, name: &str, default: T) -> T {
+    positional(index).map_or(default, |a| {
+        a.parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {a:?}"))
+    })
+}
+
 pub struct BenchDb {
     pub dir: PathBuf,
     pub cluster: Cluster,
