@@ -15,11 +15,10 @@
 
 mod common;
 
-use common::load::{run_pgbench, run_wrk, which, wrk_script, PgTarget, Session};
+use common::load::{run_pgbench, run_wrk, start_service, which, wrk_script, PgTarget, Session};
 
-use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
+use tenantry::configuration::Settings;
 use tenantry::db;
-use tenantry::startup::Application;
 use tenantry::templates::TemplateSet;
 
 const CONCURRENCY: usize = 32;
@@ -68,25 +67,9 @@ async fn main() {
     admin.batch_execute("CHECKPOINT").await.unwrap();
 
     // The service, on the default pool size and connection limits.
-    let settings = Settings {
-        database: DatabaseTarget::Url(SecretString::new(service_url.clone())),
-        data_dir: bench.dir.clone(),
-        bind: "127.0.0.1:0".parse().unwrap(),
-        jwt_secret: Some(SecretString::new(SECRET.into())),
-        bcrypt_cost: 4,
-        templates_dir: None,
-        pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
-        // The benchmark is one client making thousands of requests.
-        limits: tenantry::configuration::Limits::off(),
-        client_timeout: std::time::Duration::from_secs(10),
-        audit_anchor_file: bench.dir.join("audit-anchors"),
-        maintenance_interval: std::time::Duration::from_secs(60),
-        metrics_token: None,
-    };
-    let pool_size = settings.pool_size;
-    let app = Application::build(settings).await.unwrap();
-    let address = format!("http://127.0.0.1:{}", app.port());
-    tokio::spawn(app.run_until_stopped());
+    let pool_size = Settings::from_env().map(|s| s.pool_size).unwrap_or(16);
+    let anchors = bench.dir.join("audit-anchors");
+    let (address, _server) = start_service(&service_url, SECRET, &bench.dir, anchors).await;
 
     let work = bench.dir.join("work");
     std::fs::create_dir_all(&work).unwrap();

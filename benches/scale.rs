@@ -21,12 +21,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::load::{
-    run_pgbench, run_wrk, try_run_pgbench, which, wrk_script, PgTarget, Run, Session,
+    run_pgbench, run_wrk, start_service, try_run_pgbench, which, wrk_script, PgTarget, Run, Session,
 };
 use common::{record, record_fact, Better};
-use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
 use tenantry::db;
-use tenantry::startup::Application;
 use tenantry::templates::TemplateSet;
 
 const CONCURRENCY: usize = 32;
@@ -306,23 +304,8 @@ async fn measure(
     let provision_s = started.elapsed().as_secs_f64();
     boot.batch_execute("CHECKPOINT").await.ok();
 
-    let settings = Settings {
-        database: DatabaseTarget::Url(SecretString::new(service_url.clone())),
-        data_dir: data_dir.to_path_buf(),
-        bind: "127.0.0.1:0".parse().unwrap(),
-        jwt_secret: Some(SecretString::new(SECRET.into())),
-        bcrypt_cost: 4,
-        templates_dir: None,
-        pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
-        limits: tenantry::configuration::Limits::off(),
-        client_timeout: std::time::Duration::from_secs(10),
-        audit_anchor_file: data_dir.join(if citus { "anchors-citus" } else { "anchors" }),
-        maintenance_interval: std::time::Duration::from_secs(60),
-        metrics_token: None,
-    };
-    let app = Application::build(settings).await.unwrap();
-    let address = format!("http://127.0.0.1:{}", app.port());
-    let server = tokio::spawn(app.run_until_stopped());
+    let anchors = data_dir.join(if citus { "anchors-citus" } else { "anchors" });
+    let (address, server) = start_service(&service_url, SECRET, data_dir, anchors).await;
     let lua: PathBuf = work.join(if citus { "citus.lua" } else { "plain.lua" });
     std::fs::write(&lua, wrk_script(&tokens)).unwrap();
     let http = run_wrk(

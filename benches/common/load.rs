@@ -87,6 +87,38 @@ pub async fn provision_seeded(
         .collect()
 }
 
+/// The service as the load benchmarks run it: on `database_url`, tokens
+/// signed with `secret`, the default pool size (or `TENANTRY_POOL_SIZE`),
+/// rate limits off (the benchmark is one client making thousands of
+/// requests), its audit anchors in `anchor_file`. Returns its address.
+pub async fn start_service(
+    database_url: &str,
+    secret: &str,
+    data_dir: &Path,
+    anchor_file: std::path::PathBuf,
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    use tenantry::configuration::{DatabaseTarget, Limits, SecretString, Settings};
+    let settings = Settings {
+        database: DatabaseTarget::Url(SecretString::new(database_url.to_owned())),
+        data_dir: data_dir.to_path_buf(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_secret: Some(SecretString::new(secret.to_owned())),
+        bcrypt_cost: 4,
+        templates_dir: None,
+        pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
+        limits: Limits::off(),
+        client_timeout: Duration::from_secs(10),
+        audit_anchor_file: anchor_file,
+        maintenance_interval: Duration::from_secs(60),
+        metrics_token: None,
+    };
+    let app = tenantry::startup::Application::build(settings)
+        .await
+        .unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    (address, tokio::spawn(app.run_until_stopped()))
+}
+
 /// One load run's figures.
 pub struct Run {
     pub rate: f64,
