@@ -11,13 +11,13 @@
 
 use std::pin::pin;
 
-use deadpool_postgres::{Object, Pool, PoolError};
+use deadpool_postgres::{Object, PoolError};
 use futures::future::maybe_done;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, SimpleQueryMessage};
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, TenantPool};
 
 /// Enter the tenant of user `$1` whose access token has generation `$2`:
 /// its schema and role, read from the registry (never from the token), set
@@ -113,11 +113,11 @@ impl TenantTx {
     /// the first time a connection routes, to prepare the statement).
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn begin(
-        pool: &Pool,
+        pool: &(impl TenantPool + ?Sized),
         caller: Caller,
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
-        let client = pool.get().await?;
+        let client = pool.for_tenant(caller.user_id).get().await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {
@@ -164,13 +164,13 @@ impl TenantTx {
     /// round trip, once per connection.
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn once(
-        pool: &Pool,
+        pool: &(impl TenantPool + ?Sized),
         caller: Caller,
         access: Access,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, RoutingError> {
-        let client = pool.get().await?;
+        let client = pool.for_tenant(caller.user_id).get().await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
-use deadpool_postgres::Pool;
 
 use crate::api::middleware::{self, RateLimits};
 use crate::audit::Pseudonyms;
@@ -18,7 +17,7 @@ use crate::tenancy::integrity::{self, IntegrityError};
 
 /// Shared by every request.
 pub struct AppState {
-    pub pool: Pool,
+    pub pool: db::RequestPool,
     /// For connections outside the pool (fleet runs have their own).
     pub db_config: tokio_postgres::Config,
     pub installation: Installation,
@@ -64,7 +63,7 @@ pub enum StartupError {
 /// Everything a command that works on tenants needs.
 pub struct Context {
     pub target: Target,
-    pub pool: Pool,
+    pub pool: db::RequestPool,
     pub installation: Installation,
     pub templates: Arc<TemplateSet>,
 }

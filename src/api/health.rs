@@ -16,7 +16,7 @@ pub struct PoolStatus {
     pub waiting: usize,
 }
 
-pub fn pool_status(pool: &deadpool_postgres::Pool) -> PoolStatus {
+pub fn pool_status(pool: &crate::db::RequestPool) -> PoolStatus {
     let s = pool.status();
     PoolStatus {
         max_size: s.max_size,

@@ -20,7 +20,8 @@ use crate::embedded::{self, Cluster, ClusterError, Running};
 
 pub use bootstrap::{bootstrap, Installation, BOOTSTRAP_LOCK};
 pub use pool::{
-    pool, pool_with, ConnectionLimits, PortSource, Retire, COMMIT_AND_RESET, SESSION_RESET,
+    pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool,
+    COMMIT_AND_RESET, SESSION_RESET,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +93,7 @@ impl Target {
     /// worker as the tenant's role, and a cached worker session of a role
     /// that was erased and made again under the same name (the same
     /// username signing up again) would still be the old role there.
-    pub fn pool(&self, size: usize, installation: &Installation) -> Result<Pool, DbError> {
+    pub fn pool(&self, size: usize, installation: &Installation) -> Result<RequestPool, DbError> {
         let ports = match &self.embedded {
             Some((cluster, _)) => PortSource::Cluster(cluster.clone()),
             None => PortSource::Fixed,
@@ -105,7 +106,7 @@ impl Target {
             );
             config.options(options.trim_start());
         }
-        pool_with(
+        RequestPool::new(
             config,
             size,
             ConnectionLimits::default(),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
-    Connect, Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime,
+    Connect, Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use futures::future::BoxFuture;
 use tokio_postgres::NoTls;
@@ -186,4 +186,134 @@ pub fn pool_with(
         }))
         .build()
         .map_err(|e| DbError::Pool(e.to_string()))
+}
+
+/// Connections per shard of the service's [`RequestPool`].
+pub const CONNECTIONS_PER_SHARD: usize = 4;
+
+/// The service's request pool: [`CONNECTIONS_PER_SHARD`]-connection shards
+/// of one deadpool pool each, and tenant affinity between them. A tenant's
+/// requests go to the shard its user id hashes to, so each backend serves a
+/// fixed share of the tenants (a quarter of them with the default 16
+/// connections) and finds their relations and plans in its caches far more
+/// often than one that wanders over all of them: PostgreSQL builds a
+/// relation's cache entry from the catalogs at a backend's first use of it,
+/// which costs more than the read itself (measured by
+/// `scripts/bench-routing`). A request goes elsewhere only when its shard
+/// has no free connection and another has one, so one busy tenant still
+/// gets the whole pool. Work that is no tenant's (sign-in, admin, health)
+/// takes the shard with the most free connections.
+///
+/// It also bounds backend memory: a connection caches at most its shard's
+/// share of the tenants, besides the [`ConnectionLimits`] every connection
+/// retires at.
+#[derive(Clone)]
+pub struct RequestPool {
+    shards: std::sync::Arc<[Pool]>,
+}
+
+impl RequestPool {
+    /// `size` connections in all, in shards of [`CONNECTIONS_PER_SHARD`]
+    /// (one shard for a pool smaller than two of them).
+    pub fn new(
+        config: tokio_postgres::Config,
+        size: usize,
+        limits: ConnectionLimits,
+        ports: PortSource,
+        retire: Retire,
+    ) -> Result<RequestPool, DbError> {
+        let count = (size / CONNECTIONS_PER_SHARD).max(1);
+        let shards = (0..count)
+            .map(|i| {
+                // The remainder goes to the first shards: `size` in all.
+                let shard_size = size / count + usize::from(i < size % count);
+                pool_with(config.clone(), shard_size, limits, ports.clone(), retire)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RequestPool {
+            shards: shards.into(),
+        })
+    }
+
+    /// A connection for work that is no tenant's.
+    pub async fn get(&self) -> Result<deadpool_postgres::Object, PoolError> {
+        self.freest().get().await
+    }
+
+    /// The shard for a tenant's request: its own, unless that one has no
+    /// free connection and another has.
+    pub fn for_tenant(&self, user: uuid::Uuid) -> &Pool {
+        let own = &self.shards[self.shard_of(user)];
+        if free(own) > 0 {
+            return own;
+        }
+        let freest = self.freest();
+        if free(freest) > 0 {
+            freest
+        } else {
+            own
+        }
+    }
+
+    fn freest(&self) -> &Pool {
+        self.shards
+            .iter()
+            .max_by_key(|p| free(p))
+            .expect("a request pool has a shard")
+    }
+
+    /// The shards' statuses, summed.
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.shards.iter().map(Pool::status).fold(
+            deadpool_postgres::Status {
+                max_size: 0,
+                size: 0,
+                available: 0,
+                waiting: 0,
+            },
+            |a, s| deadpool_postgres::Status {
+                max_size: a.max_size + s.max_size,
+                size: a.size + s.size,
+                available: a.available + s.available,
+                waiting: a.waiting + s.waiting,
+            },
+        )
+    }
+
+    /// A tenant's own shard: a stable function of its user id (random, so
+    /// the shards get even shares).
+    pub fn shard_of(&self, user: uuid::Uuid) -> usize {
+        (user.as_u128() % self.shards.len() as u128) as usize
+    }
+
+    /// How many shards (`RequestPool::new`).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+/// Connections a checkout could have at once: idle ones, and room to open
+/// new ones, less what others already wait for.
+fn free(pool: &Pool) -> usize {
+    let s = pool.status();
+    (s.available + s.max_size.saturating_sub(s.size)).saturating_sub(s.waiting)
+}
+
+
+/// Where [`crate::routing::TenantTx`] checks a tenant's connection out.
+pub trait TenantPool {
+    fn for_tenant(&self, user: uuid::Uuid) -> &Pool;
+}
+
+impl TenantPool for RequestPool {
+    fn for_tenant(&self, user: uuid::Uuid) -> &Pool {
+        RequestPool::for_tenant(self, user)
+    }
+}
+
+/// A plain pool routes every tenant to itself.
+impl TenantPool for Pool {
+    fn for_tenant(&self, _: uuid::Uuid) -> &Pool {
+        self
+    }
 }

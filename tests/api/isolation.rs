@@ -12,7 +12,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::helpers::*;
 
-async fn user_id(app: &TestApp, name: &str) -> uuid::Uuid {
+pub(crate) async fn user_id(app: &TestApp, name: &str) -> uuid::Uuid {
     app.db()
         .await
         .query_one(
@@ -681,7 +681,7 @@ async fn the_service_recovers_when_the_embedded_cluster_restarts_on_another_port
 }
 
 /// A freshly registered user's token generation.
-fn caller(user_id: uuid::Uuid) -> tenantry::routing::Caller {
+pub(crate) fn caller(user_id: uuid::Uuid) -> tenantry::routing::Caller {
     tenantry::routing::Caller {
         user_id,
         generation: 0,

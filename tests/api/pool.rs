@@ -1,10 +1,14 @@
-//! Pooled connections are retired before their caches grow without bound.
+//! Pooled connections are retired before their caches grow without bound,
+//! and a tenant's requests keep to its shard of the request pool.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use tenantry::db::{pool, ConnectionLimits};
+use tenantry::db::{pool, ConnectionLimits, PortSource, RequestPool, Retire};
+use tenantry::routing::{Access, TenantTx};
 
 use crate::helpers::*;
+use crate::isolation::{caller, user_id};
 
 async fn backend_pid(pool: &deadpool_postgres::Pool) -> i32 {
     let client = pool.get().await.unwrap();
@@ -45,4 +49,98 @@ async fn a_connection_is_replaced_after_its_maximum_age() {
     assert_eq!(backend_pid(&pool).await, first);
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_ne!(backend_pid(&pool).await, first);
+}
+
+/// Two tenants whose requests hash to different shards of a two-shard pool
+/// (user ids are random: sign up until both shards have one).
+async fn tenants_on_both_shards(app: &TestApp, pool: &RequestPool) -> (uuid::Uuid, uuid::Uuid) {
+    let mut by_shard: [Option<uuid::Uuid>; 2] = [None, None];
+    for i in 0..64 {
+        let name = format!("shard{i}");
+        app.token(&name).await;
+        let id = user_id(app, &name).await;
+        by_shard[pool.shard_of(id)].get_or_insert(id);
+        if let [Some(a), Some(b)] = by_shard {
+            return (a, b);
+        }
+    }
+    panic!("64 random user ids all fell on one of two shards");
+}
+
+async fn routed_backend(pool: &RequestPool, user: uuid::Uuid) -> i32 {
+    let rows = TenantTx::once(
+        pool,
+        caller(user),
+        Access::ReadOnly,
+        "SELECT pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap();
+    rows[0].get(0)
+}
+
+fn two_shards(app: &TestApp) -> RequestPool {
+    let pool = RequestPool::new(
+        service_url(&app.db_name).parse().unwrap(),
+        8,
+        ConnectionLimits::default(),
+        PortSource::Fixed,
+        Retire::Exactly,
+    )
+    .unwrap();
+    assert_eq!(pool.shards(), 2);
+    assert_eq!(pool.status().max_size, 8, "the shards add up to the size");
+    pool
+}
+
+#[tokio::test]
+async fn a_tenants_requests_keep_to_its_own_shard_of_the_pool() {
+    let app = spawn_app().await;
+    let pool = two_shards(&app);
+    let (a, b) = tenants_on_both_shards(&app, &pool).await;
+    let (mut served_a, mut served_b) = (HashSet::new(), HashSet::new());
+    for _ in 0..20 {
+        served_a.insert(routed_backend(&pool, a).await);
+        served_b.insert(routed_backend(&pool, b).await);
+        // Work that is no tenant's takes any shard in between.
+        drop(pool.get().await.unwrap());
+    }
+    assert!(
+        served_a.is_disjoint(&served_b),
+        "a connection served both tenants: {served_a:?} and {served_b:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_tenant_whose_shard_is_busy_is_served_by_another_without_waiting() {
+    let app = spawn_app().await;
+    let pool = two_shards(&app);
+    let (a, b) = tenants_on_both_shards(&app, &pool).await;
+    let own = routed_backend(&pool, a).await;
+    // Every connection of a's shard in use.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.for_tenant(a).get().await.unwrap());
+    }
+    let mut held_backends = HashSet::new();
+    for client in &held {
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        held_backends.insert(pid);
+    }
+    assert!(held_backends.contains(&own), "the held ones are a's shard");
+    // The pool waits up to 5 s for a free connection of a shard: a's
+    // request must not wait for one of its own.
+    let served = tokio::time::timeout(Duration::from_secs(3), routed_backend(&pool, a))
+        .await
+        .expect("a's request waited for its busy shard");
+    assert!(!held_backends.contains(&served));
+    // Served by b's shard, which b uses as before.
+    assert_eq!(routed_backend(&pool, b).await, served);
+    drop(held);
+    assert!(held_backends.contains(&routed_backend(&pool, a).await));
 }

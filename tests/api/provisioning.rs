@@ -94,7 +94,7 @@ fn account(name: &str) -> tenantry::provisioning::NewAccount {
 
 /// The one connection of a pool of one: same backend, default role and
 /// search path, no transaction left open.
-async fn assert_clean(pool: &deadpool_postgres::Pool, backend: Option<i32>) -> i32 {
+async fn assert_clean(pool: &tenantry::db::RequestPool, backend: Option<i32>) -> i32 {
     let client = pool.get().await.unwrap();
     let row = client
         .query_one(
