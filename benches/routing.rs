@@ -205,7 +205,10 @@ async fn main() {
     drop(boot);
     drop(admin);
     if std::env::var_os("TENANTRY_BENCH_KEEP").is_some() {
-        println!("kept: {superuser_url}; the service at http://{address}, tokens in {}", lua.display());
+        println!(
+            "kept: {superuser_url}; the service at http://{address}, tokens in {}",
+            lua.display()
+        );
         std::future::pending::<()>().await;
     }
     bench.cluster.stop().unwrap();

@@ -113,11 +113,11 @@ impl TenantTx {
     /// the first time a connection routes, to prepare the statement).
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn begin(
-        pool: &(impl TenantPool + ?Sized),
+        pool: &(impl TenantPool + Sync),
         caller: Caller,
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
-        let client = pool.for_tenant(caller.user_id).get().await?;
+        let client = pool.get_for_tenant(caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {
@@ -164,13 +164,13 @@ impl TenantTx {
     /// round trip, once per connection.
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn once(
-        pool: &(impl TenantPool + ?Sized),
+        pool: &(impl TenantPool + Sync),
         caller: Caller,
         access: Access,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, RoutingError> {
-        let client = pool.for_tenant(caller.user_id).get().await?;
+        let client = pool.get_for_tenant(caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {

@@ -191,6 +191,10 @@ pub fn pool_with(
 /// Connections per shard of the service's [`RequestPool`].
 pub const CONNECTIONS_PER_SHARD: usize = 4;
 
+/// How long a tenant's request waits for its own shard before it takes
+/// whichever connection frees first ([`RequestPool::get_for_tenant`]).
+pub const AFFINITY_WAIT: Duration = Duration::from_millis(5);
+
 /// The service's request pool: [`CONNECTIONS_PER_SHARD`]-connection shards
 /// of one deadpool pool each, and tenant affinity between them. A tenant's
 /// requests go to the shard its user id hashes to, so each backend serves a
@@ -255,6 +259,34 @@ impl RequestPool {
         }
     }
 
+    /// A connection for a tenant's request ([`RequestPool::for_tenant`]).
+    /// When every connection is busy it waits for one of its own shard, for
+    /// [`AFFINITY_WAIT`] at most, then for the first connection any shard
+    /// frees: a shard whose tenants happen to be busier than the others'
+    /// does not make its requests queue longer.
+    pub async fn get_for_tenant(
+        &self,
+        user: uuid::Uuid,
+    ) -> Result<deadpool_postgres::Object, PoolError> {
+        let pool = self.for_tenant(user);
+        let mut own = std::pin::pin!(pool.get());
+        if self.shards.len() == 1 {
+            return own.await;
+        }
+        tokio::select! {
+            biased;
+            got = &mut own => return got,
+            () = tokio::time::sleep(AFFINITY_WAIT) => {}
+        }
+        let mut any: Vec<BoxFuture<'_, _>> = vec![Box::pin(own)];
+        any.extend(
+            self.shards
+                .iter()
+                .filter(|p| !std::ptr::eq(*p, pool))
+                .map(|p| Box::pin(p.get()) as BoxFuture<'_, _>),
+        );
+        futures::future::select_ok(any).await.map(|(got, _)| got)
+    }
     fn freest(&self) -> &Pool {
         self.shards
             .iter()
@@ -299,21 +331,31 @@ fn free(pool: &Pool) -> usize {
     (s.available + s.max_size.saturating_sub(s.size)).saturating_sub(s.waiting)
 }
 
-
 /// Where [`crate::routing::TenantTx`] checks a tenant's connection out.
 pub trait TenantPool {
-    fn for_tenant(&self, user: uuid::Uuid) -> &Pool;
+    fn get_for_tenant(
+        &self,
+        user: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send;
 }
 
 impl TenantPool for RequestPool {
-    fn for_tenant(&self, user: uuid::Uuid) -> &Pool {
-        RequestPool::for_tenant(self, user)
+    fn get_for_tenant(
+        &self,
+        user: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send
+    {
+        RequestPool::get_for_tenant(self, user)
     }
 }
 
 /// A plain pool routes every tenant to itself.
 impl TenantPool for Pool {
-    fn for_tenant(&self, _: uuid::Uuid) -> &Pool {
-        self
+    fn get_for_tenant(
+        &self,
+        _: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send
+    {
+        self.get()
     }
 }

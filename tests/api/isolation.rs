@@ -148,6 +148,43 @@ async fn as_role(db: &tokio_postgres::Client, role: &str, sql: &str) -> Option<S
         .map(|e| e.code().cloned().expect("a database error"))
 }
 
+/// `PUBLIC` may look names up in `reference` (every request's search path
+/// checks that, see ARCHITECTURE.md), which lets nobody read it: only the
+/// installation's tenants can.
+#[tokio::test]
+async fn a_role_outside_the_installation_cannot_read_reference_data() {
+    let app = spawn_app().await;
+    app.token("pia").await;
+    let db = app.db().await;
+    let outsider = format!("outsider_{}", app.db_name);
+    db.batch_execute(&format!(
+        "CREATE ROLE \"{outsider}\" NOLOGIN; GRANT CONNECT ON DATABASE \"{}\" TO \"{outsider}\"",
+        app.db_name
+    ))
+    .await
+    .unwrap();
+    let public_usage: bool = db
+        .query_one(
+            "SELECT has_schema_privilege('public', 'reference', 'USAGE')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(public_usage);
+    for sql in [
+        "SELECT count(*) FROM reference.skills",
+        "SELECT count(*) FROM reference.industries",
+    ] {
+        assert_eq!(
+            as_role(&db, &outsider, sql).await,
+            Some(SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}"
+        );
+        assert_eq!(as_role(&db, &role_of(&app, "pia").await, sql).await, None);
+    }
+}
+
 #[tokio::test]
 async fn a_tenant_role_is_confined_by_the_database() {
     let app = spawn_app().await;

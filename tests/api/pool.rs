@@ -144,3 +144,40 @@ async fn a_tenant_whose_shard_is_busy_is_served_by_another_without_waiting() {
     drop(held);
     assert!(held_backends.contains(&routed_backend(&pool, a).await));
 }
+
+#[tokio::test]
+async fn a_waiting_request_takes_the_first_connection_any_shard_frees() {
+    let app = spawn_app().await;
+    let pool = two_shards(&app);
+    let (a, b) = tenants_on_both_shards(&app, &pool).await;
+    // Every connection of both shards in use: a's first, then b's.
+    let mut held_a = Vec::new();
+    for _ in 0..4 {
+        held_a.push(pool.for_tenant(a).get().await.unwrap());
+    }
+    let mut held_b = Vec::new();
+    for _ in 0..4 {
+        held_b.push(pool.for_tenant(b).get().await.unwrap());
+    }
+    assert_eq!(pool.status().available, 0);
+    let waiting = tokio::spawn({
+        let pool = pool.clone();
+        async move { routed_backend(&pool, a).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "nothing was free");
+    // b's shard frees one; a's shard stays busy. The pool would wait 5 s
+    // for a's own.
+    let freed: i32 = held_b[0]
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    held_b.remove(0);
+    let served = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("a's request kept waiting for its own shard")
+        .unwrap();
+    assert_eq!(served, freed);
+    drop(held_a);
+}
