@@ -195,6 +195,10 @@ pub const CONNECTIONS_PER_SHARD: usize = 4;
 /// whichever connection frees first ([`RequestPool::get_for_tenant`]).
 pub const AFFINITY_WAIT: Duration = Duration::from_millis(5);
 
+/// How often a request past [`AFFINITY_WAIT`] looks for an idle connection
+/// of another shard.
+pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
+
 /// The service's request pool: [`CONNECTIONS_PER_SHARD`]-connection shards
 /// of one deadpool pool each, and tenant affinity between them. A tenant's
 /// requests go to the shard its user id hashes to, so each backend serves a
@@ -260,10 +264,13 @@ impl RequestPool {
     }
 
     /// A connection for a tenant's request ([`RequestPool::for_tenant`]).
-    /// When every connection is busy it waits for one of its own shard, for
-    /// [`AFFINITY_WAIT`] at most, then for the first connection any shard
-    /// frees: a shard whose tenants happen to be busier than the others'
-    /// does not make its requests queue longer.
+    /// When every connection is busy it waits in its own shard's queue; after
+    /// [`AFFINITY_WAIT`] it also takes an idle connection of another shard
+    /// as soon as one is back (looked for every [`AFFINITY_POLL`]): a shard
+    /// whose tenants happen to be busier than the others' does not make its
+    /// requests queue longer. Other shards are only ever taken from when
+    /// they have a connection free right away, never waited on: a wait given
+    /// up could abandon a connection being opened.
     pub async fn get_for_tenant(
         &self,
         user: uuid::Uuid,
@@ -273,20 +280,31 @@ impl RequestPool {
         if self.shards.len() == 1 {
             return own.await;
         }
-        tokio::select! {
-            biased;
-            got = &mut own => return got,
-            () = tokio::time::sleep(AFFINITY_WAIT) => {}
+        let mut pause = AFFINITY_WAIT;
+        loop {
+            tokio::select! {
+                biased;
+                got = &mut own => return got,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = AFFINITY_POLL;
+            for other in self.shards.iter().filter(|p| !std::ptr::eq(*p, pool)) {
+                if other.status().available == 0 {
+                    continue;
+                }
+                let now = deadpool_postgres::Timeouts {
+                    wait: Some(Duration::ZERO),
+                    ..other.timeouts()
+                };
+                match other.timeout_get(&now).await {
+                    Ok(got) => return Ok(got),
+                    Err(PoolError::Timeout(_)) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        let mut any: Vec<BoxFuture<'_, _>> = vec![Box::pin(own)];
-        any.extend(
-            self.shards
-                .iter()
-                .filter(|p| !std::ptr::eq(*p, pool))
-                .map(|p| Box::pin(p.get()) as BoxFuture<'_, _>),
-        );
-        futures::future::select_ok(any).await.map(|(got, _)| got)
     }
+
     fn freest(&self) -> &Pool {
         self.shards
             .iter()

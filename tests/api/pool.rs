@@ -173,11 +173,45 @@ async fn a_waiting_request_takes_the_first_connection_any_shard_frees() {
         .await
         .unwrap()
         .get(0);
-    held_b.remove(0);
+    drop(held_b.remove(0));
     let served = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
         .expect("a's request kept waiting for its own shard")
         .unwrap();
     assert_eq!(served, freed);
     drop(held_a);
+}
+
+#[tokio::test]
+async fn a_burst_for_one_tenant_uses_the_whole_pool_and_never_more() {
+    let app = spawn_app().await;
+    let pool = two_shards(&app);
+    let (a, _) = tenants_on_both_shards(&app, &pool).await;
+    let burst = (0..200).map(|_| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            TenantTx::once(
+                &pool,
+                caller(a),
+                Access::ReadOnly,
+                "SELECT pg_backend_pid(), pg_sleep(0.005)",
+                &[],
+            )
+            .await
+            .map(|rows| rows[0].get::<_, i32>(0))
+        })
+    });
+    let mut backends = HashSet::new();
+    for request in futures::future::join_all(burst).await {
+        backends.insert(
+            request
+                .unwrap()
+                .expect("every request of the burst is served"),
+        );
+    }
+    assert!(
+        backends.len() > 4,
+        "only a's own shard served: {backends:?}"
+    );
+    assert!(backends.len() <= 8, "more connections than the pool's size");
 }
