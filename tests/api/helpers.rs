@@ -32,6 +32,13 @@ pub struct TestCluster {
 
 pub static CLUSTER: LazyLock<TestCluster> = LazyLock::new(start_cluster);
 
+/// Files of this test run's services (audit anchors), removed after the run.
+static RUN_DIR: LazyLock<PathBuf> = LazyLock::new(|| {
+    let dir = temp_dir("tenantry-test-run");
+    spawn_reaper(&dir);
+    dir
+});
+
 /// A Citus cluster for the whole run (`TENANTRY_TEST_CITUS=1`).
 pub struct CitusCluster {
     /// The coordinator's port, then the workers' (all on 127.0.0.1).
@@ -328,7 +335,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         // by the tests of the limits.
         limits: tenantry::configuration::Limits::off(),
         client_timeout: std::time::Duration::from_secs(10),
-        audit_anchor_file: std::env::temp_dir().join(format!("tenantry-anchors-{db_name}")),
+        audit_anchor_file: RUN_DIR.join(format!("anchors-{db_name}")),
         maintenance_interval: std::time::Duration::from_secs(3600),
         metrics_token: None,
     }
