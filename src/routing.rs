@@ -1,6 +1,7 @@
 //! The tenant guard: the only way code gets a connection routed to a tenant.
 //!
-//! [`TenantTx`] checks a connection out of the pool, and in the same round
+//! [`TenantTx`] checks a connection out of the pool (its tenant's shard of
+//! [`db::RequestPool`]), and in the same round
 //! trip as `BEGIN` runs one statement ([`ENTER`]) that reads the tenant's
 //! schema and role from the registry (never from the token) and sets `search_path` to `tenant_<name>, reference` and the role to the
 //! tenant's own, both transaction-locally. It ends with `COMMIT` and the
