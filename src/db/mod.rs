@@ -20,8 +20,8 @@ use crate::embedded::{self, Cluster, ClusterError, Running};
 
 pub use bootstrap::{bootstrap, Installation, BOOTSTRAP_LOCK};
 pub use pool::{
-    pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool,
-    COMMIT_AND_RESET, SESSION_RESET,
+    pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool, AFFINITY_POLL,
+    AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
 };
 
 #[derive(Debug, thiserror::Error)]
