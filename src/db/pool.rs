@@ -39,37 +39,44 @@ pub const COMMIT_AND_RESET: &str = concat!("COMMIT; ", session_reset!());
 /// touched in its caches for good (~35 KB per tenant provisioned, measured by
 /// `scripts/bench-provision`; ~23 KB per table read, BASELINES.md), so a
 /// connection that wanders over thousands of tenants would grow without
-/// bound: it is replaced after `max_uses` checkouts (which bounds the
-/// distinct tenants it can have touched) or `max_age`, whichever comes first.
+/// bound: the request pool ([`RequestPool`]) replaces a connection before it
+/// serves more than `max_tenants` distinct tenants, and any pool replaces one
+/// after `max_uses` checkouts or `max_age`, whichever comes first.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub max_uses: usize,
     pub max_age: Duration,
+    pub max_tenants: usize,
 }
 
 impl Default for ConnectionLimits {
-    /// About 2,000 checkouts (spread ±50% per connection, see [`pool_with`]):
-    /// a backend caches at most that many tenants' relations, ~20 KB each
-    /// for a quick-summary read (~40 MB per connection at worst; measured
-    /// by `scripts/bench-routing`). Retiring sooner costs tail latency: a
-    /// fresh backend reads its catalogs cold (at 500 uses p99 was 285 ms
-    /// against 38 ms without retirement, same run).
+    /// About 1,000 distinct tenants per connection (spread ±50% per
+    /// connection, see [`ConnectionLimits::spread`]): a backend caches at
+    /// most that many tenants' relations, ~20 KB each for a quick-summary
+    /// read (~30 MB per connection at worst; measured by
+    /// `scripts/bench-routing`). With tenant affinity a connection meets
+    /// only its shard's share of the tenants, so at 2,000 tenants it never
+    /// reaches the limit and stays warm. Retiring sooner costs throughput
+    /// and tail latency: a fresh backend reads its catalogs cold (retiring
+    /// at 500 uses raised p99 from 38 ms to 285 ms; retiring after ~2,000
+    /// uses instead of ~6,000 cost 10–15% of routed throughput, same
+    /// benchmark). `max_uses` (~20,000) is a backstop for any other growth.
     fn default() -> Self {
         ConnectionLimits {
-            max_uses: 2000,
+            max_uses: 20_000,
             max_age: Duration::from_secs(30 * 60),
+            max_tenants: 1000,
         }
     }
 }
 
 impl ConnectionLimits {
-    /// This connection's limit when spread: `max_uses` scaled into
-    /// [½, 1½)× from when the connection was made, so that connections
-    /// opened together are not all replaced together (a burst of cold
-    /// backends).
-    fn spread_uses(&self, created: Instant) -> usize {
-        let spread = created.duration_since(*EPOCH).subsec_nanos() as usize % self.max_uses.max(1);
-        (self.max_uses / 2 + spread).max(1)
+    /// A connection's share of `limit` when spread: scaled into [½, 1½)×
+    /// from when the connection was made, so that connections opened
+    /// together are not all replaced together (a burst of cold backends).
+    fn spread(limit: usize, created: Instant) -> usize {
+        let spread = created.duration_since(*EPOCH).subsec_nanos() as usize % limit.max(1);
+        (limit / 2 + spread).max(1)
     }
 }
 
@@ -175,7 +182,7 @@ pub fn pool_with(
         .pre_recycle(Hook::sync_fn(move |_, metrics| {
             let uses = match retire {
                 Retire::Exactly => limits.max_uses,
-                Retire::Spread => limits.spread_uses(metrics.created),
+                Retire::Spread => ConnectionLimits::spread(limits.max_uses, metrics.created),
             };
             if metrics.recycle_count + 1 >= uses || metrics.age() >= limits.max_age {
                 // Discarded; the pool opens a fresh connection instead.
@@ -218,7 +225,18 @@ pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
 #[derive(Clone)]
 pub struct RequestPool {
     shards: std::sync::Arc<[Pool]>,
+    size: usize,
+    limits: ConnectionLimits,
+    retire: Retire,
+    /// The distinct tenants each live connection has served, by the
+    /// connection's id and creation time (`ConnectionLimits::max_tenants`).
+    served: std::sync::Arc<std::sync::Mutex<Served>>,
 }
+
+type Served = std::collections::HashMap<
+    (deadpool_postgres::ObjectId, Instant),
+    std::collections::HashSet<uuid::Uuid>,
+>;
 
 impl RequestPool {
     /// `size` connections in all, in shards of [`CONNECTIONS_PER_SHARD`]
@@ -240,6 +258,10 @@ impl RequestPool {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RequestPool {
             shards: shards.into(),
+            size,
+            limits,
+            retire,
+            served: Default::default(),
         })
     }
 
@@ -271,10 +293,73 @@ impl RequestPool {
     /// requests queue longer. Other shards are only ever taken from when
     /// they have a connection free right away, never waited on: a wait given
     /// up could abandon a connection being opened.
+    ///
+    /// A connection that has served its share of distinct tenants
+    /// (`ConnectionLimits::max_tenants`) is closed instead of serving one
+    /// more, and another checked out.
     pub async fn get_for_tenant(
         &self,
         user: uuid::Uuid,
     ) -> Result<deadpool_postgres::Object, PoolError> {
+        loop {
+            let got = self.checkout(user).await?;
+            if self.admit(&got, user) {
+                return Ok(got);
+            }
+            drop(deadpool_postgres::Object::take(got));
+        }
+    }
+
+    /// May this connection serve `user`? Yes if it has served it before or
+    /// has room for one more tenant; the count starts again with a new
+    /// connection.
+    fn admit(&self, connection: &deadpool_postgres::Object, user: uuid::Uuid) -> bool {
+        use deadpool_postgres::Object;
+        let created = Object::metrics(connection).created;
+        let key = (Object::id(connection), created);
+        let limit = match self.retire {
+            Retire::Exactly => self.limits.max_tenants,
+            Retire::Spread => ConnectionLimits::spread(self.limits.max_tenants, created),
+        };
+        let mut served = self
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !served.contains_key(&key) {
+            self.forget_closed(&mut served);
+        }
+        let tenants = served.entry(key).or_default();
+        if tenants.contains(&user) {
+            true
+        } else if tenants.len() >= limit.max(1) {
+            served.remove(&key);
+            false
+        } else {
+            tenants.insert(user);
+            true
+        }
+    }
+
+    /// Connections also end elsewhere (retired by uses or age, discarded
+    /// after an error): their entries go once older than `max_age`, and the
+    /// oldest go when there are more than four per pooled connection (a
+    /// connection still alive then only starts its count again).
+    fn forget_closed(&self, served: &mut Served) {
+        let room = 4 * self.size.max(1);
+        if served.len() < room {
+            return;
+        }
+        let max_age = self.limits.max_age;
+        served.retain(|(_, created), _| created.elapsed() < max_age);
+        if served.len() >= room {
+            let mut created: Vec<Instant> = served.keys().map(|(_, c)| *c).collect();
+            created.sort_unstable();
+            let cutoff = created[served.len() - room / 2];
+            served.retain(|(_, c), _| *c >= cutoff);
+        }
+    }
+
+    async fn checkout(&self, user: uuid::Uuid) -> Result<deadpool_postgres::Object, PoolError> {
         let pool = self.for_tenant(user);
         let mut own = std::pin::pin!(pool.get());
         if self.shards.len() == 1 {

@@ -25,6 +25,7 @@ async fn a_connection_is_replaced_after_its_maximum_number_of_uses() {
     let limits = ConnectionLimits {
         max_uses: 3,
         max_age: Duration::from_secs(3600),
+        ..ConnectionLimits::default()
     };
     let pool = pool(service_url(&db).parse().unwrap(), 1, limits).unwrap();
     let first = backend_pid(&pool).await;
@@ -43,6 +44,7 @@ async fn a_connection_is_replaced_after_its_maximum_age() {
         // Seconds, not milliseconds: a loaded machine must not age the
         // connection between the first two checkouts.
         max_age: Duration::from_secs(3),
+        ..ConnectionLimits::default()
     };
     let pool = pool(service_url(&db).parse().unwrap(), 1, limits).unwrap();
     let first = backend_pid(&pool).await;
@@ -214,4 +216,40 @@ async fn a_burst_for_one_tenant_uses_the_whole_pool_and_never_more() {
         "only a's own shard served: {backends:?}"
     );
     assert!(backends.len() <= 8, "more connections than the pool's size");
+}
+
+#[tokio::test]
+async fn a_connection_is_replaced_before_it_serves_more_than_its_tenants() {
+    let app = spawn_app().await;
+    let limits = ConnectionLimits {
+        max_tenants: 2,
+        ..ConnectionLimits::default()
+    };
+    let pool = RequestPool::new(
+        service_url(&app.db_name).parse().unwrap(),
+        1,
+        limits,
+        PortSource::Fixed,
+        Retire::Exactly,
+    )
+    .unwrap();
+    let mut users = Vec::new();
+    for name in ["tia", "uwe", "vic"] {
+        app.token(name).await;
+        users.push(user_id(&app, name).await);
+    }
+    let (tia, uwe, vic) = (users[0], users[1], users[2]);
+    let first = routed_backend(&pool, tia).await;
+    assert_eq!(routed_backend(&pool, uwe).await, first);
+    assert_eq!(
+        routed_backend(&pool, tia).await,
+        first,
+        "a tenant it served"
+    );
+    let second = routed_backend(&pool, vic).await;
+    assert_ne!(second, first, "a third tenant gets a fresh connection");
+    assert_eq!(routed_backend(&pool, vic).await, second);
+    assert_eq!(routed_backend(&pool, tia).await, second);
+    assert_ne!(routed_backend(&pool, uwe).await, second);
+    assert_eq!(pool.status().size, 1, "the full one was closed, not kept");
 }
