@@ -56,10 +56,10 @@ impl Default for ConnectionLimits {
     /// read (~30 MB per connection at worst; measured by
     /// `scripts/bench-routing`). With tenant affinity a connection meets
     /// only its shard's share of the tenants, so at 2,000 tenants it never
-    /// reaches the limit and stays warm. Retiring sooner costs throughput
-    /// and tail latency: a fresh backend reads its catalogs cold (retiring
-    /// at 500 uses raised p99 from 38 ms to 285 ms; retiring after ~2,000
-    /// uses instead of ~6,000 cost 10–15% of routed throughput, same
+    /// reaches the limit and stays warm. Retiring sooner costs tail
+    /// latency: a fresh backend reads its catalogs cold (retiring at 500
+    /// uses raised p99 from 38 ms to 285 ms; with affinity, retiring after
+    /// ~2,000 uses instead of by tenants: p99 55 instead of 41 ms, same
     /// benchmark). `max_uses` (~20,000) is a backstop for any other growth.
     fn default() -> Self {
         ConnectionLimits {
