@@ -206,7 +206,7 @@ async fn main() {
     drop(admin);
     if std::env::var_os("TENANTRY_BENCH_KEEP").is_some() {
         println!(
-            "kept: {superuser_url}; the service at http://{address}, tokens in {}",
+            "kept: {superuser_url}; the service at {address}, tokens in {}",
             lua.display()
         );
         std::future::pending::<()>().await;

@@ -8,11 +8,9 @@ pub mod citus;
 mod pool;
 
 use std::task::Poll;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use deadpool_postgres::Pool;
 use tokio_postgres::NoTls;
 
 use crate::configuration::{DatabaseTarget, Settings};
@@ -147,16 +145,4 @@ pub async fn pipeline<T>(mut requests: Vec<BoxFuture<'_, T>>) -> Vec<T> {
         });
     }
     replies
-}
-
-/// Is the database reachable? Used by `/health`.
-pub async fn ping(pool: &Pool) -> bool {
-    let check = async {
-        let client = pool.get().await.ok()?;
-        client.simple_query("SELECT 1").await.ok()
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(3), check).await,
-        Ok(Some(_))
-    )
 }

@@ -215,7 +215,8 @@ pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
 /// relation's cache entry from the catalogs at a backend's first use of it,
 /// which costs more than the read itself (measured by
 /// `scripts/bench-routing`). A request goes elsewhere only when its shard
-/// has no free connection and another has one, so one busy tenant still
+/// has no free connection and another has one, or after waiting
+/// [`AFFINITY_WAIT`] when another has an idle one, so one busy tenant still
 /// gets the whole pool. Work that is no tenant's (sign-in, admin, health)
 /// takes the shard with the most free connections.
 ///

@@ -11,12 +11,24 @@ use crate::helpers::*;
 use crate::isolation::{caller, user_id};
 
 async fn backend_pid(pool: &deadpool_postgres::Pool) -> i32 {
-    let client = pool.get().await.unwrap();
+    pid_of(&pool.get().await.unwrap()).await
+}
+
+async fn pid_of(client: &deadpool_postgres::Object) -> i32 {
     client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .unwrap()
         .get(0)
+}
+
+/// Every connection (4) of `user`'s shard, checked out and held.
+async fn hold_shard_of(pool: &RequestPool, user: uuid::Uuid) -> Vec<deadpool_postgres::Object> {
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(pool.for_tenant(user).get().await.unwrap());
+    }
+    held
 }
 
 #[tokio::test]
@@ -121,18 +133,10 @@ async fn a_tenant_whose_shard_is_busy_is_served_by_another_without_waiting() {
     let (a, b) = tenants_on_both_shards(&app, &pool).await;
     let own = routed_backend(&pool, a).await;
     // Every connection of a's shard in use.
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(pool.for_tenant(a).get().await.unwrap());
-    }
+    let held = hold_shard_of(&pool, a).await;
     let mut held_backends = HashSet::new();
     for client in &held {
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        held_backends.insert(pid);
+        held_backends.insert(pid_of(client).await);
     }
     assert!(held_backends.contains(&own), "the held ones are a's shard");
     // The pool waits up to 5 s for a free connection of a shard: a's
@@ -153,14 +157,8 @@ async fn a_waiting_request_takes_the_first_connection_any_shard_frees() {
     let pool = two_shards(&app);
     let (a, b) = tenants_on_both_shards(&app, &pool).await;
     // Every connection of both shards in use: a's first, then b's.
-    let mut held_a = Vec::new();
-    for _ in 0..4 {
-        held_a.push(pool.for_tenant(a).get().await.unwrap());
-    }
-    let mut held_b = Vec::new();
-    for _ in 0..4 {
-        held_b.push(pool.for_tenant(b).get().await.unwrap());
-    }
+    let held_a = hold_shard_of(&pool, a).await;
+    let mut held_b = hold_shard_of(&pool, b).await;
     assert_eq!(pool.status().available, 0);
     let waiting = tokio::spawn({
         let pool = pool.clone();
@@ -170,11 +168,7 @@ async fn a_waiting_request_takes_the_first_connection_any_shard_frees() {
     assert!(!waiting.is_finished(), "nothing was free");
     // b's shard frees one; a's shard stays busy. The pool would wait 5 s
     // for a's own.
-    let freed: i32 = held_b[0]
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let freed = pid_of(&held_b[0]).await;
     drop(held_b.remove(0));
     let served = tokio::time::timeout(Duration::from_secs(3), waiting)
         .await
