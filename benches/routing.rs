@@ -7,7 +7,11 @@
 //! concurrency 32 against the real service (non-superuser service role,
 //! tenant guard, JWT, JSON); pgbench runs the equivalent statements with
 //! schema-qualified names for a random tenant per transaction, as the
-//! superuser, on as many connections. Reported: requests/s and the ratio,
+//! superuser, on as many connections; and, as the service's role, routed
+//! raw three ways: the service's statements in one message, the same
+//! pipelined with one Sync, and only role and search path switched with
+//! names known in advance (what the guard may not skip: the registry read).
+//! Reported: requests/s and the ratios,
 //! p50 and p99 latency, and the sum of PostgreSQL backends' private memory
 //! (`Private_*` in /proc/<pid>/smaps_rollup) at the end of each run.
 //!
@@ -87,7 +91,7 @@ async fn main() {
         "\n{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run, service pool {pool_size} connections; pgbench -M simple (schema-qualified names cannot be bind parameters)\n"
     );
     println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>13}",
+        "{:<44} {:>10} {:>9} {:>9} {:>13}",
         "run", "req/s", "p50 ms", "p99 ms", "backend MB"
     );
     let version: String = admin
@@ -104,11 +108,46 @@ async fn main() {
     // The same reads routed the way the service routes them (the tenant's
     // shared advisory lock, the registry read with the account check, then
     // search_path and role set transaction-locally), sent raw as ONE message
-    // per transaction: the floor for any routed design.
+    // per transaction (each statement parsed and planned every time).
     let routed = |select: &str| {
         format!(
             "\\set n random(1000, 999 + :tenants)\n\
              BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; {select}\\; COMMIT;\n"
+        )
+    };
+    // The same statements pipelined with a single Sync (`-M extended`):
+    // what the routing costs with no round trips between its statements.
+    let pipelined = |select: &str| {
+        format!(
+            "\\set n random(1000, 999 + :tenants)\n\
+             \\startpipeline\n\
+             BEGIN READ ONLY;\n\
+             SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n;\n\
+             SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL;\n\
+             {select};\n\
+             COMMIT;\n\
+             \\endpipeline\n"
+        )
+    };
+    // Only the role and search path switched, with the names written into
+    // the script (no registry read, no lock, no account check: what the
+    // guard may not skip): the cost of switching tenants at all.
+    let row = boot
+        .query_one(
+            "SELECT role_name, username FROM tenantry.tenants LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (role_name, username): (String, String) = (row.get(0), row.get(1));
+    let role_prefix = role_name
+        .strip_suffix(&username)
+        .expect("a tenant role ends with its username")
+        .to_owned();
+    let switched = |select: &str| {
+        format!(
+            "\\set n random(1000, 999 + :tenants)\n\
+             BEGIN READ ONLY\\; SET LOCAL search_path TO tenant_rt:n, reference\\; SET LOCAL ROLE {role_prefix}rt:n\\; {select}\\; COMMIT;\n"
         )
     };
     let quick_select = "SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = 'quick'";
@@ -118,20 +157,21 @@ async fn main() {
         .unwrap()
         .trim_end_matches(';')
         .replace("tenant_rt:n.", "");
-    for (label, path, sql, routed_sql) in [
+    for (label, path, sql, select) in [
         (
             "quick summary",
             "/api/summaries/quick".to_string(),
             quick_sql.to_string(),
-            routed(quick_select),
+            quick_select.to_string(),
         ),
         (
             "experiences?q=",
             format!("/api/experiences?q={SEARCH}"),
             search_sql.clone(),
-            routed(&search_select),
+            search_select.clone(),
         ),
     ] {
+        let routed_sql = routed(&select);
         let http = run_wrk(
             &wrk,
             &lua,
@@ -159,13 +199,39 @@ async fn main() {
             &Session::PLAIN,
         )
         .await;
+        let extended = Session {
+            protocol: "extended",
+            ..Session::PLAIN
+        };
+        let in_pipeline = run_pgbench(
+            &pg,
+            &work,
+            &pipelined(&select),
+            n,
+            load,
+            "routing_svc",
+            &extended,
+        )
+        .await;
+        let switch_only = run_pgbench(
+            &pg,
+            &work,
+            &switched(&select),
+            n,
+            load,
+            "routing_svc",
+            &Session::PLAIN,
+        )
+        .await;
         for (who, run) in [
             ("service (HTTP)", &http),
             ("pgbench qualified", &raw),
             ("pgbench routed", &floor),
+            ("pgbench routed, pipelined", &in_pipeline),
+            ("pgbench role+path only", &switch_only),
         ] {
             println!(
-                "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>13.1}",
+                "{:<44} {:>10.0} {:>9.2} {:>9.2} {:>13.1}",
                 format!("{label}: {who}"),
                 run.rate,
                 run.p50_ms,
@@ -196,10 +262,16 @@ async fn main() {
             ("pgbench routed", floor.p99_ms),
         );
         println!(
-            "{:<34} {:>10.2}× of qualified, {:.2}× of routed\n",
+            "{:<44} {:>10.2}× of qualified, {:.2}× of routed",
             format!("{label}: service ratio"),
             http.rate / raw.rate,
             http.rate / floor.rate
+        );
+        println!(
+            "{:<44} {:>10.2}× of qualified (pipelined routing), {:.2}× (role+path only)\n",
+            format!("{label}: raw routing's ceiling"),
+            in_pipeline.rate / raw.rate,
+            switch_only.rate / raw.rate
         );
     }
     drop(boot);

@@ -269,7 +269,7 @@ pub async fn try_run_pgbench(
     // pgbench writes its transaction logs into the current directory.
     let child = tokio::process::Command::new(bindir.join("pgbench"))
         .current_dir(&logs)
-        .args(["-n", "-M", "simple", "-j", "2", "-l"])
+        .args(["-n", "-M", session.protocol, "-j", "2", "-l"])
         .arg(format!("-c{concurrency}"))
         .arg(format!("-T{seconds}"))
         .arg(format!("-Dtenants={tenants}"))
@@ -337,6 +337,8 @@ pub struct Session<'a> {
     pub connect_each: bool,
     /// `PGSSLMODE`.
     pub sslmode: &'a str,
+    /// `pgbench -M`: `simple`, or `extended` (needed by `\startpipeline`).
+    pub protocol: &'a str,
 }
 
 impl Session<'_> {
@@ -345,6 +347,7 @@ impl Session<'_> {
         options: "",
         connect_each: false,
         sslmode: "prefer",
+        protocol: "simple",
     };
 }
 
