@@ -109,10 +109,12 @@ async fn main() {
     // shared advisory lock, the registry read with the account check, then
     // search_path and role set transaction-locally), sent raw as ONE message
     // per transaction (each statement parsed and planned every time).
+    let lock = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n";
+    let enter = "SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL";
     let routed = |select: &str| {
         format!(
             "\\set n random(1000, 999 + :tenants)\n\
-             BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; {select}\\; COMMIT;\n"
+             BEGIN READ ONLY\\; {lock}\\; {enter}\\; {select}\\; COMMIT;\n"
         )
     };
     // The same statements pipelined with a single Sync (`-M extended`):
@@ -120,13 +122,7 @@ async fn main() {
     let pipelined = |select: &str| {
         format!(
             "\\set n random(1000, 999 + :tenants)\n\
-             \\startpipeline\n\
-             BEGIN READ ONLY;\n\
-             SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n;\n\
-             SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL;\n\
-             {select};\n\
-             COMMIT;\n\
-             \\endpipeline\n"
+             \\startpipeline\nBEGIN READ ONLY;\n{lock};\n{enter};\n{select};\nCOMMIT;\n\\endpipeline\n"
         )
     };
     // Only the role and search path switched, with the names written into
