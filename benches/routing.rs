@@ -88,7 +88,7 @@ async fn main() {
     );
 
     println!(
-        "\n{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run, service pool {pool_size} connections; pgbench -M simple (schema-qualified names cannot be bind parameters)\n"
+        "\n{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run, service pool {pool_size} connections; pgbench -M simple (schema-qualified names cannot be bind parameters; -M extended for the pipelined run)\n"
     );
     println!(
         "{:<44} {:>10} {:>9} {:>9} {:>13}",
@@ -167,7 +167,6 @@ async fn main() {
             search_select.clone(),
         ),
     ] {
-        let routed_sql = routed(&select);
         let http = run_wrk(
             &wrk,
             &lua,
@@ -185,40 +184,22 @@ async fn main() {
         };
         let load = (CONCURRENCY, seconds);
         let raw = run_pgbench(&pg, &work, &sql, n, load, "postgres", &Session::PLAIN).await;
-        let floor = run_pgbench(
-            &pg,
-            &work,
-            &routed_sql,
-            n,
-            load,
-            "routing_svc",
-            &Session::PLAIN,
-        )
-        .await;
+        // The service's role, routed raw three ways (see above).
         let extended = Session {
             protocol: "extended",
             ..Session::PLAIN
         };
-        let in_pipeline = run_pgbench(
-            &pg,
-            &work,
-            &pipelined(&select),
-            n,
-            load,
-            "routing_svc",
-            &extended,
-        )
-        .await;
-        let switch_only = run_pgbench(
-            &pg,
-            &work,
-            &switched(&select),
-            n,
-            load,
-            "routing_svc",
-            &Session::PLAIN,
-        )
-        .await;
+        let mut routed_runs = Vec::new();
+        for (script, session) in [
+            (routed(&select), &Session::PLAIN),
+            (pipelined(&select), &extended),
+            (switched(&select), &Session::PLAIN),
+        ] {
+            routed_runs
+                .push(run_pgbench(&pg, &work, &script, n, load, "routing_svc", session).await);
+        }
+        let [floor, in_pipeline, switch_only]: [_; 3] =
+            routed_runs.try_into().expect("three routed runs");
         for (who, run) in [
             ("service (HTTP)", &http),
             ("pgbench qualified", &raw),

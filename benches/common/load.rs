@@ -120,6 +120,7 @@ pub async fn start_service(
 }
 
 /// One load run's figures.
+#[derive(Debug)]
 pub struct Run {
     pub rate: f64,
     pub p50_ms: f64,
