@@ -331,24 +331,27 @@ impl PreparedRun {
             citus: self.citus,
             target: self.plan.target,
             templates: &self.templates,
-            // A tenant's transaction commits without waiting for its WAL
-            // flush. Safe here, and only here: a tenant's migration is
-            // atomic and re-runnable, with its registry row and result in
-            // the same transaction, so a server crash can only roll back the
-            // last few tenants as a whole (old schema, old registry row, no
-            // result), and the next run redoes exactly them. The run's end
-            // is committed synchronously, which flushes every tenant's
-            // commit before it: a run recorded as finished is durable.
-            begin: format!(
-                "BEGIN; SET LOCAL lock_timeout = '{lock_timeout}'; SET LOCAL statement_timeout = '{}'; \
-                 SET LOCAL synchronous_commit = off",
-                pg_interval(self.options.statement_timeout)
-            ),
-            lock_timeout,
+            lock_timeout: lock_timeout.clone(),
         };
+        // Every worker connection is the run's alone, so the per-tenant
+        // settings are set once per connection rather than in every tenant's
+        // transaction: the timeouts (durations we formatted), and commits
+        // that do not wait for their WAL flush. The latter is safe here, and
+        // only here: a tenant's migration is atomic and re-runnable, with
+        // its registry row and result in the same transaction, so a server
+        // crash can only roll back the last few tenants as a whole (old
+        // schema, old registry row, no result), and the next run redoes
+        // exactly them. The run's end is committed synchronously (on the
+        // control connection), which flushes every tenant's commit before
+        // it: a run recorded as finished is durable.
+        let session = format!(
+            "SET lock_timeout = '{lock_timeout}'; SET statement_timeout = '{}'; \
+             SET synchronous_commit = off",
+            pg_interval(self.options.statement_timeout)
+        );
         let tally = Tally::new(self.options.max_failures, self.stop.clone());
         let workers = self.options.concurrency.min(tenants.len()).max(1);
-        let mut connections: Vec<Worker> = (0..workers).map(|_| Worker::default()).collect();
+        let mut connections: Vec<Worker> = (0..workers).map(|_| Worker::new(&session)).collect();
 
         let canaries = self.options.canary.min(tenants.len());
         let (first, rest) = tenants.split_at(canaries);
@@ -479,9 +482,6 @@ struct TenantContext<'a> {
     citus: bool,
     target: TemplateVersion,
     templates: &'a TemplateSet,
-    /// `BEGIN`, the per-tenant timeouts (durations we formatted) and an
-    /// asynchronous commit (see `execute`).
-    begin: String,
     lock_timeout: String,
 }
 
@@ -566,10 +566,11 @@ impl Tally {
 }
 
 /// A worker's dedicated connection (not from the request pool), opened on
-/// first use and again after it is lost, with the statements every tenant's
-/// transaction runs prepared once.
-#[derive(Default)]
+/// first use and again after it is lost, with the run's session settings
+/// (`setup`, see `execute`) and the statements every tenant's transaction
+/// runs prepared once.
 struct Worker {
+    setup: String,
     connection: Option<Connection>,
 }
 
@@ -579,6 +580,13 @@ struct Connection {
 }
 
 impl Worker {
+    fn new(setup: &str) -> Worker {
+        Worker {
+            setup: setup.to_owned(),
+            connection: None,
+        }
+    }
+
     async fn connection(
         &mut self,
         config: &tokio_postgres::Config,
@@ -589,6 +597,7 @@ impl Worker {
             .is_none_or(|c| c.client.is_closed())
         {
             let client = db::connect(config).await?;
+            client.batch_execute(&self.setup).await?;
             let claim = client
                 .prepare_typed(
                     CLAIM,
@@ -725,7 +734,7 @@ enum Step<'t> {
 }
 
 /// The tenant's one transaction, as one pipeline (one round trip) of three
-/// messages for one pending version: `BEGIN` with the timeouts, the claim
+/// messages for one pending version: `BEGIN`, the claim
 /// (lock, check, history, registry, result), and the template with
 /// `RESET ROLE; COMMIT` at its end. A failing request aborts the
 /// transaction, every later one fails with it, and a `ROLLBACK` (one more
@@ -762,7 +771,7 @@ async fn one_transaction(
 
     let mut steps: Vec<Step> = vec![Step::Begin, Step::Claim];
     let mut requests: Vec<Request<'_>> = vec![
-        Box::pin(client.batch_execute(&ctx.begin)),
+        Box::pin(client.batch_execute("BEGIN")),
         Box::pin(async {
             client
                 .execute(&connection.claim, &claim_params)
