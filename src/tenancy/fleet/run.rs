@@ -326,13 +326,6 @@ impl PreparedRun {
         let tenants = &self.plan.tenants;
         progress.start(self.run_id, tenants.len());
         let lock_timeout = pg_interval(self.options.lock_timeout);
-        let ctx = TenantContext {
-            run_id: self.run_id,
-            citus: self.citus,
-            target: self.plan.target,
-            templates: &self.templates,
-            lock_timeout: lock_timeout.clone(),
-        };
         // Every worker connection is the run's alone, so the per-tenant
         // settings are set once per connection rather than in every tenant's
         // transaction: the timeouts (durations we formatted), and commits
@@ -349,6 +342,13 @@ impl PreparedRun {
              SET synchronous_commit = off",
             pg_interval(self.options.statement_timeout)
         );
+        let ctx = TenantContext {
+            run_id: self.run_id,
+            citus: self.citus,
+            target: self.plan.target,
+            templates: &self.templates,
+            lock_timeout,
+        };
         let tally = Tally::new(self.options.max_failures, self.stop.clone());
         let workers = self.options.concurrency.min(tenants.len()).max(1);
         let mut connections: Vec<Worker> = (0..workers).map(|_| Worker::new(&session)).collect();
