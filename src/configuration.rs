@@ -40,6 +40,12 @@ pub struct Settings {
     /// `TENANTRY_METRICS_TOKEN`: the bearer token `/metrics` asks for; unset,
     /// it answers loopback clients only.
     pub metrics_token: Option<SecretString>,
+    /// `TENANTRY_EXPORT_CONCURRENCY`: exports streamed at once, each on a
+    /// database connection of its own (one per user at a time).
+    pub export_concurrency: usize,
+    /// `TENANTRY_STATEMENT_TIMEOUT` (seconds, `0` = none): how long one
+    /// statement of a tenant's request may run.
+    pub statement_timeout: Duration,
 }
 
 /// Requests per minute; `0` turns a limit off.
@@ -202,7 +208,12 @@ impl Settings {
             }
             other => other.map(SecretString),
         };
+        let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
+        let statement_timeout =
+            Duration::from_secs(number("TENANTRY_STATEMENT_TIMEOUT", 5, 3600)?.into());
         Ok(Settings {
+            export_concurrency,
+            statement_timeout,
             metrics_token,
             limits,
             client_timeout,

@@ -15,6 +15,7 @@ pub mod routing;
 pub mod startup;
 pub mod tenancy;
 pub mod tenants;
+pub mod transport;
 
 // The tenancy subsystem's two oldest modules keep their short paths.
 pub use tenancy::{provisioning, templates};

@@ -5,7 +5,12 @@
 //!   (histogram): labelled by the route *pattern* (`/api/experiences/{id}`),
 //!   never by tenant or raw path; unmatched paths are `unmatched`;
 //! - `tenantry_provisioning_duration_seconds` (histogram), per signup;
-//! - `tenantry_database_errors_total{kind}` (`unavailable`, `pool`, `query`);
+//! - `tenantry_database_errors_total{kind}` (`unavailable`, `pool`, `query`,
+//!   `timeout`);
+//! - `tenantry_clients_cut_off_total`: connections ended because the client
+//!   stopped reading (`transport::Stalling`);
+//! - `tenantry_exports_total{outcome}` (`completed`, `cut_off`, `refused_busy`, …) and the
+//!   gauge `tenantry_exports_running` (`api::exports`);
 //! - read at scrape time from the database and the pool:
 //!   `tenantry_tenants{template_version}`, `tenantry_tenants_pending_migration`,
 //!   `tenantry_fleet_run_tenants{run,state}` (planned, succeeded, failed,
@@ -40,4 +45,14 @@ pub fn handle() -> &'static PrometheusHandle {
 /// Count a database error by kind.
 pub fn database_error(kind: &'static str) {
     metrics::counter!("tenantry_database_errors_total", "kind" => kind).increment(1);
+}
+
+/// A client that stopped reading was cut off.
+pub fn stalled_client() {
+    metrics::counter!("tenantry_clients_cut_off_total").increment(1);
+}
+
+/// How an export request ended (`api::exports`, `api::me::export`).
+pub fn export(outcome: &'static str) {
+    metrics::counter!("tenantry_exports_total", "outcome" => outcome).increment(1);
 }

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::Server;
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
 
 use crate::api::middleware::{self, RateLimits};
 use crate::audit::Pseudonyms;
@@ -29,11 +29,14 @@ pub struct AppState {
     pub pseudonyms: Pseudonyms,
     /// Signs exports.
     pub export_key: crate::tenancy::export::ExportKey,
+    /// How many exports run at once (`TENANTRY_EXPORT_CONCURRENCY`).
+    pub exports: crate::api::exports::ExportBudget,
     /// Fleet runs started here, to stop on shutdown.
     pub fleet_runs: FleetRuns,
     /// Failed logins before an account name is locked (0: never).
     pub login_max_failures: u32,
-    /// How long a request body may take (`middleware::body_timeout`).
+    /// How long a request body may take (`middleware::body_timeout`), and
+    /// an export may wait for its reader.
     pub client_timeout: std::time::Duration,
     /// `TENANTRY_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer
     /// token; when not, it answers loopback clients only.
@@ -209,6 +212,7 @@ impl Application {
             hasher: Hasher::new(settings.bcrypt_cost).await?,
             pseudonyms: Pseudonyms::from_secret(secret.expose().as_bytes()),
             export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),
+            exports: crate::api::exports::ExportBudget::new(settings.export_concurrency),
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),
@@ -224,8 +228,11 @@ impl Application {
             settings.maintenance_interval,
         );
         let addr = settings.bind.to_string();
-        let client_timeout = settings.client_timeout;
-        let server = HttpServer::new(move || {
+        let limits_of_clients = crate::transport::ClientLimits {
+            timeout: settings.client_timeout,
+            drain_seconds: DRAIN_SECONDS,
+        };
+        let server = crate::transport::serve(listener, limits_of_clients, move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(limits.clone())
@@ -236,15 +243,7 @@ impl Application {
                 .wrap(middleware::security_headers())
                 .wrap(actix_web::middleware::from_fn(middleware::observe))
         })
-        .client_request_timeout(client_timeout)
-        .client_disconnect_timeout(std::time::Duration::from_secs(1))
-        // Signals are ours (`run_until_stopped`): actix treats SIGINT as
-        // a forced shutdown, we drain on both.
-        .disable_signals()
-        .shutdown_timeout(DRAIN_SECONDS)
-        .listen(listener)
-        .map_err(|source| StartupError::Bind { addr, source })?
-        .run();
+        .map_err(|source| StartupError::Bind { addr, source })?;
         Ok((server, fleet_runs))
     }
 

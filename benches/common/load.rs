@@ -111,6 +111,8 @@ pub async fn start_service(
         audit_anchor_file: anchor_file,
         maintenance_interval: Duration::from_secs(60),
         metrics_token: None,
+        export_concurrency: 4,
+        statement_timeout: std::time::Duration::from_secs(5),
     };
     let app = tenantry::startup::Application::build(settings)
         .await

@@ -36,6 +36,18 @@ pub enum ApiError {
     RequestTimeout,
     #[error("the database is unavailable")]
     Unavailable,
+    /// A bounded resource is in use; retry shortly (503 with Retry-After).
+    #[error("{message}")]
+    Busy { code: &'static str, message: String },
+    #[error("{message}")]
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after: u64,
+    },
+    /// A statement ran past its time (`TENANTRY_STATEMENT_TIMEOUT`).
+    #[error("the request took too long and was stopped")]
+    Timeout,
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -50,7 +62,10 @@ impl ApiError {
             ApiError::Validation(v) => format!("invalid_{}", v.field),
             ApiError::BadRequest { code, .. }
             | ApiError::Conflict { code, .. }
-            | ApiError::Unprocessable { code, .. } => (*code).into(),
+            | ApiError::Unprocessable { code, .. }
+            | ApiError::Busy { code, .. }
+            | ApiError::TooManyRequests { code, .. } => (*code).into(),
+            ApiError::Timeout => "timeout".into(),
             ApiError::Throttled { .. } => "too_many_attempts".into(),
             ApiError::RequestTimeout => "request_timeout".into(),
             ApiError::InvalidCredentials => "invalid_credentials".into(),
@@ -72,7 +87,10 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Throttled { .. } | ApiError::TooManyRequests { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::Busy { .. } | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,10 +105,15 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header(("WWW-Authenticate", "Bearer"));
         }
-        if matches!(self, ApiError::Unavailable) {
+        if matches!(
+            self,
+            ApiError::Unavailable | ApiError::Busy { .. } | ApiError::Timeout
+        ) {
             response.insert_header(("Retry-After", "5"));
         }
-        if let ApiError::Throttled { retry_after } = self {
+        if let ApiError::Throttled { retry_after } | ApiError::TooManyRequests { retry_after, .. } =
+            self
+        {
             response.insert_header(("Retry-After", retry_after.to_string()));
         }
         if matches!(self, ApiError::RequestTimeout) {
@@ -177,6 +200,11 @@ impl From<tokio_postgres::Error> for ApiError {
                     code: "conflict",
                     message: "a record with that name already exists".into(),
                 };
+            }
+            // `statement_timeout` (a tenant's request ran too long).
+            if *code == SqlState::QUERY_CANCELED {
+                crate::metrics::database_error("timeout");
+                return ApiError::Timeout;
             }
             if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CANNOT_CONNECT_NOW {
                 crate::metrics::database_error("unavailable");

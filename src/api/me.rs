@@ -10,6 +10,7 @@ use crate::api::extract::CurrentUser;
 use crate::api::extract::JsonBody;
 use crate::api::ApiError;
 use crate::startup::AppState;
+use crate::tenancy::export::ExportError;
 
 /// The caller's account.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -143,6 +144,12 @@ pub(crate) async fn erase_tenant(
 /// data, one JSON document from one snapshot, streamed (see
 /// `tenancy::export` for the format). A stream cut short lacks its
 /// integrity trailer, so a truncated download is recognisable.
+///
+/// Exports run on connections of their own, as many at once as
+/// `TENANTRY_EXPORT_CONCURRENCY` allows and one per user (`api::exports`);
+/// a client that takes no data for `TENANTRY_CLIENT_TIMEOUT` is cut off
+/// and its transaction ends; an erasure or a fleet migration of the tenant
+/// ends a running export rather than wait for it.
 #[utoipa::path(
     tag = "me",
     security(("bearer" = [])),
@@ -151,6 +158,10 @@ pub(crate) async fn erase_tenant(
          content_type = "application/json", body = Object,
          headers(("Content-Disposition" = String, description = "attachment; filename=\"<username>-export.json\""))),
         (status = 404, description = "The caller has no tenant (a staff account)", body = crate::api::openapi::ErrorBody),
+        (status = 429, description = "An export of the caller's is still running (`export_in_progress`)", body = crate::api::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "As many exports as the service runs at once are running (`exports_busy`), or the database is unavailable", body = crate::api::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
 #[get("/api/me/export")]
@@ -159,30 +170,51 @@ pub async fn export(
     state: web::Data<AppState>,
     user: CurrentUser,
 ) -> Result<HttpResponse, ApiError> {
-    let mut client = crate::db::connect(&state.db_config)
-        .await
-        .map_err(|_| ApiError::Unavailable)?;
+    let slot = state.exports.take(user.id())?;
+    let connect = crate::db::connect(&state.db_config);
+    let mut client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(client)) => client,
+        _ => return Err(ApiError::Unavailable),
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let key = state.export_key.clone();
     let user_id = user.id();
+    let stall = state.client_timeout;
     let task = tokio::spawn(async move {
-        crate::tenancy::export::export(&mut client, user_id, &key, tx).await
+        let result =
+            crate::tenancy::export::export(&mut client, user_id, &key, tx, Some(stall)).await;
+        crate::metrics::export(match &result {
+            Ok(()) => "completed",
+            Err(ExportError::Stalled) => "cut_off",
+            Err(ExportError::Closed) => "abandoned",
+            Err(_) => "failed",
+        });
+        // The place is given back only once the connection is closed.
+        drop(client);
+        drop(slot);
+        result
     });
     let Some(first) = rx.recv().await else {
         return match task.await {
-            Ok(Err(crate::tenancy::export::ExportError::NoTenant)) => {
-                Err(ApiError::NotFound("no tenant to export".into()))
-            }
-            Ok(Err(crate::tenancy::export::ExportError::Postgres(e))) => Err(e.into()),
+            Ok(Err(ExportError::NoTenant)) => Err(ApiError::NotFound("no tenant to export".into())),
+            Ok(Err(ExportError::Postgres(e))) => Err(e.into()),
             Ok(Err(e)) => Err(ApiError::internal(e)),
             Ok(Ok(())) => Err(ApiError::internal(std::io::Error::other("empty export"))),
             Err(e) => Err(ApiError::internal(e)),
         };
     };
-    let rest = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|chunk| (Ok::<_, actix_web::Error>(web::Bytes::from(chunk)), rx))
+    // An export that fails after its first chunk ends the response with an
+    // error, which closes the connection: the client sees no trailer.
+    let rest = futures::stream::unfold(Some((rx, task)), |state| async move {
+        let (mut rx, task) = state?;
+        match rx.recv().await {
+            Some(chunk) => Some((Ok(web::Bytes::from(chunk)), Some((rx, task)))),
+            None => match task.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+                Err(e) => Some((Err(actix_web::error::ErrorInternalServerError(e)), None)),
+            },
+        }
     });
     let body = futures::stream::once(async move { Ok(web::Bytes::from(first)) }).chain(rest);
     Ok(HttpResponse::Ok()
@@ -196,3 +228,6 @@ pub async fn export(
         ))
         .streaming(body))
 }
+
+/// How long an export waits for its connection.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

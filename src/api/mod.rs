@@ -6,6 +6,7 @@ mod auth;
 mod conversations;
 pub mod error;
 mod experiences;
+pub mod exports;
 mod extract;
 pub(crate) mod health;
 pub(crate) mod me;

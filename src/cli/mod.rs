@@ -685,7 +685,7 @@ async fn export_tenant(settings: &Settings, name: &str) -> Result<(), Failure> {
     let mut client = ctx.target.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let task = tokio::spawn(async move {
-        crate::tenancy::export::export(&mut client, user_id, &key, tx).await
+        crate::tenancy::export::export(&mut client, user_id, &key, tx, None).await
     });
     let mut stdout = tokio::io::stdout();
     while let Some(chunk) = rx.recv().await {

@@ -24,7 +24,6 @@ use uuid::Uuid;
 
 use crate::audit::{Action, Entry, Pseudonyms};
 use crate::domain::{RoleName, SchemaName, Username};
-use crate::tenancy::fleet::TENANT_LOCK_CLASS;
 
 /// Relations dropped per transaction when a tenant is too large for one.
 /// At most this many tables per batch; fewer when `max_locks_per_transaction`
@@ -109,8 +108,9 @@ pub async fn erase(
     let template_version: i32 = row.get(3);
     let locked = tx
         .execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-            &[&TENANT_LOCK_CLASS, &user_id.to_string()],
+            // Exports of the tenant are ended, not waited for (V13).
+            "SELECT tenantry.lock_tenant($1)",
+            &[&user_id],
         )
         .await;
     busy_or(locked)?;
@@ -220,8 +220,9 @@ pub async fn erase(
         .await?;
     busy_or(
         tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-            &[&TENANT_LOCK_CLASS, &user_id.to_string()],
+            // Exports of the tenant are ended, not waited for (V13).
+            "SELECT tenantry.lock_tenant($1)",
+            &[&user_id],
         )
         .await,
     )?;

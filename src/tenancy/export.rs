@@ -21,6 +21,7 @@
 //! does not match (tampered) or that has no trailer (truncated).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -92,6 +93,8 @@ pub enum ExportError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("the reader went away")]
     Closed,
+    #[error("the reader stopped reading")]
+    Stalled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,8 @@ struct Buffer {
     buf: Vec<u8>,
     mac: HmacSha256,
     tx: mpsc::Sender<Vec<u8>>,
+    /// How long a chunk may wait for the reader (`None`: as long as it takes).
+    stall: Option<Duration>,
 }
 
 impl Buffer {
@@ -129,7 +134,13 @@ impl Buffer {
     async fn flush(&mut self) -> Result<(), ExportError> {
         if !self.buf.is_empty() {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-            self.tx.send(chunk).await.map_err(|_| ExportError::Closed)?;
+            let sent = match self.stall {
+                Some(stall) => tokio::time::timeout(stall, self.tx.send(chunk))
+                    .await
+                    .map_err(|_| ExportError::Stalled)?,
+                None => self.tx.send(chunk).await,
+            };
+            sent.map_err(|_| ExportError::Closed)?;
         }
         Ok(())
     }
@@ -199,13 +210,20 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Stream the export of `user_id`'s tenant into `tx`, in chunks. `client` is
-/// a dedicated connection.
+/// What an export's session calls itself (`application_name`), with the
+/// user id after it: `tenantry.lock_tenant` ends the exports of a tenant
+/// that an erasure or a fleet migration waits for.
+pub const APPLICATION_NAME: &str = "tenantry export ";
+
+/// Stream the export of `user_id`'s tenant into `out`, in chunks. `client`
+/// is a dedicated connection. A chunk the reader has not taken within
+/// `stall` ends the export ([`ExportError::Stalled`]) and its transaction.
 pub async fn export(
     client: &mut Client,
     user_id: Uuid,
     key: &ExportKey,
     out: mpsc::Sender<Vec<u8>>,
+    stall: Option<Duration>,
 ) -> Result<(), ExportError> {
     let tx = client
         .build_transaction()
@@ -213,11 +231,13 @@ pub async fn export(
         .read_only(true)
         .start()
         .await?;
-    // Held to the end: an erasure (which takes it exclusively) waits for the
-    // export instead of dropping tables under it.
+    // The lock is held to the end: an erasure (which takes it exclusively)
+    // does not drop tables under the export; it ends the export instead of
+    // waiting for it (`tenantry.lock_tenant`, found by the session's name).
     tx.execute(
-        "SELECT pg_advisory_xact_lock_shared(1953395828, hashtext($1::text))",
-        &[&user_id.to_string()],
+        "SELECT pg_catalog.set_config('application_name', $2 || $1::text, true),
+                pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext($1::text))",
+        &[&user_id.to_string(), &APPLICATION_NAME],
     )
     .await?;
     let header = tx
@@ -249,6 +269,7 @@ pub async fn export(
         buf: Vec::with_capacity(CHUNK),
         mac: key.mac(),
         tx: out,
+        stall,
     };
     // The header object, without its closing brace, then the tables.
     let open = header_json.trim_end().trim_end_matches('}');

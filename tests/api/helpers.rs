@@ -338,6 +338,8 @@ pub fn test_settings(db_name: &str) -> Settings {
         audit_anchor_file: RUN_DIR.join(format!("anchors-{db_name}")),
         maintenance_interval: std::time::Duration::from_secs(3600),
         metrics_token: None,
+        export_concurrency: 4,
+        statement_timeout: std::time::Duration::from_secs(5),
     }
 }
 

@@ -133,6 +133,8 @@ impl App {
             audit_anchor_file: citus.dir.join("anchors"),
             maintenance_interval: std::time::Duration::from_secs(3600),
             metrics_token: None,
+            export_concurrency: 4,
+            statement_timeout: std::time::Duration::from_secs(5),
         };
         let app = Application::build(settings)
             .await
