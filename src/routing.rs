@@ -22,13 +22,14 @@ use crate::db::{self, TenantPool};
 
 /// Enter the tenant of user `$1` whose access token has generation `$2`:
 /// its schema and role, read from the registry (never from the token), set
-/// transaction-locally. No active tenant, a disabled account or a token of
+/// transaction-locally, and `$3` as the statement timeout of what follows. No active tenant, a disabled account or a token of
 /// an older generation (password changed, signed out everywhere) makes
 /// `1 / count(*)` divide by zero, which aborts the transaction: statements
 /// pipelined behind this one then never run as the service.
 const ENTER: &str = "SELECT 1 / count(*) AS entered,
         pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true),
         pg_catalog.set_config('role', max(t.role_name), true),
+        pg_catalog.set_config('statement_timeout', $3, true),
         max(t.template_version) AS template_version
  FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
  WHERE t.user_id = $1 AND t.status = 'active'
@@ -128,7 +129,9 @@ impl TenantTx {
         let c = guard.client();
         let user_text = caller.user_id.to_string();
         let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
-        let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
+        let timeout = pool.statement_timeout();
+        let enter_params: [&(dyn ToSql + Sync); 3] =
+            [&caller.user_id, &caller.generation, &timeout];
         let (begun, locked, entered) = futures::join!(
             c.batch_execute(access.begin()),
             c.execute(&lock, &lock_params),
@@ -179,10 +182,12 @@ impl TenantTx {
             template_version: 0,
         };
         let user_text = caller.user_id.to_string();
+        let timeout = pool.statement_timeout();
         let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
             let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
-            let enter_params: [&(dyn ToSql + Sync); 2] = [&caller.user_id, &caller.generation];
+            let enter_params: [&(dyn ToSql + Sync); 3] =
+                [&caller.user_id, &caller.generation, &timeout];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
             let mut locked = pin!(maybe_done(c.execute(&lock, &lock_params)));
             let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));
@@ -330,11 +335,22 @@ static ROLLBACK_AND_RESET: std::sync::LazyLock<String> =
 
 impl Drop for TenantTx {
     /// Dropped in a transaction, or with its reply unread: the connection
-    /// may be mid-transaction as the tenant. Never reuse it.
+    /// may be mid-transaction as the tenant. Never reuse it. Its statement
+    /// may still be running (the client went away and actix dropped the
+    /// handler): closing the socket does not stop a backend that is busy,
+    /// a cancel request does.
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
             tracing::debug!("discarding a routed connection that did not finish");
+            let cancel = client.cancel_token();
             drop(Object::take(client));
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                        tracing::debug!(error = %e, "cannot cancel an abandoned statement");
+                    }
+                });
+            }
         }
     }
 }

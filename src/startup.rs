@@ -31,6 +31,8 @@ pub struct AppState {
     pub export_key: crate::tenancy::export::ExportKey,
     /// How many exports run at once (`TENANTRY_EXPORT_CONCURRENCY`).
     pub exports: crate::api::exports::ExportBudget,
+    /// `/health`'s one probe at a time.
+    pub health: crate::api::health::HealthProbe,
     /// Fleet runs started here, to stop on shutdown.
     pub fleet_runs: FleetRuns,
     /// Failed logins before an account name is locked (0: never).
@@ -204,7 +206,9 @@ impl Application {
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
         let state = web::Data::new(AppState {
-            pool: context.pool,
+            pool: context
+                .pool
+                .with_statement_timeout(settings.statement_timeout),
             db_config,
             installation: context.installation,
             templates: context.templates,
@@ -213,6 +217,7 @@ impl Application {
             pseudonyms: Pseudonyms::from_secret(secret.expose().as_bytes()),
             export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),
             exports: crate::api::exports::ExportBudget::new(settings.export_concurrency),
+            health: Default::default(),
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),

@@ -1,6 +1,6 @@
 //! `GET /health` (readiness, with reasons) and `GET /health/live`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
@@ -48,6 +48,12 @@ pub struct HealthReport {
     pub last_fleet_run: Option<Option<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolStatus>,
+    /// PostgreSQL's connections as the service can use them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<ConnectionStatus>,
+    /// Exports running, and how many may.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exports: Option<ExportStatus>,
     /// Present when `unhealthy` (the error shape).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<crate::api::openapi::ErrorDetail>,
@@ -59,17 +65,136 @@ pub struct Liveness {
     pub status: &'static str,
 }
 
-/// What the database says about the fleet, in one query.
-const FLEET_FACTS: &str = "\
+/// What the database says about the fleet and its connections, in one
+/// query. Connections count against the server's slots (less those kept for
+/// superusers) and the service role's own `CONNECTION LIMIT`, if any.
+const FACTS: &str = "\
 SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pending,
        (SELECT count(*) FROM tenantry.tenants WHERE status = 'deleting') AS deleting,
-       (SELECT status FROM tenantry.fleet_runs ORDER BY id DESC LIMIT 1) AS last_run";
+       (SELECT status FROM tenantry.fleet_runs ORDER BY id DESC LIMIT 1) AS last_run,
+       (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend')::int8
+           AS connections,
+       (current_setting('max_connections')::int8
+        - current_setting('superuser_reserved_connections')::int8
+        - coalesce(current_setting('reserved_connections', true)::int8, 0)) AS connection_slots,
+       (SELECT rolconnlimit FROM pg_catalog.pg_roles WHERE rolname = current_user)::int8 AS role_limit,
+       (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE usename = current_user)::int8
+           AS role_connections";
+
+/// One reading of [`FACTS`].
+#[derive(Debug, Clone)]
+struct Facts {
+    pending: i64,
+    deleting: i64,
+    last_run: Option<String>,
+    connections: ConnectionStatus,
+}
+
+/// PostgreSQL's connections as the service can use them: the tighter of the
+/// server's slots and the service role's limit.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ConnectionStatus {
+    pub in_use: i64,
+    pub limit: i64,
+}
+
+impl ConnectionStatus {
+    /// Fewer than a tenth of the slots (and at least two) left.
+    fn short(&self) -> bool {
+        self.limit - self.in_use < (self.limit / 10).max(2)
+    }
+}
+
+impl Facts {
+    fn from_row(row: &tokio_postgres::Row) -> Facts {
+        let server = ConnectionStatus {
+            in_use: row.get("connections"),
+            limit: row.get("connection_slots"),
+        };
+        let role_limit: i64 = row.get("role_limit");
+        let role = ConnectionStatus {
+            in_use: row.get("role_connections"),
+            limit: role_limit,
+        };
+        let tighter = if role_limit >= 0 && role.limit - role.in_use < server.limit - server.in_use
+        {
+            role
+        } else {
+            server
+        };
+        Facts {
+            pending: row.get("pending"),
+            deleting: row.get("deleting"),
+            last_run: row.get("last_run"),
+            connections: tighter,
+        }
+    }
+}
+
+/// `/health` asks the database once at a time: calls that arrive while a
+/// probe runs share its answer. When every pooled connection is busy it
+/// asks on one spare connection of its own, kept for that, rather than
+/// queue behind the requests or open a session per call.
+#[derive(Default)]
+pub struct HealthProbe(tokio::sync::Mutex<ProbeState>);
+
+#[derive(Default)]
+struct ProbeState {
+    spare: Option<tokio_postgres::Client>,
+    /// When the last probe finished, and what it found (`None`: no answer).
+    last: Option<(Instant, Option<Facts>)>,
+}
+
+impl HealthProbe {
+    async fn facts(&self, state: &AppState, latest: i32, saturated: bool) -> Option<Facts> {
+        let arrived = Instant::now();
+        let mut probe = self.0.lock().await;
+        if let Some((at, facts)) = &probe.last {
+            if *at >= arrived {
+                return facts.clone();
+            }
+        }
+        let asked =
+            tokio::time::timeout(Duration::from_secs(3), probe.ask(state, latest, saturated));
+        let facts = asked.await.ok().flatten();
+        probe.last = Some((Instant::now(), facts.clone()));
+        facts
+    }
+}
+
+impl ProbeState {
+    async fn ask(&mut self, state: &AppState, latest: i32, saturated: bool) -> Option<Facts> {
+        if !saturated {
+            let client = state.pool.get().await.ok()?;
+            return client
+                .query_one(FACTS, &[&latest])
+                .await
+                .ok()
+                .map(|r| Facts::from_row(&r));
+        }
+        if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
+            self.spare = crate::db::connect(&state.db_config).await.ok();
+        }
+        let answer = self.spare.as_ref()?.query_one(FACTS, &[&latest]).await;
+        if answer.is_err() {
+            self.spare = None;
+        }
+        answer.ok().map(|r| Facts::from_row(&r))
+    }
+}
+
+/// The export budget, as `/health` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExportStatus {
+    pub running: usize,
+    pub max: usize,
+}
 
 /// `healthy` (200), `degraded` (200, with the reasons: the pool is
-/// saturated, tenants are behind the latest template version, the last
-/// fleet run failed or was cut short, an erasure did not finish) or
-/// `unhealthy` (503 with `Retry-After`: the database does not answer
-/// within 3 s).
+/// saturated, PostgreSQL's connections run short, every export place is
+/// taken, tenants are behind the latest template version, the last fleet
+/// run failed or was cut short, an erasure did not finish) or `unhealthy`
+/// (503 with `Retry-After`: the database does not answer within 3 s).
 #[utoipa::path(
     tag = "health",
     responses(
@@ -83,21 +208,14 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let latest = state.templates.latest().get();
     let before = pool_status(&state.pool);
     let saturated = before.size >= before.max_size && before.available == 0;
-    let check = async {
-        if saturated {
-            // Every pooled connection is busy: ask on a connection of our
-            // own rather than queue behind the requests.
-            let client = crate::db::connect(&state.db_config).await.ok()?;
-            client.query_one(FLEET_FACTS, &[&latest]).await.ok()
-        } else {
-            let client = state.pool.get().await.ok()?;
-            client.query_one(FLEET_FACTS, &[&latest]).await.ok()
-        }
+    let exports = ExportStatus {
+        running: state.exports.running(),
+        max: state.exports.size(),
     };
-    let facts = match tokio::time::timeout(Duration::from_secs(3), check).await {
-        Ok(Some(facts)) => facts,
+    let facts = match state.health.facts(&state, latest, saturated).await {
+        Some(facts) => facts,
         // Busy connections mean the database was answering a moment ago.
-        _ if saturated => {
+        None if saturated => {
             return HttpResponse::Ok().json(HealthReport {
                 status: "degraded",
                 reasons: vec![format!(
@@ -110,10 +228,12 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                 tenants_pending_migration: None,
                 last_fleet_run: None,
                 pool: Some(before),
+                connections: None,
+                exports: Some(exports),
                 error: None,
             });
         }
-        _ => {
+        None => {
             return HttpResponse::ServiceUnavailable()
                 .insert_header(("Retry-After", "5"))
                 .json(HealthReport {
@@ -125,6 +245,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                     tenants_pending_migration: None,
                     last_fleet_run: None,
                     pool: None,
+                    connections: None,
+                    exports: None,
                     error: Some(crate::api::openapi::ErrorDetail {
                         code: "unavailable".into(),
                         message: "the database is unreachable".into(),
@@ -133,32 +255,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         }
     };
     let pool = before;
-    let pending: i64 = facts.get("pending");
-    let deleting: i64 = facts.get("deleting");
-    let last_run: Option<String> = facts.get("last_run");
-    let mut reasons = Vec::new();
-    if pool.available == 0 && pool.waiting > 0 {
-        reasons.push(format!(
-            "the connection pool is saturated ({} requests waiting for {} connections)",
-            pool.waiting, pool.max_size
-        ));
-    }
-    if pending > 0 {
-        reasons.push(format!(
-            "{pending} tenant(s) behind template version {latest}: run `tenantry fleet migrate`"
-        ));
-    }
-    if let Some(run) = last_run
-        .as_deref()
-        .filter(|s| *s != "succeeded" && *s != "running")
-    {
-        reasons.push(format!("the last fleet run ended {run}"));
-    }
-    if deleting > 0 {
-        reasons.push(format!(
-            "{deleting} erasure(s) did not finish: run `tenantry tenants delete NAME --yes` again"
-        ));
-    }
+    let reasons = reasons(&facts, &pool, &exports, latest);
     HttpResponse::Ok().json(HealthReport {
         status: if reasons.is_empty() {
             "healthy"
@@ -169,11 +266,56 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         database: "up",
         version: Some(env!("CARGO_PKG_VERSION")),
         template_version: Some(latest),
-        tenants_pending_migration: Some(pending),
-        last_fleet_run: Some(last_run),
+        tenants_pending_migration: Some(facts.pending),
+        last_fleet_run: Some(facts.last_run),
         pool: Some(pool),
+        connections: Some(facts.connections),
+        exports: Some(exports),
         error: None,
     })
+}
+
+/// Why the service is not `healthy`.
+fn reasons(facts: &Facts, pool: &PoolStatus, exports: &ExportStatus, latest: i32) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if pool.available == 0 && pool.waiting > 0 {
+        reasons.push(format!(
+            "the connection pool is saturated ({} requests waiting for {} connections)",
+            pool.waiting, pool.max_size
+        ));
+    }
+    if facts.connections.short() {
+        reasons.push(format!(
+            "PostgreSQL connections are running short ({} of {} in use)",
+            facts.connections.in_use, facts.connections.limit
+        ));
+    }
+    if exports.running >= exports.max {
+        reasons.push(format!(
+            "every export place is taken ({} of {}): further exports get 503",
+            exports.running, exports.max
+        ));
+    }
+    if facts.pending > 0 {
+        reasons.push(format!(
+            "{} tenant(s) behind template version {latest}: run `tenantry fleet migrate`",
+            facts.pending
+        ));
+    }
+    if let Some(run) = facts
+        .last_run
+        .as_deref()
+        .filter(|s| *s != "succeeded" && *s != "running")
+    {
+        reasons.push(format!("the last fleet run ended {run}"));
+    }
+    if facts.deleting > 0 {
+        reasons.push(format!(
+            "{} erasure(s) did not finish: run `tenantry tenants delete NAME --yes` again",
+            facts.deleting
+        ));
+    }
+    reasons
 }
 
 /// `GET /health/live`: the process serves requests (no database work).

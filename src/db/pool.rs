@@ -232,6 +232,8 @@ pub struct RequestPool {
     /// The distinct tenants each live connection has served, by the
     /// connection's id and creation time (`ConnectionLimits::max_tenants`).
     served: std::sync::Arc<std::sync::Mutex<Served>>,
+    /// How long one statement of a tenant's request may run (zero: no limit).
+    statement_timeout: Duration,
 }
 
 type Served = std::collections::HashMap<
@@ -263,7 +265,15 @@ impl RequestPool {
             limits,
             retire,
             served: Default::default(),
+            statement_timeout: Duration::ZERO,
         })
+    }
+
+    /// Tenant transactions on this pool stop a statement after `timeout`
+    /// (`TENANTRY_STATEMENT_TIMEOUT`; zero: never).
+    pub fn with_statement_timeout(mut self, timeout: Duration) -> RequestPool {
+        self.statement_timeout = timeout;
+        self
     }
 
     /// A connection for work that is no tenant's.
@@ -441,6 +451,11 @@ pub trait TenantPool {
         &self,
         user: uuid::Uuid,
     ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send;
+
+    /// The `statement_timeout` of a tenant's transaction (`"0"`: none).
+    fn statement_timeout(&self) -> String {
+        "0".into()
+    }
 }
 
 impl TenantPool for RequestPool {
@@ -450,6 +465,10 @@ impl TenantPool for RequestPool {
     ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send
     {
         RequestPool::get_for_tenant(self, user)
+    }
+
+    fn statement_timeout(&self) -> String {
+        format!("{}ms", self.statement_timeout.as_millis())
     }
 }
 
