@@ -120,7 +120,7 @@ async fn main() {
         let started = Instant::now();
         let id = *user_id;
         let key = key.clone();
-        let task = tokio::spawn(async move { export(&mut client, id, &key, tx).await });
+        let task = tokio::spawn(async move { export(&mut client, id, &key, tx, None).await });
         let mut bytes = 0usize;
         while let Some(chunk) = rx.recv().await {
             bytes += chunk.len();

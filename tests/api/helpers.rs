@@ -517,6 +517,19 @@ pub async fn json(response: reqwest::Response) -> Value {
     response.json().await.expect("a JSON body")
 }
 
+/// How many system migrations the binary embeds (`system_migrations/V*.sql`).
+pub fn system_migration_count() -> i64 {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("system_migrations");
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('V') && name.ends_with(".sql")
+        })
+        .count() as i64
+}
+
 /// Run the `tenantry` binary with a clean environment plus `env`.
 pub async fn tenantry(
     args: &[&str],
