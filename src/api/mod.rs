@@ -5,7 +5,7 @@ mod admin;
 mod auth;
 mod conversations;
 pub mod error;
-mod experiences;
+pub mod experiences;
 mod extract;
 pub(crate) mod health;
 pub(crate) mod me;
