@@ -3,7 +3,7 @@
 //! durable), then a no-op run over a large fleet.
 //!
 //! `cargo bench --bench fleet -- [N] [NOOP_N] [BIN]` (or `scripts/bench-fleet`).
-//! 1. Provisions N tenants at V4 (the built-in templates).
+//! 1. Provisions N tenants at the built-in templates' latest version.
 //! 2. For concurrency 1, 2 and 4: `fleet migrate` (the library's runner: run
 //!    lock, plan, one pipelined transaction per tenant with its advisory
 //!    lock, history and result rows) of a realistic version — a column with
@@ -74,13 +74,14 @@ async fn main() {
         boot,
         installation,
     } = bench_db("bench-fleet", &settings).await;
-    let v4 = TemplateSet::builtin().unwrap();
+    let builtin = TemplateSet::builtin().unwrap();
+    let base = builtin.latest().get() as usize;
 
-    // The admin's templates: the built-in V1–V4 plus one version per
+    // The admin's templates: the built-in ones plus one version per
     // concurrency measured.
     let tdir = dir.join("templates");
     std::fs::create_dir_all(&tdir).unwrap();
-    for t in v4.all() {
+    for t in builtin.all() {
         std::fs::write(tdir.join(t.file_name()), t.sql()).unwrap();
     }
     for (i, c) in CONCURRENCY.iter().enumerate() {
@@ -88,7 +89,7 @@ async fn main() {
             std::fs::write(
                 tdir.join(format!(
                     "V{}__rating_p{c}_{round}.sql",
-                    5 + i * ROUNDS + round
+                    base + 1 + i * ROUNDS + round
                 )),
                 version_sql(&format!("rating_p{c}_{round}")),
             )
@@ -106,11 +107,14 @@ async fn main() {
     common::record_fact(
         "fleet",
         "size",
-        &format!("{n} tenants migrated V4 → V5, no-op run over {noop_n}"),
+        &format!(
+            "{n} tenants migrated V{base} → V{}, no-op run over {noop_n}",
+            base + 1
+        ),
     );
-    println!("fleet benchmark on PostgreSQL {version}: {n} tenants at V4, then a no-op run over {noop_n}");
+    println!("fleet benchmark on PostgreSQL {version}: {n} tenants at V{base}, then a no-op run over {noop_n}");
     let t = Instant::now();
-    provision_many(&target, &installation, &v4, 0..n, 4).await;
+    provision_many(&target, &installation, &builtin, 0..n, 4).await;
     println!(
         "provisioned {n} tenants in {:.1} s (4 sessions)",
         t.elapsed().as_secs_f64()
@@ -137,7 +141,7 @@ async fn main() {
         // after a checkpoint pays for its full-page image in the WAL).
         let mut rounds: [Vec<Duration>; 3] = Default::default();
         for round in 0..ROUNDS {
-            let version = TemplateVersion::parse((5 + i * ROUNDS + round) as i64).unwrap();
+            let version = TemplateVersion::parse((base + 1 + i * ROUNDS + round) as i64).unwrap();
             let options = RunOptions {
                 target: Some(version),
                 concurrency: c,

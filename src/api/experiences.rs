@@ -63,9 +63,51 @@ pub struct Experience {
 
 /// Explicit columns, never `*`: cached statements must keep their shape
 /// when a template version adds a column.
-const COLUMNS: &str = "id, kind, title, organization, employment_type, location, is_remote, \
-     industry_code, started_on, ended_on, description, \
-     COALESCE(details -> 'skills', '[]'::jsonb) AS skills, created_at, updated_at";
+macro_rules! columns {
+    () => {
+        "id, kind, title, organization, employment_type, location, is_remote, \
+         industry_code, started_on, ended_on, description, \
+         COALESCE(details -> 'skills', '[]'::jsonb) AS skills, created_at, updated_at"
+    };
+}
+const COLUMNS: &str = columns!();
+
+/// The first template version whose experiences keep their search
+/// document (`search_doc`, with a GIN index); tenants the fleet has not
+/// brought there yet are searched by computing it on the fly.
+const STORED_SEARCH_DOC: i32 = 5;
+
+/// Ranked search: `$1` the terms (a [`crate::api::paging::WebSearch`]), after rank `$2` and id
+/// `$3`, limit `$4`. The match is served by the index on `search_doc`, and
+/// only the matching rows are ranked.
+pub const SEARCH_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    ", ts_rank(search_doc, query) AS rank
+     FROM experiences, websearch_to_tsquery('english', $1) AS query
+     WHERE search_doc @@ query
+       AND ($2::real IS NULL OR (ts_rank(search_doc, query), id) < ($2::real, $3::int8))
+     ORDER BY rank DESC, id DESC
+     LIMIT $4"
+);
+
+/// [`SEARCH_SQL`] for a tenant without `search_doc`: the same document,
+/// computed from every row.
+const SEARCH_UNINDEXED_SQL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    ", ts_rank(doc, query) AS rank
+     FROM experiences,
+          websearch_to_tsquery('english', $1) AS query,
+          LATERAL (SELECT setweight(to_tsvector('english', title), 'A')
+                       || setweight(to_tsvector('english', coalesce(organization, '')), 'B')
+                       || setweight(to_tsvector('english', coalesce(details ->> 'skills', '')), 'B')
+                       || setweight(to_tsvector('english', coalesce(description, '')), 'C') AS doc) AS d
+     WHERE doc @@ query
+       AND ($2::real IS NULL OR (ts_rank(doc, query), id) < ($2::real, $3::int8))
+     ORDER BY rank DESC, id DESC
+     LIMIT $4"
+);
 
 impl Experience {
     fn from_row(row: &Row) -> Result<Experience, ApiError> {
@@ -252,33 +294,19 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit()?;
     let fetch = limit + 1;
-    if let Some(q) = query.search()? {
-        let after = query.cursor("r", 2)?;
-        let (rank, id): (Option<f32>, Option<i64>) = match &after {
+    if let Some(q) = query.web_search()? {
+        let (rank, id): (Option<f32>, Option<i64>) = match query.cursor("r", 2)? {
             Some(parts) => (Some(cursor_part(&parts[0])?), Some(cursor_part(&parts[1])?)),
             None => (None, None),
         };
-        let sql = format!(
-            "SELECT {COLUMNS}, ts_rank(doc, query) AS rank
-             FROM experiences,
-                  websearch_to_tsquery('english', $1) AS query,
-                  LATERAL (SELECT setweight(to_tsvector('english', title), 'A')
-                               || setweight(to_tsvector('english', coalesce(organization, '')), 'B')
-                               || setweight(to_tsvector('english', coalesce(details ->> 'skills', '')), 'B')
-                               || setweight(to_tsvector('english', coalesce(description, '')), 'C') AS doc) AS d
-             WHERE doc @@ query
-               AND ($2::real IS NULL OR (ts_rank(doc, query), id) < ($2::real, $3::int8))
-             ORDER BY rank DESC, id DESC
-             LIMIT $4"
-        );
-        let rows = TenantTx::once(
-            &state.pool,
-            user.caller(),
-            Access::ReadOnly,
-            &sql,
-            &[&q, &rank, &id, &fetch],
-        )
-        .await?;
+        let tx = TenantTx::begin(&state.pool, user.caller(), Access::ReadOnly).await?;
+        let sql = if tx.template_version() >= STORED_SEARCH_DOC {
+            SEARCH_SQL
+        } else {
+            SEARCH_UNINDEXED_SQL
+        };
+        let rows = tx.query(sql, &[&q.as_str(), &rank, &id, &fetch]).await?;
+        tx.commit().await?;
         let items = rows
             .iter()
             .map(|row| {

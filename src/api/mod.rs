@@ -5,7 +5,7 @@ mod admin;
 mod auth;
 mod conversations;
 pub mod error;
-mod experiences;
+pub mod experiences;
 pub mod exports;
 mod extract;
 pub(crate) mod health;

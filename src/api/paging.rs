@@ -3,6 +3,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
@@ -64,6 +65,11 @@ impl ListQuery {
         }
     }
 
+    /// The search terms as input for `websearch_to_tsquery`.
+    pub fn web_search(&self) -> Result<Option<WebSearch>, ApiError> {
+        Ok(self.search()?.map(WebSearch::parse))
+    }
+
     /// 1..=200, 50 when absent.
     pub fn limit(&self) -> Result<i64, ApiError> {
         match self.limit {
@@ -74,28 +80,143 @@ impl ListQuery {
     }
 
     /// The decoded cursor: the sort key of the last item of the previous
-    /// page, as `parts` strings, each parsed by the caller.
+    /// page, as `parts` strings, each parsed by the caller with
+    /// [`cursor_part`].
     pub fn cursor(&self, kind: &str, parts: usize) -> Result<Option<Vec<String>>, ApiError> {
         // An empty cursor is the first page (as when absent).
         let Some(raw) = self.cursor.as_deref().filter(|c| !c.is_empty()) else {
             return Ok(None);
         };
-        let bad = || invalid("cursor", "is not a cursor this list returned");
-        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+        if raw.len() > MAX_CURSOR_LEN {
+            return Err(bad_cursor());
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad_cursor())?;
         let (found, values): (String, Vec<String>) =
-            serde_json::from_slice(&bytes).map_err(|_| bad())?;
+            serde_json::from_slice(&bytes).map_err(|_| bad_cursor())?;
         if found != kind || values.len() != parts {
-            return Err(bad());
+            return Err(bad_cursor());
         }
         Ok(Some(values))
     }
 }
 
+/// Longest cursor accepted: the longest one a list makes (a skill's
+/// 200-character name, every character escaped in JSON) with room to spare.
+const MAX_CURSOR_LEN: usize = 4096;
+
+/// Longest text part of a cursor, in characters: sort keys are names of at
+/// most 300 characters (lower-casing may change a name's length a little).
+const MAX_CURSOR_TEXT: usize = 1000;
+
+fn bad_cursor() -> ApiError {
+    invalid("cursor", "is not a cursor this list returned")
+}
+
+/// A value a cursor can carry, parsed only into what the lists' queries
+/// accept as parameters: whatever parses here, PostgreSQL takes.
+pub trait CursorPart: Sized {
+    fn parse_part(value: &str) -> Option<Self>;
+}
+
+/// Ids and positions: never negative (an OFFSET must not be).
+impl CursorPart for i64 {
+    fn parse_part(value: &str) -> Option<i64> {
+        value.parse().ok().filter(|n: &i64| *n >= 0)
+    }
+}
+
+/// Search ranks: `ts_rank` gives finite, non-negative values.
+impl CursorPart for f32 {
+    fn parse_part(value: &str) -> Option<f32> {
+        value
+            .parse()
+            .ok()
+            .filter(|r: &f32| r.is_finite() && *r >= 0.0)
+    }
+}
+
+/// Sort keys: text without NUL (which PostgreSQL text cannot hold).
+impl CursorPart for String {
+    fn parse_part(value: &str) -> Option<String> {
+        (!value.contains('\0') && value.chars().count() <= MAX_CURSOR_TEXT)
+            .then(|| value.to_owned())
+    }
+}
+
+/// Dates within years 1 to 9999: chrono reaches further back than
+/// PostgreSQL's `date` and `timestamptz`.
+impl CursorPart for NaiveDate {
+    fn parse_part(value: &str) -> Option<NaiveDate> {
+        value
+            .parse()
+            .ok()
+            .filter(|d: &NaiveDate| (1..=9999).contains(&d.year()))
+    }
+}
+
+impl CursorPart for DateTime<Utc> {
+    fn parse_part(value: &str) -> Option<DateTime<Utc>> {
+        value
+            .parse()
+            .ok()
+            .filter(|t: &DateTime<Utc>| (1..=9999).contains(&t.year()))
+    }
+}
+
 /// Parse one part of a cursor.
-pub fn cursor_part<T: std::str::FromStr>(value: &str) -> Result<T, ApiError> {
-    value
-        .parse()
-        .map_err(|_| invalid("cursor", "is not a cursor this list returned"))
+pub fn cursor_part<T: CursorPart>(value: &str) -> Result<T, ApiError> {
+    T::parse_part(value).ok_or_else(bad_cursor)
+}
+
+/// Search terms rewritten for `websearch_to_tsquery` to mean what they
+/// meant, in a form PostgreSQL always accepts. Its parser keeps pending
+/// operators on a stack of 32: a run of `-` (each one a NOT) with no word
+/// between them overflows it ("tsquery stack too small"). Here
+/// every word and quoted phrase carries at most one `-`, the parity of the
+/// dashes before it (PostgreSQL reads `--x` as `!!x`); dashes inside words
+/// stay; the characters that PostgreSQL skips between words
+/// (`! & | ( ) <`) become spaces, as do runs of white space. A quote
+/// without a closing one is dropped, as PostgreSQL drops it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebSearch(String);
+
+/// What `websearch_to_tsquery` skips where it expects a word.
+const TSQUERY_OPERATORS: [char; 6] = ['!', '&', '|', '(', ')', '<'];
+
+impl WebSearch {
+    pub fn parse(terms: &str) -> WebSearch {
+        let segments: Vec<&str> = terms.split('"').collect();
+        let quotes = segments.len() - 1;
+        let mut tokens: Vec<String> = Vec::new();
+        let mut negate = false;
+        for (i, segment) in segments.iter().enumerate() {
+            let words = segment
+                .split(|c: char| c.is_whitespace() || TSQUERY_OPERATORS.contains(&c))
+                .filter(|w| !w.is_empty());
+            // Segments between the quotes of a pair are phrases.
+            if i % 2 == 1 && i < quotes {
+                let phrase = words.collect::<Vec<_>>().join(" ");
+                if !phrase.is_empty() {
+                    tokens.push(format!("{}\"{phrase}\"", if negate { "-" } else { "" }));
+                }
+                negate = false;
+                continue;
+            }
+            for word in words {
+                let bare = word.trim_start_matches('-');
+                negate ^= (word.len() - bare.len()) % 2 == 1;
+                if !bare.is_empty() {
+                    tokens.push(format!("{}{bare}", if negate { "-" } else { "" }));
+                    negate = false;
+                }
+            }
+        }
+        WebSearch(tokens.join(" "))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// An opaque cursor for the sort key `parts` of the last item of a page.
@@ -212,6 +333,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn query(cursor: &str) -> ListQuery {
         ListQuery {
@@ -249,5 +371,195 @@ mod tests {
         assert_eq!(q(None, Some("  ")).search().unwrap(), None);
         assert!(q(None, Some("a\0b")).search().is_err());
         assert!(q(None, Some(&"x".repeat(201))).search().is_err());
+    }
+
+    /// A 400 naming `field`, as the handlers answer it.
+    fn is_400(result: Result<impl std::fmt::Debug, ApiError>, field: &str) -> bool {
+        use actix_web::ResponseError;
+        matches!(result, Err(ApiError::Validation(ref v))
+            if v.field == field
+                && ApiError::Validation(v.clone()).status_code() == actix_web::http::StatusCode::BAD_REQUEST)
+    }
+
+    fn cursor_of(parts: &[&str]) -> String {
+        make_cursor(
+            "k",
+            &parts.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn a_cursor_with_a_negative_offset_is_a_400() {
+        let raw = query("WyJpbmR1c3RyaWVzIiwgWyItMSJdXQ");
+        let parts = raw.cursor("industries", 1).unwrap().unwrap();
+        assert!(is_400(cursor_part::<i64>(&parts[0]), "cursor"));
+        assert_eq!(cursor_part::<i64>("0").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_cursor_part_with_a_nul_is_a_400() {
+        let raw = query("WyJzIiwgWyJhXHUwMDAwYiIsICIxIl1d");
+        let parts = raw.cursor("s", 2).unwrap().unwrap();
+        assert!(is_400(cursor_part::<String>(&parts[0]), "cursor"));
+        assert!(is_400(
+            cursor_part::<String>(&"x".repeat(MAX_CURSOR_TEXT + 1)),
+            "cursor"
+        ));
+    }
+
+    #[test]
+    fn a_cursor_longer_than_any_list_makes_is_a_400() {
+        let longest_skill_name = "\u{1}".repeat(200);
+        let made = cursor_of(&[&longest_skill_name, &i64::MAX.to_string()]);
+        assert!(made.len() <= MAX_CURSOR_LEN, "{}", made.len());
+        assert!(query(&made).cursor("k", 2).is_ok());
+        let long = cursor_of(&[&"x".repeat(MAX_CURSOR_LEN)]);
+        assert!(is_400(query(&long).cursor("k", 1), "cursor"));
+    }
+
+    #[test]
+    fn cursor_dates_and_ranks_outside_what_postgresql_takes_are_a_400() {
+        for bad in ["-10000-01-01", "+262143-01-01", "0000-12-31", "2024-02-30"] {
+            assert!(is_400(cursor_part::<NaiveDate>(bad), "cursor"), "{bad}");
+        }
+        assert!(cursor_part::<NaiveDate>("2024-02-29").is_ok());
+        assert!(is_400(
+            cursor_part::<DateTime<Utc>>("+100000-01-01T00:00:00Z"),
+            "cursor"
+        ));
+        assert!(cursor_part::<DateTime<Utc>>("2024-01-01T00:00:00.000001Z").is_ok());
+        for bad in ["NaN", "inf", "-inf", "-0.5", "1e39"] {
+            assert!(is_400(cursor_part::<f32>(bad), "cursor"), "{bad}");
+        }
+        assert_eq!(cursor_part::<f32>("0.0607927").unwrap(), 0.0607927);
+    }
+
+    fn web(q: &str) -> String {
+        WebSearch::parse(q).as_str().to_owned()
+    }
+
+    #[test]
+    fn ordinary_searches_reach_postgresql_as_typed() {
+        for q in [
+            "kubernetes",
+            "rust -java",
+            "\"site reliability\" or devops",
+            "c++ node.js state-of-the-art",
+            "-\"project manager\" agile",
+        ] {
+            assert_eq!(web(q), q);
+        }
+    }
+
+    #[test]
+    fn a_run_of_dashes_becomes_at_most_one_negation() {
+        assert_eq!(web(&"-".repeat(50)), "");
+        assert_eq!(web(&format!("{}cat", "-".repeat(50))), "cat");
+        assert_eq!(web(&format!("{}cat", "-".repeat(51))), "-cat");
+        assert_eq!(web(&format!("{}cat", "- ".repeat(41))), "-cat");
+        assert_eq!(web(&format!("{}cat", "-(".repeat(100))), "cat");
+        assert_eq!(web("dog - - - \"a b\""), "dog -\"a b\"");
+        assert_eq!(web("a----b"), "a----b", "dashes inside a word stay");
+    }
+
+    #[test]
+    fn operators_and_unpaired_quotes_become_separators() {
+        assert_eq!(web("a&b|c!(d)<e"), "a b c d e");
+        assert_eq!(web("\"open phrase"), "open phrase");
+        assert_eq!(web("\"x y\" \"z"), "\"x y\" z");
+        assert_eq!(web("\"\" -\"  \" cat"), "cat");
+    }
+
+    /// The shape PostgreSQL's `websearch_to_tsquery` cannot choke on:
+    /// space-separated tokens, each a word or a quoted phrase with at most
+    /// one leading `-`, and no operator characters outside phrases.
+    fn well_formed(out: &str) -> bool {
+        let mut rest = out;
+        while !rest.is_empty() {
+            let token = rest.strip_prefix('-').unwrap_or(rest);
+            let (ok, next) = if let Some(phrase) = token.strip_prefix('"') {
+                match phrase.find('"') {
+                    Some(end) => (end > 0, &phrase[end + 1..]),
+                    None => (false, ""),
+                }
+            } else {
+                let end = token.find(' ').unwrap_or(token.len());
+                let word = &token[..end];
+                let ok = !word.is_empty()
+                    && !word.starts_with('-')
+                    && !word.contains(|c: char| {
+                        c == '"' || c.is_whitespace() || TSQUERY_OPERATORS.contains(&c)
+                    });
+                (ok, &token[end..])
+            };
+            if !ok {
+                return false;
+            }
+            rest = match next.strip_prefix(' ') {
+                Some(more) if !more.is_empty() => more,
+                None if next.is_empty() => "",
+                _ => return false,
+            };
+        }
+        true
+    }
+
+    /// Text biased towards what the search syntax gives meaning to.
+    fn search_text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("-".to_string()),
+            Just("\"".to_string()),
+            Just(" ".to_string()),
+            Just("or".to_string()),
+            "[!&|()<>:*'\\\\]".prop_map(|s| s),
+            any::<char>().prop_map(String::from),
+            "[a-z]{1,6}".prop_map(|s| s),
+        ];
+        proptest::collection::vec(piece, 0..120).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn any_cursor_text_decodes_or_is_a_400(raw in any::<String>()) {
+            let q = query(&raw);
+            match q.cursor("s", 2) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(is_400(Err::<(), _>(e), "cursor")),
+            }
+        }
+
+        #[test]
+        fn any_decoded_cursor_parts_parse_or_are_a_400(
+            parts in proptest::collection::vec(any::<String>(), 0..4),
+            kind in prop_oneof![Just("s".to_string()), any::<String>()],
+        ) {
+            let raw = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&(kind, &parts)).unwrap());
+            if let Ok(Some(found)) = query(&raw).cursor("s", 2) {
+                for part in &found {
+                    for result in [
+                        cursor_part::<i64>(part).map(drop),
+                        cursor_part::<f32>(part).map(drop),
+                        cursor_part::<String>(part).map(drop),
+                        cursor_part::<NaiveDate>(part).map(drop),
+                        cursor_part::<DateTime<Utc>>(part).map(drop),
+                    ] {
+                        prop_assert!(result.is_ok() || is_400(result, "cursor"));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_q_is_well_formed_search_input_or_a_400(text in prop_oneof![any::<String>(), search_text()]) {
+            let q = ListQuery { q: Some(text), ..ListQuery::default() };
+            match q.web_search() {
+                Ok(None) => {}
+                Ok(Some(web)) => {
+                    prop_assert!(well_formed(web.as_str()), "{:?}", web);
+                    prop_assert_eq!(WebSearch::parse(web.as_str()), web.clone(), "parsing is idempotent");
+                }
+                Err(e) => prop_assert!(is_400(Err::<(), _>(e), "q")),
+            }
+        }
     }
 }

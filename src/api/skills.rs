@@ -124,7 +124,7 @@ pub async fn list(
     let limit = query.limit()?;
     let search = query.search()?;
     let (name, id): (Option<String>, Option<i64>) = match query.cursor("s", 2)? {
-        Some(parts) => (Some(parts[0].clone()), Some(cursor_part(&parts[1])?)),
+        Some(parts) => (Some(cursor_part(&parts[0])?), Some(cursor_part(&parts[1])?)),
         None => (None, None),
     };
     let sql = format!(

@@ -210,7 +210,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_builtin_set_has_the_four_product_versions_in_order() {
+    fn the_builtin_set_has_the_product_versions_in_order() {
         let set = TemplateSet::builtin().unwrap();
         let names: Vec<_> = set
             .all()
@@ -223,10 +223,11 @@ mod tests {
                 (1, "experiences"),
                 (2, "conversations"),
                 (3, "summaries"),
-                (4, "skills")
+                (4, "skills"),
+                (5, "experience_search")
             ]
         );
-        assert_eq!(set.latest().get(), 4);
+        assert_eq!(set.latest().get(), 5);
     }
 
     #[test]

@@ -25,7 +25,7 @@ async fn tenants_can_be_created_listed_and_shown_from_the_cli() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["username"], "nina");
     assert_eq!(list[0]["schema"], "tenant_nina");
-    assert_eq!(list[0]["template_version"], 4);
+    assert_eq!(list[0]["template_version"], latest_version());
     assert_eq!(list[0]["status"], "active");
     assert!(list[0]["role"].as_str().unwrap().ends_with("_nina"));
 

@@ -1,5 +1,6 @@
-//! Fleet migrations against real PostgreSQL: the admin adds V5 and runs
-//! `tenantry fleet migrate` (the real binary) over tenants that signed up at V4.
+//! Fleet migrations against real PostgreSQL: the admin adds a version after
+//! the built-in ones and runs `tenantry fleet migrate` (the real binary) over
+//! tenants that signed up at the latest built-in one.
 
 use std::process::Output;
 use std::time::Duration;
@@ -9,13 +10,28 @@ use tenantry::tenancy::fleet::RUN_LOCK;
 
 use crate::helpers::*;
 
+/// The version tenants sign up at: the latest built-in template.
+fn base_version() -> i32 {
+    latest_version()
+}
+
+/// The version the admin adds in these tests.
+fn added_version() -> i32 {
+    base_version() + 1
+}
+
+/// The added version's file.
+fn rating_file() -> String {
+    format!("V{}__rating.sql", added_version())
+}
+
 /// A realistic new version: a column with a default and an index.
-const V5_RATING: &str = "ALTER TABLE experiences ADD COLUMN rating integer NOT NULL DEFAULT 0;\n\
+const RATING: &str = "ALTER TABLE experiences ADD COLUMN rating integer NOT NULL DEFAULT 0;\n\
                          CREATE INDEX experiences_rating_idx ON experiences (rating);\n";
 
 /// The same, slow enough to act while a run is under way.
-fn slow_v5(seconds: f64) -> String {
-    format!("SELECT pg_sleep({seconds});\n{V5_RATING}")
+fn slow_rating(seconds: f64) -> String {
+    format!("SELECT pg_sleep({seconds});\n{RATING}")
 }
 
 struct Fleet {
@@ -24,14 +40,14 @@ struct Fleet {
     templates: std::path::PathBuf,
 }
 
-/// Tenants signed up at V4 (the built-in templates), and a CLI environment
-/// whose templates add `V5__rating.sql`.
-async fn fleet_at_v4(users: &[&str], v5: &str) -> Fleet {
+/// Tenants signed up at the built-in templates' latest version, and a CLI
+/// environment whose templates add [`rating_file`].
+async fn fleet_at_base(users: &[&str], rating: &str) -> Fleet {
     let app = spawn_app().await;
     for user in users {
         assert_eq!(app.register(user).await.status(), 201, "{user}");
     }
-    let templates = builtin_templates_with(&[("V5__rating.sql", v5)]);
+    let templates = builtin_templates_with(&[(&rating_file(), rating)]);
     let mut env = cli_env(&app.db_name);
     env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
     Fleet {
@@ -42,19 +58,20 @@ async fn fleet_at_v4(users: &[&str], v5: &str) -> Fleet {
 }
 
 impl Fleet {
-    /// The service's settings on this database with the V5 templates.
+    /// The service's settings on this database with the added version.
     fn settings(&self) -> tenantry::configuration::Settings {
         let mut settings = test_settings(&self.app.db_name);
         settings.templates_dir = Some(self.templates.clone());
         settings
     }
 
-    /// The service restarted with the V5 templates.
+    /// The service restarted with the added version.
     async fn service(&self) -> TestApp {
         spawn_app_on(self.settings(), self.app.db_name.clone()).await
     }
 
-    /// Give `user` a `rating` column already, so V5 cannot apply to them.
+    /// Give `user` a `rating` column already, so the added version cannot
+    /// apply to them.
     async fn poison(&self, user: &str) {
         self.app
             .db()
@@ -115,8 +132,9 @@ impl Fleet {
             .collect()
     }
 
-    /// Whether V5's column and index exist in the tenant's schema.
-    async fn has_v5(&self, user: &str) -> (bool, bool) {
+    /// Whether the added version's column and index exist in the tenant's
+    /// schema.
+    async fn has_rating(&self, user: &str) -> (bool, bool) {
         let row = self
             .app
             .db()
@@ -132,20 +150,20 @@ impl Fleet {
         (row.get(0), row.get(1))
     }
 
-    /// The tenant is wholly at V4 or wholly at V5: registry, history and
-    /// tables agree. Returns the version.
+    /// The tenant is wholly at the base version or wholly at the added one:
+    /// registry, history and tables agree. Returns the version.
     async fn assert_whole(&self, user: &str) -> i32 {
         let version = self.registry_version(user).await;
         let history = self.history_versions(user).await;
-        let v5 = self.has_v5(user).await;
+        let rating = self.has_rating(user).await;
         match version {
-            4 => {
-                assert_eq!(history, [1, 2, 3, 4], "{user}");
-                assert_eq!(v5, (false, false), "{user}");
+            v if v == base_version() => {
+                assert_eq!(history, versions_up_to(v), "{user}");
+                assert_eq!(rating, (false, false), "{user}");
             }
-            5 => {
-                assert_eq!(history, [1, 2, 3, 4, 5], "{user}");
-                assert_eq!(v5, (true, true), "{user}");
+            v if v == added_version() => {
+                assert_eq!(history, versions_up_to(v), "{user}");
+                assert_eq!(rating, (true, true), "{user}");
             }
             other => panic!("{user} is at V{other}"),
         }
@@ -181,13 +199,13 @@ impl Fleet {
 
 #[tokio::test]
 async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_nothing() {
-    let fleet = fleet_at_v4(&["amy", "ben", "cal", "dee", "eve"], V5_RATING).await;
+    let fleet = fleet_at_base(&["amy", "ben", "cal", "dee", "eve"], RATING).await;
     let status = fleet.status().await;
-    assert_eq!(status["target_version"], 5);
+    assert_eq!(status["target_version"], added_version());
     assert_eq!(status["pending"], 5);
     assert_eq!(
         status["versions"],
-        serde_json::json!([{"version": 4, "tenants": 5}])
+        serde_json::json!([{"version": base_version(), "tenants": 5}])
     );
 
     let out = fleet.fleet(&["migrate", "--concurrency", "2"]).await;
@@ -198,7 +216,7 @@ async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_n
         stdout(&out)
     );
     for user in ["amy", "ben", "cal", "dee", "eve"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     // The tenant's role owns what the template created.
     let owner: String = fleet
@@ -226,7 +244,7 @@ async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_n
     let again = fleet.fleet(&["migrate"]).await;
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(
-        stdout(&again).contains("0 tenant(s) to V5"),
+        stdout(&again).contains(&format!("0 tenant(s) to V{}", added_version())),
         "{}",
         stdout(&again)
     );
@@ -239,8 +257,8 @@ async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_n
 
 #[tokio::test]
 async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
-    let fleet = fleet_at_v4(&["ann", "bob", "cid", "dot"], V5_RATING).await;
-    // bob already has a column of that name: V5 cannot apply to him.
+    let fleet = fleet_at_base(&["ann", "bob", "cid", "dot"], RATING).await;
+    // bob already has a column of that name: the version cannot apply to him.
     fleet.poison("bob").await;
 
     let out = fleet.fleet(&["migrate", "--canary", "0"]).await;
@@ -252,15 +270,18 @@ async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
     );
     assert!(stdout(&out).contains("failed bob"), "{}", stdout(&out));
     for user in ["ann", "cid", "dot"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
-    assert_eq!(fleet.registry_version("bob").await, 4);
-    assert_eq!(fleet.history_versions("bob").await, [1, 2, 3, 4]);
+    assert_eq!(fleet.registry_version("bob").await, base_version());
+    assert_eq!(
+        fleet.history_versions("bob").await,
+        versions_up_to(base_version())
+    );
     let (status, error) = fleet.result_of("bob").await.unwrap();
     assert_eq!(status, "failed");
     let error = error.unwrap();
     assert!(
-        error.contains("V5__rating.sql") && error.contains("already exists"),
+        error.contains(&rating_file()) && error.contains("already exists"),
         "{error}"
     );
     let status = fleet.status().await;
@@ -280,26 +301,29 @@ async fn a_poisoned_tenant_fails_alone_stays_intact_and_succeeds_on_rerun() {
     let out = fleet.fleet(&["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("1 tenant(s) to V5"),
+        stdout(&out).contains(&format!("1 tenant(s) to V{}", added_version())),
         "{}",
         stdout(&out)
     );
-    assert_eq!(fleet.assert_whole("bob").await, 5);
+    assert_eq!(fleet.assert_whole("bob").await, added_version());
     assert_eq!(fleet.status().await["failed"], 0);
 }
 
 #[tokio::test]
 async fn a_failing_canary_stops_the_run_before_the_rest_are_touched() {
     // Tenants go in username order: aaron is the canary.
-    let fleet = fleet_at_v4(&["aaron", "beth", "carl"], V5_RATING).await;
+    let fleet = fleet_at_base(&["aaron", "beth", "carl"], RATING).await;
     fleet.poison("aaron").await;
     let out = fleet.fleet(&["migrate", "--canary", "1"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("a canary failed"), "{}", stdout(&out));
-    assert_eq!(fleet.registry_version("aaron").await, 4);
-    assert_eq!(fleet.history_versions("aaron").await, [1, 2, 3, 4]);
+    assert_eq!(fleet.registry_version("aaron").await, base_version());
+    assert_eq!(
+        fleet.history_versions("aaron").await,
+        versions_up_to(base_version())
+    );
     for user in ["beth", "carl"] {
-        assert_eq!(fleet.assert_whole(user).await, 4);
+        assert_eq!(fleet.assert_whole(user).await, base_version());
     }
     assert!(fleet.result_of("beth").await.is_none());
     assert_eq!(fleet.status().await["last_run"]["status"], "aborted");
@@ -307,7 +331,7 @@ async fn a_failing_canary_stops_the_run_before_the_rest_are_touched() {
 
 #[tokio::test]
 async fn max_failures_stops_starting_tenants() {
-    let fleet = fleet_at_v4(&["fay", "gus", "hal", "ida"], V5_RATING).await;
+    let fleet = fleet_at_base(&["fay", "gus", "hal", "ida"], RATING).await;
     for user in ["fay", "gus"] {
         fleet.poison(user).await;
     }
@@ -326,46 +350,58 @@ async fn max_failures_stops_starting_tenants() {
     assert!(stdout(&out).contains("--max-failures"), "{}", stdout(&out));
     assert!(stdout(&out).contains("3 not started"), "{}", stdout(&out));
     assert_eq!(fleet.result_of("fay").await.unwrap().0, "failed");
-    assert_eq!(fleet.registry_version("gus").await, 4);
+    assert_eq!(fleet.registry_version("gus").await, base_version());
     assert!(fleet.result_of("gus").await.is_none(), "not started");
     for user in ["hal", "ida"] {
-        assert_eq!(fleet.assert_whole(user).await, 4);
+        assert_eq!(fleet.assert_whole(user).await, base_version());
         assert!(fleet.result_of(user).await.is_none(), "not started");
     }
 }
 
 #[tokio::test]
 async fn a_dry_run_prints_the_plan_and_changes_nothing() {
-    let fleet = fleet_at_v4(&["jon", "kim"], V5_RATING).await;
+    let fleet = fleet_at_base(&["jon", "kim"], RATING).await;
     let out = fleet.fleet(&["migrate", "--dry-run"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains("2 tenant(s) would be migrated to V5"),
+        text.contains(&format!(
+            "2 tenant(s) would be migrated to V{}",
+            added_version()
+        )),
         "{text}"
     );
     assert!(
-        text.contains("jon") && text.contains("V4 → V5  V5__rating.sql"),
+        text.contains("jon")
+            && text.contains(&format!(
+                "V{} → V{}  {}",
+                base_version(),
+                added_version(),
+                rating_file()
+            )),
         "{text}"
     );
     for user in ["jon", "kim"] {
-        assert_eq!(fleet.assert_whole(user).await, 4);
+        assert_eq!(fleet.assert_whole(user).await, base_version());
     }
     assert_eq!(fleet.runs().await, 0);
     let recorded: i64 = fleet
         .app
-        .count("SELECT count(*) FROM tenantry.templates WHERE version = 5")
+        .count(&format!(
+            "SELECT count(*) FROM tenantry.templates WHERE version = {}",
+            added_version()
+        ))
         .await;
     assert_eq!(recorded, 0, "a dry run records nothing");
 }
 
 #[tokio::test]
 async fn one_tenant_can_be_migrated_alone() {
-    let fleet = fleet_at_v4(&["lea", "max"], V5_RATING).await;
+    let fleet = fleet_at_base(&["lea", "max"], RATING).await;
     let out = fleet.fleet(&["migrate", "--tenant", "max"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fleet.assert_whole("max").await, 5);
-    assert_eq!(fleet.assert_whole("lea").await, 4);
+    assert_eq!(fleet.assert_whole("max").await, added_version());
+    assert_eq!(fleet.assert_whole("lea").await, base_version());
     let out = fleet.fleet(&["migrate", "--tenant", "nobody"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -377,7 +413,7 @@ async fn one_tenant_can_be_migrated_alone() {
 
 #[tokio::test]
 async fn targets_only_go_forward() {
-    let fleet = fleet_at_v4(&["ned"], V5_RATING).await;
+    let fleet = fleet_at_base(&["ned"], RATING).await;
     let out = fleet.fleet(&["migrate", "--to", "3"]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -385,39 +421,45 @@ async fn targets_only_go_forward() {
         "{}",
         stderr(&out)
     );
-    let out = fleet.fleet(&["migrate", "--to", "9"]).await;
+    let beyond = (added_version() + 4).to_string();
+    let out = fleet.fleet(&["migrate", "--to", &beyond]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("no template V9: the latest is V5"),
+        stderr(&out).contains(&format!(
+            "no template V{beyond}: the latest is V{}",
+            added_version()
+        )),
         "{}",
         stderr(&out)
     );
     let out = fleet.fleet(&["migrate", "--to", "zero"]).await;
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(fleet.assert_whole("ned").await, 4);
+    assert_eq!(fleet.assert_whole("ned").await, base_version());
     assert_eq!(fleet.runs().await, 0);
 }
 
 #[tokio::test]
 async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
-    let fleet = fleet_at_v4(&["oli", "pam"], V5_RATING).await;
+    let fleet = fleet_at_base(&["oli", "pam"], RATING).await;
     assert!(fleet.fleet(&["migrate"]).await.status.success());
 
-    // V5 edited after it was applied, and a V6 added: refused, naming V5.
+    // The added version edited after it was applied, and one more added:
+    // refused, naming the edited one.
+    let notes_file = format!("V{}__notes.sql", added_version() + 1);
     std::fs::write(
-        fleet.templates.join("V5__rating.sql"),
-        format!("{V5_RATING}-- tweaked\n"),
+        fleet.templates.join(rating_file()),
+        format!("{RATING}-- tweaked\n"),
     )
     .unwrap();
     std::fs::write(
-        fleet.templates.join("V6__notes.sql"),
+        fleet.templates.join(&notes_file),
         "CREATE TABLE notes (id bigserial PRIMARY KEY);",
     )
     .unwrap();
     let out = fleet.fleet(&["migrate"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("template V5__rating.sql has changed"),
+        stderr(&out).contains(&format!("template {} has changed", rating_file())),
         "{}",
         stderr(&out)
     );
@@ -425,29 +467,33 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
         .await
         .err()
         .expect("serve refuses changed templates");
-    assert!(refused.to_string().contains("V5__rating.sql"), "{refused}");
+    assert!(refused.to_string().contains(&rating_file()), "{refused}");
 
-    // V5 gone from the set: refused at load (a gap before V6).
-    std::fs::remove_file(fleet.templates.join("V5__rating.sql")).unwrap();
+    // The added version gone from the set: refused at load (a gap).
+    std::fs::remove_file(fleet.templates.join(rating_file())).unwrap();
     let out = fleet.fleet(&["migrate"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("template V5 is missing"),
+        stderr(&out).contains(&format!("template V{} is missing", added_version())),
         "{}",
         stderr(&out)
     );
-    // Only V1–V4 left: the tenants are at a version the set does not know.
-    std::fs::remove_file(fleet.templates.join("V6__notes.sql")).unwrap();
+    // Only the built-in versions left: the tenants are at a version the set
+    // does not know.
+    std::fs::remove_file(fleet.templates.join(&notes_file)).unwrap();
     let out = fleet.fleet(&["migrate"]).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("V5__rating.sql was applied to this database but is missing"),
+        stderr(&out).contains(&format!(
+            "{} was applied to this database but is missing",
+            rating_file()
+        )),
         "{}",
         stderr(&out)
     );
 
     for user in ["oli", "pam"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     let notes: i64 = fleet
         .app
@@ -459,23 +505,28 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
 
 #[tokio::test]
 async fn tenants_newer_than_the_binary_are_refused() {
-    let fleet = fleet_at_v4(&["quin"], V5_RATING).await;
+    let fleet = fleet_at_base(&["quin"], RATING).await;
     assert!(fleet.fleet(&["migrate"]).await.status.success());
     // A database some newer binary migrated, without its template record.
     fleet
         .app
         .db()
         .await
-        .batch_execute("DELETE FROM tenantry.templates WHERE version = 5")
+        .batch_execute(&format!(
+            "DELETE FROM tenantry.templates WHERE version = {}",
+            added_version()
+        ))
         .await
         .unwrap();
     let env = cli_env(&fleet.app.db_name);
     let out = tenantry(&["fleet", "migrate"], &env, None).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains(
-            "1 tenant(s) are at template version 5, newer than the latest this binary knows (V4)"
-        ),
+        stderr(&out).contains(&format!(
+            "1 tenant(s) are at template version {}, newer than the latest this binary knows (V{})",
+            added_version(),
+            base_version()
+        )),
         "{}",
         stderr(&out)
     );
@@ -483,7 +534,7 @@ async fn tenants_newer_than_the_binary_are_refused() {
 
 #[tokio::test]
 async fn a_template_with_commit_is_refused_at_load() {
-    let fleet = fleet_at_v4(
+    let fleet = fleet_at_base(
         &["rae"],
         "ALTER TABLE experiences ADD COLUMN rating int;\nCOMMIT;\n",
     )
@@ -492,18 +543,18 @@ async fn a_template_with_commit_is_refused_at_load() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(
-        err.contains("V5__rating.sql")
+        err.contains(&rating_file())
             && err.contains("line 2")
             && err.contains("COMMIT is not allowed"),
         "{err}"
     );
-    assert_eq!(fleet.assert_whole("rae").await, 4);
+    assert_eq!(fleet.assert_whole("rae").await, base_version());
     assert_eq!(fleet.runs().await, 0);
 }
 
 #[tokio::test]
 async fn a_second_runner_is_refused_while_one_holds_the_run_lock() {
-    let fleet = fleet_at_v4(&["sam", "tia"], &slow_v5(1.0)).await;
+    let fleet = fleet_at_base(&["sam", "tia"], &slow_rating(1.0)).await;
     // Forced: the test holds the run lock as another runner would.
     let holder = fleet.app.db().await;
     holder
@@ -543,7 +594,7 @@ async fn a_second_runner_is_refused_while_one_holds_the_run_lock() {
     let first = first.wait_with_output().await.unwrap();
     assert!(first.status.success(), "{}", stderr(&first));
     for user in ["sam", "tia"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
 }
 
@@ -561,14 +612,17 @@ async fn wait_for(app: &TestApp, sql: &str) {
 #[tokio::test]
 async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishes() {
     let users = ["uma", "vic", "wes", "xia", "yan", "zoe"];
-    let fleet = fleet_at_v4(&users, &slow_v5(0.3)).await;
+    let fleet = fleet_at_base(&users, &slow_rating(0.3)).await;
     let mut run = fleet
         .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
         .spawn()
         .unwrap();
     wait_for(
         &fleet.app,
-        "SELECT (count(*) >= 2)::int::int8 FROM tenantry.tenants WHERE template_version = 5",
+        &format!(
+            "SELECT (count(*) >= 2)::int::int8 FROM tenantry.tenants WHERE template_version = {}",
+            added_version()
+        ),
     )
     .await;
     run.kill().await.unwrap(); // SIGKILL mid-run
@@ -582,7 +636,7 @@ async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishe
     .await;
     let mut done = 0;
     for user in users {
-        if fleet.assert_whole(user).await == 5 {
+        if fleet.assert_whole(user).await == added_version() {
             done += 1;
         }
     }
@@ -597,12 +651,12 @@ async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishe
     let out = fleet.fleet(&["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains(&format!("{} tenant(s) to V5", 6 - done)),
+        stdout(&out).contains(&format!("{} tenant(s) to V{}", 6 - done, added_version())),
         "{}",
         stdout(&out)
     );
     for user in users {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     let runs: Vec<String> = fleet
         .app
@@ -619,7 +673,7 @@ async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishe
 
 #[tokio::test]
 async fn a_dropped_connection_rolls_its_tenant_back_and_the_run_goes_on() {
-    let fleet = fleet_at_v4(&["abe", "bea", "cyd"], &slow_v5(0.5)).await;
+    let fleet = fleet_at_base(&["abe", "bea", "cyd"], &slow_rating(0.5)).await;
     let run = fleet
         .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
         .spawn()
@@ -641,21 +695,21 @@ async fn a_dropped_connection_rolls_its_tenant_back_and_the_run_goes_on() {
         .unwrap();
     let out = run.wait_with_output().await.unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert_eq!(fleet.assert_whole("abe").await, 4);
+    assert_eq!(fleet.assert_whole("abe").await, base_version());
     let (status, error) = fleet.result_of("abe").await.unwrap();
     assert_eq!(status, "failed");
     assert!(error.unwrap().contains("connection"));
     for user in ["bea", "cyd"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     let out = fleet.fleet(&["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fleet.assert_whole("abe").await, 5);
+    assert_eq!(fleet.assert_whole("abe").await, added_version());
 }
 
 #[tokio::test]
 async fn a_busy_tenant_times_out_alone_and_is_retried_by_the_next_run() {
-    let fleet = fleet_at_v4(&["dan", "eli", "flo"], V5_RATING).await;
+    let fleet = fleet_at_base(&["dan", "eli", "flo"], RATING).await;
     // A long transaction holds a lock on eli's table (a request would).
     let blocker = fleet.app.db().await;
     blocker
@@ -669,20 +723,20 @@ async fn a_busy_tenant_times_out_alone_and_is_retried_by_the_next_run() {
     let (status, error) = fleet.result_of("eli").await.unwrap();
     assert_eq!(status, "failed");
     assert!(error.unwrap().contains("lock timeout"));
-    assert_eq!(fleet.assert_whole("eli").await, 4);
+    assert_eq!(fleet.assert_whole("eli").await, base_version());
     for user in ["dan", "flo"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     blocker.batch_execute("COMMIT").await.unwrap();
     let out = fleet.fleet(&["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(fleet.assert_whole("eli").await, 5);
+    assert_eq!(fleet.assert_whole("eli").await, added_version());
 }
 
 #[tokio::test]
 async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again() {
     let old = ["gil", "hua", "ivy", "jax"];
-    let fleet = fleet_at_v4(&old, &slow_v5(0.6)).await;
+    let fleet = fleet_at_base(&old, &slow_rating(0.6)).await;
     // The service restarted with the new templates, serving signups.
     let service = fleet.service().await;
     // The run cannot end before the signups: jax's tenant lock is held (as
@@ -716,7 +770,7 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
     for user in ["kai", "lou"] {
         let response = service.register(user).await;
         assert_eq!(response.status(), 201);
-        assert_eq!(json(response).await["template_version"], 5);
+        assert_eq!(json(response).await["template_version"], added_version());
     }
     let still_running = fleet
         .app
@@ -728,14 +782,14 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("4 migrated"), "{}", stdout(&out));
     for user in old.iter().chain(&["kai", "lou"]) {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     assert!(fleet.result_of("kai").await.is_none());
 }
 
 #[tokio::test]
 async fn requests_keep_working_while_tenants_are_on_different_versions() {
-    let fleet = fleet_at_v4(&["mia", "noa"], V5_RATING).await;
+    let fleet = fleet_at_base(&["mia", "noa"], RATING).await;
     assert!(fleet
         .fleet(&["migrate", "--tenant", "noa"])
         .await
@@ -745,7 +799,7 @@ async fn requests_keep_working_while_tenants_are_on_different_versions() {
     settings.pool_size = 1; // every request on the same connection
     let service = spawn_app_on(settings, fleet.app.db_name.clone()).await;
     for _ in 0..3 {
-        for (user, version) in [("mia", 4), ("noa", 5)] {
+        for (user, version) in [("mia", base_version()), ("noa", added_version())] {
             let login = service
                 .post_json(
                     "/api/auth/login",
@@ -772,7 +826,7 @@ async fn requests_keep_working_while_tenants_are_on_different_versions() {
 
 #[tokio::test]
 async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
-    let fleet = fleet_at_v4(&["ozzy", "pia", "quy"], V5_RATING).await;
+    let fleet = fleet_at_base(&["ozzy", "pia", "quy"], RATING).await;
     let prefix = fleet.app.role_prefix().await;
     let db = fleet.app.db().await;
     // Orphans as a crashed or hand-run tenantry would leave them: made by
@@ -786,11 +840,12 @@ async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
         ))
         .await
         .unwrap();
-    db.batch_execute(
+    db.batch_execute(&format!(
         "INSERT INTO tenantry.users (username, email, password_hash) VALUES ('lonely', 'lonely@example.com', 'x');
          DROP SCHEMA tenant_pia CASCADE;
-         DELETE FROM tenant_quy.refinery_schema_history WHERE version = 4;",
-    )
+         DELETE FROM tenant_quy.refinery_schema_history WHERE version = {};",
+        base_version()
+    ))
     .await
     .unwrap();
 
@@ -841,8 +896,8 @@ async fn fleet_check_reports_drift_and_repair_removes_only_orphans() {
     };
     assert_eq!(left, (0, 0, 0));
     // Registered tenants are untouched by a repair.
-    assert_eq!(fleet.registry_version("pia").await, 4);
-    assert_eq!(fleet.assert_whole("ozzy").await, 4);
+    assert_eq!(fleet.registry_version("pia").await, base_version());
+    assert_eq!(fleet.assert_whole("ozzy").await, base_version());
     // The username is free again.
     assert_eq!(fleet.app.register("lonely").await.status(), 201);
 }
@@ -895,7 +950,7 @@ async fn finished_run(service: &TestApp, token: &str, run_id: i64) -> Value {
 
 #[tokio::test]
 async fn admins_run_and_follow_a_migration_over_http() {
-    let fleet = fleet_at_v4(&["ray", "sue", "tom"], V5_RATING).await;
+    let fleet = fleet_at_base(&["ray", "sue", "tom"], RATING).await;
     let service = fleet.service().await;
     let admin = staff_token(&service, "root_ops", &[]).await;
     let auditor = staff_token(&service, "audrey", &["--auditor"]).await;
@@ -944,12 +999,12 @@ async fn admins_run_and_follow_a_migration_over_http() {
     assert_eq!(status.status(), 200);
     let status = json(status).await;
     assert_eq!(status["pending"], 3);
-    assert_eq!(status["target_version"], 5);
+    assert_eq!(status["target_version"], added_version());
 
     // Bad requests are 400s with the JSON error shape.
     for (body, code) in [
         (
-            serde_json::json!({"target_version": 9}),
+            serde_json::json!({"target_version": added_version() + 4}),
             "invalid_target_version",
         ),
         (
@@ -990,7 +1045,7 @@ async fn admins_run_and_follow_a_migration_over_http() {
     assert_eq!(report["succeeded"], 3);
     assert_eq!(report["started_by"], "admin:root_ops");
     for user in ["ray", "sue", "tom"] {
-        assert_eq!(fleet.assert_whole(user).await, 5);
+        assert_eq!(fleet.assert_whole(user).await, added_version());
     }
     let missing = get("/admin/fleet/migrations/999999", Some(&admin))
         .await
@@ -1004,7 +1059,7 @@ async fn admins_run_and_follow_a_migration_over_http() {
 
 #[tokio::test]
 async fn a_failed_tenant_shows_in_the_run_report_over_http() {
-    let fleet = fleet_at_v4(&["uli", "val"], V5_RATING).await;
+    let fleet = fleet_at_base(&["uli", "val"], RATING).await;
     fleet.poison("val").await;
     let service = fleet.service().await;
     let admin = staff_token(&service, "ops_lead", &[]).await;
@@ -1025,5 +1080,5 @@ async fn a_failed_tenant_shows_in_the_run_report_over_http() {
     assert!(report["failures"][0]["error"]
         .as_str()
         .unwrap()
-        .contains("V5__rating.sql"));
+        .contains(&rating_file()));
 }

@@ -82,7 +82,7 @@ async fn an_export_holds_every_row_and_the_account_from_the_api_and_the_cli() {
     assert_eq!(status, 200);
     let export: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(export["format"], "tenantry-export");
-    assert_eq!(export["template_version"], 4);
+    assert_eq!(export["template_version"], latest_version());
     assert_eq!(export["account"]["username"], "elsa");
     assert_eq!(export["account"]["email"], "elsa@example.com");
     assert!(export["account"].get("password_hash").is_none());
@@ -438,7 +438,7 @@ async fn requests_racing_an_erasure_end_cleanly() {
 #[tokio::test]
 async fn a_fleet_run_skips_a_tenant_being_erased_and_erasing_again_finishes_it() {
     let dir = builtin_templates_with(&[(
-        "V5__notes.sql",
+        &format!("V{}__notes.sql", latest_version() + 1),
         "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
     )]);
     let app = spawn_app().await;
@@ -469,7 +469,13 @@ async fn a_fleet_run_skips_a_tenant_being_erased_and_erasing_again_finishes_it()
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, i32>(1)))
         .collect::<Vec<_>>();
-    assert_eq!(versions, [("lena".into(), 4), ("mona".into(), 5)]);
+    assert_eq!(
+        versions,
+        [
+            ("lena".into(), latest_version()),
+            ("mona".into(), latest_version() + 1)
+        ]
+    );
     let out = tenantry(&["tenants", "delete", "lena", "--yes"], &env, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(app.schema_count().await, 1);
@@ -647,9 +653,10 @@ async fn a_tampered_truncated_or_foreign_export_is_refused_and_creates_nothing()
 
 #[tokio::test]
 async fn an_export_at_an_older_version_imports_forward_and_a_newer_one_is_refused() {
-    // A database whose tenants are at V5 (a template this binary lacks).
+    // A database whose tenants are one version ahead (a template this
+    // binary lacks).
     let v5 = builtin_templates_with(&[(
-        "V5__notes.sql",
+        &format!("V{}__notes.sql", latest_version() + 1),
         "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
     )]);
     let newer_app = spawn_app_with({
@@ -679,7 +686,8 @@ async fn an_export_at_an_older_version_imports_forward_and_a_newer_one_is_refuse
     assert!(stderr(&out).contains("newer"), "{}", stderr(&out));
     assert_eq!(app.schema_count().await, 0);
 
-    // An export made at V4 imports into a V5 database and is moved to V5.
+    // An export made at the binary's latest version imports into the newer
+    // database and is moved to its version.
     tenant_with_data(&app, "quinn").await;
     let exported = tenantry(
         &["tenants", "export", "quinn"],
@@ -690,7 +698,7 @@ async fn an_export_at_an_older_version_imports_forward_and_a_newer_one_is_refuse
     .stdout;
     assert_eq!(
         serde_json::from_slice::<Value>(&exported).unwrap()["template_version"],
-        4
+        latest_version()
     );
     std::fs::write(&file, &exported).unwrap();
     let out = tenantry(
@@ -710,7 +718,7 @@ async fn an_export_at_an_older_version_imports_forward_and_a_newer_one_is_refuse
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 5);
+    assert_eq!(version, latest_version() + 1);
     assert_eq!(
         newer_app
             .count("SELECT count(*) FROM tenant_quinn.experiences")

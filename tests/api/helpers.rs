@@ -588,8 +588,21 @@ pub fn templates_dir_with(files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
-/// A templates directory holding every built-in template (V1–V4) plus the
-/// given files: what an admin has after adding a version.
+/// The version the built-in templates end at: what new tenants get.
+pub fn latest_version() -> i32 {
+    tenantry::templates::TemplateSet::builtin()
+        .expect("the built-in templates load")
+        .latest()
+        .get()
+}
+
+/// The history a tenant at `version` has: 1, 2, …, `version`.
+pub fn versions_up_to(version: i32) -> Vec<i32> {
+    (1..=version).collect()
+}
+
+/// A templates directory holding every built-in template plus the given
+/// files: what an admin has after adding a version.
 pub fn builtin_templates_with(files: &[(&str, &str)]) -> PathBuf {
     let dir = temp_dir("tenantry-templates");
     spawn_reaper(&dir);

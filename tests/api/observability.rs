@@ -41,7 +41,7 @@ async fn metrics_are_prometheus_text_labelled_by_route_pattern() {
         "http_requests_total{method=\"GET\",route=\"/api/experiences/{id}\",status=\"200\"}",
         "http_request_duration_seconds_bucket{method=\"POST\",route=\"/api/auth/register\",status=\"201\"",
         "tenantry_provisioning_duration_seconds_count",
-        "tenantry_tenants{template_version=\"4\"}",
+        &format!("tenantry_tenants{{template_version=\"{}\"}}", latest_version()),
         "tenantry_tenants_pending_migration",
         "tenantry_pool_connections{state=\"max\"}",
         "tenantry_pool_waiting",

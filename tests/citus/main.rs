@@ -653,8 +653,13 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
+    let latest = tenantry::templates::TemplateSet::builtin()
+        .unwrap()
+        .latest()
+        .get();
+    let added = latest + 1;
     std::fs::write(
-        dir.join("V5__notes.sql"),
+        dir.join(format!("V{added}__notes.sql")),
         "ALTER TABLE experiences ADD COLUMN notes text;\n\
          CREATE INDEX experiences_notes_idx ON experiences (notes);\n\
          CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);\n\
@@ -674,8 +679,8 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
     let db = citus.coordinator().await;
     let behind: i64 = db
         .query_one(
-            "SELECT count(*) FROM tenantry.tenants WHERE template_version <> 5",
-            &[],
+            "SELECT count(*) FROM tenantry.tenants WHERE template_version <> $1",
+            &[&added],
         )
         .await
         .unwrap()
@@ -745,8 +750,8 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
     );
     let history: i64 = db
         .query_one(
-            "SELECT count(*) FROM tenant_ada.refinery_schema_history WHERE version = 5",
-            &[],
+            "SELECT count(*) FROM tenant_ada.refinery_schema_history WHERE version = $1",
+            &[&added],
         )
         .await
         .unwrap()
