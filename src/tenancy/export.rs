@@ -13,7 +13,8 @@
 //!
 //! Tables are every table of the tenant's schema (but its migration
 //! history), found in the catalog, parents before the tables that reference
-//! them; rows are `row_to_json` of each row, in primary-key order. Everything
+//! them; rows are `row_to_json` of each row's columns (generated ones
+//! aside: they are derived), in primary-key order. Everything
 //! is read in one REPEATABLE READ, READ ONLY transaction (one snapshot) and
 //! streamed in chunks through a bounded channel: memory stays flat whatever
 //! the tenant's size. `mac` is an HMAC-SHA256, keyed from the service secret,
@@ -147,11 +148,13 @@ impl Buffer {
 }
 
 /// Tables of `schema` to export, parents first (by foreign keys), then by
-/// name; with the columns of their primary key (for a stable order).
+/// name; with the columns of their primary key (for a stable order) and the
+/// columns exported: all but generated ones, which are derived (a search
+/// document, say) and which an import recomputes.
 async fn tables(
     tx: &tokio_postgres::Transaction<'_>,
     schema: &SchemaName,
-) -> Result<Vec<(String, Vec<String>)>, tokio_postgres::Error> {
+) -> Result<Vec<(String, Keyed)>, tokio_postgres::Error> {
     let rows = tx
         .query(
             "SELECT c.relname,
@@ -164,7 +167,10 @@ async fn tables(
                               FROM pg_catalog.pg_constraint f
                               JOIN pg_catalog.pg_class p ON p.oid = f.confrelid
                               WHERE f.conrelid = c.oid AND f.contype = 'f' AND p.oid <> c.oid
-                                AND p.relnamespace = c.relnamespace), '{}') AS parents
+                                AND p.relnamespace = c.relnamespace), '{}') AS parents,
+                    (SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_catalog.pg_attribute a
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attgenerated = '') AS columns
              FROM pg_catalog.pg_class c
              WHERE c.relnamespace = to_regnamespace($1) AND c.relkind IN ('r', 'p')
                AND NOT c.relispartition AND c.relname <> 'refinery_schema_history'
@@ -172,13 +178,16 @@ async fn tables(
             &[&schema.as_str()],
         )
         .await?;
-    let mut pending: BTreeMap<String, (Vec<String>, BTreeSet<String>)> = rows
+    let mut pending: BTreeMap<String, (Keyed, BTreeSet<String>)> = rows
         .iter()
         .map(|r| {
             (
                 r.get::<_, String>(0),
                 (
-                    r.get::<_, Vec<String>>(1),
+                    Keyed {
+                        pk: r.get(1),
+                        columns: r.get::<_, Option<Vec<String>>>(3).unwrap_or_default(),
+                    },
                     r.get::<_, Vec<String>>(2).into_iter().collect(),
                 ),
             )
@@ -204,6 +213,12 @@ async fn tables(
         }
     }
     Ok(ordered)
+}
+
+/// A table's primary key and exported columns.
+struct Keyed {
+    pk: Vec<String>,
+    columns: Vec<String>,
 }
 
 fn quote_ident(name: &str) -> String {
@@ -276,7 +291,7 @@ pub async fn export(
     buf.put(open.as_bytes()).await?;
     buf.put(b",\"tables\":[").await?;
     let (mut total_rows, mut total_tables) = (0i64, 0i64);
-    for (i, (table, pk)) in tables(&tx, &schema).await?.into_iter().enumerate() {
+    for (i, (table, Keyed { pk, columns })) in tables(&tx, &schema).await?.into_iter().enumerate() {
         if i > 0 {
             buf.put(b",").await?;
         }
@@ -294,10 +309,15 @@ pub async fn export(
                     .join(", ")
             )
         };
+        let columns = columns
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
         // Names from the catalog, quoted as identifiers.
         let statement = tx
             .prepare(&format!(
-                "SELECT row_to_json(t)::text FROM {}.{} t{order}",
+                "SELECT row_to_json(r)::text FROM {}.{} t, LATERAL (SELECT {columns}) r{order}",
                 schema.quoted(),
                 quote_ident(&table)
             ))
