@@ -105,9 +105,25 @@ pub struct NewMessage {
     /// 1 to 100,000 characters.
     #[schema(max_length = 100000, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub content: String,
-    /// Up to 16 kB of JSON, no NUL characters.
+    /// Up to 16 kB of JSON, no NUL characters; every number 0 or between
+    /// 1e-15 and 1e15 in magnitude.
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl NewConversation {
+    /// Also what an import holds each conversation row to.
+    pub(crate) fn validate(&self) -> Result<(), ApiError> {
+        opt_text("title", self.title.as_deref(), 1, 300)
+    }
+}
+
+impl NewMessage {
+    /// Also what an import holds each message row to.
+    pub(crate) fn validate(&self) -> Result<(), ApiError> {
+        text("content", &self.content, 1, 100_000)?;
+        object("metadata", &self.metadata)
+    }
 }
 
 fn no_conversation() -> ApiError {
@@ -186,7 +202,7 @@ pub async fn create(
     body: JsonBody<NewConversation>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
-    opt_text("title", input.title.as_deref(), 1, 300)?;
+    input.validate()?;
     let sql = format!(
         "INSERT INTO conversations (title, topic) VALUES (COALESCE($1, 'New conversation'), $2)
          RETURNING {CONVERSATION}"
@@ -287,8 +303,7 @@ pub async fn post_message(
     body: JsonBody<NewMessage>,
 ) -> Result<HttpResponse, ApiError> {
     let input = body.into_inner();
-    text("content", &input.content, 1, 100_000)?;
-    object("metadata", &input.metadata)?;
+    input.validate()?;
     let metadata = serde_json::Value::Object(input.metadata);
     let sql = format!(
         "WITH c AS (UPDATE conversations SET updated_at = now() WHERE id = $1 RETURNING id)

@@ -171,7 +171,8 @@ pub struct ExperienceInput {
 pub struct SkillName(pub String);
 
 impl ExperienceInput {
-    fn validate(&self) -> Result<(), ApiError> {
+    /// Also what an import holds each experience row to.
+    pub(crate) fn validate(&self) -> Result<(), ApiError> {
         text("title", &self.title, 1, 300)?;
         opt_text("organization", self.organization.as_deref(), 0, 300)?;
         opt_text("location", self.location.as_deref(), 0, 300)?;

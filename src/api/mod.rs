@@ -15,6 +15,7 @@ pub mod middleware;
 pub mod openapi;
 mod paging;
 mod reference;
+pub(crate) mod rows;
 mod sessions;
 mod skills;
 mod summaries;

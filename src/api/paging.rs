@@ -225,22 +225,48 @@ pub fn make_cursor(kind: &str, parts: &[String]) -> String {
     URL_SAFE_NO_PAD.encode(json)
 }
 
-/// One page of a list; `next_cursor` is null on the last page.
+/// Most bytes of JSON a page's items take. A page stops early, with a
+/// `next_cursor`, when the next item would pass this: what one request
+/// sends stays bounded whatever `limit` and the items' sizes are.
+pub const PAGE_BYTES: usize = 1024 * 1024;
+
+/// One page of a list, in order: at most `limit` items and at most 1 MB of
+/// them (a page may stop early at that size, with a `next_cursor`); keep
+/// following `next_cursor` until it is null, which it is on the last page.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
+    /// Where the next page starts; null on the last page. A page stops
+    /// early when its items reach 1 MB of JSON.
     pub next_cursor: Option<String>,
 }
 
-impl<T> Page<T> {
+impl<T: Serialize> Page<T> {
     /// `rows` were fetched with `limit + 1`: the extra one says whether
     /// there is a next page, and `key` gives the cursor of the last item.
+    /// Items past [`PAGE_BYTES`] are left to the next page.
     pub fn from_rows(mut items: Vec<T>, limit: i64, key: impl Fn(&T) -> String) -> Page<T> {
         let more = items.len() as i64 > limit;
         items.truncate(limit as usize);
+        let fit = fitting(&items, PAGE_BYTES);
+        let more = more || fit < items.len();
+        items.truncate(fit);
         let next_cursor = if more { items.last().map(key) } else { None };
         Page { items, next_cursor }
     }
+}
+
+/// How many of `items`, from the first, fit in `budget` bytes of JSON
+/// (with their separators); at least one, so a list always moves on.
+fn fitting<T: Serialize>(items: &[T], budget: usize) -> usize {
+    let mut used = 0;
+    for (i, item) in items.iter().enumerate() {
+        used += serialized_len(item) + 1;
+        if used > budget && i > 0 {
+            return i;
+        }
+    }
+    items.len()
 }
 
 /// The name a serde enum has in JSON (and in the tenant's CHECKs).
@@ -290,35 +316,67 @@ pub fn opt_text(
     value.map_or(Ok(()), |v| text(field, v, min, max))
 }
 
-/// Largest magnitude of a number in stored JSON. PostgreSQL keeps `jsonb`
-/// numbers as exact decimals and writes them out in full (309 digits for
-/// 1.7976931348623157e308), which common JSON parsers (serde_json among
-/// them) refuse near the limit of a double.
-pub const MAX_JSON_NUMBER: f64 = 1e300;
+/// Largest magnitude of a number in stored JSON, and smallest of one that
+/// is not 0. PostgreSQL keeps a `jsonb` number as an exact decimal and
+/// writes out every digit on each read (1e300 comes back as 301 digits,
+/// 1e-300 as 302), so a few bytes stored could make every later read of
+/// them large. Numbers arrive as doubles (at most 17 significant digits),
+/// so within these bounds one is written out in at most 34 characters.
+pub const MAX_JSON_NUMBER: f64 = 1e15;
+pub const MIN_JSON_NUMBER: f64 = 1e-15;
 
-/// A JSON object small enough to store, and that reads back in any parser.
+/// Largest stored JSON object, as serialised.
+pub const MAX_JSON_BYTES: usize = 16 * 1024;
+
+/// A JSON object small enough to store, and whose numbers read back small.
 pub fn object(
     field: &'static str,
     value: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(), ApiError> {
-    if serde_json::to_vec(value).map_or(0, |v| v.len()) > 16 * 1024 {
+    let size = serialized_len(value);
+    if size > MAX_JSON_BYTES {
         return Err(invalid(field, "must be at most 16 kB of JSON"));
     }
     if serde_json::to_string(value).is_ok_and(|s| s.contains("\\u0000")) {
         return Err(invalid(field, "must not contain NUL characters"));
     }
-    fn numbers_in_range(value: &serde_json::Value) -> bool {
-        match value {
-            serde_json::Value::Number(n) => n.as_f64().is_some_and(|f| f.abs() <= MAX_JSON_NUMBER),
-            serde_json::Value::Array(items) => items.iter().all(numbers_in_range),
-            serde_json::Value::Object(map) => map.values().all(numbers_in_range),
-            _ => true,
-        }
-    }
     if !value.values().all(numbers_in_range) {
-        return Err(invalid(field, "numbers must be between -1e300 and 1e300"));
+        return Err(invalid(
+            field,
+            "numbers must be 0 or between 1e-15 and 1e15 in magnitude (PostgreSQL keeps every digit)",
+        ));
     }
     Ok(())
+}
+
+fn numbers_in_range(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Number(n) => n
+            .as_f64()
+            .is_some_and(|f| f == 0.0 || (MIN_JSON_NUMBER..=MAX_JSON_NUMBER).contains(&f.abs())),
+        serde_json::Value::Array(items) => items.iter().all(numbers_in_range),
+        serde_json::Value::Object(map) => map.values().all(numbers_in_range),
+        _ => true,
+    }
+}
+
+/// Bytes of `value` as JSON, counted without keeping them.
+pub fn serialized_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing to a counter cannot fail; a value that cannot serialise counts
+    // what it wrote so far.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 /// For PATCH bodies: absent stays `None`, `null` becomes `Some(None)`.
@@ -356,6 +414,41 @@ mod tests {
         assert!(query(&URL_SAFE_NO_PAD.encode("[1,2]"))
             .cursor("s", 2)
             .is_err());
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_with_a_cursor_at_its_last_item() {
+        let item = "x".repeat(PAGE_BYTES / 4);
+        let items: Vec<String> = (0..6).map(|i| format!("{i}{item}")).collect();
+        let page = Page::from_rows(items.clone(), 200, |s| s[..1].to_owned());
+        assert_eq!(page.items, items[..3]);
+        assert_eq!(page.next_cursor.as_deref(), Some("2"));
+        assert!(serialized_len(&page.items) <= PAGE_BYTES);
+        let huge = vec!["y".repeat(2 * PAGE_BYTES), "z".into()];
+        let page = Page::from_rows(huge, 200, |s| s[..1].to_owned());
+        assert_eq!(page.items.len(), 1, "one item always goes, however large");
+        assert_eq!(page.next_cursor.as_deref(), Some("y"));
+        let small = Page::from_rows(vec!["a".to_string()], 200, |s| s.clone());
+        assert_eq!(small.next_cursor, None);
+    }
+
+    #[test]
+    fn json_numbers_out_of_range_are_refused() {
+        let map = |v: serde_json::Value| v.as_object().unwrap().clone();
+        for ok in [
+            serde_json::json!({"a": 0, "b": 1e15, "c": -1e-15, "d": [0.1, 123456789.123]}),
+            serde_json::json!({"n": {"deep": [-999999999999999.9]}}),
+        ] {
+            assert!(object("metadata", &map(ok)).is_ok());
+        }
+        for bad in [
+            serde_json::json!({"n": 1e300}),
+            serde_json::json!({"n": -1.0000001e15}),
+            serde_json::json!({"n": [[{"tiny": 1e-300}]]}),
+            serde_json::json!({"n": 9007199254740993u64}),
+        ] {
+            assert!(object("metadata", &map(bad)).is_err());
+        }
     }
 
     #[test]

@@ -88,13 +88,12 @@ pub struct SkillInput {
 }
 
 impl SkillInput {
-    fn validate(&self) -> Result<(), ApiError> {
+    /// Also what an import holds each skill row to.
+    pub(crate) fn validate(&self) -> Result<(), ApiError> {
         text("name", &self.name, 1, 200)?;
         opt_text("category", self.category.as_deref(), 0, 200)?;
-        opt_text("note", self.note.as_deref(), 0, 2000)?;
-        if !(1..=5).contains(&self.level) {
-            return Err(invalid("level", "must be between 1 and 5"));
-        }
+        note(self.note.as_deref())?;
+        level(self.level)?;
         if let Some(years) = self.years_experience {
             if !(0.0..=80.0).contains(&years) || !years.is_finite() {
                 return Err(invalid("years_experience", "must be between 0 and 80"));
@@ -102,6 +101,20 @@ impl SkillInput {
         }
         Ok(())
     }
+}
+
+/// A level as recorded in a skill's progression (an import's
+/// `skill_progress` rows too).
+pub(crate) fn level(level: i16) -> Result<(), ApiError> {
+    if !(1..=5).contains(&level) {
+        return Err(invalid("level", "must be between 1 and 5"));
+    }
+    Ok(())
+}
+
+/// A note kept with a level in the progression.
+pub(crate) fn note(note: Option<&str>) -> Result<(), ApiError> {
+    opt_text("note", note, 0, 2000)
 }
 
 /// `GET /api/skills`: by name.

@@ -70,7 +70,8 @@ pub struct QuickSummaryInput {
     pub headline: Option<String>,
     #[schema(max_length = 2000, pattern = "^[^\\u0000]*$")]
     pub content: String,
-    /// Up to 16 kB of JSON, no NUL characters.
+    /// Up to 16 kB of JSON, no NUL characters; every number 0 or between
+    /// 1e-15 and 1e15 in magnitude.
     #[serde(default)]
     pub details: serde_json::Map<String, serde_json::Value>,
 }
@@ -83,15 +84,26 @@ pub struct ProfileSummaryInput {
     pub headline: Option<String>,
     #[schema(max_length = 50000, pattern = "^[^\\u0000]*$")]
     pub content: String,
-    /// Up to 16 kB of JSON, no NUL characters.
+    /// Up to 16 kB of JSON, no NUL characters; every number 0 or between
+    /// 1e-15 and 1e15 in magnitude.
     #[serde(default)]
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
-struct SummaryInput {
-    headline: Option<String>,
-    content: String,
-    details: serde_json::Map<String, serde_json::Value>,
+/// A summary's new text, of either kind.
+pub(crate) struct SummaryInput {
+    pub headline: Option<String>,
+    pub content: String,
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl SummaryInput {
+    /// Also what an import holds each summary (and revision) row to.
+    pub(crate) fn validate(&self, kind: SummaryKind) -> Result<(), ApiError> {
+        opt_text("headline", self.headline.as_deref(), 0, 300)?;
+        text("content", &self.content, 0, kind.max_content())?;
+        object("details", &self.details)
+    }
 }
 
 impl From<QuickSummaryInput> for SummaryInput {
@@ -218,9 +230,7 @@ async fn write(
     kind: SummaryKind,
     input: SummaryInput,
 ) -> Result<HttpResponse, ApiError> {
-    opt_text("headline", input.headline.as_deref(), 0, 300)?;
-    text("content", &input.content, 0, kind.max_content())?;
-    object("details", &input.details)?;
+    input.validate(kind)?;
     let details = serde_json::Value::Object(input.details);
     let sql = format!(
         "WITH s AS (

@@ -704,7 +704,7 @@ async fn import_tenant(
     as_name: Option<String>,
     email: Option<String>,
 ) -> Result<(), Failure> {
-    use crate::tenancy::export::{ImportError, RestoreError};
+    use crate::tenancy::import::{ImportError, RestoreError};
     let key = export_key(settings)?;
     let pseudonyms = pseudonyms(settings)?;
     let bytes = std::fs::read(file)
@@ -713,11 +713,11 @@ async fn import_tenant(
         .open(&bytes)
         .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
     let name = as_name
-        .or_else(|| document["account"]["username"].as_str().map(str::to_owned))
+        .or_else(|| document.account.username.clone())
         .ok_or_else(|| Failure::Usage("the export names no user; pass --as NAME".into()))?;
     let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
     let email = email
-        .or_else(|| document["account"]["email"].as_str().map(str::to_owned))
+        .or_else(|| document.account.email.clone())
         .ok_or_else(|| Failure::Usage("the export has no email; pass --email".into()))?;
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
     let password = read_password(&username)?;
@@ -734,7 +734,7 @@ async fn import_tenant(
         audit: None,
     };
     let mut client = ctx.pool.get().await?;
-    let restored = crate::tenancy::export::import(
+    let restored = crate::tenancy::import::import(
         &mut client,
         &ctx.installation,
         &ctx.templates,
@@ -746,7 +746,8 @@ async fn import_tenant(
     .map_err(|e| match e {
         RestoreError::File(ImportError::Format(_))
         | RestoreError::NewerVersion(..)
-        | RestoreError::UnknownTable(..) => Failure::Usage(e.to_string()),
+        | RestoreError::UnknownTable(..)
+        | RestoreError::InvalidRow { .. } => Failure::Usage(format!("{}: {e}", file.display())),
         RestoreError::Provision(p) => Failure::Other(p.to_string()),
         other => Failure::Other(crate::api::error::cause_chain(&other)),
     })?;

@@ -1,4 +1,4 @@
-//! Export (GDPR art. 15, 20) and import of a tenant.
+//! Export (GDPR art. 15, 20) of a tenant; [`super::import`] reads it back.
 //!
 //! An export is ONE JSON document (format `tenantry-export`, version 1):
 //!
@@ -18,8 +18,8 @@
 //! is read in one REPEATABLE READ, READ ONLY transaction (one snapshot) and
 //! streamed in chunks through a bounded channel: memory stays flat whatever
 //! the tenant's size. `mac` is an HMAC-SHA256, keyed from the service secret,
-//! of every byte before `,"integrity":`; an import refuses a file whose MAC
-//! does not match (tampered) or that has no trailer (truncated).
+//! of every byte before `,"integrity":`; an import refuses a file that is
+//! not exactly this document with a matching MAC (see [`super::import`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -60,30 +60,9 @@ impl ExportKey {
         ExportKey(mac.finalize().into_bytes().into())
     }
 
-    fn mac(&self) -> HmacSha256 {
+    pub(super) fn mac(&self) -> HmacSha256 {
         HmacSha256::new_from_slice(&self.0).expect("any key length")
     }
-
-    /// Check a whole export file: the MAC over everything before the
-    /// trailer. Returns the parsed document.
-    pub fn open(&self, bytes: &[u8]) -> Result<serde_json::Value, ImportError> {
-        let at = find_last(bytes, TRAILER).ok_or(ImportError::Truncated)?;
-        let document: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|_| ImportError::Truncated)?;
-        let claimed = document["integrity"]["mac"]
-            .as_str()
-            .and_then(|h| hex::decode(h).ok())
-            .ok_or(ImportError::Tampered)?;
-        let mut mac = self.mac();
-        mac.update(&bytes[..at]);
-        mac.verify_slice(&claimed)
-            .map_err(|_| ImportError::Tampered)?;
-        Ok(document)
-    }
-}
-
-fn find_last(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).rposition(|w| w == needle)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,16 +75,6 @@ pub enum ExportError {
     Closed,
     #[error("the reader stopped reading")]
     Stalled,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    #[error("the file is truncated or not an export (no integrity trailer, or not JSON)")]
-    Truncated,
-    #[error("the file was altered after export (its MAC does not match), or exported by another installation")]
-    Tampered,
-    #[error("not a tenantry export of a format this version reads ({0})")]
-    Format(String),
 }
 
 /// Bytes on their way out: sent on in chunks, MAC'd as they go.
@@ -221,7 +190,7 @@ struct Keyed {
     columns: Vec<String>,
 }
 
-fn quote_ident(name: &str) -> String {
+pub(super) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -352,232 +321,4 @@ pub async fn export(
     buf.put_unsigned(trailer.as_bytes());
     buf.flush().await?;
     Ok(())
-}
-
-/// Why an import did not happen (nothing was created).
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    #[error(transparent)]
-    File(#[from] ImportError),
-    #[error("the export is at template version {0}, newer than this binary knows (latest {1})")]
-    NewerVersion(i64, i32),
-    #[error("the export names table {0:?}, which template version {1} does not have")]
-    UnknownTable(String, i64),
-    #[error(transparent)]
-    Provision(#[from] crate::provisioning::ProvisionError),
-    #[error("import failed: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-}
-
-/// What an import made.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Restored {
-    pub username: String,
-    pub schema: String,
-    pub from_version: i64,
-    pub template_version: i32,
-    pub tables: usize,
-    pub rows: usize,
-}
-
-/// Recreate a tenant from an opened export (see [`ExportKey::open`]) in ONE
-/// transaction: provisioned at the export's template version, its rows
-/// loaded with their ids (sequences set past them), then migrated forward
-/// to the latest version, and an audit entry. `account` carries the new
-/// account's name, email and password hash.
-pub async fn import(
-    client: &mut deadpool_postgres::Client,
-    installation: &crate::db::Installation,
-    templates: &crate::tenancy::templates::TemplateSet,
-    document: &serde_json::Value,
-    account: &crate::provisioning::NewAccount,
-    pseudonyms: &crate::audit::Pseudonyms,
-) -> Result<Restored, RestoreError> {
-    if document["format"] != FORMAT || document["format_version"] != FORMAT_VERSION {
-        return Err(ImportError::Format(format!(
-            "format {} version {}",
-            document["format"], document["format_version"]
-        ))
-        .into());
-    }
-    let version = document["template_version"]
-        .as_i64()
-        .filter(|v| *v >= 1)
-        .ok_or_else(|| ImportError::Format("no template_version".into()))?;
-    let latest = templates.latest();
-    if version > i64::from(latest.get()) {
-        return Err(RestoreError::NewerVersion(version, latest.get()));
-    }
-    let tables = document["tables"]
-        .as_array()
-        .ok_or_else(|| ImportError::Format("no tables".into()))?;
-
-    let at_export = templates.between(
-        0,
-        crate::domain::TemplateVersion::parse(version)
-            .map_err(|_| ImportError::Format("bad template_version".into()))?,
-    );
-    let reservation =
-        crate::provisioning::Reservation::take(client, installation, &account.username).await?;
-    let restored = import_in(
-        client,
-        installation,
-        templates,
-        account,
-        pseudonyms,
-        (at_export, version),
-        tables,
-    )
-    .await;
-    let finished = reservation.finish(client, restored.is_ok()).await;
-    let restored = restored?;
-    finished?;
-    client.batch_execute(crate::db::SESSION_RESET).await?;
-    Ok(restored)
-}
-
-/// The transaction of [`import`]: the tenant at the export's version
-/// (`at_export`, `version`), its rows, then forward to the latest.
-async fn import_in(
-    client: &mut deadpool_postgres::Client,
-    installation: &crate::db::Installation,
-    templates: &crate::tenancy::templates::TemplateSet,
-    account: &crate::provisioning::NewAccount,
-    pseudonyms: &crate::audit::Pseudonyms,
-    (at_export, version): (&[crate::tenancy::templates::Template], i64),
-    tables: &[serde_json::Value],
-) -> Result<Restored, RestoreError> {
-    use crate::audit::{Action, Entry};
-    use crate::tenancy::apply::TemplateApplication;
-
-    let tx = client.transaction().await?;
-    let latest = templates.latest();
-    let made = crate::provisioning::provision_in(
-        &tx,
-        installation,
-        at_export,
-        account,
-        crate::provisioning::Distribute::Later,
-    )
-    .await?;
-    let schema = made.schema.clone();
-    let known: BTreeSet<String> = tx
-        .query(
-            "SELECT relname FROM pg_catalog.pg_class
-             WHERE relnamespace = to_regnamespace($1) AND relkind IN ('r', 'p')",
-            &[&schema.as_str()],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut rows_loaded = 0;
-    for table in tables {
-        let name = table["name"]
-            .as_str()
-            .ok_or_else(|| ImportError::Format("a table without a name".into()))?;
-        if !known.contains(name) || name == "refinery_schema_history" {
-            return Err(RestoreError::UnknownTable(name.to_owned(), version));
-        }
-        let rows = table["rows"]
-            .as_array()
-            .ok_or_else(|| ImportError::Format(format!("table {name} without rows")))?;
-        if rows.is_empty() {
-            continue;
-        }
-        let qualified = format!("{}.{}", schema.quoted(), quote_ident(name));
-        let columns: Vec<String> = tx
-            .query(
-                "SELECT a.attname FROM pg_catalog.pg_attribute a
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                   AND a.attgenerated = ''
-                 ORDER BY a.attnum",
-                &[&qualified],
-            )
-            .await?
-            .iter()
-            .map(|r| quote_ident(r.get::<_, &str>(0)))
-            .collect();
-        let list = columns.join(", ");
-        let json = serde_json::Value::Array(rows.clone());
-        tx.execute(
-            &format!(
-                "INSERT INTO {qualified} ({list}) OVERRIDING SYSTEM VALUE
-                 SELECT {list} FROM jsonb_populate_recordset(NULL::{qualified}, $1::jsonb)"
-            ),
-            &[&json],
-        )
-        .await?;
-        rows_loaded += rows.len();
-        // Sequences past the ids loaded.
-        for seq in tx
-            .query(
-                "SELECT a.attname, pg_get_serial_sequence($1, a.attname)
-                 FROM pg_catalog.pg_attribute a
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                   AND pg_get_serial_sequence($1, a.attname) IS NOT NULL",
-                &[&qualified],
-            )
-            .await?
-        {
-            let column = quote_ident(seq.get::<_, &str>(0));
-            let sequence: String = seq.get(1);
-            let loaded: Option<i64> = tx
-                .query_one(&format!("SELECT max({column})::int8 FROM {qualified}"), &[])
-                .await?
-                .get(0);
-            // Never below the sequence's minimum: on Citus a distributed
-            // table's sequence has a range of its own per node. (No table in
-            // this statement: it runs where the sequence is used.)
-            tx.execute(
-                "SELECT setval(s.seqrelid, greatest(coalesce($2::int8, 0) + 1, s.seqmin), false)
-                 FROM pg_catalog.pg_sequence s WHERE s.seqrelid = $1::text::regclass",
-                &[&sequence, &loaded],
-            )
-            .await?;
-        }
-    }
-    // Forward to the latest version, as a fleet run would.
-    let newer = templates.between(version as i32, latest);
-    if !newer.is_empty() {
-        let application = TemplateApplication::new(&schema, &made.role, newer);
-        let mut requests: Vec<crate::tenancy::apply::Request<'_>> = application
-            .requests(tx.client())
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
-        requests.push(application.history_request(tx.client()).1);
-        for result in crate::db::pipeline(requests).await {
-            result?;
-        }
-        tx.execute(
-            "UPDATE tenantry.tenants SET template_version = $2 WHERE user_id = $1",
-            &[&made.user_id, &latest.get()],
-        )
-        .await?;
-    }
-    if installation.citus {
-        tx.batch_execute(&crate::provisioning::distribute_sql(&schema))
-            .await?;
-    }
-    crate::audit::append(
-        &*tx,
-        &Entry::new(Action::TenantImported)
-            .actor("cli")
-            .subject(pseudonyms.user(made.user_id))
-            .detail("from_version", version)
-            .detail("template_version", latest.get())
-            .detail("tables", tables.len())
-            .detail("rows", rows_loaded),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(Restored {
-        username: made.username.to_string(),
-        schema: schema.to_string(),
-        from_version: version,
-        template_version: latest.get(),
-        tables: tables.len(),
-        rows: rows_loaded,
-    })
 }

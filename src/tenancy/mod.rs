@@ -6,6 +6,7 @@ pub mod apply;
 pub mod erasure;
 pub mod export;
 pub mod fleet;
+pub mod import;
 pub mod integrity;
 pub mod lint;
 pub mod provisioning;
