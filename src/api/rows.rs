@@ -2,9 +2,11 @@
 //! (one JSON object per row, columns by name), so that an import admits
 //! only what the API would have stored. A row of a table the API writes is
 //! read into the request type that writes it and checked by that type's
-//! `validate`; its other columns (ids, times) must have their types. A row
-//! of a table no route writes gets the checks every stored value gets: JSON
-//! within the bounds of [`object`], text without NUL.
+//! `validate`; its other columns (ids, times) must have their types. Every
+//! column of every row, also of a table no route writes or a column a later
+//! template added, gets the checks every stored value gets: JSON within the
+//! bounds of [`object`], text without NUL. (Keys that are not columns of the
+//! table are not imported: `jsonb_populate_recordset` reads columns only.)
 //!
 //! Architecture Invariant: no rule is restated here; each is called where
 //! the API keeps it.
@@ -49,22 +51,23 @@ pub fn check(table: &str, row: &Value) -> Result<(), RowError> {
         return Err(RowError::Shape("a row is not a JSON object".into()));
     }
     match table {
-        "experiences" => read::<ExperienceRow>(row)?.check(),
-        "conversations" => read::<ConversationRow>(row)?.check(),
-        "messages" => read::<MessageRow>(row)?.check(),
-        "summaries" => read::<SummaryRow>(row)?.check(),
-        "summary_revisions" => read::<SummaryRevisionRow>(row)?.check(),
-        "skills" => read::<SkillRow>(row)?.check(),
-        "skill_progress" => read::<SkillProgressRow>(row)?.check(),
-        _ => unwritten(row),
+        "experiences" => read::<ExperienceRow>(row)?.check()?,
+        "conversations" => read::<ConversationRow>(row)?.check()?,
+        "messages" => read::<MessageRow>(row)?.check()?,
+        "summaries" => read::<SummaryRow>(row)?.check()?,
+        "summary_revisions" => read::<SummaryRevisionRow>(row)?.check()?,
+        "skills" => read::<SkillRow>(row)?.check()?,
+        "skill_progress" => read::<SkillProgressRow>(row)?.check()?,
+        _ => {}
     }
+    unwritten(row)
 }
 
 fn read<'a, T: Deserialize<'a>>(row: &'a Value) -> Result<T, RowError> {
     T::deserialize(row).map_err(|e| RowError::Shape(e.to_string()))
 }
 
-/// A row of a table no route writes.
+/// The checks of every stored value, on each column of `row`.
 fn unwritten(row: &Value) -> Result<(), RowError> {
     let columns = row.as_object().into_iter().flatten();
     for (column, value) in columns {
@@ -90,8 +93,8 @@ fn unwritten(row: &Value) -> Result<(), RowError> {
     Ok(())
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ExperienceRow {
     #[serde(rename = "id")]
     _id: i64,
@@ -139,8 +142,8 @@ impl ExperienceRow {
     }
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ConversationRow {
     #[serde(rename = "id")]
     _id: i64,
@@ -165,8 +168,8 @@ impl ConversationRow {
     }
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct MessageRow {
     #[serde(rename = "id")]
     _id: i64,
@@ -190,8 +193,8 @@ impl MessageRow {
     }
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SummaryRow {
     kind: SummaryKind,
     headline: Option<String>,
@@ -215,8 +218,8 @@ impl SummaryRow {
 }
 
 /// A summary's text as it was at one revision: the rules of its kind.
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SummaryRevisionRow {
     #[serde(rename = "id")]
     _id: i64,
@@ -240,8 +243,8 @@ impl SummaryRevisionRow {
     }
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SkillRow {
     #[serde(rename = "id")]
     _id: i64,
@@ -272,8 +275,8 @@ impl SkillRow {
     }
 }
 
+/// Columns a later template version adds are checked by [`unwritten`].
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SkillProgressRow {
     #[serde(rename = "id")]
     _id: i64,

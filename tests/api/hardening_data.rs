@@ -447,3 +447,47 @@ async fn a_page_of_large_messages_stops_at_one_megabyte_and_its_cursor_continues
     assert_eq!(pages, 2, "1.2 MB of messages take two pages");
     assert_eq!(seen, posted, "every message once, in order");
 }
+
+#[tokio::test]
+async fn a_column_a_later_template_added_to_an_api_table_is_exported_and_imported() {
+    let app = spawn_app().await;
+    let added = latest_version() + 1;
+    let templates = builtin_templates_with(&[(
+        &format!("V{added}__rating.sql"),
+        "ALTER TABLE experiences ADD COLUMN rating integer;",
+    )]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    tenant_with_rows(&app, "rhea").await;
+    let out = tenantry(&["fleet", "migrate"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    app.db()
+        .await
+        .batch_execute("UPDATE tenant_rhea.experiences SET rating = 4")
+        .await
+        .unwrap();
+    let exported = tenantry(&["tenants", "export", "rhea"], &env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-export");
+    spawn_reaper(&dir);
+    let file = dir.join("rhea.json");
+    std::fs::write(&file, &exported.stdout).unwrap();
+    let out = tenantry(&["tenants", "delete", "rhea", "--yes"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = tenantry(
+        &["tenants", "import", &file.display().to_string()],
+        &env,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rating: Option<i32> = app
+        .db()
+        .await
+        .query_one("SELECT rating FROM tenant_rhea.experiences", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rating, Some(4));
+}
