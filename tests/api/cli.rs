@@ -378,15 +378,6 @@ async fn two_system_migrates_held_at_the_bootstrap_lock_apply_everything_once() 
     assert_eq!(rows, system_migrations().len() as i64);
 }
 
-/// The versions of the files in `system_migrations/`.
-fn system_migrations() -> Vec<u32> {
-    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/system_migrations"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter_map(|name| name.strip_prefix('V')?.split("__").next()?.parse().ok())
-        .collect()
-}
-
 #[tokio::test]
 async fn cluster_commands_on_plain_postgresql_say_it_is_not_citus() {
     let db = create_database().await;

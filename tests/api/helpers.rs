@@ -588,3 +588,12 @@ pub fn builtin_templates_with(files: &[(&str, &str)]) -> PathBuf {
     }
     dir
 }
+
+/// The versions of the files in `system_migrations/`.
+pub fn system_migrations() -> Vec<u32> {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/system_migrations"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|name| name.strip_prefix('V')?.split("__").next()?.parse().ok())
+        .collect()
+}
