@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::audit::Pseudonyms;
 use crate::domain::Password;
 
 pub const ISSUER: &str = "tenantry";
@@ -269,6 +270,16 @@ pub const INSERT_REFRESH_TOKEN: &str = "\
 INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at, user_agent)
 VALUES ($1, $2, $3, now() + interval '7 days', $4)";
 
+/// The key `tenantry.login_throttle` counts failed sign-ins under: the
+/// name as presented (trimmed, lower-cased, at most 64 characters, so an
+/// unknown name is counted exactly like an existing one), as a keyed hash.
+/// Whatever someone types at a login (a name, an email) is never stored,
+/// and erasing an account can still find its rows (by name and by email).
+pub fn throttle_key(pseudonyms: &Pseudonyms, presented: &str) -> String {
+    let normalised: String = presented.trim().to_lowercase().chars().take(64).collect();
+    pseudonyms.name(&normalised)
+}
+
 /// A request's `User-Agent`, as stored with its session: at most 512
 /// characters, control characters dropped.
 pub fn user_agent(raw: Option<&str>) -> Option<String> {
@@ -321,6 +332,20 @@ mod tests {
         let hash = bcrypt::hash("x", 5).unwrap();
         assert_eq!(bcrypt_cost(&hash), Some(5));
         assert_eq!(bcrypt_cost("plain"), None);
+    }
+
+    #[test]
+    fn throttle_keys_are_keyed_hashes_of_the_name_as_presented() {
+        let a = Pseudonyms::from_secret(b"one secret, long enough to be a key");
+        let b = Pseudonyms::from_secret(b"another secret, long enough as well");
+        let key = throttle_key(&a, " Alice@Example.com ");
+        assert_eq!(key, throttle_key(&a, "alice@example.com"));
+        assert_ne!(key, throttle_key(&b, "alice@example.com"));
+        assert!(key.starts_with("n_") && !key.contains("alice"));
+        assert_eq!(
+            throttle_key(&a, &"x".repeat(100)),
+            throttle_key(&a, &"x".repeat(64))
+        );
     }
 
     #[test]

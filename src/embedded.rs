@@ -30,6 +30,26 @@ pub const SUPERUSER: &str = "postgres";
 /// control-plane schema resolve unqualified.
 pub const SERVICE_ROLE: &str = "tenantry_service";
 
+/// The first line of [`PRIVATE_LOG_SETTINGS`], by which a configuration
+/// that has them is recognised.
+const PRIVATE_LOG_MARKER: &str = "# tenantry: keep personal data out of the server log";
+
+/// What keeps usernames and emails out of `postgres.log`, which outlives an
+/// erasure: no DETAIL lines (`Key (username)=(…) already exists`), no
+/// statement text or parameters, no per-table autovacuum lines (they name
+/// tenant schemas). Errors keep their one-line message, which may name a
+/// schema or role (README.md, "Personal data"). Only settings that every
+/// supported PostgreSQL knows (an unknown one stops the server starting).
+const PRIVATE_LOG_SETTINGS: &str = "
+# tenantry: keep personal data out of the server log
+log_error_verbosity = terse
+log_min_error_statement = panic
+log_statement = 'none'
+log_min_duration_statement = -1
+log_lock_waits = off
+log_autovacuum_min_duration = -1
+";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(
@@ -377,7 +397,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Add [`PRIVATE_LOG_SETTINGS`] to the server's configuration unless it
+    /// has them (a cluster initialised before they existed gets them at its
+    /// next start). Later lines win, so they are appended; an operator may
+    /// edit them afterwards.
+    fn ensure_private_log_settings(&self) -> Result<(), ClusterError> {
+        let conf = self.pgdata().join("postgresql.conf");
+        let text =
+            fs::read_to_string(&conf).map_err(io_err(format!("cannot read {}", conf.display())))?;
+        if text.contains(PRIVATE_LOG_MARKER) {
+            return Ok(());
+        }
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(io_err(format!("cannot open {}", conf.display())))?;
+        f.write_all(PRIVATE_LOG_SETTINGS.as_bytes())
+            .map_err(io_err(format!("cannot write {}", conf.display())))
+    }
+
     fn start(&self, port: u16, settings: &[(&str, &str)]) -> Result<(), ClusterError> {
+        self.ensure_private_log_settings()?;
         self.wait_for_orphans();
         let mut opts = format!("-p {port}");
         for (name, value) in settings {

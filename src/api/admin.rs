@@ -83,7 +83,7 @@ impl Progress for Unwatched {}
     )
 )]
 #[post("/admin/fleet/migrations")]
-#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn start_migration(
     state: web::Data<AppState>,
     admin: AdminUser,
@@ -284,7 +284,7 @@ pub async fn tenant(
     )
 )]
 #[delete("/admin/tenants/{name}")]
-#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn erase_tenant(
     state: web::Data<AppState>,
     request: actix_web::HttpRequest,
@@ -356,7 +356,7 @@ pub struct AuditItem {
     )
 )]
 #[get("/admin/audit")]
-#[tracing::instrument(skip_all, fields(reader = %reader.0.claims.username))]
+#[tracing::instrument(skip_all, fields(reader = %reader.0.id()))]
 pub async fn audit_log(
     state: web::Data<AppState>,
     reader: AuditReader,
@@ -486,7 +486,7 @@ pub struct Moved {
     )
 )]
 #[post("/admin/tenants/{name}/move")]
-#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn move_tenant(
     state: web::Data<AppState>,
     admin: AdminUser,
@@ -562,7 +562,7 @@ pub struct RebalanceStarted {
     )
 )]
 #[post("/admin/cluster/rebalance")]
-#[tracing::instrument(skip_all, fields(admin = %admin.0.claims.username))]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn rebalance(
     state: web::Data<AppState>,
     admin: AdminUser,

@@ -127,7 +127,8 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
 /// `POST /api/auth/register`: a user and their complete tenant, or nothing.
 /// With an `Idempotency-Key`, a retry of the same request within 24 hours
 /// gets the original account's 201 (with fresh tokens) instead of a 409;
-/// the same key with another body is a 422.
+/// the same key with another body is a 422. A retry checks the password,
+/// so it is throttled, locked out (429) and audited like a login.
 #[utoipa::path(
     tag = "auth",
     request_body = RegisterRequest,
@@ -139,10 +140,12 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
         (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "The username or email is taken", body = crate::api::openapi::ErrorBody),
         (status = 422, description = "The Idempotency-Key was used for another signup", body = crate::api::openapi::ErrorBody),
+        (status = 429, description = "A retry whose name is locked after failed sign-ins (as for login), or rate limited", body = crate::api::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds until the name may try again"))),
     )
 )]
 #[post("/api/auth/register")]
-#[tracing::instrument(skip_all, fields(tenant = tracing::field::Empty))]
+#[tracing::instrument(skip_all, fields(user = tracing::field::Empty))]
 pub async fn register(
     state: web::Data<AppState>,
     request: HttpRequest,
@@ -150,7 +153,6 @@ pub async fn register(
 ) -> Result<HttpResponse, ApiError> {
     let key = idempotency_key(&request)?;
     let username = Username::parse(&body.username)?;
-    tracing::Span::current().record("tenant", username.as_str());
     let email = Email::parse(&body.email)?;
     let password = Password::parse(&body.password)?;
 
@@ -202,6 +204,7 @@ pub async fn register(
             return Err(e.into());
         }
     };
+    tracing::Span::current().record("user", tracing::field::display(tenant.user_id));
     let access_token = state.jwt.issue(&Subject {
         user_id: tenant.user_id,
         username: tenant.username.as_str(),
@@ -223,10 +226,26 @@ pub async fn register(
     }))
 }
 
+/// The account behind a signup's `Idempotency-Key` (within 24 hours), and
+/// how long the presented name is locked (`$2`: its throttle key).
+const REPLAY_LOOKUP: &str = "\
+SELECT u.id, u.username, u.email, u.password_hash, u.token_generation,
+       u.disabled_at IS NOT NULL AS disabled,
+       t.schema_name, t.role_name, t.template_version,
+       (SELECT ceil(extract(epoch FROM l.locked_until - now()))::int8
+        FROM tenantry.login_throttle l
+        WHERE l.username = $2 AND l.locked_until > now()) AS locked_for
+FROM tenantry.idempotency_keys k
+JOIN tenantry.users u ON u.id = k.user_id
+JOIN tenantry.tenants t ON t.user_id = u.id
+WHERE k.key = $1 AND k.created_at > now() - interval '24 hours'";
+
 /// The 201 again for a signup retried with its `Idempotency-Key`: the same
 /// account (if the body is the same: name, email, and a password that
 /// verifies against the stored hash) with a new session. `None` when the
-/// key is unknown or expired.
+/// key is unknown or expired. A replay checks a password, so it is a login
+/// in all but name: it is refused while the name is locked, counts its
+/// failures against the name like a login, and is audited as one.
 async fn replay(
     state: &AppState,
     request: &HttpRequest,
@@ -235,45 +254,58 @@ async fn replay(
     email: &Email,
     body: &RegisterRequest,
 ) -> Result<Option<HttpResponse>, ApiError> {
+    let name_key = auth::throttle_key(&state.pseudonyms, &body.username);
     let row = {
         let client = state.pool.get().await?;
-        client
-            .query_opt(
-                "SELECT u.id, u.username, u.email, u.password_hash, u.token_generation,
-                        t.schema_name, t.role_name, t.template_version
-                 FROM tenantry.idempotency_keys k
-                 JOIN tenantry.users u ON u.id = k.user_id
-                 JOIN tenantry.tenants t ON t.user_id = u.id
-                 WHERE k.key = $1 AND k.created_at > now() - interval '24 hours'",
-                &[&key],
-            )
-            .await?
+        client.query_opt(REPLAY_LOOKUP, &[&key, &name_key]).await?
     };
     let Some(row) = row else {
         return Ok(None);
     };
+    if state.login_max_failures > 0 {
+        if let Some(seconds) = row.get::<_, Option<i64>>("locked_for") {
+            return Err(ApiError::Throttled {
+                retry_after: seconds.max(1) as u64,
+            });
+        }
+    }
+    let user_id: Uuid = row.get("id");
+    let stored_hash: String = row.get("password_hash");
     let same_names = row.get::<_, String>("username") == username.as_str()
         && row.get::<_, String>("email") == email.as_str();
     let same_password = state
         .hasher
-        .verify(body.password.clone(), Some(row.get("password_hash")))
+        .verify(body.password.clone(), Some(stored_hash.clone()))
         .await?;
-    if !(same_names && same_password) {
-        return Err(ApiError::Unprocessable {
-            code: "idempotency_key_reused",
-            message: "this Idempotency-Key was used for a different signup".into(),
+    let client_pseudonym = client_of(state, request);
+    if !(same_names && same_password) || row.get::<_, bool>("disabled") {
+        let failure = FailedSignIn {
+            name_key: &name_key,
+            subject: state.pseudonyms.user(user_id),
+            client: client_pseudonym,
+            via: Some(VIA_SIGNUP_REPLAY),
+        };
+        return Err(match login_failed(state, failure).await? {
+            ApiError::InvalidCredentials => ApiError::Unprocessable {
+                code: "idempotency_key_reused",
+                message: "this Idempotency-Key was used for a different signup".into(),
+            },
+            locked => locked,
         });
     }
-    let user_id: Uuid = row.get("id");
-    let family = Uuid::new_v4();
-    let (refresh_token, refresh_hash) = auth::new_refresh_token();
-    let client = state.pool.get().await?;
-    client
-        .execute(
-            auth::INSERT_REFRESH_TOKEN,
-            &[&family, &user_id, &refresh_hash, &agent_of(request)],
-        )
-        .await?;
+    let (family, refresh_token) = open_session(
+        state,
+        request,
+        SignIn {
+            user_id,
+            stored_hash: &stored_hash,
+            rehash: None,
+            name_key: &name_key,
+            client: client_pseudonym,
+            via: Some(VIA_SIGNUP_REPLAY),
+        },
+    )
+    .await?;
     let schema: String = row.get("schema_name");
     let db_role: String = row.get("role_name");
     let access_token = state.jwt.issue(&Subject {
@@ -300,6 +332,9 @@ async fn replay(
             }),
     ))
 }
+
+/// The `via` detail of the audit entries of a replayed signup.
+const VIA_SIGNUP_REPLAY: &str = "signup_replay";
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -337,11 +372,8 @@ SET locked_until = now() + least(interval '15 minutes', interval '1 minute' * po
 WHERE username = $1
 RETURNING ceil(extract(epoch FROM locked_until - now()))::int8";
 
-/// What the throttle keys on: the name as presented, so unknown names are
-/// counted exactly like existing ones.
-fn throttle_key(raw: &str) -> String {
-    raw.trim().to_lowercase().chars().take(64).collect()
-}
+/// A successful sign-in starts the name's count again.
+const CLEAR_FAILURES: &str = "DELETE FROM tenantry.login_throttle WHERE username = $1";
 
 /// `POST /api/auth/login`. An unknown user and a wrong password get the same
 /// 401, in body and in time (unknown users are verified against a dummy
@@ -367,7 +399,7 @@ pub async fn login(
     body: JsonBody<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let name_key = throttle_key(&body.username);
+    let name_key = auth::throttle_key(&state.pseudonyms, &body.username);
     let username = Username::parse(&body.username).ok();
     let row = {
         let client = state.pool.get().await?;
@@ -398,11 +430,14 @@ pub async fn login(
     let (Some(user_id), Some(stored_hash), true, false, Some(false)) =
         (user_id, stored_hash, verified, too_long, disabled)
     else {
-        let subject = match user_id {
-            Some(id) => state.pseudonyms.user(id),
-            None => state.pseudonyms.name(&name_key),
+        let failure = FailedSignIn {
+            name_key: &name_key,
+            // An unknown name's throttle key is its pseudonym.
+            subject: user_id.map_or_else(|| name_key.clone(), |id| state.pseudonyms.user(id)),
+            client: client_pseudonym,
+            via: None,
         };
-        return Err(login_failed(&state, &name_key, subject, client_pseudonym).await?);
+        return Err(login_failed(&state, failure).await?);
     };
 
     let role = Role::parse(&row.get::<_, String>("role")).ok_or(ApiError::InvalidCredentials)?;
@@ -412,36 +447,19 @@ pub async fn login(
         Ok(p) if state.hasher.needs_rehash(&stored_hash) => Some(state.hasher.hash(&p).await?),
         _ => None,
     };
-    let family = Uuid::new_v4();
-    let (refresh_token, refresh_hash) = auth::new_refresh_token();
-    let entry = Entry::new(Action::LoginSucceeded)
-        .actor(state.pseudonyms.user(user_id))
-        .client(client_pseudonym)
-        .detail("session", family)
-        .detail("rehashed", rehash.is_some());
-    {
-        let mut client = state.pool.get().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            auth::INSERT_REFRESH_TOKEN,
-            &[&family, &user_id, &refresh_hash, &agent_of(&request)],
-        )
-        .await?;
-        tx.execute(
-            "UPDATE tenantry.users
-             SET last_login_at = now(), password_hash = coalesce($3, password_hash)
-             WHERE id = $1 AND password_hash = $2",
-            &[&user_id, &stored_hash, &rehash],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM tenantry.login_throttle WHERE username = $1",
-            &[&name_key],
-        )
-        .await?;
-        audit::append(&*tx, &entry).await?;
-        tx.commit().await?;
-    }
+    let (family, refresh_token) = open_session(
+        &state,
+        &request,
+        SignIn {
+            user_id,
+            stored_hash: &stored_hash,
+            rehash,
+            name_key: &name_key,
+            client: client_pseudonym,
+            via: None,
+        },
+    )
+    .await?;
     token_pair(
         &state,
         Account {
@@ -457,14 +475,82 @@ pub async fn login(
     )
 }
 
-/// Record a failed login (throttle count, audit entries) and return the
-/// error to answer: 401, or 429 when this failure locked the name.
-async fn login_failed(
+/// A sign-in whose password verified.
+struct SignIn<'a> {
+    user_id: Uuid,
+    /// The hash the password verified against: the account is updated only
+    /// if nothing changed it meanwhile.
+    stored_hash: &'a str,
+    /// A new hash at the configured cost, when the stored one has another.
+    rehash: Option<String>,
+    name_key: &'a str,
+    client: Option<String>,
+    /// Set when the sign-in was not a login (the audit entry says how).
+    via: Option<&'static str>,
+}
+
+/// A new session for a sign-in: its refresh token, the account's last login
+/// (and new hash), the name's failure count cleared, and the
+/// `login_succeeded` entry, in one transaction. Returns the session (family)
+/// id and its refresh token.
+async fn open_session(
     state: &AppState,
-    name_key: &str,
+    request: &HttpRequest,
+    sign_in: SignIn<'_>,
+) -> Result<(Uuid, String), ApiError> {
+    let family = Uuid::new_v4();
+    let (refresh_token, refresh_hash) = auth::new_refresh_token();
+    let mut entry = Entry::new(Action::LoginSucceeded)
+        .actor(state.pseudonyms.user(sign_in.user_id))
+        .client(sign_in.client)
+        .detail("session", family)
+        .detail("rehashed", sign_in.rehash.is_some());
+    if let Some(via) = sign_in.via {
+        entry = entry.detail("via", via);
+    }
+    let mut client = state.pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        auth::INSERT_REFRESH_TOKEN,
+        &[&family, &sign_in.user_id, &refresh_hash, &agent_of(request)],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE tenantry.users
+         SET last_login_at = now(), password_hash = coalesce($3, password_hash)
+         WHERE id = $1 AND password_hash = $2",
+        &[&sign_in.user_id, &sign_in.stored_hash, &sign_in.rehash],
+    )
+    .await?;
+    tx.execute(CLEAR_FAILURES, &[&sign_in.name_key]).await?;
+    audit::append(&*tx, &entry).await?;
+    tx.commit().await?;
+    Ok((family, refresh_token))
+}
+
+/// A sign-in whose password did not verify (or whose account may not sign in).
+struct FailedSignIn<'a> {
+    name_key: &'a str,
+    /// The audit subject: the account's pseudonym, or the unknown name's.
     subject: String,
     client: Option<String>,
-) -> Result<ApiError, ApiError> {
+    /// Set when the sign-in was not a login (the audit entries say how).
+    via: Option<&'static str>,
+}
+
+/// Record a failed sign-in (throttle count, audit entries) and return the
+/// error to answer: 401, or 429 when this failure locked the name.
+async fn login_failed(state: &AppState, failure: FailedSignIn<'_>) -> Result<ApiError, ApiError> {
+    let FailedSignIn {
+        name_key,
+        subject,
+        client,
+        via,
+    } = failure;
+    let with_via = |entry: Entry| match via {
+        Some(via) => entry.detail("via", via),
+        None => entry,
+    };
     let mut conn = state.pool.get().await?;
     let tx = conn.transaction().await?;
     let mut locked_for = None;
@@ -477,18 +563,22 @@ async fn login_failed(
     }
     audit::append(
         &*tx,
-        &Entry::new(Action::LoginFailed)
-            .subject(subject.clone())
-            .client(client.clone()),
+        &with_via(
+            Entry::new(Action::LoginFailed)
+                .subject(subject.clone())
+                .client(client.clone()),
+        ),
     )
     .await?;
     if let Some(seconds) = locked_for {
         audit::append(
             &*tx,
-            &Entry::new(Action::LoginThrottled)
-                .subject(subject)
-                .client(client)
-                .detail("locked_seconds", seconds),
+            &with_via(
+                Entry::new(Action::LoginThrottled)
+                    .subject(subject)
+                    .client(client)
+                    .detail("locked_seconds", seconds),
+            ),
         )
         .await?;
     }

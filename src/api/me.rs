@@ -43,7 +43,7 @@ pub struct ProfileTenant {
     responses((status = 200, description = "The caller's account and tenant", body = Profile))
 )]
 #[get("/api/me")]
-#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
     let stmt = client
@@ -99,7 +99,7 @@ pub struct EraseRequest {
     )
 )]
 #[delete("/api/me")]
-#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn erase(
     state: web::Data<AppState>,
     request: actix_web::HttpRequest,
@@ -165,7 +165,7 @@ pub(crate) async fn erase_tenant(
     )
 )]
 #[get("/api/me/export")]
-#[tracing::instrument(skip_all, fields(user = %user.claims.username))]
+#[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn export(
     state: web::Data<AppState>,
     user: CurrentUser,

@@ -13,7 +13,8 @@
 //!    advisory lock exclusively (so requests already routed to it finish
 //!    first), `DROP SCHEMA … CASCADE`, `DROP OWNED BY` and `DROP ROLE`, the
 //!    user and its registry rows (sessions and keys cascade), its fleet
-//!    results and throttle rows, and the audit entry, last.
+//!    results and throttle rows (under its name and its email), its name
+//!    in fleet runs (replaced by its pseudonym), and the audit entry, last.
 //! 4. Verify: no schema, role, owned object, privilege or row of it remains.
 
 use std::time::Duration;
@@ -94,8 +95,9 @@ pub async fn erase(
         .await?;
     let row = tx
         .query_opt(
-            "SELECT t.user_id, t.schema_name, t.role_name, t.template_version
-             FROM tenantry.tenants t WHERE t.username = $1",
+            "SELECT t.user_id, t.schema_name, t.role_name, t.template_version, u.email
+             FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
+             WHERE t.username = $1",
             &[&username.as_str()],
         )
         .await?
@@ -106,6 +108,7 @@ pub async fn erase(
     let role = RoleName::parse(row.get::<_, &str>(2))
         .map_err(|e| ErasureError::Incomplete(e.to_string()))?;
     let template_version: i32 = row.get(3);
+    let email: String = row.get(4);
     let locked = tx
         .execute(
             // Exports of the tenant are ended, not waited for (V13).
@@ -234,16 +237,7 @@ pub async fn erase(
         ))
         .await,
     )?;
-    tx.execute(
-        "DELETE FROM tenantry.fleet_results WHERE user_id = $1",
-        &[&user_id],
-    )
-    .await?;
-    tx.execute(
-        "DELETE FROM tenantry.login_throttle WHERE username = $1",
-        &[&username.as_str()],
-    )
-    .await?;
+    forget_the_name(&tx, username, &email, user_id, pseudonyms).await?;
     // The registry row, sessions and idempotency keys go with the user.
     tx.execute("DELETE FROM tenantry.users WHERE id = $1", &[&user_id])
         .await?;
@@ -278,7 +272,7 @@ pub async fn erase(
     if !remaining.is_empty() {
         return Err(ErasureError::Incomplete(remaining.join(", ")));
     }
-    tracing::info!(schema = %schema, tables = counts.len(), rows, "tenant erased");
+    tracing::info!(audit_entry, tables = counts.len(), rows, "tenant erased");
     Ok(Receipt {
         username: username.to_string(),
         schema: schema.to_string(),
@@ -298,6 +292,48 @@ pub async fn erase(
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
 }
+
+/// The registry rows that name the user without being theirs: runs that
+/// were filtered to the tenant or stopped on it keep the run but show the
+/// audit pseudonym instead of the name; the user's fleet results and the
+/// failed-login counts under the name and the email go.
+async fn forget_the_name(
+    tx: &tokio_postgres::Transaction<'_>,
+    username: &Username,
+    email: &str,
+    user_id: Uuid,
+    pseudonyms: &Pseudonyms,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        FORGET_IN_FLEET_RUNS,
+        &[&username.as_str(), &pseudonyms.user(user_id), &user_id],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM tenantry.fleet_results WHERE user_id = $1",
+        &[&user_id],
+    )
+    .await?;
+    let throttle_keys =
+        [username.as_str(), email].map(|k| crate::auth::throttle_key(pseudonyms, k));
+    tx.execute(
+        "DELETE FROM tenantry.login_throttle WHERE username = ANY($1)",
+        &[&throttle_keys.as_slice()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `$1` the name, `$2` its pseudonym, `$3` the user id. A run's reason
+/// names the first tenant that failed, also inside its schema and role
+/// names (`tenant_<name>`, `tnt_…_<name>`): every stand-alone occurrence is
+/// replaced. A username is `[a-z0-9_]` only, so it is a literal pattern.
+const FORGET_IN_FLEET_RUNS: &str = "\
+UPDATE tenantry.fleet_runs r
+SET only_tenant = CASE WHEN r.only_tenant = $1 THEN $2 ELSE r.only_tenant END,
+    reason = regexp_replace(r.reason, '(?<![a-z0-9])' || $1 || '(?![a-z0-9])', $2, 'g')
+WHERE r.only_tenant = $1
+   OR EXISTS (SELECT 1 FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.user_id = $3)";
 
 /// A lock timeout means something else holds the tenant: say so.
 fn busy_or<T>(result: Result<T, tokio_postgres::Error>) -> Result<T, ErasureError> {

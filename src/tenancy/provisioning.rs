@@ -135,7 +135,7 @@ SELECT id, $2, $6, $7, $8, 'active' FROM u";
 
 /// Create the account and its tenant. `client` may be a pooled client or a
 /// plain one; the transaction is ours.
-#[tracing::instrument(skip_all, fields(tenant = %account.username))]
+#[tracing::instrument(skip_all)]
 pub async fn provision(
     client: &mut deadpool_postgres::Client,
     installation: &Installation,
@@ -163,7 +163,7 @@ pub async fn provision(
     client.batch_execute(db::SESSION_RESET).await?;
     metrics::histogram!("tenantry_provisioning_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    tracing::info!(schema = %provisioned.schema, version = provisioned.template_version.get(), "tenant provisioned");
+    tracing::info!(user = %provisioned.user_id, version = provisioned.template_version.get(), "tenant provisioned");
     Ok(provisioned)
 }
 
@@ -560,7 +560,7 @@ async fn discard(
         Ok(dropped) => {
             client.batch_execute("COMMIT").await?;
             if dropped {
-                tracing::info!(tenant = %username, "a signup's head start was dropped");
+                tracing::info!("a signup's head start was dropped");
             }
             Ok(dropped)
         }

@@ -25,6 +25,14 @@ async fn login(app: &TestApp, username: &str, password: &str) -> (u16, Option<St
     (status, retry, response.json().await.unwrap_or(Value::Null))
 }
 
+/// What the throttle counts `name`'s failures under.
+fn throttle_key(name: &str) -> String {
+    tenantry::auth::throttle_key(
+        &tenantry::audit::Pseudonyms::from_secret(JWT_SECRET.as_bytes()),
+        name,
+    )
+}
+
 fn with_login_limit(n: u32) -> impl FnOnce(&mut tenantry::configuration::Settings) {
     move |s| {
         s.limits = Limits {
@@ -81,8 +89,8 @@ async fn failed_logins_throttle_known_and_unknown_names_alike_and_the_lock_expir
     assert_eq!(login(&app, "tilda", PASSWORD).await.0, 200);
     let left: i64 = db
         .query_one(
-            "SELECT count(*) FROM tenantry.login_throttle WHERE username = 'tilda'",
-            &[],
+            "SELECT count(*) FROM tenantry.login_throttle WHERE username = $1",
+            &[&throttle_key("tilda")],
         )
         .await
         .unwrap()
@@ -92,8 +100,8 @@ async fn failed_logins_throttle_known_and_unknown_names_alike_and_the_lock_expir
     // Each further lockout of a name backs off longer (then it is capped).
     db.execute(
         "UPDATE tenantry.login_throttle SET locked_until = now() - interval '1 second'
-         WHERE username = 'nobody_here'",
-        &[],
+         WHERE username = $1",
+        &[&throttle_key("nobody_here")],
     )
     .await
     .unwrap();

@@ -517,19 +517,6 @@ pub async fn json(response: reqwest::Response) -> Value {
     response.json().await.expect("a JSON body")
 }
 
-/// How many system migrations the binary embeds (`system_migrations/V*.sql`).
-pub fn system_migration_count() -> i64 {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("system_migrations");
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            let name = name.to_string_lossy();
-            name.starts_with('V') && name.ends_with(".sql")
-        })
-        .count() as i64
-}
-
 /// Run the `tenantry` binary with a clean environment plus `env`.
 pub async fn tenantry(
     args: &[&str],
@@ -615,4 +602,13 @@ pub fn builtin_templates_with(files: &[(&str, &str)]) -> PathBuf {
         std::fs::write(dir.join(name), sql).unwrap();
     }
     dir
+}
+
+/// The versions of the files in `system_migrations/`.
+pub fn system_migrations() -> Vec<u32> {
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/system_migrations"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|name| name.strip_prefix('V')?.split("__").next()?.parse().ok())
+        .collect()
 }

@@ -9,6 +9,7 @@ mod embedded;
 mod faults;
 mod fleet;
 mod gdpr;
+mod hardening_accounts;
 mod hardening_data;
 mod hardening_input;
 mod hardening_service;

@@ -381,8 +381,8 @@ async fn a_restart_keeps_the_data() {
         .await;
     assert_eq!(
         versions,
-        system_migration_count(),
-        "every file of system_migrations/"
+        system_migrations().len() as i64,
+        "each file of system_migrations/"
     );
 }
 

@@ -658,7 +658,7 @@ async fn run_batch(
 
 /// Migrate one tenant and record its result. `Err` only when the database
 /// cannot be reached at all (the run stops).
-#[tracing::instrument(skip_all, fields(tenant = %tenant.username))]
+#[tracing::instrument(skip_all, fields(user = %tenant.user_id))]
 async fn migrate_tenant(
     worker: &mut Worker,
     tenant: &PlannedTenant,
