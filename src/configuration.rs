@@ -43,6 +43,9 @@ pub struct Settings {
     /// `TENANTRY_EXPORT_CONCURRENCY`: exports streamed at once, each on a
     /// database connection of its own (one per user at a time).
     pub export_concurrency: usize,
+    /// `TENANTRY_EXPORT_TIMEOUT` (seconds): how long one export may run,
+    /// however fast its client reads.
+    pub export_timeout: Duration,
     /// `TENANTRY_STATEMENT_TIMEOUT` (seconds, `0` = none): how long one
     /// statement of a tenant's request may run.
     pub statement_timeout: Duration,
@@ -209,10 +212,16 @@ impl Settings {
             other => other.map(SecretString),
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
+        let export_timeout = Duration::from_secs(
+            number("TENANTRY_EXPORT_TIMEOUT", 600, 86_400)?
+                .max(1)
+                .into(),
+        );
         let statement_timeout =
             Duration::from_secs(number("TENANTRY_STATEMENT_TIMEOUT", 5, 3600)?.into());
         Ok(Settings {
             export_concurrency,
+            export_timeout,
             statement_timeout,
             metrics_token,
             limits,

@@ -40,9 +40,9 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
 /// the same key exclusively for its final transaction, so it waits for the
 /// requests already routed to the tenant, and requests that come after it
 /// find the tenant gone (401), never half-dropped tables. The fleet's
-/// per-tenant claim takes it exclusively too (see `fleet::TENANT_LOCK_CLASS`).
+/// per-tenant claim takes it exclusively too (see `db::TENANT_LOCK_CLASS`).
 const ENTER_LOCK: &str =
-    "SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext($1::text))";
+    "SELECT pg_catalog.pg_advisory_xact_lock_shared($2, pg_catalog.hashtext($1::text))";
 
 /// Who a routed request is for: the access token's user and generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +128,8 @@ impl TenantTx {
         };
         let c = guard.client();
         let user_text = caller.user_id.to_string();
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
-        let timeout = pool.statement_timeout();
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
+        let timeout = format!("{}ms", pool.statement_timeout().as_millis());
         let enter_params: [&(dyn ToSql + Sync); 3] =
             [&caller.user_id, &caller.generation, &timeout];
         let (begun, locked, entered) = futures::join!(
@@ -182,10 +182,10 @@ impl TenantTx {
             template_version: 0,
         };
         let user_text = caller.user_id.to_string();
-        let timeout = pool.statement_timeout();
+        let timeout = format!("{}ms", pool.statement_timeout().as_millis());
         let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
-            let lock_params: [&(dyn ToSql + Sync); 1] = [&user_text];
+            let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
             let enter_params: [&(dyn ToSql + Sync); 3] =
                 [&caller.user_id, &caller.generation, &timeout];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));

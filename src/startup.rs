@@ -31,6 +31,8 @@ pub struct AppState {
     pub export_key: crate::tenancy::export::ExportKey,
     /// How many exports run at once (`TENANTRY_EXPORT_CONCURRENCY`).
     pub exports: crate::api::exports::ExportBudget,
+    /// How long an export may run (`TENANTRY_EXPORT_TIMEOUT`).
+    pub export_timeout: std::time::Duration,
     /// `/health`'s one probe at a time.
     pub health: crate::api::health::HealthProbe,
     /// Fleet runs started here, to stop on shutdown.
@@ -218,6 +220,7 @@ impl Application {
             export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),
             exports: crate::api::exports::ExportBudget::new(settings.export_concurrency),
             health: Default::default(),
+            export_timeout: settings.export_timeout,
             login_max_failures: settings.limits.login_max_failures,
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),

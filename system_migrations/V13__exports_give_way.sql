@@ -3,26 +3,31 @@
 -- tenant's advisory lock (shared) and its tables' locks until it ends. What
 -- needs the tenant exclusively takes it through lock_tenant, which ends the
 -- tenant's exports (found by their session's application_name, set by
--- tenancy::export) instead of waiting for them. Requests in flight are short
--- and are waited for, as before.
+-- tenancy::export) instead of waiting for them, and keeps new ones out while
+-- it waits: an export is admitted only through a second advisory lock, the
+-- tenant's admission (class 1953395829), taken shared by the export until it
+-- holds the tenant's lock, and exclusively by lock_tenant before it ends the
+-- exports. Requests in flight are short and are waited for.
 CREATE FUNCTION tenantry.lock_tenant(p_user_id uuid) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- A few quick tries, ending exports between them, before queueing: a
-    -- try holds no place in the lock's queue, so an export that started
-    -- just now is found and ended too.
-    FOR attempt IN 1..20 LOOP
-        IF pg_try_advisory_xact_lock(1953395828, hashtext(p_user_id::text)) THEN -- 'tnt' + id
-            RETURN;
-        END IF;
-        PERFORM pg_terminate_backend(pid) FROM pg_stat_activity
-        WHERE application_name = 'tenantry export ' || p_user_id::text
-          AND pid <> pg_backend_pid();
-        PERFORM pg_sleep(0.01);
-    END LOOP;
+    IF pg_try_advisory_xact_lock(1953395828, hashtext(p_user_id::text)) THEN -- 'tnt' + id
+        RETURN;
+    END IF;
+    -- No export is admitted from here on; those admitted already hold the
+    -- tenant's lock (or wait for it) under their session's name.
+    PERFORM pg_advisory_xact_lock(1953395829, hashtext(p_user_id::text));
+    -- pg_stat_activity is read once per transaction unless told otherwise.
+    PERFORM pg_stat_clear_snapshot();
+    PERFORM pg_terminate_backend(pid) FROM pg_stat_activity
+    WHERE application_name = 'tenantry export ' || p_user_id::text
+      AND pid <> pg_backend_pid();
     PERFORM pg_advisory_xact_lock(1953395828, hashtext(p_user_id::text));
 END
 $$;
+-- It ends sessions: the service's alone (tenant roles cannot reach the
+-- schema either).
+REVOKE EXECUTE ON FUNCTION tenantry.lock_tenant(uuid) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tenantry.fleet_claim(
     p_user_id uuid,

@@ -112,6 +112,7 @@ pub async fn start_service(
         maintenance_interval: Duration::from_secs(60),
         metrics_token: None,
         export_concurrency: 4,
+        export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
     };
     let app = tenantry::startup::Application::build(settings)

@@ -72,8 +72,10 @@ const FACTS: &str = "\
 SELECT (SELECT count(*) FROM tenantry.tenants WHERE template_version < $1) AS pending,
        (SELECT count(*) FROM tenantry.tenants WHERE status = 'deleting') AS deleting,
        (SELECT status FROM tenantry.fleet_runs ORDER BY id DESC LIMIT 1) AS last_run,
-       (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend')::int8
-           AS connections,
+       (SELECT count(*) FROM pg_catalog.pg_stat_activity
+        WHERE backend_type = 'client backend'
+           -- another role's session: its type is hidden from us, its role is not
+           OR (backend_type IS NULL AND usesysid IS NOT NULL))::int8 AS connections,
        (current_setting('max_connections')::int8
         - current_setting('superuser_reserved_connections')::int8
         - coalesce(current_setting('reserved_connections', true)::int8, 0)) AS connection_slots,
@@ -145,8 +147,16 @@ struct ProbeState {
     last: Option<(Instant, Option<Facts>)>,
 }
 
+/// Where `/health` asks: the pool, or (every pooled connection busy) its
+/// spare connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AskOn {
+    Pool,
+    Spare,
+}
+
 impl HealthProbe {
-    async fn facts(&self, state: &AppState, latest: i32, saturated: bool) -> Option<Facts> {
+    async fn facts(&self, state: &AppState, latest: i32, on: AskOn) -> Option<Facts> {
         let arrived = Instant::now();
         let mut probe = self.0.lock().await;
         if let Some((at, facts)) = &probe.last {
@@ -154,8 +164,7 @@ impl HealthProbe {
                 return facts.clone();
             }
         }
-        let asked =
-            tokio::time::timeout(Duration::from_secs(3), probe.ask(state, latest, saturated));
+        let asked = tokio::time::timeout(Duration::from_secs(3), probe.ask(state, latest, on));
         let facts = asked.await.ok().flatten();
         probe.last = Some((Instant::now(), facts.clone()));
         facts
@@ -163,8 +172,8 @@ impl HealthProbe {
 }
 
 impl ProbeState {
-    async fn ask(&mut self, state: &AppState, latest: i32, saturated: bool) -> Option<Facts> {
-        if !saturated {
+    async fn ask(&mut self, state: &AppState, latest: i32, on: AskOn) -> Option<Facts> {
+        if on == AskOn::Pool {
             let client = state.pool.get().await.ok()?;
             return client
                 .query_one(FACTS, &[&latest])
@@ -212,7 +221,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         running: state.exports.running(),
         max: state.exports.size(),
     };
-    let facts = match state.health.facts(&state, latest, saturated).await {
+    let on = if saturated { AskOn::Spare } else { AskOn::Pool };
+    let facts = match state.health.facts(&state, latest, on).await {
         Some(facts) => facts,
         // Busy connections mean the database was answering a moment ago.
         None if saturated => {

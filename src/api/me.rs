@@ -122,22 +122,29 @@ pub async fn erase(
     Ok(HttpResponse::Ok().json(receipt))
 }
 
-/// Run an erasure on a pooled connection (its settings are transaction-local).
+/// Run an erasure on a pooled connection (its settings are transaction-local),
+/// in a task of its own: an erasure is several transactions, and a client
+/// that hangs up (its handler is dropped) must not leave it half done.
 pub(crate) async fn erase_tenant(
-    state: &AppState,
+    state: &web::Data<AppState>,
     username: &crate::domain::Username,
     requester: crate::tenancy::erasure::Requester,
 ) -> Result<crate::tenancy::erasure::Receipt, ApiError> {
-    let mut client = state.pool.get().await?;
-    let receipt = crate::tenancy::erasure::erase(
-        &mut client,
-        username,
-        &state.pseudonyms,
-        &requester,
-        std::time::Duration::from_secs(5),
-    )
-    .await?;
-    Ok(receipt)
+    let state = state.clone();
+    let username = username.clone();
+    let erasure = tokio::spawn(async move {
+        let mut client = state.pool.get().await?;
+        let receipt = crate::tenancy::erasure::erase(
+            &mut client,
+            &username,
+            &state.pseudonyms,
+            &requester,
+            std::time::Duration::from_secs(5),
+        )
+        .await?;
+        Ok::<_, ApiError>(receipt)
+    });
+    erasure.await.map_err(ApiError::internal)?
 }
 
 /// `GET /api/me/export`: every row of the caller's tenant and their account
@@ -147,9 +154,11 @@ pub(crate) async fn erase_tenant(
 ///
 /// Exports run on connections of their own, as many at once as
 /// `TENANTRY_EXPORT_CONCURRENCY` allows and one per user (`api::exports`);
-/// a client that takes no data for `TENANTRY_CLIENT_TIMEOUT` is cut off
-/// and its transaction ends; an erasure or a fleet migration of the tenant
-/// ends a running export rather than wait for it.
+/// a client that takes no data for `TENANTRY_CLIENT_TIMEOUT`, or an export
+/// that runs past `TENANTRY_EXPORT_TIMEOUT`, is cut off and its transaction
+/// ends; an erasure or a fleet migration of the tenant ends a running export
+/// rather than wait for it (and refuses new ones meanwhile: 503
+/// `tenant_busy`).
 #[utoipa::path(
     tag = "me",
     security(("bearer" = [])),
@@ -160,7 +169,7 @@ pub(crate) async fn erase_tenant(
         (status = 404, description = "The caller has no tenant (a staff account)", body = crate::api::openapi::ErrorBody),
         (status = 429, description = "An export of the caller's is still running (`export_in_progress`)", body = crate::api::openapi::ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "As many exports as the service runs at once are running (`exports_busy`), or the database is unavailable", body = crate::api::openapi::ErrorBody,
+        (status = 503, description = "As many exports as the service runs at once are running (`exports_busy`), the tenant is being erased or migrated (`tenant_busy`), or the database is unavailable", body = crate::api::openapi::ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]
@@ -179,17 +188,22 @@ pub async fn export(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let key = state.export_key.clone();
     let user_id = user.id();
-    let stall = state.client_timeout;
+    let pace = crate::tenancy::export::Pace {
+        stall: state.client_timeout,
+        within: state.export_timeout,
+    };
     let task = tokio::spawn(async move {
         let result =
-            crate::tenancy::export::export(&mut client, user_id, &key, tx, Some(stall)).await;
+            crate::tenancy::export::export(&mut client, user_id, &key, tx, Some(pace)).await;
         crate::metrics::export(match &result {
             Ok(()) => "completed",
             Err(ExportError::Stalled) => "cut_off",
+            Err(ExportError::TooLong) => "too_long",
+            Err(ExportError::Busy) => "refused_tenant_busy",
             Err(ExportError::Closed) => "abandoned",
             Err(_) => "failed",
         });
-        // The place is given back only once the connection is closed.
+        // The place is given back with the connection.
         drop(client);
         drop(slot);
         result
@@ -197,6 +211,10 @@ pub async fn export(
     let Some(first) = rx.recv().await else {
         return match task.await {
             Ok(Err(ExportError::NoTenant)) => Err(ApiError::NotFound("no tenant to export".into())),
+            Ok(Err(e @ ExportError::Busy)) => Err(ApiError::Busy {
+                code: "tenant_busy",
+                message: e.to_string(),
+            }),
             Ok(Err(ExportError::Postgres(e))) => Err(e.into()),
             Ok(Err(e)) => Err(ApiError::internal(e)),
             Ok(Ok(())) => Err(ApiError::internal(std::io::Error::other("empty export"))),

@@ -36,6 +36,7 @@ TENANTRY_TRUSTED_PROXIES     addresses whose X-Forwarded-For is believed\n  \
 TENANTRY_CLIENT_TIMEOUT      seconds a client may stall sending or reading [10]\n  \
 TENANTRY_STATEMENT_TIMEOUT   seconds per statement of a tenant's request, 0 = none [5]\n  \
 TENANTRY_EXPORT_CONCURRENCY  exports streamed at once [4]\n  \
+TENANTRY_EXPORT_TIMEOUT      seconds one export may run [600]\n  \
 TENANTRY_AUDIT_ANCHOR_FILE   [<data dir>/audit-anchors]\n  \
 TENANTRY_MAINTENANCE_INTERVAL seconds [60]\n  \
 TENANTRY_METRICS_TOKEN       bearer token for /metrics (unset: loopback only)\n  \

@@ -232,7 +232,7 @@ impl MovePlan {
     /// Move the schema (all its tables, one colocated unit): Citus copies
     /// it and switches over; requests keep routing through the coordinator.
     ///
-    /// Under the tenant's advisory lock, shared (`fleet::TENANT_LOCK_CLASS`,
+    /// Under the tenant's advisory lock, shared (`db::TENANT_LOCK_CLASS`,
     /// session-level, for the whole move): requests, which take it shared
     /// too, go on; a fleet migration or an erasure of the tenant, which take
     /// it exclusively, wait for the move, and the move waits for them. A
@@ -245,14 +245,14 @@ impl MovePlan {
         client
             .execute(
                 "SELECT pg_catalog.pg_advisory_lock_shared($1, pg_catalog.hashtext($2))",
-                &[&crate::tenancy::fleet::TENANT_LOCK_CLASS, &key],
+                &[&crate::db::TENANT_LOCK_CLASS, &key],
             )
             .await?;
         let moved = self.execute_locked(client).await;
         client
             .execute(
                 "SELECT pg_catalog.pg_advisory_unlock_shared($1, pg_catalog.hashtext($2))",
-                &[&crate::tenancy::fleet::TENANT_LOCK_CLASS, &key],
+                &[&crate::db::TENANT_LOCK_CLASS, &key],
             )
             .await?;
         moved

@@ -22,6 +22,17 @@ pub use pool::{
     AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
 };
 
+/// The class of a tenant's transaction-scoped advisory lock (second key:
+/// `hashtext(user_id::text)`): taken shared by each routed request and
+/// export, exclusively by a fleet migration of the tenant and its erasure
+/// (`tenantry.lock_tenant`, `tenantry.fleet_claim`).
+pub const TENANT_LOCK_CLASS: i32 = 1_953_395_828;
+
+/// The class of a tenant's export admission (same second key): an export
+/// is admitted only while nobody waits for the tenant exclusively
+/// (`tenantry.lock_tenant`).
+pub const EXPORT_ADMISSION_CLASS: i32 = 1_953_395_829;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error(transparent)]

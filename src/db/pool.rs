@@ -452,9 +452,9 @@ pub trait TenantPool {
         user: uuid::Uuid,
     ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send;
 
-    /// The `statement_timeout` of a tenant's transaction (`"0"`: none).
-    fn statement_timeout(&self) -> String {
-        "0".into()
+    /// The `statement_timeout` of a tenant's transaction (zero: none).
+    fn statement_timeout(&self) -> Duration {
+        Duration::ZERO
     }
 }
 
@@ -467,8 +467,8 @@ impl TenantPool for RequestPool {
         RequestPool::get_for_tenant(self, user)
     }
 
-    fn statement_timeout(&self) -> String {
-        format!("{}ms", self.statement_timeout.as_millis())
+    fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
     }
 }
 

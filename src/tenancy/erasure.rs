@@ -326,12 +326,15 @@ async fn forget_the_name(
 
 /// `$1` the name, `$2` its pseudonym, `$3` the user id. A run's reason
 /// names the first tenant that failed, also inside its schema and role
-/// names (`tenant_<name>`, `tnt_…_<name>`): every stand-alone occurrence is
-/// replaced. A username is `[a-z0-9_]` only, so it is a literal pattern.
+/// names (`tenant_<name>`, `tnt_<id>_<name>`): every occurrence that stands
+/// alone or ends such a name is replaced, and no other name that merely
+/// contains it (`joe_ann` is not `ann`). A username is `[a-z0-9_]` only, so
+/// it is a literal pattern.
 const FORGET_IN_FLEET_RUNS: &str = "\
 UPDATE tenantry.fleet_runs r
 SET only_tenant = CASE WHEN r.only_tenant = $1 THEN $2 ELSE r.only_tenant END,
-    reason = regexp_replace(r.reason, '(?<![a-z0-9])' || $1 || '(?![a-z0-9])', $2, 'g')
+    reason = regexp_replace(r.reason,
+        '(^|[^a-z0-9_]|tenant_|tnt_[0-9a-z]+_)' || $1 || '(?![a-z0-9_])', '\\1' || $2, 'g')
 WHERE r.only_tenant = $1
    OR EXISTS (SELECT 1 FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.user_id = $3)";
 

@@ -22,7 +22,7 @@
 //! not exactly this document with a matching MAC (see [`super::import`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -75,6 +75,10 @@ pub enum ExportError {
     Closed,
     #[error("the reader stopped reading")]
     Stalled,
+    #[error("the export took longer than it may")]
+    TooLong,
+    #[error("the tenant is being erased or migrated; export it again shortly")]
+    Busy,
 }
 
 /// Bytes on their way out: sent on in chunks, MAC'd as they go.
@@ -82,8 +86,8 @@ struct Buffer {
     buf: Vec<u8>,
     mac: HmacSha256,
     tx: mpsc::Sender<Vec<u8>>,
-    /// How long a chunk may wait for the reader (`None`: as long as it takes).
-    stall: Option<Duration>,
+    /// How long the reader may take (`None`: as long as it likes).
+    pace: Option<(Duration, Instant)>,
 }
 
 impl Buffer {
@@ -104,10 +108,22 @@ impl Buffer {
     async fn flush(&mut self) -> Result<(), ExportError> {
         if !self.buf.is_empty() {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
-            let sent = match self.stall {
-                Some(stall) => tokio::time::timeout(stall, self.tx.send(chunk))
-                    .await
-                    .map_err(|_| ExportError::Stalled)?,
+            let sent = match self.pace {
+                Some((stall, deadline)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ExportError::TooLong);
+                    }
+                    tokio::time::timeout(stall.min(left), self.tx.send(chunk))
+                        .await
+                        .map_err(|_| {
+                            if Instant::now() >= deadline {
+                                ExportError::TooLong
+                            } else {
+                                ExportError::Stalled
+                            }
+                        })?
+                }
                 None => self.tx.send(chunk).await,
             };
             sent.map_err(|_| ExportError::Closed)?;
@@ -194,36 +210,69 @@ pub(super) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Enter the tenant as an export: named (so that `tenantry.lock_tenant`
+/// finds it), admitted (no one waits for the tenant exclusively, else
+/// [`ExportError::Busy`]), then the tenant's lock, shared, held to the end:
+/// an erasure or a migration does not change tables under the export; it
+/// ends the export instead of waiting for it.
+async fn admit(tx: &tokio_postgres::Transaction<'_>, user_id: Uuid) -> Result<(), ExportError> {
+    let key = user_id.to_string();
+    let admitted: bool = tx
+        .query_one(
+            "SELECT pg_catalog.set_config('application_name', $2 || $1::text, true),
+                    pg_catalog.pg_try_advisory_lock_shared($3, pg_catalog.hashtext($1::text))",
+            &[&key, &APPLICATION_NAME, &crate::db::EXPORT_ADMISSION_CLASS],
+        )
+        .await?
+        .get(1);
+    if !admitted {
+        return Err(ExportError::Busy);
+    }
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_unlock_shared($3, pg_catalog.hashtext($1::text)),
+                pg_catalog.pg_advisory_xact_lock_shared($2, pg_catalog.hashtext($1::text))",
+        &[
+            &key,
+            &crate::db::TENANT_LOCK_CLASS,
+            &crate::db::EXPORT_ADMISSION_CLASS,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
 /// What an export's session calls itself (`application_name`), with the
 /// user id after it: `tenantry.lock_tenant` ends the exports of a tenant
 /// that an erasure or a fleet migration waits for.
 pub const APPLICATION_NAME: &str = "tenantry export ";
 
+/// How long an export's reader may take: a chunk it has not taken within
+/// `stall` ends the export ([`ExportError::Stalled`]), and so does the
+/// export's running past `within` ([`ExportError::TooLong`]), with its
+/// transaction (which holds a snapshot, and so vacuum back).
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub stall: Duration,
+    pub within: Duration,
+}
+
 /// Stream the export of `user_id`'s tenant into `out`, in chunks. `client`
-/// is a dedicated connection. A chunk the reader has not taken within
-/// `stall` ends the export ([`ExportError::Stalled`]) and its transaction.
+/// is a dedicated connection; `pace` bounds how long the reader may take.
 pub async fn export(
     client: &mut Client,
     user_id: Uuid,
     key: &ExportKey,
     out: mpsc::Sender<Vec<u8>>,
-    stall: Option<Duration>,
+    pace: Option<Pace>,
 ) -> Result<(), ExportError> {
+    let pace = pace.map(|p| (p.stall, Instant::now() + p.within));
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await?;
-    // The lock is held to the end: an erasure (which takes it exclusively)
-    // does not drop tables under the export; it ends the export instead of
-    // waiting for it (`tenantry.lock_tenant`, found by the session's name).
-    tx.execute(
-        "SELECT pg_catalog.set_config('application_name', $2 || $1::text, true),
-                pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext($1::text))",
-        &[&user_id.to_string(), &APPLICATION_NAME],
-    )
-    .await?;
+    admit(&tx, user_id).await?;
     let header = tx
         .query_opt(
             "SELECT json_build_object(
@@ -253,7 +302,7 @@ pub async fn export(
         buf: Vec::with_capacity(CHUNK),
         mac: key.mac(),
         tx: out,
-        stall,
+        pace,
     };
     // The header object, without its closing brace, then the tables.
     let open = header_json.trim_end().trim_end_matches('}');

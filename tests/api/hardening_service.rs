@@ -418,3 +418,76 @@ async fn health_calls_on_a_saturated_pool_share_one_spare_connection() {
         assert_eq!(request.await.unwrap().unwrap(), 200);
     }
 }
+
+#[tokio::test]
+async fn no_export_starts_while_an_erasure_waits_for_its_tenant() {
+    let app = spawn_app_with(|s| s.client_timeout = Duration::from_secs(600)).await;
+    let token = app.token("kira").await;
+    let admin = admin_token(&app).await;
+    let user_id: uuid::Uuid = app
+        .db()
+        .await
+        .query_one("SELECT id FROM tenantry.users WHERE username = 'kira'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A request in flight holds the tenant (shared), as routed requests do.
+    let mut holder = app.db().await;
+    let request = holder.transaction().await.unwrap();
+    request
+        .execute(
+            "SELECT pg_advisory_xact_lock_shared($1, hashtext($2::text))",
+            &[&tenantry::db::TENANT_LOCK_CLASS, &user_id.to_string()],
+        )
+        .await
+        .unwrap();
+    let erasure = {
+        let call = app.call(Method::DELETE, "/admin/tenants/kira", &admin);
+        tokio::spawn(async move { call.send().await.unwrap().status().as_u16() })
+    };
+    // The erasure waits for the request; meanwhile a new export is refused
+    // at once rather than queued behind it or started under it.
+    assert!(eventually(|| async { lock_waiters(&app).await == 1 }).await);
+    let refused = app
+        .call(Method::GET, "/api/me/export", &token)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("an answer while the erasure waits");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(json(refused).await["error"]["code"], "tenant_busy");
+    request.rollback().await.unwrap();
+    assert_eq!(erasure.await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn an_export_read_too_slowly_is_cut_off_at_its_time_limit() {
+    let app = spawn_app_with(|s| {
+        s.client_timeout = Duration::from_secs(600);
+        s.export_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let token = app.token("lena").await;
+    fill(&app, "lena", 12).await;
+    let mut reader = unread_request(&app, "/api/me/export", &token).await;
+    assert!(eventually(|| async { exports_in_postgres(&app).await == 1 }).await);
+    // A reader that keeps taking a little (never silent for long) until the
+    // export ends: 12 MB at this pace would take minutes.
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read_all = async {
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), read_all)
+        .await
+        .expect("the export ended");
+    assert!(got.len() < 12_000_000, "{} bytes read", got.len());
+    assert!(!String::from_utf8_lossy(&got).contains("\"integrity\":"));
+    assert!(eventually(|| async { exports_in_postgres(&app).await == 0 }).await);
+}

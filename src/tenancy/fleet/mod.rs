@@ -37,9 +37,7 @@ use crate::tenancy::integrity::IntegrityError;
 /// 'flt', the second key unused). Advisory locks are per database.
 pub const RUN_LOCK: (i32, i32) = (0x666c74, 0);
 
-/// The class of the per-tenant transaction-scoped advisory lock taken by
-/// `tenantry.fleet_claim` (second key: `hashtext(user_id::text)`).
-pub const TENANT_LOCK_CLASS: i32 = 1_953_395_828;
+pub use crate::db::TENANT_LOCK_CLASS;
 
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
