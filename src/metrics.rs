@@ -56,3 +56,8 @@ pub fn stalled_client() {
 pub fn export(outcome: &'static str) {
     metrics::counter!("tenantry_exports_total", "outcome" => outcome).increment(1);
 }
+
+/// An export started (`1.0`) or ended (`-1.0`).
+pub fn exports_running(change: f64) {
+    metrics::gauge!("tenantry_exports_running").increment(change);
+}

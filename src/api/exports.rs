@@ -56,7 +56,7 @@ impl ExportBudget {
             }
         })?;
         users.insert(user);
-        metrics::gauge!("tenantry_exports_running").increment(1.0);
+        crate::metrics::exports_running(1.0);
         Ok(ExportSlot {
             _permit: permit,
             user,
@@ -80,6 +80,6 @@ impl Drop for ExportSlot {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.user);
-        metrics::gauge!("tenantry_exports_running").decrement(1.0);
+        crate::metrics::exports_running(-1.0);
     }
 }

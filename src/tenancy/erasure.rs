@@ -111,7 +111,7 @@ pub async fn erase(
     let email: String = row.get(4);
     let locked = tx
         .execute(
-            // Exports of the tenant are ended, not waited for (V13).
+            // Exports of the tenant are ended, not waited for.
             "SELECT tenantry.lock_tenant($1)",
             &[&user_id],
         )
@@ -223,7 +223,7 @@ pub async fn erase(
         .await?;
     busy_or(
         tx.execute(
-            // Exports of the tenant are ended, not waited for (V13).
+            // Exports of the tenant are ended, not waited for.
             "SELECT tenantry.lock_tenant($1)",
             &[&user_id],
         )

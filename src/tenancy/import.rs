@@ -144,8 +144,11 @@ fn parse_strict(bytes: &[u8]) -> Result<Value, ImportError> {
     let value = deserializer
         .deserialize_any(StrictVisitor)
         .map_err(|e| match e.classify() {
-            // The only data errors here are the visitor's own.
-            serde_json::error::Category::Data => ImportError::DuplicateKey(e.to_string()),
+            // The visitor's own: a key twice, or a number no export writes.
+            serde_json::error::Category::Data if e.to_string().contains("appears twice") => {
+                ImportError::DuplicateKey(e.to_string())
+            }
+            serde_json::error::Category::Data => ImportError::Format(e.to_string()),
             _ => ImportError::Truncated,
         })?;
     deserializer.end().map_err(|_| ImportError::Trailing)?;
