@@ -5,6 +5,8 @@
 use actix_web::{delete, get, patch, post, web, HttpResponse};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use utoipa::ToSchema;
 
@@ -14,7 +16,7 @@ use crate::api::paging::{
     Page,
 };
 use crate::api::{ApiError, AuthenticatedUser};
-use crate::routing::{Access, TenantTx};
+use crate::routing::{Access, RoutingError, TenantTx};
 use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -72,11 +74,6 @@ macro_rules! columns {
 }
 const COLUMNS: &str = columns!();
 
-/// The first template version whose experiences keep their search
-/// document (`search_doc`, with a GIN index); tenants the fleet has not
-/// brought there yet are searched by computing it on the fly.
-const STORED_SEARCH_DOC: i32 = 5;
-
 /// Ranked search: `$1` the terms (a [`crate::api::paging::WebSearch`]), after rank `$2` and id
 /// `$3`, limit `$4`. The match is served by the index on `search_doc`, and
 /// only the matching rows are ranked.
@@ -91,8 +88,10 @@ pub const SEARCH_SQL: &str = concat!(
      LIMIT $4"
 );
 
-/// [`SEARCH_SQL`] for a tenant without `search_doc`: the same document,
-/// computed from every row.
+/// [`SEARCH_SQL`] for a tenant without `search_doc` (a template version
+/// before the one that adds it, until the fleet brings it there): the same
+/// document, computed from every row. Tried only when [`SEARCH_SQL`] finds
+/// no such column, so a search costs one round trip.
 const SEARCH_UNINDEXED_SQL: &str = concat!(
     "SELECT ",
     columns!(),
@@ -300,14 +299,18 @@ pub async fn list(
             Some(parts) => (Some(cursor_part(&parts[0])?), Some(cursor_part(&parts[1])?)),
             None => (None, None),
         };
-        let tx = TenantTx::begin(&state.pool, user.caller(), Access::ReadOnly).await?;
-        let sql = if tx.template_version() >= STORED_SEARCH_DOC {
-            SEARCH_SQL
-        } else {
-            SEARCH_UNINDEXED_SQL
+        let params: [&(dyn ToSql + Sync); 4] = [&q.as_str(), &rank, &id, &fetch];
+        let caller = user.caller();
+        let rows = match TenantTx::once(&state.pool, caller, Access::ReadOnly, SEARCH_SQL, &params)
+            .await
+        {
+            // A tenant the fleet has not brought to the search document yet.
+            Err(RoutingError::Postgres(e)) if e.code() == Some(&SqlState::UNDEFINED_COLUMN) => {
+                let sql = SEARCH_UNINDEXED_SQL;
+                TenantTx::once(&state.pool, caller, Access::ReadOnly, sql, &params).await?
+            }
+            rows => rows?,
         };
-        let rows = tx.query(sql, &[&q.as_str(), &rank, &id, &fetch]).await?;
-        tx.commit().await?;
         let items = rows
             .iter()
             .map(|row| {
