@@ -6,6 +6,7 @@
 use std::fmt;
 use std::sync::LazyLock;
 
+use postgres_protocol::escape::escape_identifier;
 use regex::Regex;
 
 /// Why a field was rejected. `field` names the input field (it becomes the
@@ -146,7 +147,7 @@ impl SchemaName {
 
     /// The name as a quoted SQL identifier.
     pub fn quoted(&self) -> String {
-        quote_ident(&self.0)
+        escape_identifier(&self.0)
     }
 }
 
@@ -220,7 +221,7 @@ impl RoleName {
     }
 
     pub fn quoted(&self) -> String {
-        quote_ident(&self.0)
+        escape_identifier(&self.0)
     }
 }
 
@@ -228,12 +229,6 @@ impl fmt::Display for RoleName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Quote an identifier the way PostgreSQL's `quote_ident` does. Callers only
-/// pass names that already passed validation; quoting is the second fence.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// An email address: syntactically valid, lower-cased, at most 254 bytes.

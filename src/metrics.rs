@@ -38,8 +38,94 @@ pub fn handle() -> &'static PrometheusHandle {
         // Another recorder may be installed already (an embedding program):
         // then ours only renders what it records itself, which is nothing.
         let _ = metrics::set_global_recorder(recorder);
+        describe_and_register();
         handle
     })
+}
+
+/// The kinds of [`database_error`].
+pub const DATABASE_ERROR_KINDS: [&str; 4] = ["unavailable", "pool", "query", "timeout"];
+
+/// The outcomes of [`export`].
+pub const EXPORT_OUTCOMES: [&str; 8] = [
+    "completed",
+    "cut_off",
+    "too_long",
+    "refused_tenant_busy",
+    "refused_own_running",
+    "refused_busy",
+    "abandoned",
+    "failed",
+];
+
+/// Every metric gets its `# HELP` line, and those recorded only when
+/// something happens start at zero, so the first scrape shows them all and
+/// a rate over a counter's first increment is not lost. (The `http_*`
+/// series are labelled by request, so they appear with the first request.)
+fn describe_and_register() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, route pattern and status"
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "time to answer an HTTP request, by method, route pattern and status"
+    );
+    describe_histogram!(
+        "tenantry_provisioning_duration_seconds",
+        Unit::Seconds,
+        "time to provision one tenant (signup, tenants create, import)"
+    );
+    describe_counter!(
+        "tenantry_database_errors_total",
+        "database errors seen by requests, by kind (unavailable, pool, query, timeout)"
+    );
+    describe_counter!(
+        "tenantry_clients_cut_off_total",
+        "connections ended because the client stopped reading"
+    );
+    describe_counter!(
+        "tenantry_exports_total",
+        "export requests, by how they ended"
+    );
+    describe_gauge!("tenantry_exports_running", "exports streaming now");
+    describe_gauge!(
+        "tenantry_tenants",
+        "tenants, by template version (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_tenants_pending_migration",
+        "tenants behind the latest template version (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_fleet_run_tenants",
+        "tenants of the latest fleet run, by state (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_fleet_run_running",
+        "1 while a fleet run is running, else 0 (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_pool_connections",
+        "request pool connections, by state: max, open, idle, in_use"
+    );
+    describe_gauge!(
+        "tenantry_pool_waiting",
+        "requests waiting for a pool connection"
+    );
+    for kind in DATABASE_ERROR_KINDS {
+        metrics::counter!("tenantry_database_errors_total", "kind" => kind).absolute(0);
+    }
+    for outcome in EXPORT_OUTCOMES {
+        metrics::counter!("tenantry_exports_total", "outcome" => outcome).absolute(0);
+    }
+    metrics::counter!("tenantry_clients_cut_off_total").absolute(0);
+    metrics::gauge!("tenantry_exports_running").set(0.0);
+    metrics::gauge!("tenantry_tenants_pending_migration").set(0.0);
+    metrics::gauge!("tenantry_fleet_run_running").set(0.0);
+    metrics::gauge!("tenantry_pool_waiting").set(0.0);
 }
 
 /// Count a database error by kind.

@@ -265,7 +265,9 @@ impl Application {
         &self.target
     }
 
-    /// Serve until SIGINT/SIGTERM (actix handles both, gracefully).
+    /// Serve until SIGINT/SIGTERM: actix's own signal handling is off
+    /// (`transport::serve`), so that fleet runs are stopped at a tenant
+    /// boundary before the server drains its requests.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let fleet_runs = self.fleet_runs.clone();

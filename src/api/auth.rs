@@ -670,7 +670,7 @@ pub async fn refresh(
     body: JsonBody<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
     if body.refresh_token.len() > 256 {
-        return Err(ApiError::Unauthorized);
+        return Err(ApiError::InvalidRefreshToken);
     }
     let hash = auth::refresh_token_hash(&body.refresh_token);
     let mut client = state.pool.get().await?;
@@ -696,7 +696,7 @@ pub async fn refresh(
             .await?;
         }
         tx.commit().await?;
-        return Err(ApiError::Unauthorized);
+        return Err(ApiError::InvalidRefreshToken);
     };
     let family: Uuid = consumed.get("family_id");
     let user_id: Uuid = consumed.get("user_id");
@@ -711,7 +711,7 @@ pub async fn refresh(
             &[&user_id],
         )
         .await?
-        .ok_or(ApiError::Unauthorized)?;
+        .ok_or(ApiError::InvalidRefreshToken)?;
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
     tx.execute(
         auth::INSERT_REFRESH_TOKEN,

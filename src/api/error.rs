@@ -24,6 +24,10 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("missing or invalid access token")]
     Unauthorized,
+    /// Said apart from [`ApiError::Unauthorized`]: a client that refreshes
+    /// needs to know it must sign in again, not that its access token is bad.
+    #[error("the refresh token is unknown, expired or already used; sign in again")]
+    InvalidRefreshToken,
     #[error("{0}")]
     Forbidden(&'static str),
     #[error("{0}")]
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout".into(),
             ApiError::InvalidCredentials => "invalid_credentials".into(),
             ApiError::Unauthorized => "unauthorized".into(),
+            ApiError::InvalidRefreshToken => "invalid_refresh_token".into(),
             ApiError::Forbidden(_) => "forbidden".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::Unavailable => "unavailable".into(),
@@ -83,7 +88,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Validation(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::InvalidCredentials | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidCredentials
+            | ApiError::Unauthorized
+            | ApiError::InvalidRefreshToken => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,

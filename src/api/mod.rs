@@ -135,8 +135,13 @@ fn json_config() -> web::JsonConfig {
         })
 }
 
+/// A path whose id does not parse names nothing: a plain 404, without the
+/// parser's words (they describe our types, not the client's mistake).
 fn path_error(err: PathError, _req: &HttpRequest) -> actix_web::Error {
-    let body = error_body("invalid_path", &truncate(&err.to_string(), 200));
+    let body = error_body(
+        "not_found",
+        "no such resource: the id in the path is malformed",
+    );
     actix_web::error::InternalError::from_response(err, HttpResponse::NotFound().json(body)).into()
 }
 

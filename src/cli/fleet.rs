@@ -1,4 +1,5 @@
-//! `tenantry fleet status|migrate|check` and `tenantry admin create`.
+//! `tenantry fleet status|migrate|check`, and the template check that the
+//! commands which provision (`tenants create`, `tenants import`) run first.
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;

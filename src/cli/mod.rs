@@ -1,7 +1,6 @@
 //! The `tenantry` command line. Exit codes: 0 success, 2 usage error (bad
 //! arguments or input), 1 any other failure.
 
-use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -10,12 +9,13 @@ use crate::audit::{self, Action, Entry, Pseudonyms};
 use crate::auth::Role;
 use crate::configuration::{DatabaseTarget, Settings};
 use crate::db::Target;
-use crate::domain::{Email, Password, Username};
+use crate::domain::{Email, Username};
 use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
 
 mod fleet;
+mod password;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -62,7 +62,7 @@ enum Command {
         #[command(subcommand)]
         action: SystemCommand,
     },
-    /// List, show and create tenants
+    /// Tenants: list, show, create, export, import, delete, move to another node
     Tenants {
         #[command(subcommand)]
         action: TenantsCommand,
@@ -111,6 +111,7 @@ enum AuditCommand {
     },
     /// Append the chain's current head to the anchor file now (serve does it periodically)
     Anchor {
+        /// The anchor file (default: TENANTRY_AUDIT_ANCHOR_FILE, or audit-anchors in the data dir)
         #[arg(long)]
         anchors: Option<std::path::PathBuf>,
     },
@@ -118,9 +119,11 @@ enum AuditCommand {
 
 #[derive(Subcommand, Debug)]
 enum AdminCommand {
-    /// Create an admin account (or an auditor with --auditor); the password is read from stdin
+    /// Create an admin account (or an auditor with --auditor); asks for the password (or reads it from stdin)
     Create {
+        /// The username (3 to 32 of a-z, 0-9, _; starts with a letter)
         name: String,
+        /// The account's email address
         #[arg(long)]
         email: String,
         /// An auditor (reads the audit log) instead of an admin
@@ -157,21 +160,28 @@ enum TenantsCommand {
     },
     /// Show one tenant
     Show {
+        /// The tenant's username
         name: String,
         /// Print a JSON object
         #[arg(long)]
         json: bool,
     },
-    /// Create a user and their tenant; the password is read from stdin
+    /// Create a user and their tenant; asks for the password (or reads it from stdin)
     Create {
+        /// The username (3 to 32 of a-z, 0-9, _; starts with a letter); the schema is tenant_<NAME>
         name: String,
+        /// The user's email address
         #[arg(long)]
         email: String,
     },
-    /// Export every row of a tenant and its account data as one JSON document on stdout
-    Export { name: String },
-    /// Recreate a tenant from an export (one transaction); the new password is read from stdin
+    /// Export every row of a tenant and its account data as one signed JSON document on stdout
+    Export {
+        /// The tenant's username
+        name: String,
+    },
+    /// Recreate a tenant from an export (one transaction); asks for the new password (or reads it from stdin)
     Import {
+        /// A file written by `tenants export`
         file: std::path::PathBuf,
         /// Under another name (default: the exported username)
         #[arg(long = "as")]
@@ -182,6 +192,7 @@ enum TenantsCommand {
     },
     /// Move a tenant's tables to another Citus worker (online when wal_level = logical)
     Move {
+        /// The tenant's username
         name: String,
         /// The worker, as HOST:PORT (see `cluster status`)
         #[arg(long)]
@@ -189,6 +200,7 @@ enum TenantsCommand {
     },
     /// Erase a tenant for good: schema, role, account, sessions (GDPR art. 17); prints a receipt
     Delete {
+        /// The tenant's username
         name: String,
         /// Really erase (without it nothing happens)
         #[arg(long)]
@@ -254,12 +266,15 @@ pub fn main() -> ExitCode {
 
 /// Logs go to stderr: text, or one JSON object per line with
 /// `TENANTRY_LOG_FORMAT=json` (spans included: request id, route, tenant).
+/// Text is coloured only on a terminal, and never with `NO_COLOR` set
+/// (no-color.org): escape codes in a log file are noise.
 fn init_tracing(serving: bool) -> Result<(), String> {
     let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_wanted())
         .with_writer(std::io::stderr);
     match std::env::var("TENANTRY_LOG_FORMAT").ok().as_deref() {
         None | Some("") | Some("text") => {
@@ -279,6 +294,12 @@ fn init_tracing(serving: bool) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -584,7 +605,7 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 println!("no tenants");
             } else {
                 println!(
-                    "{:<32} {:<40} {:>7} {:<10} created",
+                    "{:<32} {:<40} {:>7} {:<10} CREATED",
                     "USERNAME", "SCHEMA", "VERSION", "STATUS"
                 );
                 for t in &all {
@@ -628,40 +649,42 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
         TenantsCommand::Delete { name, yes, json } => {
             delete_tenant(&settings, &name, yes, json).await?;
         }
-        TenantsCommand::Create { name, email } => {
-            let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
-            let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
-            let password = read_password(&username)?;
-            let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
-            let ctx = Context::open(&settings, 1).await?;
-            fleet::verify_templates(&ctx).await?;
-            provisioning::check_available(&ctx.pool.get().await?, &username, &email)
-                .await
-                .map_err(|e| Failure::Other(e.to_string()))?;
-            let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
-            let account = NewAccount {
-                username,
-                email,
-                password_hash,
-                role: Role::User,
-                refresh_token: None,
-                idempotency_key: None,
-                audit: Some(AuditContext {
-                    pseudonyms: pseudonyms(&settings)?,
-                    actor: Some("cli".into()),
-                    client: None,
-                }),
-            };
-            let mut client = ctx.pool.get().await?;
-            let t =
-                provisioning::provision(&mut client, &ctx.installation, &ctx.templates, &account)
-                    .await?;
-            println!(
-                "created tenant {} (schema {}, role {}, template version {})",
-                t.username, t.schema, t.role, t.template_version
-            );
-        }
+        TenantsCommand::Create { name, email } => create_tenant(&settings, &name, &email).await?,
     }
+    Ok(())
+}
+
+async fn create_tenant(settings: &Settings, name: &str, email: &str) -> Result<(), Failure> {
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let email = Email::parse(email).map_err(|e| Failure::Usage(e.to_string()))?;
+    let pseudonyms = pseudonyms(settings)?;
+    let ctx = Context::open(settings, 1).await?;
+    fleet::verify_templates(&ctx).await?;
+    provisioning::check_available(&ctx.pool.get().await?, &username, &email)
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    let password = password::read(&username)?;
+    let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
+    let account = NewAccount {
+        username,
+        email,
+        password_hash,
+        role: Role::User,
+        refresh_token: None,
+        idempotency_key: None,
+        audit: Some(AuditContext {
+            pseudonyms,
+            actor: Some("cli".into()),
+            client: None,
+        }),
+    };
+    let mut client = ctx.pool.get().await?;
+    let t =
+        provisioning::provision(&mut client, &ctx.installation, &ctx.templates, &account).await?;
+    println!(
+        "created tenant {} (schema {}, role {}, template version {})",
+        t.username, t.schema, t.role, t.template_version
+    );
     Ok(())
 }
 
@@ -721,10 +744,12 @@ async fn import_tenant(
         .or_else(|| document.account.email.clone())
         .ok_or_else(|| Failure::Usage("the export has no email; pass --email".into()))?;
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
-    let password = read_password(&username)?;
-    let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
     let ctx = Context::open(settings, 1).await?;
     fleet::verify_templates(&ctx).await?;
+    provisioning::check_available(&ctx.pool.get().await?, &username, &email)
+        .await
+        .map_err(taken_on_import)?;
+    let password = password::read(&username)?;
     let account = NewAccount {
         username,
         email,
@@ -749,19 +774,29 @@ async fn import_tenant(
         | RestoreError::NewerVersion(..)
         | RestoreError::UnknownTable(..)
         | RestoreError::InvalidRow { .. } => Failure::Usage(format!("{}: {e}", file.display())),
-        RestoreError::Provision(p) => Failure::Other(p.to_string()),
+        RestoreError::Provision(p) => taken_on_import(p),
         other => Failure::Other(crate::api::error::cause_chain(&other)),
     })?;
     println!(
-        "imported tenant {} (schema {}): {} rows in {} tables, exported at template version {}, now at {}",
+        "imported tenant {} (schema {}): {} in {}, exported at template version {}, now at {}",
         restored.username,
         restored.schema,
-        restored.rows,
-        restored.tables,
+        count(restored.rows, "row", "rows"),
+        count(restored.tables, "table", "tables"),
         restored.from_version,
         restored.template_version
     );
     Ok(())
+}
+
+/// A name or address taken: say which option picks another.
+fn taken_on_import(e: provisioning::ProvisionError) -> Failure {
+    use provisioning::ProvisionError::{EmailTaken, UsernameTaken};
+    match e {
+        EmailTaken => Failure::Other(format!("{e}: pass --email to import under another address")),
+        UsernameTaken(_) => Failure::Other(format!("{e}: pass --as to import under another name")),
+        other => Failure::Other(crate::api::error::cause_chain(&other)),
+    }
 }
 
 async fn delete_tenant(
@@ -795,18 +830,23 @@ async fn delete_tenant(
         println!("{}", serde_json::to_string_pretty(&receipt)?);
     } else {
         println!(
-            "erased tenant {} at {}: schema {}, role {}, {} tables, {} rows, {} sessions revoked; audit entry {}",
+            "erased tenant {} at {}: schema {}, role {}, {}, {}, {} revoked; audit entry {}",
             receipt.username,
             receipt.erased_at.to_rfc3339(),
             receipt.schema,
             receipt.role,
-            receipt.tables.len(),
-            receipt.rows,
-            receipt.sessions_revoked,
+            count(receipt.tables.len(), "table", "tables"),
+            count(receipt.rows, "row", "rows"),
+            count(receipt.sessions_revoked, "session", "sessions"),
             receipt.audit_entry
         );
         for t in &receipt.tables {
-            println!("  {:<40} {:>10} rows", t.table, t.rows);
+            println!(
+                "  {:<40} {:>10} {}",
+                t.table,
+                t.rows,
+                if t.rows == 1 { "row" } else { "rows" }
+            );
         }
         println!("verified absent: {}", receipt.verified_absent.join(", "));
     }
@@ -821,11 +861,13 @@ async fn admin(settings: Settings, action: AdminCommand) -> Result<(), Failure> 
     } = action;
     let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
-    let password = read_password(&username)?;
-    let password = Password::parse(&password).map_err(|e| Failure::Usage(e.to_string()))?;
     let role = if auditor { Role::Auditor } else { Role::Admin };
     let pseudonyms = pseudonyms(&settings)?;
     let ctx = Context::open(&settings, 1).await?;
+    provisioning::check_available(&ctx.pool.get().await?, &username, &email)
+        .await
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    let password = password::read(&username)?;
     let password_hash = crate::auth::hash_password(&password, settings.bcrypt_cost).await?;
     let mut client = ctx.target.connect().await?;
     let id = uuid::Uuid::new_v4();
@@ -894,7 +936,8 @@ async fn audit_command(settings: Settings, action: AuditCommand) -> Result<(), F
             match audit::verify(&**client, &anchors).await? {
                 audit::Verdict::Intact { entries, anchors } => {
                     println!(
-                        "audit log intact: {entries} entries, chain verified, {anchors} anchor(s) from {} match",
+                        "audit log intact: {}, chain verified, {anchors} anchor(s) from {} match",
+                        count(entries, "entry", "entries"),
                         path.display()
                     );
                     Ok(())
@@ -905,6 +948,12 @@ async fn audit_command(settings: Settings, action: AuditCommand) -> Result<(), F
             }
         }
     }
+}
+
+/// "1 row", "2 rows".
+fn count<N: PartialEq + From<u8> + std::fmt::Display>(n: N, one: &str, many: &str) -> String {
+    let noun = if n == N::from(1) { one } else { many };
+    format!("{n} {noun}")
 }
 
 /// The audit log's pseudonym key, from the service secret (`JWT_SECRET`,
@@ -918,24 +967,41 @@ pub(crate) fn pseudonyms(settings: &Settings) -> Result<Pseudonyms, Failure> {
     Ok(Pseudonyms::from_secret(secret.expose().as_bytes()))
 }
 
-/// The password from stdin: one line, without its line ending.
-fn read_password(username: &Username) -> Result<String, Failure> {
-    let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprint!("password for {username}: ");
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        stdin.read_line(&mut line)?;
-        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// `--help` describes every command and every argument of each.
+    #[test]
+    fn every_command_and_argument_has_a_description() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "tenantry", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:?}");
     }
-    let mut all = String::new();
-    stdin.lock().take(4096).read_to_string(&mut all)?;
-    let line = all.lines().next().unwrap_or("");
-    if line.is_empty() {
-        return Err(Failure::Usage(
-            "no password on stdin (pipe it in, e.g. `echo \"$PASSWORD\" | tenantry tenants create …`)"
-                .into(),
-        ));
+
+    #[test]
+    fn counts_are_singular_for_one() {
+        assert_eq!(count(1i64, "row", "rows"), "1 row");
+        assert_eq!(count(0usize, "row", "rows"), "0 rows");
+        assert_eq!(count(2u64, "entry", "entries"), "2 entries");
     }
-    Ok(line.to_owned())
 }

@@ -3,6 +3,7 @@
 //! then, as the service, the control plane, the group role and the layout
 //! every tenant schema must have.
 
+use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
 
 use crate::db::{connect, DbError};
@@ -27,8 +28,8 @@ pub(crate) async fn prepare_embedded(cluster: &Cluster, running: &Running) -> Re
     client
         .execute("SELECT pg_advisory_lock($1)", &[&BOOTSTRAP_LOCK])
         .await?;
-    let service = crate::domain::quote_ident(embedded::SERVICE_ROLE);
-    let database = crate::domain::quote_ident(embedded::DATABASE_NAME);
+    let service = escape_identifier(embedded::SERVICE_ROLE);
+    let database = escape_identifier(embedded::DATABASE_NAME);
     let role_exists = client
         .query_opt(
             "SELECT 1 FROM pg_roles WHERE rolname = $1",
@@ -249,7 +250,7 @@ async fn ensure_group(
         client
             .batch_execute(&format!(
                 "ALTER ROLE {} RENAME TO {}",
-                crate::domain::quote_ident(&legacy),
+                escape_identifier(&legacy),
                 group.quoted()
             ))
             .await?;

@@ -9,6 +9,8 @@
 //! are `LOGIN` roles without a password: they are usable only where the
 //! nodes trust each other's connections (see README, "Scaling out").
 
+use postgres_protocol::escape::escape_identifier;
+
 use crate::db::{DbError, Installation};
 
 /// Whether the database is a Citus coordinator. If it is: make every
@@ -85,7 +87,7 @@ pub(crate) async fn allow_tenant_connections(
     client
         .batch_execute(&format!(
             "GRANT CONNECT ON DATABASE {} TO {}",
-            crate::domain::quote_ident(&database),
+            escape_identifier(&database),
             installation.group_role().quoted()
         ))
         .await?;

@@ -37,7 +37,8 @@ pub const COMMIT_AND_RESET: &str = concat!("COMMIT; ", session_reset!());
 
 /// How long a pooled connection lives. A backend keeps every relation it has
 /// touched in its caches for good (~35 KB per tenant provisioned, measured by
-/// `scripts/bench-provision`; ~23 KB per table read, BASELINES.md), so a
+/// `scripts/bench-provision`; ~23 KB per table read, measured by
+/// `scripts/bench-routing`'s backend memory), so a
 /// connection that wanders over thousands of tenants would grow without
 /// bound: the request pool ([`RequestPool`]) replaces a connection before it
 /// serves more than `max_tenants` distinct tenants, and any pool replaces one

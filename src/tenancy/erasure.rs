@@ -19,6 +19,7 @@
 
 use std::time::Duration;
 
+use postgres_protocol::escape::escape_identifier;
 use serde::Serialize;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -156,7 +157,7 @@ pub async fn erase(
                 &format!(
                     "SELECT count(*) FROM {}.{}",
                     schema.quoted(),
-                    quote_ident(table)
+                    escape_identifier(table)
                 ),
                 &[],
             )
@@ -192,7 +193,7 @@ pub async fn erase(
         for batch in tables.chunks(per_batch) {
             let names: Vec<String> = batch
                 .iter()
-                .map(|t| format!("{}.{}", schema.quoted(), quote_ident(t)))
+                .map(|t| format!("{}.{}", schema.quoted(), escape_identifier(t)))
                 .collect();
             let tx = client.transaction().await?;
             tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
@@ -346,9 +347,4 @@ fn busy_or<T>(result: Result<T, tokio_postgres::Error>) -> Result<T, ErasureErro
         }
         _ => e.into(),
     })
-}
-
-/// Quote a catalog name as an identifier.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+use postgres_protocol::escape::escape_identifier;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
@@ -206,10 +207,6 @@ struct Keyed {
     columns: Vec<String>,
 }
 
-pub(super) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Enter the tenant as an export: named (so that `tenantry.lock_tenant`
 /// finds it), admitted (no one waits for the tenant exclusively, else
 /// [`ExportError::Busy`]), then the tenant's lock, shared, held to the end:
@@ -322,14 +319,14 @@ pub async fn export(
             format!(
                 " ORDER BY {}",
                 pk.iter()
-                    .map(|c| format!("t.{}", quote_ident(c)))
+                    .map(|c| format!("t.{}", escape_identifier(c)))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
         };
         let columns = columns
             .iter()
-            .map(|c| format!("t.{}", quote_ident(c)))
+            .map(|c| format!("t.{}", escape_identifier(c)))
             .collect::<Vec<_>>()
             .join(", ");
         // Names from the catalog, quoted as identifiers.
@@ -337,7 +334,7 @@ pub async fn export(
             .prepare(&format!(
                 "SELECT row_to_json(r)::text FROM {}.{} t, LATERAL (SELECT {columns}) r{order}",
                 schema.quoted(),
-                quote_ident(&table)
+                escape_identifier(&table)
             ))
             .await?;
         let portal = tx.bind(&statement, &[]).await?;

@@ -22,11 +22,12 @@ use std::fmt;
 use std::sync::LazyLock;
 
 use hmac::Mac;
+use postgres_protocol::escape::escape_identifier;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use super::export::{quote_ident, ExportKey, FORMAT, FORMAT_VERSION, TRAILER};
+use super::export::{ExportKey, FORMAT, FORMAT_VERSION, TRAILER};
 
 /// Why an export file is not opened.
 #[derive(Debug, thiserror::Error)]
@@ -370,7 +371,7 @@ async fn import_in(
         if rows.is_empty() {
             continue;
         }
-        let qualified = format!("{}.{}", schema.quoted(), quote_ident(name));
+        let qualified = format!("{}.{}", schema.quoted(), escape_identifier(name));
         let columns: Vec<String> = tx
             .query(
                 "SELECT a.attname FROM pg_catalog.pg_attribute a
@@ -381,7 +382,7 @@ async fn import_in(
             )
             .await?
             .iter()
-            .map(|r| quote_ident(r.get::<_, &str>(0)))
+            .map(|r| escape_identifier(r.get::<_, &str>(0)))
             .collect();
         let list = columns.join(", ");
         let json = tokio_postgres::types::Json(rows);
@@ -405,7 +406,7 @@ async fn import_in(
             )
             .await?
         {
-            let column = quote_ident(seq.get::<_, &str>(0));
+            let column = escape_identifier(seq.get::<_, &str>(0));
             let sequence: String = seq.get(1);
             let loaded: Option<i64> = tx
                 .query_one(&format!("SELECT max({column})::int8 FROM {qualified}"), &[])

@@ -18,6 +18,7 @@ mod helpers;
 mod isolation;
 mod lifecycle;
 mod login;
+mod newcomer;
 mod observability;
 mod openapi;
 mod pool;

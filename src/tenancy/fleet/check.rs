@@ -6,11 +6,12 @@
 //! head start (`tenantry.pending_tenants`, see `provisioning`) is not drift
 //! while its signup runs; `--repair` sweeps those whose signup is gone.
 
+use postgres_protocol::escape::escape_identifier;
 use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::db::Installation;
-use crate::domain::{quote_ident, RoleName, SchemaName};
+use crate::domain::{RoleName, SchemaName};
 use crate::tenancy::apply::HISTORY_TABLE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -269,8 +270,11 @@ async fn repair_one(
             if named || !d.name.starts_with("tenant_") {
                 false
             } else {
-                tx.batch_execute(&format!("DROP SCHEMA {} CASCADE", quote_ident(&d.name)))
-                    .await?;
+                tx.batch_execute(&format!(
+                    "DROP SCHEMA {} CASCADE",
+                    escape_identifier(&d.name)
+                ))
+                .await?;
                 true
             }
         }

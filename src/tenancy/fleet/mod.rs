@@ -8,9 +8,11 @@
 //!   'running' whose lock is free was interrupted;
 //! - the plan is ONE indexed query over the registry (tenants behind the
 //!   target), so a run with nothing to do costs one query;
+//! - each worker connection is the run's alone, so its `lock_timeout` and
+//!   `statement_timeout` are set once for the session, when it connects;
 //! - each tenant is one transaction, sent as one pipeline: `BEGIN`,
-//!   `tenantry.fleet_claim` (timeouts, a transaction-scoped advisory lock on
-//!   the tenant, and a check that it is still at the planned version), the
+//!   `tenantry.fleet_claim` (a transaction-scoped advisory lock on the
+//!   tenant, and a check that it is still at the planned version), the
 //!   pending templates as the tenant's role with their history rows, the
 //!   registry update and the result row, `COMMIT`. Killed or disconnected at
 //!   any instant, a tenant is wholly at its old version or wholly at the new

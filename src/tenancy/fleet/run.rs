@@ -722,7 +722,8 @@ enum Failure {
 }
 
 /// Lock the tenant, check its version, write its history, registry row and
-/// result: see `tenantry.fleet_claim` in system_migrations/V6__fleet.sql.
+/// result: see `tenantry.fleet_claim` in system_migrations/ (the latest
+/// migration that replaces the function holds its current body).
 const CLAIM: &str = "SELECT tenantry.fleet_claim($1, $2, $3, $4, $5, $6, $7, $8)";
 
 #[derive(Clone, Copy)]
@@ -826,12 +827,21 @@ async fn one_transaction(
     })
 }
 
-/// The server's message and SQLSTATE, or the client's error.
+/// The server's message, DETAIL, HINT and SQLSTATE, or the client's error:
+/// the DETAIL names the offending row (a duplicate key, say), which is what
+/// an admin needs to fix it.
 fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+    let Some(db) = e.as_db_error() else {
+        return e.to_string();
+    };
+    let mut message = db.message().to_owned();
+    if let Some(detail) = db.detail() {
+        message.push_str(&format!("; DETAIL: {detail}"));
     }
+    if let Some(hint) = db.hint() {
+        message.push_str(&format!("; HINT: {hint}"));
+    }
+    format!("{message} (SQLSTATE {})", db.code().code())
 }
 
 async fn record_result(
