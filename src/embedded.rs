@@ -38,7 +38,7 @@ const PRIVATE_LOG_MARKER: &str = "# tenantry: keep personal data out of the serv
 /// erasure: no DETAIL lines (`Key (username)=(…) already exists`), no
 /// statement text or parameters, no per-table autovacuum lines (they name
 /// tenant schemas). Errors keep their one-line message, which may name a
-/// schema or role (README.md, "Personal data"). Only settings that every
+/// schema or role (docs/gdpr.md, "Personal data in logs"). Only settings that every
 /// supported PostgreSQL knows (an unknown one stops the server starting).
 const PRIVATE_LOG_SETTINGS: &str = "
 # tenantry: keep personal data out of the server log

@@ -22,7 +22,7 @@ mod password;
     name = "tenantry",
     version,
     about = "Schema-per-tenant provisioning for PostgreSQL",
-    after_help = "Environment (every command reads the same; see README.md):\n  \
+    after_help = "Environment (every command reads the same; see docs/configuration.md):\n  \
 DATABASE_URL                 PostgreSQL to use; unset: the embedded cluster under TENANTRY_DATA_DIR\n  \
 TENANTRY_DATA_DIR            embedded cluster, generated secret, audit anchors [./.tenantry]\n  \
 TENANTRY_BIND                HTTP address of serve [127.0.0.1:8080]\n  \
@@ -342,7 +342,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-const NOT_CITUS: &str = "this database is not a Citus coordinator (see README, \"Scaling out\")";
+const NOT_CITUS: &str = "this database is not a Citus coordinator (see docs/scaling-out.md)";
 
 async fn cluster_status(settings: Settings, json: bool) -> Result<(), Failure> {
     let ctx = Context::open(&settings, 1).await?;

@@ -7,7 +7,7 @@
 //!
 //! Citus reaches the workers as the current role, so on Citus tenant roles
 //! are `LOGIN` roles without a password: they are usable only where the
-//! nodes trust each other's connections (see README, "Scaling out").
+//! nodes trust each other's connections (see docs/scaling-out.md).
 
 use postgres_protocol::escape::escape_identifier;
 
