@@ -22,7 +22,9 @@ use crate::db::{self, TenantPool};
 
 /// Enter the tenant of user `$1` whose access token has generation `$2`:
 /// its schema and role, read from the registry (never from the token), set
-/// transaction-locally, and `$3` as the statement timeout of what follows. No active tenant, a disabled account or a token of
+/// transaction-locally, and `$3` as the statement timeout of what follows.
+/// A token whose session `$4` was ended (logout, the session deleted, a
+/// replayed refresh token) enters nothing either. No active tenant, a disabled account or a token of
 /// an older generation (password changed, signed out everywhere) makes
 /// `1 / count(*)` divide by zero, which aborts the transaction: statements
 /// pipelined behind this one then never run as the service.
@@ -33,7 +35,9 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
         max(t.template_version) AS template_version
  FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
  WHERE t.user_id = $1 AND t.status = 'active'
-   AND u.token_generation = $2 AND u.disabled_at IS NULL";
+   AND u.token_generation = $2 AND u.disabled_at IS NULL
+   AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r
+                   WHERE r.family_id = $4 AND r.revoked_at IS NOT NULL)";
 
 /// Taken (shared, until the transaction ends) before [`ENTER`], in its own
 /// statement so that ENTER's snapshot is taken after it: an erasure takes
@@ -44,11 +48,14 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
 const ENTER_LOCK: &str =
     "SELECT pg_catalog.pg_advisory_xact_lock_shared($2, pg_catalog.hashtext($1::text))";
 
-/// Who a routed request is for: the access token's user and generation.
+/// Who a routed request is for: the access token's user, generation and
+/// session (the refresh-token family it was issued in; `None` for a token
+/// issued outside one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
     pub user_id: Uuid,
     pub generation: i32,
+    pub session: Option<Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +137,12 @@ impl TenantTx {
         let user_text = caller.user_id.to_string();
         let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
-        let enter_params: [&(dyn ToSql + Sync); 3] =
-            [&caller.user_id, &caller.generation, &timeout];
+        let enter_params: [&(dyn ToSql + Sync); 4] = [
+            &caller.user_id,
+            &caller.generation,
+            &timeout,
+            &caller.session,
+        ];
         let (begun, locked, entered) = futures::join!(
             c.batch_execute(access.begin()),
             c.execute(&lock, &lock_params),
@@ -186,8 +197,12 @@ impl TenantTx {
         let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
             let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
-            let enter_params: [&(dyn ToSql + Sync); 3] =
-                [&caller.user_id, &caller.generation, &timeout];
+            let enter_params: [&(dyn ToSql + Sync); 4] = [
+                &caller.user_id,
+                &caller.generation,
+                &timeout,
+                &caller.session,
+            ];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
             let mut locked = pin!(maybe_done(c.execute(&lock, &lock_params)));
             let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));

@@ -32,6 +32,7 @@ impl AuthenticatedUser {
         Caller {
             user_id: self.0.sub,
             generation: self.0.generation,
+            session: self.0.sid,
         }
     }
 }
@@ -77,11 +78,13 @@ impl FromRequest for CurrentUser {
             let stmt = client
                 .prepare_cached(
                     "SELECT role FROM tenantry.users
-                     WHERE id = $1 AND token_generation = $2 AND disabled_at IS NULL",
+                     WHERE id = $1 AND token_generation = $2 AND disabled_at IS NULL
+                       AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r
+                                       WHERE r.family_id = $3 AND r.revoked_at IS NOT NULL)",
                 )
                 .await?;
             let role: String = client
-                .query_opt(&stmt, &[&claims.sub, &claims.generation])
+                .query_opt(&stmt, &[&claims.sub, &claims.generation, &claims.sid])
                 .await?
                 .ok_or(ApiError::Unauthorized)?
                 .get(0);

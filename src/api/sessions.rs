@@ -139,6 +139,12 @@ pub async fn revoke_all(
             &[&user.id()],
         )
         .await?;
+    // Every access token of the user ends with its sessions, this one's too.
+    tx.execute(
+        "UPDATE tenantry.users SET token_generation = token_generation + 1 WHERE id = $1",
+        &[&user.id()],
+    )
+    .await?;
     audit::append(
         &*tx,
         &Entry::new(Action::SessionsRevokedAll)

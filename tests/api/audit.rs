@@ -80,8 +80,27 @@ async fn security_actions_are_recorded_by_pseudonym_without_secrets() {
         &json!({"refresh_token": login["refresh_token"]}),
     )
     .await;
+    // The replay ended the signup's session, its access token with it.
+    let ended = app
+        .call(Method::GET, "/api/me", &access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), 401);
+    let again = json(
+        app.post_json(
+            "/api/auth/login",
+            &json!({"username": "vera", "password": PASSWORD}),
+        )
+        .await,
+    )
+    .await;
     let changed = app
-        .call(Method::POST, "/api/auth/change-password", &access)
+        .call(
+            Method::POST,
+            "/api/auth/change-password",
+            again["access_token"].as_str().unwrap(),
+        )
         .json(&json!({"current_password": PASSWORD, "new_password": "the next passphrase"}))
         .send()
         .await
@@ -116,6 +135,7 @@ async fn security_actions_are_recorded_by_pseudonym_without_secrets() {
             "login_succeeded",
             "refresh_token_reuse",
             "logout",
+            "login_succeeded",
             "password_changed",
             "admin_created",
             "login_succeeded",
@@ -169,6 +189,7 @@ async fn security_actions_are_recorded_by_pseudonym_without_secrets() {
         found,
         [
             "password_changed",
+            "login_succeeded",
             "logout",
             "refresh_token_reuse",
             "login_succeeded",
@@ -195,7 +216,7 @@ async fn security_actions_are_recorded_by_pseudonym_without_secrets() {
     assert_eq!(bad.status(), 400);
     let out = verify(&app, &anchor_file()).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("12 entries"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("13 entries"), "{}", stdout(&out));
 }
 
 #[tokio::test]

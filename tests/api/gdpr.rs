@@ -340,6 +340,7 @@ async fn an_erasure_waits_for_requests_in_flight_and_later_ones_get_401() {
         tenantry::routing::Caller {
             user_id,
             generation: 0,
+            session: None,
         },
         tenantry::routing::Access::ReadWrite,
     )

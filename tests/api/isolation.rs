@@ -722,5 +722,6 @@ pub(crate) fn caller(user_id: uuid::Uuid) -> tenantry::routing::Caller {
     tenantry::routing::Caller {
         user_id,
         generation: 0,
+        session: None,
     }
 }

@@ -25,5 +25,6 @@ mod pool;
 mod provisioning;
 mod refresh;
 mod register;
+mod revocation;
 mod tenant_data;
 mod tokens;

@@ -244,7 +244,22 @@ async fn sessions_are_listed_and_can_be_ended_one_by_one_or_all_at_once() {
         .await
         .unwrap();
     assert_eq!(all.status(), 204);
-    assert!(sessions(&app, &access).await.is_empty());
+    // Its own access token ends too, at the very next request.
+    let old = app
+        .call(Method::GET, "/api/auth/sessions", &access)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
+    let again = with_agent(
+        &app,
+        "/api/auth/login",
+        "laptop-browser",
+        &json!({"username": "sara", "password": PASSWORD}),
+    )
+    .await;
+    let fresh = again["access_token"].as_str().unwrap();
+    assert_eq!(sessions(&app, fresh).await.len(), 1, "only the new one");
     assert_eq!(
         refresh(&app, laptop["refresh_token"].as_str().unwrap())
             .await
