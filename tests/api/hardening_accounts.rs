@@ -505,6 +505,28 @@ async fn wait_healthy(app: &TestApp) {
     panic!("serve never answered");
 }
 
+/// Backends of the `tenantry` database waiting on a lock, once there are
+/// `n` of them (or after 10 s, whatever there are then).
+async fn lock_waiters(watcher: &tokio_postgres::Client, n: i64) -> i64 {
+    let mut waiting = 0;
+    for _ in 0..400 {
+        waiting = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND datname = 'tenantry'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if waiting >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    waiting
+}
+
 /// Two signups of one name at once: the second passes the availability
 /// check before the first commits, then meets the first's row in the
 /// registry's unique index (the race that put `DETAIL: Key (username)=(…)`
@@ -531,39 +553,10 @@ async fn racing_signups(app: &TestApp, data: &DataDir) -> (reqwest::Response, St
         })
     };
     let first = register(EMAIL);
-    let mut waiting = 0;
-    for _ in 0..400 {
-        waiting = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND datname = 'tenantry'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-        if waiting >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let mut waiting = lock_waiters(&watcher, 1).await;
     assert_eq!(waiting, 1, "the first signup waits on the audit head");
     let second = register("someone.else@example.net");
-    for _ in 0..400 {
-        waiting = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND datname = 'tenantry'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-        if waiting >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    waiting = lock_waiters(&watcher, 2).await;
     assert_eq!(waiting, 2, "the second signup waits on the first's row");
     tx.commit().await.unwrap();
     let first = first.await.unwrap();
