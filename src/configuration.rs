@@ -49,6 +49,31 @@ pub struct Settings {
     /// `TENANTRY_STATEMENT_TIMEOUT` (seconds, `0` = none): how long one
     /// statement of a tenant's request may run.
     pub statement_timeout: Duration,
+    /// Mail and accounts (`TENANTRY_SMTP_URL`, `TENANTRY_MAIL_*`,
+    /// `TENANTRY_PUBLIC_URL`, `TENANTRY_UNVERIFIED_TTL`).
+    pub mail: MailSettings,
+}
+
+/// How mail is sent, and how long unverified accounts are kept.
+#[derive(Clone, Debug)]
+pub struct MailSettings {
+    /// `TENANTRY_SMTP_URL`; unset: `.eml` files under `<data dir>/mail/`.
+    pub smtp_url: Option<SecretString>,
+    /// `TENANTRY_MAIL_FROM`.
+    pub from: String,
+    /// `TENANTRY_PUBLIC_URL`: where the links in mails point (default
+    /// `http://<TENANTRY_BIND>`).
+    pub public_url: String,
+    /// `TENANTRY_MAIL_MAX_ATTEMPTS`: attempts before a mail is dead.
+    pub max_attempts: u32,
+    /// `TENANTRY_MAIL_BACKOFF_MS`: the first retry's delay; it doubles with
+    /// each attempt (with jitter), up to an hour.
+    pub backoff: Duration,
+    /// `TENANTRY_MAIL_RETENTION` (seconds): how long delivered rows are kept.
+    pub retention: Duration,
+    /// `TENANTRY_UNVERIFIED_TTL` (seconds, `0` keeps them): accounts that
+    /// never verified their address are erased after it.
+    pub unverified_ttl: Option<Duration>,
 }
 
 /// Requests per minute; `0` turns a limit off.
@@ -219,7 +244,61 @@ impl Settings {
         );
         let statement_timeout =
             Duration::from_secs(number("TENANTRY_STATEMENT_TIMEOUT", 5, 3600)?.into());
+        let smtp_url = match get("TENANTRY_SMTP_URL") {
+            None => None,
+            Some(url) => {
+                crate::mail::delivery::SmtpTarget::parse(&url).map_err(|reason| {
+                    SettingsError::Invalid {
+                        name: "TENANTRY_SMTP_URL",
+                        reason,
+                    }
+                })?;
+                Some(SecretString(url))
+            }
+        };
+        let from =
+            get("TENANTRY_MAIL_FROM").unwrap_or_else(|| "Tenantry <tenantry@localhost>".into());
+        if from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(SettingsError::Invalid {
+                name: "TENANTRY_MAIL_FROM",
+                reason: "must be an address, e.g. \"Tenantry <no-reply@example.com>\"".into(),
+            });
+        }
+        let public_url = match get("TENANTRY_PUBLIC_URL") {
+            None => format!("http://{bind}"),
+            Some(u) => {
+                let parsed = url::Url::parse(&u)
+                    .ok()
+                    .filter(|p| matches!(p.scheme(), "http" | "https") && p.host().is_some());
+                if parsed.is_none() {
+                    return Err(SettingsError::Invalid {
+                        name: "TENANTRY_PUBLIC_URL",
+                        reason: "must be an http:// or https:// URL".into(),
+                    });
+                }
+                u.trim_end_matches('/').to_owned()
+            }
+        };
+        let mail = MailSettings {
+            smtp_url,
+            from,
+            public_url,
+            max_attempts: number("TENANTRY_MAIL_MAX_ATTEMPTS", 10, 1000)?.max(1),
+            backoff: Duration::from_millis(
+                number("TENANTRY_MAIL_BACKOFF_MS", 5000, 3_600_000)?
+                    .max(1)
+                    .into(),
+            ),
+            retention: Duration::from_secs(
+                number("TENANTRY_MAIL_RETENTION", 7 * 86_400, 365 * 86_400)?.into(),
+            ),
+            unverified_ttl: match number("TENANTRY_UNVERIFIED_TTL", 604_800, 10 * 365 * 86_400)? {
+                0 => None,
+                s => Some(Duration::from_secs(s.into())),
+            },
+        };
         Ok(Settings {
+            mail,
             export_concurrency,
             export_timeout,
             statement_timeout,

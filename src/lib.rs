@@ -9,6 +9,7 @@ pub mod configuration;
 pub mod db;
 pub mod domain;
 pub mod embedded;
+pub mod mail;
 pub mod maintenance;
 pub mod metrics;
 pub mod routing;

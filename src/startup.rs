@@ -45,6 +45,8 @@ pub struct AppState {
     /// `TENANTRY_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer
     /// token; when not, it answers loopback clients only.
     pub metrics_token: Option<crate::configuration::SecretString>,
+    /// Writes the mails that go into the outbox, and wakes the sender.
+    pub letters: crate::mail::Letters,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub enum StartupError {
     Hash(#[from] crate::auth::AuthError),
     #[error("refusing to start: {0}")]
     Integrity(#[from] IntegrityError),
+    #[error("cannot send mail: {0}")]
+    Mail(String),
 }
 
 /// Everything a command that works on tenants needs.
@@ -225,8 +229,19 @@ impl Application {
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),
             fleet_runs: FleetRuns::default(),
+            letters: crate::mail::Letters::new(&settings.mail.public_url),
         });
         let fleet_runs = state.fleet_runs.clone();
+        let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
+            .map_err(StartupError::Mail)?;
+        crate::mail::delivery::Outbox::new(
+            state.pool.clone(),
+            &settings.mail,
+            sender,
+            state.installation.id.as_str(),
+        )
+        .map_err(StartupError::Mail)?
+        .spawn(&state.letters);
         crate::metrics::handle();
         let limits = web::Data::new(RateLimits::new(&settings.limits));
         crate::maintenance::spawn(
