@@ -56,6 +56,15 @@ pub enum Action {
     FleetRunFinished,
     TenantErased,
     TenantImported,
+    EmailVerified,
+    /// A password set with a reset token (every session ended).
+    PasswordReset,
+    /// An email change asked for (the new address gets a token).
+    EmailChangeRequested,
+    /// The new address verified: the account's address changed.
+    EmailChanged,
+    TenantSuspended,
+    TenantResumed,
 }
 
 impl Action {
@@ -75,6 +84,12 @@ impl Action {
             Action::FleetRunFinished => "fleet_run_finished",
             Action::TenantErased => "tenant_erased",
             Action::TenantImported => "tenant_imported",
+            Action::EmailVerified => "email_verified",
+            Action::PasswordReset => "password_reset",
+            Action::EmailChangeRequested => "email_change_requested",
+            Action::EmailChanged => "email_changed",
+            Action::TenantSuspended => "tenant_suspended",
+            Action::TenantResumed => "tenant_resumed",
         }
     }
 

@@ -30,6 +30,13 @@ pub enum ApiError {
     InvalidRefreshToken,
     #[error("{0}")]
     Forbidden(&'static str),
+    /// The account is suspended (restriction of processing): 403
+    /// `account_suspended` on login and on every request with a token.
+    #[error("this account is suspended")]
+    AccountSuspended,
+    /// A verification or reset token that is unknown, used or expired.
+    #[error("the token is unknown, already used or expired")]
+    InvalidToken,
     #[error("{0}")]
     NotFound(String),
     #[error("{message}")]
@@ -76,6 +83,8 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized".into(),
             ApiError::InvalidRefreshToken => "invalid_refresh_token".into(),
             ApiError::Forbidden(_) => "forbidden".into(),
+            ApiError::AccountSuspended => "account_suspended".into(),
+            ApiError::InvalidToken => "invalid_token".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::Unavailable => "unavailable".into(),
             ApiError::Internal(_) => "internal_error".into(),
@@ -91,7 +100,8 @@ impl ResponseError for ApiError {
             ApiError::InvalidCredentials
             | ApiError::Unauthorized
             | ApiError::InvalidRefreshToken => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::AccountSuspended => StatusCode::FORBIDDEN,
+            ApiError::InvalidToken => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Throttled { .. } | ApiError::TooManyRequests { .. } => {
