@@ -325,6 +325,7 @@ async fn provision_many(
                 role: tenantry::auth::Role::User,
                 refresh_token: None,
                 idempotency_key: None,
+                verification: None,
                 audit: None,
             };
             provision(&mut client, installation, templates, &account)

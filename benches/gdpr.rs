@@ -66,6 +66,7 @@ async fn main() {
             role: tenantry::auth::Role::User,
             refresh_token: None,
             idempotency_key: None,
+            verification: None,
             audit: None,
         };
         let mut client = pool.get().await.unwrap();

@@ -92,6 +92,7 @@ async fn main() {
                 user_agent: Some("bench".into()),
             }),
             idempotency_key: None,
+            verification: None,
             audit: Some(tenantry::provisioning::AuditContext {
                 pseudonyms: tenantry::audit::Pseudonyms::from_secret(
                     b"bench-secret-bench-secret-bench-secret",

@@ -337,6 +337,21 @@ impl Settings {
     }
 }
 
+impl MailSettings {
+    /// The defaults: `.eml` files, links to `public_url`.
+    pub fn new(public_url: impl Into<String>) -> MailSettings {
+        MailSettings {
+            smtp_url: None,
+            from: "Tenantry <tenantry@localhost>".into(),
+            public_url: public_url.into(),
+            max_attempts: 10,
+            backoff: Duration::from_millis(5000),
+            retention: Duration::from_secs(7 * 86_400),
+            unverified_ttl: Some(Duration::from_secs(604_800)),
+        }
+    }
+}
+
 /// A string that never shows up in `Debug` output or logs.
 #[derive(Clone)]
 pub struct SecretString(String);

@@ -42,6 +42,7 @@ pub async fn provision_seeded(
                     role: tenantry::auth::Role::User,
                     refresh_token: None,
                     idempotency_key: None,
+                    verification: None,
                     audit: None,
                 };
                 let mut client = pool.get().await.unwrap();
@@ -114,6 +115,7 @@ pub async fn start_service(
         export_concurrency: 4,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
+        mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
     };
     let app = tenantry::startup::Application::build(settings)
         .await

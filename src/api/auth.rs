@@ -180,6 +180,7 @@ pub async fn register(
             user_agent: agent_of(&request),
         }),
         idempotency_key: key.clone(),
+        verification: Some(provisioning::Verification::new(&state.letters)),
         audit: Some(AuditContext {
             pseudonyms: state.pseudonyms.clone(),
             actor: None,

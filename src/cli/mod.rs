@@ -672,6 +672,7 @@ async fn create_tenant(settings: &Settings, name: &str, email: &str) -> Result<(
         role: Role::User,
         refresh_token: None,
         idempotency_key: None,
+        verification: None,
         audit: Some(AuditContext {
             pseudonyms,
             actor: Some("cli".into()),
@@ -757,6 +758,7 @@ async fn import_tenant(
         role: Role::User,
         refresh_token: None,
         idempotency_key: None,
+        verification: None,
         audit: None,
     };
     let mut client = ctx.pool.get().await?;

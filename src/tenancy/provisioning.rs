@@ -94,7 +94,37 @@ pub struct NewAccount {
     pub idempotency_key: Option<String>,
     /// Append a `register` entry to the audit log, in the same transaction.
     pub audit: Option<AuditContext>,
+    /// A signup: the address is unverified, and a verification token and
+    /// its mail are written in the same transaction. `None` (accounts an
+    /// operator makes, imports): the address counts as verified.
+    pub verification: Option<Verification>,
 }
+
+/// The verification of a signup's address.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// Writes the mail (the token goes into its link).
+    pub letters: crate::mail::Letters,
+    pub token: String,
+    /// The token's hash, stored in `tenantry.account_tokens`.
+    pub hash: Vec<u8>,
+}
+
+impl Verification {
+    pub fn new(letters: &crate::mail::Letters) -> Verification {
+        let (token, hash) = crate::auth::new_refresh_token();
+        Verification {
+            letters: letters.clone(),
+            token,
+            hash,
+        }
+    }
+}
+
+/// A verification token for `$2`'s address `$3`: `$1` its hash.
+pub const INSERT_VERIFICATION_TOKEN: &str = "\
+INSERT INTO tenantry.account_tokens (token_hash, user_id, purpose, email, expires_at)
+VALUES ($1, $2, 'verify_email', $3, now() + interval '24 hours')";
 
 /// Who signs a user up, for the audit entry.
 #[derive(Debug, Clone)]
@@ -126,8 +156,8 @@ pub struct Provisioned {
 
 const INSERT_ACCOUNT: &str = "\
 WITH u AS (
-    INSERT INTO tenantry.users (id, username, email, password_hash, role)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO tenantry.users (id, username, email, password_hash, role, email_verified_at)
+    VALUES ($1, $2, $3, $4, $5, CASE WHEN $9 THEN now() END)
     RETURNING id
 )
 INSERT INTO tenantry.tenants (user_id, username, schema_name, role_name, template_version, status)
@@ -194,7 +224,8 @@ pub async fn provision_in(
         role.as_str(),
         version.get(),
     );
-    let account_params: [(&(dyn ToSql + Sync), Type); 8] = [
+    let verified = account.verification.is_none();
+    let account_params: [(&(dyn ToSql + Sync), Type); 9] = [
         (&user_id, Type::UUID),
         (&name, Type::TEXT),
         (&email, Type::TEXT),
@@ -203,7 +234,21 @@ pub async fn provision_in(
         (&schema_name, Type::TEXT),
         (&role_name, Type::TEXT),
         (&version_number, Type::INT4),
+        (&verified, Type::BOOL),
     ];
+    let verification_mail = account
+        .verification
+        .as_ref()
+        .map(|v| v.letters.verify_email(user_id, name, email, &v.token));
+    let verification_params: Option<[(&(dyn ToSql + Sync), Type); 3]> =
+        account.verification.as_ref().map(|v| {
+            [
+                (&v.hash as &(dyn ToSql + Sync), Type::BYTEA),
+                (&user_id, Type::UUID),
+                (&email, Type::TEXT),
+            ]
+        });
+    let mail_params = verification_mail.as_ref().map(|m| m.params());
     let refresh_params: Option<[(&(dyn ToSql + Sync), Type); 4]> =
         account.refresh_token.as_ref().map(|token| {
             [
@@ -251,6 +296,18 @@ pub async fn provision_in(
             tx.execute_typed(crate::auth::INSERT_REFRESH_TOKEN, params)
                 .await
                 .map(drop)
+        }));
+    }
+    if let (Some(token), Some(mail)) = (&verification_params, &mail_params) {
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute_typed(INSERT_VERIFICATION_TOKEN, token)
+                .await
+                .map(drop)
+        }));
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute_typed(crate::mail::ENQUEUE, mail).await.map(drop)
         }));
     }
     steps.push(Step::Prelude);

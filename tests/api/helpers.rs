@@ -325,7 +325,8 @@ pub struct TestApp {
 pub fn test_settings(db_name: &str) -> Settings {
     Settings {
         database: DatabaseTarget::Url(SecretString::new(service_url(db_name))),
-        data_dir: std::env::temp_dir(),
+        // Its own, for the mail written as files.
+        data_dir: RUN_DIR.join(format!("data-{db_name}")),
         bind: "127.0.0.1:0".parse().unwrap(),
         jwt_secret: Some(SecretString::new(JWT_SECRET.into())),
         bcrypt_cost: 4,
@@ -341,6 +342,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         export_concurrency: 4,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
+        mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
     }
 }
 

@@ -88,6 +88,7 @@ fn account(name: &str) -> tenantry::provisioning::NewAccount {
         role: tenantry::auth::Role::User,
         refresh_token: None,
         idempotency_key: None,
+        verification: None,
         audit: None,
     }
 }
