@@ -1,8 +1,10 @@
 //! What `serve` does in the background, every `TENANTRY_MAINTENANCE_INTERVAL`
 //! (and once at start): purge what has expired (refresh tokens, login
 //! throttle rows, signup idempotency keys), anchor the audit chain to the
-//! anchor file, forget idle rate-limit state, and on Citus sweep what a
-//! killed signup left (`provisioning::sweep_pending`).
+//! anchor file, forget idle rate-limit state, purge delivered mail after
+//! its retention and expired account tokens, erase the accounts that never
+//! verified their address (`TENANTRY_UNVERIFIED_TTL`), and on Citus sweep
+//! what a killed signup left (`provisioning::sweep_pending`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +21,7 @@ pub struct Purged {
     pub refresh_tokens: u64,
     pub login_throttle: u64,
     pub idempotency_keys: u64,
+    pub account_tokens: u64,
 }
 
 /// Delete expired rows. Refresh tokens go once expired: an expired token is
@@ -45,11 +48,98 @@ pub async fn purge_expired(client: &impl GenericClient) -> Result<Purged, tokio_
             &[],
         )
         .await?;
+    let account_tokens = client
+        .execute(
+            "DELETE FROM tenantry.account_tokens WHERE expires_at < now()",
+            &[],
+        )
+        .await?;
     Ok(Purged {
         refresh_tokens,
         login_throttle,
         idempotency_keys,
+        account_tokens,
     })
+}
+
+/// Accounts whose address was never verified within `ttl`: their names,
+/// at most 100 per round (the next round takes the rest).
+async fn unverified(
+    client: &impl GenericClient,
+    ttl: Duration,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT u.username FROM tenantry.users u
+               JOIN tenantry.tenants t ON t.user_id = u.id
+              WHERE u.email_verified_at IS NULL AND u.role = 'user'
+                AND u.created_at < now() - make_interval(secs => $1)
+                AND t.status = 'active'
+              ORDER BY u.created_at LIMIT 100",
+            &[&ttl.as_secs_f64()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Erase the accounts that never verified their address (the normal
+/// audited erasure, each with its receipt in the log); how many.
+pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
+    let names = match state.pool.get().await {
+        Ok(client) => match unverified(&**client, ttl).await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for unverified accounts");
+                return 0;
+            }
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for unverified accounts");
+            return 0;
+        }
+    };
+    let mut erased = 0;
+    for name in names {
+        let Ok(username) = crate::domain::Username::parse(&name) else {
+            continue;
+        };
+        let requester = crate::tenancy::erasure::Requester {
+            actor: "maintenance".into(),
+            client: None,
+            reason: "email_unverified",
+        };
+        let outcome = async {
+            let mut client = state.pool.get().await.map_err(|e| e.to_string())?;
+            crate::tenancy::erasure::erase(
+                &mut client,
+                &username,
+                &state.pseudonyms,
+                &requester,
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        match outcome {
+            Ok(receipt) => {
+                erased += 1;
+                tracing::info!(
+                    audit_entry = receipt.audit_entry,
+                    rows = receipt.rows,
+                    tables = receipt.tables.len(),
+                    sessions_revoked = receipt.sessions_revoked,
+                    "erased an account whose address was never verified"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "erasing an unverified account failed; next round retries")
+            }
+        }
+    }
+    erased
 }
 
 /// Start the background loop (it ends with the runtime).
@@ -58,6 +148,7 @@ pub fn spawn(
     limits: Arc<RateLimits>,
     anchor_file: PathBuf,
     interval: Duration,
+    mail: crate::configuration::MailSettings,
 ) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
@@ -81,6 +172,14 @@ pub fn spawn(
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging expired rows failed"),
+            }
+            match crate::mail::delivery::purge_delivered(&**client, mail.retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(mails = n, "purged delivered mail past its retention"),
+                Err(e) => tracing::warn!(error = %e, "purging delivered mail failed"),
+            }
+            if let Some(ttl) = mail.unverified_ttl {
+                erase_unverified(&state, ttl).await;
             }
             if state.installation.citus {
                 match crate::provisioning::sweep_pending(&client).await {

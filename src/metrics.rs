@@ -16,7 +16,9 @@
 //!   `tenantry_fleet_run_tenants{run,state}` (planned, succeeded, failed,
 //!   skipped, pending of the latest run), `tenantry_fleet_run_running`,
 //!   `tenantry_pool_connections{state}` (max, open, idle, in_use),
-//!   `tenantry_pool_waiting`.
+//!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead);
+//! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
+//!   `tenantry_mail_dead_total` (`mail::delivery`).
 
 use std::sync::OnceLock;
 
@@ -115,6 +117,22 @@ fn describe_and_register() {
         "tenantry_pool_waiting",
         "requests waiting for a pool connection"
     );
+    describe_gauge!(
+        "tenantry_outbox_mails",
+        "mail not delivered, by state: pending (waiting or being retried) and dead (given up; `tenantry outbox retry`) (read at scrape time)"
+    );
+    describe_counter!(
+        "tenantry_mail_sent_total",
+        "mails delivered by this process"
+    );
+    describe_counter!(
+        "tenantry_mail_failed_attempts_total",
+        "attempts to deliver a mail that failed (the server down or refusing)"
+    );
+    describe_counter!(
+        "tenantry_mail_dead_total",
+        "mails given up on after their last attempt"
+    );
     for kind in DATABASE_ERROR_KINDS {
         metrics::counter!("tenantry_database_errors_total", "kind" => kind).absolute(0);
     }
@@ -122,6 +140,16 @@ fn describe_and_register() {
         metrics::counter!("tenantry_exports_total", "outcome" => outcome).absolute(0);
     }
     metrics::counter!("tenantry_clients_cut_off_total").absolute(0);
+    for name in [
+        "tenantry_mail_sent_total",
+        "tenantry_mail_failed_attempts_total",
+        "tenantry_mail_dead_total",
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    for state_name in ["pending", "dead"] {
+        metrics::gauge!("tenantry_outbox_mails", "state" => state_name).set(0.0);
+    }
     metrics::gauge!("tenantry_exports_running").set(0.0);
     metrics::gauge!("tenantry_tenants_pending_migration").set(0.0);
     metrics::gauge!("tenantry_fleet_run_running").set(0.0);

@@ -47,6 +47,8 @@ pub struct AppState {
     pub metrics_token: Option<crate::configuration::SecretString>,
     /// Writes the mails that go into the outbox, and wakes the sender.
     pub letters: crate::mail::Letters,
+    /// Forgot-password requests, handled after their answer.
+    pub password_resets: crate::api::account::ResetRequests,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,10 +213,12 @@ impl Application {
         .await?;
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
+        let pool = context
+            .pool
+            .with_statement_timeout(settings.statement_timeout);
+        let letters = crate::mail::Letters::new(&settings.mail.public_url);
         let state = web::Data::new(AppState {
-            pool: context
-                .pool
-                .with_statement_timeout(settings.statement_timeout),
+            pool: pool.clone(),
             db_config,
             installation: context.installation,
             templates: context.templates,
@@ -229,7 +233,8 @@ impl Application {
             client_timeout: settings.client_timeout,
             metrics_token: settings.metrics_token.clone(),
             fleet_runs: FleetRuns::default(),
-            letters: crate::mail::Letters::new(&settings.mail.public_url),
+            letters: letters.clone(),
+            password_resets: crate::api::account::ResetRequests::start(pool.clone(), letters),
         });
         let fleet_runs = state.fleet_runs.clone();
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
@@ -249,6 +254,7 @@ impl Application {
             limits.clone().into_inner(),
             settings.audit_anchor_file.clone(),
             settings.maintenance_interval,
+            settings.mail.clone(),
         );
         let addr = settings.bind.to_string();
         let limits_of_clients = crate::transport::ClientLimits {

@@ -18,6 +18,9 @@ pub struct Profile {
     pub user_id: Uuid,
     pub username: String,
     pub email: String,
+    /// Whether the address was verified (the link mailed at signup, or
+    /// after an email change, was used).
+    pub email_verified: bool,
     pub role: String,
     pub created_at: DateTime<Utc>,
     pub last_login_at: Option<DateTime<Utc>>,
@@ -49,7 +52,8 @@ pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpRes
     let stmt = client
         .prepare_cached(
             "SELECT u.id, u.username, u.email, u.role, u.created_at, u.last_login_at,
-                    t.schema_name, t.role_name, t.template_version, t.status, t.created_at
+                    t.schema_name, t.role_name, t.template_version, t.status, t.created_at,
+                    u.email_verified_at IS NOT NULL
              FROM tenantry.users u LEFT JOIN tenantry.tenants t ON t.user_id = u.id
              WHERE u.id = $1",
         )
@@ -71,6 +75,7 @@ pub async fn me(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpRes
         user_id: row.get(0),
         username: row.get(1),
         email: row.get(2),
+        email_verified: row.get(11),
         role: row.get(3),
         created_at: row.get(4),
         last_login_at: row.get(5),

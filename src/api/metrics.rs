@@ -88,9 +88,17 @@ async fn record_gauges(state: &AppState) {
             )
             .await
             .ok()?;
-        Some((versions, run))
+        let outbox = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+                 FROM tenantry.outbox WHERE delivered_at IS NULL",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some((versions, run, outbox))
     };
-    let Ok(Some((versions, run))) =
+    let Ok(Some((versions, run, outbox))) =
         tokio::time::timeout(std::time::Duration::from_secs(2), read).await
     else {
         return;
@@ -106,6 +114,10 @@ async fn record_gauges(state: &AppState) {
             .set(count as f64);
     }
     ::metrics::gauge!("tenantry_tenants_pending_migration").set(pending as f64);
+    for (state_name, column) in [("pending", 0), ("dead", 1)] {
+        ::metrics::gauge!("tenantry_outbox_mails", "state" => state_name)
+            .set(outbox.get::<_, i64>(column) as f64);
+    }
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);

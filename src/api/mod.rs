@@ -1,6 +1,7 @@
 //! The HTTP API: one route table, JSON in and out, described by the
 //! OpenAPI document it generates (`openapi`).
 
+pub(crate) mod account;
 mod admin;
 mod auth;
 mod conversations;
@@ -43,6 +44,11 @@ pub(crate) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(auth::refresh)
         .service(auth::logout)
         .service(auth::change_password)
+        .service(account::verify_email)
+        .service(account::resend_verification)
+        .service(account::forgot_password)
+        .service(account::reset_password)
+        .service(account::change_email)
         .service(sessions::list)
         .service(sessions::end)
         .service(sessions::revoke_all)

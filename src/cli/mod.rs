@@ -15,6 +15,7 @@ use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
 
 mod fleet;
+mod outbox;
 mod password;
 
 #[derive(Parser, Debug)]
@@ -40,6 +41,11 @@ TENANTRY_EXPORT_TIMEOUT      seconds one export may run [600]\n  \
 TENANTRY_AUDIT_ANCHOR_FILE   [<data dir>/audit-anchors]\n  \
 TENANTRY_MAINTENANCE_INTERVAL seconds [60]\n  \
 TENANTRY_METRICS_TOKEN       bearer token for /metrics (unset: loopback only)\n  \
+TENANTRY_SMTP_URL            smtp://host:port, smtps://user:pass@host, ?tls=starttls (unset: .eml files in <data dir>/mail)\n  \
+TENANTRY_MAIL_FROM           [Tenantry <tenantry@localhost>]\n  \
+TENANTRY_PUBLIC_URL          where links in mails point [http://<TENANTRY_BIND>]\n  \
+TENANTRY_MAIL_MAX_ATTEMPTS / _BACKOFF_MS / _RETENTION   [10 / 5000 / 604800 s]\n  \
+TENANTRY_UNVERIFIED_TTL      seconds before an unverified account is erased, 0 = never [604800]\n  \
 TENANTRY_LOG_FORMAT          text or json [text]\n  \
 RUST_LOG                     log filter [info for serve, warn otherwise]"
 )]
@@ -81,6 +87,11 @@ enum Command {
     Audit {
         #[command(subcommand)]
         action: AuditCommand,
+    },
+    /// The mail outbox: what waits, what was given up on, sending it again
+    Outbox {
+        #[command(subcommand)]
+        action: outbox::OutboxCommand,
     },
     /// A Citus cluster's nodes and where the tenants are
     Cluster {
@@ -333,6 +344,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Fleet { action } => fleet::run(settings, action).await,
         Command::Admin { action } => admin(settings, action).await,
         Command::Audit { action } => audit_command(settings, action).await,
+        Command::Outbox { action } => outbox::run(settings, action).await,
         Command::Cluster {
             action: ClusterCommand::Status { json },
         } => cluster_status(settings, json).await,
