@@ -240,7 +240,7 @@ impl Application {
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
             .map_err(StartupError::Mail)?;
         crate::mail::delivery::Outbox::new(
-            state.pool.clone(),
+            state.db_config.clone(),
             &settings.mail,
             sender,
             state.installation.id.as_str(),

@@ -6,7 +6,6 @@
 //! LOCKED`, so two processes claim disjoint rows.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lettre::message::header::ContentType;
@@ -18,7 +17,6 @@ use serde::Serialize;
 use tokio_postgres::GenericClient;
 
 use crate::configuration::MailSettings;
-use crate::db::RequestPool;
 use crate::mail::Letters;
 
 /// How long a claim lasts: longer than any one send may take (the SMTP
@@ -291,9 +289,11 @@ pub fn backoff(base: Duration, attempts: u32, jitter: f64) -> Duration {
     doubled.min(MAX_BACKOFF).mul_f64(jitter.clamp(0.5, 1.5))
 }
 
-/// The outbox sender of one `serve` process.
+/// The outbox sender of one `serve` process. It has a database connection
+/// of its own (made again when lost), so it never takes one from requests.
 pub struct Outbox {
-    pool: RequestPool,
+    db_config: tokio_postgres::Config,
+    client: Option<tokio_postgres::Client>,
     sender: Sender,
     from: Mailbox,
     max_attempts: u32,
@@ -306,7 +306,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(
-        pool: RequestPool,
+        db_config: tokio_postgres::Config,
         settings: &MailSettings,
         sender: Sender,
         installation: &str,
@@ -316,7 +316,8 @@ impl Outbox {
             .parse::<Mailbox>()
             .map_err(|e| format!("TENANTRY_MAIL_FROM: {e}"))?;
         Ok(Outbox {
-            pool,
+            db_config,
+            client: None,
             sender,
             from,
             max_attempts: settings.max_attempts,
@@ -331,12 +332,13 @@ impl Outbox {
     pub fn spawn(self, letters: &Letters) {
         let woken = letters.woken();
         tracing::info!("mail is delivered {}", self.sender.describe());
-        let me = Arc::new(self);
+        let mut me = self;
         tokio::spawn(async move {
             loop {
                 let busy = match me.deliver_due().await {
                     Ok(n) => n as i64 == BATCH,
                     Err(e) => {
+                        me.client = None;
                         tracing::warn!(error = %e, "mail delivery skipped: no database connection");
                         false
                     }
@@ -348,14 +350,26 @@ impl Outbox {
         });
     }
 
+    async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(
+                crate::db::connect(&self.db_config)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(self.client.as_ref().expect("just made"))
+    }
+
     /// Claim what is due and send it; how many rows were claimed.
-    pub async fn deliver_due(&self) -> Result<usize, String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
-        let rows = client
-            .query(CLAIM, &[&self.me, &(CLAIM_SECONDS as f64), &BATCH])
+    pub async fn deliver_due(&mut self) -> Result<usize, String> {
+        let me = self.me.clone();
+        let rows = self
+            .client()
+            .await?
+            .query(CLAIM, &[&me, &(CLAIM_SECONDS as f64), &BATCH])
             .await
             .map_err(|e| e.to_string())?;
-        drop(client);
         let claimed: Vec<Claimed> = rows
             .iter()
             .map(|r| Claimed {
@@ -398,12 +412,14 @@ impl Outbox {
             .map_err(|e| e.to_string())
     }
 
-    async fn record(&self, row: &Claimed, outcome: Result<(), String>) -> Result<(), String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+    async fn record(&mut self, row: &Claimed, outcome: Result<(), String>) -> Result<(), String> {
+        let (me, backoff_base, max_attempts) =
+            (self.me.clone(), self.backoff, self.max_attempts as i32);
+        let client = self.client().await?;
         match outcome {
             Ok(()) => {
                 client
-                    .execute(DELIVERED, &[&row.id, &self.me])
+                    .execute(DELIVERED, &[&row.id, &me])
                     .await
                     .map_err(|e| e.to_string())?;
                 metrics::counter!("tenantry_mail_sent_total").increment(1);
@@ -411,17 +427,11 @@ impl Outbox {
             }
             Err(error) => {
                 let attempts = u32::try_from(row.attempts).unwrap_or(0);
-                let delay = backoff(self.backoff, attempts, 0.5 + rand::random::<f64>());
+                let delay = backoff(backoff_base, attempts, 0.5 + rand::random::<f64>());
                 let dead: Option<bool> = client
                     .query_opt(
                         FAILED,
-                        &[
-                            &row.id,
-                            &self.me,
-                            &error,
-                            &delay.as_secs_f64(),
-                            &(self.max_attempts as i32),
-                        ],
+                        &[&row.id, &me, &error, &delay.as_secs_f64(), &max_attempts],
                     )
                     .await
                     .map_err(|e| e.to_string())?

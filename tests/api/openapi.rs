@@ -139,6 +139,9 @@ async fn every_operation_documents_its_security_and_the_error_shape() {
         "/api/auth/login",
         "/api/auth/refresh",
         "/api/auth/logout",
+        "/api/auth/verify-email",
+        "/api/auth/forgot-password",
+        "/api/auth/reset-password",
     ];
     for (path, method, op) in operations(&doc) {
         let bearer = op["security"]
