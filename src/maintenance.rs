@@ -168,6 +168,7 @@ pub fn spawn(
                     refresh_tokens = p.refresh_tokens,
                     login_throttle = p.login_throttle,
                     idempotency_keys = p.idempotency_keys,
+                    account_tokens = p.account_tokens,
                     "purged expired rows"
                 ),
                 Ok(_) => {}
@@ -177,9 +178,6 @@ pub fn spawn(
                 Ok(0) => {}
                 Ok(n) => tracing::info!(mails = n, "purged delivered mail past its retention"),
                 Err(e) => tracing::warn!(error = %e, "purging delivered mail failed"),
-            }
-            if let Some(ttl) = mail.unverified_ttl {
-                erase_unverified(&state, ttl).await;
             }
             if state.installation.citus {
                 match crate::provisioning::sweep_pending(&client).await {
@@ -193,6 +191,11 @@ pub fn spawn(
                     .await
             {
                 tracing::warn!(error = %crate::api::error::cause_chain(&e), "cannot anchor the audit chain");
+            }
+            // Each erasure takes connections of its own: this one goes back.
+            drop(client);
+            if let Some(ttl) = mail.unverified_ttl {
+                erase_unverified(&state, ttl).await;
             }
         }
     });

@@ -289,6 +289,9 @@ pub fn backoff(base: Duration, attempts: u32, jitter: f64) -> Duration {
     doubled.min(MAX_BACKOFF).mul_f64(jitter.clamp(0.5, 1.5))
 }
 
+/// The `application_name` of the sender's session.
+pub const OUTBOX_SESSION: &str = "tenantry outbox";
+
 /// The outbox sender of one `serve` process. It has a database connection
 /// of its own (made again when lost), so it never takes one from requests.
 pub struct Outbox {
@@ -315,6 +318,9 @@ impl Outbox {
             .from
             .parse::<Mailbox>()
             .map_err(|e| format!("TENANTRY_MAIL_FROM: {e}"))?;
+        let mut db_config = db_config;
+        // Told apart from the request pool's sessions in pg_stat_activity.
+        db_config.application_name(OUTBOX_SESSION);
         Ok(Outbox {
             db_config,
             client: None,

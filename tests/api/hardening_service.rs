@@ -386,15 +386,28 @@ async fn health_calls_on_a_saturated_pool_share_one_spare_connection() {
         })
         .collect();
     assert!(eventually(|| async { lock_waiters(&app).await == 4 }).await);
-    // Room for exactly one more session of the service.
+    // Room for exactly one more session of the service (besides the
+    // pool's four and the mail outbox's one).
     let service = service_role(&app.db_name);
     let in_use = app
         .count(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{service}'"
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{service}' AND application_name <> '{}'",
+            tenantry::mail::delivery::OUTBOX_SESSION
         ))
         .await;
     assert_eq!(in_use, 4);
-    db.batch_execute(&format!("ALTER ROLE \"{service}\" CONNECTION LIMIT 5"))
+    assert!(
+        eventually(|| async {
+            app.count(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}'",
+                tenantry::mail::delivery::OUTBOX_SESSION
+            ))
+            .await
+                == 1
+        })
+        .await
+    );
+    db.batch_execute(&format!("ALTER ROLE \"{service}\" CONNECTION LIMIT 6"))
         .await
         .unwrap();
 
