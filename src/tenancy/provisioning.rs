@@ -80,7 +80,7 @@ pub async fn check_available(
 }
 
 /// An account to create, with its password already hashed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewAccount {
     pub username: Username,
     pub email: Email,
