@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use lettre::message::header::ContentType;
-use lettre::message::Mailbox;
+use lettre::message::{Body, Mailbox};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -414,7 +414,7 @@ impl Outbox {
                 row.id, self.installation
             )))
             .header(ContentType::TEXT_PLAIN)
-            .body(row.body.clone())
+            .body(body_of(&row.body))
             .map_err(|e| e.to_string())
     }
 
@@ -455,6 +455,18 @@ impl Outbox {
         }
         Ok(())
     }
+}
+
+/// Plain 7-bit text when it is ASCII (lines are short), so the link and its
+/// `token=` read as written in the raw mail too; quoted-printable otherwise.
+fn body_of(text: &str) -> Body {
+    use lettre::message::header::ContentTransferEncoding;
+    Body::new_with_encoding(text.to_owned(), ContentTransferEncoding::SevenBit).unwrap_or_else(
+        |_| {
+            Body::new_with_encoding(text.to_owned(), ContentTransferEncoding::QuotedPrintable)
+                .unwrap_or_else(|_| Body::new(text.to_owned()))
+        },
+    )
 }
 
 /// What `tenantry outbox status` shows.
