@@ -341,6 +341,18 @@ pub fn test_settings(db_name: &str) -> Settings {
         export_concurrency: 4,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
+        // No SMTP server: mail is written as .eml files under
+        // `<data_dir>/mail/` (a test that reads them gives the service a
+        // data dir of its own). Nothing is erased for want of verification.
+        mail: tenantry::configuration::MailSettings {
+            smtp_url: None,
+            from: "Tenantry <tenantry@localhost>".into(),
+            public_url: "http://127.0.0.1".into(),
+            max_attempts: 10,
+            backoff: std::time::Duration::from_millis(200),
+            retention: std::time::Duration::from_secs(7 * 86_400),
+            unverified_ttl: None,
+        },
     }
 }
 
