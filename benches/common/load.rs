@@ -114,6 +114,8 @@ pub async fn start_service(
         export_concurrency: 4,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
+        // The defaults: mail as .eml files under the data dir.
+        mail: Settings::from_lookup(|_| None).expect("the defaults").mail,
     };
     let app = tenantry::startup::Application::build(settings)
         .await

@@ -136,6 +136,8 @@ impl App {
             export_concurrency: 4,
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),
+            // The defaults: mail as .eml files under the data dir.
+            mail: Settings::from_lookup(|_| None).expect("the defaults").mail,
         };
         let app = Application::build(settings)
             .await
