@@ -122,6 +122,30 @@ async fn login_with_the_right_password_of_a_suspended_account_gets_403_and_a_wro
 }
 
 #[tokio::test]
+async fn a_signup_retried_with_its_idempotency_key_gets_no_tokens_while_suspended() {
+    let app = spawn_app().await;
+    let body = json!({"username": "uma", "email": "uma@example.com", "password": PASSWORD});
+    let signup = || {
+        app.api
+            .post(format!("{}/api/auth/register", app.address))
+            .header("Idempotency-Key", "uma-signup-1")
+            .json(&body)
+            .send()
+    };
+    assert_eq!(signup().await.unwrap().status(), 201);
+    let admin = admin_token(&app).await;
+    assert_eq!(suspend(&app, &admin, "uma", json!({})).await.0, 200);
+
+    let replayed = signup().await.unwrap();
+    let status = replayed.status().as_u16();
+    assert_suspended(status, &json(replayed).await, "signup replay");
+    let sessions = app
+        .count("SELECT count(*) FROM tenantry.refresh_tokens r JOIN tenantry.users u ON u.id = r.user_id WHERE u.username = 'uma'")
+        .await;
+    assert_eq!(sessions, 1, "only the first signup's");
+}
+
+#[tokio::test]
 async fn an_existing_token_gets_403_on_the_very_next_request_and_the_data_stays() {
     let app = spawn_app().await;
     let tokens = signup(&app, "tom").await;
