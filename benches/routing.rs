@@ -106,12 +106,12 @@ async fn main() {
         &format!("{n} tenants, concurrency {CONCURRENCY}, {seconds} s per run"),
     );
     // The same reads routed the way the service routes them (the tenant's
-    // shared advisory lock, the registry read with the account and session
-    // checks, then search_path, role and statement timeout set
+    // shared advisory lock, the registry read with the account, session and
+    // suspension checks, then search_path, role and statement timeout set
     // transaction-locally), sent raw as ONE message
     // per transaction (each statement parsed and planned every time).
     let lock = "SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n";
-    let enter = "SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true), pg_catalog.set_config('statement_timeout', '5000ms', true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r WHERE r.family_id = '00000000-0000-0000-0000-000000000000' AND r.revoked_at IS NOT NULL)";
+    let enter = "SELECT 1 / count(*), CASE WHEN bool_or(u.suspended_at IS NOT NULL) THEN tenantry.refuse_suspended() END, pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true), pg_catalog.set_config('statement_timeout', '5000ms', true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r WHERE r.family_id = '00000000-0000-0000-0000-000000000000' AND r.revoked_at IS NOT NULL)";
     let routed = |select: &str| {
         format!(
             "\\set n random(1000, 999 + :tenants)\n\

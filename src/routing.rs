@@ -27,8 +27,14 @@ use crate::db::{self, TenantPool};
 /// replayed refresh token) enters nothing either. No active tenant, a disabled account or a token of
 /// an older generation (password changed, signed out everywhere) makes
 /// `1 / count(*)` divide by zero, which aborts the transaction: statements
-/// pipelined behind this one then never run as the service.
+/// pipelined behind this one then never run as the service. A suspended
+/// account is found (its token is valid) and refused by
+/// `tenantry.refuse_suspended()`, which raises SQLSTATE TS403 and aborts the
+/// transaction the same way. Both come before the `set_config` calls: a
+/// projection evaluates its columns in order (and an abort would undo the
+/// settings anyway).
 const ENTER: &str = "SELECT 1 / count(*) AS entered,
+        CASE WHEN bool_or(u.suspended_at IS NOT NULL) THEN tenantry.refuse_suspended() END AS suspended,
         pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true),
         pg_catalog.set_config('role', max(t.role_name), true),
         pg_catalog.set_config('statement_timeout', $3, true),
@@ -48,6 +54,9 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
 const ENTER_LOCK: &str =
     "SELECT pg_catalog.pg_advisory_xact_lock_shared($2, pg_catalog.hashtext($1::text))";
 
+/// The SQLSTATE of `tenantry.refuse_suspended()` (V15).
+const SUSPENDED: &str = "TS403";
+
 /// Who a routed request is for: the access token's user, generation and
 /// session (the refresh-token family it was issued in; `None` for a token
 /// issued outside one).
@@ -62,6 +71,10 @@ pub struct Caller {
 pub enum RoutingError {
     #[error("no active tenant for this user")]
     NoTenant,
+    /// The account is suspended: its token is valid, its tenant is there,
+    /// and it may not use it.
+    #[error("the account is suspended")]
+    Suspended,
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] PoolError),
     #[error(transparent)]
@@ -71,11 +84,13 @@ pub enum RoutingError {
 impl RoutingError {
     fn from_enter(e: tokio_postgres::Error) -> RoutingError {
         // What ENTER raises when the user has no active tenant (erased,
-        // disabled, being deleted).
+        // disabled, being deleted), and what `tenantry.refuse_suspended()`
+        // raises for a suspended account.
         match e.code() {
             Some(code) if *code == tokio_postgres::error::SqlState::DIVISION_BY_ZERO => {
                 RoutingError::NoTenant
             }
+            Some(code) if code.code() == SUSPENDED => RoutingError::Suspended,
             _ => e.into(),
         }
     }

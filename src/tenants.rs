@@ -5,37 +5,56 @@ use tokio_postgres::Row;
 
 use crate::domain::Username;
 
-/// One tenant as the registry records it.
+/// One tenant as the registry and its account record it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TenantInfo {
     pub user_id: uuid::Uuid,
     pub username: String,
     pub email: String,
+    /// Whether the account's email address is verified.
+    pub email_verified: bool,
     pub schema: String,
     /// The tenant's own database role.
     pub role: String,
     pub template_version: i32,
+    /// The registry's status (`active`, `migrating`, `failed`, `deleting`),
+    /// or `suspended` while the account is suspended (the registry's status
+    /// is then kept underneath: the fleet still migrates the tenant).
     pub status: String,
+    /// When the account was suspended; null unless it is.
+    pub suspended_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why, as the admin wrote it; null without a reason or a suspension.
+    pub suspension_reason: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-const SELECT: &str = "\
-SELECT t.user_id, t.username, u.email, t.schema_name, t.role_name, t.template_version, t.status,
-       t.created_at, t.updated_at
-FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id";
+/// The status shown for a tenant (see [`TenantInfo::status`]).
+const STATUS: &str = "CASE WHEN u.suspended_at IS NOT NULL THEN 'suspended' ELSE t.status END";
+
+static SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT t.user_id, t.username, u.email, u.email_verified_at IS NOT NULL AS email_verified,
+                t.schema_name, t.role_name, t.template_version, {STATUS} AS status,
+                u.suspended_at, u.suspension_reason, t.created_at, t.updated_at
+         FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id"
+    )
+});
 
 fn from_row(row: &Row) -> TenantInfo {
     TenantInfo {
-        user_id: row.get(0),
-        username: row.get(1),
-        email: row.get(2),
-        schema: row.get(3),
-        role: row.get(4),
-        template_version: row.get(5),
-        status: row.get(6),
-        created_at: row.get(7),
-        updated_at: row.get(8),
+        user_id: row.get("user_id"),
+        username: row.get("username"),
+        email: row.get("email"),
+        email_verified: row.get("email_verified"),
+        schema: row.get("schema_name"),
+        role: row.get("role_name"),
+        template_version: row.get("template_version"),
+        status: row.get("status"),
+        suspended_at: row.get("suspended_at"),
+        suspension_reason: row.get("suspension_reason"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
     }
 }
 
@@ -44,7 +63,7 @@ pub async fn list(
     client: &impl tokio_postgres::GenericClient,
 ) -> Result<Vec<TenantInfo>, tokio_postgres::Error> {
     let rows = client
-        .query(&format!("{SELECT} ORDER BY t.username"), &[])
+        .query(&format!("{} ORDER BY t.username", *SELECT), &[])
         .await?;
     Ok(rows.iter().map(from_row).collect())
 }
@@ -56,7 +75,7 @@ pub async fn find(
 ) -> Result<Option<TenantInfo>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            &format!("{SELECT} WHERE t.username = $1"),
+            &format!("{} WHERE t.username = $1", *SELECT),
             &[&username.as_str()],
         )
         .await?;
@@ -64,7 +83,8 @@ pub async fn find(
 }
 
 /// A page of tenants by username, after `after`, optionally of one status
-/// and/or template version. `limit` rows at most.
+/// (as shown: `suspended` is one) and/or template version. `limit` rows at
+/// most.
 pub async fn page(
     client: &impl tokio_postgres::GenericClient,
     status: Option<&str>,
@@ -75,11 +95,12 @@ pub async fn page(
     let rows = client
         .query(
             &format!(
-                "{SELECT}
-                 WHERE ($1::text IS NULL OR t.status = $1)
+                "{}
+                 WHERE ($1::text IS NULL OR {STATUS} = $1)
                    AND ($2::int4 IS NULL OR t.template_version = $2)
                    AND ($3::text IS NULL OR t.username > $3)
-                 ORDER BY t.username LIMIT $4"
+                 ORDER BY t.username LIMIT $4",
+                *SELECT
             ),
             &[&status, &version, &after, &limit],
         )

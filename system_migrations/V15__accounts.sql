@@ -13,6 +13,22 @@ UPDATE tenantry.users SET email_verified_at = created_at;
 -- The maintenance loop's search for accounts that never verified.
 CREATE INDEX users_unverified_idx ON tenantry.users (created_at) WHERE email_verified_at IS NULL;
 
+-- A suspended account (`suspended_at` set: restriction of processing) keeps
+-- its data, its tenant's registry row and its sessions; the routing guard's
+-- entry statement refuses it by calling this, so the refusal costs no round
+-- trip of its own and carries an error of its own (SQLSTATE TS403, which
+-- the service answers 403 `account_suspended`) instead of the 401 of a
+-- token that enters nothing. VOLATILE, so it is only ever called, never
+-- folded into a plan.
+CREATE FUNCTION tenantry.refuse_suspended() RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+BEGIN
+    RAISE EXCEPTION 'the account is suspended' USING ERRCODE = 'TS403';
+END
+$$;
+REVOKE EXECUTE ON FUNCTION tenantry.refuse_suspended() FROM PUBLIC;
+
 -- One-time tokens mailed to the user: email verification (for the address in
 -- `email`, which is the account's own at signup and the new one for an
 -- email change) and password reset. Stored only as SHA-256 hashes; single

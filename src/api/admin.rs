@@ -184,6 +184,8 @@ pub enum TenantStatus {
     Migrating,
     Failed,
     Deleting,
+    /// The account is suspended (whatever the registry's status beneath).
+    Suspended,
 }
 
 impl TenantStatus {
@@ -193,6 +195,7 @@ impl TenantStatus {
             TenantStatus::Migrating => "migrating",
             TenantStatus::Failed => "failed",
             TenantStatus::Deleting => "deleting",
+            TenantStatus::Suspended => "suspended",
         }
     }
 }
@@ -304,6 +307,127 @@ pub async fn erase_tenant(
     )
     .await?;
     Ok(HttpResponse::Ok().json(receipt))
+}
+
+/// Why a tenant is suspended.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendRequest {
+    /// Shown in the tenant's details and sent to the user; optional.
+    #[schema(max_length = 500)]
+    reason: Option<String>,
+}
+
+/// `POST /admin/tenants/{name}/suspend` `{reason?}`: restrict processing
+/// (GDPR art. 18): the account's login, refresh and every request with one
+/// of its tokens answer 403 `account_suspended` at once; its data, sessions
+/// and registry row stay (fleet migrations still reach it, admins can
+/// export and erase it). The user is mailed. 200 with the tenant.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    request_body = SuspendRequest,
+    responses(
+        (status = 200, description = "Suspended", body = crate::tenants::TenantInfo),
+        (status = 400, description = "The reason is too long or has control characters (`invalid_reason`)", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Already suspended (`already_suspended`)", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/tenants/{name}/suspend")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
+pub async fn suspend_tenant(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    name: web::Path<String>,
+    body: JsonBody<SuspendRequest>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::tenancy::suspension::{self, Reason};
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let reason = body
+        .into_inner()
+        .reason
+        .as_deref()
+        .map(Reason::parse)
+        .transpose()?
+        .flatten();
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    suspension::suspend(
+        &mut client,
+        &username,
+        reason.as_ref(),
+        &by,
+        &state.pseudonyms,
+        &state.letters,
+    )
+    .await?;
+    state.letters.wake();
+    tenant_now(&client, &username).await
+}
+
+/// `POST /admin/tenants/{name}/resume`: lift a suspension; the account's
+/// sessions and tokens work again. The user is mailed. 200 with the tenant.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    responses(
+        (status = 200, description = "Resumed", body = crate::tenants::TenantInfo),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+        (status = 409, description = "Not suspended (`not_suspended`)", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/tenants/{name}/resume")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
+pub async fn resume_tenant(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    crate::tenancy::suspension::resume(
+        &mut client,
+        &username,
+        &by,
+        &state.pseudonyms,
+        &state.letters,
+    )
+    .await?;
+    state.letters.wake();
+    tenant_now(&client, &username).await
+}
+
+/// The admin, as the audit entry of a suspension or resumption names them.
+fn changed_by(
+    state: &AppState,
+    request: &actix_web::HttpRequest,
+    admin: &AdminUser,
+) -> crate::tenancy::suspension::ChangedBy {
+    crate::tenancy::suspension::ChangedBy {
+        actor: state.pseudonyms.user(admin.0.id()),
+        client: crate::api::auth::client_of(state, request),
+    }
+}
+
+/// 200 with the tenant as it is now.
+async fn tenant_now(
+    client: &tokio_postgres::Client,
+    username: &Username,
+) -> Result<HttpResponse, ApiError> {
+    let found = crate::tenants::find(client, username)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
+    Ok(HttpResponse::Ok().json(found))
 }
 
 /// Filters of `GET /admin/audit`.

@@ -138,6 +138,7 @@ fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
         (status = 201, description = "The account and its tenant exist", body = Registered,
          headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry"))),
         (status = 400, description = "Invalid input", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "A retry with the Idempotency-Key of an account suspended since (`account_suspended`)", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "The username or email is taken", body = crate::api::openapi::ErrorBody),
         (status = 422, description = "The Idempotency-Key was used for another signup", body = crate::api::openapi::ErrorBody),
         (status = 429, description = "A retry whose name is locked after failed sign-ins (as for login), or rate limited", body = crate::api::openapi::ErrorBody,
@@ -231,7 +232,7 @@ pub async fn register(
 /// how long the presented name is locked (`$2`: its throttle key).
 const REPLAY_LOOKUP: &str = "\
 SELECT u.id, u.username, u.email, u.password_hash, u.token_generation,
-       u.disabled_at IS NOT NULL AS disabled,
+       u.disabled_at IS NOT NULL AS disabled, u.suspended_at IS NOT NULL AS suspended,
        t.schema_name, t.role_name, t.template_version,
        (SELECT ceil(extract(epoch FROM l.locked_until - now()))::int8
         FROM tenantry.login_throttle l
@@ -294,6 +295,11 @@ async fn replay(
             locked => locked,
         });
     }
+    if row.get::<_, bool>("suspended") {
+        return Err(
+            refuse_suspended(state, user_id, client_pseudonym, Some(VIA_SIGNUP_REPLAY)).await?,
+        );
+    }
     let (family, refresh_token) = open_session(
         state,
         request,
@@ -347,7 +353,8 @@ pub struct LoginRequest {
 /// The account (if any) behind a login, and how long its name is locked.
 const LOGIN_LOOKUP: &str = "\
 SELECT u.id, u.username, u.password_hash, u.role, u.token_generation,
-       u.disabled_at IS NOT NULL AS disabled, t.schema_name, t.role_name,
+       u.disabled_at IS NOT NULL AS disabled, u.suspended_at IS NOT NULL AS suspended,
+       t.schema_name, t.role_name,
        (SELECT ceil(extract(epoch FROM l.locked_until - now()))::int8
         FROM tenantry.login_throttle l
         WHERE l.username = $2 AND l.locked_until > now()) AS locked_for
@@ -381,13 +388,15 @@ const CLEAR_FAILURES: &str = "DELETE FROM tenantry.login_throttle WHERE username
 /// hash, and count against the throttle the same way). After
 /// `TENANTRY_LOGIN_MAX_FAILURES` failures in 15 minutes the name gets 429
 /// with `Retry-After`, without a password check, for a back-off that
-/// expires.
+/// expires. A suspended account gets 403 `account_suspended`, but only
+/// with its right password (a wrong one is the same 401 as ever).
 #[utoipa::path(
     tag = "auth",
     request_body = LoginRequest,
     responses(
         (status = 200, description = "A new session", body = TokenPair),
         (status = 401, description = "Unknown user or wrong password (the same answer)", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "The right password, but the account is suspended (`account_suspended`)", body = crate::api::openapi::ErrorBody),
         (status = 429, description = "Too many failed logins for this name, or rate limited", body = crate::api::openapi::ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds until the name may try again"))),
     )
@@ -440,6 +449,9 @@ pub async fn login(
         };
         return Err(login_failed(&state, failure).await?);
     };
+    if row.get::<_, Option<bool>>("suspended") == Some(true) {
+        return Err(refuse_suspended(&state, user_id, client_pseudonym, None).await?);
+    }
 
     let role = Role::parse(&row.get::<_, String>("role")).ok_or(ApiError::InvalidCredentials)?;
     // Made at another cost (BCRYPT_COST changed): rehash now that we have
@@ -527,6 +539,29 @@ async fn open_session(
     audit::append(&*tx, &entry).await?;
     tx.commit().await?;
     Ok((family, refresh_token))
+}
+
+/// A sign-in whose password verified, of a suspended account: no session,
+/// no failure counted against the name (the password was right), and a
+/// `login_failed` entry that says why. Returns the 403 to answer.
+async fn refuse_suspended(
+    state: &AppState,
+    user_id: Uuid,
+    client: Option<String>,
+    via: Option<&'static str>,
+) -> Result<ApiError, ApiError> {
+    let mut entry = Entry::new(Action::LoginFailed)
+        .subject(state.pseudonyms.user(user_id))
+        .client(client)
+        .detail("reason", "account_suspended");
+    if let Some(via) = via {
+        entry = entry.detail("via", via);
+    }
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    audit::append(&*tx, &entry).await?;
+    tx.commit().await?;
+    Ok(ApiError::AccountSuspended)
 }
 
 /// A sign-in whose password did not verify (or whose account may not sign in).
@@ -654,13 +689,16 @@ RETURNING user_id, family_id";
 
 /// `POST /api/auth/refresh` `{refresh_token}`: a new pair, the old refresh
 /// token used up (rotation). Unknown, expired, revoked or used → 401; a used
-/// one also revokes its family and is audited as a security event.
+/// one also revokes its family and is audited as a security event. A
+/// suspended account's token → 403 `account_suspended`, and stays unused:
+/// it works again once the account is resumed.
 #[utoipa::path(
     tag = "auth",
     request_body = RefreshRequest,
     responses(
         (status = 200, description = "A new token pair; the presented refresh token is used up", body = TokenPair),
         (status = 401, description = "Unknown, expired, revoked or already used", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "The account is suspended (`account_suspended`); the token is not used up", body = crate::api::openapi::ErrorBody),
     )
 )]
 #[post("/api/auth/refresh")]
@@ -705,7 +743,8 @@ pub async fn refresh(
     // active, gets no tokens.
     let account = tx
         .query_opt(
-            "SELECT u.username, u.role, u.token_generation, t.schema_name, t.role_name
+            "SELECT u.username, u.role, u.token_generation, t.schema_name, t.role_name,
+                    u.suspended_at IS NOT NULL AS suspended
              FROM tenantry.users u LEFT JOIN tenantry.tenants t ON t.user_id = u.id
              WHERE u.id = $1 AND u.disabled_at IS NULL
                AND (t.status IS NULL OR t.status = 'active')",
@@ -713,6 +752,11 @@ pub async fn refresh(
         )
         .await?
         .ok_or(ApiError::InvalidRefreshToken)?;
+    if account.get::<_, bool>("suspended") {
+        // Rolled back: the token is not used up.
+        tx.rollback().await?;
+        return Err(ApiError::AccountSuspended);
+    }
     let (refresh_token, refresh_hash) = auth::new_refresh_token();
     tx.execute(
         auth::INSERT_REFRESH_TOKEN,

@@ -237,6 +237,7 @@ impl From<RoutingError> for ApiError {
     fn from(e: RoutingError) -> Self {
         match e {
             RoutingError::NoTenant => ApiError::Unauthorized,
+            RoutingError::Suspended => ApiError::AccountSuspended,
             RoutingError::Pool(e) => e.into(),
             RoutingError::Postgres(e) => e.into(),
         }
@@ -283,6 +284,28 @@ impl From<crate::tenancy::erasure::ErasureError> for ApiError {
             },
             ErasureError::Postgres(pg) => pg.into(),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<crate::tenancy::suspension::SuspensionError> for ApiError {
+    fn from(e: crate::tenancy::suspension::SuspensionError) -> Self {
+        use crate::tenancy::suspension::SuspensionError;
+        match e {
+            SuspensionError::NoSuchTenant(_) => ApiError::NotFound("no such tenant".into()),
+            SuspensionError::AlreadySuspended(_) => ApiError::Conflict {
+                code: "already_suspended",
+                message: e.to_string(),
+            },
+            SuspensionError::NotSuspended(_) => ApiError::Conflict {
+                code: "not_suspended",
+                message: e.to_string(),
+            },
+            SuspensionError::InvalidReason(message) => ApiError::BadRequest {
+                code: "invalid_reason",
+                message,
+            },
+            SuspensionError::Postgres(pg) => pg.into(),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! statement that routes. Every other route takes [`CurrentUser`] (or
 //! [`AdminUser`] / [`AuditReader`]), which checks the registry itself. So
 //! on every route a token stops working the moment its account is erased
-//! or disabled, its password changes, or it signs out everywhere.
+//! or disabled, its password changes, or it signs out everywhere; and it is
+//! refused with 403 `account_suspended` while its account is suspended.
 
 use std::future::{ready, Ready};
 
@@ -51,7 +52,8 @@ impl FromRequest for AuthenticatedUser {
 }
 
 /// A caller whose token is valid and whose account, as the registry has it
-/// now, is enabled at the token's generation. `role` is the registry's.
+/// now, is enabled at the token's generation (401 otherwise) and not
+/// suspended (403 `account_suspended`). `role` is the registry's.
 #[derive(Debug, Clone)]
 pub struct CurrentUser {
     pub claims: Claims,
@@ -77,18 +79,22 @@ impl FromRequest for CurrentUser {
             let client = state.pool.get().await?;
             let stmt = client
                 .prepare_cached(
-                    "SELECT role FROM tenantry.users
+                    "SELECT role, suspended_at IS NOT NULL AS suspended FROM tenantry.users
                      WHERE id = $1 AND token_generation = $2 AND disabled_at IS NULL
                        AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r
                                        WHERE r.family_id = $3 AND r.revoked_at IS NOT NULL)",
                 )
                 .await?;
-            let role: String = client
+            let row = client
                 .query_opt(&stmt, &[&claims.sub, &claims.generation, &claims.sid])
                 .await?
-                .ok_or(ApiError::Unauthorized)?
-                .get(0);
-            let role = Role::parse(&role).ok_or(ApiError::Unauthorized)?;
+                .ok_or(ApiError::Unauthorized)?;
+            // Only a token that is valid in every other way learns that its
+            // account is suspended.
+            if row.get::<_, bool>("suspended") {
+                return Err(ApiError::AccountSuspended);
+            }
+            let role = Role::parse(row.get("role")).ok_or(ApiError::Unauthorized)?;
             Ok(CurrentUser { claims, role })
         })
     }

@@ -138,8 +138,8 @@ fn operations(item: &utoipa::openapi::PathItem) -> [(HttpMethod, Option<&Operati
 }
 
 /// What every operation shares, added to each (never overriding what the
-/// operation says itself): 401 where a token is
-/// required, 429 from the rate limits, 503 when the database is out, and
+/// operation says itself): 401 and 403 (a suspended account) where a token
+/// is required, 429 from the rate limits, 503 when the database is out, and
 /// the error shape for any other status.
 fn complete(doc: &mut utoipa::openapi::OpenApi) {
     fn error(description: &str, retry_after: Option<&str>) -> RefOr<Response> {
@@ -179,6 +179,10 @@ fn complete(doc: &mut utoipa::openapi::OpenApi) {
             };
             if secured {
                 add("401", error("No valid access token", None));
+                add(
+                    "403",
+                    error("The account is suspended (`account_suspended`)", None),
+                );
             }
             if has_body {
                 add("413", error("The body is larger than 64 KiB", None));

@@ -68,7 +68,7 @@ enum Command {
         #[command(subcommand)]
         action: SystemCommand,
     },
-    /// Tenants: list, show, create, export, import, delete, move to another node
+    /// Tenants: list, show, create, export, import, suspend, resume, delete, move to another node
     Tenants {
         #[command(subcommand)]
         action: TenantsCommand,
@@ -200,6 +200,19 @@ enum TenantsCommand {
         /// With another email (default: the exported one)
         #[arg(long)]
         email: Option<String>,
+    },
+    /// Suspend a tenant's account (restriction of processing): login and its tokens get 403, its data stays; the user is mailed
+    Suspend {
+        /// The tenant's username
+        name: String,
+        /// Why (shown in `tenants show` and sent to the user; at most 500 characters)
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a tenant's suspension: its sessions and tokens work again; the user is mailed
+    Resume {
+        /// The tenant's username
+        name: String,
     },
     /// Move a tenant's tables to another Citus worker (online when wal_level = logical)
     Move {
@@ -617,16 +630,17 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 println!("no tenants");
             } else {
                 println!(
-                    "{:<32} {:<40} {:>7} {:<10} CREATED",
-                    "USERNAME", "SCHEMA", "VERSION", "STATUS"
+                    "{:<32} {:<40} {:>7} {:<10} {:<8} CREATED",
+                    "USERNAME", "SCHEMA", "VERSION", "STATUS", "VERIFIED"
                 );
                 for t in &all {
                     println!(
-                        "{:<32} {:<40} {:>7} {:<10} {}",
+                        "{:<32} {:<40} {:>7} {:<10} {:<8} {}",
                         t.username,
                         t.schema,
                         t.template_version,
                         t.status,
+                        yes_no(t.email_verified),
                         t.created_at.format("%Y-%m-%d %H:%M:%S")
                     );
                 }
@@ -644,11 +658,17 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             } else {
                 println!("username:         {}", tenant.username);
                 println!("email:            {}", tenant.email);
+                println!("email verified:   {}", yes_no(tenant.email_verified));
                 println!("user id:          {}", tenant.user_id);
                 println!("schema:           {}", tenant.schema);
                 println!("role:             {}", tenant.role);
                 println!("template version: {}", tenant.template_version);
                 println!("status:           {}", tenant.status);
+                if let Some(at) = tenant.suspended_at {
+                    println!("suspended:        {}", at.to_rfc3339());
+                    let reason = tenant.suspension_reason.as_deref();
+                    println!("reason:           {}", reason.unwrap_or("(none given)"));
+                }
                 println!("created:          {}", tenant.created_at.to_rfc3339());
             }
         }
@@ -662,7 +682,91 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             delete_tenant(&settings, &name, yes, json).await?;
         }
         TenantsCommand::Create { name, email } => create_tenant(&settings, &name, &email).await?,
+        TenantsCommand::Suspend { name, reason } => {
+            suspend_tenant(&settings, &name, reason.as_deref()).await?;
+        }
+        TenantsCommand::Resume { name } => resume_tenant(&settings, &name).await?,
     }
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// The CLI's part in a suspension: the actor `cli`, no client, and the mail
+/// written to the outbox (a running `serve` delivers it).
+fn cli_change() -> crate::tenancy::suspension::ChangedBy {
+    crate::tenancy::suspension::ChangedBy {
+        actor: "cli".into(),
+        client: None,
+    }
+}
+
+fn suspension_failure(e: crate::tenancy::suspension::SuspensionError) -> Failure {
+    use crate::tenancy::suspension::SuspensionError;
+    match e {
+        SuspensionError::InvalidReason(message) => Failure::Usage(format!("--reason: {message}")),
+        SuspensionError::Postgres(e) => e.into(),
+        other => Failure::Other(other.to_string()),
+    }
+}
+
+/// `tenants suspend NAME [--reason R]`.
+async fn suspend_tenant(
+    settings: &Settings,
+    name: &str,
+    reason: Option<&str>,
+) -> Result<(), Failure> {
+    use crate::tenancy::suspension::{self, Reason};
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let reason = reason
+        .map(Reason::parse)
+        .transpose()
+        .map_err(suspension_failure)?
+        .flatten();
+    let pseudonyms = pseudonyms(settings)?;
+    let letters = crate::mail::Letters::new(&settings.mail.public_url);
+    let ctx = Context::open(settings, 1).await?;
+    let mut client = ctx.pool.get().await?;
+    let changed = suspension::suspend(
+        &mut client,
+        &username,
+        reason.as_ref(),
+        &cli_change(),
+        &pseudonyms,
+        &letters,
+    )
+    .await
+    .map_err(suspension_failure)?;
+    println!(
+        "suspended {username} at {}: login and its tokens get 403 account_suspended; its data is kept; the user is mailed",
+        changed.suspended_at.unwrap_or_default().to_rfc3339()
+    );
+    Ok(())
+}
+
+/// `tenants resume NAME`.
+async fn resume_tenant(settings: &Settings, name: &str) -> Result<(), Failure> {
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let pseudonyms = pseudonyms(settings)?;
+    let letters = crate::mail::Letters::new(&settings.mail.public_url);
+    let ctx = Context::open(settings, 1).await?;
+    let mut client = ctx.pool.get().await?;
+    crate::tenancy::suspension::resume(
+        &mut client,
+        &username,
+        &cli_change(),
+        &pseudonyms,
+        &letters,
+    )
+    .await
+    .map_err(suspension_failure)?;
+    println!("resumed {username}: its sessions and tokens work again; the user is mailed");
     Ok(())
 }
 

@@ -10,4 +10,5 @@ pub mod import;
 pub mod integrity;
 pub mod lint;
 pub mod provisioning;
+pub mod suspension;
 pub mod templates;
