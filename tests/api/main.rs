@@ -26,5 +26,6 @@ mod provisioning;
 mod refresh;
 mod register;
 mod revocation;
+mod smtp;
 mod tenant_data;
 mod tokens;
