@@ -129,6 +129,7 @@ async fn main() {
             refresh_token: account.refresh_token.as_ref().map(|r| {
                 tenantry::provisioning::RefreshTokenRow {
                     family_id: uuid::Uuid::new_v4(),
+                    hash: tenantry::auth::new_refresh_token().1,
                     ..r.clone()
                 }
             }),

@@ -22,7 +22,7 @@ use crate::mail::Letters;
 /// How long a claim lasts: longer than any one send may take (the SMTP
 /// timeout below), so a row is sent again only when its sender died.
 const CLAIM_SECONDS: i64 = 120;
-/// One SMTP conversation's timeout.
+/// One SMTP conversation's timeout (connect, and the whole send).
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rows claimed at once.
 const BATCH: i64 = 20;
@@ -196,11 +196,17 @@ impl Sender {
 
     async fn send(&self, row: &Claimed, message: Message) -> Result<(), String> {
         match self {
-            Sender::Smtp { transport, .. } => transport
-                .send(message)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string()),
+            // lettre's timeout bounds the connect only: a server that stops
+            // answering mid-conversation is bounded here.
+            Sender::Smtp { transport, .. } => {
+                match tokio::time::timeout(SMTP_TIMEOUT, transport.send(message)).await {
+                    Ok(sent) => sent.map(drop).map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "the SMTP server did not finish within {} s",
+                        SMTP_TIMEOUT.as_secs()
+                    )),
+                }
+            }
             Sender::Files(dir) => {
                 let shown = dir.display().to_string();
                 let dir = dir.clone();
@@ -457,16 +463,23 @@ impl Outbox {
     }
 }
 
-/// Plain 7-bit text when it is ASCII (lines are short), so the link and its
-/// `token=` read as written in the raw mail too; quoted-printable otherwise.
+/// Plain 7-bit text when it is ASCII with lines within RFC 5322's 998
+/// characters (ours are), so the link and its `token=` read as written in the
+/// raw mail too; lettre would pick quoted-printable for any line over 76,
+/// which breaks a long link with soft line breaks and `=3D`.
+/// Anything else: lettre's choice.
 fn body_of(text: &str) -> Body {
     use lettre::message::header::ContentTransferEncoding;
-    Body::new_with_encoding(text.to_owned(), ContentTransferEncoding::SevenBit).unwrap_or_else(
-        |_| {
-            Body::new_with_encoding(text.to_owned(), ContentTransferEncoding::QuotedPrintable)
-                .unwrap_or_else(|_| Body::new(text.to_owned()))
-        },
-    )
+    let seven_bit = text.bytes().all(|b| b.is_ascii() && b != 0 && b != b'\r')
+        && text.lines().all(|l| l.len() <= 998);
+    if seven_bit {
+        Body::dangerous_pre_encoded(
+            text.replace('\n', "\r\n").into_bytes(),
+            ContentTransferEncoding::SevenBit,
+        )
+    } else {
+        Body::new(text.to_owned())
+    }
 }
 
 /// What `tenantry outbox status` shows.
