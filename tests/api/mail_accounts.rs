@@ -918,3 +918,47 @@ async fn without_smtp_a_newcomer_reads_the_mail_in_eml_files() {
     let ok = post(&app, "/api/auth/verify-email", json!({"token": token})).await;
     assert_eq!(ok.status(), 200);
 }
+
+#[tokio::test]
+async fn delivered_mail_and_expired_tokens_are_purged_in_the_background() {
+    let sink = SmtpSink::start().await;
+    let app = spawn_app_with(via(&sink)).await;
+    signup(&app, "pia").await;
+    signup(&app, "quin").await;
+    sink.wait_for(2, MAIL_WAIT).await;
+    until("delivered", || async {
+        app.count("SELECT count(*) FROM tenantry.outbox WHERE delivered_at IS NOT NULL")
+            .await
+            == 2
+    })
+    .await;
+    // Pia's mail was delivered eight days ago, her token expired; Quin's are
+    // fresh.
+    let db = app.db().await;
+    db.batch_execute(
+        "UPDATE tenantry.outbox SET delivered_at = now() - interval '8 days'
+          WHERE recipient = 'pia@example.com';
+         UPDATE tenantry.account_tokens SET expires_at = now() - interval '1 second'
+          WHERE email = 'pia@example.com'",
+    )
+    .await
+    .unwrap();
+    // A serve's maintenance runs at its start (retention: 7 days).
+    let mut settings = test_settings(&app.db_name);
+    via(&sink)(&mut settings);
+    let _maintained = spawn_app_on(settings, app.db_name.clone()).await;
+    until("purged", || async {
+        app.count("SELECT count(*) FROM tenantry.outbox").await == 1
+            && app
+                .count("SELECT count(*) FROM tenantry.account_tokens")
+                .await
+                == 1
+    })
+    .await;
+    let left: String = db
+        .query_one("SELECT recipient FROM tenantry.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, "quin@example.com");
+}
