@@ -126,6 +126,7 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
         match outcome {
             Ok(receipt) => {
                 erased += 1;
+                state.letters.forget_files(&receipt.mail);
                 tracing::info!(
                     audit_entry = receipt.audit_entry,
                     rows = receipt.rows,

@@ -216,7 +216,9 @@ impl Application {
         let pool = context
             .pool
             .with_statement_timeout(settings.statement_timeout);
-        let letters = crate::mail::Letters::new(&settings.mail.public_url);
+        let letters = crate::mail::Letters::new(&settings.mail.public_url).with_files(
+            crate::mail::delivery::files_dir(&settings.mail, &settings.data_dir),
+        );
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             db_config,

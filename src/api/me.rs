@@ -147,6 +147,7 @@ pub(crate) async fn erase_tenant(
             std::time::Duration::from_secs(5),
         )
         .await?;
+        state.letters.forget_files(&receipt.mail);
         Ok::<_, ApiError>(receipt)
     });
     erasure.await.map_err(ApiError::internal)?

@@ -944,6 +944,10 @@ async fn delete_tenant(
         std::time::Duration::from_secs(5),
     )
     .await?;
+    // Mail written as files in this installation's data dir goes too.
+    if let Some(dir) = crate::mail::delivery::files_dir(&settings.mail, &settings.data_dir) {
+        crate::mail::delivery::forget_files(&dir, &receipt.mail);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&receipt)?);
     } else {

@@ -179,7 +179,9 @@ impl Sender {
                     describe: target.describe(),
                 })
             }
-            None => Ok(Sender::Files(data_dir.join("mail"))),
+            None => Ok(Sender::Files(
+                files_dir(mail, data_dir).expect("no SMTP URL"),
+            )),
         }
     }
 
@@ -224,6 +226,35 @@ impl Sender {
             }
         }
     }
+}
+
+/// The directory mail is written to when no SMTP server is configured.
+pub fn files_dir(mail: &MailSettings, data_dir: &Path) -> Option<PathBuf> {
+    mail.smtp_url.is_none().then(|| data_dir.join("mail"))
+}
+
+/// Remove the `.eml` files of the outbox rows `ids` from `dir` (named
+/// `<time>-<id>-<kind>.eml`); how many.
+pub fn forget_files(dir: &Path, ids: &[i64]) -> usize {
+    if ids.is_empty() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let id = name
+            .trim_start_matches('.')
+            .split('-')
+            .nth(1)
+            .and_then(|id| id.parse::<i64>().ok());
+        if id.is_some_and(|id| ids.contains(&id)) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Written under a temporary name and renamed, so a reader never sees half a

@@ -98,6 +98,8 @@ pub struct Letters {
     /// `TENANTRY_PUBLIC_URL`, without a trailing slash.
     public_url: String,
     wake: Arc<Notify>,
+    /// Where mail is written as files (no SMTP server), if it is.
+    files: Option<std::path::PathBuf>,
 }
 
 impl Letters {
@@ -105,6 +107,22 @@ impl Letters {
         Letters {
             public_url: public_url.trim_end_matches('/').to_owned(),
             wake: Arc::new(Notify::new()),
+            files: None,
+        }
+    }
+
+    /// Mail is written as files under `dir` (no SMTP server).
+    pub fn with_files(mut self, dir: Option<std::path::PathBuf>) -> Letters {
+        self.files = dir;
+        self
+    }
+
+    /// Remove the files of the outbox rows `ids` (an erased user's mail),
+    /// when mail is written as files; how many.
+    pub fn forget_files(&self, ids: &[i64]) -> usize {
+        match &self.files {
+            Some(dir) => delivery::forget_files(dir, ids),
+            None => 0,
         }
     }
 

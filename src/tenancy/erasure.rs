@@ -61,6 +61,11 @@ pub struct Receipt {
     /// What was checked afterwards, all absent.
     pub verified_absent: Vec<&'static str>,
     pub duration_ms: f64,
+    /// The outbox rows of the user that the erasure removed (their ids), so
+    /// that mail written as files can be removed too
+    /// (`mail::Letters::forget_files`).
+    #[serde(skip)]
+    pub mail: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -239,6 +244,17 @@ pub async fn erase(
         .await,
     )?;
     forget_the_name(&tx, username, &email, user_id, pseudonyms).await?;
+    // Its mail goes with the user (a cascade); what was written as files
+    // is the caller's to remove.
+    let mail: Vec<i64> = tx
+        .query(
+            "SELECT id FROM tenantry.outbox WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     // The registry row, sessions and idempotency keys go with the user.
     tx.execute("DELETE FROM tenantry.users WHERE id = $1", &[&user_id])
         .await?;
@@ -291,6 +307,7 @@ pub async fn erase(
             "account rows",
         ],
         duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        mail,
     })
 }
 
