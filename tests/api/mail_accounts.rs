@@ -32,6 +32,39 @@ async fn signup(app: &TestApp, name: &str) -> Value {
     json(response).await
 }
 
+async fn sql(app: &TestApp, statement: &str) {
+    app.db().await.batch_execute(statement).await.unwrap();
+}
+
+async fn resend_verification(app: &TestApp, tokens: &Value) -> reqwest::Response {
+    app.call(
+        Method::POST,
+        "/api/auth/resend-verification",
+        access(tokens),
+    )
+    .send()
+    .await
+    .unwrap()
+}
+
+async fn reset(app: &TestApp, token: &str, new_password: &str) -> reqwest::Response {
+    post(
+        app,
+        "/api/auth/reset-password",
+        json!({"token": token, "new_password": new_password}),
+    )
+    .await
+}
+
+async fn login(app: &TestApp, username: &str, password: &str) -> reqwest::Response {
+    post(
+        app,
+        "/api/auth/login",
+        json!({"username": username, "password": password}),
+    )
+    .await
+}
+
 fn access(tokens: &Value) -> &str {
     tokens["access_token"].as_str().unwrap()
 }
@@ -132,14 +165,11 @@ async fn an_expired_verification_link_is_refused_and_resending_is_throttled() {
     let first = sink
         .wait_for_mail_to("ellis@example.com", "Confirm", MAIL_WAIT)
         .await;
-    app.db()
-        .await
-        .execute(
-            "UPDATE tenantry.account_tokens SET expires_at = now() - interval '1 second'",
-            &[],
-        )
-        .await
-        .unwrap();
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET expires_at = now() - interval '1 second'",
+    )
+    .await;
     let expired = post(
         &app,
         "/api/auth/verify-email",
@@ -149,36 +179,17 @@ async fn an_expired_verification_link_is_refused_and_resending_is_throttled() {
     assert_eq!(expired.status(), 400);
 
     // Right after the signup's mail: too soon.
-    let resend = app
-        .call(
-            Method::POST,
-            "/api/auth/resend-verification",
-            access(&tokens),
-        )
-        .send()
-        .await
-        .unwrap();
+    let resend = resend_verification(&app, &tokens).await;
     assert_eq!(resend.status(), 429);
     assert!(resend.headers().get("retry-after").is_some());
     assert_eq!(json(resend).await["error"]["code"], "too_many_mails");
     // A minute later (the signup's token made two minutes ago): a new link.
-    app.db()
-        .await
-        .execute(
-            "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let resend = app
-        .call(
-            Method::POST,
-            "/api/auth/resend-verification",
-            access(&tokens),
-        )
-        .send()
-        .await
-        .unwrap();
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
+    )
+    .await;
+    let resend = resend_verification(&app, &tokens).await;
     assert_eq!(resend.status(), 202);
     sink.wait_for(2, MAIL_WAIT).await;
     let second = sink.mails().pop().unwrap();
@@ -186,15 +197,7 @@ async fn an_expired_verification_link_is_refused_and_resending_is_throttled() {
     assert_ne!(token, token_in(&first.body));
     let ok = post(&app, "/api/auth/verify-email", json!({"token": token})).await;
     assert_eq!(ok.status(), 200);
-    let resend = app
-        .call(
-            Method::POST,
-            "/api/auth/resend-verification",
-            access(&tokens),
-        )
-        .send()
-        .await
-        .unwrap();
+    let resend = resend_verification(&app, &tokens).await;
     assert_eq!(resend.status(), 409);
     // Without a token: 401.
     let anonymous = post(&app, "/api/auth/resend-verification", json!({})).await;
@@ -207,15 +210,7 @@ async fn a_password_reset_sets_the_password_and_ends_every_session_at_once() {
     let app = spawn_app_with(via(&sink)).await;
     let tokens = signup(&app, "rosa").await;
     sink.wait_for(1, MAIL_WAIT).await;
-    let second = json(
-        post(
-            &app,
-            "/api/auth/login",
-            json!({"username": "rosa", "password": PASSWORD}),
-        )
-        .await,
-    )
-    .await;
+    let second = json(login(&app, "rosa", PASSWORD).await).await;
 
     let asked = post(
         &app,
@@ -231,24 +226,14 @@ async fn a_password_reset_sets_the_password_and_ends_every_session_at_once() {
     let token = token_in(&mail.body);
 
     // A weak password is refused and does not use the token up.
-    let weak = post(
-        &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": "short"}),
-    )
-    .await;
+    let weak = reset(&app, &token, "short").await;
     assert_eq!(weak.status(), 400);
     assert_eq!(json(weak).await["error"]["code"], "invalid_new_password");
 
     let new_password = "a brand new passphrase";
-    let reset = post(
-        &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": new_password}),
-    )
-    .await;
-    assert_eq!(reset.status(), 200);
-    assert_eq!(json(reset).await["sessions_revoked"], 2);
+    let done = reset(&app, &token, new_password).await;
+    assert_eq!(done.status(), 200);
+    assert_eq!(json(done).await["sessions_revoked"], 2);
 
     // The very next request of either session's access token: 401.
     for t in [access(&tokens), access(&second)] {
@@ -262,27 +247,12 @@ async fn a_password_reset_sets_the_password_and_ends_every_session_at_once() {
         assert_eq!(r.status(), 401);
     }
     assert_eq!(app.refresh_status(&tokens["refresh_token"]).await, 401);
-    let old = post(
-        &app,
-        "/api/auth/login",
-        json!({"username": "rosa", "password": PASSWORD}),
-    )
-    .await;
+    let old = login(&app, "rosa", PASSWORD).await;
     assert_eq!(old.status(), 401);
-    let new = post(
-        &app,
-        "/api/auth/login",
-        json!({"username": "rosa", "password": new_password}),
-    )
-    .await;
+    let new = login(&app, "rosa", new_password).await;
     assert_eq!(new.status(), 200);
 
-    let used = post(
-        &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": "yet another passphrase"}),
-    )
-    .await;
+    let used = reset(&app, &token, "yet another passphrase").await;
     assert_eq!(used.status(), 400);
     assert_eq!(json(used).await["error"]["code"], "invalid_token");
     let notice = sink
@@ -307,15 +277,12 @@ async fn reset_tokens_are_refused_expired_after_a_password_change_and_only_reset
         async move {
             // One reset mail a minute per account: the earlier ones are
             // made older, as a minute passing would.
-            app.db()
-                .await
-                .execute(
-                    "UPDATE tenantry.account_tokens SET created_at = created_at - interval '2 minutes'
+            sql(
+                app,
+                "UPDATE tenantry.account_tokens SET created_at = created_at - interval '2 minutes'
                       WHERE purpose = 'reset_password'",
-                    &[],
-                )
-                .await
-                .unwrap();
+            )
+            .await;
             let before = sink.mails().len();
             let r = post(app, "/api/auth/forgot-password", json!({"email": to})).await;
             assert_eq!(r.status(), 202);
@@ -328,21 +295,13 @@ async fn reset_tokens_are_refused_expired_after_a_password_change_and_only_reset
 
     // Expired.
     let token = reset_link("ana@example.com").await;
-    app.db()
-        .await
-        .execute(
-            "UPDATE tenantry.account_tokens SET expires_at = now() - interval '1 second'
-              WHERE purpose = 'reset_password'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let r = post(
+    sql(
         &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": "expired token password"}),
+        "UPDATE tenantry.account_tokens SET expires_at = now() - interval '1 second'
+              WHERE purpose = 'reset_password'",
     )
     .await;
+    let r = reset(&app, &token, "expired token password").await;
     assert_eq!(r.status(), 400);
 
     // Asked for, then the password changed: the link no longer works.
@@ -354,37 +313,17 @@ async fn reset_tokens_are_refused_expired_after_a_password_change_and_only_reset
         .await
         .unwrap();
     assert_eq!(changed.status(), 200);
-    let r = post(
-        &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": "after the change pw"}),
-    )
-    .await;
+    let r = reset(&app, &token, "after the change pw").await;
     assert_eq!(r.status(), 400);
     assert_eq!(json(r).await["error"]["code"], "invalid_token");
 
     // Ben's token resets Ben, never Ana.
     let token = reset_link("ben@example.com").await;
-    let r = post(
-        &app,
-        "/api/auth/reset-password",
-        json!({"token": token, "new_password": "ben's fresh passphrase"}),
-    )
-    .await;
+    let r = reset(&app, &token, "ben's fresh passphrase").await;
     assert_eq!(r.status(), 200);
-    let ana_login = post(
-        &app,
-        "/api/auth/login",
-        json!({"username": "ana", "password": "changed by ana herself"}),
-    )
-    .await;
+    let ana_login = login(&app, "ana", "changed by ana herself").await;
     assert_eq!(ana_login.status(), 200);
-    let ben_login = post(
-        &app,
-        "/api/auth/login",
-        json!({"username": "ben", "password": "ben's fresh passphrase"}),
-    )
-    .await;
+    let ben_login = login(&app, "ben", "ben's fresh passphrase").await;
     assert_eq!(ben_login.status(), 200);
 }
 
@@ -835,15 +774,12 @@ async fn accounts_that_never_verify_are_erased_after_the_ttl() {
     .await;
     assert_eq!(ok.status(), 200);
     // Olive and Vince signed up two days ago.
-    app.db()
-        .await
-        .execute(
-            "UPDATE tenantry.users SET created_at = now() - interval '2 days'
+    sql(
+        &app,
+        "UPDATE tenantry.users SET created_at = now() - interval '2 days'
               WHERE username IN ('olive', 'vince')",
-            &[],
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     // A serve with a one-day TTL: its maintenance runs at start.
     let mut settings = test_settings(&app.db_name);
     via(&sink)(&mut settings);
