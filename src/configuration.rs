@@ -120,7 +120,7 @@ impl Limits {
 pub enum SettingsError {
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
-    #[error("JWT_SECRET is required when DATABASE_URL is set (at least 32 bytes)")]
+    #[error("JWT_SECRET is required when DATABASE_URL is set (at least 32 bytes; or JWT_SECRET_FILE naming a file that holds it)")]
     MissingJwtSecret,
 }
 
@@ -131,7 +131,12 @@ impl Settings {
     }
 
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
-        let database = match get("DATABASE_URL") {
+        // A secret comes from its variable or from the file its `_FILE`
+        // variable names (Docker and Kubernetes secrets), never both.
+        let secret = |name: &'static str| -> Result<Option<String>, SettingsError> {
+            read_secret(name, get(name), get(&format!("{name}_FILE")))
+        };
+        let database = match secret("DATABASE_URL")? {
             Some(url) => {
                 url.parse::<tokio_postgres::Config>()
                     .map_err(|e| SettingsError::Invalid {
@@ -151,7 +156,7 @@ impl Settings {
                 name: "TENANTRY_BIND",
                 reason: format!("{e} (expected host:port, e.g. 127.0.0.1:8080)"),
             })?;
-        let jwt_secret = match get("JWT_SECRET") {
+        let jwt_secret = match secret("JWT_SECRET")? {
             Some(s) if s.len() < 32 => {
                 return Err(SettingsError::Invalid {
                     name: "JWT_SECRET",
@@ -227,7 +232,7 @@ impl Settings {
         let audit_anchor_file = get("TENANTRY_AUDIT_ANCHOR_FILE")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_dir.join("audit-anchors"));
-        let metrics_token = match get("TENANTRY_METRICS_TOKEN") {
+        let metrics_token = match secret("TENANTRY_METRICS_TOKEN")? {
             Some(t) if t.len() < 16 => {
                 return Err(SettingsError::Invalid {
                     name: "TENANTRY_METRICS_TOKEN",
@@ -244,7 +249,7 @@ impl Settings {
         );
         let statement_timeout =
             Duration::from_secs(number("TENANTRY_STATEMENT_TIMEOUT", 5, 3600)?.into());
-        let smtp_url = match get("TENANTRY_SMTP_URL") {
+        let smtp_url = match secret("TENANTRY_SMTP_URL")? {
             None => None,
             Some(url) => {
                 crate::mail::delivery::SmtpTarget::parse(&url).map_err(|reason| {
@@ -352,6 +357,40 @@ impl MailSettings {
     }
 }
 
+/// `name`'s value: `value`, or the contents of the file `file` names
+/// (one trailing line ending dropped); both, an unreadable file or an empty
+/// one is an error naming the variable.
+fn read_secret(
+    name: &'static str,
+    value: Option<String>,
+    file: Option<String>,
+) -> Result<Option<String>, SettingsError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(SettingsError::Invalid {
+            name,
+            reason: format!("set either {name} or {name}_FILE, not both"),
+        }),
+        (value, None) => Ok(value),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| SettingsError::Invalid {
+                name,
+                reason: format!("{name}_FILE: cannot read {path}: {e}"),
+            })?;
+            let text = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text);
+            if text.is_empty() {
+                return Err(SettingsError::Invalid {
+                    name,
+                    reason: format!("{name}_FILE: {path} is empty"),
+                });
+            }
+            Ok(Some(text.to_owned()))
+        }
+    }
+}
+
 /// A string that never shows up in `Debug` output or logs.
 #[derive(Clone)]
 pub struct SecretString(String);
@@ -437,6 +476,46 @@ mod tests {
         assert!(
             Settings::from_lookup(lookup(&[("TENANTRY_TRUSTED_PROXIES", "10.0.0.0/8x")])).is_err()
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_without_their_trailing_newline_and_not_from_both() {
+        let dir = std::env::temp_dir().join(format!("tenantry-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("jwt");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef-from-file\r\n").unwrap();
+        let url = dir.join("url");
+        std::fs::write(&url, "postgres://x:pw@localhost/db\n").unwrap();
+        let (secret_path, url_path) = (
+            secret.to_string_lossy().into_owned(),
+            url.to_string_lossy().into_owned(),
+        );
+        let s = Settings::from_lookup(lookup(&[
+            ("JWT_SECRET_FILE", &secret_path),
+            ("DATABASE_URL_FILE", &url_path),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.jwt_secret().unwrap().expose(),
+            "0123456789abcdef0123456789abcdef-from-file"
+        );
+        assert!(
+            matches!(&s.database, DatabaseTarget::Url(u) if u.expose() == "postgres://x:pw@localhost/db")
+        );
+        let both = Settings::from_lookup(lookup(&[
+            ("JWT_SECRET", "0123456789abcdef0123456789abcdef-inline"),
+            ("JWT_SECRET_FILE", &secret_path),
+        ]));
+        assert!(both.unwrap_err().to_string().contains("not both"));
+        let missing =
+            Settings::from_lookup(lookup(&[("TENANTRY_SMTP_URL_FILE", "/nonexistent/smtp")]));
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .contains("TENANTRY_SMTP_URL_FILE"));
+        std::fs::write(&url, "\n").unwrap();
+        assert!(Settings::from_lookup(lookup(&[("DATABASE_URL_FILE", &url_path)])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -47,6 +47,7 @@ TENANTRY_PUBLIC_URL          where links in mails point [http://<TENANTRY_BIND>]
 TENANTRY_MAIL_MAX_ATTEMPTS / _BACKOFF_MS / _RETENTION   [10 / 5000 / 604800 s]\n  \
 TENANTRY_UNVERIFIED_TTL      seconds before an unverified account is erased, 0 = never [604800]\n  \
 TENANTRY_LOG_FORMAT          text or json [text]\n  \
+DATABASE_URL, JWT_SECRET, TENANTRY_METRICS_TOKEN, TENANTRY_SMTP_URL: also NAME_FILE, a file holding the value\n  \
 RUST_LOG                     log filter [info for serve, warn otherwise]"
 )]
 pub struct Cli {

@@ -415,3 +415,54 @@ async fn cluster_commands_on_plain_postgresql_say_it_is_not_citus() {
         "a malformed node is a usage error"
     );
 }
+
+#[tokio::test]
+async fn secrets_are_read_from_the_files_their_file_variables_name() {
+    let db = create_database().await;
+    let dir = temp_dir("tenantry-secret-files");
+    let (url_file, secret_file) = (dir.join("database_url"), dir.join("jwt_secret"));
+    std::fs::write(&url_file, format!("{}\n", service_url(&db))).unwrap();
+    std::fs::write(&secret_file, format!("{JWT_SECRET}\n")).unwrap();
+    let files = vec![
+        ("DATABASE_URL_FILE", url_file.to_string_lossy().into_owned()),
+        (
+            "JWT_SECRET_FILE",
+            secret_file.to_string_lossy().into_owned(),
+        ),
+    ];
+    let created = tenantry(
+        &["tenants", "create", "fern", "--email", "fern@example.com"],
+        &files,
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await;
+    assert!(created.status.success(), "{}", stderr(&created));
+    // The same secret as the service's: its tokens verify there.
+    let app = spawn_app_on(test_settings(&db), db.clone()).await;
+    let login = app
+        .post_json(
+            "/api/auth/login",
+            &serde_json::json!({"username": "fern", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(login.status(), 200);
+
+    // A variable and its _FILE both: a usage error naming them.
+    let mut both = files.clone();
+    both.push(("JWT_SECRET", JWT_SECRET.to_owned()));
+    let out = tenantry(&["tenants", "list"], &both, None).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("set either JWT_SECRET or JWT_SECRET_FILE, not both"),
+        "{}",
+        stderr(&out)
+    );
+    let missing = vec![("DATABASE_URL_FILE", "/nonexistent/database_url".to_owned())];
+    let out = tenantry(&["tenants", "list"], &missing, None).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("DATABASE_URL_FILE"),
+        "{}",
+        stderr(&out)
+    );
+}
