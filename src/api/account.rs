@@ -515,7 +515,7 @@ pub async fn change_email(
     let letters = &state.letters;
     mail::enqueue(
         &*tx,
-        &letters.verify_email(user.id(), &username, new.as_str(), &token),
+        &letters.verify_new_email(user.id(), &username, new.as_str(), &token),
     )
     .await?;
     mail::enqueue(

@@ -216,7 +216,7 @@ impl Sender {
                     "{}-{:06}-{}.eml",
                     row.created_at.format("%Y%m%dT%H%M%SZ"),
                     row.id,
-                    row.kind.replace('.', "-")
+                    row.kind.replace('.', "_")
                 );
                 let bytes = message.formatted();
                 tokio::task::spawn_blocking(move || write_eml(&dir, &name, &bytes))

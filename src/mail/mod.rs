@@ -140,8 +140,36 @@ impl Letters {
         format!("{}{path}?token={token}", self.public_url)
     }
 
-    /// Signup, and an email change (to the new address).
+    /// Signup: the account's address.
     pub fn verify_email(&self, user_id: Uuid, username: &str, to: &str, token: &str) -> Mail {
+        self.verification(
+            user_id,
+            username,
+            to,
+            token,
+            "If you did not sign up, ignore this mail.",
+        )
+    }
+
+    /// An email change: the new address.
+    pub fn verify_new_email(&self, user_id: Uuid, username: &str, to: &str, token: &str) -> Mail {
+        self.verification(
+            user_id,
+            username,
+            to,
+            token,
+            "Until then the account keeps its old address. If you did not ask for this change, ignore this mail.",
+        )
+    }
+
+    fn verification(
+        &self,
+        user_id: Uuid,
+        username: &str,
+        to: &str,
+        token: &str,
+        otherwise: &str,
+    ) -> Mail {
         let link = self.link("/verify-email", token);
         Mail {
             kind: Kind::VerifyEmail,
@@ -153,7 +181,7 @@ impl Letters {
                  please confirm that {to} is your email address by opening this link\n\
                  (or by sending its token to POST /api/auth/verify-email):\n\n\
                  {link}\n\n\
-                 The link works once, for {VERIFICATION_TOKEN_HOURS} hours. If you did not sign up, ignore this mail.\n"
+                 The link works once, for {VERIFICATION_TOKEN_HOURS} hours. {otherwise}\n"
             ),
         }
     }

@@ -580,7 +580,9 @@ async fn serve(db: &str, smtp_url: &str) -> (tokio::process::Child, String) {
         .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
         .env("TENANTRY_RATE_LIMIT_AUTH", "0")
         .env("TENANTRY_SMTP_URL", smtp_url)
-        .env("TENANTRY_MAIL_BACKOFF_MS", "50")
+        // Retries 0.2, 0.4, 0.8, … s apart: the few a slow shutdown leaves
+        // room for still end within seconds of the restart.
+        .env("TENANTRY_MAIL_BACKOFF_MS", "200")
         .env("TENANTRY_DATA_DIR", temp_dir("tenantry-mail-serve"))
         .env("BCRYPT_COST", "4")
         .stdout(std::process::Stdio::null())

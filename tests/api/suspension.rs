@@ -385,7 +385,7 @@ async fn suspension_and_resumption_are_audited_and_mailed_to_the_user() {
             .filter_map(Result::ok)
             .find(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.ends_with("-tenant-suspended.eml")
+                name.ends_with("-tenant_suspended.eml")
             });
         if let Some(entry) = found {
             break std::fs::read_to_string(entry.path()).unwrap();
