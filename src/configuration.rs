@@ -49,9 +49,18 @@ pub struct Settings {
     /// `TENANTRY_STATEMENT_TIMEOUT` (seconds, `0` = none): how long one
     /// statement of a tenant's request may run.
     pub statement_timeout: Duration,
+    /// `TENANTRY_TLS_CERT` and `TENANTRY_TLS_KEY`: `serve` speaks HTTPS.
+    pub tls: Option<TlsFiles>,
     /// Mail and accounts (`TENANTRY_SMTP_URL`, `TENANTRY_MAIL_*`,
     /// `TENANTRY_PUBLIC_URL`, `TENANTRY_UNVERIFIED_TTL`).
     pub mail: MailSettings,
+}
+
+/// The PEM files of `serve`'s HTTPS certificate chain and private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// How mail is sent, and how long unverified accounts are kept.
@@ -269,7 +278,25 @@ impl Settings {
                 reason: "must be an address, e.g. \"Tenantry <no-reply@example.com>\"".into(),
             });
         }
+        let tls = match (get("TENANTRY_TLS_CERT"), get("TENANTRY_TLS_KEY")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            (cert, _) => {
+                return Err(SettingsError::Invalid {
+                    name: if cert.is_some() {
+                        "TENANTRY_TLS_KEY"
+                    } else {
+                        "TENANTRY_TLS_CERT"
+                    },
+                    reason: "HTTPS needs both TENANTRY_TLS_CERT and TENANTRY_TLS_KEY".into(),
+                })
+            }
+        };
         let public_url = match get("TENANTRY_PUBLIC_URL") {
+            None if tls.is_some() => format!("https://{bind}"),
             None => format!("http://{bind}"),
             Some(u) => {
                 let parsed = url::Url::parse(&u)
@@ -303,6 +330,7 @@ impl Settings {
             },
         };
         Ok(Settings {
+            tls,
             mail,
             export_concurrency,
             export_timeout,

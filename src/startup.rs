@@ -166,6 +166,17 @@ impl Application {
             return Err(SettingsError::MissingJwtSecret.into());
         }
         let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
+        let tls = match &settings.tls {
+            Some(files) => Some(
+                crate::transport::Tls::from_pem_files(&files.cert, &files.key).map_err(
+                    |reason| SettingsError::Invalid {
+                        name: "TENANTRY_TLS_CERT",
+                        reason,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let bind_err = |source| StartupError::Bind {
             addr: settings.bind.to_string(),
             source,
@@ -174,7 +185,7 @@ impl Application {
         let port = listener.local_addr().map_err(bind_err)?.port();
 
         let target = Target::resolve(&settings).await?;
-        match Self::serve_on(&settings, target.clone(), templates, listener).await {
+        match Self::serve_on(&settings, target.clone(), templates, listener, tls).await {
             Ok((server, fleet_runs)) => Ok(Application {
                 port,
                 server,
@@ -197,6 +208,7 @@ impl Application {
         target: Target,
         templates: Arc<TemplateSet>,
         listener: TcpListener,
+        tls: Option<crate::transport::Tls>,
     ) -> Result<(Server, FleetRuns), StartupError> {
         let db_config = target.config.clone();
         let context = Context::on(target, templates, settings.pool_size).await?;
@@ -262,6 +274,7 @@ impl Application {
         let limits_of_clients = crate::transport::ClientLimits {
             timeout: settings.client_timeout,
             drain_seconds: DRAIN_SECONDS,
+            tls,
         };
         let server = crate::transport::serve(listener, limits_of_clients, move || {
             App::new()

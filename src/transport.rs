@@ -1,5 +1,6 @@
 //! The HTTP listener: actix-http over our own connection type, so that a
-//! client that stops reading is cut off.
+//! client that stops reading is cut off; HTTPS when `TENANTRY_TLS_CERT` and
+//! `TENANTRY_TLS_KEY` are set ([`Tls`]).
 //!
 //! actix stops polling a response body while the socket's send buffer is
 //! full and has no timer for that state: a client that requests a large
@@ -112,14 +113,120 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stalling<T> {
     }
 }
 
+/// A connection: plain TCP, or TLS over it.
+pub enum Conn {
+    Plain(actix_rt::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<actix_rt::net::TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Conn::Tls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Conn::Tls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Conn::Tls(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(io) => io.is_write_vectored(),
+            Conn::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_flush(cx),
+            Conn::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Conn::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The server's certificate chain and key, ready to accept TLS.
+#[derive(Clone)]
+pub struct Tls(tokio_rustls::TlsAcceptor);
+
+impl Tls {
+    /// Read a PEM certificate chain and its PEM private key (PKCS#8, SEC1 or
+    /// PKCS#1). Errors name the file and what is wrong with it.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("TENANTRY_TLS_CERT {}: {e}", cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!(
+                "TENANTRY_TLS_CERT {}: no PEM certificate in it",
+                cert.display()
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("TENANTRY_TLS_KEY {}: {e}", key.display()))?;
+        // ring, as lettre's TLS uses (aws-lc-rs would need cmake to build);
+        // rustls marks it deprecated only for lacking post-quantum key
+        // exchange.
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                format!("TENANTRY_TLS_CERT and TENANTRY_TLS_KEY do not make a pair: {e}")
+            })?;
+        Ok(Tls(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
+            config,
+        ))))
+    }
+}
+
 /// How the listener treats its clients.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct ClientLimits {
     /// A request's head must arrive within it (else 408), and a response
     /// write may make no progress for longer (else the connection ends).
     pub timeout: Duration,
     /// How long requests in flight get to finish on shutdown.
     pub drain_seconds: u64,
+    /// HTTPS: the TLS handshake must finish within `timeout` too.
+    pub tls: Option<Tls>,
 }
 
 /// Serve the app that `app` builds (once per worker) on `listener`, the way
@@ -147,6 +254,7 @@ where
     let shutdown = builder.graceful_shutdown_signal();
     let builder = builder.listen("tenantry", listener, move || {
         let shutdown = shutdown.clone();
+        let limits = limits.clone();
         let http = HttpService::build()
             .graceful_shutdown_signal(move || {
                 let shutdown = shutdown.clone();
@@ -157,11 +265,30 @@ where
             .h1_allow_half_closed(false)
             .local_addr(addr)
             .finish(map_config(app(), |_| AppConfig::default()));
+        let limits = limits.clone();
         fn_service(move |io: actix_rt::net::TcpStream| {
             let peer = io.peer_addr().ok();
+            let (timeout, tls) = (limits.timeout, limits.tls.clone());
             async move {
+                let conn = match tls {
+                    None => Conn::Plain(io),
+                    Some(Tls(acceptor)) => {
+                        match tokio::time::timeout(timeout, acceptor.accept(io)).await {
+                            Ok(Ok(stream)) => Conn::Tls(Box::new(stream)),
+                            // Not TLS, a bad handshake or too slow: the
+                            // connection ends.
+                            Ok(Err(e)) => return Err(actix_http::error::DispatchError::Io(e)),
+                            Err(_) => {
+                                return Err(actix_http::error::DispatchError::Io(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "TLS handshake timed out",
+                                )))
+                            }
+                        }
+                    }
+                };
                 Ok::<_, actix_http::error::DispatchError>((
-                    Stalling::new(io, limits.timeout),
+                    Stalling::new(conn, timeout),
                     Protocol::Http1,
                     peer,
                 ))

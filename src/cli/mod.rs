@@ -41,6 +41,7 @@ TENANTRY_EXPORT_TIMEOUT      seconds one export may run [600]\n  \
 TENANTRY_AUDIT_ANCHOR_FILE   [<data dir>/audit-anchors]\n  \
 TENANTRY_MAINTENANCE_INTERVAL seconds [60]\n  \
 TENANTRY_METRICS_TOKEN       bearer token for /metrics (unset: loopback only)\n  \
+TENANTRY_TLS_CERT / _KEY     PEM certificate chain and key: serve speaks HTTPS\n  \
 TENANTRY_SMTP_URL            smtp://host:port, smtps://user:pass@host, ?tls=starttls (unset: .eml files in <data dir>/mail)\n  \
 TENANTRY_MAIL_FROM           [Tenantry <tenantry@localhost>]\n  \
 TENANTRY_PUBLIC_URL          where links in mails point [http://<TENANTRY_BIND>]\n  \

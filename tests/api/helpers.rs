@@ -343,6 +343,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
         mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
+        tls: None,
     }
 }
 

@@ -15,6 +15,7 @@ mod hardening_input;
 mod hardening_service;
 mod health;
 mod helpers;
+mod https;
 mod isolation;
 mod lifecycle;
 mod login;

@@ -360,6 +360,12 @@ pub fn cacert() -> &'static Path {
     &CERTS.ca
 }
 
+/// A server certificate for 127.0.0.1 and localhost and its key (PEM),
+/// signed by [`cacert`]: the sinks' own, and what HTTPS tests serve.
+pub fn server_cert() -> (&'static Path, &'static Path) {
+    (&CERTS.cert, &CERTS.key)
+}
+
 /// The value of the `token` query parameter of the first link in `body`.
 pub fn token_in(body: &str) -> String {
     let start = ["http://", "https://"]
