@@ -203,6 +203,7 @@ async fn main() {
             actor: "bench".into(),
             client: None,
             reason: "bench",
+            only_unverified: false,
         },
         std::time::Duration::from_secs(5),
     )

@@ -72,7 +72,7 @@ async fn unverified(
         .query(
             "SELECT u.username FROM tenantry.users u
                JOIN tenantry.tenants t ON t.user_id = u.id
-              WHERE u.email_verified_at IS NULL AND u.role = 'user'
+              WHERE u.email_verified_at IS NULL AND u.role = 'user' AND u.suspended_at IS NULL
                 AND u.created_at < now() - make_interval(secs => $1)
                 AND t.status = 'active'
               ORDER BY u.created_at LIMIT 100",
@@ -109,19 +109,23 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
             actor: "maintenance".into(),
             client: None,
             reason: "email_unverified",
+            only_unverified: true,
         };
-        let outcome = async {
-            let mut client = state.pool.get().await.map_err(|e| e.to_string())?;
-            crate::tenancy::erasure::erase(
-                &mut client,
-                &username,
-                &state.pseudonyms,
-                &requester,
-                Duration::from_secs(5),
-            )
-            .await
-            .map_err(|e| e.to_string())
-        }
+        use crate::tenancy::erasure::{erase, ErasureError};
+        let mut client = match state.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "erasing unverified accounts: no connection; next round retries");
+                break;
+            }
+        };
+        let outcome = erase(
+            &mut client,
+            &username,
+            &state.pseudonyms,
+            &requester,
+            Duration::from_secs(5),
+        )
         .await;
         match outcome {
             Ok(receipt) => {
@@ -135,6 +139,8 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
                     "erased an account whose address was never verified"
                 );
             }
+            // Verified or suspended since it was picked: kept.
+            Err(ErasureError::Kept) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "erasing an unverified account failed; next round retries")
             }

@@ -18,6 +18,16 @@ use crate::domain::{Email, Password};
 use crate::mail::{self, Letters};
 use crate::startup::AppState;
 
+/// End the user `$1`'s outstanding reset tokens and the verification tokens
+/// of an address other than the account's (a pending email change): a
+/// password reset, a password change and signing out everywhere take back
+/// whatever someone holding the old password may have started.
+pub(crate) const END_PENDING_TOKENS: &str = "\
+UPDATE tenantry.account_tokens a SET used_at = now()
+  FROM tenantry.users u
+ WHERE a.user_id = $1 AND u.id = $1 AND a.used_at IS NULL
+   AND (a.purpose = 'reset_password' OR a.email IS DISTINCT FROM u.email)";
+
 /// The longest token accepted (ours are 43 characters).
 const MAX_TOKEN_LEN: usize = 256;
 
@@ -70,6 +80,7 @@ SELECT used.user_id, used.email, u.email AS old_email
         (status = 200, description = "The address is verified", body = EmailVerified),
         (status = 400, description = "`invalid_token`: unknown, already used or expired", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "`email_taken`: the new address was registered by someone else meanwhile", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "`account_suspended`", body = crate::api::openapi::ErrorBody),
     )
 )]
 #[post("/api/auth/verify-email")]
@@ -82,6 +93,21 @@ pub async fn verify_email(
     let hash = token_hash(&body.token)?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
+    // The account first: two of its tokens used at once queue here instead
+    // of locking each other's token rows in opposite orders.
+    let account = tx
+        .query_opt(
+            "SELECT u.suspended_at IS NOT NULL FROM tenantry.users u
+               JOIN tenantry.account_tokens a ON a.user_id = u.id
+              WHERE a.token_hash = $1 AND a.purpose = 'verify_email'
+              FOR UPDATE OF u",
+            &[&hash],
+        )
+        .await?
+        .ok_or(ApiError::InvalidToken)?;
+    if account.get::<_, bool>(0) {
+        return Err(ApiError::AccountSuspended);
+    }
     let used = tx
         .query_opt(USE_VERIFICATION, &[&hash])
         .await?
@@ -163,19 +189,10 @@ pub async fn resend_verification(
 ) -> Result<HttpResponse, ApiError> {
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    // The row lock makes two racing resends queue: the second sees the first.
     let row = tx
         .query_one(
-            "SELECT u.username, u.email, u.email_verified_at IS NOT NULL,
-                    (SELECT ceil(extract(epoch FROM CASE
-                              WHEN max(a.created_at) > now() - interval '1 minute'
-                              THEN max(a.created_at) + interval '1 minute' - now()
-                              WHEN count(*) >= 5
-                              THEN min(a.created_at) + interval '1 hour' - now() END))::int8
-                       FROM tenantry.account_tokens a
-                      WHERE a.user_id = u.id AND a.purpose = 'verify_email'
-                        AND a.created_at > now() - interval '1 hour')
-               FROM tenantry.users u WHERE u.id = $1 FOR UPDATE",
+            "SELECT username, email, email_verified_at IS NOT NULL
+               FROM tenantry.users WHERE id = $1 FOR UPDATE",
             &[&user.id()],
         )
         .await?;
@@ -186,13 +203,7 @@ pub async fn resend_verification(
             message: "this account's address is verified already".into(),
         });
     }
-    if let Some(wait) = row.get::<_, Option<i64>>(3) {
-        return Err(ApiError::TooManyRequests {
-            code: "too_many_mails",
-            message: "a verification mail was sent recently; check your inbox or try later".into(),
-            retry_after: wait.max(1) as u64,
-        });
-    }
+    mail_allowance(&tx, user.id()).await?;
     let (token, hash) = auth::new_refresh_token();
     tx.execute(
         crate::provisioning::INSERT_VERIFICATION_TOKEN,
@@ -212,6 +223,38 @@ pub async fn resend_verification(
         status: "queued",
         email,
     }))
+}
+
+/// Verification mails (signup, resend, email change) a user may cause: one a
+/// minute, five an hour; else 429 with the wait. Call it holding the user's
+/// row lock (`FOR UPDATE`), in a statement after the one that took it, so
+/// that racing requests queue and each counts what the others wrote.
+async fn mail_allowance(
+    tx: &deadpool_postgres::Transaction<'_>,
+    user_id: Uuid,
+) -> Result<(), ApiError> {
+    let wait: Option<i64> = tx
+        .query_one(
+            "SELECT ceil(extract(epoch FROM CASE
+                      WHEN max(created_at) > now() - interval '1 minute'
+                      THEN max(created_at) + interval '1 minute' - now()
+                      WHEN count(*) >= 5
+                      THEN min(created_at) + interval '1 hour' - now() END))::int8
+               FROM tenantry.account_tokens
+              WHERE user_id = $1 AND purpose = 'verify_email'
+                AND created_at > now() - interval '1 hour'",
+            &[&user_id],
+        )
+        .await?
+        .get(0);
+    match wait {
+        Some(wait) => Err(ApiError::TooManyRequests {
+            code: "too_many_mails",
+            message: "a verification mail was sent recently; check your inbox or try later".into(),
+            retry_after: wait.max(1) as u64,
+        }),
+        None => Ok(()),
+    }
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -258,7 +301,7 @@ impl ResetRequests {
 const ISSUE_RESET: &str = "\
 WITH u AS (
     SELECT u.id, u.username, u.email FROM tenantry.users u
-     WHERE u.email = $1 AND u.disabled_at IS NULL
+     WHERE u.email = $1 AND u.disabled_at IS NULL AND u.suspended_at IS NULL
        AND NOT EXISTS (SELECT FROM tenantry.account_tokens a
                         WHERE a.user_id = u.id AND a.purpose = 'reset_password'
                           AND a.created_at > now() - interval '1 minute')
@@ -352,6 +395,7 @@ pub struct PasswordReset {
     responses(
         (status = 200, description = "The password is set; every session ended", body = PasswordReset),
         (status = 400, description = "`invalid_token` (unknown, used or expired), or the new password breaks the rules", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "`account_suspended` (the token stays unused)", body = crate::api::openapi::ErrorBody),
     )
 )]
 #[post("/api/auth/reset-password")]
@@ -384,17 +428,24 @@ pub async fn reset_password(
     let new_hash = state.hasher.hash(&password).await?;
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
-    let user_id: Uuid = tx
+    let used = tx
         .query_opt(
-            "UPDATE tenantry.account_tokens SET used_at = now()
-              WHERE token_hash = $1 AND purpose = 'reset_password'
-                AND used_at IS NULL AND expires_at > now()
-             RETURNING user_id",
+            "WITH used AS (
+                UPDATE tenantry.account_tokens SET used_at = now()
+                 WHERE token_hash = $1 AND purpose = 'reset_password'
+                   AND used_at IS NULL AND expires_at > now()
+                RETURNING user_id)
+             SELECT used.user_id, u.suspended_at IS NOT NULL
+               FROM used JOIN tenantry.users u ON u.id = used.user_id",
             &[&hash],
         )
         .await?
-        .ok_or(ApiError::InvalidToken)?
-        .get(0);
+        .ok_or(ApiError::InvalidToken)?;
+    // A suspended account keeps its sessions and password until resumed.
+    if used.get::<_, bool>(1) {
+        return Err(ApiError::AccountSuspended);
+    }
+    let user_id: Uuid = used.get(0);
     let account = tx
         .query_one(
             "UPDATE tenantry.users
@@ -406,12 +457,7 @@ pub async fn reset_password(
         )
         .await?;
     let (username, email): (String, String) = (account.get(0), account.get(1));
-    tx.execute(
-        "UPDATE tenantry.account_tokens SET used_at = now()
-          WHERE user_id = $1 AND purpose = 'reset_password' AND used_at IS NULL",
-        &[&user_id],
-    )
-    .await?;
+    tx.execute(END_PENDING_TOKENS, &[&user_id]).await?;
     let revoked = tx
         .execute(
             "UPDATE tenantry.refresh_tokens SET revoked_at = now()
@@ -470,6 +516,8 @@ pub struct ChangeEmailRequest {
         (status = 400, description = "Not an email address, or the account's own", body = crate::api::openapi::ErrorBody),
         (status = 401, description = "Wrong password, or no valid token", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "`email_taken`", body = crate::api::openapi::ErrorBody),
+        (status = 429, description = "`too_many_mails`: verification mails are limited to one a minute, five an hour", body = crate::api::openapi::ErrorBody,
+         headers(("Retry-After" = u64, description = "Seconds until another may be asked for"))),
     )
 )]
 #[post("/api/me/email")]
@@ -506,6 +554,7 @@ pub async fn change_email(
             message: "that email address is registered already".into(),
         });
     }
+    mail_allowance(&tx, user.id()).await?;
     let (token, hash) = auth::new_refresh_token();
     tx.execute(
         crate::provisioning::INSERT_VERIFICATION_TOKEN,

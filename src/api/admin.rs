@@ -303,6 +303,7 @@ pub async fn erase_tenant(
             actor: state.pseudonyms.user(admin.0.id()),
             client: crate::api::auth::client_of(&state, &request),
             reason: "admin",
+            only_unverified: false,
         },
     )
     .await?;

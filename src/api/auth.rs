@@ -883,13 +883,10 @@ pub async fn change_password(
             &[&user.id(), &session],
         )
         .await?;
-    // A reset link asked for before no longer sets the password.
-    tx.execute(
-        "UPDATE tenantry.account_tokens SET used_at = now()
-         WHERE user_id = $1 AND purpose = 'reset_password' AND used_at IS NULL",
-        &[&user.id()],
-    )
-    .await?;
+    // A reset link asked for before, or an email change pending, no longer
+    // takes effect.
+    tx.execute(crate::api::account::END_PENDING_TOKENS, &[&user.id()])
+        .await?;
     audit::append(
         &*tx,
         &Entry::new(Action::PasswordChanged)

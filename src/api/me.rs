@@ -121,6 +121,7 @@ pub async fn erase(
             actor: state.pseudonyms.user(user.id()),
             client: crate::api::auth::client_of(&state, &request),
             reason: "self-service",
+            only_unverified: false,
         },
     )
     .await?;

@@ -139,6 +139,9 @@ pub async fn revoke_all(
             &[&user.id()],
         )
         .await?;
+    // Reset links and a pending email change end too.
+    tx.execute(crate::api::account::END_PENDING_TOKENS, &[&user.id()])
+        .await?;
     // Every access token of the user ends with its sessions, this one's too.
     tx.execute(
         "UPDATE tenantry.users SET token_generation = token_generation + 1 WHERE id = $1",

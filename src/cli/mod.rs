@@ -942,6 +942,7 @@ async fn delete_tenant(
             actor: "cli".into(),
             client: None,
             reason: "admin",
+            only_unverified: false,
         },
         std::time::Duration::from_secs(5),
     )

@@ -20,7 +20,8 @@ use crate::configuration::MailSettings;
 use crate::mail::Letters;
 
 /// How long a claim lasts: longer than any one send may take (the SMTP
-/// timeout below), so a row is sent again only when its sender died.
+/// timeout below), renewed before each send of a batch, so a row is sent
+/// again only when its sender died.
 const CLAIM_SECONDS: i64 = 120;
 /// One SMTP conversation's timeout (connect, and the whole send).
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,6 +95,11 @@ impl SmtpTarget {
             ("", None) => None,
             (user, password) => Some((decode(user)?, decode(password.unwrap_or(""))?)),
         };
+        if credentials.is_some() && matches!(security, Security::Plain | Security::Opportunistic) {
+            return Err(
+                "a user and password go only over TLS: use ?tls=starttls or smtps://".into(),
+            );
+        }
         if let Some(path) = &cacert {
             if !path.is_file() {
                 return Err(format!("cacert {} is not a readable file", path.display()));
@@ -278,8 +284,7 @@ fn write_eml(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, dir.join(name))
 }
 
-/// A claimed row.
-#[derive(Debug)]
+/// A claimed row (no `Debug`: its body may carry a token).
 struct Claimed {
     id: i64,
     kind: String,
@@ -302,6 +307,10 @@ UPDATE tenantry.outbox o
                  LIMIT $3
                  FOR UPDATE SKIP LOCKED)
 RETURNING o.id, o.kind, o.recipient, o.subject, o.body, o.attempts, o.created_at";
+
+const RENEW: &str = "\
+UPDATE tenantry.outbox SET claimed_until = now() + make_interval(secs => $3)
+ WHERE id = $1 AND claimed_by = $2 AND delivered_at IS NULL";
 
 const DELIVERED: &str = "\
 UPDATE tenantry.outbox
@@ -427,6 +436,21 @@ impl Outbox {
             .collect();
         let n = claimed.len();
         for row in claimed {
+            // The claim is renewed before each send, so a slow batch never
+            // outlives it: a row whose claim was lost is someone else's.
+            let renewed = self
+                .client()
+                .await?
+                .execute(RENEW, &[&row.id, &me, &(CLAIM_SECONDS as f64)])
+                .await
+                .map_err(|e| e.to_string())?;
+            if renewed == 0 {
+                tracing::warn!(
+                    outbox_id = row.id,
+                    "mail claim lost before sending; left to its new claim"
+                );
+                continue;
+            }
             let outcome = match self.message(&row) {
                 Ok(message) => self.sender.send(&row, message).await,
                 Err(e) => Err(e),
@@ -635,6 +659,8 @@ mod tests {
             "smtps://host?tls=starttls",
             "smtp://host?cacert=/nonexistent/ca.pem",
             "smtp://host?x=1",
+            "smtp://user:pw@host:25",
+            "smtp://user:pw@host:587?tls=opportunistic",
             "not a url",
         ] {
             assert!(SmtpTarget::parse(bad).is_err(), "{bad}");

@@ -47,8 +47,9 @@ impl Kind {
     }
 }
 
-/// One mail, ready for the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One mail, ready for the outbox. Its `Debug` leaves the body out (it may
+/// carry a token).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Mail {
     pub kind: Kind,
     /// The user it concerns (its undelivered mail goes with an erasure).
@@ -57,6 +58,16 @@ pub struct Mail {
     pub subject: String,
     /// Plain text.
     pub body: String,
+}
+
+impl std::fmt::Debug for Mail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mail")
+            .field("kind", &self.kind)
+            .field("user_id", &self.user_id)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Put a mail into the outbox: `$1` kind, `$2` user id, `$3` recipient,

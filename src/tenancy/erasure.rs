@@ -42,6 +42,9 @@ pub enum ErasureError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("erasure left objects behind: {0}")]
     Incomplete(String),
+    /// The account verified its address or was suspended meanwhile.
+    #[error("the account is no longer an unverified one; kept")]
+    Kept,
 }
 
 /// What was removed.
@@ -81,6 +84,10 @@ pub struct Requester {
     pub actor: String,
     pub client: Option<String>,
     pub reason: &'static str,
+    /// Erase only an account that is still unverified and not suspended
+    /// (the `TENANTRY_UNVERIFIED_TTL` erasure), checked under the account's
+    /// row lock; otherwise [`ErasureError::Kept`].
+    pub only_unverified: bool,
 }
 
 /// Erase `username`'s tenant. `client` must be a dedicated connection (its
@@ -101,13 +108,18 @@ pub async fn erase(
         .await?;
     let row = tx
         .query_opt(
-            "SELECT t.user_id, t.schema_name, t.role_name, t.template_version, u.email
+            "SELECT t.user_id, t.schema_name, t.role_name, t.template_version, u.email,
+                    u.email_verified_at IS NULL AND u.suspended_at IS NULL
              FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
-             WHERE t.username = $1",
+             WHERE t.username = $1
+             FOR UPDATE OF u",
             &[&username.as_str()],
         )
         .await?
         .ok_or_else(|| ErasureError::NoSuchTenant(username.to_string()))?;
+    if requester.only_unverified && !row.get::<_, bool>(5) {
+        return Err(ErasureError::Kept);
+    }
     let user_id: Uuid = row.get(0);
     let schema = SchemaName::parse(row.get::<_, &str>(1))
         .map_err(|e| ErasureError::Incomplete(e.to_string()))?;

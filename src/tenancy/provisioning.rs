@@ -100,14 +100,21 @@ pub struct NewAccount {
     pub verification: Option<Verification>,
 }
 
-/// The verification of a signup's address.
-#[derive(Debug, Clone)]
+/// The verification of a signup's address (its `Debug` leaves the token
+/// out).
+#[derive(Clone)]
 pub struct Verification {
     /// Writes the mail (the token goes into its link).
     pub letters: crate::mail::Letters,
     pub token: String,
     /// The token's hash, stored in `tenantry.account_tokens`.
     pub hash: Vec<u8>,
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verification { .. }")
+    }
 }
 
 impl Verification {

@@ -460,6 +460,12 @@ async fn an_email_change_takes_effect_when_the_new_address_is_verified() {
         400
     );
 
+    // A minute after the signup's mail (one verification mail a minute).
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
+    )
+    .await;
     let asked = change("Cleo@New.Example.org", PASSWORD).await.unwrap();
     assert_eq!(asked.status(), 202);
     let to_new = sink
@@ -764,7 +770,17 @@ async fn accounts_that_never_verify_are_erased_after_the_ttl() {
     let old = signup(&app, "olive").await;
     signup(&app, "young").await;
     let verified = signup(&app, "vince").await;
-    sink.wait_for(3, MAIL_WAIT).await;
+    signup(&app, "sully").await;
+    sink.wait_for(4, MAIL_WAIT).await;
+    // Sully never verified either, but is suspended (restriction of
+    // processing): kept as is.
+    let suspended = tenantry(
+        &["tenants", "suspend", "sully"],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(suspended.status.success(), "{}", stderr(&suspended));
     let vince_mail = sink
         .wait_for_mail_to("vince@example.com", "Confirm", MAIL_WAIT)
         .await;
@@ -779,7 +795,7 @@ async fn accounts_that_never_verify_are_erased_after_the_ttl() {
     sql(
         &app,
         "UPDATE tenantry.users SET created_at = now() - interval '2 days'
-              WHERE username IN ('olive', 'vince')",
+              WHERE username IN ('olive', 'vince', 'sully')",
     )
     .await;
     // A serve with a one-day TTL: its maintenance runs at start.
@@ -802,7 +818,7 @@ async fn accounts_that_never_verify_are_erased_after_the_ttl() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(left, ["vince", "young"]);
+    assert_eq!(left, ["sully", "vince", "young"]);
     assert_eq!(
         app.count("SELECT count(*) FROM pg_namespace WHERE nspname = 'tenant_olive'")
             .await,
@@ -899,4 +915,185 @@ async fn delivered_mail_and_expired_tokens_are_purged_in_the_background() {
         .unwrap()
         .get(0);
     assert_eq!(left, "quin@example.com");
+}
+
+#[tokio::test]
+async fn racing_resends_queue_on_the_account_and_only_one_mail_goes_out() {
+    let sink = SmtpSink::start().await;
+    let app = spawn_app_with(via(&sink)).await;
+    let tokens = signup(&app, "rhea").await;
+    sink.wait_for(1, MAIL_WAIT).await;
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
+    )
+    .await;
+    // The test holds the account's row: both resends wait on it.
+    let mut holder = app.db().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT FROM tenantry.users WHERE username = 'rhea' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (first, second) = (
+        tokio::spawn({
+            let request = app.call(
+                Method::POST,
+                "/api/auth/resend-verification",
+                access(&tokens),
+            );
+            async move { request.send().await.unwrap().status().as_u16() }
+        }),
+        tokio::spawn({
+            let request = app.call(
+                Method::POST,
+                "/api/auth/resend-verification",
+                access(&tokens),
+            );
+            async move { request.send().await.unwrap().status().as_u16() }
+        }),
+    );
+    until("both resends wait on the account", || async {
+        app.count(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%FROM tenantry.users WHERE id = $1 FOR UPDATE%'",
+        )
+        .await
+            == 2
+    })
+    .await;
+    tx.commit().await.unwrap();
+    let mut statuses = [first.await.unwrap(), second.await.unwrap()];
+    statuses.sort();
+    assert_eq!(statuses, [202, 429]);
+    sink.wait_for(2, MAIL_WAIT).await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenantry.account_tokens")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_pending_email_change_ends_with_signing_out_everywhere_and_changes_are_limited() {
+    let sink = SmtpSink::start().await;
+    let app = spawn_app_with(via(&sink)).await;
+    let tokens = signup(&app, "ivo").await;
+    sink.wait_for(1, MAIL_WAIT).await;
+    let change = |email: &'static str| {
+        app.call(Method::POST, "/api/me/email", access(&tokens))
+            .json(&json!({"email": email, "password": PASSWORD}))
+            .send()
+    };
+    // Right after the signup's mail: too soon for another.
+    let early = change("ivo@elsewhere.example").await.unwrap();
+    assert_eq!(early.status(), 429);
+    assert_eq!(json(early).await["error"]["code"], "too_many_mails");
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
+    )
+    .await;
+    assert_eq!(change("ivo@elsewhere.example").await.unwrap().status(), 202);
+    let link = sink
+        .wait_for_mail_to("ivo@elsewhere.example", "Confirm", MAIL_WAIT)
+        .await;
+    // Whoever asked for it had the password; signing out everywhere takes
+    // the change back.
+    let out = app
+        .call(Method::POST, "/api/auth/revoke-all", access(&tokens))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 204);
+    let used = post(
+        &app,
+        "/api/auth/verify-email",
+        json!({"token": token_in(&link.body)}),
+    )
+    .await;
+    assert_eq!(used.status(), 400);
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenantry.users WHERE email = 'ivo@example.com'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_suspended_account_cannot_verify_or_reset_and_gets_no_reset_mail() {
+    let sink = SmtpSink::start().await;
+    let app = spawn_app_with(via(&sink)).await;
+    signup(&app, "sami").await;
+    signup(&app, "tara").await;
+    let verify = sink
+        .wait_for_mail_to("sami@example.com", "Confirm", MAIL_WAIT)
+        .await;
+    // A reset link asked for before the suspension.
+    post(
+        &app,
+        "/api/auth/forgot-password",
+        json!({"email": "sami@example.com"}),
+    )
+    .await;
+    let reset_mail = sink
+        .wait_for_mail_to("sami@example.com", "Reset", MAIL_WAIT)
+        .await;
+    let suspended = tenantry(
+        &["tenants", "suspend", "sami", "--reason", "dispute"],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(suspended.status.success(), "{}", stderr(&suspended));
+
+    let r = post(
+        &app,
+        "/api/auth/verify-email",
+        json!({"token": token_in(&verify.body)}),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(json(r).await["error"]["code"], "account_suspended");
+    let token = token_in(&reset_mail.body);
+    let r = reset(&app, &token, "a password while suspended").await;
+    assert_eq!(r.status(), 403);
+    // Its password stays; the tokens stay unused for after a resumption.
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenantry.account_tokens a JOIN tenantry.users u ON u.id = a.user_id
+              WHERE u.username = 'sami' AND a.used_at IS NULL")
+            .await,
+        2
+    );
+    sql(
+        &app,
+        "UPDATE tenantry.account_tokens SET created_at = now() - interval '2 minutes'",
+    )
+    .await;
+    // Requests are handled in order: once Tara's reset mail is here, Sami's
+    // request before it was handled too.
+    post(
+        &app,
+        "/api/auth/forgot-password",
+        json!({"email": "sami@example.com"}),
+    )
+    .await;
+    post(
+        &app,
+        "/api/auth/forgot-password",
+        json!({"email": "tara@example.com"}),
+    )
+    .await;
+    sink.wait_for_mail_to("tara@example.com", "Reset", MAIL_WAIT)
+        .await;
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM tenantry.outbox WHERE kind = 'password_reset' AND recipient = 'sami@example.com'"
+        )
+        .await,
+        1,
+        "no second reset mail while suspended"
+    );
 }
