@@ -211,6 +211,9 @@ impl Tls {
             .map_err(|e| {
                 format!("TENANTRY_TLS_CERT and TENANTRY_TLS_KEY do not make a pair: {e}")
             })?;
+        // HTTP/2 for clients that offer it (ALPN), HTTP/1.1 otherwise.
+        let mut config = config;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Tls(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(
             config,
         ))))
@@ -270,11 +273,17 @@ where
             let peer = io.peer_addr().ok();
             let (timeout, tls) = (limits.timeout, limits.tls.clone());
             async move {
-                let conn = match tls {
-                    None => Conn::Plain(io),
+                let (conn, protocol) = match tls {
+                    None => (Conn::Plain(io), Protocol::Http1),
                     Some(Tls(acceptor)) => {
                         match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                            Ok(Ok(stream)) => Conn::Tls(Box::new(stream)),
+                            Ok(Ok(stream)) => {
+                                let protocol = match stream.get_ref().1.alpn_protocol() {
+                                    Some(b"h2") => Protocol::Http2,
+                                    _ => Protocol::Http1,
+                                };
+                                (Conn::Tls(Box::new(stream)), protocol)
+                            }
                             // Not TLS, a bad handshake or too slow: the
                             // connection ends.
                             Ok(Err(e)) => return Err(actix_http::error::DispatchError::Io(e)),
@@ -289,7 +298,7 @@ where
                 };
                 Ok::<_, actix_http::error::DispatchError>((
                     Stalling::new(conn, timeout),
-                    Protocol::Http1,
+                    protocol,
                     peer,
                 ))
             }

@@ -21,6 +21,11 @@ fn tls_files() -> TlsFiles {
 
 /// A TLS client that trusts `roots` (PEM files).
 fn connector(roots: &[&std::path::Path]) -> tokio_rustls::TlsConnector {
+    connector_offering(roots, &[])
+}
+
+/// The same, offering `alpn` (e.g. `h2`).
+fn connector_offering(roots: &[&std::path::Path], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut store = rustls::RootCertStore::empty();
     for root in roots {
         for cert in CertificateDer::pem_file_iter(root).unwrap() {
@@ -29,11 +34,12 @@ fn connector(roots: &[&std::path::Path]) -> tokio_rustls::TlsConnector {
     }
     #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(store)
         .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
@@ -143,4 +149,26 @@ async fn serve_refuses_to_start_with_half_or_broken_tls_settings() {
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
+}
+
+#[tokio::test]
+async fn a_client_offering_http2_gets_http2_over_tls() {
+    let app = spawn_app_with(|s| s.tls = Some(tls_files())).await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port_of(&app)))
+        .await
+        .unwrap();
+    let tls = connector_offering(&[cacert()], &[b"h2", b"http/1.1"])
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("https://127.0.0.1/health/live")
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
 }
