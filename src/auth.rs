@@ -270,6 +270,12 @@ pub const INSERT_REFRESH_TOKEN: &str = "\
 INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at, user_agent)
 VALUES ($1, $2, $3, now() + interval '7 days', $4)";
 
+/// End every session of user `$1` (revoke-all, a password reset, an
+/// erasure): all their refresh tokens revoked; how many.
+pub const REVOKE_ALL_SESSIONS: &str = "\
+UPDATE tenantry.refresh_tokens SET revoked_at = now()
+ WHERE user_id = $1 AND revoked_at IS NULL";
+
 /// The key `tenantry.login_throttle` counts failed sign-ins under: the
 /// name as presented (trimmed, lower-cased, at most 64 characters, so an
 /// unknown name is counted exactly like an existing one), as a keyed hash.

@@ -459,11 +459,7 @@ pub async fn reset_password(
     let (username, email): (String, String) = (account.get(0), account.get(1));
     tx.execute(END_PENDING_TOKENS, &[&user_id]).await?;
     let revoked = tx
-        .execute(
-            "UPDATE tenantry.refresh_tokens SET revoked_at = now()
-              WHERE user_id = $1 AND revoked_at IS NULL",
-            &[&user_id],
-        )
+        .execute(crate::auth::REVOKE_ALL_SESSIONS, &[&user_id])
         .await?;
     // Whoever locked the name with wrong guesses: its owner is back.
     tx.execute(

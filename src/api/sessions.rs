@@ -133,11 +133,7 @@ pub async fn revoke_all(
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await?;
     let revoked = tx
-        .execute(
-            "UPDATE tenantry.refresh_tokens SET revoked_at = now()
-             WHERE user_id = $1 AND revoked_at IS NULL",
-            &[&user.id()],
-        )
+        .execute(crate::auth::REVOKE_ALL_SESSIONS, &[&user.id()])
         .await?;
     // Reset links and a pending email change end too.
     tx.execute(crate::api::account::END_PENDING_TOKENS, &[&user.id()])

@@ -148,11 +148,7 @@ pub async fn erase(
     )
     .await?;
     let sessions_revoked = tx
-        .execute(
-            "UPDATE tenantry.refresh_tokens SET revoked_at = now()
-             WHERE user_id = $1 AND revoked_at IS NULL",
-            &[&user_id],
-        )
+        .execute(crate::auth::REVOKE_ALL_SESSIONS, &[&user_id])
         .await?;
     let tables: Vec<String> = tx
         .query(

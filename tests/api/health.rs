@@ -6,12 +6,25 @@ async fn cut_off(app: &TestApp) -> tokio_postgres::Client {
     let admin = connect("postgres").await;
     admin
         .batch_execute(&format!(
-            "ALTER DATABASE {db} ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}';",
-            db = app.db_name
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            app.db_name
         ))
         .await
         .unwrap();
+    // A session that was being opened as the database closed (the service
+    // connects in the background too) is ended by a later pass.
+    until("every session of the database ended", || async {
+        admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1",
+                &[&app.db_name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
     admin
 }
 

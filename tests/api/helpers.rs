@@ -616,3 +616,38 @@ pub fn system_migrations() -> Vec<u32> {
         .filter_map(|name| name.strip_prefix('V')?.split("__").next()?.parse().ok())
         .collect()
 }
+
+/// Wait until `check` holds: an event the test cannot trigger itself (a
+/// background sender, a process starting), polled, failing after 30 s.
+pub async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// The mail the service wrote as a file into `dir` (no SMTP server) whose
+/// name ends in `-<kind>.eml`, once it is there (30 s at most).
+pub async fn mail_file(dir: &Path, kind: &str) -> String {
+    let suffix = format!("-{kind}.eml");
+    let find = || -> Option<String> {
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.ends_with(&suffix) && !name.starts_with('.'))
+                .then(|| std::fs::read_to_string(e.path()).unwrap())
+        })
+    };
+    until(&format!("a {kind} mail under {}", dir.display()), || {
+        std::future::ready(find().is_some())
+    })
+    .await;
+    find().unwrap()
+}

@@ -69,23 +69,6 @@ fn access(tokens: &Value) -> &str {
     tokens["access_token"].as_str().unwrap()
 }
 
-/// Wait until `check` holds (an event this test waits for: the outbox's
-/// sender runs on its own), at most 30 seconds.
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + MAIL_WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn audit_actions(app: &TestApp) -> Vec<String> {
     app.db()
         .await
@@ -855,16 +838,7 @@ async fn without_smtp_a_newcomer_reads_the_mail_in_eml_files() {
     let app = spawn_app().await;
     signup(&app, "nina").await;
     let dir = test_settings(&app.db_name).data_dir.join("mail");
-    let eml = || -> Option<String> {
-        let entries = std::fs::read_dir(&dir).ok()?;
-        entries.flatten().find_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name.ends_with("verify_email.eml") && !name.starts_with('.'))
-                .then(|| std::fs::read_to_string(e.path()).unwrap())
-        })
-    };
-    until("an .eml file", || std::future::ready(eml().is_some())).await;
-    let eml = eml().unwrap();
+    let eml = mail_file(&dir, "verify_email").await;
     assert!(eml.contains("To: nina@example.com"), "{eml}");
     assert!(eml.contains("Subject: Confirm your email address"), "{eml}");
     // Plain text: the link reads as written.

@@ -3,8 +3,6 @@
 //! migrates it, admins can export and erase it, and resuming gives it all
 //! back. Suspended and resumed from the admin routes and the CLI.
 
-use std::time::Duration;
-
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -377,26 +375,7 @@ async fn suspension_and_resumption_are_audited_and_mailed_to_the_user() {
     // No SMTP server configured: the service writes the mail under
     // <data dir>/mail/.
     let mail_dir = data_dir.join("mail");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let suspended = loop {
-        let found = std::fs::read_dir(&mail_dir)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .find(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.ends_with("-tenant_suspended.eml")
-            });
-        if let Some(entry) = found {
-            break std::fs::read_to_string(entry.path()).unwrap();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no suspension mail under {}",
-            mail_dir.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let suspended = mail_file(&mail_dir, "tenant_suspended").await;
     assert!(suspended.contains("To: mona@example.com"), "{suspended}");
     assert!(suspended.contains("chargeback dispute"), "{suspended}");
 }
