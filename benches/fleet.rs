@@ -157,7 +157,7 @@ async fn main() {
                     0 => {
                         let t = Instant::now();
                         let run =
-                            fleet::prepare(&target.config, templates.clone(), options.clone())
+                            fleet::prepare(&target.connector, templates.clone(), options.clone())
                                 .await
                                 .expect("prepare");
                         let summary = run.execute(&Quiet).await.expect("run");
@@ -226,7 +226,7 @@ async fn main() {
     let mut raw_query = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let run = fleet::prepare(&target.config, templates.clone(), RunOptions::default())
+        let run = fleet::prepare(&target.connector, templates.clone(), RunOptions::default())
             .await
             .unwrap();
         let summary = run.execute(&Quiet).await.unwrap();

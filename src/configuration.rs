@@ -43,6 +43,10 @@ pub struct Settings {
     /// `TENANTRY_EXPORT_CONCURRENCY`: exports streamed at once, each on a
     /// database connection of its own (one per user at a time).
     pub export_concurrency: usize,
+    /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
+    /// pool at most (exports, fleet runs, `/health`'s spare, the mail
+    /// sender); default the export concurrency + 12.
+    pub extra_connections: usize,
     /// `TENANTRY_EXPORT_TIMEOUT` (seconds): how long one export may run,
     /// however fast its client reads.
     pub export_timeout: Duration,
@@ -147,11 +151,17 @@ impl Settings {
         };
         let database = match secret("DATABASE_URL")? {
             Some(url) => {
-                url.parse::<tokio_postgres::Config>()
-                    .map_err(|e| SettingsError::Invalid {
-                        name: "DATABASE_URL",
-                        reason: e.to_string(),
-                    })?;
+                // libpq's TLS parameters are ours to apply; the rest is
+                // tokio-postgres's to check. The certificate files are read
+                // now, so a missing one stops the start.
+                let invalid = |reason: String| SettingsError::Invalid {
+                    name: "DATABASE_URL",
+                    reason,
+                };
+                let (rest, ssl) = crate::postgres_tls::split(&url).map_err(invalid)?;
+                rest.parse::<tokio_postgres::Config>()
+                    .map_err(|e| invalid(e.to_string()))?;
+                crate::postgres_tls::Tls::new(&ssl).map_err(invalid)?;
                 DatabaseTarget::Url(SecretString(url))
             }
             None => DatabaseTarget::Embedded,
@@ -251,6 +261,20 @@ impl Settings {
             other => other.map(SecretString),
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
+        let extra_connections = number(
+            "TENANTRY_EXTRA_CONNECTIONS",
+            export_concurrency as u32 + 12,
+            10_000,
+        )? as usize;
+        if extra_connections < export_concurrency + 2 {
+            return Err(SettingsError::Invalid {
+                name: "TENANTRY_EXTRA_CONNECTIONS",
+                reason: format!(
+                    "must be at least TENANTRY_EXPORT_CONCURRENCY + 2 ({}): the exports, the mail sender and /health's spare",
+                    export_concurrency + 2
+                ),
+            });
+        }
         let export_timeout = Duration::from_secs(
             number("TENANTRY_EXPORT_TIMEOUT", 600, 86_400)?
                 .max(1)
@@ -333,6 +357,7 @@ impl Settings {
             tls,
             mail,
             export_concurrency,
+            extra_connections,
             export_timeout,
             statement_timeout,
             metrics_token,

@@ -12,6 +12,7 @@ pub mod embedded;
 pub mod mail;
 pub mod maintenance;
 pub mod metrics;
+pub mod postgres_tls;
 pub mod routing;
 pub mod startup;
 pub mod tenancy;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 
 use crate::api::middleware::RateLimits;
-use crate::startup::AppState;
+use crate::api::AppState;
 
 /// How many rows each purge removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -130,6 +130,8 @@ impl Access {
 pub struct TenantTx {
     client: Option<Object>,
     template_version: i32,
+    /// The pool's TLS, for a cancel request.
+    tls: Option<crate::postgres_tls::Tls>,
 }
 
 impl TenantTx {
@@ -147,6 +149,7 @@ impl TenantTx {
         let mut guard = TenantTx {
             client: Some(client),
             template_version: 0,
+            tls: pool.tls().cloned(),
         };
         let c = guard.client();
         let user_text = caller.user_id.to_string();
@@ -206,6 +209,7 @@ impl TenantTx {
         let mut guard = TenantTx {
             client: Some(client),
             template_version: 0,
+            tls: pool.tls().cloned(),
         };
         let user_text = caller.user_id.to_string();
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
@@ -374,9 +378,13 @@ impl Drop for TenantTx {
             tracing::debug!("discarding a routed connection that did not finish");
             let cancel = client.cancel_token();
             drop(Object::take(client));
+            let tls = self
+                .tls
+                .take()
+                .unwrap_or_else(crate::postgres_tls::Tls::none);
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                    if let Err(e) = cancel.cancel_query(tls.maker).await {
                         tracing::debug!(error = %e, "cannot cancel an abandoned statement");
                     }
                 });

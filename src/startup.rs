@@ -8,48 +8,13 @@ use actix_web::dev::Server;
 use actix_web::{web, App};
 
 use crate::api::middleware::{self, RateLimits};
+use crate::api::{AppState, FleetRuns};
 use crate::audit::Pseudonyms;
 use crate::auth::{Hasher, JwtKeys};
 use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
 use crate::templates::{TemplateError, TemplateSet};
 use crate::tenancy::integrity::{self, IntegrityError};
-
-/// Shared by every request.
-pub struct AppState {
-    pub pool: db::RequestPool,
-    /// For connections outside the pool (fleet runs have their own).
-    pub db_config: tokio_postgres::Config,
-    pub installation: Installation,
-    pub templates: Arc<TemplateSet>,
-    pub jwt: JwtKeys,
-    /// bcrypt at the configured cost, bounded to the core count.
-    pub hasher: Hasher,
-    /// Pseudonyms for the audit log.
-    pub pseudonyms: Pseudonyms,
-    /// Signs exports.
-    pub export_key: crate::tenancy::export::ExportKey,
-    /// How many exports run at once (`TENANTRY_EXPORT_CONCURRENCY`).
-    pub exports: crate::api::exports::ExportBudget,
-    /// How long an export may run (`TENANTRY_EXPORT_TIMEOUT`).
-    pub export_timeout: std::time::Duration,
-    /// `/health`'s one probe at a time.
-    pub health: crate::api::health::HealthProbe,
-    /// Fleet runs started here, to stop on shutdown.
-    pub fleet_runs: FleetRuns,
-    /// Failed logins before an account name is locked (0: never).
-    pub login_max_failures: u32,
-    /// How long a request body may take (`middleware::body_timeout`), and
-    /// an export may wait for its reader.
-    pub client_timeout: std::time::Duration,
-    /// `TENANTRY_METRICS_TOKEN`: when set, `/metrics` wants it as a bearer
-    /// token; when not, it answers loopback clients only.
-    pub metrics_token: Option<crate::configuration::SecretString>,
-    /// Writes the mails that go into the outbox, and wakes the sender.
-    pub letters: crate::mail::Letters,
-    /// Forgot-password requests, handled after their answer.
-    pub password_resets: crate::api::account::ResetRequests,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -135,25 +100,6 @@ pub struct Application {
     fleet_runs: FleetRuns,
 }
 
-/// The stop flags of fleet runs started through the API in this process:
-/// a shutdown stops them at a tenant boundary.
-#[derive(Clone, Default)]
-pub struct FleetRuns(Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>);
-
-impl FleetRuns {
-    pub fn register(&self, stop: Arc<std::sync::atomic::AtomicBool>) {
-        let mut runs = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        runs.retain(|s| Arc::strong_count(s) > 1);
-        runs.push(stop);
-    }
-
-    fn stop_all(&self) {
-        for stop in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-}
-
 /// How long requests in flight get to finish after SIGTERM/SIGINT.
 pub const DRAIN_SECONDS: u64 = 30;
 
@@ -210,7 +156,7 @@ impl Application {
         listener: TcpListener,
         tls: Option<crate::transport::Tls>,
     ) -> Result<(Server, FleetRuns), StartupError> {
-        let db_config = target.config.clone();
+        let connector = target.connector.with_cap(settings.extra_connections);
         let context = Context::on(target, templates, settings.pool_size).await?;
         // Never provision with templates that disagree with what this
         // database has applied.
@@ -233,7 +179,7 @@ impl Application {
         );
         let state = web::Data::new(AppState {
             pool: pool.clone(),
-            db_config,
+            connector,
             installation: context.installation,
             templates: context.templates,
             jwt: JwtKeys::new(secret.expose().as_bytes()),
@@ -254,7 +200,7 @@ impl Application {
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
             .map_err(StartupError::Mail)?;
         crate::mail::delivery::Outbox::new(
-            state.db_config.clone(),
+            state.connector.clone(),
             &settings.mail,
             sender,
             state.installation.id.as_str(),

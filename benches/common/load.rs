@@ -113,6 +113,7 @@ pub async fn start_service(
         maintenance_interval: Duration::from_secs(60),
         metrics_token: None,
         export_concurrency: 4,
+        extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
         mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),

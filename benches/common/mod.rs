@@ -52,10 +52,10 @@ pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
         .unwrap();
     admin.batch_execute("CREATE DATABASE bench").await.unwrap();
     let target = Target {
-        config: cluster.pg_config(&running, "bench"),
+        connector: db::Connector::plain(cluster.pg_config(&running, "bench")),
         embedded: None,
     };
-    let mut boot = target.connect().await.unwrap();
+    let mut boot = target.connect().await.unwrap().into_client();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
     BenchDb {
         dir,

@@ -12,11 +12,11 @@ use uuid::Uuid;
 use crate::api::auth::{client_of, reauthenticate};
 use crate::api::extract::{CurrentUser, JsonBody};
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::audit::{self, Action, Entry};
 use crate::auth;
 use crate::domain::{Email, Password};
 use crate::mail::{self, Letters};
-use crate::startup::AppState;
 
 /// End the user `$1`'s outstanding reset tokens and the verification tokens
 /// of an address other than the account's (a pending email change): a

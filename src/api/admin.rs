@@ -9,9 +9,9 @@ use crate::api::extract::JsonBody;
 use crate::api::extract::{AdminUser, AuditReader};
 use crate::api::paging::{cursor_part, invalid, make_cursor, Page};
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::audit::{self, Action, Entry};
 use crate::domain::{TemplateVersion, Username};
-use crate::startup::AppState;
 use crate::tenancy::fleet::{self, Progress, RunOptions};
 
 /// `GET /admin/fleet`: tenants per version, pending, failed, drift, last run.
@@ -113,7 +113,24 @@ pub async fn start_migration(
         audit_actor: Some(state.pseudonyms.user(admin.0.id())),
         ..defaults
     };
-    let prepared = fleet::prepare(&state.db_config, state.templates.clone(), options).await?;
+    // The run's connections (its control and one per worker) count against
+    // TENANTRY_EXTRA_CONNECTIONS, beside the exports, /health and the mail
+    // sender.
+    let room = state
+        .connector
+        .cap()
+        .saturating_sub(state.exports.size() + 2);
+    if options.concurrency + 1 > room {
+        return Err(bad(
+            "invalid_concurrency",
+            format!(
+                "concurrency {} needs {} connections outside the pool and {room} are left for a fleet run (TENANTRY_EXTRA_CONNECTIONS); lower it, or run `tenantry fleet migrate`",
+                options.concurrency,
+                options.concurrency + 1
+            ),
+        ));
+    }
+    let prepared = fleet::prepare(&state.connector, state.templates.clone(), options).await?;
     let run_id = prepared.run_id();
     state.fleet_runs.register(prepared.stop_handle());
     let planned = prepared.plan().tenants.len();

@@ -10,11 +10,11 @@ use crate::api::extract::CurrentUser;
 use crate::api::extract::JsonBody;
 use crate::api::middleware::RateLimits;
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::audit::{self, Action, Entry};
 use crate::auth::{self, Role, Subject, ACCESS_TOKEN_SECONDS};
 use crate::domain::{Email, Password, Username};
 use crate::provisioning::{self, AuditContext, NewAccount, RefreshTokenRow};
-use crate::startup::AppState;
 
 fn agent_of(request: &HttpRequest) -> Option<String> {
     auth::user_agent(

@@ -10,9 +10,9 @@ use crate::api::paging::{
     cursor_part, from_wire, make_cursor, object, opt_text, text, wire_name, ListQuery, Page,
     PageQuery,
 };
+use crate::api::AppState;
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

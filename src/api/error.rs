@@ -244,6 +244,25 @@ impl From<RoutingError> for ApiError {
     }
 }
 
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        use crate::db::DbError;
+        match e {
+            DbError::Busy(_) => ApiError::Busy {
+                code: "connections_busy",
+                message: e.to_string(),
+            },
+            DbError::Connect(_) | DbError::Cluster(_) => {
+                tracing::error!(error = %e, "cannot open a database connection");
+                crate::metrics::database_error("connect");
+                ApiError::Unavailable
+            }
+            DbError::Postgres(pg) => pg.into(),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         tracing::error!(error = %cause_chain(&e), "cannot get a database connection");
@@ -335,7 +354,7 @@ impl From<FleetError> for ApiError {
                 message: e.to_string(),
             },
             FleetError::NoSuchTenant(_) => ApiError::NotFound(e.to_string()),
-            FleetError::Db(_) => ApiError::internal(e),
+            FleetError::Db(db) => db.into(),
         }
     }
 }

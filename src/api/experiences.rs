@@ -15,9 +15,9 @@ use crate::api::paging::{
     cursor_part, from_wire, invalid, make_cursor, nullable, opt_text, text, wire_name, ListQuery,
     Page,
 };
+use crate::api::AppState;
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, RoutingError, TenantTx};
-use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

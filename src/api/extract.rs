@@ -18,9 +18,9 @@ use uuid::Uuid;
 
 use crate::api::middleware::bearer_claims;
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::auth::{Claims, Role};
 use crate::routing::Caller;
-use crate::startup::AppState;
 
 /// A valid access token's claims (signature, issuer, audience, expiry and
 /// type checked; the registry not yet).

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
-use crate::startup::AppState;
+use crate::api::AppState;
 
 /// The pool, as deadpool sees it now.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -142,7 +142,7 @@ pub struct HealthProbe(tokio::sync::Mutex<ProbeState>);
 
 #[derive(Default)]
 struct ProbeState {
-    spare: Option<tokio_postgres::Client>,
+    spare: Option<crate::db::Connection>,
     /// When the last probe finished, and what it found (`None`: no answer).
     last: Option<(Instant, Option<Facts>)>,
 }
@@ -182,7 +182,11 @@ impl ProbeState {
                 .map(|r| Facts::from_row(&r));
         }
         if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
-            self.spare = crate::db::connect(&state.db_config).await.ok();
+            self.spare = state
+                .connector
+                .connect(crate::db::Dedicated::Health)
+                .await
+                .ok();
         }
         let answer = self.spare.as_ref()?.query_one(FACTS, &[&latest]).await;
         if answer.is_err() {

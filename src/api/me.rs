@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::api::extract::CurrentUser;
 use crate::api::extract::JsonBody;
 use crate::api::ApiError;
-use crate::startup::AppState;
+use crate::api::AppState;
 use crate::tenancy::export::ExportError;
 
 /// The caller's account.
@@ -187,11 +187,11 @@ pub async fn export(
     user: CurrentUser,
 ) -> Result<HttpResponse, ApiError> {
     let slot = state.exports.take(user.id())?;
-    let connect = crate::db::connect(&state.db_config);
-    let mut client = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(Ok(client)) => client,
-        _ => return Err(ApiError::Unavailable),
-    };
+    // Under the cap of connections outside the pool: past it, a 503.
+    let mut client = state
+        .connector
+        .connect(crate::db::Dedicated::Export)
+        .await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let key = state.export_key.clone();
     let user_id = user.id();
@@ -253,6 +253,3 @@ pub async fn export(
         ))
         .streaming(body))
 }
-
-/// How long an export waits for its connection.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

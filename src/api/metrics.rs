@@ -6,7 +6,7 @@
 use actix_web::{get, web, HttpRequest, HttpResponse};
 
 use crate::api::error::error_body;
-use crate::startup::AppState;
+use crate::api::AppState;
 
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(

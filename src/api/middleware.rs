@@ -20,9 +20,9 @@ use governor::{Quota, RateLimiter};
 use uuid::Uuid;
 
 use crate::api::error::error_body;
+use crate::api::AppState;
 use crate::auth::Claims;
 use crate::configuration::Limits;
-use crate::startup::AppState;
 
 /// On every response, errors and 429s included. No response of this API is
 /// meant for a cache, a frame or a browser's content sniffing.

@@ -19,6 +19,7 @@ mod reference;
 pub(crate) mod rows;
 mod sessions;
 mod skills;
+mod state;
 mod summaries;
 
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
@@ -26,6 +27,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 pub use error::ApiError;
 pub use extract::AuthenticatedUser;
+pub use state::{AppState, FleetRuns};
 
 use error::error_body;
 

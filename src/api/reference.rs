@@ -8,9 +8,9 @@ use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 
 use crate::api::paging::{cursor_part, make_cursor, ListQuery, Page};
+use crate::api::AppState;
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::startup::AppState;
 
 /// One allowed table: its query returns `key` (int8), and `item` (jsonb),
 /// filtered by `$1` (search text or NULL), after key `$2`, limit `$3`.

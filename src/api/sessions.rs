@@ -11,8 +11,8 @@ use actix_web::HttpRequest;
 use crate::api::auth::client_of;
 use crate::api::extract::CurrentUser;
 use crate::api::ApiError;
+use crate::api::AppState;
 use crate::audit::{self, Action, Entry};
-use crate::startup::AppState;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Session {

@@ -8,9 +8,9 @@ use tokio_postgres::Row;
 
 use crate::api::extract::JsonBody;
 use crate::api::paging::{cursor_part, invalid, make_cursor, opt_text, text, ListQuery, Page};
+use crate::api::AppState;
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::startup::AppState;
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {

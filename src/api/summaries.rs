@@ -8,9 +8,9 @@ use tokio_postgres::Row;
 
 use crate::api::extract::JsonBody;
 use crate::api::paging::{object, opt_text, text};
+use crate::api::AppState;
 use crate::api::{ApiError, AuthenticatedUser};
 use crate::routing::{Access, TenantTx};
-use crate::startup::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

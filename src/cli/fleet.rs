@@ -225,7 +225,7 @@ async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    let prepared = fleet::prepare(&ctx.target.config, ctx.templates.clone(), options)
+    let prepared = fleet::prepare(&ctx.target.connector, ctx.templates.clone(), options)
         .await
         .map_err(fleet_failure)?;
     let stop = prepared.stop_handle();

@@ -24,7 +24,7 @@ mod password;
     version,
     about = "Schema-per-tenant provisioning for PostgreSQL",
     after_help = "Environment (every command reads the same; see docs/configuration.md):\n  \
-DATABASE_URL                 PostgreSQL to use; unset: the embedded cluster under TENANTRY_DATA_DIR\n  \
+DATABASE_URL                 PostgreSQL to use (with libpq's sslmode, sslrootcert, sslcert, sslkey); unset: the embedded cluster under TENANTRY_DATA_DIR\n  \
 TENANTRY_DATA_DIR            embedded cluster, generated secret, audit anchors [./.tenantry]\n  \
 TENANTRY_BIND                HTTP address of serve [127.0.0.1:8080]\n  \
 JWT_SECRET                   token, export and audit-pseudonym key (required with DATABASE_URL)\n  \
@@ -38,6 +38,7 @@ TENANTRY_CLIENT_TIMEOUT      seconds a client may stall sending or reading [10]\
 TENANTRY_STATEMENT_TIMEOUT   seconds per statement of a tenant's request, 0 = none [5]\n  \
 TENANTRY_EXPORT_CONCURRENCY  exports streamed at once [4]\n  \
 TENANTRY_EXPORT_TIMEOUT      seconds one export may run [600]\n  \
+TENANTRY_EXTRA_CONNECTIONS   connections serve opens outside its pool at most [export concurrency + 12]\n  \
 TENANTRY_AUDIT_ANCHOR_FILE   [<data dir>/audit-anchors]\n  \
 TENANTRY_MAINTENANCE_INTERVAL seconds [60]\n  \
 TENANTRY_METRICS_TOKEN       bearer token for /metrics (unset: loopback only)\n  \
@@ -570,9 +571,11 @@ async fn db(settings: Settings, action: DbCommand) -> Result<(), Failure> {
             })
             .await??;
             if let Some((cluster, running)) = open {
-                if let Ok(client) =
-                    crate::db::connect(&cluster.pg_config(&running, "postgres")).await
-                {
+                let superuser = crate::db::Connector::embedded(
+                    cluster.pg_config(&running, "postgres"),
+                    cluster.clone(),
+                );
+                if let Ok(client) = superuser.connect(crate::db::Dedicated::Command).await {
                     let serving: i64 = client
                         .query_one(
                             "SELECT count(*) FROM pg_stat_activity

@@ -6,7 +6,7 @@
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
 
-use crate::db::{connect, DbError};
+use crate::db::{Connector, DbError, Dedicated};
 use crate::domain::{InstallationId, RoleName, SchemaName};
 use crate::embedded::{self, Cluster, Running};
 
@@ -19,12 +19,23 @@ mod system {
 /// `CREATE SCHEMA IF NOT EXISTS`, which is not concurrency-safe).
 pub const BOOTSTRAP_LOCK: i64 = 0x7465_6e61_6e74_7279; // "tenantry"
 
+/// The embedded cluster's superuser, over its socket (its only use).
+async fn superuser(
+    cluster: &Cluster,
+    running: &Running,
+    dbname: &str,
+) -> Result<crate::db::Connection, DbError> {
+    Connector::embedded(cluster.pg_config(running, dbname), cluster.clone())
+        .connect(Dedicated::Command)
+        .await
+}
+
 /// As the embedded cluster's superuser: create the service role (LOGIN,
 /// CREATEROLE, not a superuser) and the `tenantry` database it owns. A
 /// database made by an older version, when everything ran as the
 /// superuser, is handed over to the service role ([`ADOPT`]).
 pub(crate) async fn prepare_embedded(cluster: &Cluster, running: &Running) -> Result<(), DbError> {
-    let client = connect(&cluster.pg_config(running, "postgres")).await?;
+    let client = superuser(cluster, running, "postgres").await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&BOOTSTRAP_LOCK])
         .await?;
@@ -62,7 +73,7 @@ pub(crate) async fn prepare_embedded(cluster: &Cluster, running: &Running) -> Re
             client
                 .batch_execute(&format!("ALTER DATABASE {database} OWNER TO {service}"))
                 .await?;
-            let tenantry = connect(&cluster.pg_config(running, embedded::DATABASE_NAME)).await?;
+            let tenantry = superuser(cluster, running, embedded::DATABASE_NAME).await?;
             tenantry.batch_execute(ADOPT).await?;
             // The superuser made each tenant's history table: hand them over
             // one by one (one transaction for all could run out of locks).
@@ -83,7 +94,7 @@ pub(crate) async fn prepare_embedded(cluster: &Cluster, running: &Running) -> Re
                         .batch_execute(&format!(
                             "ALTER TABLE IF EXISTS {s}.{h} OWNER TO {service}",
                             s = schema.quoted(),
-                            h = crate::tenancy::apply::HISTORY_TABLE,
+                            h = crate::db::HISTORY_TABLE,
                         ))
                         .await?;
                 }
@@ -349,7 +360,7 @@ async fn adopt_tenants(
                  REVOKE ALL ON {s}.{h} FROM {r};",
                 s = schema.quoted(),
                 r = role.quoted(),
-                h = crate::tenancy::apply::HISTORY_TABLE,
+                h = crate::db::HISTORY_TABLE,
             ))
             .await;
         match moved {
@@ -367,7 +378,7 @@ async fn adopt_tenants(
                     "cannot take over this tenant schema; as a superuser run: ALTER SCHEMA {s} OWNER TO <service role>; ALTER TABLE {s}.{h} OWNER TO <service role>; GRANT USAGE, CREATE ON SCHEMA {s} TO {r}",
                     s = schema.quoted(),
                     r = role.quoted(),
-                    h = crate::tenancy::apply::HISTORY_TABLE,
+                    h = crate::db::HISTORY_TABLE,
                 );
             }
         }

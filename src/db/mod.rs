@@ -5,22 +5,28 @@
 
 mod bootstrap;
 pub mod citus;
+mod connector;
 mod pool;
 
 use std::task::Poll;
 
 use futures::future::BoxFuture;
 
-use tokio_postgres::NoTls;
-
 use crate::configuration::{DatabaseTarget, Settings};
 use crate::embedded::{self, Cluster, ClusterError, Running};
 
 pub use bootstrap::{bootstrap, Installation, BOOTSTRAP_LOCK};
+pub use connector::{
+    Connection, Connector, Dedicated, CONNECT_TIMEOUT, EXPORT_WAIT, OUTBOX_SESSION,
+};
 pub use pool::{
     pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool, AFFINITY_POLL,
     AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
 };
+
+/// The name of the per-tenant history table: refinery's own default, in the
+/// tenant's schema, in refinery's format.
+pub const HISTORY_TABLE: &str = "refinery_schema_history";
 
 /// The class of a tenant's transaction-scoped advisory lock (second key:
 /// `hashtext(user_id::text)`): taken shared by each routed request and
@@ -38,7 +44,11 @@ pub enum DbError {
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error("cannot connect to PostgreSQL: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(String),
+    #[error("the service's {0} connections outside its pool are all in use (TENANTRY_EXTRA_CONNECTIONS); retry shortly")]
+    Busy(usize),
+    #[error("DATABASE_URL: {0}")]
+    Url(String),
     #[error("database error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error("system migration failed: {0}")]
@@ -54,17 +64,17 @@ pub enum DbError {
 /// Where we connect, and the embedded cluster if we use one.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub config: tokio_postgres::Config,
+    pub connector: Connector,
     pub embedded: Option<(Cluster, Running)>,
 }
 
 impl Target {
-    /// Resolve the settings to a connection config, starting (or reusing)
-    /// the embedded cluster when there is no `DATABASE_URL`.
+    /// Resolve the settings to a connector, starting (or reusing) the
+    /// embedded cluster when there is no `DATABASE_URL`.
     pub async fn resolve(settings: &Settings) -> Result<Target, DbError> {
         match &settings.database {
             DatabaseTarget::Url(url) => Ok(Target {
-                config: url.expose().parse().map_err(DbError::Connect)?,
+                connector: Connector::from_url(url.expose()).map_err(DbError::Url)?,
                 embedded: None,
             }),
             DatabaseTarget::Embedded => {
@@ -76,12 +86,10 @@ impl Target {
                 })
                 .await??;
                 bootstrap::prepare_embedded(&cluster, &running).await?;
+                let config =
+                    cluster.pg_config_as(&running, embedded::DATABASE_NAME, embedded::SERVICE_ROLE);
                 Ok(Target {
-                    config: cluster.pg_config_as(
-                        &running,
-                        embedded::DATABASE_NAME,
-                        embedded::SERVICE_ROLE,
-                    ),
+                    connector: Connector::embedded(config, cluster.clone()),
                     embedded: Some((cluster, running)),
                 })
             }
@@ -89,50 +97,46 @@ impl Target {
     }
 
     /// One connection outside the pool (bootstrap, CLI, benchmarks).
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
-        connect(&self.config).await
+    pub async fn connect(&self) -> Result<Connection, DbError> {
+        self.connector.connect(Dedicated::Command).await
     }
 
     /// The request pool. On the embedded cluster it follows the server to
     /// the port it listens on now, so a `db stop` / `db start` while
     /// `serve` runs heals by itself.
-    /// The service's pool. On Citus its sessions keep no connections to
+    /// On Citus its sessions keep no connections to
     /// the workers between transactions (`citus.max_cached_conns_per_worker
     /// = 0`, a session default, so `RESET ALL` keeps it): Citus reaches a
     /// worker as the tenant's role, and a cached worker session of a role
     /// that was erased and made again under the same name (the same
     /// username signing up again) would still be the old role there.
     pub fn pool(&self, size: usize, installation: &Installation) -> Result<RequestPool, DbError> {
-        let ports = match &self.embedded {
-            Some((cluster, _)) => PortSource::Cluster(cluster.clone()),
-            None => PortSource::Fixed,
+        let connector = if installation.citus {
+            self.connector.with_config(|config| {
+                let options = format!(
+                    "{} -c citus.max_cached_conns_per_worker=0",
+                    config.get_options().unwrap_or_default()
+                );
+                config.options(options.trim_start());
+            })
+        } else {
+            self.connector.clone()
         };
-        let mut config = self.config.clone();
-        if installation.citus {
-            let options = format!(
-                "{} -c citus.max_cached_conns_per_worker=0",
-                config.get_options().unwrap_or_default()
-            );
-            config.options(options.trim_start());
-        }
         RequestPool::new(
-            config,
+            &connector,
             size,
             ConnectionLimits::default(),
-            ports,
             Retire::Spread,
         )
     }
 }
 
+/// One connection to a fixed address without TLS (tests, benchmarks).
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection closed");
-        }
-    });
-    Ok(client)
+    Ok(Connector::plain(config.clone())
+        .connect(Dedicated::Command)
+        .await?
+        .into_client())
 }
 
 /// Send every request before reading any reply, and return the replies in

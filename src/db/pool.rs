@@ -3,14 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use crate::db::{Connector, DbError};
+use crate::embedded::Cluster;
 use deadpool_postgres::{
     Connect, Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use futures::future::BoxFuture;
-use tokio_postgres::NoTls;
-
-use crate::db::DbError;
-use crate::embedded::{self, Cluster};
 
 macro_rules! session_reset {
     () => {
@@ -103,11 +101,10 @@ pub enum PortSource {
     Cluster(Cluster),
 }
 
-struct Connector {
-    ports: PortSource,
-}
+/// deadpool's way in: every pooled connection is the [`Connector`]'s.
+struct Via(Connector);
 
-impl Connect for Connector {
+impl Connect for Via {
     fn connect(
         &self,
         pg_config: &tokio_postgres::Config,
@@ -115,26 +112,8 @@ impl Connect for Connector {
         '_,
         Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
     > {
-        let config = match &self.ports {
-            PortSource::Cluster(cluster) => {
-                let user = pg_config.get_user().unwrap_or(embedded::SERVICE_ROLE);
-                let dbname = pg_config.get_dbname().unwrap_or(embedded::DATABASE_NAME);
-                // While the server is down, the old address fails fast.
-                cluster
-                    .current_config(dbname, user)
-                    .unwrap_or_else(|| pg_config.clone())
-            }
-            PortSource::Fixed => pg_config.clone(),
-        };
-        Box::pin(async move {
-            let (client, connection) = config.connect(NoTls).await?;
-            let task = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "pooled connection closed");
-                }
-            });
-            Ok((client, task))
-        })
+        let config = pg_config.clone();
+        Box::pin(async move { self.0.open(&config).await })
     }
 }
 
@@ -144,7 +123,7 @@ pub fn pool(
     size: usize,
     limits: ConnectionLimits,
 ) -> Result<Pool, DbError> {
-    pool_with(config, size, limits, PortSource::Fixed, Retire::Exactly)
+    pool_with(&Connector::plain(config), size, limits, Retire::Exactly)
 }
 
 /// The service's pool. `Fast` recycling (is the socket open?) is enough
@@ -155,21 +134,20 @@ pub fn pool(
 /// Requests fail fast while the database is down: connecting is bounded
 /// by `create_timeout`, waiting for a free connection by `wait_timeout`.
 pub fn pool_with(
-    config: tokio_postgres::Config,
+    connector: &Connector,
     size: usize,
     limits: ConnectionLimits,
-    ports: PortSource,
     retire: Retire,
 ) -> Result<Pool, DbError> {
     std::sync::LazyLock::force(&EPOCH);
-    let mut config = config;
+    let mut config = connector.config().clone();
     if config.get_application_name().is_none() {
         // What operators (and scripts/bench-routing) find it by.
         config.application_name("tenantry");
     }
     let manager = Manager::from_connect(
         config,
-        Connector { ports },
+        Via(connector.clone()),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -235,6 +213,8 @@ pub struct RequestPool {
     served: std::sync::Arc<std::sync::Mutex<Served>>,
     /// How long one statement of a tenant's request may run (zero: no limit).
     statement_timeout: Duration,
+    /// What a cancel request needs.
+    tls: crate::postgres_tls::Tls,
 }
 
 type Served = std::collections::HashMap<
@@ -246,10 +226,9 @@ impl RequestPool {
     /// `size` connections in all, in shards of [`CONNECTIONS_PER_SHARD`]
     /// (one shard for a pool smaller than two of them).
     pub fn new(
-        config: tokio_postgres::Config,
+        connector: &Connector,
         size: usize,
         limits: ConnectionLimits,
-        ports: PortSource,
         retire: Retire,
     ) -> Result<RequestPool, DbError> {
         let count = (size / CONNECTIONS_PER_SHARD).max(1);
@@ -257,7 +236,7 @@ impl RequestPool {
             .map(|i| {
                 // The remainder goes to the first shards: `size` in all.
                 let shard_size = size / count + usize::from(i < size % count);
-                pool_with(config.clone(), shard_size, limits, ports.clone(), retire)
+                pool_with(connector, shard_size, limits, retire)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RequestPool {
@@ -267,6 +246,7 @@ impl RequestPool {
             retire,
             served: Default::default(),
             statement_timeout: Duration::ZERO,
+            tls: connector.tls().clone(),
         })
     }
 
@@ -457,6 +437,11 @@ pub trait TenantPool {
     fn statement_timeout(&self) -> Duration {
         Duration::ZERO
     }
+
+    /// The TLS of its connections, for cancel requests (none: plaintext).
+    fn tls(&self) -> Option<&crate::postgres_tls::Tls> {
+        None
+    }
 }
 
 impl TenantPool for RequestPool {
@@ -470,6 +455,10 @@ impl TenantPool for RequestPool {
 
     fn statement_timeout(&self) -> Duration {
         self.statement_timeout
+    }
+
+    fn tls(&self) -> Option<&crate::postgres_tls::Tls> {
+        Some(&self.tls)
     }
 }
 

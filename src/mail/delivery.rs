@@ -336,13 +336,13 @@ pub fn backoff(base: Duration, attempts: u32, jitter: f64) -> Duration {
 }
 
 /// The `application_name` of the sender's session.
-pub const OUTBOX_SESSION: &str = "tenantry outbox";
+pub const OUTBOX_SESSION: &str = crate::db::OUTBOX_SESSION;
 
 /// The outbox sender of one `serve` process. It has a database connection
 /// of its own (made again when lost), so it never takes one from requests.
 pub struct Outbox {
-    db_config: tokio_postgres::Config,
-    client: Option<tokio_postgres::Client>,
+    connector: crate::db::Connector,
+    client: Option<crate::db::Connection>,
     sender: Sender,
     from: Mailbox,
     max_attempts: u32,
@@ -355,7 +355,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(
-        db_config: tokio_postgres::Config,
+        connector: crate::db::Connector,
         settings: &MailSettings,
         sender: Sender,
         installation: &str,
@@ -364,11 +364,8 @@ impl Outbox {
             .from
             .parse::<Mailbox>()
             .map_err(|e| format!("TENANTRY_MAIL_FROM: {e}"))?;
-        let mut db_config = db_config;
-        // Told apart from the request pool's sessions in pg_stat_activity.
-        db_config.application_name(OUTBOX_SESSION);
         Ok(Outbox {
-            db_config,
+            connector,
             client: None,
             sender,
             from,
@@ -405,7 +402,10 @@ impl Outbox {
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = Some(
-                crate::db::connect(&self.db_config)
+                // Told apart from the request pool's sessions in
+                // pg_stat_activity by its name (`OUTBOX_SESSION`).
+                self.connector
+                    .connect(crate::db::Dedicated::Outbox)
                     .await
                     .map_err(|e| e.to_string())?,
             );

@@ -10,9 +10,7 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::domain::{RoleName, SchemaName};
 use crate::tenancy::templates::Template;
 
-/// The name of the per-tenant history table: refinery's own default, in the
-/// tenant's schema, in refinery's format.
-pub const HISTORY_TABLE: &str = "refinery_schema_history";
+pub use crate::db::HISTORY_TABLE;
 
 /// Records the applied versions ($2 versions, $3 names, $4 checksums) in the
 /// history of schema $1. The one place that writes history rows is

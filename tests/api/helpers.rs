@@ -340,6 +340,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         maintenance_interval: std::time::Duration::from_secs(3600),
         metrics_token: None,
         export_concurrency: 4,
+        extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
         mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use tenantry::db::{pool, ConnectionLimits, PortSource, RequestPool, Retire};
+use tenantry::db::{pool, ConnectionLimits, Connector, RequestPool, Retire};
 use tenantry::routing::{Access, TenantTx};
 
 use crate::helpers::*;
@@ -96,10 +96,9 @@ async fn routed_backend(pool: &RequestPool, user: uuid::Uuid) -> i32 {
 
 fn two_shards(app: &TestApp) -> RequestPool {
     let pool = RequestPool::new(
-        service_url(&app.db_name).parse().unwrap(),
+        &Connector::plain(service_url(&app.db_name).parse().unwrap()),
         8,
         ConnectionLimits::default(),
-        PortSource::Fixed,
         Retire::Exactly,
     )
     .unwrap();
@@ -220,10 +219,9 @@ async fn a_connection_is_replaced_before_it_serves_more_than_its_tenants() {
         ..ConnectionLimits::default()
     };
     let pool = RequestPool::new(
-        service_url(&app.db_name).parse().unwrap(),
+        &Connector::plain(service_url(&app.db_name).parse().unwrap()),
         1,
         limits,
-        PortSource::Fixed,
         Retire::Exactly,
     )
     .unwrap();

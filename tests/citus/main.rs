@@ -134,6 +134,7 @@ impl App {
             maintenance_interval: std::time::Duration::from_secs(3600),
             metrics_token: None,
             export_concurrency: 4,
+            extra_connections: 16,
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),
             mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
@@ -673,9 +674,13 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
     .unwrap();
     let templates = Arc::new(tenantry::templates::TemplateSet::from_dir(&dir).unwrap());
     let config: tokio_postgres::Config = citus.url.parse().unwrap();
-    let run = fleet::prepare(&config, templates, RunOptions::default())
-        .await
-        .expect("plan the run");
+    let run = fleet::prepare(
+        &tenantry::db::Connector::plain(config.clone()),
+        templates,
+        RunOptions::default(),
+    )
+    .await
+    .expect("plan the run");
     let summary = run.execute(&Quiet).await.expect("run");
     assert_eq!(summary.failed, 0, "{summary:?}");
     assert!(summary.succeeded >= 4, "{summary:?}");

@@ -100,8 +100,8 @@ pub async fn plan_only(
 /// ready to execute (in the foreground for the CLI, in a background task for
 /// `POST /admin/fleet/migrations`).
 pub struct PreparedRun {
-    control: Client,
-    config: tokio_postgres::Config,
+    control: db::Connection,
+    connector: db::Connector,
     templates: Arc<TemplateSet>,
     options: RunOptions,
     plan: Plan,
@@ -115,14 +115,14 @@ pub struct PreparedRun {
 /// record the run. Refused (nothing changed) while another run holds the
 /// lock, for a bad target, or for templates that disagree with the database.
 pub async fn prepare(
-    config: &tokio_postgres::Config,
+    connector: &db::Connector,
     templates: Arc<TemplateSet>,
     options: RunOptions,
 ) -> Result<PreparedRun, FleetError> {
     if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
         return Err(FleetError::BadConcurrency);
     }
-    let control = db::connect(config).await?;
+    let control = connector.connect(db::Dedicated::Fleet).await?;
     let locked: bool = control
         .query_one(
             "SELECT pg_try_advisory_lock($1, $2)",
@@ -151,7 +151,7 @@ pub async fn prepare(
         return Err(FleetError::AlreadyRunning(who));
     }
     // From here the lock is ours until `control` is dropped.
-    integrity::verify_and_record(&control, &templates).await?;
+    integrity::verify_and_record(&*control, &templates).await?;
     let citus: bool = control
         .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
         .await?
@@ -195,7 +195,7 @@ pub async fn prepare(
             .await?
             .get(0);
         audit::append(
-            &control,
+            &*control,
             &Entry::new(Action::FleetRunStarted)
                 .actor(options.audit_actor.clone().unwrap_or_else(|| "cli".into()))
                 .detail("run", run_id)
@@ -216,7 +216,7 @@ pub async fn prepare(
     };
     Ok(PreparedRun {
         control,
-        config: config.clone(),
+        connector: connector.clone(),
         templates,
         options,
         plan,
@@ -359,7 +359,7 @@ impl PreparedRun {
             &mut connections[..1],
             first,
             &ctx,
-            &self.config,
+            &self.connector,
             &tally,
             progress,
         )
@@ -372,7 +372,15 @@ impl PreparedRun {
             ));
         }
         if !tally.stopped() {
-            run_batch(&mut connections, rest, &ctx, &self.config, &tally, progress).await;
+            run_batch(
+                &mut connections,
+                rest,
+                &ctx,
+                &self.connector,
+                &tally,
+                progress,
+            )
+            .await;
         }
         drop(connections);
         self.finish(tally, started).await
@@ -448,7 +456,7 @@ impl PreparedRun {
                     ],
                 )
                 .await?;
-            audit::append(&self.control, &finished).await?;
+            audit::append(&*self.control, &finished).await?;
             self.control.batch_execute("COMMIT").await
         }
         .await;
@@ -575,7 +583,7 @@ struct Worker {
 }
 
 struct Connection {
-    client: Client,
+    client: db::Connection,
     claim: Statement,
 }
 
@@ -587,16 +595,13 @@ impl Worker {
         }
     }
 
-    async fn connection(
-        &mut self,
-        config: &tokio_postgres::Config,
-    ) -> Result<&Connection, db::DbError> {
+    async fn connection(&mut self, connector: &db::Connector) -> Result<&Connection, db::DbError> {
         if self
             .connection
             .as_ref()
             .is_none_or(|c| c.client.is_closed())
         {
-            let client = db::connect(config).await?;
+            let client = connector.connect(db::Dedicated::Fleet).await?;
             client.batch_execute(&self.setup).await?;
             let claim = client
                 .prepare_typed(
@@ -618,8 +623,8 @@ impl Worker {
         Ok(self.connection.as_ref().expect("just connected"))
     }
 
-    async fn client(&mut self, config: &tokio_postgres::Config) -> Result<&Client, db::DbError> {
-        Ok(&self.connection(config).await?.client)
+    async fn client(&mut self, connector: &db::Connector) -> Result<&Client, db::DbError> {
+        Ok(&*self.connection(connector).await?.client)
     }
 }
 
@@ -629,7 +634,7 @@ async fn run_batch(
     workers: &mut [Worker],
     tenants: &[PlannedTenant],
     ctx: &TenantContext<'_>,
-    config: &tokio_postgres::Config,
+    connector: &db::Connector,
     tally: &Tally,
     progress: &dyn Progress,
 ) {
@@ -641,7 +646,7 @@ async fn run_batch(
                 let Some(tenant) = tenants.get(next.fetch_add(1, Ordering::SeqCst)) else {
                     break;
                 };
-                match migrate_tenant(worker, tenant, ctx, config).await {
+                match migrate_tenant(worker, tenant, ctx, connector).await {
                     Ok(result) => {
                         tally.record(&result);
                         progress.tenant(&result);
@@ -663,10 +668,10 @@ async fn migrate_tenant(
     worker: &mut Worker,
     tenant: &PlannedTenant,
     ctx: &TenantContext<'_>,
-    config: &tokio_postgres::Config,
+    connector: &db::Connector,
 ) -> Result<TenantResult, db::DbError> {
     let started = Instant::now();
-    let connection = worker.connection(config).await?;
+    let connection = worker.connection(connector).await?;
     let attempt = one_transaction(connection, tenant, ctx).await;
     let (outcome, error) = match attempt {
         Ok(()) => (Outcome::Succeeded, None),
@@ -675,7 +680,7 @@ async fn migrate_tenant(
         Err(Failure::Lost(e)) => {
             // Whether the COMMIT made it is unknown: the registry knows (the
             // registry row moves in the tenant's own transaction).
-            let client = worker.client(config).await?;
+            let client = worker.client(connector).await?;
             let now: Option<i32> = client
                 .query_opt(
                     "SELECT template_version FROM tenantry.tenants WHERE user_id = $1",
@@ -703,7 +708,7 @@ async fn migrate_tenant(
         duration: started.elapsed(),
     };
     if outcome != Outcome::Succeeded {
-        let client = worker.client(config).await?;
+        let client = worker.client(connector).await?;
         record_result(client, ctx.run_id, tenant, &result).await?;
         tracing::warn!(
             outcome = outcome.as_str(),

@@ -1,0 +1,294 @@
+//! The one way Tenantry connects to PostgreSQL ([`Connector`]): the
+//! request pool, fleet runs, exports, `/health`'s spare, the mail sender
+//! and every command get their connections here, so each of them follows
+//! the embedded cluster to its current port, uses the configured TLS
+//! (`postgres_tls`), and counts against one cap on connections outside the pool.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::db::{DbError, PortSource};
+use crate::embedded;
+use crate::postgres_tls::{self as tls, Tls};
+
+/// What a dedicated connection (one outside the request pool) is for. It
+/// names the session (`application_name`) and says how long to wait for a
+/// place under the cap ([`Connector::with_cap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedicated {
+    /// A command's own (bootstrap, a CLI command, a benchmark): uncounted.
+    Command,
+    /// `GET /api/me/export`: waits [`EXPORT_WAIT`], then 503.
+    Export,
+    /// A fleet run's control connection and each of its workers.
+    Fleet,
+    /// `/health`'s spare, asked only when the pool is saturated: never
+    /// waits.
+    Health,
+    /// The mail sender's.
+    Outbox,
+}
+
+/// The `application_name` of the mail sender's session.
+pub const OUTBOX_SESSION: &str = "tenantry outbox";
+
+/// How long an export waits for a place under the cap before its 503.
+pub const EXPORT_WAIT: Duration = Duration::from_secs(2);
+/// How long a fleet worker or the mail sender waits for one.
+pub const BACKGROUND_WAIT: Duration = Duration::from_secs(10);
+/// How long connecting may take (the server, TLS, authentication).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Dedicated {
+    fn application_name(self) -> Option<&'static str> {
+        match self {
+            Dedicated::Command => None,
+            Dedicated::Export => Some("tenantry export"),
+            Dedicated::Fleet => Some("tenantry fleet"),
+            Dedicated::Health => Some("tenantry health"),
+            Dedicated::Outbox => Some(OUTBOX_SESSION),
+        }
+    }
+
+    /// `None`: not counted.
+    fn wait(self) -> Option<Duration> {
+        match self {
+            Dedicated::Command => None,
+            Dedicated::Export => Some(EXPORT_WAIT),
+            Dedicated::Health => Some(Duration::ZERO),
+            Dedicated::Fleet | Dedicated::Outbox => Some(BACKGROUND_WAIT),
+        }
+    }
+}
+
+/// See the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: tokio_postgres::Config,
+    tls: Tls,
+    ports: PortSource,
+    outside: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.inner.tls)
+            .field("cap", &self.inner.cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection outside the pool; its place under the cap is given back
+/// when it is dropped. Derefs to the client.
+pub struct Connection {
+    client: tokio_postgres::Client,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &tokio_postgres::Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Client {
+        &mut self.client
+    }
+}
+
+impl Connection {
+    /// The client itself (its place under the cap is given back now).
+    pub fn into_client(self) -> tokio_postgres::Client {
+        self.client
+    }
+}
+
+/// No cap, until one is set.
+const UNCAPPED: usize = Semaphore::MAX_PERMITS;
+
+impl Connector {
+    /// From a connection string (`DATABASE_URL`): libpq's TLS parameters
+    /// are taken out and applied here.
+    pub fn from_url(url: &str) -> Result<Connector, String> {
+        let (rest, params) = tls::split(url)?;
+        let config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
+        let tls = Tls::new(&params)?;
+        Ok(Connector::new(config, tls, PortSource::Fixed))
+    }
+
+    /// A fixed address without TLS (tests, benchmarks, the embedded
+    /// cluster's socket).
+    pub fn plain(config: tokio_postgres::Config) -> Connector {
+        Connector::new(config, Tls::none(), PortSource::Fixed)
+    }
+
+    /// The embedded cluster, over its Unix socket, wherever it listens now.
+    pub fn embedded(config: tokio_postgres::Config, cluster: embedded::Cluster) -> Connector {
+        Connector::new(config, Tls::none(), PortSource::Cluster(cluster))
+    }
+
+    fn new(mut config: tokio_postgres::Config, tls: Tls, ports: PortSource) -> Connector {
+        let unix_only = config
+            .get_hosts()
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+        // Unix sockets never use TLS (as libpq, which ignores sslmode
+        // there).
+        config.ssl_mode(if unix_only && !config.get_hosts().is_empty() {
+            tokio_postgres::config::SslMode::Disable
+        } else {
+            tls.wire_mode()
+        });
+        Connector {
+            inner: Arc::new(Inner {
+                config,
+                tls,
+                ports,
+                outside: Arc::new(Semaphore::new(UNCAPPED)),
+                cap: UNCAPPED,
+            }),
+        }
+    }
+
+    /// The same, with at most `cap` counted dedicated connections open at
+    /// once (`TENANTRY_EXTRA_CONNECTIONS`).
+    pub fn with_cap(&self, cap: usize) -> Connector {
+        let cap = cap.clamp(1, UNCAPPED);
+        Connector {
+            inner: Arc::new(Inner {
+                config: self.inner.config.clone(),
+                tls: self.inner.tls.clone(),
+                ports: self.inner.ports.clone(),
+                outside: Arc::new(Semaphore::new(cap)),
+                cap,
+            }),
+        }
+    }
+
+    /// The same server with other settings (a Citus session option, a
+    /// user).
+    pub fn with_config(&self, edit: impl FnOnce(&mut tokio_postgres::Config)) -> Connector {
+        let mut config = self.inner.config.clone();
+        edit(&mut config);
+        Connector {
+            inner: Arc::new(Inner {
+                config,
+                tls: self.inner.tls.clone(),
+                ports: self.inner.ports.clone(),
+                outside: self.inner.outside.clone(),
+                cap: self.inner.cap,
+            }),
+        }
+    }
+
+    /// The configuration as given (the embedded cluster's port as at
+    /// start).
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.inner.config
+    }
+
+    /// The TLS every connection uses (also for cancel requests).
+    pub fn tls(&self) -> &Tls {
+        &self.inner.tls
+    }
+
+    /// The counted dedicated connections allowed at once.
+    pub fn cap(&self) -> usize {
+        self.inner.cap
+    }
+
+    /// Where a new connection goes now: the embedded cluster may have
+    /// restarted on another port (read from its `postmaster.pid`; while it
+    /// is down, the old address fails fast).
+    pub fn current_config(&self, base: &tokio_postgres::Config) -> tokio_postgres::Config {
+        match &self.inner.ports {
+            PortSource::Fixed => base.clone(),
+            PortSource::Cluster(cluster) => {
+                let user = base.get_user().unwrap_or(embedded::SERVICE_ROLE);
+                let dbname = base.get_dbname().unwrap_or(embedded::DATABASE_NAME);
+                let Some(mut config) = cluster.current_config(dbname, user) else {
+                    return base.clone();
+                };
+                if let Some(options) = base.get_options() {
+                    config.options(options);
+                }
+                if let Some(name) = base.get_application_name() {
+                    config.application_name(name);
+                }
+                config
+            }
+        }
+    }
+
+    /// Open one connection with `config` (the pool's way in).
+    pub(crate) async fn open(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let config = self.current_config(config);
+        let (client, connection) = config.connect(self.inner.tls.maker.clone()).await?;
+        let task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed");
+            }
+        });
+        Ok((client, task))
+    }
+
+    /// A connection of its own for `purpose`, outside the pool. Counted
+    /// purposes wait their time for a place under the cap, then get
+    /// [`DbError::Busy`] (a 503 for a request), so that PostgreSQL's own
+    /// limit is never what refuses everyone else.
+    pub async fn connect(&self, purpose: Dedicated) -> Result<Connection, DbError> {
+        let place = match purpose.wait() {
+            None => None,
+            Some(wait) => {
+                let outside = self.inner.outside.clone();
+                let taken = match outside.clone().try_acquire_owned() {
+                    Ok(place) => Ok(place),
+                    Err(_) if wait.is_zero() => Err(()),
+                    Err(_) => match tokio::time::timeout(wait, outside.acquire_owned()).await {
+                        Ok(Ok(place)) => Ok(place),
+                        _ => Err(()),
+                    },
+                };
+                match taken {
+                    Ok(place) => Some(place),
+                    Err(()) => {
+                        crate::metrics::database_error("extra_connections");
+                        return Err(DbError::Busy(self.inner.cap));
+                    }
+                }
+            }
+        };
+        let mut config = self.inner.config.clone();
+        if let Some(name) = purpose.application_name() {
+            config.application_name(name);
+        }
+        let opened = tokio::time::timeout(CONNECT_TIMEOUT, self.open(&config))
+            .await
+            .map_err(|_| {
+                DbError::Connect(format!(
+                    "no connection within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ))
+            })?;
+        let (client, _task) = opened.map_err(|e| DbError::Connect(tls::explain(&e)))?;
+        Ok(Connection {
+            client,
+            _place: place,
+        })
+    }
+}

@@ -1,0 +1,270 @@
+//! The one connector (`db::Connector`): connections outside the pool follow
+//! the embedded cluster to its new port and stay under their cap.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tenantry::configuration::DatabaseTarget;
+
+use crate::helpers::*;
+
+async fn login(app: &TestApp, name: &str) -> String {
+    let response = app
+        .post_json(
+            "/api/auth/login",
+            &json!({"username": name, "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(response.status(), 200, "login {name}");
+    json(response).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The embedded cluster's port now (`<data dir>/port`).
+fn cluster_port(dir: &std::path::Path) -> u16 {
+    std::fs::read_to_string(dir.join("port"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// `db stop` and `db start` under a running service, the old port held by
+/// someone else meanwhile: the cluster comes back on another port. Export,
+/// an HTTP-started fleet run and `/health` work afterwards, without a
+/// restart of the service.
+#[tokio::test]
+async fn exports_fleet_runs_and_health_follow_the_embedded_cluster_to_its_new_port() {
+    let dir = temp_dir("tenantry-new-port");
+    spawn_reaper(&dir);
+    let added = latest_version() + 1;
+    let templates = builtin_templates_with(&[(
+        &format!("V{added}__note.sql"),
+        "ALTER TABLE experiences ADD COLUMN note text;\n",
+    )]);
+    let env = vec![
+        ("TENANTRY_DATA_DIR", dir.display().to_string()),
+        ("TENANTRY_TEMPLATES_DIR", templates.display().to_string()),
+        ("JWT_SECRET", JWT_SECRET.to_string()),
+    ];
+    let embedded = |templates_dir: Option<std::path::PathBuf>| {
+        let mut settings = test_settings("embedded");
+        settings.database = DatabaseTarget::Embedded;
+        settings.data_dir = dir.clone();
+        settings.audit_anchor_file = dir.join("audit-anchors");
+        settings.templates_dir = templates_dir;
+        settings
+    };
+    // A tenant at the built-in templates, then the service with a version
+    // more (what an upgrade looks like).
+    let before = spawn_app_on(embedded(None), "embedded".into()).await;
+    let token = before.token("nora").await;
+    let created = before
+        .call(Method::POST, "/api/experiences", &token)
+        .json(&json!({"title": "Pilot", "organization": "Air", "started_on": "2019-03-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let app = spawn_app_on(embedded(Some(templates)), "embedded".into()).await;
+    let out = tenantry(
+        &["admin", "create", "port_ops", "--email", "ops@example.com"],
+        &env,
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let admin = login(&app, "port_ops").await;
+
+    let old_port = cluster_port(&dir);
+    let stop = tenantry(&["db", "stop"], &env, None).await;
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    let held = std::net::TcpListener::bind(("127.0.0.1", old_port)).unwrap();
+    let start = tenantry(&["db", "start"], &env, None).await;
+    assert!(start.status.success(), "{}", stderr(&start));
+    drop(held);
+    let new_port = cluster_port(&dir);
+    assert_ne!(new_port, old_port);
+
+    until("/health is up again", || async {
+        app.get("/health").await.status() == 200
+    })
+    .await;
+    let export = app
+        .call(Method::GET, "/api/me/export", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    assert!(export.text().await.unwrap().contains("Pilot"));
+
+    let started = app
+        .call(Method::POST, "/admin/fleet/migrations", &admin)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let run_id = json(started).await["run_id"].as_i64().unwrap();
+    let follow = || async {
+        json(
+            app.call(
+                Method::GET,
+                &format!("/admin/fleet/migrations/{run_id}"),
+                &admin,
+            )
+            .send()
+            .await
+            .unwrap(),
+        )
+        .await
+    };
+    until("the fleet run ends", || async {
+        follow().await["status"] != "running"
+    })
+    .await;
+    let report = follow().await;
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["succeeded"], 1, "{report}");
+
+    let stop = tenantry(&["db", "stop"], &env, None).await;
+    assert!(stop.status.success(), "{}", stderr(&stop));
+}
+
+/// 150 exports at once from one user, and 30 from as many others, on a
+/// service role PostgreSQL allows 40 connections: the exports past the
+/// budget get 429/503 with their reasons, everyone else's requests go on,
+/// and PostgreSQL never refuses a connection.
+#[tokio::test]
+async fn a_storm_of_exports_never_runs_postgres_out_of_connections() {
+    let db = create_database().await;
+    connect(&db)
+        .await
+        .batch_execute(&format!(
+            "ALTER ROLE {} CONNECTION LIMIT 40",
+            service_role(&db)
+        ))
+        .await
+        .unwrap();
+    // 20 pooled + 16 outside the pool (the default for 4 exports) < 40.
+    let app = spawn_app_on(test_settings(&db), db.clone()).await;
+    let storm = app.token("storm").await;
+    let mut others = Vec::new();
+    for i in 0..30 {
+        others.push(app.token(&format!("calm{i}")).await);
+    }
+    let api = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let export = |token: String| {
+        let api = api.clone();
+        let url = format!("{}/api/me/export", app.address);
+        async move {
+            let response = api.get(url).bearer_auth(token).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap();
+            let code = match status {
+                200 => String::new(),
+                _ => serde_json::from_str::<Value>(&body).unwrap()["error"]["code"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            };
+            (status, code)
+        }
+    };
+    let exports = (0..150)
+        .map(|_| storm.clone())
+        .chain(others.iter().cloned())
+        .map(export);
+    // Meanwhile, every other user reads their data.
+    let reads = others.iter().map(|token| {
+        let api = api.clone();
+        let url = format!("{}/api/experiences", app.address);
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..3 {
+                let response = api.get(&url).bearer_auth(token).send().await.unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        }
+    });
+    let (exported, read) = tokio::join!(
+        futures::future::join_all(exports),
+        futures::future::join_all(reads)
+    );
+    assert!(read.iter().flatten().all(|s| *s == 200), "{read:?}");
+    let mut seen = std::collections::BTreeMap::new();
+    for (status, code) in &exported {
+        *seen.entry((*status, code.clone())).or_insert(0) += 1;
+    }
+    for (status, code) in seen.keys() {
+        assert!(
+            matches!(
+                (*status, code.as_str()),
+                (200, "") | (429, "export_in_progress") | (503, "exports_busy")
+            ),
+            "{seen:?}"
+        );
+    }
+    assert!(seen.get(&(200, String::new())).is_some_and(|n| *n >= 1));
+    // What PostgreSQL saw: no connection refused for the role's limit.
+    let log = std::fs::read_to_string(CLUSTER.cluster.log_file()).unwrap();
+    assert!(
+        !log.contains(&format!(
+            "too many connections for role \"{}\"",
+            service_role(&db)
+        )),
+        "PostgreSQL refused connections"
+    );
+    // And the service still serves exports.
+    until("an export goes through again", || async {
+        export(storm.clone()).await.0 == 200
+    })
+    .await;
+}
+
+/// A fleet run over HTTP that would need more connections than are left
+/// outside the pool is refused up front, with the numbers.
+#[tokio::test]
+async fn a_fleet_run_over_http_fits_in_the_connections_outside_the_pool() {
+    let app = spawn_app_with(|s| s.extra_connections = 10).await;
+    let out = tenantry(
+        &["admin", "create", "cap_ops", "--email", "ops@example.com"],
+        &cli_env(&app.db_name),
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let admin = login(&app, "cap_ops").await;
+    // 10 - 4 exports - the mail sender - /health: 4 left, a run of 3
+    // workers and its control.
+    let refused = app
+        .call(Method::POST, "/admin/fleet/migrations", &admin)
+        .json(&json!({"concurrency": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let body = json(refused).await;
+    assert_eq!(body["error"]["code"], "invalid_concurrency");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("TENANTRY_EXTRA_CONNECTIONS"),
+        "{body}"
+    );
+    let fits = app
+        .call(Method::POST, "/admin/fleet/migrations", &admin)
+        .json(&json!({"concurrency": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fits.status(), 202);
+}
