@@ -176,7 +176,7 @@ pub(crate) async fn erase_tenant(
         (status = 404, description = "The caller has no tenant (a staff account)", body = crate::api::openapi::ErrorBody),
         (status = 429, description = "An export of the caller's is still running (`export_in_progress`)", body = crate::api::openapi::ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "As many exports as the service runs at once are running (`exports_busy`), the tenant is being erased or migrated (`tenant_busy`), or the database is unavailable", body = crate::api::openapi::ErrorBody,
+        (status = 503, description = "As many exports as the service runs at once are running (`exports_busy`), every connection outside the pool is in use (`connections_busy`), the tenant is being erased or migrated (`tenant_busy`), or the database is unavailable", body = crate::api::openapi::ErrorBody,
          headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]

@@ -268,3 +268,40 @@ async fn a_fleet_run_over_http_fits_in_the_connections_outside_the_pool() {
         .unwrap();
     assert_eq!(fits.status(), 202);
 }
+
+/// The cap itself: counted connections past it are refused (at once for
+/// `/health`'s spare, after a short wait for an export) with a message that
+/// names the setting; a place given back is taken again; a command's own
+/// connection is not counted.
+#[tokio::test]
+async fn connections_outside_the_pool_stop_at_their_cap() {
+    let db = create_database().await;
+    let connector = tenantry::db::Connector::plain(service_url(&db).parse().unwrap()).with_cap(2);
+    use tenantry::db::{DbError, Dedicated};
+    let first = connector.connect(Dedicated::Export).await.unwrap();
+    let _second = connector.connect(Dedicated::Fleet).await.unwrap();
+    let health = connector.connect(Dedicated::Health).await;
+    assert!(matches!(health, Err(DbError::Busy(2))));
+    let export = connector.connect(Dedicated::Export).await.err().unwrap();
+    assert!(
+        export.to_string().contains("TENANTRY_EXTRA_CONNECTIONS"),
+        "{export}"
+    );
+    let command = connector.connect(Dedicated::Command).await.unwrap();
+    let names: Vec<String> = command
+        .query(
+            "SELECT application_name FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["tenantry export", "tenantry fleet"]);
+    drop(first);
+    let again = connector.connect(Dedicated::Health).await;
+    assert!(again.is_ok());
+}

@@ -6,6 +6,7 @@ mod accounts;
 mod audit;
 mod cli;
 mod connections;
+mod deploy;
 mod embedded;
 mod faults;
 mod fleet;
