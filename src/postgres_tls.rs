@@ -378,9 +378,24 @@ impl ServerCertVerifier for ChainOnly {
 
 /// `prefer` and `require` without a root certificate: encrypted, the
 /// server unauthenticated (libpq's meaning of those modes). The handshake's
-/// signatures are still checked.
+/// signature is checked when the certificate can be read, but a certificate
+/// rustls cannot (an X.509 v1 one, like the self-signed certificate Citus
+/// makes when it turns `ssl` on) is accepted as libpq accepts it: with no
+/// certificate checked, its signature proves nothing about the server.
 #[derive(Debug)]
 struct Unverified(Arc<CryptoProvider>);
+
+/// The signature's check, unless it failed only for the certificate's form.
+fn unless_unreadable(
+    checked: Result<HandshakeSignatureValid, rustls::Error>,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    match checked {
+        Err(rustls::Error::InvalidCertificate(
+            CertificateError::BadEncoding | CertificateError::Other(_),
+        )) => Ok(HandshakeSignatureValid::assertion()),
+        other => other,
+    }
+}
 
 impl ServerCertVerifier for Unverified {
     fn verify_server_cert(
@@ -400,12 +415,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
+        unless_unreadable(rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
             &self.0.signature_verification_algorithms,
-        )
+        ))
     }
 
     fn verify_tls13_signature(
@@ -414,12 +429,12 @@ impl ServerCertVerifier for Unverified {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
+        unless_unreadable(rustls::crypto::verify_tls13_signature(
             message,
             cert,
             dss,
             &self.0.signature_verification_algorithms,
-        )
+        ))
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
