@@ -771,6 +771,32 @@ mod tests {
     }
 
     #[test]
+    fn a_client_program_is_found_without_the_server_beside_it() {
+        let root = std::env::temp_dir().join(format!("tenantry-tool-{}", std::process::id()));
+        let client_only = root.join("client");
+        fs::create_dir_all(&client_only).unwrap();
+        fs::write(client_only.join("pg_dump"), "").unwrap();
+        fake_bindir(&root.join("lib/15/bin"));
+        fs::write(root.join("lib/15/bin/pg_restore"), "").unwrap();
+        let path = Some(client_only.clone().into_os_string());
+        let versions = root.join("lib");
+        assert_eq!(
+            find_dir_with(path.clone(), &versions, &["pg_dump"]),
+            Some(client_only.clone())
+        );
+        // Not where only a client is: the server's programs are looked for.
+        assert_eq!(
+            find_bindir_in(path.clone(), &versions),
+            Some(root.join("lib/15/bin"))
+        );
+        assert_eq!(
+            find_dir_with(path, &versions, &["pg_restore"]),
+            Some(root.join("lib/15/bin"))
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn socket_paths_are_percent_encoded_for_urls() {
         assert_eq!(percent_encode("/tmp/a b/run"), "%2Ftmp%2Fa%20b%2Frun");
     }

@@ -118,16 +118,17 @@ pub fn libpq_conninfo(
     Ok(env)
 }
 
-/// The lock table's size, as PostgreSQL sizes it: what one transaction
-/// (`pg_dump`'s, `pg_restore --single-transaction`'s) can hold at most,
-/// less what other sessions hold.
-pub const LOCK_TABLE_SIZE: &str = "
-SELECT current_setting('max_locks_per_transaction')::int8
-     * (current_setting('max_connections')::int8
-        + current_setting('max_prepared_transactions')::int8
-        + current_setting('autovacuum_max_workers')::int8 + 1
-        + current_setting('max_worker_processes')::int8
-        + current_setting('max_wal_senders')::int8)";
+/// What sizes the server's lock table, which one transaction (`pg_dump`'s,
+/// the restore's) can fill at most: `max_locks_per_transaction`, and the
+/// slots it is multiplied by (connections, prepared transactions and
+/// background processes).
+pub const LOCK_TABLE: &str = "
+SELECT current_setting('max_locks_per_transaction')::int8,
+       current_setting('max_connections')::int8
+       + current_setting('max_prepared_transactions')::int8
+       + current_setting('autovacuum_max_workers')::int8 + 1
+       + current_setting('max_worker_processes')::int8
+       + current_setting('max_wal_senders')::int8";
 
 /// A client program with nothing inherited that could make it connect
 /// elsewhere than Tenantry does: every `PG*` variable is removed, and
