@@ -650,26 +650,47 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// The programs of a server installation.
+const SERVER_TOOLS: [&str; 3] = ["pg_ctl", "initdb", "postgres"];
+
 /// Where the server binaries are: PATH, then `pg_config --bindir`, then the
 /// newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bindir() -> Option<PathBuf> {
     find_bindir_in(std::env::var_os("PATH"), Path::new("/usr/lib/postgresql"))
 }
 
+/// A PostgreSQL client program (`pg_dump`, `pg_restore`), looked for where
+/// [`find_bindir`] looks for the server's: a machine with only the client
+/// package installed has no server binaries beside it.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    find_dir_with(
+        std::env::var_os("PATH"),
+        Path::new("/usr/lib/postgresql"),
+        &[name],
+    )
+    .map(|dir| dir.join(name))
+}
+
 fn find_bindir_in(path: Option<std::ffi::OsString>, versions_root: &Path) -> Option<PathBuf> {
-    let has_tools = |dir: &Path| {
-        ["pg_ctl", "initdb", "postgres"]
-            .iter()
-            .all(|b| dir.join(b).is_file())
-    };
+    find_dir_with(path, versions_root, &SERVER_TOOLS)
+}
+
+/// The first directory holding all of `tools` (the first of them decides
+/// which entries of PATH are looked at).
+fn find_dir_with(
+    path: Option<std::ffi::OsString>,
+    versions_root: &Path,
+    tools: &[&str],
+) -> Option<PathBuf> {
+    let has_tools = |dir: &Path| tools.iter().all(|b| dir.join(b).is_file());
     let dirs: Vec<PathBuf> = path
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     for dir in &dirs {
-        let pg_ctl = dir.join("pg_ctl");
-        if pg_ctl.is_file() {
+        let first = dir.join(tools[0]);
+        if first.is_file() {
             // Follow symlinks (e.g. /usr/local/bin/pg_ctl) to the real bindir.
-            if let Some(real) = pg_ctl
+            if let Some(real) = first
                 .canonicalize()
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -746,6 +767,32 @@ mod tests {
         assert!(ClusterError::NoBinaries
             .to_string()
             .contains("apt-get install postgresql"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_client_program_is_found_without_the_server_beside_it() {
+        let root = std::env::temp_dir().join(format!("tenantry-tool-{}", std::process::id()));
+        let client_only = root.join("client");
+        fs::create_dir_all(&client_only).unwrap();
+        fs::write(client_only.join("pg_dump"), "").unwrap();
+        fake_bindir(&root.join("lib/15/bin"));
+        fs::write(root.join("lib/15/bin/pg_restore"), "").unwrap();
+        let path = Some(client_only.clone().into_os_string());
+        let versions = root.join("lib");
+        assert_eq!(
+            find_dir_with(path.clone(), &versions, &["pg_dump"]),
+            Some(client_only.clone())
+        );
+        // Not where only a client is: the server's programs are looked for.
+        assert_eq!(
+            find_bindir_in(path.clone(), &versions),
+            Some(root.join("lib/15/bin"))
+        );
+        assert_eq!(
+            find_dir_with(path, &versions, &["pg_restore"]),
+            Some(root.join("lib/15/bin"))
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 

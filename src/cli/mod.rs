@@ -14,6 +14,7 @@ use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
 
+mod backup;
 mod fleet;
 mod outbox;
 mod password;
@@ -95,6 +96,16 @@ enum Command {
     Outbox {
         #[command(subcommand)]
         action: outbox::OutboxCommand,
+    },
+    /// Back up the whole installation (its roles, database, audit anchors) into a new directory, as the service role
+    Backup {
+        /// The directory to write: must not exist (its parent must) or be empty
+        dir: std::path::PathBuf,
+    },
+    /// Restore a backup into an empty database: a new embedded data dir, or DATABASE_URL's
+    Restore {
+        /// A directory written by `tenantry backup`
+        dir: std::path::PathBuf,
     },
     /// A Citus cluster's nodes and where the tenants are
     Cluster {
@@ -361,6 +372,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin { action } => admin(settings, action).await,
         Command::Audit { action } => audit_command(settings, action).await,
         Command::Outbox { action } => outbox::run(settings, action).await,
+        Command::Backup { dir } => backup::backup(settings, &dir).await,
+        Command::Restore { dir } => backup::restore(settings, &dir).await,
         Command::Cluster {
             action: ClusterCommand::Status { json },
         } => cluster_status(settings, json).await,

@@ -4,6 +4,7 @@
 mod abuse;
 mod accounts;
 mod audit;
+mod backup;
 mod cli;
 mod connections;
 mod deploy;
