@@ -252,6 +252,7 @@ async fn main() {
             switch_only.rate / raw.rate
         );
     }
+    tls_to_postgres(&bench, &admin, &lua, &wrk, &quick_sql, (n, seconds)).await;
     drop(boot);
     drop(admin);
     if std::env::var_os("TENANTRY_BENCH_KEEP").is_some() {
@@ -263,4 +264,150 @@ async fn main() {
     }
     bench.cluster.stop().unwrap();
     let _ = std::fs::remove_dir_all(&bench.dir);
+}
+
+/// What TLS to PostgreSQL costs: the quick summary again, the service and
+/// pgbench both over TCP to 127.0.0.1, first without TLS, then with
+/// (`sslmode=require`: the encryption is the cost; verifying the
+/// certificate happens once per connection).
+async fn tls_to_postgres(
+    bench: &common::BenchDb,
+    admin: &tokio_postgres::Client,
+    lua: &std::path::Path,
+    wrk: &std::path::Path,
+    quick_sql: &str,
+    (n, seconds): (usize, u64),
+) {
+    use std::os::unix::fs::MetadataExt;
+    // A certificate for the server, owned by its OS user; TCP without
+    // passwords (a private cluster on loopback); ssl on by a reload.
+    let pgdata = bench.cluster.data_dir().join("pgdata");
+    let out = std::process::Command::new("openssl")
+        .current_dir(&pgdata)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let owner = std::fs::metadata(&pgdata).unwrap();
+    for file in ["server.key", "server.crt"] {
+        let path = pgdata.join(file);
+        std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+    let hba = pgdata.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("host all all 127.0.0.1/32 trust\n{rules}")).unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET ssl = on")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+
+    let port = bench.running.port;
+    let work = bench.dir.join("work");
+    let mut runs = Vec::new();
+    for mode in ["disable", "require"] {
+        let url =
+            format!("host=127.0.0.1 port={port} user=routing_svc dbname=routing sslmode={mode}");
+        let data = bench.dir.join(format!("tcp-{mode}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let (address, server) =
+            start_service(&url, SECRET, &data, data.join("audit-anchors")).await;
+        let http = run_wrk(
+            wrk,
+            lua,
+            (&address, "/api/summaries/quick"),
+            CONCURRENCY,
+            seconds,
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=routing"),
+        )
+        .await;
+        server.abort();
+        let pg = PgTarget {
+            bindir: bench.cluster.bindir(),
+            host: "127.0.0.1".into(),
+            port,
+            dbname: "routing",
+        };
+        let session = Session {
+            sslmode: mode,
+            ..Session::PLAIN
+        };
+        let raw = run_pgbench(
+            &pg,
+            &work,
+            quick_sql,
+            n,
+            (CONCURRENCY, seconds),
+            "postgres",
+            &session,
+        )
+        .await;
+        runs.push((mode, http, raw));
+    }
+    for (mode, http, raw) in &runs {
+        let over = if *mode == "disable" {
+            "TCP"
+        } else {
+            "TCP + TLS"
+        };
+        for (who, run) in [("service (HTTP)", http), ("pgbench qualified", raw)] {
+            println!(
+                "{:<44} {:>10.0} {:>9.2} {:>9.2} {:>13.1}",
+                format!("quick summary over {over}: {who}"),
+                run.rate,
+                run.p50_ms,
+                run.p99_ms,
+                run.backend_mb
+            );
+        }
+    }
+    let [(_, plain_http, plain_raw), (_, tls_http, tls_raw)] = &runs[..] else {
+        unreachable!("two runs")
+    };
+    println!(
+        "{:<44} {:>10.2}× of pgbench over TLS; TLS keeps {:.2}× of the service's rate, {:.2}× of pgbench's\n",
+        "quick summary over TLS: service ratio",
+        tls_http.rate / tls_raw.rate,
+        tls_http.rate / plain_http.rate,
+        tls_raw.rate / plain_raw.rate
+    );
+    common::record(
+        "routing",
+        "quick summary over TLS: throughput",
+        "req/s",
+        common::Better::Higher,
+        tls_http.rate,
+        ("pgbench qualified over TLS", tls_raw.rate),
+    );
 }

@@ -187,6 +187,7 @@ fn key_values(text: &str) -> Result<Vec<(String, String)>, String> {
 pub struct Tls {
     pub(crate) maker: tokio_postgres_rustls::MakeRustlsConnect,
     pub(crate) mode: SslMode,
+    params: SslParams,
 }
 
 impl std::fmt::Debug for Tls {
@@ -281,7 +282,14 @@ impl Tls {
         Ok(Tls {
             maker: tokio_postgres_rustls::MakeRustlsConnect::new(config),
             mode: params.mode,
+            params: params.clone(),
         })
+    }
+
+    /// The parameters it was built from (for libpq's own programs:
+    /// `pg_dump`, `psql`).
+    pub fn params(&self) -> &SslParams {
+        &self.params
     }
 
     /// What tokio-postgres itself is told: it knows no verification, only

@@ -430,6 +430,13 @@ async fn the_whole_service_runs_over_tls() {
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["succeeded"], 1, "{report}");
 
+    // A backup over TLS: pg_dump and psql get the same sslmode and CA
+    // (the server takes nothing else over TCP).
+    let backup = temp_dir("tenantry-tls-backup").join("backup");
+    let out = tenantry(&["backup", backup.to_str().unwrap()], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(backup.join("manifest.json").is_file());
+
     // Export and erasure.
     let export = service
         .call(Method::GET, "/api/me/export", &token)

@@ -20,7 +20,8 @@ pub async fn backup(settings: Settings, dir: &Path) -> Result<(), Failure> {
     let mut client = target.connect().await?;
     check_source(&client, &target).await?;
     let pg_dump = tools::find("pg_dump", super::server_bindir(&target))?;
-    let env = tools::libpq_conninfo(&target.config, "tenantry backup").map_err(Failure::Usage)?;
+    let env =
+        tools::libpq_conninfo(&target.connector, "tenantry backup").map_err(Failure::Usage)?;
 
     // The anchor file before the snapshot: every anchor in the copy then
     // names an entry the dump holds (`serve` anchors the chain's committed

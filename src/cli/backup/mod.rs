@@ -112,7 +112,7 @@ fn where_(target: &Target) -> String {
         ),
         None => format!(
             "database {} (DATABASE_URL)",
-            target.config.get_dbname().unwrap_or("?")
+            target.connector.config().get_dbname().unwrap_or("?")
         ),
     }
 }

@@ -46,7 +46,7 @@ pub async fn restore(settings: Settings, dir: &Path) -> Result<(), Failure> {
     let existing = roles::existing(&client, &plan).await?;
     check_other_roles(&client, &m.other_roles).await?;
     let programs = Programs::find(&target, &backup).await?;
-    super::warn_about_locks(&client, m.relations + plan.len() as i64, "the restore").await?;
+    super::warn_about_locks(&*client, m.relations + plan.len() as i64, "the restore").await?;
 
     eprintln!(
         "restore: making {}{} and restoring the database, in one transaction, with {} and {}",
@@ -136,7 +136,7 @@ impl Programs {
         let programs = Programs {
             pg_restore: tools::find("pg_restore", bindir)?,
             psql: tools::find("psql", bindir)?,
-            env: tools::libpq_conninfo(&target.config, "tenantry restore")
+            env: tools::libpq_conninfo(&target.connector, "tenantry restore")
                 .map_err(Failure::Usage)?,
         };
         let contents = tools::list(&programs.pg_restore, &backup.dir.join(files::DUMP)).await?;

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, SslMode, TargetSessionAttrs};
+use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
 
 use crate::cli::Failure;
 
@@ -48,9 +48,12 @@ pub fn find(name: &str, server_bindir: Option<&Path>) -> Result<PathBuf, Failure
 /// libpq expands a connection string given as `--dbname`, never one in
 /// `PGDATABASE`.
 pub fn libpq_conninfo(
-    config: &tokio_postgres::Config,
+    connector: &crate::db::Connector,
     application: &str,
 ) -> Result<Vec<(&'static str, OsString)>, String> {
+    // Where the embedded cluster listens now; TLS as every connection.
+    let config = &connector.current_config(connector.config());
+    let ssl = connector.tls().params();
     let mut env: Vec<(&'static str, OsString)> = Vec::new();
     let join = |parts: Vec<String>| OsString::from(parts.join(","));
     if !config.get_hosts().is_empty() {
@@ -88,13 +91,28 @@ pub fn libpq_conninfo(
         env.push(("PGOPTIONS", options.into()));
     }
     env.push(("PGAPPNAME", application.into()));
-    let sslmode = match config.get_ssl_mode() {
-        SslMode::Disable => "disable",
-        SslMode::Prefer => "prefer",
-        SslMode::Require => "require",
-        other => return Err(format!("unsupported sslmode {other:?}")),
-    };
-    env.push(("PGSSLMODE", sslmode.into()));
+    env.push(("PGSSLMODE", ssl.mode.as_str().into()));
+    match ssl.rootcert.as_deref() {
+        // libpq knows `system` from PostgreSQL 16 on; older client programs
+        // get the platform's bundle by its path.
+        Some("system") => env.push((
+            "PGSSLROOTCERT",
+            SYSTEM_BUNDLES
+                .iter()
+                .find(|p| Path::new(p).is_file())
+                .copied()
+                .unwrap_or("system")
+                .into(),
+        )),
+        Some(file) => env.push(("PGSSLROOTCERT", file.into())),
+        None => {}
+    }
+    if let Some(cert) = &ssl.cert {
+        env.push(("PGSSLCERT", cert.into()));
+    }
+    if let Some(key) = &ssl.key {
+        env.push(("PGSSLKEY", key.into()));
+    }
     if let Some(timeout) = config.get_connect_timeout() {
         // libpq counts whole seconds (and takes less than 2 as 2).
         env.push((
@@ -117,6 +135,14 @@ pub fn libpq_conninfo(
     }
     Ok(env)
 }
+
+/// Where the platform keeps its CA bundle (Debian/Ubuntu, Fedora/RHEL,
+/// Alpine/openSUSE).
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+];
 
 /// What sizes the server's lock table, which one transaction (`pg_dump`'s,
 /// the restore's) can fill at most: `max_locks_per_transaction`, and the
@@ -407,8 +433,8 @@ mod tests {
     use super::*;
 
     fn env_of(config: &str) -> Vec<(&'static str, String)> {
-        let config: tokio_postgres::Config = config.parse().unwrap();
-        libpq_conninfo(&config, "tenantry backup")
+        let connector = crate::db::Connector::from_url(config).unwrap();
+        libpq_conninfo(&connector, "tenantry backup")
             .unwrap()
             .into_iter()
             .map(|(k, v)| (k, v.into_string().unwrap()))
@@ -432,6 +458,26 @@ mod tests {
         assert_eq!(get(&env, "PGSSLMODE"), Some("require"));
         assert_eq!(get(&env, "PGCONNECT_TIMEOUT"), Some("7"));
         assert_eq!(get(&env, "PGAPPNAME"), Some("tenantry backup"));
+    }
+
+    #[test]
+    fn the_tls_files_go_to_libpq_as_given() {
+        // (With sslmode=disable the files are not read here.)
+        let env = env_of(
+            "host=db.example.com user=svc dbname=x sslmode=disable sslrootcert=/r/ca.pem sslcert=/k/c.pem sslkey=/k/k.pem",
+        );
+        assert_eq!(get(&env, "PGSSLMODE"), Some("disable"));
+        assert_eq!(get(&env, "PGSSLROOTCERT"), Some("/r/ca.pem"));
+        assert_eq!(get(&env, "PGSSLCERT"), Some("/k/c.pem"));
+        assert_eq!(get(&env, "PGSSLKEY"), Some("/k/k.pem"));
+        let env =
+            env_of("host=db.example.com user=svc dbname=x sslmode=verify-full sslrootcert=system");
+        assert_eq!(get(&env, "PGSSLMODE"), Some("verify-full"));
+        let bundle = get(&env, "PGSSLROOTCERT").unwrap();
+        assert!(
+            bundle == "system" || Path::new(bundle).is_file(),
+            "{bundle}"
+        );
     }
 
     #[test]
