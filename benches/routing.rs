@@ -252,7 +252,7 @@ async fn main() {
             switch_only.rate / raw.rate
         );
     }
-    tls_to_postgres(&bench, &admin, &lua, &wrk, &quick_sql, (n, seconds)).await;
+    tls_to_postgres(&bench, &admin, &lua, &wrk, quick_sql, (n, seconds)).await;
     drop(boot);
     drop(admin);
     if std::env::var_os("TENANTRY_BENCH_KEEP").is_some() {
