@@ -98,10 +98,16 @@ pub struct Application {
     server: Server,
     target: Target,
     fleet_runs: FleetRuns,
+    /// The mail sender, stopped after the requests.
+    mail: crate::mail::delivery::Delivering,
 }
 
 /// How long requests in flight get to finish after SIGTERM/SIGINT.
 pub const DRAIN_SECONDS: u64 = 30;
+
+/// How long the mail sender gets to finish a send and give back its
+/// claims after the requests have drained.
+pub const MAIL_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Application {
     /// Bind (port 0 picks a free one, as the tests do) and build the server.
@@ -132,11 +138,12 @@ impl Application {
 
         let target = Target::resolve(&settings).await?;
         match Self::serve_on(&settings, target.clone(), templates, listener, tls).await {
-            Ok((server, fleet_runs)) => Ok(Application {
+            Ok((server, fleet_runs, mail)) => Ok(Application {
                 port,
                 server,
                 target,
                 fleet_runs,
+                mail,
             }),
             Err(e) => {
                 if let Some((cluster, running)) = target.embedded {
@@ -155,7 +162,7 @@ impl Application {
         templates: Arc<TemplateSet>,
         listener: TcpListener,
         tls: Option<crate::transport::Tls>,
-    ) -> Result<(Server, FleetRuns), StartupError> {
+    ) -> Result<(Server, FleetRuns, crate::mail::delivery::Delivering), StartupError> {
         let connector = target.connector.with_cap(settings.extra_connections);
         let context = Context::on(target, templates, settings.pool_size).await?;
         // Never provision with templates that disagree with what this
@@ -199,7 +206,7 @@ impl Application {
         let fleet_runs = state.fleet_runs.clone();
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
             .map_err(StartupError::Mail)?;
-        crate::mail::delivery::Outbox::new(
+        let mail = crate::mail::delivery::Outbox::new(
             state.connector.clone(),
             &settings.mail,
             sender,
@@ -234,7 +241,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(middleware::observe))
         })
         .map_err(|source| StartupError::Bind { addr, source })?;
-        Ok((server, fleet_runs))
+        Ok((server, fleet_runs, mail))
     }
 
     pub fn port(&self) -> u16 {
@@ -265,6 +272,10 @@ impl Application {
         });
         let served = self.server.await;
         tracing::info!("stopped serving");
+        // After the requests (which may still have written mail): the mail
+        // being sent goes out, what was claimed and not sent is given back
+        // for the next process at once.
+        self.mail.stop(MAIL_STOP).await;
         served
     }
 }

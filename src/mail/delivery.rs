@@ -6,6 +6,7 @@
 //! LOCKED`, so two processes claim disjoint rows.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use lettre::message::header::ContentType;
@@ -335,6 +336,39 @@ pub fn backoff(base: Duration, attempts: u32, jitter: f64) -> Duration {
     doubled.min(MAX_BACKOFF).mul_f64(jitter.clamp(0.5, 1.5))
 }
 
+/// Give back the claims of a sender that stops ($1: its `claimed_by`).
+const RELEASE: &str = "
+UPDATE tenantry.outbox SET claimed_by = NULL, claimed_until = NULL
+ WHERE claimed_by = $1 AND delivered_at IS NULL";
+
+/// A running sender ([`Outbox::spawn`]).
+pub struct Delivering {
+    stop: Arc<Stop>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Stop {
+    flag: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Delivering {
+    /// Stop after the mail being sent (if any), give back what was claimed
+    /// and not sent, and wait for that, at most `within`.
+    pub async fn stop(self, within: Duration) {
+        self.stop
+            .flag
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stop.notify.notify_one();
+        if tokio::time::timeout(within, self.task).await.is_err() {
+            tracing::warn!(
+                "mail delivery did not stop in time; its claims run out in {CLAIM_SECONDS} s"
+            );
+        }
+    }
+}
+
 /// The `application_name` of the sender's session.
 pub const OUTBOX_SESSION: &str = crate::db::OUTBOX_SESSION;
 
@@ -351,6 +385,8 @@ pub struct Outbox {
     me: String,
     /// The installation, in Message-IDs.
     installation: String,
+    /// Set by [`Delivering::stop`].
+    stop: Arc<Stop>,
 }
 
 impl Outbox {
@@ -373,17 +409,21 @@ impl Outbox {
             backoff: settings.backoff,
             me: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4()),
             installation: installation.to_owned(),
+            stop: Arc::default(),
         })
     }
 
     /// Deliver until the runtime ends: whatever is due, then wait to be
-    /// woken (a commit in this process) or for the next poll.
-    pub fn spawn(self, letters: &Letters) {
+    /// woken (a commit in this process) or for the next poll, until
+    /// [`Delivering::stop`].
+    pub fn spawn(self, letters: &Letters) -> Delivering {
         let woken = letters.woken();
         tracing::info!("mail is delivered {}", self.sender.describe());
+        let stop = Arc::new(Stop::default());
         let mut me = self;
-        tokio::spawn(async move {
-            loop {
+        me.stop = stop.clone();
+        let task = tokio::spawn(async move {
+            while !me.stopping() {
                 let busy = match me.deliver_due().await {
                     Ok(n) => n as i64 == BATCH,
                     Err(e) => {
@@ -392,11 +432,41 @@ impl Outbox {
                         false
                     }
                 };
-                if !busy {
-                    let _ = tokio::time::timeout(POLL, woken.notified()).await;
+                if !busy && !me.stopping() {
+                    tokio::select! {
+                        _ = tokio::time::timeout(POLL, woken.notified()) => {}
+                        _ = me.stop.notify.notified() => {}
+                    }
                 }
             }
+            me.release().await;
         });
+        Delivering { stop, task }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Give back what this process claimed and did not send (a stop
+    /// between a claim and its sends), for another process now rather than
+    /// when the claim runs out.
+    async fn release(&mut self) {
+        let me = self.me.clone();
+        let released = match self.client().await {
+            Ok(client) => client
+                .execute(RELEASE, &[&me])
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match released {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(mails = n, "mail delivery stopped; unsent mails released"),
+            Err(e) => {
+                tracing::warn!(error = %e, "mail delivery stopped; its claims run out in {CLAIM_SECONDS} s")
+            }
+        }
     }
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
@@ -436,6 +506,10 @@ impl Outbox {
             .collect();
         let n = claimed.len();
         for row in claimed {
+            if self.stopping() {
+                // Released by the stop (`release`).
+                break;
+            }
             // The claim is renewed before each send, so a slow batch never
             // outlives it: a row whose claim was lost is someone else's.
             let renewed = self

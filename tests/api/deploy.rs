@@ -77,7 +77,10 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
     // is not restarted.
     assert_eq!(values(&service, "KillSignal"), ["SIGTERM"]);
     let stop: u64 = values(&service, "TimeoutStopSec")[0].parse().unwrap();
-    assert!(stop > tenantry::startup::DRAIN_SECONDS, "{stop}");
+    assert!(
+        stop > tenantry::startup::DRAIN_SECONDS + tenantry::startup::MAIL_STOP.as_secs(),
+        "{stop}"
+    );
     assert_eq!(values(&service, "RestartPreventExitStatus"), ["2"]);
 
     // The environment serve gets: the unit's, the env file's, the
