@@ -133,6 +133,10 @@ impl Limits {
 pub enum SettingsError {
     #[error("{name} is invalid: {reason}")]
     Invalid { name: &'static str, reason: String },
+    /// Well-formed, but naming something that cannot be used (a file that
+    /// cannot be read).
+    #[error("{name}: {reason}")]
+    Unusable { name: &'static str, reason: String },
     #[error("JWT_SECRET is required when DATABASE_URL is set (at least 32 bytes; or JWT_SECRET_FILE naming a file that holds it)")]
     MissingJwtSecret,
 }
@@ -161,7 +165,10 @@ impl Settings {
                 let (rest, ssl) = crate::postgres_tls::split(&url).map_err(invalid)?;
                 rest.parse::<tokio_postgres::Config>()
                     .map_err(|e| invalid(e.to_string()))?;
-                crate::postgres_tls::Tls::new(&ssl).map_err(invalid)?;
+                crate::postgres_tls::Tls::new(&ssl).map_err(|reason| SettingsError::Unusable {
+                    name: "DATABASE_URL",
+                    reason,
+                })?;
                 DatabaseTarget::Url(SecretString(url))
             }
             None => DatabaseTarget::Embedded,

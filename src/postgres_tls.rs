@@ -265,6 +265,8 @@ impl Tls {
         let config = match (cert, key) {
             (Some(cert), Some(key)) if params.mode != SslMode::Disable => {
                 use rustls::pki_types::pem::PemObject;
+                readable(&cert, "sslcert")?;
+                readable(&key, "sslkey")?;
                 let chain = CertificateDer::pem_file_iter(&cert)
                     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| format!("cannot read sslcert {}: {e}", cert.display()))?;
@@ -303,8 +305,21 @@ impl Tls {
     }
 }
 
+/// Can `file` be opened? If not, why, in words that say what to fix.
+fn readable(file: &Path, what: &str) -> Result<(), String> {
+    match std::fs::File::open(file) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
+            "cannot read {what} {}: permission denied for the user this runs as (the service's user must be able to read it and every directory above it)",
+            file.display()
+        )),
+        Err(e) => Err(format!("cannot read {what} {}: {e}", file.display())),
+    }
+}
+
 fn roots_from(file: &Path) -> Result<RootCertStore, String> {
     use rustls::pki_types::pem::PemObject;
+    readable(file, "sslrootcert")?;
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(file)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())

@@ -35,6 +35,21 @@ fn values<'a>(lines: &'a [(String, String)], key: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// Who `serve` runs as: the postgres OS user when the tests run as root
+/// (an unprivileged service user, as the unit's `User=`), else the tests'
+/// own user.
+fn service_user() -> (u32, u32) {
+    let me = nix::unistd::Uid::effective();
+    if me.is_root() {
+        let user = nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("the postgres OS user (the embedded cluster runs as it under root)");
+        (user.uid.as_raw(), user.gid.as_raw())
+    } else {
+        (me.as_raw(), nix::unistd::Gid::effective().as_raw())
+    }
+}
+
 /// The variables `tenantry --help` names.
 async fn documented_variables() -> String {
     let help = tenantry(&["--help"], &[], None).await;
@@ -84,16 +99,41 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
     assert_eq!(values(&service, "RestartPreventExitStatus"), ["2"]);
 
     // The environment serve gets: the unit's, the env file's, the
-    // credentials under %d.
+    // credentials under %d; as an unprivileged user when the tests run as
+    // root (the unit's User=; here the postgres OS user), with
+    // /etc/tenantry as README's step 3 makes it: 0750, group of the
+    // service's user, the CA of a TLS-only PostgreSQL in it (0644), the
+    // secrets 0600 root (read by systemd, handed over as credentials).
+    let (uid, gid) = service_user();
+    let etc = dir.join("etc-tenantry");
+    std::fs::create_dir(&etc).unwrap();
+    std::os::unix::fs::chown(&etc, None, Some(gid)).unwrap();
+    std::fs::set_permissions(&etc, std::os::unix::fs::PermissionsExt::from_mode(0o750)).unwrap();
+    std::fs::copy(crate::smtp::cacert(), etc.join("db-ca.pem")).unwrap();
+    std::fs::set_permissions(
+        etc.join("db-ca.pem"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let db = crate::pg_tls::tls_database().await;
+    let url = crate::pg_tls::conninfo(
+        &db,
+        &format!(
+            "sslmode=verify-full sslrootcert={}",
+            etc.join("db-ca.pem").display()
+        ),
+    );
     let credentials = dir.join("credentials");
     std::fs::create_dir(&credentials).unwrap();
     let data = dir.join("state");
-    let db = create_database().await;
+    std::fs::create_dir(&data).unwrap();
+    for owned in [&credentials, &data] {
+        std::os::unix::fs::chown(owned, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(owned, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+    }
     let sources = BTreeMap::from([
-        (
-            "/etc/tenantry/database_url",
-            format!("{}\n", service_url(&db)),
-        ),
+        ("/etc/tenantry/database_url", format!("{url}\n")),
         ("/etc/tenantry/jwt_secret", format!("{JWT_SECRET}\n")),
     ]);
     for credential in values(&service, "LoadCredential") {
@@ -101,7 +141,11 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
         let value = sources
             .get(source)
             .unwrap_or_else(|| panic!("a credential from {source}: add it to this test"));
-        std::fs::write(credentials.join(name), value).unwrap();
+        let file = credentials.join(name);
+        std::fs::write(&file, value).unwrap();
+        std::os::unix::fs::chown(&file, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .unwrap();
     }
     let substitute = |value: &str| {
         value
@@ -132,7 +176,6 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
     }
     assert!(env.iter().any(|(k, _)| k == "DATABASE_URL_FILE"));
     assert!(env.iter().any(|(k, _)| k == "JWT_SECRET_FILE"));
-    std::fs::create_dir_all(&data).unwrap();
     let port = free_port();
     env.retain(|(k, _)| k != "TENANTRY_BIND");
     env.push(("TENANTRY_BIND".into(), format!("127.0.0.1:{port}")));
@@ -146,6 +189,8 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k.clone(), v.clone())))
             .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .uid(uid)
+            .gid(gid)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
@@ -153,14 +198,33 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
     };
     let mut serve = command(&[]).spawn().unwrap();
     let client = reqwest::Client::new();
-    until("serve answers /health", || async {
-        client
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            let mut said = String::new();
+            use tokio::io::AsyncReadExt;
+            serve
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut said)
+                .await
+                .unwrap();
+            panic!("serve exited ({status}) with the unit's environment: {said}");
+        }
+        let health = client
             .get(format!("http://127.0.0.1:{port}/health"))
             .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+            .await;
+        if health.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "serve never answered /health"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(serve.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -154,7 +154,7 @@ fn start_tls_cluster() -> TlsCluster {
 
 /// A database on the TLS cluster owned by its own service role (LOGIN
 /// CREATEROLE, with a password), and [`CERT_USER`].
-async fn tls_database() -> String {
+pub async fn tls_database() -> String {
     let c = &*TLS_CLUSTER;
     let admin = tenantry::db::connect(&c.cluster.pg_config(&c.running, "postgres"))
         .await
@@ -187,7 +187,7 @@ async fn tls_database() -> String {
 
 /// The service's key=value connection string on the TLS cluster, plus
 /// `extra`.
-fn conninfo(db: &str, extra: &str) -> String {
+pub fn conninfo(db: &str, extra: &str) -> String {
     format!(
         "host=127.0.0.1 port={} user={db}_svc password='{PASSWORD_OF_SERVICE}' dbname={db} {extra}",
         TLS_CLUSTER.running.port

@@ -26,8 +26,12 @@ pub async fn backup(settings: Settings, dir: &Path) -> Result<(), Failure> {
     // The anchor file before the snapshot: every anchor in the copy then
     // names an entry the dump holds (`serve` anchors the chain's committed
     // head), so `audit verify` of the restored log agrees with it.
-    if let Some(anchors) = files::read_optional(&settings.audit_anchor_file)? {
-        staging.write(files::ANCHORS, &anchors)?;
+    match files::read_optional(&settings.audit_anchor_file)? {
+        Some(anchors) => staging.write(files::ANCHORS, &anchors)?,
+        None => eprintln!(
+            "note: no audit anchor file at {} (TENANTRY_AUDIT_ANCHOR_FILE) yet: `serve` writes the first anchor within TENANTRY_MAINTENANCE_INTERVAL; the backup has none",
+            settings.audit_anchor_file.display()
+        ),
     }
     let secret = backed_up_secret(&settings, &staging)?;
 

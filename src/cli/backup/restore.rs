@@ -83,10 +83,16 @@ pub async fn restore(settings: Settings, dir: &Path) -> Result<(), Failure> {
         count(plan.len(), "role", "roles"),
         m.system_migration
     );
+    let upgrade = if i64::from(m.system_migration) < known_system_migration() {
+        format!(
+            " (it brings the system schema to V{})",
+            known_system_migration()
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "next: `tenantry serve` (it brings the system schema to V{}); \
-         `tenantry fleet check` and `tenantry audit verify` check the result",
-        known_system_migration()
+        "next: `tenantry serve`{upgrade}; `tenantry fleet check` and `tenantry audit verify` check the result"
     );
     Ok(())
 }
