@@ -163,8 +163,10 @@ impl Settings {
                     reason,
                 };
                 let (rest, ssl) = crate::postgres_tls::split(&url).map_err(invalid)?;
-                rest.parse::<tokio_postgres::Config>()
+                let config = rest
+                    .parse::<tokio_postgres::Config>()
                     .map_err(|e| invalid(e.to_string()))?;
+                crate::postgres_tls::check(&config, &ssl).map_err(invalid)?;
                 crate::postgres_tls::Tls::new(&ssl).map_err(|reason| SettingsError::Unusable {
                     name: "DATABASE_URL",
                     reason,

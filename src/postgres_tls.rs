@@ -120,15 +120,46 @@ pub fn split(conninfo: &str) -> Result<(String, SslParams), String> {
         kept.join(" ")
     };
     let mut params = SslParams::default();
+    let mut mode_given = false;
     for (key, value) in found {
         match key.as_str() {
-            "sslmode" => params.mode = SslMode::parse(&value)?,
+            "sslmode" => {
+                params.mode = SslMode::parse(&value)?;
+                mode_given = true;
+            }
             "sslrootcert" => params.rootcert = Some(value),
             "sslcert" => params.cert = Some(PathBuf::from(value)),
             _ => params.key = Some(PathBuf::from(value)),
         }
     }
+    // As libpq 16: trusting every public CA is safe only with the host name
+    // checked too, so `system` means verify-full and allows nothing weaker.
+    if params.rootcert.as_deref() == Some("system") {
+        if !mode_given {
+            params.mode = SslMode::VerifyFull;
+        } else if params.mode != SslMode::VerifyFull {
+            return Err(format!(
+                "weak sslmode \"{}\" may not be used with sslrootcert=system (use \"verify-full\")",
+                params.mode.as_str()
+            ));
+        }
+    }
     Ok((rest, params))
+}
+
+/// What tokio-postgres would only find out when connecting: TLS needs the
+/// server's name, which `hostaddr` alone does not give.
+pub fn check(config: &tokio_postgres::Config, params: &SslParams) -> Result<(), String> {
+    if params.mode != SslMode::Disable
+        && config.get_hosts().is_empty()
+        && !config.get_hostaddrs().is_empty()
+    {
+        return Err(format!(
+            "hostaddr without host: TLS (sslmode={}) needs the server's name; add host=<its name> (or sslmode=disable for no TLS)",
+            params.mode.as_str()
+        ));
+    }
+    Ok(())
 }
 
 fn decode(text: &str) -> Result<String, String> {
@@ -267,6 +298,7 @@ impl Tls {
                 use rustls::pki_types::pem::PemObject;
                 readable(&cert, "sslcert")?;
                 readable(&key, "sslkey")?;
+                private(&key)?;
                 let chain = CertificateDer::pem_file_iter(&cert)
                     .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| format!("cannot read sslcert {}: {e}", cert.display()))?;
@@ -315,6 +347,23 @@ fn readable(file: &Path, what: &str) -> Result<(), String> {
         )),
         Err(e) => Err(format!("cannot read {what} {}: {e}", file.display())),
     }
+}
+
+/// libpq's rule for a client key (which `pg_dump` and `psql` apply when a
+/// backup runs): no access for others, and for the group only when root
+/// owns it.
+fn private(key: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(key).map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+    let allowed = if meta.uid() == 0 { 0o640 } else { 0o600 };
+    let mode = meta.mode() & 0o777;
+    if mode & !allowed != 0 {
+        return Err(format!(
+            "sslkey {} has mode {mode:o}: a private key must be u=rw (0600), or u=rw,g=r (0640) when root owns it, as libpq requires",
+            key.display()
+        ));
+    }
+    Ok(())
 }
 
 fn roots_from(file: &Path) -> Result<RootCertStore, String> {
@@ -540,5 +589,13 @@ mod tests {
         assert!(split("host=x sslmode=allow").unwrap_err().contains("allow"));
         assert!(split("host=x sslmode").unwrap_err().contains("sslmode"));
         assert!(split("host='x").unwrap_err().contains("unterminated"));
+
+        // sslrootcert=system: verify-full, and nothing weaker.
+        let (_, params) = split("host=db.example.com sslrootcert=system").unwrap();
+        assert_eq!(params.mode, SslMode::VerifyFull);
+        for weak in ["prefer", "require", "verify-ca", "disable"] {
+            let refused = split(&format!("host=x sslrootcert=system sslmode={weak}")).unwrap_err();
+            assert!(refused.contains("weak sslmode"), "{refused}");
+        }
     }
 }

@@ -248,10 +248,15 @@ impl From<crate::db::DbError> for ApiError {
     fn from(e: crate::db::DbError) -> Self {
         use crate::db::DbError;
         match e {
-            DbError::Busy(_) => ApiError::Busy {
-                code: "connections_busy",
-                message: e.to_string(),
-            },
+            DbError::Busy(_) => {
+                // The setting and its value are for the log, not the client.
+                tracing::warn!(error = %e, "a request found no connection outside the pool");
+                ApiError::Busy {
+                    code: "connections_busy",
+                    message: "the service has no database connection free for this; retry shortly"
+                        .into(),
+                }
+            }
             DbError::Connect(_) | DbError::Cluster(_) => {
                 tracing::error!(error = %e, "cannot open a database connection");
                 crate::metrics::database_error("connect");

@@ -182,6 +182,8 @@ impl ProbeState {
                 .map(|r| Facts::from_row(&r));
         }
         if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
+            // The closed one gives its place under the cap back first.
+            self.spare = None;
             self.spare = state
                 .connector
                 .connect(crate::db::Dedicated::Health)

@@ -124,6 +124,7 @@ impl Connector {
         let config: tokio_postgres::Config = rest
             .parse()
             .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
+        tls::check(&config, &params)?;
         let tls = Tls::new(&params)?;
         Ok(Connector::new(config, tls, PortSource::Fixed))
     }
@@ -227,6 +228,8 @@ impl Connector {
                 if let Some(name) = base.get_application_name() {
                     config.application_name(name);
                 }
+                // A socket: no TLS, as `new` decided.
+                config.ssl_mode(base.get_ssl_mode());
                 config
             }
         }

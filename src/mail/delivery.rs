@@ -471,6 +471,8 @@ impl Outbox {
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            // The closed one gives its place under the cap back first.
+            self.client = None;
             self.client = Some(
                 // Told apart from the request pool's sessions in
                 // pg_stat_activity by its name (`OUTBOX_SESSION`).

@@ -132,20 +132,6 @@ async fn experiences(app: &TestApp, token: &str) -> Value {
     json(response).await
 }
 
-async fn login(app: &TestApp, username: &str) -> String {
-    let response = app
-        .post_json(
-            "/api/auth/login",
-            &json!({"username": username, "password": PASSWORD}),
-        )
-        .await;
-    assert_eq!(response.status(), 200, "{username} logs in");
-    json(response).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// On Citus: `tenantry backup` refuses, saying what to use instead.
 async fn assert_refused_on_citus(db: &str) {
     let out = tenantry(
@@ -190,7 +176,7 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     .await;
     let mut rows = Vec::new();
     for user in &users {
-        rows.push(experiences(&app, &login(&app, user).await).await);
+        rows.push(experiences(&app, &app.access_token(user).await).await);
     }
     let anchors = test_settings(&db).audit_anchor_file;
     let env = with(cli_env(&db), "TENANTRY_AUDIT_ANCHOR_FILE", &anchors);
@@ -258,14 +244,14 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     settings.audit_anchor_file = restored_anchors;
     let restored = spawn_app_on(settings, db.clone()).await;
     for (user, before) in users.iter().zip(&rows) {
-        let token = login(&restored, user).await;
+        let token = restored.access_token(user).await;
         assert_eq!(
             &experiences(&restored, &token).await,
             before,
             "{user}'s rows"
         );
     }
-    let token = login(&restored, "elder").await;
+    let token = restored.access_token("elder").await;
     let me = json(
         restored
             .call(Method::GET, "/api/me", &token)

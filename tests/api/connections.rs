@@ -9,20 +9,6 @@ use tenantry::configuration::DatabaseTarget;
 
 use crate::helpers::*;
 
-async fn login(app: &TestApp, name: &str) -> String {
-    let response = app
-        .post_json(
-            "/api/auth/login",
-            &json!({"username": name, "password": PASSWORD}),
-        )
-        .await;
-    assert_eq!(response.status(), 200, "login {name}");
-    json(response).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// The embedded cluster's port now (`<data dir>/port`).
 fn cluster_port(dir: &std::path::Path) -> u16 {
     std::fs::read_to_string(dir.join("port"))
@@ -77,7 +63,7 @@ async fn exports_fleet_runs_and_health_follow_the_embedded_cluster_to_its_new_po
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let admin = login(&app, "port_ops").await;
+    let admin = app.access_token("port_ops").await;
 
     let old_port = cluster_port(&dir);
     let stop = tenantry(&["db", "stop"], &env, None).await;
@@ -101,32 +87,7 @@ async fn exports_fleet_runs_and_health_follow_the_embedded_cluster_to_its_new_po
     assert_eq!(export.status(), 200);
     assert!(export.text().await.unwrap().contains("Pilot"));
 
-    let started = app
-        .call(Method::POST, "/admin/fleet/migrations", &admin)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
-    let run_id = json(started).await["run_id"].as_i64().unwrap();
-    let follow = || async {
-        json(
-            app.call(
-                Method::GET,
-                &format!("/admin/fleet/migrations/{run_id}"),
-                &admin,
-            )
-            .send()
-            .await
-            .unwrap(),
-        )
-        .await
-    };
-    until("the fleet run ends", || async {
-        follow().await["status"] != "running"
-    })
-    .await;
-    let report = follow().await;
+    let report = app.fleet_run_over_http(&admin).await;
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["succeeded"], 1, "{report}");
 
@@ -241,7 +202,7 @@ async fn a_fleet_run_over_http_fits_in_the_connections_outside_the_pool() {
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let admin = login(&app, "cap_ops").await;
+    let admin = app.access_token("cap_ops").await;
     // 10 - 4 exports - the mail sender - /health: 4 left, a run of 3
     // workers and its control.
     let refused = app

@@ -379,6 +379,53 @@ pub async fn spawn_app_on(settings: Settings, db_name: String) -> TestApp {
 }
 
 impl TestApp {
+    /// `name`'s access token from a login with [`PASSWORD`] (which must
+    /// succeed).
+    pub async fn access_token(&self, name: &str) -> String {
+        let response = self
+            .post_json(
+                "/api/auth/login",
+                &serde_json::json!({"username": name, "password": PASSWORD}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "{name} logs in");
+        json(response).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Start a fleet run over HTTP as `admin` (202) and follow it until it
+    /// is no longer running: its last report.
+    pub async fn fleet_run_over_http(&self, admin: &str) -> Value {
+        let started = self
+            .call(reqwest::Method::POST, "/admin/fleet/migrations", admin)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 202);
+        let run_id = json(started).await["run_id"].as_i64().unwrap();
+        let report = || async {
+            json(
+                self.call(
+                    reqwest::Method::GET,
+                    &format!("/admin/fleet/migrations/{run_id}"),
+                    admin,
+                )
+                .send()
+                .await
+                .unwrap(),
+            )
+            .await
+        };
+        until("the fleet run ends", || async {
+            report().await["status"] != "running"
+        })
+        .await;
+        report().await
+    }
+
     pub async fn db(&self) -> tokio_postgres::Client {
         connect(&self.db_name).await
     }

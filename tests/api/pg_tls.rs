@@ -307,6 +307,30 @@ async fn each_sslmode_does_what_libpq_says() {
     );
     let without = try_connect(&as_cert_user("")).await.unwrap_err();
     assert!(without.contains("client certificate"), "{without}");
+    // A key others may read is refused, as libpq refuses it.
+    let open_key = temp_dir("tenantry-open-key").join("client.key");
+    std::fs::copy(&c.client_key, &open_key).unwrap();
+    std::fs::set_permissions(
+        &open_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let exposed = try_connect(&as_cert_user(&format!(
+        "sslcert={} sslkey={}",
+        c.client_cert.display(),
+        open_key.display()
+    )))
+    .await
+    .unwrap_err();
+    assert!(exposed.contains("has mode 644"), "{exposed}");
+    // hostaddr alone names no server for TLS to check.
+    let nameless = try_connect(&format!(
+        "hostaddr=127.0.0.1 port={} user={db}_svc password='{PASSWORD_OF_SERVICE}' dbname={db} sslmode=require",
+        c.running.port
+    ))
+    .await
+    .unwrap_err();
+    assert!(nameless.contains("hostaddr without host"), "{nameless}");
     let half = try_connect(&as_cert_user(&format!(
         "sslcert={}",
         c.client_cert.display()
@@ -400,33 +424,7 @@ async fn the_whole_service_runs_over_tls() {
         .as_str()
         .unwrap()
         .to_owned();
-    let started = service
-        .call(Method::POST, "/admin/fleet/migrations", &admin)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
-    let run_id = json(started).await["run_id"].as_i64().unwrap();
-    let follow = || async {
-        json(
-            service
-                .call(
-                    Method::GET,
-                    &format!("/admin/fleet/migrations/{run_id}"),
-                    &admin,
-                )
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await
-    };
-    until("the fleet run over TLS ends", || async {
-        follow().await["status"] != "running"
-    })
-    .await;
-    let report = follow().await;
+    let report = service.fleet_run_over_http(&admin).await;
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["succeeded"], 1, "{report}");
 

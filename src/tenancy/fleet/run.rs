@@ -601,6 +601,8 @@ impl Worker {
             .as_ref()
             .is_none_or(|c| c.client.is_closed())
         {
+            // The closed one gives its place under the cap back first.
+            self.connection = None;
             let client = connector.connect(db::Dedicated::Fleet).await?;
             client.batch_execute(&self.setup).await?;
             let claim = client
