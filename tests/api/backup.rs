@@ -430,3 +430,85 @@ async fn an_embedded_installation_comes_back_with_its_secret_and_anchors() {
     let out = tenantry(&["db", "stop"], &env_to, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// A restore that fails half-way through the dump, inside its one
+/// transaction (here the new database refuses the second tenant's tables),
+/// leaves the new cluster as it was: no roles, no schemas.
+#[tokio::test]
+async fn a_restore_that_fails_half_way_leaves_the_new_cluster_as_it_was() {
+    let app = spawn_app().await;
+    let token = app.token("whole1").await;
+    add_rows(&app, &token, "whole1").await;
+    let token = app.token("whole2").await;
+    add_rows(&app, &token, "whole2").await;
+    if on_citus() {
+        return assert_refused_on_citus(&app.db_name).await;
+    }
+    let dir = backup_dir();
+    let out = tenantry(
+        &["backup", dir.to_str().unwrap()],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let new = new_cluster().await;
+    let url = new.prepare(&service_role(&app.db_name)).await;
+    // The new database refuses the second tenant's tables: by then the
+    // restore has made the roles, the schemas and the first tenant's tables.
+    new.connect("postgres", "tenantry")
+        .await
+        .batch_execute(
+            "CREATE FUNCTION public.refuse_whole2() RETURNS event_trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands()
+                           WHERE schema_name = 'tenant_whole2') THEN
+                 RAISE EXCEPTION 'the test refuses tenant_whole2';
+               END IF;
+             END $$;
+             CREATE EVENT TRIGGER refuse_whole2 ON ddl_command_end
+               EXECUTE FUNCTION public.refuse_whole2();",
+        )
+        .await
+        .unwrap();
+    let anchors = temp_dir("tenantry-test-anchors").join("audit-anchors");
+    let env = vec![
+        ("DATABASE_URL", url),
+        ("JWT_SECRET", JWT_SECRET.to_string()),
+        ("TENANTRY_AUDIT_ANCHOR_FILE", anchors.display().to_string()),
+    ];
+    let out = tenantry(&["restore", dir.to_str().unwrap()], &env, None).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // It got as far as the dump's SQL.
+    assert!(
+        stderr(&out).contains("the test refuses tenant_whole2"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!anchors.exists());
+
+    let admin = new.connect("postgres", "postgres").await;
+    let roles: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tnt\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(roles, 0);
+    let db = new.connect("postgres", "tenantry").await;
+    let schemas: Vec<String> = db
+        .query(
+            "SELECT nspname::text FROM pg_namespace
+              WHERE nspname IN ('tenantry', 'reference') OR nspname LIKE 'tenant\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(schemas, Vec::<String>::new());
+}

@@ -145,6 +145,9 @@ impl Programs {
             env: tools::libpq_conninfo(&target.connector, "tenantry restore")
                 .map_err(Failure::Usage)?,
         };
+        for program in [&programs.pg_restore, &programs.psql] {
+            tools::refuse_without_restrict(program).await?;
+        }
         let contents = tools::list(&programs.pg_restore, &backup.dir.join(files::DUMP)).await?;
         if contents
             .lines()

@@ -35,6 +35,54 @@ pub fn find(name: &str, server_bindir: Option<&Path>) -> Result<PathBuf, Failure
     })
 }
 
+/// The first release of each major version whose `pg_restore` and `psql`
+/// fence the dump's SQL off from psql's own commands (`\restrict`,
+/// CVE-2025-8714): with an older one, a tampered dump could run shell
+/// commands as whoever restores.
+const RESTRICT_SINCE: [(u32, u32); 5] = [(13, 22), (14, 19), (15, 14), (16, 10), (17, 6)];
+
+/// Whether `version` (major, minor) has `\restrict`.
+fn has_restrict((major, minor): (u32, u32)) -> bool {
+    major > 17
+        || RESTRICT_SINCE
+            .iter()
+            .any(|&(m, since)| m == major && minor >= since)
+}
+
+/// Refuse (exit 2) a client program too old to restore safely.
+pub async fn refuse_without_restrict(program: &Path) -> Result<(), Failure> {
+    let out = tokio::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| Failure::Other(format!("cannot run {}: {e}", program.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "psql (PostgreSQL) 15.20 (Debian 15.20-0+deb12u1)"
+    let version = text
+        .split_whitespace()
+        .find_map(|word| {
+            let (major, minor) = word.split_once('.')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .ok_or_else(|| {
+            Failure::Other(format!(
+                "cannot tell the version of {} from {:?}",
+                program.display(),
+                text.trim()
+            ))
+        })?;
+    if has_restrict(version) {
+        Ok(())
+    } else {
+        Err(Failure::Usage(format!(
+            "{} is {}.{}, which lacks \\restrict (CVE-2025-8714): a restore with it could run a tampered dump's shell commands; install a newer minor release (13.22, 14.19, 15.14, 16.10, 17.6 or later)",
+            program.display(),
+            version.0,
+            version.1
+        )))
+    }
+}
+
 /// How `pg_dump` and `pg_restore` reach the database: libpq's environment
 /// variables, from the connection settings every other command uses (the
 /// `DATABASE_URL`, or the embedded cluster's socket directory, port, service
@@ -458,6 +506,16 @@ mod tests {
         assert_eq!(get(&env, "PGSSLMODE"), Some("require"));
         assert_eq!(get(&env, "PGCONNECT_TIMEOUT"), Some("7"));
         assert_eq!(get(&env, "PGAPPNAME"), Some("tenantry backup"));
+    }
+
+    #[test]
+    fn only_client_programs_with_restrict_restore() {
+        for ok in [(15, 14), (15, 20), (16, 10), (17, 6), (18, 0), (13, 22)] {
+            assert!(has_restrict(ok), "{ok:?}");
+        }
+        for old in [(15, 13), (16, 9), (17, 5), (12, 22), (14, 18)] {
+            assert!(!has_restrict(old), "{old:?}");
+        }
     }
 
     #[test]
