@@ -90,6 +90,8 @@ struct Facts {
     deleting: i64,
     last_run: Option<String>,
     connections: ConnectionStatus,
+    /// This process's templates refused by the database's applied set.
+    templates: Option<String>,
 }
 
 /// PostgreSQL's connections as the service can use them: the tighter of the
@@ -129,6 +131,7 @@ impl Facts {
             deleting: row.get("deleting"),
             last_run: row.get("last_run"),
             connections: tighter,
+            templates: None,
         }
     }
 }
@@ -175,11 +178,13 @@ impl ProbeState {
     async fn ask(&mut self, state: &AppState, latest: i32, on: AskOn) -> Option<Facts> {
         if on == AskOn::Pool {
             let client = state.pool.get().await.ok()?;
-            return client
+            let mut facts = client
                 .query_one(FACTS, &[&latest])
                 .await
                 .ok()
-                .map(|r| Facts::from_row(&r));
+                .map(|r| Facts::from_row(&r))?;
+            facts.templates = template_problem(&**client, state).await;
+            return Some(facts);
         }
         if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
             // The closed one gives its place under the cap back first.
@@ -190,11 +195,26 @@ impl ProbeState {
                 .await
                 .ok();
         }
-        let answer = self.spare.as_ref()?.query_one(FACTS, &[&latest]).await;
-        if answer.is_err() {
+        let spare = self.spare.as_ref()?;
+        let answer = spare.query_one(FACTS, &[&latest]).await;
+        let Ok(row) = answer else {
             self.spare = None;
-        }
-        answer.ok().map(|r| Facts::from_row(&r))
+            return None;
+        };
+        let mut facts = Facts::from_row(&row);
+        facts.templates = template_problem(&**spare, state).await;
+        Some(facts)
+    }
+}
+
+/// What this process's templates disagree with in the database (a version
+/// applied here that it lacks, a changed file, tenants ahead of it), as the
+/// fleet's own check words it, with how to fix it.
+async fn template_problem(client: &tokio_postgres::Client, state: &AppState) -> Option<String> {
+    use crate::tenancy::integrity::{self, IntegrityError};
+    match integrity::verify(client, &state.templates).await {
+        Ok(()) | Err(IntegrityError::Postgres(_)) => None,
+        Err(problem) => Some(problem.to_string()),
     }
 }
 
@@ -324,6 +344,9 @@ fn reasons(facts: &Facts, pool: &PoolStatus, exports: &ExportStatus, latest: i32
         .filter(|s| *s != "succeeded" && *s != "running")
     {
         reasons.push(format!("the last fleet run ended {run}"));
+    }
+    if let Some(problem) = &facts.templates {
+        reasons.push(format!("this process's templates are refused: {problem}"));
     }
     if facts.deleting > 0 {
         reasons.push(format!(

@@ -80,9 +80,17 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
     let ctx = Context::open(&settings, 1).await?;
     let client = ctx.target.connect().await?;
     let s = fleet::fleet_status(&client, &ctx.installation, &ctx.templates).await?;
+    // Refused templates are a failure of the command, whatever it printed.
+    let refused = || match &s.template_problem {
+        Some(_) => Err(Failure::Other(
+            "the templates are refused (see `templates` above); fix them before the next fleet run"
+                .into(),
+        )),
+        None => Ok(()),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
-        return Ok(());
+        return refused();
     }
     let latest = ctx.templates.all().last().expect("never empty");
     println!(
@@ -136,7 +144,7 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
             }
         }
     }
-    Ok(())
+    refused()
 }
 
 fn print_failure(username: &str, from: i32, to: i32, error: Option<&str>) {

@@ -21,7 +21,9 @@ pub enum IntegrityError {
         applied: String,
     },
     #[error(
-        "template {file} was applied to this database but is missing from {origin}: restore it"
+        "template {file} was applied to this database but is missing from {origin}: \
+         run with TENANTRY_TEMPLATES_DIR pointing at the directory that holds it (every command and `serve` need \
+         the same templates), or restore the file"
     )]
     Missing { file: String, origin: String },
     #[error(

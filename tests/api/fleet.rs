@@ -1082,3 +1082,30 @@ async fn a_failed_tenant_shows_in_the_run_report_over_http() {
         .unwrap()
         .contains(&rating_file()));
 }
+
+/// A version applied through another process's templates: this `serve`
+/// (started before it, without it) says so in `/health`, with how to fix it,
+/// and `fleet status` without those templates fails instead of exiting 0.
+#[tokio::test]
+async fn health_and_fleet_status_tell_when_this_processs_templates_are_refused() {
+    let fleet = fleet_at_base(&["ivy"], RATING).await;
+    assert_eq!(fleet.app.get("/health").await.status(), 200);
+    let body = json(fleet.app.get("/health").await).await;
+    assert_eq!(body["status"], "healthy", "{body}");
+
+    let out = fleet.fleet(&["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let body = json(fleet.app.get("/health").await).await;
+    assert_eq!(body["status"], "degraded", "{body}");
+    let reasons = body["reasons"].to_string();
+    assert!(reasons.contains(&rating_file()), "{reasons}");
+    assert!(reasons.contains("TENANTRY_TEMPLATES_DIR"), "{reasons}");
+
+    let status = tenantry(&["fleet", "status"], &cli_env(&fleet.app.db_name), None).await;
+    assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
+    assert!(stdout(&status).contains("REFUSED"), "{}", stdout(&status));
+    // With the templates it was given, the same command is content.
+    let status = fleet.fleet(&["status"]).await;
+    assert!(status.status.success(), "{}", stderr(&status));
+}
