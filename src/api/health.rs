@@ -183,7 +183,7 @@ impl ProbeState {
                 .await
                 .ok()
                 .map(|r| Facts::from_row(&r))?;
-            facts.templates = template_problem(&**client, state).await;
+            facts.templates = template_problem(&client, state).await;
             return Some(facts);
         }
         if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
