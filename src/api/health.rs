@@ -202,7 +202,7 @@ impl ProbeState {
             return None;
         };
         let mut facts = Facts::from_row(&row);
-        facts.templates = template_problem(&**spare, state).await;
+        facts.templates = template_problem(spare, state).await;
         Some(facts)
     }
 }
