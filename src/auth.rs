@@ -206,9 +206,33 @@ pub struct Claims {
 /// Signing and verification keys for access tokens.
 #[derive(Clone)]
 pub struct JwtKeys {
-    encoding: Arc<EncodingKey>,
-    decoding: Arc<DecodingKey>,
+    /// The current key: signs every new token.
+    current: Arc<SigningKey>,
+    /// `JWT_PREVIOUS_SECRET`'s: its tokens stay valid until they expire.
+    previous: Option<Arc<SigningKey>>,
     validation: Arc<Validation>,
+}
+
+/// One HS256 key and its id (`kid`): the first 16 hex digits of a SHA-256
+/// of the secret, so that a token names its key without revealing it.
+struct SigningKey {
+    id: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl SigningKey {
+    fn new(secret: &[u8]) -> SigningKey {
+        let digest = Sha256::new()
+            .chain_update(b"tenantry jwt kid\0")
+            .chain_update(secret)
+            .finalize();
+        SigningKey {
+            id: hex::encode(&digest[..8]),
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+        }
+    }
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -225,10 +249,22 @@ impl JwtKeys {
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
         JwtKeys {
-            encoding: Arc::new(EncodingKey::from_secret(secret)),
-            decoding: Arc::new(DecodingKey::from_secret(secret)),
+            current: Arc::new(SigningKey::new(secret)),
+            previous: None,
             validation: Arc::new(validation),
         }
+    }
+
+    /// The same, also accepting tokens signed with `previous` (the secret
+    /// before a rotation, `JWT_PREVIOUS_SECRET`) until they expire.
+    pub fn with_previous(mut self, previous: &[u8]) -> JwtKeys {
+        self.previous = Some(Arc::new(SigningKey::new(previous)));
+        self
+    }
+
+    /// The `kid` new tokens carry.
+    pub fn key_id(&self) -> &str {
+        &self.current.id
     }
 
     pub fn issue(&self, subject: &Subject<'_>) -> Result<String, AuthError> {
@@ -247,13 +283,23 @@ impl JwtKeys {
             iat: now,
             exp: now + ACCESS_TOKEN_SECONDS,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(AuthError::Sign)
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.current.id.clone());
+        jsonwebtoken::encode(&header, &claims, &self.current.encoding).map_err(AuthError::Sign)
     }
 
-    /// The claims of a valid, unexpired token of ours; `None` for anything else.
+    /// The claims of a valid, unexpired token of ours; `None` for anything
+    /// else. The token's `kid` picks the key: the current one or the
+    /// previous one; any other `kid` is refused. A token without a `kid`
+    /// (issued before keys had ids) is checked against the current key.
     pub fn verify(&self, token: &str) -> Option<Claims> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        let key = match header.kid.as_deref() {
+            None => &self.current,
+            Some(kid) if kid == self.current.id => &self.current,
+            Some(kid) => self.previous.as_ref().filter(|p| p.id == kid)?,
+        };
+        jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
             .ok()
             .map(|d| d.claims)
             .filter(|claims| claims.typ == ACCESS_TYPE)
@@ -331,6 +377,58 @@ mod tests {
         let other = JwtKeys::new(b"another-secret-another-secret-xx");
         assert!(other.verify(&token).is_none());
         assert!(keys.verify("not.a.token").is_none());
+    }
+
+    #[test]
+    fn after_a_rotation_old_tokens_verify_until_they_expire_and_unknown_kids_do_not() {
+        let subject = Subject {
+            user_id: Uuid::new_v4(),
+            username: "alice",
+            schema: None,
+            db_role: None,
+            role: Role::User,
+            generation: 0,
+            session: None,
+        };
+        let old = JwtKeys::new(b"the old secret, long enough to sign");
+        let before = old.issue(&subject).unwrap();
+        let rotated = JwtKeys::new(b"the new secret, long enough to sign")
+            .with_previous(b"the old secret, long enough to sign");
+        assert_ne!(rotated.key_id(), old.key_id());
+        let after = rotated.issue(&subject).unwrap();
+        assert_eq!(
+            jsonwebtoken::decode_header(&after).unwrap().kid.as_deref(),
+            Some(rotated.key_id())
+        );
+        assert!(
+            rotated.verify(&before).is_some(),
+            "an old token still works"
+        );
+        assert!(rotated.verify(&after).is_some());
+        // The old process does not know the new key.
+        assert!(old.verify(&after).is_none());
+        // A kid that is neither: refused, even when the signature is the
+        // current key's.
+        let claims = jsonwebtoken::decode::<Claims>(
+            &after,
+            &DecodingKey::from_secret(b"the new secret, long enough to sign"),
+            &rotated.validation,
+        )
+        .unwrap()
+        .claims;
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("0000000000000000".into());
+        let forged = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(b"the new secret, long enough to sign"),
+        )
+        .unwrap();
+        assert!(rotated.verify(&forged).is_none());
+        // Once the previous secret is dropped, its tokens end.
+        let later = JwtKeys::new(b"the new secret, long enough to sign");
+        assert!(later.verify(&before).is_none());
+        assert!(later.verify(&after).is_some());
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Settings {
     pub bind: SocketAddr,
     /// `None` in embedded mode until the data dir's generated secret is read.
     pub jwt_secret: Option<SecretString>,
+    /// `JWT_PREVIOUS_SECRET`: the secret before a rotation; access tokens
+    /// it signed stay valid until they expire.
+    pub jwt_previous_secret: Option<SecretString>,
     pub bcrypt_cost: u32,
     pub templates_dir: Option<PathBuf>,
     /// Largest pool the service keeps.
@@ -189,6 +192,23 @@ impl Settings {
                 return Err(SettingsError::Invalid {
                     name: "JWT_SECRET",
                     reason: "must be at least 32 bytes".into(),
+                })
+            }
+            Some(s) => Some(SecretString(s)),
+            None => None,
+        };
+        let jwt_previous_secret = match secret("JWT_PREVIOUS_SECRET")? {
+            Some(s) if s.len() < 32 => {
+                return Err(SettingsError::Invalid {
+                    name: "JWT_PREVIOUS_SECRET",
+                    reason: "must be at least 32 bytes".into(),
+                })
+            }
+            Some(s) if jwt_secret.as_ref().is_some_and(|current| current.0 == s) => {
+                return Err(SettingsError::Invalid {
+                    name: "JWT_PREVIOUS_SECRET",
+                    reason: "is the same as JWT_SECRET: set it to the secret before the rotation"
+                        .into(),
                 })
             }
             Some(s) => Some(SecretString(s)),
@@ -378,6 +398,7 @@ impl Settings {
             data_dir,
             bind,
             jwt_secret,
+            jwt_previous_secret,
             bcrypt_cost,
             templates_dir: get("TENANTRY_TEMPLATES_DIR").map(PathBuf::from),
             pool_size,

@@ -189,7 +189,11 @@ impl Application {
             connector,
             installation: context.installation,
             templates: context.templates,
-            jwt: JwtKeys::new(secret.expose().as_bytes()),
+            jwt: match &settings.jwt_previous_secret {
+                Some(previous) => JwtKeys::new(secret.expose().as_bytes())
+                    .with_previous(previous.expose().as_bytes()),
+                None => JwtKeys::new(secret.expose().as_bytes()),
+            },
             hasher: Hasher::new(settings.bcrypt_cost).await?,
             pseudonyms: Pseudonyms::from_secret(secret.expose().as_bytes()),
             export_key: crate::tenancy::export::ExportKey::from_secret(secret.expose().as_bytes()),

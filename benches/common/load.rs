@@ -103,6 +103,7 @@ pub async fn start_service(
         database: DatabaseTarget::Url(SecretString::new(database_url.to_owned())),
         data_dir: data_dir.to_path_buf(),
         bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_previous_secret: None,
         jwt_secret: Some(SecretString::new(secret.to_owned())),
         bcrypt_cost: 4,
         templates_dir: None,

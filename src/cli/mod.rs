@@ -29,6 +29,7 @@ DATABASE_URL                 PostgreSQL to use (with libpq's sslmode, sslrootcer
 TENANTRY_DATA_DIR            embedded cluster, generated secret, audit anchors [./.tenantry]\n  \
 TENANTRY_BIND                HTTP address of serve [127.0.0.1:8080]\n  \
 JWT_SECRET                   token, export and audit-pseudonym key (required with DATABASE_URL)\n  \
+JWT_PREVIOUS_SECRET          the secret before a rotation: its access tokens stay valid until they expire\n  \
 BCRYPT_COST                  [12]\n  \
 TENANTRY_TEMPLATES_DIR       tenant templates instead of the built-in ones\n  \
 TENANTRY_POOL_SIZE           [16]\n  \
@@ -50,7 +51,7 @@ TENANTRY_PUBLIC_URL          where links in mails point [http://<TENANTRY_BIND>]
 TENANTRY_MAIL_MAX_ATTEMPTS / _BACKOFF_MS / _RETENTION   [10 / 5000 / 604800 s]\n  \
 TENANTRY_UNVERIFIED_TTL      seconds before an unverified account is erased, 0 = never [604800]\n  \
 TENANTRY_LOG_FORMAT          text or json [text]\n  \
-DATABASE_URL, JWT_SECRET, TENANTRY_METRICS_TOKEN, TENANTRY_SMTP_URL: also NAME_FILE, a file holding the value\n  \
+DATABASE_URL, JWT_SECRET, JWT_PREVIOUS_SECRET, TENANTRY_METRICS_TOKEN, TENANTRY_SMTP_URL: also NAME_FILE, a file holding the value\n  \
 RUST_LOG                     log filter [info for serve, warn otherwise]"
 )]
 pub struct Cli {

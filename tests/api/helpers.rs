@@ -328,6 +328,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         // Its own, for the mail written as files.
         data_dir: RUN_DIR.join(format!("data-{db_name}")),
         bind: "127.0.0.1:0".parse().unwrap(),
+        jwt_previous_secret: None,
         jwt_secret: Some(SecretString::new(JWT_SECRET.into())),
         bcrypt_cost: 4,
         templates_dir: None,

@@ -118,3 +118,54 @@ async fn forged_altered_and_foreign_tokens_get_401() {
         .unwrap();
     assert_eq!(basic.status(), 401);
 }
+
+/// Rotating the signing key (`JWT_SECRET` new, `JWT_PREVIOUS_SECRET` the
+/// old one) logs nobody out: tokens signed before keep working until they
+/// expire, new ones carry the new key's `kid`; once the previous secret is
+/// dropped, only its tokens end.
+#[tokio::test]
+async fn rotating_the_signing_key_logs_nobody_out() {
+    const NEW_SECRET: &str = "the-next-secret-the-next-secret-0123456789";
+    let before = spawn_app().await;
+    let old_token = before.token("rhea").await;
+    let me = |app: &TestApp, token: &str| app.call(reqwest::Method::GET, "/api/me", token).send();
+    assert_eq!(me(&before, &old_token).await.unwrap().status(), 200);
+
+    let mut rotated = test_settings(&before.db_name);
+    rotated.jwt_secret = Some(tenantry::configuration::SecretString::new(
+        NEW_SECRET.into(),
+    ));
+    rotated.jwt_previous_secret = Some(tenantry::configuration::SecretString::new(
+        JWT_SECRET.into(),
+    ));
+    let after = spawn_app_on(rotated, before.db_name.clone()).await;
+    assert_eq!(me(&after, &old_token).await.unwrap().status(), 200);
+    let new_token = after.access_token("rhea").await;
+    let kid = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    assert_ne!(kid(&new_token), kid(&old_token));
+    assert_eq!(me(&after, &new_token).await.unwrap().status(), 200);
+
+    let mut settled = test_settings(&before.db_name);
+    settled.jwt_secret = Some(tenantry::configuration::SecretString::new(
+        NEW_SECRET.into(),
+    ));
+    let later = spawn_app_on(settled, before.db_name.clone()).await;
+    assert_eq!(me(&later, &old_token).await.unwrap().status(), 401);
+    assert_eq!(me(&later, &new_token).await.unwrap().status(), 200);
+}
+
+#[test]
+fn a_previous_secret_like_the_current_one_or_short_is_refused() {
+    let settings = |previous: &str| {
+        tenantry::configuration::Settings::from_lookup(|k| match k {
+            "JWT_SECRET" => Some(JWT_SECRET.into()),
+            "JWT_PREVIOUS_SECRET" => Some(previous.into()),
+            _ => None,
+        })
+    };
+    let same = settings(JWT_SECRET).unwrap_err().to_string();
+    assert!(same.contains("same as JWT_SECRET"), "{same}");
+    let short = settings("short").unwrap_err().to_string();
+    assert!(short.contains("at least 32 bytes"), "{short}");
+    assert!(settings("an-older-secret-an-older-secret-0123456789").is_ok());
+}

@@ -122,6 +122,7 @@ impl App {
             database: DatabaseTarget::Url(SecretString::new(citus.url.clone())),
             data_dir: citus.dir.clone(),
             bind: "127.0.0.1:0".parse().unwrap(),
+            jwt_previous_secret: None,
             jwt_secret: Some(SecretString::new(
                 "a-test-secret-of-enough-length-0123456789".into(),
             )),
