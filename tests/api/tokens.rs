@@ -169,3 +169,48 @@ fn a_previous_secret_like_the_current_one_or_short_is_refused() {
     assert!(short.contains("at least 32 bytes"), "{short}");
     assert!(settings("an-older-secret-an-older-secret-0123456789").is_ok());
 }
+
+/// A rolling rotation over two running processes, as docs/configuration.md
+/// says: first every process accepts the new secret (as its previous one)
+/// while still signing with the old, then every process signs with the new
+/// and accepts the old. At every step a token from either process works on
+/// both.
+#[tokio::test]
+async fn a_rolling_rotation_over_two_processes_never_refuses_a_token() {
+    const NEW_SECRET: &str = "the-next-secret-the-next-secret-0123456789";
+    let secret = |s: &str| Some(tenantry::configuration::SecretString::new(s.into()));
+    let first = spawn_app().await;
+    let db = first.db_name.clone();
+    let with = |current: &str, previous: Option<&str>| {
+        let mut settings = test_settings(&db);
+        settings.jwt_secret = secret(current);
+        settings.jwt_previous_secret = previous.and_then(secret);
+        settings
+    };
+    first.token("ines").await;
+    let me = |app: &TestApp, token: &str| {
+        let request = app.call(reqwest::Method::GET, "/api/me", token);
+        async move { request.send().await.unwrap().status() }
+    };
+    let both_accept_each_others = |a: TestApp, b: TestApp| async move {
+        let from_a = a.access_token("ines").await;
+        let from_b = b.access_token("ines").await;
+        for app in [&a, &b] {
+            for token in [&from_a, &from_b] {
+                assert_eq!(me(app, token).await, 200);
+            }
+        }
+    };
+    // Step 1: one process restarted accepting the new secret, signing with
+    // the old; the other not yet restarted.
+    let step1 = spawn_app_on(with(JWT_SECRET, Some(NEW_SECRET)), db.clone()).await;
+    both_accept_each_others(first, step1).await;
+    // Both at step 1, then one at step 2.
+    let a = spawn_app_on(with(JWT_SECRET, Some(NEW_SECRET)), db.clone()).await;
+    let b = spawn_app_on(with(NEW_SECRET, Some(JWT_SECRET)), db.clone()).await;
+    both_accept_each_others(a, b).await;
+    // Both at step 2.
+    let a = spawn_app_on(with(NEW_SECRET, Some(JWT_SECRET)), db.clone()).await;
+    let b = spawn_app_on(with(NEW_SECRET, Some(JWT_SECRET)), db.clone()).await;
+    both_accept_each_others(a, b).await;
+}
