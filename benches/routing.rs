@@ -252,6 +252,7 @@ async fn main() {
             switch_only.rate / raw.rate
         );
     }
+    shared_limits(&bench, &service_url, &lua, &wrk, seconds).await;
     tls_to_postgres(&bench, &admin, &lua, &wrk, quick_sql, (n, seconds)).await;
     drop(boot);
     drop(admin);
@@ -410,4 +411,135 @@ async fn tls_to_postgres(
         tls_http.rate,
         ("pgbench qualified over TLS", tls_raw.rate),
     );
+}
+
+/// What counting rate limits in the database costs per request, the same
+/// requests through a service counting them only in its process and one
+/// counting them in the database too (limits high enough never to refuse):
+/// the quick summary under the per-user limit, and an anonymous request
+/// (`GET /api/me` without a token, a 401) under the per-IP one, whose one
+/// bucket every request of the run updates.
+async fn shared_limits(
+    bench: &common::BenchDb,
+    service_url: &str,
+    lua: &std::path::Path,
+    wrk: &std::path::Path,
+    seconds: u64,
+) {
+    use common::load::start_service_with;
+    use tenantry::configuration::Limits;
+    let work = bench.dir.join("work");
+    let anon_lua = work.join("anonymous.lua");
+    std::fs::write(&anon_lua, "-- no token: an anonymous request\n").unwrap();
+    let superuser_url = format!(
+        "host={} port={} user=postgres dbname=routing",
+        bench.running.socket_dir.display(),
+        bench.running.port
+    );
+    let high = 100_000_000;
+    let mut rows = Vec::new();
+    for (label, path, script, limits) in [
+        (
+            "quick summary, no limits",
+            "/api/summaries/quick",
+            lua,
+            Limits::off(),
+        ),
+        (
+            "quick summary, per-user limit in process",
+            "/api/summaries/quick",
+            lua,
+            Limits {
+                user_per_minute: high,
+                ..Limits::off()
+            },
+        ),
+        (
+            "quick summary, per-user limit shared",
+            "/api/summaries/quick",
+            lua,
+            Limits {
+                user_per_minute: high,
+                shared_user: true,
+                ..Limits::off()
+            },
+        ),
+        (
+            "anonymous 401, per-IP limit in process",
+            "/api/me",
+            &anon_lua,
+            Limits {
+                anon_per_minute: high,
+                shared: false,
+                ..Limits::off()
+            },
+        ),
+        (
+            "anonymous 401, per-IP limit shared",
+            "/api/me",
+            &anon_lua,
+            Limits {
+                anon_per_minute: high,
+                ..Limits::off()
+            },
+        ),
+    ] {
+        let data = bench.dir.join(format!("limits-{}", rows.len()));
+        std::fs::create_dir_all(&data).unwrap();
+        let (address, server) = start_service_with(
+            service_url,
+            SECRET,
+            &data,
+            data.join("audit-anchors"),
+            limits,
+        )
+        .await;
+        let run = run_wrk(
+            wrk,
+            script,
+            (&address, path),
+            CONCURRENCY,
+            seconds,
+            &superuser_url,
+        )
+        .await;
+        server.abort();
+        println!(
+            "{:<44} {:>10.0} {:>9.2} {:>9.2} {:>13.1}",
+            label, run.rate, run.p50_ms, run.p99_ms, run.backend_mb
+        );
+        rows.push(run);
+    }
+    let [_, user_local, user_shared, anon_local, anon_shared] = &rows[..] else {
+        unreachable!("five runs")
+    };
+    println!(
+        "{:<44} {:>10.2}× per user, {:.2}× per IP (shared over in-process)\n",
+        "shared rate limits",
+        user_shared.rate / user_local.rate,
+        anon_shared.rate / anon_local.rate
+    );
+    for (figure, shared, local, baseline) in [
+        (
+            "quick summary, per-user limit shared: throughput",
+            user_shared,
+            user_local,
+            "per-user limit in process",
+        ),
+        (
+            "anonymous 401, per-IP limit shared: throughput",
+            anon_shared,
+            anon_local,
+            "per-IP limit in process",
+        ),
+    ] {
+        common::record(
+            "routing",
+            figure,
+            "req/s",
+            common::Better::Higher,
+            shared.rate,
+            (baseline, local.rate),
+        );
+    }
 }

@@ -105,6 +105,13 @@ pub struct Limits {
     pub login_max_failures: u32,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// The per-IP limits (`auth`, `anon`) count across every process on
+    /// the database, not only in this one (benchmarks turn it off to
+    /// measure its cost).
+    pub shared: bool,
+    /// The per-user limit counted in the database too: off, as measured
+    /// (docs/benchmarks.md); benchmarks turn it on to measure it.
+    pub shared_user: bool,
 }
 
 impl Default for Limits {
@@ -115,6 +122,8 @@ impl Default for Limits {
             user_per_minute: 100,
             login_max_failures: 10,
             trusted_proxies: Vec::new(),
+            shared: true,
+            shared_user: false,
         }
     }
 }
@@ -128,6 +137,8 @@ impl Limits {
             user_per_minute: 0,
             login_max_failures: 0,
             trusted_proxies: Vec::new(),
+            shared: true,
+            shared_user: false,
         }
     }
 }
@@ -269,6 +280,8 @@ impl Settings {
             user_per_minute: number("TENANTRY_RATE_LIMIT_USER", 100, 1_000_000)?,
             login_max_failures: number("TENANTRY_LOGIN_MAX_FAILURES", 10, 1_000_000)?,
             trusted_proxies,
+            shared: true,
+            shared_user: false,
         };
         let client_timeout =
             Duration::from_secs(number("TENANTRY_CLIENT_TIMEOUT", 10, 3600)?.max(1).into());

@@ -22,6 +22,8 @@ pub struct Purged {
     pub login_throttle: u64,
     pub idempotency_keys: u64,
     pub account_tokens: u64,
+    /// Rate-limit buckets that are full again.
+    pub rate_limits: u64,
 }
 
 /// Delete expired rows. Refresh tokens go once expired: an expired token is
@@ -54,11 +56,15 @@ pub async fn purge_expired(client: &impl GenericClient) -> Result<Purged, tokio_
             &[],
         )
         .await?;
+    let rate_limits = client
+        .execute("DELETE FROM tenantry.rate_limits WHERE tat < now()", &[])
+        .await?;
     Ok(Purged {
         refresh_tokens,
         login_throttle,
         idempotency_keys,
         account_tokens,
+        rate_limits,
     })
 }
 
@@ -176,6 +182,7 @@ pub fn spawn(
                     login_throttle = p.login_throttle,
                     idempotency_keys = p.idempotency_keys,
                     account_tokens = p.account_tokens,
+                    rate_limits = p.rate_limits,
                     "purged expired rows"
                 ),
                 Ok(_) => {}

@@ -98,7 +98,25 @@ pub async fn start_service(
     data_dir: &Path,
     anchor_file: std::path::PathBuf,
 ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
-    use tenantry::configuration::{DatabaseTarget, Limits, SecretString, Settings};
+    start_service_with(
+        database_url,
+        secret,
+        data_dir,
+        anchor_file,
+        tenantry::configuration::Limits::off(),
+    )
+    .await
+}
+
+/// The same, with these rate limits.
+pub async fn start_service_with(
+    database_url: &str,
+    secret: &str,
+    data_dir: &Path,
+    anchor_file: std::path::PathBuf,
+    limits: tenantry::configuration::Limits,
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
     let settings = Settings {
         database: DatabaseTarget::Url(SecretString::new(database_url.to_owned())),
         data_dir: data_dir.to_path_buf(),
@@ -108,7 +126,7 @@ pub async fn start_service(
         bcrypt_cost: 4,
         templates_dir: None,
         pool_size: Settings::from_env().map(|s| s.pool_size).unwrap_or(16),
-        limits: Limits::off(),
+        limits,
         client_timeout: Duration::from_secs(10),
         audit_anchor_file: anchor_file,
         maintenance_interval: Duration::from_secs(60),

@@ -169,13 +169,40 @@ struct Decision {
     retry_after: Option<u64>,
 }
 
-/// The three rate limits of `TENANTRY_RATE_LIMIT_*` (in this process).
+/// The three rate limits of `TENANTRY_RATE_LIMIT_*`. Each is counted in
+/// this process (governor); the per-IP ones (`auth`, `anon`) are then
+/// counted again in the database, across every process on it
+/// ([`SHARED_TAKE`]), which decides. Per user stays in this process: it is
+/// the one every data request pays, and a client's requests spread over N
+/// processes get at most N times its limit.
 pub struct RateLimits {
     auth: Limiter<IpAddr>,
     anon: Limiter<IpAddr>,
     user: Limiter<Uuid>,
     trusted_proxies: Arc<Vec<IpAddr>>,
+    shared: bool,
+    shared_user: bool,
 }
+
+/// GCRA in one statement: take one request from bucket `$1`, which refills
+/// one request every `$2` milliseconds up to `$3`. The first column says
+/// whether it was taken; the second is the bucket's theoretical arrival
+/// time less now, in milliseconds (after the take when taken). A refused
+/// take changes nothing.
+pub const SHARED_TAKE: &str = "
+WITH taken AS (
+    INSERT INTO tenantry.rate_limits AS r (bucket, tat)
+    VALUES ($1, now() + $2 * interval '1 millisecond')
+    ON CONFLICT (bucket) DO UPDATE
+       SET tat = greatest(r.tat, now()) + $2 * interval '1 millisecond'
+     WHERE greatest(r.tat, now()) + $2 * interval '1 millisecond'
+           <= now() + $3 * $2 * interval '1 millisecond'
+    RETURNING tat)
+SELECT true, (extract(epoch FROM tat - now()) * 1000)::int8 FROM taken
+UNION ALL
+SELECT false, (extract(epoch FROM tat - now()) * 1000)::int8
+  FROM tenantry.rate_limits
+ WHERE bucket = $1 AND NOT EXISTS (SELECT FROM taken)";
 
 impl RateLimits {
     pub fn new(limits: &Limits) -> RateLimits {
@@ -184,6 +211,8 @@ impl RateLimits {
             anon: Limiter::new(limits.anon_per_minute),
             user: Limiter::new(limits.user_per_minute),
             trusted_proxies: Arc::new(limits.trusted_proxies.clone()),
+            shared: limits.shared,
+            shared_user: limits.shared_user,
         }
     }
 
@@ -258,17 +287,19 @@ pub async fn rate_limit(
     let decision = if path == "/health" || path.starts_with("/health/") {
         None
     } else if path.starts_with("/api/auth/") {
-        limits
-            .client_ip(req.request())
-            .and_then(|ip| limits.auth.check(&ip))
+        match limits.client_ip(req.request()) {
+            Some(ip) => shared(&req, limits.shared, "auth", &limits.auth, ip).await,
+            None => None,
+        }
     } else {
         let claims = bearer_claims(req.request());
         req.extensions_mut().insert(VerifiedClaims(claims.clone()));
         match claims {
-            Some(c) => limits.user.check(&c.sub),
-            None => limits
-                .client_ip(req.request())
-                .and_then(|ip| limits.anon.check(&ip)),
+            Some(c) => shared(&req, limits.shared_user, "user", &limits.user, c.sub).await,
+            None => match limits.client_ip(req.request()) {
+                Some(ip) => shared(&req, limits.shared, "anon", &limits.anon, ip).await,
+                None => None,
+            },
         }
     };
     let Some(decision) = decision else {
@@ -299,6 +330,72 @@ pub async fn rate_limit(
         }
     }
     Ok(response)
+}
+
+/// A per-IP limit: this process's count first (what it refuses never
+/// reaches the database), then the database's across every process, which
+/// decides. Without a database answer (it is down, the pool is saturated)
+/// the process's own count stands.
+async fn shared<K: std::hash::Hash + Eq + Clone + std::fmt::Display>(
+    req: &ServiceRequest,
+    enabled: bool,
+    class: &str,
+    limiter: &Limiter<K>,
+    key: K,
+) -> Option<Decision> {
+    let local = limiter.check(&key)?;
+    if local.retry_after.is_some() || !enabled {
+        return Some(local);
+    }
+    let state = req.app_data::<web::Data<AppState>>()?;
+    let per_minute = limiter.per_minute;
+    let interval_ms = 60_000.0 / f64::from(per_minute);
+    let bucket = format!("{class}:{key}");
+    let answer = async {
+        let client = tokio::time::timeout(Duration::from_secs(1), state.pool.get())
+            .await
+            .ok()?
+            .ok()?;
+        let statement = client.prepare_cached(SHARED_TAKE).await.ok()?;
+        client
+            .query_opt(&statement, &[&bucket, &interval_ms, &f64::from(per_minute)])
+            .await
+            .ok()
+    };
+    let Some(row) = answer.await else {
+        crate::metrics::database_error("rate_limit");
+        return Some(local);
+    };
+    let Some(row) = row else {
+        // Refused, and the bucket went (purged) in between: a second.
+        return Some(Decision {
+            limit: per_minute,
+            remaining: 0,
+            reset: 1,
+            retry_after: Some(1),
+        });
+    };
+    let (taken, ahead_ms): (bool, i64) = (row.get(0), row.get(1));
+    let ahead = ahead_ms.max(0) as f64;
+    Some(if taken {
+        let capacity = f64::from(per_minute) * interval_ms;
+        Decision {
+            limit: per_minute,
+            remaining: ((capacity - ahead) / interval_ms).floor().max(0.0) as u32,
+            reset: (ahead / 1000.0).ceil() as u64,
+            retry_after: None,
+        }
+    } else {
+        // Taken again once the arrival time is within the burst.
+        let wait_ms = ahead - f64::from(per_minute - 1) * interval_ms;
+        let wait = (wait_ms / 1000.0).ceil().max(1.0) as u64;
+        Decision {
+            limit: per_minute,
+            remaining: 0,
+            reset: wait,
+            retry_after: Some(wait),
+        }
+    })
 }
 
 /// The request's id: its `X-Request-Id` when well-formed (1 to 128 of

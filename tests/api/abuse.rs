@@ -421,3 +421,51 @@ async fn concurrent_password_work_is_bounded_by_the_core_count() {
         .unwrap();
     assert!(hasher.verify(PASSWORD.into(), Some(hash)).await.unwrap());
 }
+
+/// Two `serve` processes on one database share the per-IP limits: the auth
+/// limit and the anonymous one hold in total, whichever process a request
+/// reaches, and the refusal says when to come back.
+#[tokio::test]
+async fn per_ip_limits_hold_in_total_across_two_processes() {
+    let limited = |s: &mut tenantry::configuration::Settings| {
+        s.limits = Limits {
+            auth_per_minute: 6,
+            anon_per_minute: 4,
+            ..Limits::off()
+        };
+    };
+    let a = spawn_app_with(limited).await;
+    let mut settings = test_settings(&a.db_name);
+    limited(&mut settings);
+    let b = spawn_app_on(settings, a.db_name.clone()).await;
+
+    // Six sign-in attempts, alternating: each process alone would allow six.
+    for i in 0..6 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let (status, _, _) = login(app, "nobody", "wrong password").await;
+        assert_eq!(status, 401, "attempt {i}");
+    }
+    for app in [&a, &b] {
+        let (status, retry, body) = login(app, "nobody", "wrong password").await;
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "rate_limited");
+        let retry: u64 = retry.unwrap().parse().unwrap();
+        assert!((1..=10).contains(&retry), "{retry}");
+    }
+
+    // Anonymous requests elsewhere: four in all.
+    let statuses = {
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            let app = if i % 2 == 0 { &a } else { &b };
+            statuses.push(app.get("/api/me").await.status().as_u16());
+        }
+        statuses
+    };
+    assert_eq!(statuses, [401, 401, 401, 401, 429]);
+    // The bucket is in the database, once per client and class.
+    let buckets = a
+        .count("SELECT count(*) FROM tenantry.rate_limits WHERE bucket IN ('auth:127.0.0.1', 'anon:127.0.0.1')")
+        .await;
+    assert_eq!(buckets, 2);
+}
