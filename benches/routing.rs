@@ -494,13 +494,15 @@ async fn shared_limits(
             limits,
         )
         .await;
-        let run = run_wrk(
+        let anonymous = path == "/api/me";
+        let run = common::load::run_wrk_answered(
             wrk,
             script,
             (&address, path),
             CONCURRENCY,
             seconds,
             &superuser_url,
+            anonymous,
         )
         .await;
         server.abort();

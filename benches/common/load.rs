@@ -180,10 +180,24 @@ pub fn wrk_script(tokens: &[String]) -> String {
 pub async fn run_wrk(
     wrk: &Path,
     lua: &Path,
+    target: (&str, &str),
+    concurrency: usize,
+    seconds: u64,
+    superuser_url: &str,
+) -> Run {
+    run_wrk_answered(wrk, lua, target, concurrency, seconds, superuser_url, false).await
+}
+
+/// The same; with `refused`, every answer is expected to be an error (a
+/// 401 of an anonymous request), and one that is not is the failure.
+pub async fn run_wrk_answered(
+    wrk: &Path,
+    lua: &Path,
     (address, path): (&str, &str),
     concurrency: usize,
     seconds: u64,
     superuser_url: &str,
+    refused: bool,
 ) -> Run {
     // Warm the pool's connections first, as a running service would be.
     let _ = Command::new(wrk)
@@ -205,10 +219,22 @@ pub async fn run_wrk(
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        !text.contains("Non-2xx"),
-        "the service answered with errors:\n{text}"
-    );
+    if refused {
+        let total = text
+            .lines()
+            .find_map(|l| l.trim().split_once(" requests in "))
+            .map(|(n, _)| n.trim().to_owned());
+        let errors = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .map(|n| n.trim().to_owned());
+        assert_eq!(total, errors, "every answer should be refused:\n{text}");
+    } else {
+        assert!(
+            !text.contains("Non-2xx"),
+            "the service answered with errors:\n{text}"
+        );
+    }
     let rate = text
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))

@@ -5,6 +5,7 @@
 use std::process::Output;
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::Value;
 use tenantry::tenancy::fleet::RUN_LOCK;
 
@@ -1108,4 +1109,77 @@ async fn health_and_fleet_status_tell_when_this_processs_templates_are_refused()
     // With the templates it was given, the same command is content.
     let status = fleet.fleet(&["status"]).await;
     assert!(status.status.success(), "{}", stderr(&status));
+}
+
+/// Two services on one database: a run started over HTTP on one is seen
+/// running on the other, which refuses a second one (409 `fleet_busy`).
+#[tokio::test]
+async fn a_run_started_on_one_service_is_seen_and_refused_again_on_another() {
+    let fleet = fleet_at_base(&["oli"], RATING).await;
+    let first = fleet.service().await;
+    let second = fleet.service().await;
+    let admin = staff_token(&first, "two_ops", &[]).await;
+    // The run waits for oli's tenant lock, held here (as a request would).
+    let holder = fleet.app.db().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'oli'",
+            &[&tenantry::tenancy::fleet::TENANT_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    let started = first
+        .call(Method::POST, "/admin/fleet/migrations", &admin)
+        .json(&serde_json::json!({"canary": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let run_id = json(started).await["run_id"].as_i64().unwrap();
+    wait_for(
+        &fleet.app,
+        "SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'",
+    )
+    .await;
+
+    let seen = json(
+        second
+            .call(Method::GET, "/admin/fleet", &admin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen["last_run"]["run_id"], run_id, "{seen}");
+    assert_eq!(seen["last_run"]["status"], "running", "{seen}");
+    let refused = second
+        .call(Method::POST, "/admin/fleet/migrations", &admin)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    assert_eq!(json(refused).await["error"]["code"], "fleet_busy");
+
+    drop(holder);
+    let report = || async {
+        json(
+            second
+                .call(
+                    Method::GET,
+                    &format!("/admin/fleet/migrations/{run_id}"),
+                    &admin,
+                )
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    };
+    until("the run ends", || async {
+        report().await["status"] != "running"
+    })
+    .await;
+    let report = report().await;
+    assert_eq!(report["status"], "succeeded", "{report}");
 }
