@@ -869,9 +869,16 @@ async fn import_tenant(
     let pseudonyms = pseudonyms(settings)?;
     let bytes = std::fs::read(file)
         .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
-    let document = key
-        .open(&bytes)
-        .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
+    // Signed before a key rotation: the previous secret's key opens it.
+    let previous = settings
+        .jwt_previous_secret
+        .as_ref()
+        .map(|p| crate::tenancy::export::ExportKey::from_secret(p.expose().as_bytes()));
+    let document = match (key.open(&bytes), previous) {
+        (Err(ImportError::Tampered), Some(previous)) => previous.open(&bytes),
+        (opened, _) => opened,
+    }
+    .map_err(|e| Failure::Usage(format!("{}: {e}", file.display())))?;
     let name = as_name
         .or_else(|| document.account.username.clone())
         .ok_or_else(|| Failure::Usage("the export names no user; pass --as NAME".into()))?;

@@ -843,3 +843,53 @@ async fn a_tenant_larger_than_the_lock_table_is_erased() {
         .get(0);
     assert!(gone);
 }
+
+/// An export signed before a key rotation imports while the old secret is
+/// `JWT_PREVIOUS_SECRET`, and is refused once it is gone.
+#[tokio::test]
+async fn an_export_signed_before_a_key_rotation_imports_with_the_previous_secret() {
+    let app = spawn_app().await;
+    let signup = tenant_with_data(&app, "rosa").await;
+    let env = cli_env(&app.db_name);
+    let exported = tenantry(&["tenants", "export", "rosa"], &env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-export");
+    spawn_reaper(&dir);
+    let file = dir.join("rosa.json");
+    std::fs::write(&file, &exported.stdout).unwrap();
+    let file_arg = file.display().to_string();
+    let r = app
+        .call(
+            Method::DELETE,
+            "/api/me",
+            signup["access_token"].as_str().unwrap(),
+        )
+        .json(&json!({"password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let new_secret = "the-next-secret-the-next-secret-0123456789".to_string();
+    let rotated_away = vec![
+        ("DATABASE_URL", service_url(&app.db_name)),
+        ("JWT_SECRET", new_secret.clone()),
+    ];
+    let out = tenantry(
+        &["tenants", "import", &file_arg],
+        &rotated_away,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let mut rotating = rotated_away.clone();
+    rotating.push(("JWT_PREVIOUS_SECRET", JWT_SECRET.to_string()));
+    let out = tenantry(
+        &["tenants", "import", &file_arg],
+        &rotating,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(app.schema_count().await, 1);
+}
