@@ -294,15 +294,19 @@ impl JwtKeys {
     /// (issued before keys had ids) is checked against the current key.
     pub fn verify(&self, token: &str) -> Option<Claims> {
         let header = jsonwebtoken::decode_header(token).ok()?;
-        let key = match header.kid.as_deref() {
-            None => &self.current,
-            Some(kid) if kid == self.current.id => &self.current,
-            Some(kid) => self.previous.as_ref().filter(|p| p.id == kid)?,
+        let decode = |key: &SigningKey| {
+            jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
+                .ok()
+                .map(|d| d.claims)
+                .filter(|claims| claims.typ == ACCESS_TYPE)
         };
-        jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.validation)
-            .ok()
-            .map(|d| d.claims)
-            .filter(|claims| claims.typ == ACCESS_TYPE)
+        match header.kid.as_deref() {
+            // Issued before tokens named their key: either key may have
+            // signed it (an upgrade and a rotation within its lifetime).
+            None => decode(&self.current).or_else(|| self.previous.as_deref().and_then(decode)),
+            Some(kid) if kid == self.current.id => decode(&self.current),
+            Some(kid) => decode(self.previous.as_deref().filter(|p| p.id == kid)?),
+        }
     }
 }
 
@@ -425,6 +429,18 @@ mod tests {
         )
         .unwrap();
         assert!(rotated.verify(&forged).is_none());
+        // A token from before tokens named their key, signed with the old
+        // secret: still good while that secret is the previous one.
+        let kidless = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"the old secret, long enough to sign"),
+        )
+        .unwrap();
+        assert!(rotated.verify(&kidless).is_some());
+        assert!(JwtKeys::new(b"the new secret, long enough to sign")
+            .verify(&kidless)
+            .is_none());
         // Once the previous secret is dropped, its tokens end.
         let later = JwtKeys::new(b"the new secret, long enough to sign");
         assert!(later.verify(&before).is_none());

@@ -213,8 +213,11 @@ impl ProbeState {
 async fn template_problem(client: &tokio_postgres::Client, state: &AppState) -> Option<String> {
     use crate::tenancy::integrity::{self, IntegrityError};
     match integrity::verify(client, &state.templates).await {
-        Ok(()) | Err(IntegrityError::Postgres(_)) => None,
-        Err(problem) => Some(problem.to_string()),
+        Ok(()) => None,
+        Err(IntegrityError::Postgres(e)) => Some(format!(
+            "this process's templates could not be checked against the database: {e}"
+        )),
+        Err(problem) => Some(format!("this process's templates are refused: {problem}")),
     }
 }
 
@@ -346,7 +349,7 @@ fn reasons(facts: &Facts, pool: &PoolStatus, exports: &ExportStatus, latest: i32
         reasons.push(format!("the last fleet run ended {run}"));
     }
     if let Some(problem) = &facts.templates {
-        reasons.push(format!("this process's templates are refused: {problem}"));
+        reasons.push(problem.clone());
     }
     if facts.deleting > 0 {
         reasons.push(format!(

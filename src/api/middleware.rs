@@ -182,27 +182,48 @@ pub struct RateLimits {
     trusted_proxies: Arc<Vec<IpAddr>>,
     shared: bool,
     shared_user: bool,
+    /// Places for [`SHARED_CHECKS`].
+    asking: Arc<tokio::sync::Semaphore>,
 }
 
 /// GCRA in one statement: take one request from bucket `$1`, which refills
-/// one request every `$2` milliseconds up to `$3`. The first column says
-/// whether it was taken; the second is the bucket's theoretical arrival
-/// time less now, in milliseconds (after the take when taken). A refused
-/// take changes nothing.
+/// one request every `$2` milliseconds up to `$3`. A row (the bucket's
+/// theoretical arrival time less now, in microseconds, after the take)
+/// when taken; none when refused, which changes nothing ([`SHARED_AHEAD`]
+/// then says for how long).
 pub const SHARED_TAKE: &str = "
-WITH taken AS (
-    INSERT INTO tenantry.rate_limits AS r (bucket, tat)
-    VALUES ($1, now() + $2 * interval '1 millisecond')
-    ON CONFLICT (bucket) DO UPDATE
-       SET tat = greatest(r.tat, now()) + $2 * interval '1 millisecond'
-     WHERE greatest(r.tat, now()) + $2 * interval '1 millisecond'
-           <= now() + $3 * $2 * interval '1 millisecond'
-    RETURNING tat)
-SELECT true, (extract(epoch FROM tat - now()) * 1000)::int8 FROM taken
-UNION ALL
-SELECT false, (extract(epoch FROM tat - now()) * 1000)::int8
-  FROM tenantry.rate_limits
- WHERE bucket = $1 AND NOT EXISTS (SELECT FROM taken)";
+INSERT INTO tenantry.rate_limits AS r (bucket, tat)
+VALUES ($1, now() + $2 * interval '1 millisecond')
+ON CONFLICT (bucket) DO UPDATE
+   SET tat = greatest(r.tat, now()) + $2 * interval '1 millisecond'
+ WHERE greatest(r.tat, now()) + $2 * interval '1 millisecond'
+       <= now() + $3 * $2 * interval '1 millisecond'
+RETURNING (extract(epoch FROM tat - now()) * 1000000)::int8";
+
+/// A refused bucket's arrival time less now, in microseconds (a statement
+/// of its own: it sees what the refusing take saw committed).
+pub const SHARED_AHEAD: &str = "
+SELECT (extract(epoch FROM tat - now()) * 1000000)::int8 FROM tenantry.rate_limits WHERE bucket = $1";
+
+/// How many requests of this process ask the database at once; past it, the
+/// process's own count decides (a flood must not take the pool).
+const SHARED_CHECKS: usize = 4;
+
+/// How long a request waits for the database's count before the process's
+/// own count decides.
+const SHARED_WAIT: Duration = Duration::from_millis(300);
+
+/// What a client is limited as: its address, an IPv4-mapped IPv6 address as
+/// IPv4, and an IPv6 address by its /64 (what one subscriber gets).
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(network))
+        }
+        v4 => v4,
+    }
+}
 
 impl RateLimits {
     pub fn new(limits: &Limits) -> RateLimits {
@@ -213,6 +234,7 @@ impl RateLimits {
             trusted_proxies: Arc::new(limits.trusted_proxies.clone()),
             shared: limits.shared,
             shared_user: limits.shared_user,
+            asking: Arc::new(tokio::sync::Semaphore::new(SHARED_CHECKS)),
         }
     }
 
@@ -288,16 +310,46 @@ pub async fn rate_limit(
         None
     } else if path.starts_with("/api/auth/") {
         match limits.client_ip(req.request()) {
-            Some(ip) => shared(&req, limits.shared, "auth", &limits.auth, ip).await,
+            Some(ip) => {
+                shared(
+                    &req,
+                    &limits,
+                    limits.shared,
+                    "auth",
+                    &limits.auth,
+                    limit_key(ip),
+                )
+                .await
+            }
             None => None,
         }
     } else {
         let claims = bearer_claims(req.request());
         req.extensions_mut().insert(VerifiedClaims(claims.clone()));
         match claims {
-            Some(c) => shared(&req, limits.shared_user, "user", &limits.user, c.sub).await,
+            Some(c) => {
+                shared(
+                    &req,
+                    &limits,
+                    limits.shared_user,
+                    "user",
+                    &limits.user,
+                    c.sub,
+                )
+                .await
+            }
             None => match limits.client_ip(req.request()) {
-                Some(ip) => shared(&req, limits.shared, "anon", &limits.anon, ip).await,
+                Some(ip) => {
+                    shared(
+                        &req,
+                        &limits,
+                        limits.shared,
+                        "anon",
+                        &limits.anon,
+                        limit_key(ip),
+                    )
+                    .await
+                }
                 None => None,
             },
         }
@@ -338,6 +390,7 @@ pub async fn rate_limit(
 /// the process's own count stands.
 async fn shared<K: std::hash::Hash + Eq + Clone + std::fmt::Display>(
     req: &ServiceRequest,
+    limits: &RateLimits,
     enabled: bool,
     class: &str,
     limiter: &Limiter<K>,
@@ -348,47 +401,48 @@ async fn shared<K: std::hash::Hash + Eq + Clone + std::fmt::Display>(
         return Some(local);
     }
     let state = req.app_data::<web::Data<AppState>>()?;
+    let Ok(_asking) = limits.asking.try_acquire() else {
+        crate::metrics::database_error("rate_limit_busy");
+        return Some(local);
+    };
     let per_minute = limiter.per_minute;
     let interval_ms = 60_000.0 / f64::from(per_minute);
-    let bucket = format!("{class}:{key}");
-    let answer = async {
-        let client = tokio::time::timeout(Duration::from_secs(1), state.pool.get())
+    // Keyed like the throttle's names: no address stored in clear.
+    let bucket = format!("{class}:{}", state.pseudonyms.name(&key.to_string()));
+    let answer = tokio::time::timeout(SHARED_WAIT, async {
+        let client = state.pool.get().await.ok()?;
+        let take = client.prepare_cached(SHARED_TAKE).await.ok()?;
+        let taken = client
+            .query_opt(&take, &[&bucket, &interval_ms, &f64::from(per_minute)])
             .await
-            .ok()?
             .ok()?;
-        let statement = client.prepare_cached(SHARED_TAKE).await.ok()?;
-        client
-            .query_opt(&statement, &[&bucket, &interval_ms, &f64::from(per_minute)])
-            .await
-            .ok()
-    };
-    let Some(row) = answer.await else {
+        Some(match taken {
+            Some(row) => (true, Some(row.get::<_, i64>(0))),
+            None => {
+                let ahead = client.query_opt(SHARED_AHEAD, &[&bucket]).await.ok()?;
+                (false, ahead.map(|r| r.get::<_, i64>(0)))
+            }
+        })
+    });
+    let Some((taken, ahead_us)) = answer.await.ok().flatten() else {
         crate::metrics::database_error("rate_limit");
         return Some(local);
     };
-    let Some(row) = row else {
-        // Refused, and the bucket went (purged) in between: a second.
-        return Some(Decision {
-            limit: per_minute,
-            remaining: 0,
-            reset: 1,
-            retry_after: Some(1),
-        });
-    };
-    let (taken, ahead_ms): (bool, i64) = (row.get(0), row.get(1));
-    let ahead = ahead_ms.max(0) as f64;
+    let interval_us = interval_ms * 1000.0;
+    let ahead = ahead_us.unwrap_or(0).max(0) as f64;
     Some(if taken {
-        let capacity = f64::from(per_minute) * interval_ms;
+        let capacity = f64::from(per_minute) * interval_us;
         Decision {
             limit: per_minute,
-            remaining: ((capacity - ahead) / interval_ms).floor().max(0.0) as u32,
-            reset: (ahead / 1000.0).ceil() as u64,
+            // (The arrival time is rounded to the microsecond.)
+            remaining: ((capacity - ahead) / interval_us + 1e-3).floor().max(0.0) as u32,
+            reset: (ahead / 1e6).ceil() as u64,
             retry_after: None,
         }
     } else {
         // Taken again once the arrival time is within the burst.
-        let wait_ms = ahead - f64::from(per_minute - 1) * interval_ms;
-        let wait = (wait_ms / 1000.0).ceil().max(1.0) as u64;
+        let wait_us = ahead - f64::from(per_minute - 1) * interval_us;
+        let wait = (wait_us / 1e6).ceil().max(1.0) as u64;
         Decision {
             limit: per_minute,
             remaining: 0,
@@ -461,4 +515,23 @@ pub async fn observe(
             .insert(HeaderName::from_static("x-request-id"), value);
     }
     Ok(res)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_limited_by_address_and_ipv6_by_its_64() {
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        assert_eq!(limit_key(v4), v4);
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(limit_key(mapped), v4);
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limit_key(a), limit_key(b));
+        assert_eq!(limit_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(limit_key(a), limit_key(other));
+    }
 }

@@ -81,12 +81,14 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
     let client = ctx.target.connect().await?;
     let s = fleet::fleet_status(&client, &ctx.installation, &ctx.templates).await?;
     // Refused templates are a failure of the command, whatever it printed.
-    let refused = || match &s.template_problem {
+    let refused = || {
+        match &s.template_problem {
         Some(_) => Err(Failure::Other(
-            "the templates are refused (see `templates` above); fix them before the next fleet run"
+            "the templates are refused (`templates` in the status, `template_problem` in --json); fix them before the next fleet run"
                 .into(),
         )),
         None => Ok(()),
+    }
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);

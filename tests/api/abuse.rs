@@ -463,9 +463,73 @@ async fn per_ip_limits_hold_in_total_across_two_processes() {
         statuses
     };
     assert_eq!(statuses, [401, 401, 401, 401, 429]);
-    // The bucket is in the database, once per client and class.
+    // The buckets are in the database, one per client and class, the
+    // address keyed (not stored in clear).
     let buckets = a
-        .count("SELECT count(*) FROM tenantry.rate_limits WHERE bucket IN ('auth:127.0.0.1', 'anon:127.0.0.1')")
+        .count("SELECT count(*) FROM tenantry.rate_limits WHERE bucket LIKE 'auth:%' OR bucket LIKE 'anon:%'")
         .await;
     assert_eq!(buckets, 2);
+    let in_clear = a
+        .count("SELECT count(*) FROM tenantry.rate_limits WHERE bucket LIKE '%127.0.0.1%'")
+        .await;
+    assert_eq!(in_clear, 0);
+}
+
+/// The shared take under concurrency: twenty sessions at once against an
+/// empty bucket of five get exactly five; a refused take changes nothing.
+#[tokio::test]
+async fn the_shared_take_allows_exactly_its_burst_under_concurrency() {
+    let app = spawn_app().await;
+    let take = tenantry::api::middleware::SHARED_TAKE;
+    let sessions =
+        futures::future::join_all((0..20).map(|_| connect_as_service(&app.db_name))).await;
+    let interval_ms = 60_000.0f64 / 5.0;
+    let taken = futures::future::join_all(sessions.iter().map(|client| async move {
+        client
+            .query_opt(take, &[&"test:burst", &interval_ms, &5.0f64])
+            .await
+            .unwrap()
+            .is_some()
+    }))
+    .await;
+    assert_eq!(taken.iter().filter(|t| **t).count(), 5, "{taken:?}");
+    let tat = || async {
+        app.db()
+            .await
+            .query_one(
+                "SELECT tat FROM tenantry.rate_limits WHERE bucket = 'test:burst'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, chrono::DateTime<chrono::Utc>>(0)
+    };
+    let before = tat().await;
+    let refused = sessions[0]
+        .query_opt(take, &[&"test:burst", &interval_ms, &5.0f64])
+        .await
+        .unwrap();
+    assert!(refused.is_none());
+    assert_eq!(tat().await, before);
+}
+
+/// The headers of the shared count for a limit whose interval is not a
+/// whole number of milliseconds (60 s / 9): the first request leaves 8.
+#[tokio::test]
+async fn the_shared_count_reports_what_is_left_exactly() {
+    let app = spawn_app_with(|s| {
+        s.limits = Limits {
+            anon_per_minute: 9,
+            ..Limits::off()
+        }
+    })
+    .await;
+    let first = app.get("/api/me").await;
+    assert_eq!(first.status(), 401);
+    assert_eq!(first.headers()["x-ratelimit-limit"], "9");
+    assert_eq!(first.headers()["x-ratelimit-remaining"], "8");
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenantry.rate_limits").await,
+        1
+    );
 }
