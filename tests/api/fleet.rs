@@ -1106,6 +1106,20 @@ async fn health_and_fleet_status_tell_when_this_processs_templates_are_refused()
     let status = tenantry(&["fleet", "status"], &cli_env(&fleet.app.db_name), None).await;
     assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
     assert!(stdout(&status).contains("REFUSED"), "{}", stdout(&status));
+    let as_json = tenantry(
+        &["fleet", "status", "--json"],
+        &cli_env(&fleet.app.db_name),
+        None,
+    )
+    .await;
+    assert_eq!(as_json.status.code(), Some(1), "{}", stderr(&as_json));
+    let printed: Value = serde_json::from_str(&stdout(&as_json)).unwrap();
+    assert!(
+        printed["template_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains(&rating_file())),
+        "{printed}"
+    );
     // With the templates it was given, the same command is content.
     let status = fleet.fleet(&["status"]).await;
     assert!(status.status.success(), "{}", stderr(&status));
