@@ -13,18 +13,25 @@ use postgres_protocol::escape::escape_identifier;
 
 use crate::db::{DbError, Installation};
 
-/// Whether the database is a Citus coordinator. If it is: make every
-/// `reference` table a reference table (referenced tables first, as Citus
-/// requires) and record the mode. Idempotent; runs inside bootstrap's lock.
-pub(crate) async fn prepare(client: &tokio_postgres::Client) -> Result<bool, DbError> {
-    let citus: bool = client
+/// Whether the database has Citus (a coordinator: Tenantry connects to no
+/// other node).
+pub async fn is_coordinator(
+    client: &tokio_postgres::Client,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
             &[],
         )
         .await?
-        .get(0);
-    if !citus {
+        .get(0))
+}
+
+/// Whether the database is a Citus coordinator. If it is: make every
+/// `reference` table a reference table (referenced tables first, as Citus
+/// requires) and record the mode. Idempotent; runs inside bootstrap's lock.
+pub(crate) async fn prepare(client: &tokio_postgres::Client) -> Result<bool, DbError> {
+    if !is_coordinator(client).await? {
         return Ok(false);
     }
     // Rounds: each takes the tables whose references (other than to

@@ -56,13 +56,7 @@ fn start_tls_cluster() -> TlsCluster {
     cluster.stop().expect("stop the TLS cluster");
 
     let certs = temp_dir("tenantry-pg-tls-certs");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = crate::smtp::EC_KEY;
     openssl(
         &certs,
         &[

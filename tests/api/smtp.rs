@@ -460,6 +460,15 @@ struct Certs {
     key: PathBuf,
 }
 
+/// `openssl req` arguments for a new P-256 key without a passphrase.
+pub const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 /// A CA and a server certificate for 127.0.0.1 and localhost, signed by it.
 static CERTS: LazyLock<Certs> = LazyLock::new(|| {
     let dir = temp_dir("tenantry-smtp-certs");
@@ -471,13 +480,7 @@ static CERTS: LazyLock<Certs> = LazyLock::new(|| {
             "the TLS modes of the SMTP sink need the openssl CLI (Debian: apt-get install openssl)",
         )
     };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
+    let ec = EC_KEY;
     openssl(
         &[
             &["req", "-x509"][..],

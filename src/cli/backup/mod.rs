@@ -120,14 +120,7 @@ fn where_(target: &Target) -> String {
 /// A Citus coordinator's tenants live on its workers, which no dump of the
 /// coordinator holds: refused (exit 2).
 async fn refuse_citus(client: &tokio_postgres::Client, what: &str) -> Result<(), Failure> {
-    let citus: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
-            &[],
-        )
-        .await?
-        .get(0);
-    if citus {
+    if crate::db::citus::is_coordinator(client).await? {
         return Err(Failure::Usage(format!(
             "this database is a Citus coordinator: `tenantry {what}` covers plain PostgreSQL only, \
              whose one database holds every tenant; a Citus cluster's tenants live on its workers, \
