@@ -84,6 +84,20 @@ impl Fleet {
             .unwrap();
     }
 
+    /// `user`'s tenant lock, held (as a request being served would) until
+    /// the returned session ends.
+    async fn hold_tenant_lock(&self, user: &str) -> tokio_postgres::Client {
+        let holder = self.app.db().await;
+        holder
+            .execute(
+                "SELECT pg_advisory_lock($1, hashtext(user_id::text)) FROM tenantry.tenants WHERE username = $2",
+                &[&tenantry::tenancy::fleet::TENANT_LOCK_CLASS, &user],
+            )
+            .await
+            .unwrap();
+        holder
+    }
+
     async fn fleet(&self, args: &[&str]) -> Output {
         let mut all = vec!["fleet"];
         all.extend_from_slice(args);
@@ -742,14 +756,7 @@ async fn signups_during_a_run_get_the_latest_version_and_are_not_migrated_again(
     let service = fleet.service().await;
     // The run cannot end before the signups: jax's tenant lock is held (as
     // a request being served would), and the run waits for it.
-    let holder = fleet.app.db().await;
-    holder
-        .execute(
-            "SELECT pg_advisory_lock($1, hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'jax'",
-            &[&tenantry::tenancy::fleet::TENANT_LOCK_CLASS],
-        )
-        .await
-        .unwrap();
+    let holder = fleet.hold_tenant_lock("jax").await;
 
     let run = fleet
         .fleet_command(&[
@@ -1134,14 +1141,7 @@ async fn a_run_started_on_one_service_is_seen_and_refused_again_on_another() {
     let second = fleet.service().await;
     let admin = staff_token(&first, "two_ops", &[]).await;
     // The run waits for oli's tenant lock, held here (as a request would).
-    let holder = fleet.app.db().await;
-    holder
-        .execute(
-            "SELECT pg_advisory_lock($1, hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'oli'",
-            &[&tenantry::tenancy::fleet::TENANT_LOCK_CLASS],
-        )
-        .await
-        .unwrap();
+    let holder = fleet.hold_tenant_lock("oli").await;
     let started = first
         .call(Method::POST, "/admin/fleet/migrations", &admin)
         .json(&serde_json::json!({"canary": 0}))

@@ -482,18 +482,27 @@ async fn a_fleet_run_skips_a_tenant_being_erased_and_erasing_again_finishes_it()
     assert_eq!(app.schema_count().await, 1);
 }
 
+/// `tenants export NAME` into a file of its own: the output and the file's
+/// path.
+async fn export_to_file(
+    env: &[(&'static str, String)],
+    name: &str,
+) -> (std::process::Output, String) {
+    let exported = tenantry(&["tenants", "export", name], env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-export");
+    spawn_reaper(&dir);
+    let file = dir.join(format!("{name}.json"));
+    std::fs::write(&file, &exported.stdout).unwrap();
+    (exported, file.display().to_string())
+}
+
 #[tokio::test]
 async fn export_erase_import_export_gives_the_same_data() {
     let app = spawn_app().await;
     let signup = tenant_with_data(&app, "nora").await;
     let env = cli_env(&app.db_name);
-    let before = tenantry(&["tenants", "export", "nora"], &env, None).await;
-    assert!(before.status.success());
-    let dir = temp_dir("tenantry-export");
-    spawn_reaper(&dir);
-    let file = dir.join("nora.json");
-    std::fs::write(&file, &before.stdout).unwrap();
-    let file_arg = file.display().to_string();
+    let (before, file_arg) = export_to_file(&env, "nora").await;
 
     // A name that exists is refused.
     let out = tenantry(
@@ -851,24 +860,9 @@ async fn an_export_signed_before_a_key_rotation_imports_with_the_previous_secret
     let app = spawn_app().await;
     let signup = tenant_with_data(&app, "rosa").await;
     let env = cli_env(&app.db_name);
-    let exported = tenantry(&["tenants", "export", "rosa"], &env, None).await;
-    assert!(exported.status.success(), "{}", stderr(&exported));
-    let dir = temp_dir("tenantry-export");
-    spawn_reaper(&dir);
-    let file = dir.join("rosa.json");
-    std::fs::write(&file, &exported.stdout).unwrap();
-    let file_arg = file.display().to_string();
-    let r = app
-        .call(
-            Method::DELETE,
-            "/api/me",
-            signup["access_token"].as_str().unwrap(),
-        )
-        .json(&json!({"password": PASSWORD}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (_, file_arg) = export_to_file(&env, "rosa").await;
+    app.erase_self(signup["access_token"].as_str().unwrap())
+        .await;
 
     let new_secret = "the-next-secret-the-next-secret-0123456789".to_string();
     let rotated_away = vec![

@@ -288,16 +288,6 @@ async fn run_report(app: &TestApp, admin: &str, run_id: i64) -> Value {
     json(response).await
 }
 
-async fn erase_self(app: &TestApp, token: &str) {
-    let erased = app
-        .call(reqwest::Method::DELETE, "/api/me", token)
-        .json(&json!({ "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(erased.status(), 200);
-}
-
 #[tokio::test]
 async fn an_erasure_takes_the_throttle_rows_of_name_and_email_and_leaves_a_pseudonym_in_fleet_runs()
 {
@@ -336,7 +326,7 @@ async fn an_erasure_takes_the_throttle_rows_of_name_and_email_and_leaves_a_pseud
         "what was typed is never stored: {keys:?}"
     );
 
-    erase_self(&app, &token).await;
+    app.erase_self(&token).await;
 
     let left: Vec<String> = app
         .db()
@@ -606,7 +596,7 @@ async fn an_erased_user_leaves_no_name_or_email_in_any_table_or_log_of_an_embedd
         );
     }
 
-    erase_self(&app, &token).await;
+    app.erase_self(&token).await;
 
     for dbname in ["tenantry", "postgres"] {
         let db = data.superuser(dbname).await;

@@ -396,6 +396,18 @@ impl TestApp {
             .to_owned()
     }
 
+    /// The owner of `token` erases their account with [`PASSWORD`] (which
+    /// must succeed).
+    pub async fn erase_self(&self, token: &str) {
+        let erased = self
+            .call(reqwest::Method::DELETE, "/api/me", token)
+            .json(&serde_json::json!({ "password": PASSWORD }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(erased.status(), 200);
+    }
+
     /// Start a fleet run over HTTP as `admin` (202) and follow it until it
     /// is no longer running: its last report.
     pub async fn fleet_run_over_http(&self, admin: &str) -> Value {
