@@ -32,6 +32,7 @@ use tenantry::domain::{Email, TemplateVersion, Username};
 use tenantry::provisioning::{provision, NewAccount};
 use tenantry::templates::TemplateSet;
 use tenantry::tenancy::fleet::{self, Progress, RunOptions};
+use tenantry::tenancy::publication::Templates;
 
 const CONCURRENCY: [usize; 3] = [1, 2, 4];
 
@@ -96,7 +97,6 @@ async fn main() {
             .unwrap();
         }
     }
-    let templates = Arc::new(TemplateSet::from_dir(&tdir).unwrap());
 
     let version: String = boot
         .query_one("SHOW server_version", &[])
@@ -114,7 +114,10 @@ async fn main() {
     );
     println!("fleet benchmark on PostgreSQL {version}: {n} tenants at V{base}, then a no-op run over {noop_n}");
     let t = Instant::now();
-    provision_many(&target, &installation, &builtin, 0..n, 4).await;
+    let at_base = Templates::publishing(&boot, builtin.clone(), "bench")
+        .await
+        .unwrap();
+    provision_many(&target, &installation, &at_base, 0..n, 4).await;
     println!(
         "provisioned {n} tenants in {:.1} s (4 sessions)",
         t.elapsed().as_secs_f64()
@@ -125,6 +128,12 @@ async fn main() {
         "checkpoint after provisioning: {:.1} s",
         checkpoint.elapsed().as_secs_f64()
     );
+
+    // The admin publishes the new versions; each round migrates to one.
+    let published = Templates::publishing(&boot, TemplateSet::from_dir(&tdir).unwrap(), "bench")
+        .await
+        .unwrap();
+    let templates: Arc<TemplateSet> = published.get();
 
     println!();
     println!(
@@ -200,7 +209,7 @@ async fn main() {
     if noop_n > n {
         let latest = templates.latest();
         let t = Instant::now();
-        provision_many(&target, &installation, &templates, n..noop_n, 4).await;
+        provision_many(&target, &installation, &published, n..noop_n, 4).await;
         println!();
         println!(
             "grew the fleet to {noop_n} tenants in {:.1} s",
@@ -303,7 +312,7 @@ async fn main() {
 async fn provision_many(
     target: &Target,
     installation: &db::Installation,
-    templates: &TemplateSet,
+    templates: &Templates,
     range: std::ops::Range<usize>,
     sessions: usize,
 ) {

@@ -25,6 +25,7 @@ use tenantry::provisioning::{provision, NewAccount};
 use tenantry::templates::TemplateSet;
 use tenantry::tenancy::erasure::{erase, Requester};
 use tenantry::tenancy::export::{export, ExportKey};
+use tenantry::tenancy::publication::Templates;
 
 fn peak_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -49,9 +50,12 @@ async fn main() {
         cluster,
         target,
         installation,
+        boot,
         ..
     } = bench_db("bench-gdpr", &[]).await;
-    let templates = TemplateSet::builtin().unwrap();
+    let templates = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
+        .await
+        .unwrap();
     let pool = target.pool(1, &installation).unwrap();
     let sql = target.connect().await.unwrap();
     let pseudonyms = Pseudonyms::from_secret(b"bench-secret-bench-secret-bench-secret");

@@ -19,6 +19,7 @@ use common::{bench_db, BenchDb};
 use tenantry::domain::{Email, Password, Username};
 use tenantry::provisioning::{provision, NewAccount};
 use tenantry::templates::TemplateSet;
+use tenantry::tenancy::publication::Templates;
 
 #[tokio::main]
 async fn main() {
@@ -33,9 +34,13 @@ async fn main() {
         cluster,
         target,
         installation,
+        boot,
         ..
     } = bench_db("bench", &[]).await;
-    let templates = TemplateSet::builtin().unwrap();
+    let published = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
+        .await
+        .unwrap();
+    let templates = published.get();
     let pool = target.pool(1, &installation).unwrap();
     let mut service = pool.get().await.unwrap();
     let raw = target.connect().await.unwrap();
@@ -137,17 +142,17 @@ async fn main() {
             ..account.clone()
         };
         if i % 2 == 0 {
-            svc_times.push(time_service(&mut service, &installation, &templates, &account).await);
+            svc_times.push(time_service(&mut service, &installation, &published, &account).await);
             mail_times
-                .push(time_service(&mut service, &installation, &templates, &mail_account).await);
+                .push(time_service(&mut service, &installation, &published, &mail_account).await);
             raw_times.push(time_raw(&raw, &raw_sql).await);
             same_times.push(time_raw(&raw, &same_sql).await);
         } else {
             same_times.push(time_raw(&raw, &same_sql).await);
             raw_times.push(time_raw(&raw, &raw_sql).await);
             mail_times
-                .push(time_service(&mut service, &installation, &templates, &mail_account).await);
-            svc_times.push(time_service(&mut service, &installation, &templates, &account).await);
+                .push(time_service(&mut service, &installation, &published, &mail_account).await);
+            svc_times.push(time_service(&mut service, &installation, &published, &account).await);
         }
         bar.inc(1);
     }
@@ -276,7 +281,7 @@ async fn main() {
 async fn time_service(
     service: &mut deadpool_postgres::Client,
     installation: &tenantry::db::Installation,
-    templates: &tenantry::templates::TemplateSet,
+    templates: &Templates,
     account: &NewAccount,
 ) -> Duration {
     let t = Instant::now();

@@ -26,6 +26,7 @@ use common::load::{
 use common::{record, record_fact, Better};
 use tenantry::db;
 use tenantry::templates::TemplateSet;
+use tenantry::tenancy::publication::Templates;
 
 const CONCURRENCY: usize = 32;
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
@@ -296,7 +297,9 @@ async fn measure(
     let mut boot = db::connect(&service_config).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
     assert_eq!(installation.citus, citus, "the target is what it should be");
-    let templates = TemplateSet::load(None).unwrap();
+    let templates = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
+        .await
+        .unwrap();
     println!("provisioning {n} tenants…");
     let started = std::time::Instant::now();
     let tokens =

@@ -176,6 +176,10 @@ pub fn spawn(
                     continue;
                 }
             };
+            // A version published elsewhere: metrics and the next signup use it.
+            if let Err(e) = state.templates.refresh(&**client).await {
+                tracing::warn!(error = %e, "cannot read the published templates");
+            }
             match purge_expired(&**client).await {
                 Ok(p) if p != Purged::default() => tracing::info!(
                     refresh_tokens = p.refresh_tokens,

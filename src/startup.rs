@@ -14,7 +14,8 @@ use crate::auth::{Hasher, JwtKeys};
 use crate::configuration::{DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
 use crate::templates::{TemplateError, TemplateSet};
-use crate::tenancy::integrity::{self, IntegrityError};
+use crate::tenancy::integrity::IntegrityError;
+use crate::tenancy::publication::{self, Opening, Problem, Proposals, Publication, Templates};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -34,6 +35,8 @@ pub enum StartupError {
     Hash(#[from] crate::auth::AuthError),
     #[error("refusing to start: {0}")]
     Integrity(#[from] IntegrityError),
+    #[error("refusing to start: {0}")]
+    Published(Problem),
     #[error("cannot send mail: {0}")]
     Mail(String),
 }
@@ -43,14 +46,38 @@ pub struct Context {
     pub target: Target,
     pub pool: db::RequestPool,
     pub installation: Installation,
-    pub templates: Arc<TemplateSet>,
+    /// The published set (see `tenancy::publication`).
+    pub templates: Arc<Templates>,
+    /// What opening published.
+    pub publication: Publication,
+    /// What this process proposes (`TENANTRY_TEMPLATES_DIR` or built-in).
+    pub proposals: Arc<TemplateSet>,
 }
 
 impl Context {
     /// Resolve the database (starting the embedded cluster if needed), run
-    /// the bootstrap and load the templates.
+    /// the bootstrap and read the published templates (publishing the
+    /// proposals only into a database that has none yet).
     pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
-        let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
+        Self::open_with(settings, pool_size, Opening::Read).await
+    }
+
+    /// [`Context::open`], publishing what the proposals (the built-in
+    /// templates or `TENANTRY_TEMPLATES_DIR`) add: `fleet migrate`,
+    /// `templates publish`.
+    pub async fn open_publishing(
+        settings: &Settings,
+        pool_size: usize,
+    ) -> Result<Context, StartupError> {
+        Self::open_with(settings, pool_size, Opening::Publish).await
+    }
+
+    async fn open_with(
+        settings: &Settings,
+        pool_size: usize,
+        opening: Opening,
+    ) -> Result<Context, StartupError> {
+        let proposals = proposals(settings, format!("cli:{}", os_user()))?;
         let target = Target::resolve(settings).await?;
         if let Some((cluster, running)) = &target.embedded {
             if running.started_here {
@@ -62,12 +89,13 @@ impl Context {
                 );
             }
         }
-        Self::on(target, templates, pool_size).await
+        Self::on(target, &proposals, opening, pool_size).await
     }
 
     async fn on(
         target: Target,
-        templates: Arc<TemplateSet>,
+        proposals: &Proposals,
+        opening: Opening,
         pool_size: usize,
     ) -> Result<Context, StartupError> {
         let mut client = target.connect().await?;
@@ -82,15 +110,73 @@ impl Context {
                 tracing::info!(signups = swept, "swept what killed signups left");
             }
         }
+        let (published, publication) = publication::open(&client, proposals, opening)
+            .await
+            .map_err(StartupError::from)?;
+        for file in &publication.published {
+            tracing::info!(file, "template published");
+        }
         drop(client);
         let pool = target.pool(pool_size, &installation)?;
         Ok(Context {
             target,
             pool,
             installation,
-            templates,
+            templates: Arc::new(Templates::new(published)),
+            publication,
+            proposals: Arc::new(proposals.set.clone()),
         })
     }
+}
+
+impl Context {
+    /// The set a fleet run would migrate to: the published one, or the
+    /// proposals where they continue it (what `fleet migrate` publishes
+    /// first). For `fleet status` and `fleet migrate --dry-run`, which
+    /// publish nothing.
+    pub fn proposed(&self) -> Arc<TemplateSet> {
+        let published = self.templates.get();
+        let continues = self.proposals.latest() > published.latest()
+            && published.all().iter().all(|p| {
+                self.proposals
+                    .get(p.version())
+                    .is_some_and(|t| t.name() == p.name() && t.checksum() == p.checksum())
+            });
+        if continues {
+            self.proposals.clone()
+        } else {
+            published
+        }
+    }
+}
+
+impl From<Problem> for StartupError {
+    fn from(p: Problem) -> Self {
+        match p {
+            Problem::Integrity(IntegrityError::Postgres(e)) => StartupError::Db(DbError::from(e)),
+            Problem::Integrity(e) => StartupError::Integrity(e),
+            Problem::Templates(e) => StartupError::Templates(e),
+            other => StartupError::Published(other),
+        }
+    }
+}
+
+/// The proposed templates: `TENANTRY_TEMPLATES_DIR`'s, or the built-in ones.
+fn proposals(settings: &Settings, by: String) -> Result<Proposals, TemplateError> {
+    Ok(Proposals {
+        set: TemplateSet::load(settings.templates_dir.as_deref())?,
+        explicit: settings.templates_dir.is_some(),
+        by,
+    })
+}
+
+/// The user running this command, for records of who did what.
+pub fn os_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
 }
 
 pub struct Application {
@@ -117,7 +203,7 @@ impl Application {
         if let (None, DatabaseTarget::Url(_)) = (&settings.jwt_secret, &settings.database) {
             return Err(SettingsError::MissingJwtSecret.into());
         }
-        let templates = Arc::new(TemplateSet::load(settings.templates_dir.as_deref())?);
+        let proposals = proposals(&settings, "serve".into())?;
         let tls = match &settings.tls {
             Some(files) => Some(
                 crate::transport::Tls::from_pem_files(&files.cert, &files.key).map_err(
@@ -137,7 +223,7 @@ impl Application {
         let port = listener.local_addr().map_err(bind_err)?.port();
 
         let target = Target::resolve(&settings).await?;
-        match Self::serve_on(&settings, target.clone(), templates, listener, tls).await {
+        match Self::serve_on(&settings, target.clone(), proposals, listener, tls).await {
             Ok((server, fleet_runs, mail)) => Ok(Application {
                 port,
                 server,
@@ -159,21 +245,23 @@ impl Application {
     async fn serve_on(
         settings: &Settings,
         target: Target,
-        templates: Arc<TemplateSet>,
+        proposals: Proposals,
         listener: TcpListener,
         tls: Option<crate::transport::Tls>,
     ) -> Result<(Server, FleetRuns, crate::mail::delivery::Delivering), StartupError> {
         let connector = target.connector.with_cap(settings.extra_connections);
-        let context = Context::on(target, templates, settings.pool_size).await?;
-        // Never provision with templates that disagree with what this
-        // database has applied.
-        integrity::verify_and_record(
+        // `serve` publishes what its templates add at start (an upgrade's
+        // new built-in versions, or TENANTRY_TEMPLATES_DIR's), and refuses
+        // a directory that disagrees with what is published.
+        let context = Context::on(target, &proposals, Opening::Publish, settings.pool_size).await?;
+        // Never provision with a set that disagrees with the database.
+        crate::tenancy::integrity::verify(
             &**context
                 .pool
                 .get()
                 .await
                 .map_err(|e| DbError::Pool(e.to_string()))?,
-            &context.templates,
+            &context.templates.get(),
         )
         .await?;
         // Embedded mode: generated once, kept 0600 in the data dir.

@@ -12,7 +12,7 @@ use tenantry::auth::JwtKeys;
 use tenantry::db::{self, ConnectionLimits, Installation};
 use tenantry::domain::{Email, Username};
 use tenantry::provisioning::{provision, NewAccount};
-use tenantry::templates::TemplateSet;
+use tenantry::tenancy::publication::Templates;
 
 /// Provision tenants `rt1000`… (`n` of them, four at a time, with a
 /// progress bar) as the service (`service`), each with a quick summary and
@@ -21,7 +21,7 @@ use tenantry::templates::TemplateSet;
 pub async fn provision_seeded(
     service: &tokio_postgres::Config,
     installation: &Installation,
-    templates: &TemplateSet,
+    templates: &Templates,
     n: usize,
     secret: &str,
 ) -> Vec<String> {

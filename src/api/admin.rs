@@ -29,7 +29,12 @@ pub async fn fleet_status(
     _admin: AdminUser,
 ) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
-    let status = fleet::fleet_status(&client, &state.installation, &state.templates).await?;
+    // What was published since (by a command, or another process) counts.
+    let templates = match state.templates.refresh(&**client).await {
+        Ok(published) => published.set().clone(),
+        Err(_) => state.templates.get(),
+    };
+    let status = fleet::fleet_status(&client, &state.installation, &templates).await?;
     Ok(HttpResponse::Ok().json(status))
 }
 
@@ -130,7 +135,18 @@ pub async fn start_migration(
             ),
         ));
     }
-    let prepared = fleet::prepare(&state.connector, state.templates.clone(), options).await?;
+    // The run migrates to the newest published version: read it again.
+    let templates = {
+        let client = state.pool.get().await?;
+        state
+            .templates
+            .refresh(&**client)
+            .await
+            .map_err(|e| ApiError::from(fleet::FleetError::from(e)))?
+            .set()
+            .clone()
+    };
+    let prepared = fleet::prepare(&state.connector, templates, options).await?;
     let run_id = prepared.run_id();
     state.fleet_runs.register(prepared.stop_handle());
     let planned = prepared.plan().tenants.len();

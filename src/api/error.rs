@@ -288,6 +288,11 @@ impl From<ProvisionError> for ApiError {
                 message: "email is already registered".into(),
             },
             ProvisionError::Postgres(pg) => pg.into(),
+            ProvisionError::Published(reason) => {
+                tracing::error!(%reason, "cannot provision: the published templates cannot be read");
+                crate::metrics::database_error("templates");
+                ApiError::Unavailable
+            }
             ProvisionError::Template { ref source, .. } if database_unavailable(source) => {
                 crate::metrics::database_error("unavailable");
                 ApiError::Unavailable
@@ -344,7 +349,7 @@ impl From<FleetError> for ApiError {
             // The admin must see which file is refused, and why.
             FleetError::Integrity(crate::tenancy::integrity::IntegrityError::Postgres(pg))
             | FleetError::Postgres(pg) => pg.into(),
-            FleetError::Integrity(_) => ApiError::Conflict {
+            FleetError::Integrity(_) | FleetError::Published(_) => ApiError::Conflict {
                 code: "templates_refused",
                 message: e.to_string(),
             },

@@ -90,8 +90,11 @@ struct Facts {
     deleting: i64,
     last_run: Option<String>,
     connections: ConnectionStatus,
-    /// This process's templates refused by the database's applied set.
+    /// Why this process cannot provision at the newest published version.
     templates: Option<String>,
+    /// The version signups get (this process's published set, read again
+    /// by the probe when a newer one was published).
+    latest: i32,
 }
 
 /// PostgreSQL's connections as the service can use them: the tighter of the
@@ -110,7 +113,7 @@ impl ConnectionStatus {
 }
 
 impl Facts {
-    fn from_row(row: &tokio_postgres::Row) -> Facts {
+    fn from_row(row: &tokio_postgres::Row, latest: i32) -> Facts {
         let server = ConnectionStatus {
             in_use: row.get("connections"),
             limit: row.get("connection_slots"),
@@ -132,6 +135,7 @@ impl Facts {
             last_run: row.get("last_run"),
             connections: tighter,
             templates: None,
+            latest,
         }
     }
 }
@@ -159,7 +163,7 @@ enum AskOn {
 }
 
 impl HealthProbe {
-    async fn facts(&self, state: &AppState, latest: i32, on: AskOn) -> Option<Facts> {
+    async fn facts(&self, state: &AppState, on: AskOn) -> Option<Facts> {
         let arrived = Instant::now();
         let mut probe = self.0.lock().await;
         if let Some((at, facts)) = &probe.last {
@@ -167,7 +171,7 @@ impl HealthProbe {
                 return facts.clone();
             }
         }
-        let asked = tokio::time::timeout(Duration::from_secs(3), probe.ask(state, latest, on));
+        let asked = tokio::time::timeout(Duration::from_secs(3), probe.ask(state, on));
         let facts = asked.await.ok().flatten();
         probe.last = Some((Instant::now(), facts.clone()));
         facts
@@ -175,15 +179,17 @@ impl HealthProbe {
 }
 
 impl ProbeState {
-    async fn ask(&mut self, state: &AppState, latest: i32, on: AskOn) -> Option<Facts> {
+    async fn ask(&mut self, state: &AppState, on: AskOn) -> Option<Facts> {
         if on == AskOn::Pool {
             let client = state.pool.get().await.ok()?;
+            let problem = template_problem(&client, state).await;
+            let latest = state.templates.get().latest().get();
             let mut facts = client
                 .query_one(FACTS, &[&latest])
                 .await
                 .ok()
-                .map(|r| Facts::from_row(&r))?;
-            facts.templates = template_problem(&client, state).await;
+                .map(|r| Facts::from_row(&r, latest))?;
+            facts.templates = problem;
             return Some(facts);
         }
         if self.spare.as_ref().is_none_or(|c| c.is_closed()) {
@@ -196,23 +202,29 @@ impl ProbeState {
                 .ok();
         }
         let spare = self.spare.as_ref()?;
+        let problem = template_problem(spare, state).await;
+        let latest = state.templates.get().latest().get();
         let answer = spare.query_one(FACTS, &[&latest]).await;
         let Ok(row) = answer else {
             self.spare = None;
             return None;
         };
-        let mut facts = Facts::from_row(&row);
-        facts.templates = template_problem(spare, state).await;
+        let mut facts = Facts::from_row(&row, latest);
+        facts.templates = problem;
         Some(facts)
     }
 }
 
-/// What this process's templates disagree with in the database (a version
-/// applied here that it lacks, a changed file, tenants ahead of it), as the
-/// fleet's own check words it, with how to fix it.
+/// Why this process cannot provision at the newest published template
+/// version (one it could not read, tenants ahead of the published set), as
+/// the fleet's own check words it, with how to fix it. Reads the published
+/// set again first when a version was published since.
 async fn template_problem(client: &tokio_postgres::Client, state: &AppState) -> Option<String> {
     use crate::tenancy::integrity::{self, IntegrityError};
-    match integrity::verify(client, &state.templates).await {
+    if let Err(e) = state.templates.refresh(client).await {
+        return Some(format!("the published templates cannot be read: {e}"));
+    }
+    match integrity::verify(client, &state.templates.get()).await {
         Ok(()) => None,
         Err(IntegrityError::Postgres(e)) => Some(format!(
             "this process's templates could not be checked against the database: {e}"
@@ -243,7 +255,6 @@ pub struct ExportStatus {
 )]
 #[get("/health")]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let latest = state.templates.latest().get();
     let before = pool_status(&state.pool);
     let saturated = before.size >= before.max_size && before.available == 0;
     let exports = ExportStatus {
@@ -251,7 +262,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         max: state.exports.size(),
     };
     let on = if saturated { AskOn::Spare } else { AskOn::Pool };
-    let facts = match state.health.facts(&state, latest, on).await {
+    let facts = match state.health.facts(&state, on).await {
         Some(facts) => facts,
         // Busy connections mean the database was answering a moment ago.
         None if saturated => {
@@ -263,7 +274,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
                 )],
                 database: "busy",
                 version: Some(env!("CARGO_PKG_VERSION")),
-                template_version: Some(latest),
+                template_version: Some(state.templates.get().latest().get()),
                 tenants_pending_migration: None,
                 last_fleet_run: None,
                 pool: Some(before),
@@ -294,6 +305,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         }
     };
     let pool = before;
+    let latest = facts.latest;
     let reasons = reasons(&facts, &pool, &exports, latest);
     HttpResponse::Ok().json(HealthReport {
         status: if reasons.is_empty() {

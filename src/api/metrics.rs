@@ -67,7 +67,7 @@ async fn record_gauges(state: &AppState) {
     }
     ::metrics::gauge!("tenantry_pool_waiting").set(pool.waiting as f64);
 
-    let latest = state.templates.latest().get();
+    let latest = state.templates.get().latest().get();
     let read = async {
         let client = state.pool.get().await.ok()?;
         let versions = client

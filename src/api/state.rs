@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::audit::Pseudonyms;
 use crate::auth::{Hasher, JwtKeys};
 use crate::db::{self, Installation};
-use crate::templates::TemplateSet;
+use crate::tenancy::publication::Templates;
 
 /// Shared by every request.
 pub struct AppState {
@@ -14,7 +14,7 @@ pub struct AppState {
     /// spare), under the cap `TENANTRY_EXTRA_CONNECTIONS`.
     pub connector: db::Connector,
     pub installation: Installation,
-    pub templates: Arc<TemplateSet>,
+    pub templates: Arc<Templates>,
     pub jwt: JwtKeys,
     /// bcrypt at the configured cost, bounded to the core count.
     pub hasher: Hasher,

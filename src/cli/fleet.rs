@@ -79,7 +79,9 @@ pub async fn run(settings: Settings, command: FleetCommand) -> Result<(), Failur
 async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
     let ctx = Context::open(&settings, 1).await?;
     let client = ctx.target.connect().await?;
-    let s = fleet::fleet_status(&client, &ctx.installation, &ctx.templates).await?;
+    // What the next run would do: with the proposals it would publish.
+    let templates = ctx.proposed();
+    let s = fleet::fleet_status(&client, &ctx.installation, &templates).await?;
     // Refused templates are a failure of the command, whatever it printed.
     let refused = || {
         match &s.template_problem {
@@ -94,11 +96,20 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return refused();
     }
-    let latest = ctx.templates.all().last().expect("never empty");
+    let latest = templates.all().last().expect("never empty");
+    let published = ctx.templates.get().latest();
     println!(
-        "target version: V{} ({})",
+        "target version: V{} ({}{})",
         s.target_version,
-        latest.file_name()
+        latest.file_name(),
+        if latest.version() > published {
+            format!(
+                "; not published yet, proposed by {}: `fleet migrate` publishes it",
+                ctx.proposals.origin()
+            )
+        } else {
+            String::new()
+        }
     );
     println!("tenants:        {}", s.tenants);
     for v in &s.versions {
@@ -190,17 +201,9 @@ fn options(args: &MigrateArgs) -> Result<RunOptions, Failure> {
         only_tenant,
         lock_timeout: seconds("--lock-timeout", args.lock_timeout)?,
         statement_timeout: seconds("--statement-timeout", args.statement_timeout)?,
-        started_by: format!("cli:{}", os_user()),
+        started_by: format!("cli:{}", crate::startup::os_user()),
         audit_actor: None,
     })
-}
-
-fn os_user() -> String {
-    nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()))
 }
 
 fn fleet_failure(e: FleetError) -> Failure {
@@ -213,10 +216,12 @@ fn fleet_failure(e: FleetError) -> Failure {
 
 async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
     let options = options(&args)?;
-    let ctx = Context::open(&settings, 1).await?;
     if args.dry_run {
+        let ctx = Context::open(&settings, 1).await?;
+        // As if the proposals were published: nothing is.
+        let templates = ctx.proposed();
         let client = ctx.target.connect().await?;
-        let plan = fleet::plan_only(&client, &ctx.templates, &options)
+        let plan = fleet::plan_only(&client, &templates, &options)
             .await
             .map_err(fleet_failure)?;
         println!(
@@ -230,12 +235,15 @@ async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
                 t.username,
                 t.from_version,
                 plan.target,
-                plan.files_for(&ctx.templates, t).join(", ")
+                plan.files_for(&templates, t).join(", ")
             );
         }
         return Ok(());
     }
-    let prepared = fleet::prepare(&ctx.target.connector, ctx.templates.clone(), options)
+    // A run publishes what it applies: the proposals' new versions.
+    let ctx = Context::open_publishing(&settings, 1).await?;
+    print_publication(&ctx);
+    let prepared = fleet::prepare(&ctx.target.connector, ctx.templates.get(), options)
         .await
         .map_err(fleet_failure)?;
     let stop = prepared.stop_handle();
@@ -476,11 +484,22 @@ async fn check(settings: Settings, json: bool, repair: bool) -> Result<(), Failu
     Ok(())
 }
 
-/// Verify and record the template set: what `serve` and `tenants create`
-/// do before they provision anything.
+/// Check the published set (what `serve` and `tenants create` do before
+/// they provision anything): refused with the fix when a published version
+/// cannot be read or tenants are ahead of it.
 pub async fn verify_templates(ctx: &Context) -> Result<(), Failure> {
     // On the context's pool: the command goes on with the same connection.
     let client = ctx.pool.get().await?;
-    integrity::verify_and_record(&**client, &ctx.templates).await?;
+    integrity::verify(&**client, &ctx.templates.get()).await?;
     Ok(())
+}
+
+/// Say what opening the database published.
+pub fn print_publication(ctx: &Context) {
+    for file in &ctx.publication.published {
+        println!("published {file} from {}", ctx.proposals.origin());
+    }
+    if let Some(diverged) = &ctx.publication.diverged {
+        eprintln!("note: the built-in templates were not published: {diverged}");
+    }
 }

@@ -18,6 +18,7 @@ mod backup;
 mod fleet;
 mod outbox;
 mod password;
+mod templates;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,6 +78,11 @@ enum Command {
     Tenants {
         #[command(subcommand)]
         action: TenantsCommand,
+    },
+    /// The tenant templates published in the database (what every process uses), and publishing new versions
+    Templates {
+        #[command(subcommand)]
+        action: templates::TemplatesCommand,
     },
     /// Roll template versions out to every tenant; fleet status and drift
     Fleet {
@@ -373,6 +379,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin { action } => admin(settings, action).await,
         Command::Audit { action } => audit_command(settings, action).await,
         Command::Outbox { action } => outbox::run(settings, action).await,
+        Command::Templates { action } => templates::run(settings, action).await,
         Command::Backup { dir } => backup::backup(settings, &dir).await,
         Command::Restore { dir } => backup::restore(settings, &dir).await,
         Command::Cluster {

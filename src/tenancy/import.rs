@@ -294,7 +294,7 @@ fn check_rows(tables: &[ExportedTable]) -> Result<(), RestoreError> {
 pub async fn import(
     client: &mut deadpool_postgres::Client,
     installation: &crate::db::Installation,
-    templates: &crate::tenancy::templates::TemplateSet,
+    templates: &crate::tenancy::publication::Templates,
     document: &Export,
     account: &crate::provisioning::NewAccount,
     pseudonyms: &crate::audit::Pseudonyms,
@@ -302,24 +302,39 @@ pub async fn import(
     let version = document.template_version;
     let template_version = crate::domain::TemplateVersion::parse(version)
         .map_err(|_| ImportError::Format(format!("template_version {version}")))?;
-    let latest = templates.latest();
+    let latest = templates.get().latest();
     if version > i64::from(latest.get()) {
         return Err(RestoreError::NewerVersion(version, latest.get()));
     }
     check_rows(&document.tables)?;
-    let at_export = templates.between(0, template_version);
     let reservation =
         crate::provisioning::Reservation::take(client, installation, &account.username).await?;
-    let restored = import_in(
-        client,
-        installation,
-        templates,
-        account,
-        pseudonyms,
-        (at_export, version),
-        &document.tables,
-    )
-    .await;
+    let mut attempts = 0;
+    let restored = loop {
+        // A version published meanwhile: read the set again and redo it.
+        let published = templates.published();
+        let restored = import_in(
+            client,
+            installation,
+            &published,
+            account,
+            pseudonyms,
+            (template_version, version),
+            &document.tables,
+        )
+        .await;
+        match restored {
+            Err(RestoreError::Provision(e)) if e.newer_published() && attempts < 3 => {
+                attempts += 1;
+                if let Err(e) = templates.refresh(&***client).await {
+                    break Err(
+                        crate::provisioning::ProvisionError::Published(e.to_string()).into(),
+                    );
+                }
+            }
+            other => break other,
+        }
+    };
     let finished = reservation.finish(client, restored.is_ok()).await;
     let restored = restored?;
     finished?;
@@ -332,21 +347,24 @@ pub async fn import(
 async fn import_in(
     client: &mut deadpool_postgres::Client,
     installation: &crate::db::Installation,
-    templates: &crate::tenancy::templates::TemplateSet,
+    published: &crate::tenancy::publication::Published,
     account: &crate::provisioning::NewAccount,
     pseudonyms: &crate::audit::Pseudonyms,
-    (at_export, version): (&[crate::tenancy::templates::Template], i64),
+    (template_version, version): (crate::domain::TemplateVersion, i64),
     tables: &[ExportedTable],
 ) -> Result<Restored, RestoreError> {
     use crate::audit::{Action, Entry};
     use crate::tenancy::apply::TemplateApplication;
 
+    let templates = published.set();
+    let at_export = templates.between(0, template_version);
     let tx = client.transaction().await?;
     let latest = templates.latest();
     let made = crate::provisioning::provision_in(
         &tx,
         installation,
         at_export,
+        published.newest(),
         account,
         crate::provisioning::Distribute::Later,
     )

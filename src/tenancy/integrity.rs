@@ -1,9 +1,10 @@
-//! Template integrity: the control plane remembers the template set it has
-//! applied (`tenantry.templates`: version, name, checksum). A binary whose
-//! set disagrees with it — a file edited after it was applied, a version
-//! that is gone, or tenants at a version newer than the binary knows — is
-//! refused before it provisions or migrates anything: the same version
-//! would otherwise mean different tables in different tenants.
+//! Template integrity: the control plane holds the published template set
+//! (`tenantry.templates`, see `tenancy::publication`). A set that disagrees
+//! with it — a file changed after it was published, a published version
+//! whose text this process could not read, or tenants at a version newer
+//! than the set — is refused before anything is provisioned or migrated
+//! with it: the same version would otherwise mean different tables in
+//! different tenants.
 
 use tokio_postgres::GenericClient;
 
@@ -12,34 +13,34 @@ use crate::tenancy::templates::TemplateSet;
 #[derive(Debug, thiserror::Error)]
 pub enum IntegrityError {
     #[error(
-        "template {file} has changed since it was applied to this database (checksum {found}, applied {applied}): \
-         applied templates must never change; restore the file and put the change in a new version"
+        "template {file} has changed since it was published (checksum {found} in {origin}, published {applied}): \
+         published templates never change; restore the file and put the change in a new version"
     )]
     Changed {
         file: String,
         found: String,
         applied: String,
+        origin: String,
     },
     #[error(
-        "template {file} was applied to this database but is missing from {origin}: \
-         run with TENANTRY_TEMPLATES_DIR pointing at the directory that holds it (every command and `serve` need \
-         the same templates), or restore the file"
+        "template {file} is published, but its text is not in the database or does not give its checksum: \
+         run `tenantry templates publish DIR` with the directory that holds the file"
     )]
-    Missing { file: String, origin: String },
+    Missing { file: String },
     #[error(
-        "{count} tenant(s) are at template version {version}, newer than the latest this binary knows (V{latest}): \
-         run a newer tenantry, or point TENANTRY_TEMPLATES_DIR at the newer templates"
+        "{count} tenant(s) are at template version {version}, newer than the latest published one (V{latest}): \
+         publish the templates they were built from (`tenantry templates publish DIR`)"
     )]
     TenantsAhead {
         count: i64,
         version: i32,
         latest: i32,
     },
-    #[error("cannot read the applied template set: {0}")]
+    #[error("cannot read the published template set: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
 
-/// Check `set` against what this database has applied. Reads only.
+/// Check `set` against what this database has published. Reads only.
 pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<(), IntegrityError> {
     let applied = client
         .query(
@@ -54,12 +55,7 @@ pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<()
         let file = format!("V{version}__{name}.sql");
         let found = set.all().iter().find(|t| t.version().get() == version);
         match found {
-            None => {
-                return Err(IntegrityError::Missing {
-                    file,
-                    origin: set.origin().to_owned(),
-                })
-            }
+            None => return Err(IntegrityError::Missing { file }),
             Some(t) if t.name() != name || t.checksum().to_string() != checksum => {
                 return Err(IntegrityError::Changed {
                     file: if t.name() == name {
@@ -69,6 +65,7 @@ pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<()
                     },
                     found: t.checksum().to_string(),
                     applied: checksum,
+                    origin: set.origin().to_owned(),
                 })
             }
             Some(_) => {}
@@ -90,27 +87,4 @@ pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<()
         });
     }
     Ok(())
-}
-
-/// Check `set`, then record its versions as applied: from now on this
-/// binary provisions at its latest version. Safe when several processes do
-/// it at once (existing rows are left alone and checked again).
-pub async fn verify_and_record(
-    client: &impl GenericClient,
-    set: &TemplateSet,
-) -> Result<(), IntegrityError> {
-    verify(client, set).await?;
-    let versions: Vec<i32> = set.all().iter().map(|t| t.version().get()).collect();
-    let names: Vec<&str> = set.all().iter().map(|t| t.name()).collect();
-    let checksums: Vec<String> = set.all().iter().map(|t| t.checksum().to_string()).collect();
-    client
-        .execute(
-            "INSERT INTO tenantry.templates (version, name, checksum)
-             SELECT * FROM unnest($1::int4[], $2::text[], $3::text[])
-             ON CONFLICT (version) DO NOTHING",
-            &[&versions, &names, &checksums],
-        )
-        .await?;
-    // Another process may have recorded a different set in between.
-    verify(client, set).await
 }

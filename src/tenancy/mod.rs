@@ -10,5 +10,6 @@ pub mod import;
 pub mod integrity;
 pub mod lint;
 pub mod provisioning;
+pub mod publication;
 pub mod suspension;
 pub mod templates;

@@ -24,7 +24,7 @@ use crate::auth::Role;
 use crate::db::{self, Installation};
 use crate::domain::{Email, RoleName, SchemaName, TemplateVersion, Username};
 use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
-use crate::tenancy::templates::TemplateSet;
+use crate::tenancy::publication::{self, Templates};
 
 pub use crate::tenancy::apply::HISTORY_TABLE;
 
@@ -41,11 +41,20 @@ pub enum ProvisionError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The published templates could not be read (or kept changing).
+    #[error("{0}")]
+    Published(String),
     #[error("provisioning failed: {0}")]
     Postgres(#[from] tokio_postgres::Error),
 }
 
 impl ProvisionError {
+    /// A newer template version was published since the set was read.
+    pub fn newer_published(&self) -> bool {
+        matches!(self, ProvisionError::Postgres(e)
+            if e.code().map(|c| c.code()) == Some(publication::NEWER_PUBLISHED))
+    }
+
     /// The conflict for a name or email found taken.
     pub fn from_taken(same_name: bool, username: &Username) -> ProvisionError {
         if same_name {
@@ -161,6 +170,10 @@ pub struct Provisioned {
     pub template_version: TemplateVersion,
 }
 
+/// A provisioning transaction's first statement: `$1` is still the newest
+/// published template version (SQLSTATE TY003 otherwise).
+const PROVISIONING_AT: &str = "SELECT tenantry.provisioning_at($1)";
+
 const INSERT_ACCOUNT: &str = "\
 WITH u AS (
     INSERT INTO tenantry.users (id, username, email, password_hash, role, email_verified_at)
@@ -170,13 +183,16 @@ WITH u AS (
 INSERT INTO tenantry.tenants (user_id, username, schema_name, role_name, template_version, status)
 SELECT id, $2, $6, $7, $8, 'active' FROM u";
 
-/// Create the account and its tenant. `client` may be a pooled client or a
-/// plain one; the transaction is ours.
+/// Create the account and its tenant, at the newest published template
+/// version. `client` may be a pooled client or a plain one; the transaction
+/// is ours. A version published while this process held an older set
+/// refuses the transaction (`tenantry.provisioning_at`): the set is read
+/// again and the signup made again, at the new version.
 #[tracing::instrument(skip_all)]
 pub async fn provision(
     client: &mut deadpool_postgres::Client,
     installation: &Installation,
-    templates: &TemplateSet,
+    templates: &Templates,
     account: &NewAccount,
 ) -> Result<Provisioned, ProvisionError> {
     // Round trips are most of what this path adds to the DDL itself, so
@@ -185,11 +201,35 @@ pub async fn provision(
     let started = std::time::Instant::now();
     let reservation = Reservation::take(client, installation, &account.username).await?;
     let made = async {
-        let tx = client.transaction().await?;
-        let provisioned =
-            provision_in(&tx, installation, templates.all(), account, Distribute::Now).await?;
-        tx.commit().await?;
-        Ok::<_, ProvisionError>(provisioned)
+        let mut attempts = 0;
+        loop {
+            let published = templates.published();
+            let tx = client.transaction().await?;
+            let made = provision_in(
+                &tx,
+                installation,
+                published.set().all(),
+                published.newest(),
+                account,
+                Distribute::Now,
+            )
+            .await;
+            match made {
+                Ok(provisioned) => {
+                    tx.commit().await?;
+                    return Ok::<_, ProvisionError>(provisioned);
+                }
+                Err(e) if e.newer_published() && attempts < 3 => {
+                    attempts += 1;
+                    drop(tx);
+                    templates
+                        .refresh(&***client)
+                        .await
+                        .map_err(|e| ProvisionError::Published(e.to_string()))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
     .await;
     let finished = reservation.finish(client, made.is_ok()).await;
@@ -206,12 +246,15 @@ pub async fn provision(
 
 /// The work of [`provision`] inside the caller's transaction, at the last
 /// version of `templates` (ascending and contiguous from V1): one pipeline.
+/// It starts by checking (under a lock publishing waits for) that
+/// `newest_published` is still the newest published version.
 /// The caller commits (and resets the session afterwards); on Citus it
 /// holds a [`Reservation`] of the name, taken before the transaction.
 pub async fn provision_in(
     tx: &deadpool_postgres::Transaction<'_>,
     installation: &Installation,
     templates: &[crate::tenancy::templates::Template],
+    newest_published: i32,
     account: &NewAccount,
     distribute: Distribute,
 ) -> Result<Provisioned, ProvisionError> {
@@ -291,6 +334,12 @@ pub async fn provision_in(
 
     let mut steps: Vec<Step> = Vec::new();
     let mut requests: Vec<Request<'_>> = Vec::new();
+    steps.push(Step::Other);
+    requests.push(Box::pin(async {
+        tx.execute_typed(PROVISIONING_AT, &[(&newest_published, Type::INT4)])
+            .await
+            .map(drop)
+    }));
     steps.push(Step::Account);
     requests.push(Box::pin(async {
         tx.execute_typed(INSERT_ACCOUNT, &account_params)

@@ -121,7 +121,7 @@ impl TemplateSet {
         }
     }
 
-    fn from_files(
+    pub(crate) fn from_files(
         files: impl Iterator<Item = (String, String)>,
         origin: &str,
     ) -> Result<TemplateSet, TemplateError> {

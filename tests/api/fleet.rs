@@ -493,18 +493,17 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
         "{}",
         stderr(&out)
     );
-    // Only the built-in versions left: the tenants are at a version the set
-    // does not know.
+    // Only the built-in versions left in the directory: it only proposes;
+    // the added version is published, so the run has it from the database
+    // (and nothing left to do). A published version without its text is
+    // refused: see `health_and_fleet_status_tell_…`.
     std::fs::remove_file(fleet.templates.join(&notes_file)).unwrap();
     let out = fleet.fleet(&["migrate"]).await;
-    assert_eq!(out.status.code(), Some(1));
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains(&format!(
-            "{} was applied to this database but is missing",
-            rating_file()
-        )),
+        stdout(&out).contains(&format!("0 tenant(s) to V{}", added_version())),
         "{}",
-        stderr(&out)
+        stdout(&out)
     );
 
     for user in ["oli", "pam"] {
@@ -515,30 +514,40 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
         .count("SELECT count(*) FROM pg_tables WHERE tablename = 'notes'")
         .await;
     assert_eq!(notes, 0);
-    assert_eq!(fleet.runs().await, 1);
+    // The first run, and the one with nothing to do: none of the refused.
+    assert_eq!(fleet.runs().await, 2);
 }
 
 #[tokio::test]
 async fn tenants_newer_than_the_binary_are_refused() {
     let fleet = fleet_at_base(&["quin"], RATING).await;
     assert!(fleet.fleet(&["migrate"]).await.status.success());
-    // A database some newer binary migrated, without its template record.
-    fleet
-        .app
-        .db()
-        .await
-        .batch_execute(&format!(
-            "DELETE FROM tenantry.templates WHERE version = {}",
-            added_version()
-        ))
-        .await
-        .unwrap();
+    // A published version is never taken back: the database refuses.
+    let db = fleet.app.db().await;
+    let delete = format!(
+        "DELETE FROM tenantry.templates WHERE version = {}",
+        added_version()
+    );
+    let refused = db.batch_execute(&delete).await.unwrap_err();
+    assert!(
+        refused
+            .as_db_error()
+            .is_some_and(|e| e.message().contains("may not be removed")),
+        "{refused:?}"
+    );
+    // A control plane that lost the record anyway (restored from a copy
+    // older than its tenants, by a superuser, triggers off).
+    db.batch_execute(&format!(
+        "SET session_replication_role = replica; {delete}; RESET session_replication_role"
+    ))
+    .await
+    .unwrap();
     let env = cli_env(&fleet.app.db_name);
     let out = tenantry(&["fleet", "migrate"], &env, None).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains(&format!(
-            "1 tenant(s) are at template version {}, newer than the latest this binary knows (V{})",
+            "1 tenant(s) are at template version {}, newer than the latest published one (V{})",
             added_version(),
             base_version()
         )),
@@ -1097,18 +1106,62 @@ async fn a_failed_tenant_shows_in_the_run_report_over_http() {
 #[tokio::test]
 async fn health_and_fleet_status_tell_when_this_processs_templates_are_refused() {
     let fleet = fleet_at_base(&["ivy"], RATING).await;
-    assert_eq!(fleet.app.get("/health").await.status(), 200);
     let body = json(fleet.app.get("/health").await).await;
     assert_eq!(body["status"], "healthy", "{body}");
 
+    // The run publishes the added version: the service, started before on
+    // the built-in templates, reads it from the database (no restart).
     let out = fleet.fleet(&["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("published {}", rating_file())),
+        "{}",
+        stdout(&out)
+    );
+    let body = json(fleet.app.get("/health").await).await;
+    assert_eq!(body["status"], "healthy", "{body}");
+    assert_eq!(body["template_version"], added_version(), "{body}");
+    let joined = fleet.app.register("jon").await;
+    assert_eq!(json(joined).await["template_version"], added_version());
 
+    // A version recorded without its text, as a tenantry before published
+    // templates did: nothing can be provisioned or migrated at it.
+    let notes_file = format!("V{}__notes.sql", added_version() + 1);
+    let notes = builtin_templates_with(&[
+        (&rating_file(), RATING),
+        (
+            &notes_file,
+            "CREATE TABLE notes (id bigserial PRIMARY KEY);",
+        ),
+    ]);
+    let checksum = tenantry::templates::TemplateSet::from_dir(&notes)
+        .unwrap()
+        .all()
+        .last()
+        .unwrap()
+        .checksum()
+        .to_string();
+    fleet
+        .app
+        .db()
+        .await
+        .execute(
+            "INSERT INTO tenantry.templates (version, name, checksum) VALUES ($1, 'notes', $2)",
+            &[&(added_version() + 1), &checksum],
+        )
+        .await
+        .unwrap();
     let body = json(fleet.app.get("/health").await).await;
     assert_eq!(body["status"], "degraded", "{body}");
     let reasons = body["reasons"].to_string();
-    assert!(reasons.contains(&rating_file()), "{reasons}");
-    assert!(reasons.contains("TENANTRY_TEMPLATES_DIR"), "{reasons}");
+    assert!(reasons.contains(&notes_file), "{reasons}");
+    assert!(
+        reasons.contains("tenantry templates publish DIR"),
+        "{reasons}"
+    );
+    // Signups go on at the newest version that can be used.
+    let kept = fleet.app.register("kit").await;
+    assert_eq!(json(kept).await["template_version"], added_version());
 
     let status = tenantry(&["fleet", "status"], &cli_env(&fleet.app.db_name), None).await;
     assert_eq!(status.status.code(), Some(1), "{}", stdout(&status));
@@ -1124,12 +1177,87 @@ async fn health_and_fleet_status_tell_when_this_processs_templates_are_refused()
     assert!(
         printed["template_problem"]
             .as_str()
-            .is_some_and(|p| p.contains(&rating_file())),
+            .is_some_and(|p| p.contains(&notes_file)),
         "{printed}"
     );
-    // With the templates it was given, the same command is content.
-    let status = fleet.fleet(&["status"]).await;
-    assert!(status.status.success(), "{}", stderr(&status));
+    let refused = fleet.fleet(&["migrate"]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains(&notes_file),
+        "{}",
+        stderr(&refused)
+    );
+
+    // The fix the messages give: publish the directory that holds it.
+    let published = tenantry(
+        &["templates", "publish", &notes.display().to_string()],
+        &cli_env(&fleet.app.db_name),
+        None,
+    )
+    .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let body = json(fleet.app.get("/health").await).await;
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["template_version"], added_version() + 1, "{body}");
+    assert!(
+        body["reasons"].to_string().contains("tenant(s) behind"),
+        "only the tenants behind are left: {body}"
+    );
+    let fixed = fleet.app.register("lee").await;
+    assert_eq!(json(fixed).await["template_version"], added_version() + 1);
+    // With no variable set, the same commands are content.
+    let env = cli_env(&fleet.app.db_name);
+    let status = tenantry(&["fleet", "status"], &env, None).await;
+    assert!(status.status.success(), "{}", stdout(&status));
+    let out = tenantry(&["fleet", "migrate"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("3 migrated"), "{}", stdout(&out));
+    let body = json(fleet.app.get("/health").await).await;
+    assert_eq!(body["status"], "healthy", "{body}");
+}
+
+/// Two services on one database: a version published through one (at its
+/// start, from its TENANTRY_TEMPLATES_DIR) is what the other's next signup
+/// gets, without a restart; the one started on the built-in templates
+/// keeps running and a plain CLI command sees the same set.
+#[tokio::test]
+async fn a_version_published_through_one_service_is_used_by_the_others_next_signup() {
+    let fleet = fleet_at_base(&["una"], RATING).await;
+    let before = fleet.app.register("vic").await;
+    assert_eq!(json(before).await["template_version"], base_version());
+    // `serve` publishes its templates' new versions at start.
+    let second = fleet.service().await;
+    let after = fleet.app.register("wes").await;
+    assert_eq!(json(after).await["template_version"], added_version());
+    let on_second = second.register("xia").await;
+    assert_eq!(json(on_second).await["template_version"], added_version());
+
+    let env = cli_env(&fleet.app.db_name);
+    let listed = tenantry(&["templates", "list", "--json"], &env, None).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let listed: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let last = listed["published"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["file"], rating_file(), "{listed}");
+    let origin = last["origin"].as_str().unwrap();
+    assert!(
+        origin.contains(&fleet.templates.display().to_string()) && origin.contains("by serve"),
+        "{origin}"
+    );
+    assert_eq!(last["usable"], true);
+    // The plain CLI, no variable set, creates tenants at it too.
+    let made = tenantry(
+        &["tenants", "create", "yan", "--email", "yan@example.com"],
+        &env,
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await;
+    assert!(made.status.success(), "{}", stderr(&made));
+    assert_eq!(fleet.registry_version("yan").await, added_version());
 }
 
 /// Two services on one database: a run started over HTTP on one is seen

@@ -135,6 +135,13 @@ async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error
         "CREATE TABLE broken (id bigint REFERENCES missing (id));",
     )]))
     .unwrap();
+    // Provisioned with as if it were the published set.
+    let broken = tenantry::tenancy::publication::Templates::new(
+        tenantry::tenancy::publication::Published::new(
+            std::sync::Arc::new(broken),
+            ctx.templates.published().newest(),
+        ),
+    );
     let backend = assert_clean(&ctx.pool, None).await;
     // Each provisioning on the pool's one connection, then a check that the
     // connection came back clean.

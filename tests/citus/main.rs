@@ -673,8 +673,16 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
          CREATE FUNCTION note_count() RETURNS bigint LANGUAGE sql AS 'SELECT count(*) FROM notes';\n",
     )
     .unwrap();
-    let templates = Arc::new(tenantry::templates::TemplateSet::from_dir(&dir).unwrap());
     let config: tokio_postgres::Config = citus.url.parse().unwrap();
+    // The admin publishes the new version, then runs the fleet to it.
+    let published = tenantry::tenancy::publication::Templates::publishing(
+        &tenantry::db::connect(&config).await.unwrap(),
+        tenantry::templates::TemplateSet::from_dir(&dir).unwrap(),
+        "test",
+    )
+    .await
+    .expect("publish");
+    let templates: Arc<_> = published.get();
     let run = fleet::prepare(
         &tenantry::db::Connector::plain(config.clone()),
         templates,

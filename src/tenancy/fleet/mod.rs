@@ -102,10 +102,22 @@ pub enum FleetError {
     NoSuchTenant(String),
     #[error("concurrency must be between 1 and {MAX_CONCURRENCY}")]
     BadConcurrency,
+    /// The published templates cannot be used (see `tenancy::publication`).
+    #[error("{0}")]
+    Published(String),
     #[error("database error: {0}")]
     Postgres(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
+}
+
+impl From<crate::tenancy::publication::Problem> for FleetError {
+    fn from(p: crate::tenancy::publication::Problem) -> Self {
+        match p {
+            crate::tenancy::publication::Problem::Integrity(e) => FleetError::Integrity(e),
+            other => FleetError::Published(other.to_string()),
+        }
+    }
 }
 
 impl FleetError {

@@ -111,7 +111,7 @@ pub struct PreparedRun {
     citus: bool,
 }
 
-/// Take the run lock, check and record the template set, make the plan and
+/// Take the run lock, check the template set against the published one, make the plan and
 /// record the run. Refused (nothing changed) while another run holds the
 /// lock, for a bad target, or for templates that disagree with the database.
 pub async fn prepare(
@@ -151,12 +151,24 @@ pub async fn prepare(
         return Err(FleetError::AlreadyRunning(who));
     }
     // From here the lock is ours until `control` is dropped.
-    integrity::verify_and_record(&*control, &templates).await?;
+    integrity::verify(&*control, &templates).await?;
     let citus: bool = control
         .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
         .await?
         .get(0);
     let plan = plan(&control, &templates, &options).await?;
+    // Tenants only ever go to a published version (`fleet migrate`
+    // publishes first; `tenancy::publication`).
+    let newest: Option<i32> = control
+        .query_one("SELECT max(version) FROM tenantry.templates", &[])
+        .await?
+        .get(0);
+    if newest.is_none_or(|n| n < plan.target.get()) {
+        return Err(FleetError::Published(format!(
+            "template V{} is not published: `tenantry templates publish` publishes it (`tenantry fleet migrate` does too)",
+            plan.target
+        )));
+    }
     // We hold the lock, so a run still marked running is a dead one.
     control
         .execute(
