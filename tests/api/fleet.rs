@@ -1258,6 +1258,13 @@ async fn a_version_published_through_one_service_is_used_by_the_others_next_sign
     .await;
     assert!(made.status.success(), "{}", stderr(&made));
     assert_eq!(fleet.registry_version("yan").await, added_version());
+    // A service restarted without the variable starts, on the published set.
+    let plain = spawn_app_on(test_settings(&fleet.app.db_name), fleet.app.db_name.clone()).await;
+    let body = json(plain.get("/health").await).await;
+    assert_eq!(body["status"], "degraded", "una and vic are behind: {body}");
+    assert_eq!(body["template_version"], added_version(), "{body}");
+    let restarted = plain.register("zia").await;
+    assert_eq!(json(restarted).await["template_version"], added_version());
 }
 
 /// Two services on one database: a run started over HTTP on one is seen
@@ -1324,4 +1331,53 @@ async fn a_run_started_on_one_service_is_seen_and_refused_again_on_another() {
     .await;
     let report = report().await;
     assert_eq!(report["status"], "succeeded", "{report}");
+}
+
+/// The race a publication and a signup run: the signup's transaction
+/// waits for the publishing one (held open here) and, once it commits, is
+/// made again at the new version. No tenant is made behind a version
+/// published before it committed, so a run planned after the publication
+/// misses none.
+#[tokio::test]
+async fn a_signup_waiting_on_a_publication_is_made_at_the_published_version() {
+    let fleet = fleet_at_base(&["zed"], RATING).await;
+    let added = tenantry::templates::TemplateSet::from_dir(&fleet.templates).unwrap();
+    let added = added.all().last().unwrap().clone();
+    // A publication under way, as `templates publish` makes it.
+    let publisher = fleet.app.db().await;
+    publisher
+        .batch_execute("BEGIN; LOCK TABLE tenantry.templates IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    publisher
+        .execute(
+            "INSERT INTO tenantry.templates (version, name, checksum, sql, origin)
+             VALUES ($1, $2, $3, $4, 'a test')",
+            &[
+                &added.version().get(),
+                &added.name(),
+                &added.checksum().to_string(),
+                &added.sql(),
+            ],
+        )
+        .await
+        .unwrap();
+    let signup = fleet
+        .app
+        .api
+        .post(format!("{}/api/auth/register", fleet.app.address))
+        .json(&serde_json::json!({
+            "username": "amos", "email": "amos@example.com", "password": PASSWORD
+        }))
+        .send();
+    let signup = tokio::spawn(signup);
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%provisioning_at%'";
+    wait_for(&fleet.app, waiting).await;
+    publisher.batch_execute("COMMIT").await.unwrap();
+    let made = signup.await.unwrap().unwrap();
+    assert_eq!(made.status(), 201);
+    assert_eq!(json(made).await["template_version"], added_version());
+    assert_eq!(fleet.assert_whole("amos").await, added_version());
+    assert_eq!(fleet.status().await["pending"], 1, "only zed is behind");
 }

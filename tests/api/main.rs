@@ -34,5 +34,6 @@ mod register;
 mod revocation;
 mod smtp;
 mod suspension;
+mod templates;
 mod tenant_data;
 mod tokens;

@@ -1,0 +1,137 @@
+//! `tenantry templates`: publishing versions into the database (where every
+//! process reads them from) and listing what is published.
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+async fn published_files(db_name: &str) -> Vec<String> {
+    let out = tenantry(&["templates", "list", "--json"], &cli_env(db_name), None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    listed["published"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["file"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn publish(db_name: &str, dir: &std::path::Path) -> std::process::Output {
+    tenantry(
+        &["templates", "publish", &dir.display().to_string()],
+        &cli_env(db_name),
+        None,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
+    let app = spawn_app().await;
+    let builtin = published_files(&app.db_name).await;
+    assert_eq!(builtin.len() as i32, latest_version());
+
+    // A published version edited: refused, naming it; nothing published.
+    let changed = builtin_templates_with(&[
+        (
+            "V1__experiences.sql",
+            "CREATE TABLE experiences (id bigint);",
+        ),
+        ("V6__notes.sql", "CREATE TABLE notes (id bigint);"),
+    ]);
+    let out = publish(&app.db_name, &changed).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("template V1__experiences.sql has changed since it was published"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(published_files(&app.db_name).await, builtin);
+
+    // Fewer versions than published: nothing to do, nothing taken back.
+    let out = publish(&app.db_name, &templates_dir_with(&[])).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("nothing new to publish"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(published_files(&app.db_name).await, builtin);
+
+    // The next version: published once.
+    let next = builtin_templates_with(&[("V6__notes.sql", "CREATE TABLE notes (id bigint);")]);
+    let out = publish(&app.db_name, &next).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("published V6__notes.sql"),
+        "{}",
+        stdout(&out)
+    );
+    let again = publish(&app.db_name, &next).await;
+    assert!(
+        stdout(&again).contains("nothing new to publish"),
+        "{}",
+        stdout(&again)
+    );
+    let listed = tenantry(&["templates", "list"], &cli_env(&app.db_name), None).await;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let text = stdout(&listed);
+    let line = text.lines().find(|l| l.contains("V6__notes.sql")).unwrap();
+    assert!(
+        line.contains(&next.display().to_string()) && line.contains("by cli:"),
+        "{text}"
+    );
+    let signup = app.register("nia").await;
+    assert_eq!(json(signup).await["template_version"], 6);
+
+    // A directory that cannot be read: a clear error.
+    let out = publish(&app.db_name, std::path::Path::new("/nonexistent/templates")).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot read templates from /nonexistent/templates"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The database itself holds a published version to what it was.
+    let db = app.db().await;
+    for sql in [
+        "UPDATE tenantry.templates SET checksum = '1' WHERE version = 6",
+        "DELETE FROM tenantry.templates WHERE version = 6",
+    ] {
+        let err = db.batch_execute(sql).await.unwrap_err();
+        let message = err.as_db_error().unwrap().message().to_owned();
+        assert!(
+            message.contains("published template V6 may not"),
+            "{message}"
+        );
+    }
+}
+
+/// An installation with templates of its own: the built-in templates of a
+/// later binary disagree from V5 on. The published set wins; `serve`
+/// starts and provisions with it, and publishes nothing of the built-in
+/// ones.
+#[tokio::test]
+async fn the_published_set_wins_over_the_builtin_templates() {
+    let db_name = create_database().await;
+    let own =
+        builtin_templates_with(&[("V5__mine.sql", "CREATE TABLE mine (id bigint PRIMARY KEY);")]);
+    std::fs::remove_file(own.join("V5__experience_search.sql")).unwrap();
+    let out = publish(&db_name, &own).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let app = spawn_app_on(test_settings(&db_name), db_name.clone()).await;
+    let signup = app.register("oda").await;
+    assert_eq!(json(signup).await["template_version"], 5);
+    let mine = app
+        .count(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_oda' AND tablename = 'mine'",
+        )
+        .await;
+    assert_eq!(mine, 1);
+    let files = published_files(&db_name).await;
+    assert_eq!(files.last().unwrap(), "V5__mine.sql");
+    assert_eq!(files.len(), 5);
+}
