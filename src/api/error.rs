@@ -294,6 +294,7 @@ impl From<ProvisionError> for ApiError {
                 ApiError::Unavailable
             }
             ProvisionError::Template { ref source, .. } if database_unavailable(source) => {
+                tracing::error!(error = %cause_chain(&e), "provisioning failed: the database is unavailable");
                 crate::metrics::database_error("unavailable");
                 ApiError::Unavailable
             }

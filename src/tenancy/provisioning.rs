@@ -464,15 +464,26 @@ fn role_and_schema(installation: &Installation, schema: &SchemaName, role: &Role
         // A non-superuser service needs membership to act as the role.
         format!("GRANT {r} TO CURRENT_USER;", r = role.quoted())
     };
-    // Citus opens its connections to the workers as the current role.
-    let login = if installation.citus {
-        "LOGIN"
+    // Citus opens its connections to the workers as the current role, and
+    // does so while the templates run when they create an object it
+    // propagates (a type, a function): the role may log in, and is in the
+    // group (which may connect to the database) from its head start on.
+    let (login, group) = if installation.citus {
+        (
+            "LOGIN",
+            format!(
+                "GRANT {g} TO {r};",
+                g = installation.group_role().quoted(),
+                r = role.quoted()
+            ),
+        )
     } else {
-        "NOLOGIN"
+        ("NOLOGIN", String::new())
     };
     format!(
         "CREATE ROLE {r} {login};
          {membership}
+         {group}
          CREATE SCHEMA {s};
          GRANT USAGE, CREATE ON SCHEMA {s} TO {r};",
         r = role.quoted(),
@@ -485,8 +496,9 @@ fn role_and_schema(installation: &Installation, schema: &SchemaName, role: &Role
 /// does on PostgreSQL ≥ 16): last, so concurrent signups queue on it only
 /// for the time of their commit, not their DDL.
 ///
-/// On Citus the schema then becomes a distributed schema (its tables move
-/// to one worker as one colocated unit), in the same transaction: a failure
+/// On Citus the role joined the group with its head start, and the last
+/// statement makes the schema a distributed schema (its tables move to one
+/// worker as one colocated unit), in the same transaction: a failure
 /// leaves nothing on any node.
 fn join_group(
     installation: &Installation,
@@ -494,13 +506,15 @@ fn join_group(
     role: &RoleName,
     distribute: Distribute,
 ) -> String {
-    let distribute = if installation.citus && distribute == Distribute::Now {
-        format!("; {}", distribute_sql(schema))
-    } else {
-        String::new()
-    };
+    if installation.citus {
+        // In the group since its head start (`role_and_schema`).
+        return match distribute {
+            Distribute::Now => distribute_sql(schema),
+            Distribute::Later => "SELECT".into(),
+        };
+    }
     format!(
-        "GRANT {g} TO {r}{distribute}",
+        "GRANT {g} TO {r}",
         g = installation.group_role().quoted(),
         r = role.quoted()
     )

@@ -646,7 +646,7 @@ async fn export_from_the_workers(_citus: &Citus, app: &App) {
     assert!(doc.get("integrity").is_some(), "with its integrity trailer");
 }
 
-async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
+async fn fleet_migrate_on_citus(citus: &Citus, app: &App) {
     use std::sync::Arc;
     use tenantry::tenancy::fleet::{self, Progress, RunOptions};
     struct Quiet;
@@ -793,6 +793,22 @@ async fn fleet_migrate_on_citus(citus: &Citus, _app: &App) {
         (true, true, true),
         "type, sequence, function owned by ada's role"
     );
+    // The service, started before the version was published, signs the
+    // next user up at it: the type and the function (which Citus
+    // propagates as the tenant's role while the templates run) included.
+    app.register("nat").await;
+    let made: (i32, bool) = {
+        let row = db
+            .query_one(
+                "SELECT t.template_version, to_regprocedure('tenant_nat.note_count()') IS NOT NULL
+                 FROM tenantry.tenants t WHERE t.username = 'nat'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(made, (added, true));
 }
 
 fn tenantry_cli(citus: &Citus, args: &[&str]) -> std::process::Output {
