@@ -114,7 +114,7 @@ async fn main() {
     );
     println!("fleet benchmark on PostgreSQL {version}: {n} tenants at V{base}, then a no-op run over {noop_n}");
     let t = Instant::now();
-    let at_base = Templates::publishing(&boot, builtin.clone(), "bench")
+    let at_base = Templates::publishing(&boot, &installation, builtin.clone(), "bench")
         .await
         .unwrap();
     provision_many(&target, &installation, &at_base, 0..n, 4).await;
@@ -130,9 +130,14 @@ async fn main() {
     );
 
     // The admin publishes the new versions; each round migrates to one.
-    let published = Templates::publishing(&boot, TemplateSet::from_dir(&tdir).unwrap(), "bench")
-        .await
-        .unwrap();
+    let published = Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::from_dir(&tdir).unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
     let templates: Arc<TemplateSet> = published.get();
 
     println!();

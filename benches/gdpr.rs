@@ -53,9 +53,14 @@ async fn main() {
         boot,
         ..
     } = bench_db("bench-gdpr", &[]).await;
-    let templates = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
-        .await
-        .unwrap();
+    let templates = Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
     let pool = target.pool(1, &installation).unwrap();
     let sql = target.connect().await.unwrap();
     let pseudonyms = Pseudonyms::from_secret(b"bench-secret-bench-secret-bench-secret");

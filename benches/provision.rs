@@ -37,9 +37,14 @@ async fn main() {
         boot,
         ..
     } = bench_db("bench", &[]).await;
-    let published = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
-        .await
-        .unwrap();
+    let published = Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
     let templates = published.get();
     let pool = target.pool(1, &installation).unwrap();
     let mut service = pool.get().await.unwrap();

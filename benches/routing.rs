@@ -64,9 +64,14 @@ async fn main() {
     let service_config: tokio_postgres::Config = service_url.parse().unwrap();
     let mut boot = db::connect(&service_config).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
-    let templates = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
-        .await
-        .unwrap();
+    let templates = Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
 
     println!("provisioning {n} tenants…");
     let tokens =

@@ -297,9 +297,14 @@ async fn measure(
     let mut boot = db::connect(&service_config).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
     assert_eq!(installation.citus, citus, "the target is what it should be");
-    let templates = Templates::publishing(&boot, TemplateSet::builtin().unwrap(), "bench")
-        .await
-        .unwrap();
+    let templates = Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
     println!("provisioning {n} tenants…");
     let started = std::time::Instant::now();
     let tokens =

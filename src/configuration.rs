@@ -413,7 +413,18 @@ impl Settings {
             jwt_secret,
             jwt_previous_secret,
             bcrypt_cost,
-            templates_dir: get("TENANTRY_TEMPLATES_DIR").map(PathBuf::from),
+            templates_dir: match get("TENANTRY_TEMPLATES_DIR").map(PathBuf::from) {
+                Some(dir) if !dir.is_dir() => {
+                    return Err(SettingsError::Invalid {
+                        name: "TENANTRY_TEMPLATES_DIR",
+                        reason: format!(
+                            "{} is not a directory (it names the directory of V<n>__<name>.sql files to propose; unset it to use the published templates)",
+                            dir.display()
+                        ),
+                    })
+                }
+                dir => dir,
+            },
             pool_size,
         })
     }

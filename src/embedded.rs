@@ -545,6 +545,18 @@ pub fn generated_secret(path: &Path) -> Result<String, ClusterError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(format!("cannot read {}", path.display()))(e)),
     }
+    // The first command on a new data dir may need the secret before the
+    // cluster (which makes the dir) is started.
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .map_err(io_err(format!("cannot create data dir {}", dir.display())))?;
+    }
     use rand::Rng;
     let bytes: [u8; 32] = rand::rng().random();
     let secret = hex::encode(bytes);

@@ -33,9 +33,9 @@ pub enum StartupError {
     Settings(#[from] SettingsError),
     #[error("cannot prepare the dummy password hash: {0}")]
     Hash(#[from] crate::auth::AuthError),
-    #[error("refusing to start: {0}")]
+    #[error(transparent)]
     Integrity(#[from] IntegrityError),
-    #[error("refusing to start: {0}")]
+    #[error(transparent)]
     Published(Problem),
     #[error("cannot send mail: {0}")]
     Mail(String),
@@ -51,28 +51,19 @@ pub struct Context {
     /// What opening published.
     pub publication: Publication,
     /// What this process proposes (`TENANTRY_TEMPLATES_DIR` or built-in).
-    pub proposals: Arc<TemplateSet>,
+    pub proposals: Proposals,
 }
 
 impl Context {
     /// Resolve the database (starting the embedded cluster if needed), run
-    /// the bootstrap and read the published templates (publishing the
-    /// proposals only into a database that has none yet).
+    /// the bootstrap and read the published templates (publishing nothing).
     pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
         Self::open_with(settings, pool_size, Opening::Read).await
     }
 
-    /// [`Context::open`], publishing what the proposals (the built-in
-    /// templates or `TENANTRY_TEMPLATES_DIR`) add: `fleet migrate`,
-    /// `templates publish`.
-    pub async fn open_publishing(
-        settings: &Settings,
-        pool_size: usize,
-    ) -> Result<Context, StartupError> {
-        Self::open_with(settings, pool_size, Opening::Publish).await
-    }
-
-    async fn open_with(
+    /// [`Context::open`] for `templates publish` (`Opening::Publish`) and
+    /// for commands that make tenants (`Opening::Provision`).
+    pub async fn open_with(
         settings: &Settings,
         pool_size: usize,
         opening: Opening,
@@ -110,9 +101,10 @@ impl Context {
                 tracing::info!(signups = swept, "swept what killed signups left");
             }
         }
-        let (published, publication) = publication::open(&client, proposals, opening)
-            .await
-            .map_err(StartupError::from)?;
+        let (published, publication) =
+            publication::open(&client, &installation, proposals, opening)
+                .await
+                .map_err(StartupError::from)?;
         for file in &publication.published {
             tracing::info!(file, "template published");
         }
@@ -124,7 +116,7 @@ impl Context {
             installation,
             templates: Arc::new(Templates::new(published)),
             publication,
-            proposals: Arc::new(proposals.set.clone()),
+            proposals: proposals.clone(),
         })
     }
 }
@@ -136,14 +128,15 @@ impl Context {
     /// publish nothing.
     pub fn proposed(&self) -> Arc<TemplateSet> {
         let published = self.templates.get();
-        let continues = self.proposals.latest() > published.latest()
+        let continues = self.proposals.set.latest() > published.latest()
             && published.all().iter().all(|p| {
                 self.proposals
+                    .set
                     .get(p.version())
                     .is_some_and(|t| t.name() == p.name() && t.checksum() == p.checksum())
             });
         if continues {
-            self.proposals.clone()
+            Arc::new(self.proposals.set.clone())
         } else {
             published
         }
@@ -254,8 +247,10 @@ impl Application {
         // new built-in versions, or TENANTRY_TEMPLATES_DIR's), and refuses
         // a directory that disagrees with what is published.
         let context = Context::on(target, &proposals, Opening::Publish, settings.pool_size).await?;
-        // Never provision with a set that disagrees with the database.
-        crate::tenancy::integrity::verify(
+        // A published version this process cannot use (or tenants ahead of
+        // the published set): it serves anyway, at the newest version it
+        // can use, and `/health` says what is wrong and how to fix it.
+        let check = crate::tenancy::integrity::verify(
             &**context
                 .pool
                 .get()
@@ -263,7 +258,12 @@ impl Application {
                 .map_err(|e| DbError::Pool(e.to_string()))?,
             &context.templates.get(),
         )
-        .await?;
+        .await;
+        match check {
+            Ok(()) => {}
+            Err(IntegrityError::Postgres(e)) => return Err(DbError::from(e).into()),
+            Err(problem) => tracing::error!(%problem, "the published templates have a problem"),
+        }
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
         let pool = context

@@ -33,6 +33,15 @@ $$;
 CREATE TRIGGER published_templates_stay
     BEFORE UPDATE OR DELETE ON tenantry.templates
     FOR EACH ROW EXECUTE FUNCTION tenantry.published_templates_stay();
+CREATE FUNCTION tenantry.published_templates_not_truncated() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'published templates may not be removed' USING ERRCODE = 'restrict_violation';
+END
+$$;
+CREATE TRIGGER published_templates_not_truncated
+    BEFORE TRUNCATE ON tenantry.templates
+    FOR EACH STATEMENT EXECUTE FUNCTION tenantry.published_templates_not_truncated();
 
 -- The first statement of every transaction that provisions a tenant (a
 -- signup, an import): `latest` is the newest version the process knows is
@@ -54,3 +63,4 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION tenantry.provisioning_at(integer) FROM PUBLIC;

@@ -105,7 +105,7 @@ async fn status(settings: Settings, json: bool) -> Result<(), Failure> {
         if latest.version() > published {
             format!(
                 "; not published yet, proposed by {}: `fleet migrate` publishes it",
-                ctx.proposals.origin()
+                ctx.proposals.set.origin()
             )
         } else {
             String::new()
@@ -240,12 +240,19 @@ async fn migrate(settings: Settings, args: MigrateArgs) -> Result<(), Failure> {
         }
         return Ok(());
     }
-    // A run publishes what it applies: the proposals' new versions.
-    let ctx = Context::open_publishing(&settings, 1).await?;
-    print_publication(&ctx);
-    let prepared = fleet::prepare(&ctx.target.connector, ctx.templates.get(), options)
+    // A run publishes what it applies (the proposals' new versions, up to
+    // its target) once it holds the run lock.
+    let ctx = Context::open(&settings, 1).await?;
+    let source = fleet::Source::Publishing {
+        installation: &ctx.installation,
+        proposals: &ctx.proposals,
+    };
+    let prepared = fleet::prepare_with(&ctx.target.connector, source, options)
         .await
         .map_err(fleet_failure)?;
+    for file in prepared.published() {
+        println!("published {file} from {}", ctx.proposals.set.origin());
+    }
     let stop = prepared.stop_handle();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -497,7 +504,7 @@ pub async fn verify_templates(ctx: &Context) -> Result<(), Failure> {
 /// Say what opening the database published.
 pub fn print_publication(ctx: &Context) {
     for file in &ctx.publication.published {
-        println!("published {file} from {}", ctx.proposals.origin());
+        println!("published {file} from {}", ctx.proposals.set.origin());
     }
     if let Some(diverged) = &ctx.publication.diverged {
         eprintln!("note: the built-in templates were not published: {diverged}");

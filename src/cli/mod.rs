@@ -13,6 +13,7 @@ use crate::domain::{Email, Username};
 use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
+use crate::tenancy::publication::Opening;
 
 mod backup;
 mod fleet;
@@ -32,7 +33,7 @@ TENANTRY_BIND                HTTP address of serve [127.0.0.1:8080]\n  \
 JWT_SECRET                   token, export and audit-pseudonym key (required with DATABASE_URL)\n  \
 JWT_PREVIOUS_SECRET          the secret before a rotation: its access tokens stay valid until they expire\n  \
 BCRYPT_COST                  [12]\n  \
-TENANTRY_TEMPLATES_DIR       tenant templates instead of the built-in ones\n  \
+TENANTRY_TEMPLATES_DIR       tenant templates to publish instead of the built-in ones (all use the published set)\n  \
 TENANTRY_POOL_SIZE           [16]\n  \
 TENANTRY_RATE_LIMIT_AUTH / _ANON / _USER   per minute, 0 = off [10 / 20 / 100]\n  \
 TENANTRY_LOGIN_MAX_FAILURES  [10]\n  \
@@ -533,7 +534,10 @@ async fn serve(settings: Settings) -> Result<(), Failure> {
         .await
         .map_err(|e| match e {
             StartupError::Settings(s) => Failure::Usage(s.to_string()),
-            other => other.into(),
+            other => Failure::Other(format!(
+                "refusing to start: {}",
+                crate::api::error::cause_chain(&other)
+            )),
         })?;
     tracing::info!(
         address = %format!("http://{}:{}", settings.bind.ip(), app.port()),
@@ -800,7 +804,7 @@ async fn create_tenant(settings: &Settings, name: &str, email: &str) -> Result<(
     let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
     let email = Email::parse(email).map_err(|e| Failure::Usage(e.to_string()))?;
     let pseudonyms = pseudonyms(settings)?;
-    let ctx = Context::open(settings, 1).await?;
+    let ctx = Context::open_with(settings, 1, Opening::Provision).await?;
     fleet::verify_templates(&ctx).await?;
     provisioning::check_available(&ctx.pool.get().await?, &username, &email)
         .await
@@ -894,7 +898,7 @@ async fn import_tenant(
         .or_else(|| document.account.email.clone())
         .ok_or_else(|| Failure::Usage("the export has no email; pass --email".into()))?;
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
-    let ctx = Context::open(settings, 1).await?;
+    let ctx = Context::open_with(settings, 1, Opening::Provision).await?;
     fleet::verify_templates(&ctx).await?;
     provisioning::check_available(&ctx.pool.get().await?, &username, &email)
         .await

@@ -302,6 +302,8 @@ pub async fn import(
     let version = document.template_version;
     let template_version = crate::domain::TemplateVersion::parse(version)
         .map_err(|_| ImportError::Format(format!("template_version {version}")))?;
+    // A version published since this process read the set counts.
+    let _ = templates.refresh(&***client).await;
     let latest = templates.get().latest();
     if version > i64::from(latest.get()) {
         return Err(RestoreError::NewerVersion(version, latest.get()));
@@ -324,12 +326,19 @@ pub async fn import(
         )
         .await;
         match restored {
-            Err(RestoreError::Provision(e)) if e.newer_published() && attempts < 3 => {
+            Err(RestoreError::Provision(e)) if e.newer_published() => {
                 attempts += 1;
-                if let Err(e) = templates.refresh(&***client).await {
-                    break Err(
-                        crate::provisioning::ProvisionError::Published(e.to_string()).into(),
-                    );
+                let refreshed = match attempts {
+                    1..=3 => templates
+                        .refresh(&***client)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    _ => {
+                        Err("the published templates changed three times during one import".into())
+                    }
+                };
+                if let Err(why) = refreshed {
+                    break Err(crate::provisioning::ProvisionError::Published(why).into());
                 }
             }
             other => break other,

@@ -14,12 +14,21 @@ use crate::tenancy::templates::TemplateSet;
 pub enum IntegrityError {
     #[error(
         "template {file} has changed since it was published (checksum {found} in {origin}, published {applied}): \
-         published templates never change; restore the file and put the change in a new version"
+         published templates never change; restore the file (`tenantry templates show N` prints the published text) and put the change in a new version"
     )]
     Changed {
         file: String,
         found: String,
         applied: String,
+        origin: String,
+    },
+    #[error(
+        "template {published} is published; {found} in {origin} has its number but another name: \
+         name the file {published} (a published version never changes, its name included)"
+    )]
+    Renamed {
+        published: String,
+        found: String,
         origin: String,
     },
     #[error(
@@ -56,13 +65,16 @@ pub async fn verify(client: &impl GenericClient, set: &TemplateSet) -> Result<()
         let found = set.all().iter().find(|t| t.version().get() == version);
         match found {
             None => return Err(IntegrityError::Missing { file }),
-            Some(t) if t.name() != name || t.checksum().to_string() != checksum => {
+            Some(t) if t.name() != name => {
+                return Err(IntegrityError::Renamed {
+                    published: file,
+                    found: t.file_name(),
+                    origin: set.origin().to_owned(),
+                })
+            }
+            Some(t) if t.checksum().to_string() != checksum => {
                 return Err(IntegrityError::Changed {
-                    file: if t.name() == name {
-                        file
-                    } else {
-                        t.file_name()
-                    },
+                    file,
                     found: t.checksum().to_string(),
                     applied: checksum,
                     origin: set.origin().to_owned(),

@@ -219,9 +219,14 @@ pub async fn provision(
                     tx.commit().await?;
                     return Ok::<_, ProvisionError>(provisioned);
                 }
-                Err(e) if e.newer_published() && attempts < 3 => {
-                    attempts += 1;
+                Err(e) if e.newer_published() => {
                     drop(tx);
+                    attempts += 1;
+                    if attempts > 3 {
+                        return Err(ProvisionError::Published(
+                            "the published templates changed three times during one signup".into(),
+                        ));
+                    }
                     templates
                         .refresh(&***client)
                         .await
@@ -432,6 +437,53 @@ pub async fn provision_in(
         role,
         template_version: version,
     })
+}
+
+/// Build a tenant from nothing with `templates` (its role, schema and every
+/// version, as its role) in a transaction that is rolled back: what
+/// publishing checks before a version becomes part of the installation,
+/// since a published version can never be taken back. Local to this node
+/// on Citus (nothing is propagated).
+pub async fn check_builds(
+    client: &tokio_postgres::Client,
+    installation: &Installation,
+    templates: &[crate::tenancy::templates::Template],
+) -> Result<(), ProvisionError> {
+    let suffix = Uuid::new_v4().simple().to_string();
+    let username =
+        Username::parse(&format!("template_check_{}", &suffix[..8])).expect("a valid username");
+    let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
+    let local = Installation {
+        citus: false,
+        ..installation.clone()
+    };
+    client.batch_execute("BEGIN").await?;
+    let built = async {
+        client
+            .execute(
+                "SELECT set_config('citus.enable_ddl_propagation', 'off', true)",
+                &[],
+            )
+            .await?;
+        client
+            .batch_execute(&prelude(&local, &schema, &role))
+            .await?;
+        let application = TemplateApplication::new(&schema, &role, templates);
+        for (step, request) in application.requests(client) {
+            request.await.map_err(|e| match step {
+                ApplyStep::Template(t) => ProvisionError::Template {
+                    version: t.version().get(),
+                    name: t.name().to_owned(),
+                    source: e,
+                },
+                ApplyStep::History => e.into(),
+            })?;
+        }
+        Ok(())
+    }
+    .await;
+    client.batch_execute("ROLLBACK").await?;
+    built
 }
 
 /// The tenant's role and its empty schema with its history table. The

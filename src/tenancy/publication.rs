@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio_postgres::{Client, GenericClient};
 
+use crate::db::Installation;
 use crate::tenancy::integrity::IntegrityError;
 use crate::tenancy::templates::{TemplateError, TemplateSet};
 
@@ -29,17 +30,20 @@ pub const NEWER_PUBLISHED: &str = "TY003";
 pub struct Published {
     set: Arc<TemplateSet>,
     newest: i32,
-    /// How many published versions had a text when this was read: a text
-    /// put back (`templates publish`) is read again.
-    texts: i64,
+    /// [`FINGERPRINT`]'s digest when this was read (`None`: not read from
+    /// the database).
+    fingerprint: Option<String>,
 }
 
 impl Published {
     /// A set read elsewhere, with the newest version published when it was
     /// read (a provisioning with it is refused once that is not the newest).
     pub fn new(set: Arc<TemplateSet>, newest: i32) -> Published {
-        let texts = set.all().len() as i64;
-        Published { set, newest, texts }
+        Published {
+            set,
+            newest,
+            fingerprint: None,
+        }
     }
 
     pub fn set(&self) -> &Arc<TemplateSet> {
@@ -57,20 +61,30 @@ impl Published {
 #[derive(Debug)]
 pub struct Templates {
     current: RwLock<Arc<Published>>,
+    /// One reading at a time: the set kept is always the last one read.
+    reading: tokio::sync::Mutex<()>,
 }
+
+/// What tells a reading of `tenantry.templates` from another: the newest
+/// version and a digest of every version's checksum and text.
+const FINGERPRINT: &str = "SELECT max(version),
+        md5(string_agg(version || ':' || checksum || ':' || coalesce(md5(sql), '-'), ',' ORDER BY version))
+ FROM tenantry.templates";
 
 impl Templates {
     pub fn new(published: Published) -> Templates {
         Templates {
             current: RwLock::new(Arc::new(published)),
+            reading: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Publish `set` (refused where it disagrees with the published set) and
-    /// read the published set: for tools that bootstrap a database
-    /// themselves (benchmarks, tests).
+    /// Publish `set` (refused where it disagrees with the published set, or
+    /// when it does not build a tenant) and read the published set: for
+    /// tools that bootstrap a database themselves (benchmarks, tests).
     pub async fn publishing(
         client: &Client,
+        installation: &Installation,
         set: TemplateSet,
         by: &str,
     ) -> Result<Templates, Problem> {
@@ -79,7 +93,7 @@ impl Templates {
             explicit: true,
             by: by.to_owned(),
         };
-        publish(client, &proposals).await?;
+        publish(client, installation, &proposals).await?;
         Ok(Templates::new(load(client).await?))
     }
 
@@ -92,31 +106,24 @@ impl Templates {
         self.current.read().expect("not poisoned").clone()
     }
 
-    /// Read the set again when a newer version has been published since
-    /// (one small query when nothing changed).
+    /// Read the set again when anything was published, or a text put back,
+    /// since (one small query when nothing changed). Returns what it keeps.
     pub async fn refresh(&self, client: &impl GenericClient) -> Result<Arc<Published>, Problem> {
+        let _one_at_a_time = self.reading.lock().await;
         let known = self.published();
-        let row = client
-            .query_one(
-                "SELECT max(version), count(sql) FROM tenantry.templates",
-                &[],
-            )
-            .await?;
-        let (newest, texts): (Option<i32>, i64) = (row.get(0), row.get(1));
-        if newest == Some(known.newest) && texts == known.texts {
+        let row = client.query_one(FINGERPRINT, &[]).await?;
+        let (newest, fingerprint): (Option<i32>, Option<String>) = (row.get(0), row.get(1));
+        if newest == Some(known.newest) && fingerprint == known.fingerprint {
             return Ok(known);
         }
         let fresh = Arc::new(load(client).await?);
-        let mut current = self.current.write().expect("not poisoned");
-        if fresh.newest >= current.newest && fresh.set.latest() >= current.set.latest() {
-            if fresh.set.latest() != current.set.latest() {
-                tracing::info!(
-                    latest = fresh.set.latest().get(),
-                    "a newer template version is published: new tenants are provisioned at it"
-                );
-            }
-            *current = fresh.clone();
+        if fresh.set.latest() != known.set.latest() {
+            tracing::info!(
+                latest = fresh.set.latest().get(),
+                "the published templates changed: new tenants are provisioned at this version"
+            );
         }
+        *self.current.write().expect("not poisoned") = fresh.clone();
         Ok(fresh)
     }
 }
@@ -136,6 +143,14 @@ pub enum Problem {
         "template {file} is published, but {why}: run `tenantry templates publish DIR` with the directory that holds the file"
     )]
     Unusable { file: String, why: String },
+    #[error(
+        "nothing was published: {0}; a published version can never be taken back, so a new one must first build a tenant from nothing (fix the file and publish again)"
+    )]
+    DoesNotBuild(String),
+    #[error(
+        "publishing waited {0} s for signups in flight to finish (it must not run beside them): try again"
+    )]
+    Busy(u64),
 }
 
 impl From<tokio_postgres::Error> for Problem {
@@ -208,12 +223,9 @@ fn text_of(
 /// newest version published at all. A version without usable text ends the
 /// set (the fleet's integrity check then names it, with the fix).
 pub async fn load(client: &impl GenericClient) -> Result<Published, Problem> {
+    let fingerprint: Option<String> = client.query_one(FINGERPRINT, &[]).await?.get(1);
     let rows = client.query(PUBLISHED, &[]).await?;
     let newest = rows.last().map(|r| r.get::<_, i32>("version"));
-    let texts = rows
-        .iter()
-        .filter(|r| r.get::<_, Option<&str>>("sql").is_some())
-        .count() as i64;
     let mut files = Vec::new();
     let mut unusable = None;
     for (expected, row) in (1..).zip(&rows) {
@@ -247,11 +259,12 @@ pub async fn load(client: &impl GenericClient) -> Result<Published, Problem> {
     Ok(Published {
         set: Arc::new(set),
         newest,
-        texts,
+        fingerprint,
     })
 }
 
 /// Where proposals come from, and whether they were asked for.
+#[derive(Debug, Clone)]
 pub struct Proposals {
     pub set: TemplateSet,
     /// From `TENANTRY_TEMPLATES_DIR` (or a `templates publish DIR`): a
@@ -273,53 +286,62 @@ pub struct Publication {
     pub diverged: Option<String>,
 }
 
+/// How long publishing waits for the signups in flight (which it must not
+/// run beside) before it gives up.
+const PUBLISH_WAIT_SECONDS: u64 = 10;
+
 /// Publish what `proposals` add after the newest published version, and
 /// put back the text of published versions whose text the database lacks
-/// (name and checksum must match). One transaction, under a lock that
-/// waits for provisioning transactions in flight.
-pub async fn publish(client: &Client, proposals: &Proposals) -> Result<Publication, Problem> {
-    client
-        .batch_execute("BEGIN; LOCK TABLE tenantry.templates IN EXCLUSIVE MODE")
-        .await?;
-    let result = publish_locked(client, proposals).await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    client.batch_execute(end).await?;
-    result
+/// (name and checksum must match). New versions first build a tenant from
+/// nothing, in a transaction rolled back; then they are inserted in one
+/// transaction, under a lock that waits for provisioning transactions in
+/// flight (at most [`PUBLISH_WAIT_SECONDS`]). Nothing to add takes no lock.
+pub async fn publish(
+    client: &Client,
+    installation: &Installation,
+    proposals: &Proposals,
+) -> Result<Publication, Problem> {
+    fill_texts(client, &proposals.set).await?;
+    let mut publication = Publication::default();
+    if compare(client, proposals, &mut publication)
+        .await?
+        .is_none()
+    {
+        return Ok(publication);
+    }
+    crate::provisioning::check_builds(client, installation, proposals.set.all())
+        .await
+        .map_err(|e| Problem::DoesNotBuild(crate::api::error::cause_chain(&e)))?;
+    client.batch_execute("BEGIN").await?;
+    let result = insert_new(client, proposals).await;
+    let end = client
+        .batch_execute(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })
+        .await;
+    match (result, end) {
+        (Ok(publication), Ok(())) => Ok(publication),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Err(e), _) => Err(e),
+    }
 }
 
-async fn publish_locked(client: &Client, proposals: &Proposals) -> Result<Publication, Problem> {
-    fill_texts(client, &proposals.set).await?;
-    let published = client
-        .query(
-            "SELECT version, name, checksum FROM tenantry.templates ORDER BY version",
-            &[],
-        )
-        .await?;
-    let mut publication = Publication::default();
-    for row in &published {
-        let (version, name, checksum): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-        let Some(proposed) = proposals
-            .set
-            .all()
-            .get(usize::try_from(version - 1).unwrap_or(usize::MAX))
-        else {
-            // The proposals end here: they add nothing.
-            return Ok(publication);
-        };
-        if proposed.name() != name || proposed.checksum().to_string() != checksum {
-            let changed = IntegrityError::Changed {
-                file: proposed.file_name(),
-                found: proposed.checksum().to_string(),
-                applied: checksum,
-                origin: proposals.set.origin().to_owned(),
-            };
-            if proposals.explicit {
-                return Err(changed.into());
+/// Inside publishing's transaction: the lock, then (again: another process
+/// may have published meanwhile) what the proposals add, inserted.
+async fn insert_new(client: &Client, proposals: &Proposals) -> Result<Publication, Problem> {
+    client
+        .batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{PUBLISH_WAIT_SECONDS}s'; LOCK TABLE tenantry.templates IN EXCLUSIVE MODE"
+        ))
+        .await
+        .map_err(|e| match e.code() {
+            Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                Problem::Busy(PUBLISH_WAIT_SECONDS)
             }
-            publication.diverged = Some(changed.to_string());
-            return Ok(publication);
-        }
-    }
+            _ => e.into(),
+        })?;
+    let mut publication = Publication::default();
+    let Some(from) = compare(client, proposals, &mut publication).await? else {
+        return Ok(publication);
+    };
     let origin = format!(
         "{} (by {} on {})",
         proposals.set.origin(),
@@ -328,7 +350,7 @@ async fn publish_locked(client: &Client, proposals: &Proposals) -> Result<Public
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "an unknown host".into())
     );
-    for template in &proposals.set.all()[published.len()..] {
+    for template in &proposals.set.all()[from..] {
         client
             .execute(
                 "INSERT INTO tenantry.templates (version, name, checksum, sql, origin)
@@ -345,6 +367,31 @@ async fn publish_locked(client: &Client, proposals: &Proposals) -> Result<Public
         publication.published.push(template.file_name());
     }
     Ok(publication)
+}
+
+/// Compare the proposals with the published versions: where the first new
+/// version is in the proposals, if they add any. A disagreement is refused
+/// for explicit proposals and noted (nothing added) for the built-in ones.
+async fn compare(
+    client: &Client,
+    proposals: &Proposals,
+    publication: &mut Publication,
+) -> Result<Option<usize>, Problem> {
+    let published = client
+        .query(
+            "SELECT version, name, checksum FROM tenantry.templates ORDER BY version",
+            &[],
+        )
+        .await?;
+    if let Some(disagreement) = disagreement(&published, &proposals.set) {
+        if proposals.explicit {
+            return Err(disagreement.into());
+        }
+        publication.diverged = Some(disagreement.to_string());
+        return Ok(None);
+    }
+    let newest = published.last().map_or(0, |r| r.get::<_, i32>(0));
+    Ok((proposals.set.latest().get() > newest).then_some(newest as usize))
 }
 
 /// Put back the text of published versions that `set` has with the same
@@ -372,19 +419,24 @@ pub async fn fill_texts(
 /// When a process opens the database: whether it publishes its proposals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
-    /// `serve` at start, `fleet migrate`, `templates publish`.
+    /// `serve` at start, `templates publish`: publish, and refuse an
+    /// explicit directory that disagrees with the published set.
     Publish,
-    /// Every other command: it publishes only into a database that has no
-    /// template yet (the first process on a new installation), and refuses
-    /// an explicit directory that disagrees with the published set.
+    /// Commands that make tenants (`tenants create`, `tenants import`):
+    /// they publish only into a database that has no template yet (the
+    /// first process on a new installation).
+    Provision,
+    /// Every other command: it publishes nothing. On a database with no
+    /// template yet, its proposals stand in (unpublished) for what it shows.
     Read,
 }
 
-/// What every process does once the system schema is up: fill in missing
+/// What every process does once the system schema is up: put back missing
 /// texts from the built-in templates and the proposals, publish (see
 /// [`Opening`]), and read the published set.
 pub async fn open(
     client: &Client,
+    installation: &Installation,
     proposals: &Proposals,
     opening: Opening,
 ) -> Result<(Published, Publication), Problem> {
@@ -393,45 +445,61 @@ pub async fn open(
         .query_one("SELECT NOT EXISTS (SELECT FROM tenantry.templates)", &[])
         .await?
         .get(0);
-    let publication = if opening == Opening::Publish || empty {
-        publish(client, proposals).await?
-    } else {
-        fill_texts(client, &proposals.set).await?;
-        if proposals.explicit {
-            disagreement(client, &proposals.set).await?;
+    let publication = match (opening, empty) {
+        (Opening::Publish, _) | (Opening::Provision, true) => {
+            publish(client, installation, proposals).await?
         }
-        Publication::default()
+        (Opening::Read, true) => {
+            let set = Arc::new(proposals.set.clone());
+            return Ok((Published::new(set, 0), Publication::default()));
+        }
+        _ => {
+            fill_texts(client, &proposals.set).await?;
+            let mut publication = Publication::default();
+            compare(
+                client,
+                &Proposals {
+                    explicit: false,
+                    set: proposals.set.clone(),
+                    by: proposals.by.clone(),
+                },
+                &mut publication,
+            )
+            .await?;
+            publication
+        }
     };
     if let Some(diverged) = &publication.diverged {
         tracing::warn!(
-            "the built-in templates were not published, they disagree with the published ones: {diverged}"
+            "the proposed templates were not published, they disagree with the published ones: {diverged}"
         );
     }
     Ok((load(client).await?, publication))
 }
 
-/// Refuse `set` where it disagrees with a published version.
-async fn disagreement(client: &impl GenericClient, set: &TemplateSet) -> Result<(), Problem> {
-    let published = client
-        .query(
-            "SELECT version, name, checksum FROM tenantry.templates",
-            &[],
-        )
-        .await?;
-    for row in &published {
+/// Where `set` disagrees with a published version (`published`: rows of
+/// version, name, checksum).
+fn disagreement(published: &[tokio_postgres::Row], set: &TemplateSet) -> Option<IntegrityError> {
+    published.iter().find_map(|row| {
         let (version, name, checksum): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-        let Some(t) = set.all().iter().find(|t| t.version().get() == version) else {
-            continue;
-        };
-        if t.name() != name || t.checksum().to_string() != checksum {
-            return Err(IntegrityError::Changed {
+        let t = set
+            .all()
+            .get(usize::try_from(version).ok()?.checked_sub(1)?)?;
+        if t.name() != name {
+            Some(IntegrityError::Renamed {
+                published: format!("V{version}__{name}.sql"),
+                found: t.file_name(),
+                origin: set.origin().to_owned(),
+            })
+        } else if t.checksum().to_string() != checksum {
+            Some(IntegrityError::Changed {
                 file: t.file_name(),
                 found: t.checksum().to_string(),
                 applied: checksum,
                 origin: set.origin().to_owned(),
-            }
-            .into());
+            })
+        } else {
+            None
         }
-    }
-    Ok(())
+    })
 }

@@ -26,9 +26,9 @@ pub enum TemplateError {
     BadName { file: String, reason: String },
     #[error("template version {0} appears twice")]
     Duplicate(i32),
-    #[error("no tenant templates found in {0}")]
+    #[error("no tenant templates (files named V<n>__<name>.sql) found in {0}")]
     Empty(String),
-    #[error("template V{missing} is missing from {origin}: versions must run 1, 2, 3, … without gaps (the next one found is {next})")]
+    #[error("template V{missing} is missing from {origin}: versions must run 1, 2, 3, … without gaps (the next one found is {next}: number it V{missing})")]
     Gap {
         missing: i32,
         next: String,
@@ -193,6 +193,14 @@ impl TemplateSet {
             .unwrap_or(0)
             .min(self.templates.len());
         &self.templates[start.min(end)..end]
+    }
+
+    /// The versions up to and including `version`.
+    pub fn up_to(&self, version: TemplateVersion) -> TemplateSet {
+        TemplateSet {
+            templates: self.between(0, version).to_vec(),
+            origin: self.origin.clone(),
+        }
     }
 
     pub fn all(&self) -> &[Template] {

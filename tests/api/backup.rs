@@ -389,9 +389,11 @@ async fn a_restore_never_touches_an_installation_and_a_backup_never_a_full_direc
 
 #[tokio::test]
 async fn an_embedded_installation_comes_back_with_its_secret_and_anchors() {
-    let (from, to) = (temp_dir("tenantry-test-from"), temp_dir("tenantry-test-to"));
-    spawn_reaper(&from);
+    let (base, to) = (temp_dir("tenantry-test-from"), temp_dir("tenantry-test-to"));
+    spawn_reaper(&base);
     spawn_reaper(&to);
+    // A data dir not made yet: the first command makes it.
+    let from = base.join("not-made-yet");
     let env_from = vec![("TENANTRY_DATA_DIR", from.display().to_string())];
     let env_to = vec![("TENANTRY_DATA_DIR", to.display().to_string())];
     let out = tenantry(

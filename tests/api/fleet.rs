@@ -519,7 +519,7 @@ async fn a_changed_or_missing_template_is_refused_and_nothing_is_touched() {
 }
 
 #[tokio::test]
-async fn tenants_newer_than_the_binary_are_refused() {
+async fn tenants_newer_than_the_published_set_are_refused() {
     let fleet = fleet_at_base(&["quin"], RATING).await;
     assert!(fleet.fleet(&["migrate"]).await.status.success());
     // A published version is never taken back: the database refuses.
@@ -698,6 +698,10 @@ async fn a_run_killed_mid_way_leaves_every_tenant_whole_and_the_next_run_finishe
 #[tokio::test]
 async fn a_dropped_connection_rolls_its_tenant_back_and_the_run_goes_on() {
     let fleet = fleet_at_base(&["abe", "bea", "cyd"], &slow_rating(0.5)).await;
+    // Published first: publishing builds a tenant from nothing, which
+    // sleeps too, and the connection to drop is a tenant's.
+    let published = tenantry(&["templates", "publish"], &fleet.env, None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
     let run = fleet
         .fleet_command(&["migrate", "--concurrency", "1", "--canary", "0"])
         .spawn()
@@ -1380,4 +1384,68 @@ async fn a_signup_waiting_on_a_publication_is_made_at_the_published_version() {
     assert_eq!(json(made).await["template_version"], added_version());
     assert_eq!(fleet.assert_whole("amos").await, added_version());
     assert_eq!(fleet.status().await["pending"], 1, "only zed is behind");
+}
+
+/// The other side of that race: a publication waits for a signup in flight
+/// (held here: its name is taken by a transaction not yet ended), so the
+/// signup commits at the version it started at and the next run, planned
+/// after the publication, has it.
+#[tokio::test]
+async fn a_publication_waits_for_a_signup_in_flight_and_the_next_run_has_it() {
+    let fleet = fleet_at_base(&["yul"], RATING).await;
+    // The name taken by a transaction held open here: the signup's insert
+    // waits for it, after its first statement took its place before
+    // publishing.
+    let holder = fleet.app.db().await;
+    holder
+        .batch_execute(
+            "BEGIN; INSERT INTO tenantry.users (id, username, email, password_hash, role)
+             VALUES (gen_random_uuid(), 'bea', 'someone@example.com', 'x', 'user')",
+        )
+        .await
+        .unwrap();
+    let signup = fleet
+        .app
+        .api
+        .post(format!("{}/api/auth/register", fleet.app.address))
+        .json(&serde_json::json!({
+            "username": "bea", "email": "bea@example.com", "password": PASSWORD
+        }))
+        .send();
+    let signup = tokio::spawn(signup);
+    wait_for(
+        &fleet.app,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tenantry.users%'",
+    )
+    .await;
+    let (dir, env) = (
+        fleet.templates.display().to_string(),
+        cli_env(&fleet.app.db_name),
+    );
+    let publish =
+        tokio::spawn(async move { tenantry(&["templates", "publish", &dir], &env, None).await });
+    wait_for(
+        &fleet.app,
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE '%LOCK TABLE tenantry.templates%'",
+    )
+    .await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let made = signup.await.unwrap().unwrap();
+    assert_eq!(made.status(), 201);
+    assert_eq!(json(made).await["template_version"], base_version());
+    let published = publish.await.unwrap();
+    assert!(published.status.success(), "{}", stderr(&published));
+    assert!(
+        stdout(&published).contains(&format!("published {}", rating_file())),
+        "{}",
+        stdout(&published)
+    );
+    let out = tenantry(&["fleet", "migrate"], &cli_env(&fleet.app.db_name), None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("2 migrated"), "{}", stdout(&out));
+    for user in ["yul", "bea"] {
+        assert_eq!(fleet.assert_whole(user).await, added_version());
+    }
 }

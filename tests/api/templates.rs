@@ -59,6 +59,20 @@ async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
     );
     assert_eq!(published_files(&app.db_name).await, builtin);
 
+    // A version that cannot build a tenant is never published (it could
+    // not be taken back): every signup would fail.
+    let broken = builtin_templates_with(&[("V6__broken.sql", "CREATE TABLEX notes (id bigint);")]);
+    let out = publish(&app.db_name, &broken).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("nothing was published") && stderr(&out).contains("V6__broken"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(published_files(&app.db_name).await, builtin);
+    let signup = app.register("mae").await;
+    assert_eq!(json(signup).await["template_version"], latest_version());
+
     // The next version: published once.
     let next = builtin_templates_with(&[("V6__notes.sql", "CREATE TABLE notes (id bigint);")]);
     let out = publish(&app.db_name, &next).await;
@@ -87,9 +101,9 @@ async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
 
     // A directory that cannot be read: a clear error.
     let out = publish(&app.db_name, std::path::Path::new("/nonexistent/templates")).await;
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("cannot read templates from /nonexistent/templates"),
+        stderr(&out).contains("/nonexistent/templates is not a directory"),
         "{}",
         stderr(&out)
     );
@@ -98,15 +112,15 @@ async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
     let db = app.db().await;
     for sql in [
         "UPDATE tenantry.templates SET checksum = '1' WHERE version = 6",
+        "UPDATE tenantry.templates SET name = 'other' WHERE version = 6",
         "DELETE FROM tenantry.templates WHERE version = 6",
+        "TRUNCATE tenantry.templates",
     ] {
         let err = db.batch_execute(sql).await.unwrap_err();
         let message = err.as_db_error().unwrap().message().to_owned();
-        assert!(
-            message.contains("published template V6 may not"),
-            "{message}"
-        );
+        assert!(message.contains("may not"), "{sql}: {message}");
     }
+    assert_eq!(published_files(&app.db_name).await.len(), 6);
 }
 
 /// An installation with templates of its own: the built-in templates of a
@@ -134,4 +148,35 @@ async fn the_published_set_wins_over_the_builtin_templates() {
     let files = published_files(&db_name).await;
     assert_eq!(files.last().unwrap(), "V5__mine.sql");
     assert_eq!(files.len(), 5);
+}
+
+/// Looking changes nothing: on a database with no template yet, a dry run,
+/// `fleet status` and `templates list` publish nothing.
+#[tokio::test]
+async fn a_dry_run_status_and_list_publish_nothing_on_a_new_database() {
+    let db_name = create_database().await;
+    let mut env = cli_env(&db_name);
+    let dir = builtin_templates_with(&[("V6__notes.sql", "CREATE TABLE notes (id bigint);")]);
+    env.push(("TENANTRY_TEMPLATES_DIR", dir.display().to_string()));
+    for args in [
+        &["fleet", "migrate", "--dry-run"][..],
+        &["fleet", "status"],
+        &["templates", "list"],
+    ] {
+        let out = tenantry(args, &env, None).await;
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let listed = tenantry(&["templates", "list"], &env, None).await;
+    assert!(
+        stdout(&listed).contains("not published, proposed by"),
+        "{}",
+        stdout(&listed)
+    );
+    let published = connect(&db_name)
+        .await
+        .query_one("SELECT count(*) FROM tenantry.templates", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(published, 0);
 }

@@ -675,8 +675,14 @@ async fn fleet_migrate_on_citus(citus: &Citus, app: &App) {
     .unwrap();
     let config: tokio_postgres::Config = citus.url.parse().unwrap();
     // The admin publishes the new version, then runs the fleet to it.
+    let control = tenantry::db::connect(&config).await.unwrap();
+    let installation = tenantry::db::bootstrap(&mut tenantry::db::connect(&config).await.unwrap())
+        .await
+        .unwrap()
+        .0;
     let published = tenantry::tenancy::publication::Templates::publishing(
-        &tenantry::db::connect(&config).await.unwrap(),
+        &control,
+        &installation,
         tenantry::templates::TemplateSet::from_dir(&dir).unwrap(),
         "test",
     )

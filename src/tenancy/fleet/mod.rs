@@ -26,7 +26,8 @@ mod status;
 
 pub use check::{find_drift, repair_drift, Drift, DriftKind, DriftReport};
 pub use run::{
-    plan_only, prepare, Plan, PlannedTenant, PreparedRun, Progress, RunSummary, TenantResult,
+    plan_only, prepare, prepare_with, Plan, PlannedTenant, PreparedRun, Progress, RunSummary,
+    Source, TenantResult,
 };
 pub use status::{fleet_status, run_report, FleetStatus, RunReport};
 

@@ -16,6 +16,7 @@ use crate::db;
 use crate::domain::{RoleName, SchemaName, TemplateVersion};
 use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
 use crate::tenancy::integrity;
+use crate::tenancy::publication;
 use crate::tenancy::templates::TemplateSet;
 
 /// A tenant the plan will migrate.
@@ -109,6 +110,8 @@ pub struct PreparedRun {
     stop: Arc<AtomicBool>,
     /// A Citus coordinator: history is written after the templates.
     citus: bool,
+    /// The versions this run published (`Source::Publishing`), as files.
+    published: Vec<String>,
 }
 
 /// Take the run lock, check the template set against the published one, make the plan and
@@ -117,6 +120,28 @@ pub struct PreparedRun {
 pub async fn prepare(
     connector: &db::Connector,
     templates: Arc<TemplateSet>,
+    options: RunOptions,
+) -> Result<PreparedRun, FleetError> {
+    prepare_with(connector, Source::Published(templates), options).await
+}
+
+/// Where a run's templates come from.
+pub enum Source<'a> {
+    /// The published set, as the caller read it.
+    Published(Arc<TemplateSet>),
+    /// `fleet migrate`: publish what these proposals add, up to the run's
+    /// target, once the run lock is held (a refused run publishes nothing),
+    /// then run with the published set.
+    Publishing {
+        installation: &'a db::Installation,
+        proposals: &'a publication::Proposals,
+    },
+}
+
+/// [`prepare`], from either source.
+pub async fn prepare_with(
+    connector: &db::Connector,
+    source: Source<'_>,
     options: RunOptions,
 ) -> Result<PreparedRun, FleetError> {
     if !(1..=MAX_CONCURRENCY).contains(&options.concurrency) {
@@ -151,6 +176,46 @@ pub async fn prepare(
         return Err(FleetError::AlreadyRunning(who));
     }
     // From here the lock is ours until `control` is dropped.
+    let (templates, published) = match source {
+        Source::Published(templates) => (templates, Vec::new()),
+        Source::Publishing {
+            installation,
+            proposals,
+        } => {
+            let publication = match options.target {
+                // Beyond the proposals: refused before anything is
+                // published, unless it is published already.
+                Some(target) if target > proposals.set.latest() => {
+                    let published: Option<i32> = control
+                        .query_one("SELECT max(version) FROM tenantry.templates", &[])
+                        .await?
+                        .get(0);
+                    let latest = published.unwrap_or(0).max(proposals.set.latest().get());
+                    if target.get() > latest {
+                        return Err(FleetError::UnknownTarget {
+                            target: target.get(),
+                            latest,
+                        });
+                    }
+                    Default::default()
+                }
+                Some(target) => {
+                    let up_to = publication::Proposals {
+                        set: proposals.set.up_to(target),
+                        explicit: proposals.explicit,
+                        by: proposals.by.clone(),
+                    };
+                    publication::publish(&control, installation, &up_to).await?
+                }
+                None => publication::publish(&control, installation, proposals).await?,
+            };
+            if let Some(diverged) = &publication.diverged {
+                tracing::warn!("the built-in templates were not published: {diverged}");
+            }
+            let set = publication::load(&*control).await?.set().clone();
+            (set, publication.published)
+        }
+    };
     integrity::verify(&*control, &templates).await?;
     let citus: bool = control
         .query_one("SELECT mode = 'citus' FROM tenantry.installation", &[])
@@ -235,6 +300,7 @@ pub async fn prepare(
         run_id,
         stop: Arc::new(AtomicBool::new(false)),
         citus,
+        published,
     })
 }
 
@@ -316,6 +382,11 @@ fn planned_tenant(row: &Row) -> Result<PlannedTenant, FleetError> {
 }
 
 impl PreparedRun {
+    /// The versions this run published before it started, as files.
+    pub fn published(&self) -> &[String] {
+        &self.published
+    }
+
     pub fn run_id(&self) -> i64 {
         self.run_id
     }
