@@ -302,7 +302,8 @@ pub async fn import(
     let version = document.template_version;
     let template_version = crate::domain::TemplateVersion::parse(version)
         .map_err(|_| ImportError::Format(format!("template_version {version}")))?;
-    // A version published since this process read the set counts.
+    // A version published since this process read the set counts. Not
+    // read (the database away): the import itself then fails, saying so.
     let _ = templates.refresh(&***client).await;
     let latest = templates.get().latest();
     if version > i64::from(latest.get()) {
