@@ -70,6 +70,13 @@ const RESERVED_USERNAMES: &[&str] = &[
 pub struct Username(String);
 
 impl Username {
+    /// A name no user can have (`parse` refuses `__`): the tenant that
+    /// publishing builds from nothing and rolls back. `tag`: hex digits.
+    pub fn scratch(tag: &str) -> Username {
+        assert!(tag.len() <= 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+        Username(format!("template__check_{tag}"))
+    }
+
     pub fn parse(raw: &str) -> Result<Username, ValidationError> {
         // Refuse absurd input before doing any work on it.
         if raw.len() > 256 {

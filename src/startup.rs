@@ -101,10 +101,21 @@ impl Context {
                 tracing::info!(signups = swept, "swept what killed signups left");
             }
         }
-        let (published, publication) =
-            publication::open(&client, &installation, proposals, opening)
-                .await
-                .map_err(StartupError::from)?;
+        // Publishing builds a tenant from nothing on a connection of its own.
+        let scratch = match opening {
+            Opening::Read => None,
+            _ => Some(target.connect().await?),
+        };
+        let (published, publication) = publication::open(
+            &client,
+            scratch.as_deref().unwrap_or(&client),
+            &installation,
+            proposals,
+            opening,
+        )
+        .await
+        .map_err(StartupError::from)?;
+        drop(scratch);
         for file in &publication.published {
             tracing::info!(file, "template published");
         }
@@ -122,6 +133,19 @@ impl Context {
 }
 
 impl Context {
+    /// Before a command makes a tenant: on a database with no template yet
+    /// (opened `Opening::Read`), publish the proposals (the first process on
+    /// a new installation does).
+    pub async fn ready_to_provision(&self) -> Result<(), StartupError> {
+        if self.templates.published().newest() > 0 {
+            return Ok(());
+        }
+        let (client, scratch) = (self.target.connect().await?, self.target.connect().await?);
+        publication::publish(&client, &scratch, &self.installation, &self.proposals).await?;
+        self.templates.refresh(&*client).await?;
+        Ok(())
+    }
+
     /// The set a fleet run would migrate to: the published one, or the
     /// proposals where they continue it (what `fleet migrate` publishes
     /// first). For `fleet status` and `fleet migrate --dry-run`, which
@@ -246,7 +270,7 @@ impl Application {
         // `serve` publishes what its templates add at start (an upgrade's
         // new built-in versions, or TENANTRY_TEMPLATES_DIR's), and refuses
         // a directory that disagrees with what is published.
-        let context = Context::on(target, &proposals, Opening::Publish, settings.pool_size).await?;
+        let context = Context::on(target, &proposals, Opening::Serve, settings.pool_size).await?;
         // A published version this process cannot use (or tenants ahead of
         // the published set): it serves anyway, at the newest version it
         // can use, and `/health` says what is wrong and how to fix it.

@@ -13,7 +13,6 @@ use crate::domain::{Email, Username};
 use crate::embedded::{self, Cluster};
 use crate::provisioning::{self, AuditContext, NewAccount};
 use crate::startup::{Application, Context, StartupError};
-use crate::tenancy::publication::Opening;
 
 mod backup;
 mod fleet;
@@ -804,7 +803,7 @@ async fn create_tenant(settings: &Settings, name: &str, email: &str) -> Result<(
     let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
     let email = Email::parse(email).map_err(|e| Failure::Usage(e.to_string()))?;
     let pseudonyms = pseudonyms(settings)?;
-    let ctx = Context::open_with(settings, 1, Opening::Provision).await?;
+    let ctx = Context::open(settings, 1).await?;
     fleet::verify_templates(&ctx).await?;
     provisioning::check_available(&ctx.pool.get().await?, &username, &email)
         .await
@@ -825,6 +824,9 @@ async fn create_tenant(settings: &Settings, name: &str, email: &str) -> Result<(
             client: None,
         }),
     };
+    // Only now (the password read): a new database's first tenant
+    // publishes the templates.
+    ctx.ready_to_provision().await?;
     let mut client = ctx.pool.get().await?;
     let t =
         provisioning::provision(&mut client, &ctx.installation, &ctx.templates, &account).await?;
@@ -898,7 +900,7 @@ async fn import_tenant(
         .or_else(|| document.account.email.clone())
         .ok_or_else(|| Failure::Usage("the export has no email; pass --email".into()))?;
     let email = Email::parse(&email).map_err(|e| Failure::Usage(e.to_string()))?;
-    let ctx = Context::open_with(settings, 1, Opening::Provision).await?;
+    let ctx = Context::open(settings, 1).await?;
     fleet::verify_templates(&ctx).await?;
     provisioning::check_available(&ctx.pool.get().await?, &username, &email)
         .await
@@ -914,6 +916,7 @@ async fn import_tenant(
         verification: None,
         audit: None,
     };
+    ctx.ready_to_provision().await?;
     let mut client = ctx.pool.get().await?;
     let restored = crate::tenancy::import::import(
         &mut client,

@@ -449,9 +449,7 @@ pub async fn check_builds(
     installation: &Installation,
     templates: &[crate::tenancy::templates::Template],
 ) -> Result<(), ProvisionError> {
-    let suffix = Uuid::new_v4().simple().to_string();
-    let username =
-        Username::parse(&format!("template_check_{}", &suffix[..8])).expect("a valid username");
+    let username = Username::scratch(&Uuid::new_v4().simple().to_string()[..8]);
     let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
     let local = Installation {
         citus: false,
@@ -482,8 +480,11 @@ pub async fn check_builds(
         Ok(())
     }
     .await;
-    client.batch_execute("ROLLBACK").await?;
-    built
+    let rolled_back = client.batch_execute("ROLLBACK").await;
+    match (built, rolled_back) {
+        (Err(e), _) => Err(e),
+        (Ok(()), rolled_back) => Ok(rolled_back?),
+    }
 }
 
 /// The tenant's role and its empty schema with its history table. The

@@ -93,7 +93,7 @@ impl Templates {
             explicit: true,
             by: by.to_owned(),
         };
-        publish(client, installation, &proposals).await?;
+        publish(client, client, installation, &proposals).await?;
         Ok(Templates::new(load(client).await?))
     }
 
@@ -144,9 +144,9 @@ pub enum Problem {
     )]
     Unusable { file: String, why: String },
     #[error(
-        "nothing was published: {0}; a published version can never be taken back, so a new one must first build a tenant from nothing (fix the file and publish again)"
+        "nothing was published: a new version must first build a tenant from nothing, since a published one can never be taken back (fix the file and publish again)"
     )]
-    DoesNotBuild(String),
+    DoesNotBuild(#[source] crate::provisioning::ProvisionError),
     #[error(
         "publishing waited {0} s for signups in flight to finish (it must not run beside them): try again"
     )]
@@ -296,8 +296,12 @@ const PUBLISH_WAIT_SECONDS: u64 = 10;
 /// nothing, in a transaction rolled back; then they are inserted in one
 /// transaction, under a lock that waits for provisioning transactions in
 /// flight (at most [`PUBLISH_WAIT_SECONDS`]). Nothing to add takes no lock.
+/// The tenant is built on `scratch`, a connection of its own (a template
+/// runs there as the tenant would; the caller's session, which may hold a
+/// fleet run's lock, stays out of its reach); tools may pass `client`.
 pub async fn publish(
     client: &Client,
+    scratch: &Client,
     installation: &Installation,
     proposals: &Proposals,
 ) -> Result<Publication, Problem> {
@@ -309,9 +313,11 @@ pub async fn publish(
     {
         return Ok(publication);
     }
-    crate::provisioning::check_builds(client, installation, proposals.set.all())
-        .await
-        .map_err(|e| Problem::DoesNotBuild(crate::api::error::cause_chain(&e)))?;
+    match crate::provisioning::check_builds(scratch, installation, proposals.set.all()).await {
+        Ok(()) => {}
+        Err(crate::provisioning::ProvisionError::Postgres(e)) => return Err(e.into()),
+        Err(e) => return Err(Problem::DoesNotBuild(e)),
+    }
     client.batch_execute("BEGIN").await?;
     let result = insert_new(client, proposals).await;
     let end = client
@@ -419,23 +425,26 @@ pub async fn fill_texts(
 /// When a process opens the database: whether it publishes its proposals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
-    /// `serve` at start, `templates publish`: publish, and refuse an
-    /// explicit directory that disagrees with the published set.
+    /// `serve` at start: publish, and refuse an explicit directory that
+    /// disagrees with the published set. When signups in flight keep
+    /// publishing waiting past its bound, start on the published set.
+    Serve,
+    /// `templates publish`: publish, refusing what `Serve` refuses, and
+    /// failing when publishing has to wait too long.
     Publish,
-    /// Commands that make tenants (`tenants create`, `tenants import`):
-    /// they publish only into a database that has no template yet (the
-    /// first process on a new installation).
-    Provision,
     /// Every other command: it publishes nothing. On a database with no
-    /// template yet, its proposals stand in (unpublished) for what it shows.
+    /// template yet, its proposals stand in (unpublished) for what it
+    /// shows; commands that make tenants publish them first
+    /// (`startup::Context::ready_to_provision`).
     Read,
 }
 
 /// What every process does once the system schema is up: put back missing
 /// texts from the built-in templates and the proposals, publish (see
-/// [`Opening`]), and read the published set.
+/// [`Opening`]; `scratch` as in [`publish`]), and read the published set.
 pub async fn open(
     client: &Client,
+    scratch: &Client,
     installation: &Installation,
     proposals: &Proposals,
     opening: Opening,
@@ -446,14 +455,19 @@ pub async fn open(
         .await?
         .get(0);
     let publication = match (opening, empty) {
-        (Opening::Publish, _) | (Opening::Provision, true) => {
-            publish(client, installation, proposals).await?
-        }
+        (Opening::Publish, _) => publish(client, scratch, installation, proposals).await?,
+        (Opening::Serve, _) => match publish(client, scratch, installation, proposals).await {
+            Err(busy @ Problem::Busy(_)) if !empty => {
+                tracing::warn!(%busy, "starting on the published templates; publish later with `tenantry templates publish`");
+                Publication::default()
+            }
+            other => other?,
+        },
         (Opening::Read, true) => {
             let set = Arc::new(proposals.set.clone());
             return Ok((Published::new(set, 0), Publication::default()));
         }
-        _ => {
+        (Opening::Read, false) => {
             fill_texts(client, &proposals.set).await?;
             let mut publication = Publication::default();
             compare(

@@ -178,6 +178,10 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
     let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
     let mut env = cli_env(&db);
     env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    // Published first: publishing builds a tenant from nothing, which sleeps
+    // too, and the transaction to kill is quinn's.
+    let published = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
 
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
         .args(["tenants", "create", "quinn", "--email", "quinn@example.com"])

@@ -128,13 +128,10 @@ async fn assert_clean(pool: &tenantry::db::RequestPool, backend: Option<i32>) ->
 async fn a_pooled_connection_keeps_nothing_of_a_provisioning_also_after_an_error() {
     let db = create_database().await;
     // As `tenants create` opens it: publishing into the new database.
-    let ctx = tenantry::startup::Context::open_with(
-        &test_settings(&db),
-        1,
-        tenantry::tenancy::publication::Opening::Provision,
-    )
-    .await
-    .unwrap();
+    let ctx = tenantry::startup::Context::open(&test_settings(&db), 1)
+        .await
+        .unwrap();
+    ctx.ready_to_provision().await.unwrap();
     let broken = tenantry::templates::TemplateSet::from_dir(&templates_dir_with(&[(
         "V2__broken.sql",
         "CREATE TABLE broken (id bigint REFERENCES missing (id));",

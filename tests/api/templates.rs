@@ -70,6 +70,13 @@ async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
         stderr(&out)
     );
     assert_eq!(published_files(&app.db_name).await, builtin);
+    let leftovers = app
+        .count(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname LIKE '%template\\_\\_check%')
+                  + (SELECT count(*) FROM pg_roles WHERE rolname LIKE '%template\\_\\_check%')",
+        )
+        .await;
+    assert_eq!(leftovers, 0, "the tenant built to check is gone");
     let signup = app.register("mae").await;
     assert_eq!(json(signup).await["template_version"], latest_version());
 
@@ -117,8 +124,11 @@ async fn publishing_refuses_a_changed_version_and_only_goes_forward() {
         "TRUNCATE tenantry.templates",
     ] {
         let err = db.batch_execute(sql).await.unwrap_err();
-        let message = err.as_db_error().unwrap().message().to_owned();
-        assert!(message.contains("may not"), "{sql}: {message}");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::RESTRICT_VIOLATION),
+            "{sql}: {err:?}"
+        );
     }
     assert_eq!(published_files(&app.db_name).await.len(), 6);
 }
@@ -179,4 +189,63 @@ async fn a_dry_run_status_and_list_publish_nothing_on_a_new_database() {
         .unwrap()
         .get::<_, i64>(0);
     assert_eq!(published, 0);
+}
+
+/// A run refused before it starts publishes nothing; a run to a target
+/// publishes up to it; a published file renamed is refused, naming both;
+/// `templates show` gives the published text back.
+#[tokio::test]
+async fn fleet_migrate_publishes_only_what_it_runs_to() {
+    let app = spawn_app().await;
+    assert_eq!(app.register("pia").await.status(), 201);
+    let base = latest_version();
+    let six = format!("V{}__rating.sql", base + 1);
+    let seven = format!("V{}__notes.sql", base + 2);
+    let rating = "ALTER TABLE experiences ADD COLUMN rating integer;";
+    let dir =
+        builtin_templates_with(&[(&six, rating), (&seven, "CREATE TABLE notes (id bigint);")]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", dir.display().to_string()));
+
+    let refused = tenantry(&["fleet", "migrate", "--tenant", "nobody"], &env, None).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("no tenant named nobody"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_eq!(published_files(&app.db_name).await.len() as i32, base);
+
+    let target = (base + 1).to_string();
+    let out = tenantry(&["fleet", "migrate", "--to", &target], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("published {six}")),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(published_files(&app.db_name).await.last().unwrap(), &six);
+
+    let shown = tenantry(
+        &["templates", "show", &target],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert_eq!(stdout(&shown), rating);
+    let unknown = tenantry(&["templates", "show", "99"], &cli_env(&app.db_name), None).await;
+    assert_eq!(unknown.status.code(), Some(2));
+
+    // The same text under another name: refused, naming both.
+    let renamed = format!("V{}__stars.sql", base + 1);
+    std::fs::rename(dir.join(&six), dir.join(&renamed)).unwrap();
+    let out = publish(&app.db_name, &dir).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains(&format!("template {six} is published; {renamed}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(published_files(&app.db_name).await.last().unwrap(), &six);
 }

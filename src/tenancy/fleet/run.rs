@@ -182,6 +182,20 @@ pub async fn prepare_with(
             installation,
             proposals,
         } => {
+            // What would refuse the run refuses it before anything is
+            // published (the target is checked below).
+            if let Some(name) = &options.only_tenant {
+                let known = control
+                    .query_opt(
+                        "SELECT 1 FROM tenantry.tenants WHERE username = $1",
+                        &[&name.as_str()],
+                    )
+                    .await?;
+                if known.is_none() {
+                    return Err(FleetError::NoSuchTenant(name.to_string()));
+                }
+            }
+            let scratch = connector.connect(db::Dedicated::Command).await?;
             let publication = match options.target {
                 // Beyond the proposals: refused before anything is
                 // published, unless it is published already.
@@ -205,9 +219,9 @@ pub async fn prepare_with(
                         explicit: proposals.explicit,
                         by: proposals.by.clone(),
                     };
-                    publication::publish(&control, installation, &up_to).await?
+                    publication::publish(&control, &scratch, installation, &up_to).await?
                 }
-                None => publication::publish(&control, installation, proposals).await?,
+                None => publication::publish(&control, &scratch, installation, proposals).await?,
             };
             if let Some(diverged) = &publication.diverged {
                 tracing::warn!("the built-in templates were not published: {diverged}");
