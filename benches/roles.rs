@@ -97,12 +97,17 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
+    // The bootstrap took CONNECT from PUBLIC.
     let mut routers = String::new();
     for r in 0..k {
-        routers.push_str(&format!("CREATE ROLE router_{r} LOGIN CREATEROLE;"));
+        routers.push_str(&format!(
+            "CREATE ROLE router_{r} LOGIN CREATEROLE; GRANT CONNECT ON DATABASE bench TO router_{r};"
+        ));
     }
     admin
-        .batch_execute(&format!("CREATE ROLE svc LOGIN CREATEROLE; {routers}"))
+        .batch_execute(&format!(
+            "CREATE ROLE svc LOGIN CREATEROLE; GRANT CONNECT ON DATABASE bench TO svc; {routers}"
+        ))
         .await
         .unwrap();
     println!("role membership on PostgreSQL {version}: svc is a member of every tenant role, router_0 of one in {k}");
