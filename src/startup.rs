@@ -180,8 +180,13 @@ impl From<Problem> for StartupError {
 
 /// The proposed templates: `TENANTRY_TEMPLATES_DIR`'s, or the built-in ones.
 fn proposals(settings: &Settings, by: String) -> Result<Proposals, TemplateError> {
+    // Absolute, so that `templates list` says where a version came from.
+    let dir = settings
+        .templates_dir
+        .as_ref()
+        .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()));
     Ok(Proposals {
-        set: TemplateSet::load(settings.templates_dir.as_deref())?,
+        set: TemplateSet::load(dir.as_deref())?,
         explicit: settings.templates_dir.is_some(),
         by,
     })

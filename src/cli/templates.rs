@@ -97,12 +97,12 @@ async fn list(settings: Settings, json: bool) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&listing)?);
     } else {
         println!(
-            "{:<5} {:<40} {:<20} {:<23}  FROM",
+            "{:<5} {:<40} {:<21} {:<23}  FROM",
             "", "FILE", "CHECKSUM", "PUBLISHED"
         );
         for p in &listing.published {
             println!(
-                "V{:<4} {:<40} {:<20} {}  {}{}",
+                "V{:<4} {:<40} {:<21} {}  {}{}",
                 p.version,
                 p.file,
                 p.checksum,
