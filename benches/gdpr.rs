@@ -22,10 +22,8 @@ use futures::StreamExt;
 use tenantry::audit::Pseudonyms;
 use tenantry::domain::{Email, Username};
 use tenantry::provisioning::{provision, NewAccount};
-use tenantry::templates::TemplateSet;
 use tenantry::tenancy::erasure::{erase, Requester};
 use tenantry::tenancy::export::{export, ExportKey};
-use tenantry::tenancy::publication::Templates;
 
 fn peak_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -53,14 +51,7 @@ async fn main() {
         boot,
         ..
     } = bench_db("bench-gdpr", &[]).await;
-    let templates = Templates::publishing(
-        &boot,
-        &installation,
-        TemplateSet::builtin().unwrap(),
-        "bench",
-    )
-    .await
-    .unwrap();
+    let templates = common::builtin_published(&boot, &installation).await;
     let pool = target.pool(1, &installation).unwrap();
     let sql = target.connect().await.unwrap();
     let pseudonyms = Pseudonyms::from_secret(b"bench-secret-bench-secret-bench-secret");

@@ -18,7 +18,6 @@ mod common;
 use common::{bench_db, BenchDb};
 use tenantry::domain::{Email, Password, Username};
 use tenantry::provisioning::{provision, NewAccount};
-use tenantry::templates::TemplateSet;
 use tenantry::tenancy::publication::Templates;
 
 #[tokio::main]
@@ -37,14 +36,7 @@ async fn main() {
         boot,
         ..
     } = bench_db("bench", &[]).await;
-    let published = Templates::publishing(
-        &boot,
-        &installation,
-        TemplateSet::builtin().unwrap(),
-        "bench",
-    )
-    .await
-    .unwrap();
+    let published = common::builtin_published(&boot, &installation).await;
     let templates = published.get();
     let pool = target.pool(1, &installation).unwrap();
     let mut service = pool.get().await.unwrap();

@@ -23,9 +23,6 @@ use common::load::{run_pgbench, run_wrk, start_service, which, wrk_script, PgTar
 
 use tenantry::configuration::Settings;
 use tenantry::db;
-use tenantry::templates::TemplateSet;
-use tenantry::tenancy::publication::Templates;
-
 const CONCURRENCY: usize = 32;
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
 const SEARCH: &str = "engineer";
@@ -64,14 +61,7 @@ async fn main() {
     let service_config: tokio_postgres::Config = service_url.parse().unwrap();
     let mut boot = db::connect(&service_config).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
-    let templates = Templates::publishing(
-        &boot,
-        &installation,
-        TemplateSet::builtin().unwrap(),
-        "bench",
-    )
-    .await
-    .unwrap();
+    let templates = common::builtin_published(&boot, &installation).await;
 
     println!("provisioning {n} tenants…");
     let tokens =

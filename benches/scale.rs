@@ -25,8 +25,6 @@ use common::load::{
 };
 use common::{record, record_fact, Better};
 use tenantry::db;
-use tenantry::templates::TemplateSet;
-use tenantry::tenancy::publication::Templates;
 
 const CONCURRENCY: usize = 32;
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
@@ -297,14 +295,7 @@ async fn measure(
     let mut boot = db::connect(&service_config).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
     assert_eq!(installation.citus, citus, "the target is what it should be");
-    let templates = Templates::publishing(
-        &boot,
-        &installation,
-        TemplateSet::builtin().unwrap(),
-        "bench",
-    )
-    .await
-    .unwrap();
+    let templates = common::builtin_published(&boot, &installation).await;
     println!("provisioning {n} tenants…");
     let started = std::time::Instant::now();
     let tokens =

@@ -67,6 +67,22 @@ pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
     }
 }
 
+/// The built-in templates, published in the bench's database (what the
+/// first `serve` on a new installation does).
+pub async fn builtin_published(
+    boot: &tokio_postgres::Client,
+    installation: &Installation,
+) -> tenantry::tenancy::publication::Templates {
+    tenantry::tenancy::publication::Templates::publishing(
+        boot,
+        installation,
+        tenantry::templates::TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap()
+}
+
 /// How a figure compares with its baseline.
 #[derive(Clone, Copy)]
 pub enum Better {

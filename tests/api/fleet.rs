@@ -1366,15 +1366,7 @@ async fn a_signup_waiting_on_a_publication_is_made_at_the_published_version() {
         )
         .await
         .unwrap();
-    let signup = fleet
-        .app
-        .api
-        .post(format!("{}/api/auth/register", fleet.app.address))
-        .json(&serde_json::json!({
-            "username": "amos", "email": "amos@example.com", "password": PASSWORD
-        }))
-        .send();
-    let signup = tokio::spawn(signup);
+    let signup = fleet.app.register_in_background("amos");
     let waiting = "SELECT count(*) FROM pg_stat_activity
                    WHERE wait_event_type = 'Lock' AND query LIKE '%provisioning_at%'";
     wait_for(&fleet.app, waiting).await;
@@ -1404,15 +1396,7 @@ async fn a_publication_waits_for_a_signup_in_flight_and_the_next_run_has_it() {
         )
         .await
         .unwrap();
-    let signup = fleet
-        .app
-        .api
-        .post(format!("{}/api/auth/register", fleet.app.address))
-        .json(&serde_json::json!({
-            "username": "bea", "email": "bea@example.com", "password": PASSWORD
-        }))
-        .send();
-    let signup = tokio::spawn(signup);
+    let signup = fleet.app.register_in_background("bea");
     wait_for(
         &fleet.app,
         "SELECT count(*) FROM pg_stat_activity

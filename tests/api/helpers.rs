@@ -465,6 +465,24 @@ impl TestApp {
             .expect("request")
     }
 
+    /// [`TestApp::register`], sent from a task of its own: for a signup
+    /// the test holds up and then lets go.
+    pub fn register_in_background(
+        &self,
+        username: &str,
+    ) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        let signup = self
+            .api
+            .post(format!("{}/api/auth/register", self.address))
+            .json(&serde_json::json!({
+                "username": username,
+                "email": format!("{username}@example.com"),
+                "password": PASSWORD,
+            }))
+            .send();
+        tokio::spawn(signup)
+    }
+
     pub async fn register(&self, username: &str) -> reqwest::Response {
         self.post_json(
             "/api/auth/register",
