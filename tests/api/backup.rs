@@ -394,6 +394,7 @@ async fn an_embedded_installation_comes_back_with_its_secret_and_anchors() {
     spawn_reaper(&to);
     // A data dir not made yet: the first command makes it.
     let from = base.join("not-made-yet");
+    spawn_reaper(&from);
     let env_from = vec![("TENANTRY_DATA_DIR", from.display().to_string())];
     let env_to = vec![("TENANTRY_DATA_DIR", to.display().to_string())];
     let out = tenantry(
