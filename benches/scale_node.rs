@@ -93,14 +93,14 @@ async fn main() {
 
     let started = Instant::now();
     let seeding = signups(&service, &raw, n).await;
-    raw.bench.cluster.stop().unwrap();
-    let _ = std::fs::remove_dir_all(&raw.bench.dir);
-    drop(raw);
     println!(
         "(phase 1 took {:.0} s, giving the tenants their rows {:.0} s of it)\n",
         started.elapsed().as_secs_f64(),
         seeding.as_secs_f64()
     );
+    raw.bench.cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&raw.bench.dir);
+    drop(raw);
 
     reads(&service, &bench, &wrk, n, seconds).await;
     first_set_role(&service).await;
