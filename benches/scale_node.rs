@@ -69,6 +69,14 @@ struct Raw {
 
 #[tokio::main]
 async fn main() {
+    // The service's errors (a refused signup's cause) go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let n: usize = common::arg(0, "N", 10_000);
     let seconds: u64 = common::arg(1, "SECONDS", 10);
     let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale-node installs it)");
@@ -191,24 +199,26 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
          and raw (same templates, {CLIENTS} superuser sessions, second cluster)"
     );
     println!(
-        "{:>8} | {:>11} {:>9} {:>12} | {:>24}",
-        "tenants", "service /s", "raw /s", "service/raw", "first SET ROLE ms (svc)"
+        "{:>8} | {:>11} {:>9} {:>12} | {:>24} {:>5}",
+        "tenants", "service /s", "raw /s", "service/raw", "first SET ROLE ms (svc)", "5xx"
     );
     let first_role = service.installation.id.tenant_role(&username(0));
     let (mut svc_rates, mut raw_rates) = (Vec::new(), Vec::new());
     let (mut svc_total, mut raw_total) = (Duration::ZERO, Duration::ZERO);
     let mut seeding = Duration::ZERO;
+    let mut refused_total = 0;
     let mut made = 0;
     while made < n {
         let block = made..(made + BLOCK).min(n);
         let size = block.len() as f64;
-        let (svc, raw_time) = if svc_rates.len() % 2 == 0 {
+        let ((svc, refused), raw_time) = if svc_rates.len() % 2 == 0 {
             let svc = service_block(service, block.clone()).await;
             (svc, raw_block(raw, block.clone()).await)
         } else {
             let raw_time = raw_block(raw, block.clone()).await;
             (service_block(service, block.clone()).await, raw_time)
         };
+        refused_total += refused;
         svc_total += svc;
         raw_total += raw_time;
         let t = Instant::now();
@@ -222,7 +232,7 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
         let role_ms = median_ms(&mut role_times);
         let (svc_rate, raw_rate) = (size / svc.as_secs_f64(), size / raw_time.as_secs_f64());
         println!(
-            "{:>8} | {svc_rate:>11.1} {raw_rate:>9.1} {:>12.2} | {role_ms:>24.2}",
+            "{:>8} | {svc_rate:>11.1} {raw_rate:>9.1} {:>12.2} | {role_ms:>24.2} {refused:>5}",
             block.end,
             svc_rate / raw_rate
         );
@@ -237,7 +247,7 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
         "last/1st", ""
     );
     println!(
-        "{:>8} | {:>10.0}s {:>8.0}s {:>12.2} | (whole run: {:.1} and {:.1} signups/s)\n",
+        "{:>8} | {:>10.0}s {:>8.0}s {:>12.2} | (whole run: {:.1} and {:.1} signups/s; {refused_total} attempts refused with a 5xx, each tried again)\n",
         "total",
         svc_total.as_secs_f64(),
         raw_total.as_secs_f64(),
@@ -264,19 +274,27 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
     seeding
 }
 
-/// Sign up `block`'s users through the service, [`CLIENTS`] at a time.
-async fn service_block(service: &Service, block: std::ops::Range<usize>) -> Duration {
+/// Sign up `block`'s users through the service, [`CLIENTS`] at a time:
+/// the time, and how many attempts the service refused with a 5xx.
+async fn service_block(service: &Service, block: std::ops::Range<usize>) -> (Duration, usize) {
     let t = Instant::now();
-    stream::iter(block)
-        .map(|i| sign_up(&service.http, &service.address, format!("node{i}")))
+    let refused = stream::iter(block)
+        .map(|i| sign_up_surely(service, format!("node{i}")))
         .buffer_unordered(CLIENTS)
+        .map(|(_, refused)| refused)
         .collect::<Vec<_>>()
         .await;
-    t.elapsed()
+    (t.elapsed(), refused.iter().sum())
 }
 
-/// One signup over HTTP; its time. Anything but a 201 stops the benchmark.
-async fn sign_up(http: &reqwest::Client, address: &str, name: String) -> Duration {
+/// A signup's failure, with the service's word: a 5xx, which leaves no
+/// account (a signup is complete or absent), or a 409 (taken: made by an
+/// attempt before).
+struct Refused(reqwest::StatusCode, String);
+
+/// One signup over HTTP; its time. A 5xx or 409 is returned; any other
+/// answer but a 201 stops the benchmark.
+async fn sign_up(http: &reqwest::Client, address: &str, name: &str) -> Result<Duration, Refused> {
     let t = Instant::now();
     let response = http
         .post(format!("{address}/api/auth/register"))
@@ -289,11 +307,35 @@ async fn sign_up(http: &reqwest::Client, address: &str, name: String) -> Duratio
         .await
         .unwrap();
     let status = response.status();
-    if status != reqwest::StatusCode::CREATED {
-        let body = response.text().await.unwrap_or_default();
-        panic!("the signup of {name} answered {status}: {body}");
+    if status == reqwest::StatusCode::CREATED {
+        return Ok(t.elapsed());
     }
-    t.elapsed()
+    let body = response.text().await.unwrap_or_default();
+    if status.is_server_error() || status == reqwest::StatusCode::CONFLICT {
+        return Err(Refused(status, format!("{status}: {body}")));
+    }
+    panic!("the signup of {name} answered {status}: {body}");
+}
+
+/// A signup that must happen: tried again after a 5xx (up to 5 times; a
+/// 409 then says an attempt made it after all); the last attempt's time and
+/// how many were refused.
+async fn sign_up_surely(service: &Service, name: String) -> (Duration, usize) {
+    let mut refused = 0;
+    loop {
+        match sign_up(&service.http, &service.address, &name).await {
+            Ok(time) => return (time, refused),
+            Err(Refused(reqwest::StatusCode::CONFLICT, _)) if refused > 0 => {
+                return (Duration::ZERO, refused)
+            }
+            Err(Refused(status, why)) if status.is_server_error() && refused < 5 => {
+                eprintln!("the signup of {name} was refused ({why}); again in a second");
+                refused += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(Refused(_, why)) => panic!("the signup of {name} failed: {why}"),
+        }
+    }
 }
 
 /// Provision `block`'s tenants raw, on [`CLIENTS`] sessions.
@@ -427,7 +469,16 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
     ));
     let beside = read().await;
     stop.send(()).unwrap();
-    let mut latencies = stream.await.unwrap();
+    let signups = stream.await.unwrap();
+    let refused: Vec<&str> = signups
+        .iter()
+        .filter_map(|s| s.as_ref().err().map(|Refused(_, why)| why.as_str()))
+        .collect();
+    let mut latencies: Vec<Duration> = signups
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .copied()
+        .collect();
     latencies.sort();
 
     println!(
@@ -452,13 +503,21 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
         beside.p50_ms / quiet.p50_ms,
         beside.p99_ms / quiet.p99_ms
     );
-    println!(
-        "signups in the stream: {}, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n",
-        latencies.len(),
-        percentile_ms(&latencies, 0.50),
-        percentile_ms(&latencies, 0.99),
-        percentile_ms(&latencies, 1.0)
-    );
+    if latencies.is_empty() {
+        println!("signups in the stream: none made");
+    } else {
+        println!(
+            "signups in the stream: {} made, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            latencies.len(),
+            percentile_ms(&latencies, 0.50),
+            percentile_ms(&latencies, 0.99),
+            percentile_ms(&latencies, 1.0)
+        );
+    }
+    match refused.first() {
+        None => println!(),
+        Some(why) => println!("  and {} refused (the first: {why})\n", refused.len()),
+    }
     record(
         "scale-node",
         &format!("routed reads beside {SIGNUPS_PER_SECOND} signups/s: throughput"),
@@ -478,12 +537,12 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
 }
 
 /// Signups at [`SIGNUPS_PER_SECOND`] on a fixed schedule (one does not
-/// wait for the one before) until `stop`; their latencies.
+/// wait for the one before) until `stop`; each one's latency or refusal.
 async fn signup_stream(
     http: reqwest::Client,
     address: String,
     mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Vec<Duration> {
+) -> Vec<Result<Duration, Refused>> {
     let service = std::sync::Arc::new((http, address));
     let mut tick = tokio::time::interval(Duration::from_millis(1000 / SIGNUPS_PER_SECOND));
     let mut in_flight = Vec::new();
@@ -494,17 +553,17 @@ async fn signup_stream(
                 let service = service.clone();
                 in_flight.push(tokio::spawn(async move {
                     let (http, address) = &*service;
-                    sign_up(http, address, name).await
+                    sign_up(http, address, &name).await
                 }));
             }
             _ = &mut stop => break,
         }
     }
-    let mut latencies = Vec::new();
+    let mut signups = Vec::new();
     for signup in in_flight {
-        latencies.push(signup.await.unwrap());
+        signups.push(signup.await.unwrap());
     }
-    latencies
+    signups
 }
 
 /// Phase 3: the first `SET ROLE` after a signup.
@@ -523,7 +582,7 @@ async fn first_set_role(service: &Service) {
     for round in 0..ROUNDS {
         let warm = db::connect(&service.role).await.unwrap();
         set_role(&warm, &role).await;
-        sign_up(&service.http, &service.address, format!("late{round}")).await;
+        sign_up_surely(service, format!("late{round}")).await;
         let fresh = db::connect(&service.role).await.unwrap();
         first.push(set_role(&fresh, &role).await);
         next.push(set_role(&fresh, &role).await);
