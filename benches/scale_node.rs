@@ -496,6 +496,12 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
     };
     line("quiet", &quiet);
     line(&format!("beside {SIGNUPS_PER_SECOND} signups/s"), &beside);
+    if quiet.errors + beside.errors > 0 {
+        println!(
+            "(errors were answered too, fast: their runs' req/s overstate and their latencies \
+             understate what the service served; the cause is on stderr)"
+        );
+    }
     println!(
         "{:<28} {:>9.2} {:>9.2} {:>9.2}",
         "beside / quiet",
