@@ -40,7 +40,7 @@ impl Figure {
 }
 
 /// The benchmarks in report order, with their titles and how to run one.
-const BENCHES: [(&str, &str, &str); 5] = [
+const BENCHES: [(&str, &str, &str); 6] = [
     (
         "provision",
         "Provisioning: signup against the same template SQL sent raw",
@@ -65,6 +65,11 @@ const BENCHES: [(&str, &str, &str); 5] = [
         "scale",
         "Scale-out: routing on a Citus coordinator + 2 workers against plain PostgreSQL",
         "scripts/bench-scale [N] [SECONDS]",
+    ),
+    (
+        "scale-node",
+        "One node at scale: signups, routed reads and SET ROLE as the fleet grows",
+        "scripts/bench-scale-node [N] [SECONDS]",
     ),
 ];
 

@@ -500,7 +500,11 @@ async fn shared_limits(
             CONCURRENCY,
             seconds,
             &superuser_url,
-            anonymous,
+            if anonymous {
+                common::load::Answers::Refused
+            } else {
+                common::load::Answers::Success
+            },
         )
         .await;
         server.abort();

@@ -49,18 +49,7 @@ pub async fn provision_seeded(
                 let t = provision(&mut client, installation, templates, &account)
                     .await
                     .unwrap();
-                client
-                    .batch_execute(&format!(
-                        "INSERT INTO {s}.summaries (kind, headline, content)
-                         VALUES ('quick', 'Engineer', 'Data engineer, eight years, tenant {i}.');
-                         INSERT INTO {s}.experiences (title, organization, started_on, description, details) VALUES
-                         ('Data engineer', 'Acme', '2019-01-01', 'Pipelines and warehouses', '{{\"skills\": [\"SQL\"]}}'),
-                         ('Analyst', 'Initech', '2016-01-01', 'Reports; worked with the engineering team', '{{}}'),
-                         ('Barista', 'Cafe', '2014-01-01', 'Coffee', '{{}}');",
-                        s = t.schema.quoted()
-                    ))
-                    .await
-                    .unwrap();
+                client.batch_execute(&seed_sql(&t.schema, i)).await.unwrap();
                 bar.inc(1);
                 t
             }
@@ -86,6 +75,20 @@ pub async fn provision_seeded(
             .unwrap()
         })
         .collect()
+}
+
+/// The rows every seeded tenant holds (the `i`th): a quick summary and
+/// three experiences, one of which matches a search for "engineer".
+pub fn seed_sql(schema: &tenantry::domain::SchemaName, i: usize) -> String {
+    format!(
+        "INSERT INTO {s}.summaries (kind, headline, content)
+         VALUES ('quick', 'Engineer', 'Data engineer, eight years, tenant {i}.');
+         INSERT INTO {s}.experiences (title, organization, started_on, description, details) VALUES
+         ('Data engineer', 'Acme', '2019-01-01', 'Pipelines and warehouses', '{{\"skills\": [\"SQL\"]}}'),
+         ('Analyst', 'Initech', '2016-01-01', 'Reports; worked with the engineering team', '{{}}'),
+         ('Barista', 'Cafe', '2014-01-01', 'Coffee', '{{}}');",
+        s = schema.quoted()
+    )
 }
 
 /// The service as the load benchmarks run it: on `database_url`, tokens
@@ -152,6 +155,23 @@ pub struct Run {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub backend_mb: f64,
+    /// Answers that were errors (non-2xx) or never came (wrk's socket
+    /// errors, timeouts included), where they are counted
+    /// ([`Answers::Counted`]); 0 otherwise.
+    pub errors: u64,
+}
+
+/// What a wrk run expects of the service's answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Answers {
+    /// Every answer a success; an error stops the benchmark.
+    Success,
+    /// Every answer an error (a 401 of an anonymous request); a success
+    /// stops the benchmark.
+    Refused,
+    /// Errors are counted in [`Run::errors`] (a service under strain may
+    /// time out a request).
+    Counted,
 }
 
 /// A wrk Lua script: GET with a random one of `tokens` as the bearer.
@@ -185,11 +205,19 @@ pub async fn run_wrk(
     seconds: u64,
     superuser_url: &str,
 ) -> Run {
-    run_wrk_answered(wrk, lua, target, concurrency, seconds, superuser_url, false).await
+    run_wrk_answered(
+        wrk,
+        lua,
+        target,
+        concurrency,
+        seconds,
+        superuser_url,
+        Answers::Success,
+    )
+    .await
 }
 
-/// The same; with `refused`, every answer is expected to be an error (a
-/// 401 of an anonymous request), and one that is not is the failure.
+/// The same, expecting `answers`.
 pub async fn run_wrk_answered(
     wrk: &Path,
     lua: &Path,
@@ -197,7 +225,7 @@ pub async fn run_wrk_answered(
     concurrency: usize,
     seconds: u64,
     superuser_url: &str,
-    refused: bool,
+    answers: Answers,
 ) -> Run {
     // Warm the pool's connections first, as a running service would be.
     let _ = Command::new(wrk)
@@ -212,6 +240,10 @@ pub async fn run_wrk_answered(
             &format!("-c{concurrency}"),
             &format!("-d{seconds}s"),
             "--latency",
+            // A stalled request is measured, not dropped (wrk gives up
+            // after 2 s by default and leaves it out of the latencies).
+            "--timeout",
+            "30s",
             "-s",
         ])
         .arg(lua)
@@ -219,7 +251,18 @@ pub async fn run_wrk_answered(
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if refused {
+    let count = |prefix: &str| -> u64 {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map_or(0, |rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse::<u64>().ok())
+                    .sum()
+            })
+    };
+    let errors = count("Non-2xx or 3xx responses:") + count("Socket errors:");
+    if answers == Answers::Refused {
         let total = text
             .lines()
             .find_map(|l| l.trim().split_once(" requests in "))
@@ -229,7 +272,7 @@ pub async fn run_wrk_answered(
             .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
             .map(|n| n.trim().to_owned());
         assert_eq!(total, errors, "every answer should be refused:\n{text}");
-    } else {
+    } else if answers == Answers::Success {
         assert!(
             !text.contains("Non-2xx"),
             "the service answered with errors:\n{text}"
@@ -253,6 +296,11 @@ pub async fn run_wrk_answered(
         p50_ms: percentile("50%"),
         p99_ms: percentile("99%"),
         backend_mb,
+        errors: if answers == Answers::Counted {
+            errors
+        } else {
+            0
+        },
     }
 }
 
@@ -379,6 +427,7 @@ pub async fn try_run_pgbench(
         p50_ms: at(0.50),
         p99_ms: at(0.99),
         backend_mb,
+        errors: 0,
     })
 }
 

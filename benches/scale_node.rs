@@ -1,0 +1,616 @@
+//! Ten thousand tenants on one node (issue 28): what the service's signups,
+//! its routed reads and a session's first `SET ROLE` cost as the fleet
+//! grows, on plain PostgreSQL with the embedded default settings.
+//!
+//! 1. Signups through the real service over HTTP (`POST /api/auth/register`,
+//!    4 clients, bcrypt cost 4, rate limits off, a non-superuser service
+//!    role), in blocks of 500 up to N; after each service block the same
+//!    number of tenants provisioned raw on a second private cluster (the
+//!    built-in templates' texts with the service's role, schema, grants,
+//!    history and registry row, one transaction per tenant as a superuser,
+//!    4 sessions; a superuser needs no membership to act as a role). The
+//!    two sides take turns which goes first. Printed: each side's rate per
+//!    block, their ratio, and the first `SET ROLE` of a new session as the
+//!    service role after the block.
+//! 2. Each service tenant holds a quick summary; `wrk` (8 connections)
+//!    drives `GET /api/summaries/quick` for a random tenant, quiet and then
+//!    beside a stream of 2 signups/s: throughput, p50/p99, errors, their
+//!    ratios, and the stream's signup latencies.
+//! 3. With every tenant in place: a new session's first `SET ROLE` as the
+//!    service role right after a signup, its next one, and the first one of
+//!    a session that was warm before the signup (what every pooled
+//!    connection pays after each signup).
+//!
+//! No thresholds: the figures are for reading side by side.
+//!
+//! Usage: `cargo bench --bench scale_node -- [N] [SECONDS]` (defaults
+//! 10000 and 10), or `scripts/bench-scale-node [N] [SECONDS]`.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::load::{run_wrk_answered, start_service, which, wrk_script, Answers, Run};
+use common::{bench_db, record, record_fact, BenchDb, Better};
+use futures::stream::{self, StreamExt};
+use tenantry::auth::{JwtKeys, Role, Subject};
+use tenantry::db::{self, Installation};
+use tenantry::domain::{RoleName, Username};
+use tenantry::templates::TemplateSet;
+use tenantry::tenancy::publication::Templates;
+
+const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
+const BLOCK: usize = 500;
+const CLIENTS: usize = 4;
+const WRK_CONNECTIONS: usize = 8;
+const SIGNUPS_PER_SECOND: u64 = 2;
+const ROUNDS: usize = 5;
+const PASSWORD: &str = "a perfectly fine password";
+
+/// The service side: its address, its role's connection settings, the
+/// database as a superuser.
+struct Service {
+    address: String,
+    http: reqwest::Client,
+    role: tokio_postgres::Config,
+    superuser: tokio_postgres::Config,
+    superuser_url: String,
+    installation: Installation,
+}
+
+/// The raw side: a second cluster, its sessions and the SQL per tenant.
+struct Raw {
+    bench: BenchDb,
+    sessions: Vec<tokio_postgres::Client>,
+    templates_sql: String,
+    version: i32,
+}
+
+#[tokio::main]
+async fn main() {
+    // The service's errors (a refused signup's cause) go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let n: usize = common::arg(0, "N", 10_000);
+    let seconds: u64 = common::arg(1, "SECONDS", 10);
+    let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale-node installs it)");
+
+    let bench = bench_db("scale-node", &[]).await;
+    let service = start(&bench).await;
+    let raw = raw_side().await;
+    let version: String = db::connect(&service.superuser)
+        .await
+        .unwrap()
+        .query_one("SHOW server_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    record_fact("scale-node", "postgres", &version);
+    record_fact(
+        "scale-node",
+        "size",
+        &format!("{n} tenants, blocks of {BLOCK}, {seconds} s per read run"),
+    );
+    println!("PostgreSQL {version}, embedded default settings; {n} tenants\n");
+
+    let started = Instant::now();
+    let seeding = signups(&service, &raw, n).await;
+    println!(
+        "(phase 1 took {:.0} s, giving the tenants their rows {:.0} s of it)\n",
+        started.elapsed().as_secs_f64(),
+        seeding.as_secs_f64()
+    );
+    raw.bench.cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&raw.bench.dir);
+    drop(raw);
+
+    reads(&service, &bench, &wrk, n, seconds).await;
+    first_set_role(&service).await;
+
+    bench.cluster.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&bench.dir);
+}
+
+/// The service's own database and non-superuser role (as in production),
+/// bootstrapped with the built-in templates published; the service on it.
+async fn start(bench: &BenchDb) -> Service {
+    let admin = db::connect(&bench.cluster.pg_config(&bench.running, "postgres"))
+        .await
+        .unwrap();
+    for sql in [
+        "CREATE ROLE node_svc LOGIN CREATEROLE",
+        "CREATE DATABASE node OWNER node_svc",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let socket = bench.running.socket_dir.display();
+    let port = bench.running.port;
+    let service_url = format!("host={socket} port={port} user=node_svc dbname=node");
+    let superuser_url = format!("host={socket} port={port} user=postgres dbname=node");
+    let role: tokio_postgres::Config = service_url.parse().unwrap();
+    let mut boot = db::connect(&role).await.unwrap();
+    let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
+    Templates::publishing(
+        &boot,
+        &installation,
+        TemplateSet::builtin().unwrap(),
+        "bench",
+    )
+    .await
+    .unwrap();
+    let anchors = bench.dir.join("audit-anchors");
+    let (address, _server) = start_service(&service_url, SECRET, &bench.dir, anchors).await;
+    Service {
+        address,
+        http: reqwest::Client::new(),
+        role,
+        superuser: superuser_url.parse().unwrap(),
+        superuser_url,
+        installation,
+    }
+}
+
+/// A second private cluster with a bootstrapped database (the templates
+/// may refer to its shared objects) and [`CLIENTS`] superuser sessions.
+async fn raw_side() -> Raw {
+    let bench = bench_db("scale-node-raw", &[]).await;
+    bench
+        .boot
+        .batch_execute(
+            "CREATE TABLE public.raw_registry (schema_name text PRIMARY KEY,
+             template_version int NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..CLIENTS {
+        sessions.push(bench.target.connect().await.unwrap().into_client());
+    }
+    let set = TemplateSet::builtin().unwrap();
+    let templates_sql = set
+        .all()
+        .iter()
+        .map(|t| t.sql())
+        .collect::<Vec<_>>()
+        .join("\n;\n");
+    Raw {
+        version: set.latest().get(),
+        bench,
+        sessions,
+        templates_sql,
+    }
+}
+
+fn username(i: usize) -> Username {
+    Username::parse(&format!("node{i}")).unwrap()
+}
+
+/// Phase 1: signups per block through the service and raw, side by side.
+/// Returns the time spent seeding the tenants' rows between blocks.
+async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
+    println!(
+        "signups per block of {BLOCK}: the service over HTTP ({CLIENTS} clients, bcrypt cost 4, limits off) \
+         and raw (same templates, {CLIENTS} superuser sessions, second cluster)"
+    );
+    println!(
+        "{:>8} | {:>11} {:>9} {:>12} | {:>24} {:>5}",
+        "tenants", "service /s", "raw /s", "service/raw", "first SET ROLE ms (svc)", "5xx"
+    );
+    let first_role = service.installation.id.tenant_role(&username(0));
+    let (mut svc_rates, mut raw_rates) = (Vec::new(), Vec::new());
+    let (mut svc_total, mut raw_total) = (Duration::ZERO, Duration::ZERO);
+    let mut seeding = Duration::ZERO;
+    let mut refused_total = 0;
+    let mut made = 0;
+    while made < n {
+        let block = made..(made + BLOCK).min(n);
+        let size = block.len() as f64;
+        let ((svc, refused), raw_time) = if svc_rates.len() % 2 == 0 {
+            let svc = service_block(service, block.clone()).await;
+            (svc, raw_block(raw, block.clone()).await)
+        } else {
+            let raw_time = raw_block(raw, block.clone()).await;
+            (service_block(service, block.clone()).await, raw_time)
+        };
+        refused_total += refused;
+        svc_total += svc;
+        raw_total += raw_time;
+        let t = Instant::now();
+        seed(service, block.clone()).await;
+        seeding += t.elapsed();
+        let mut role_times = Vec::new();
+        for _ in 0..3 {
+            let session = db::connect(&service.role).await.unwrap();
+            role_times.push(set_role(&session, &first_role).await);
+        }
+        let role_ms = median_ms(&mut role_times);
+        let (svc_rate, raw_rate) = (size / svc.as_secs_f64(), size / raw_time.as_secs_f64());
+        println!(
+            "{:>8} | {svc_rate:>11.1} {raw_rate:>9.1} {:>12.2} | {role_ms:>24.2} {refused:>5}",
+            block.end,
+            svc_rate / raw_rate
+        );
+        svc_rates.push(svc_rate);
+        raw_rates.push(raw_rate);
+        made = block.end;
+    }
+    let ratio = |rates: &[f64]| rates[rates.len() - 1] / rates[0];
+    let (svc_ratio, raw_ratio) = (ratio(&svc_rates), ratio(&raw_rates));
+    println!(
+        "{:>8} | {svc_ratio:>11.2} {raw_ratio:>9.2} {:>12} |",
+        "last/1st", ""
+    );
+    println!(
+        "{:>8} | {:>10.0}s {:>8.0}s {:>12.2} | (whole run: {:.1} and {:.1} signups/s; {refused_total} attempts refused with a 5xx, each tried again)\n",
+        "total",
+        svc_total.as_secs_f64(),
+        raw_total.as_secs_f64(),
+        raw_total.as_secs_f64() / svc_total.as_secs_f64(),
+        n as f64 / svc_total.as_secs_f64(),
+        n as f64 / raw_total.as_secs_f64()
+    );
+    record(
+        "scale-node",
+        "signup rate, last block / first block",
+        "×",
+        Better::Higher,
+        svc_ratio,
+        ("raw, same templates", raw_ratio),
+    );
+    record(
+        "scale-node",
+        &format!("signups up to {n} tenants"),
+        "tenants/s",
+        Better::Higher,
+        n as f64 / svc_total.as_secs_f64(),
+        ("raw, same templates", n as f64 / raw_total.as_secs_f64()),
+    );
+    seeding
+}
+
+/// Sign up `block`'s users through the service, [`CLIENTS`] at a time:
+/// the time, and how many attempts the service refused with a 5xx.
+async fn service_block(service: &Service, block: std::ops::Range<usize>) -> (Duration, usize) {
+    let t = Instant::now();
+    let refused = stream::iter(block)
+        .map(|i| sign_up_surely(service, format!("node{i}")))
+        .buffer_unordered(CLIENTS)
+        .map(|(_, refused)| refused)
+        .collect::<Vec<_>>()
+        .await;
+    (t.elapsed(), refused.iter().sum())
+}
+
+/// A signup's failure, with the service's word: a 5xx, which leaves no
+/// account (a signup is complete or absent), or a 409 (taken: made by an
+/// attempt before).
+struct Refused(reqwest::StatusCode, String);
+
+/// One signup over HTTP; its time. A 5xx or 409 is returned; any other
+/// answer but a 201 stops the benchmark.
+async fn sign_up(http: &reqwest::Client, address: &str, name: &str) -> Result<Duration, Refused> {
+    let t = Instant::now();
+    let response = http
+        .post(format!("{address}/api/auth/register"))
+        .json(&serde_json::json!({
+            "username": name,
+            "email": format!("{name}@example.com"),
+            "password": PASSWORD,
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    if status == reqwest::StatusCode::CREATED {
+        return Ok(t.elapsed());
+    }
+    let body = response.text().await.unwrap_or_default();
+    if status.is_server_error() || status == reqwest::StatusCode::CONFLICT {
+        return Err(Refused(status, format!("{status}: {body}")));
+    }
+    panic!("the signup of {name} answered {status}: {body}");
+}
+
+/// A signup that must happen: tried again after a 5xx (up to 5 times; a
+/// 409 then says an attempt made it after all); the last attempt's time and
+/// how many were refused.
+async fn sign_up_surely(service: &Service, name: String) -> (Duration, usize) {
+    let mut refused = 0;
+    loop {
+        match sign_up(&service.http, &service.address, &name).await {
+            Ok(time) => return (time, refused),
+            Err(Refused(reqwest::StatusCode::CONFLICT, _)) if refused > 0 => {
+                return (Duration::ZERO, refused)
+            }
+            Err(Refused(status, why)) if status.is_server_error() && refused < 5 => {
+                eprintln!("the signup of {name} was refused ({why}); again in a second");
+                refused += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(Refused(_, why)) => panic!("the signup of {name} failed: {why}"),
+        }
+    }
+}
+
+/// Provision `block`'s tenants raw, on [`CLIENTS`] sessions.
+async fn raw_block(raw: &Raw, block: std::ops::Range<usize>) -> Duration {
+    let next = AtomicUsize::new(block.start);
+    let group = raw.bench.installation.group_role();
+    let t = Instant::now();
+    futures::future::join_all(raw.sessions.iter().map(|session| {
+        let (next, group, end) = (&next, &group, block.end);
+        async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                session
+                    .batch_execute(&raw_sql(raw, i, group))
+                    .await
+                    .unwrap();
+            }
+        }
+    }))
+    .await;
+    t.elapsed()
+}
+
+/// The service's work for one tenant sent raw in one transaction: role,
+/// schema with grants, history table, the templates as the role, history
+/// rows, registry row, group membership. Names are generated here.
+fn raw_sql(raw: &Raw, i: usize, group: &RoleName) -> String {
+    format!(
+        "BEGIN; CREATE ROLE raw_{i}_r NOLOGIN; CREATE SCHEMA raw_{i};
+         GRANT USAGE, CREATE ON SCHEMA raw_{i} TO raw_{i}_r;
+         CREATE TABLE raw_{i}.refinery_schema_history (version int4 PRIMARY KEY,
+             name varchar(255), applied_on varchar(255), checksum varchar(255));
+         SET LOCAL search_path TO raw_{i}; SET LOCAL ROLE raw_{i}_r;\n{sql}\n; RESET ROLE;
+         INSERT INTO raw_{i}.refinery_schema_history
+             SELECT v, 'v', now()::text, '0' FROM generate_series(1, {v}) v;
+         INSERT INTO public.raw_registry (schema_name, template_version) VALUES ('raw_{i}', {v});
+         GRANT {g} TO raw_{i}_r; COMMIT;",
+        sql = raw.templates_sql,
+        v = raw.version,
+        g = group.quoted(),
+    )
+}
+
+/// Give `block`'s tenants their rows (a quick summary among them), on a
+/// connection of its own (a backend keeps every table it touched).
+async fn seed(service: &Service, block: std::ops::Range<usize>) {
+    let client = db::connect(&service.superuser).await.unwrap();
+    let block: Vec<usize> = block.collect();
+    for chunk in block.chunks(50) {
+        let sql: String = chunk
+            .iter()
+            .map(|&i| common::load::seed_sql(&username(i).schema(), i))
+            .collect();
+        client.batch_execute(&sql).await.unwrap();
+    }
+}
+
+/// `SET ROLE role; RESET ROLE` on `session`: its time in ms.
+async fn set_role(session: &tokio_postgres::Client, role: &RoleName) -> f64 {
+    let t = Instant::now();
+    session
+        .batch_execute(&format!("SET ROLE {}; RESET ROLE", role.quoted()))
+        .await
+        .unwrap();
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn median_ms(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    let at = ((sorted.len() as f64 * q) as usize).min(sorted.len() - 1);
+    sorted[at].as_secs_f64() * 1000.0
+}
+
+/// Phase 2: routed reads quiet and beside a signup stream.
+async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usize, seconds: u64) {
+    let admin = db::connect(&service.superuser).await.unwrap();
+    admin.batch_execute("CHECKPOINT").await.unwrap();
+    // Signed now, not at signup: access tokens live 15 minutes, and the
+    // signups may take longer than that.
+    let keys = JwtKeys::new(SECRET.as_bytes());
+    let rows = admin
+        .query(
+            "SELECT user_id, username, schema_name, role_name FROM tenantry.tenants
+             WHERE username ~ '^node[0-9]+$'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), n, "every signup made a tenant");
+    let tokens: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            keys.issue(&Subject {
+                user_id: row.get("user_id"),
+                username: row.get("username"),
+                schema: Some(row.get("schema_name")),
+                db_role: Some(row.get("role_name")),
+                role: Role::User,
+                generation: 0,
+                session: None,
+            })
+            .unwrap()
+        })
+        .collect();
+    let lua = bench.dir.join("tokens.lua");
+    std::fs::write(&lua, wrk_script(&tokens)).unwrap();
+    let read = || {
+        run_wrk_answered(
+            wrk,
+            &lua,
+            (&service.address, "/api/summaries/quick"),
+            WRK_CONNECTIONS,
+            seconds,
+            &service.superuser_url,
+            Answers::Counted,
+        )
+    };
+    let quiet = read().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stream = tokio::spawn(signup_stream(
+        service.http.clone(),
+        service.address.clone(),
+        stopped,
+    ));
+    let beside = read().await;
+    stop.send(()).unwrap();
+    let signups = stream.await.unwrap();
+    let refused: Vec<&str> = signups
+        .iter()
+        .filter_map(|s| s.as_ref().err().map(|Refused(_, why)| why.as_str()))
+        .collect();
+    let mut latencies: Vec<Duration> = signups
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .copied()
+        .collect();
+    latencies.sort();
+
+    println!(
+        "routed reads: GET /api/summaries/quick for a random one of {n} tenants, wrk {WRK_CONNECTIONS} connections, {seconds} s"
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>8}",
+        "run", "req/s", "p50 ms", "p99 ms", "errors"
+    );
+    let line = |label: &str, run: &Run| {
+        println!(
+            "{label:<28} {:>9.0} {:>9.2} {:>9.2} {:>8}",
+            run.rate, run.p50_ms, run.p99_ms, run.errors
+        )
+    };
+    line("quiet", &quiet);
+    line(&format!("beside {SIGNUPS_PER_SECOND} signups/s"), &beside);
+    if quiet.errors + beside.errors > 0 {
+        println!(
+            "(errors were answered too, fast: their runs' req/s overstate and their latencies \
+             understate what the service served; the cause is on stderr)"
+        );
+    }
+    println!(
+        "{:<28} {:>9.2} {:>9.2} {:>9.2}",
+        "beside / quiet",
+        beside.rate / quiet.rate,
+        beside.p50_ms / quiet.p50_ms,
+        beside.p99_ms / quiet.p99_ms
+    );
+    if latencies.is_empty() {
+        println!("signups in the stream: none made");
+    } else {
+        println!(
+            "signups in the stream: {} made, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            latencies.len(),
+            percentile_ms(&latencies, 0.50),
+            percentile_ms(&latencies, 0.99),
+            percentile_ms(&latencies, 1.0)
+        );
+    }
+    match refused.first() {
+        None => println!(),
+        Some(why) => println!("  and {} refused (the first: {why})\n", refused.len()),
+    }
+    record(
+        "scale-node",
+        &format!("routed reads beside {SIGNUPS_PER_SECOND} signups/s: throughput"),
+        "req/s",
+        Better::Higher,
+        beside.rate,
+        ("quiet", quiet.rate),
+    );
+    record(
+        "scale-node",
+        &format!("routed reads beside {SIGNUPS_PER_SECOND} signups/s: p99 latency"),
+        "ms",
+        Better::Lower,
+        beside.p99_ms,
+        ("quiet", quiet.p99_ms),
+    );
+}
+
+/// Signups at [`SIGNUPS_PER_SECOND`] on a fixed schedule (one does not
+/// wait for the one before) until `stop`; each one's latency or refusal.
+async fn signup_stream(
+    http: reqwest::Client,
+    address: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Result<Duration, Refused>> {
+    let service = std::sync::Arc::new((http, address));
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / SIGNUPS_PER_SECOND));
+    let mut in_flight = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let name = format!("stream{}", in_flight.len());
+                let service = service.clone();
+                in_flight.push(tokio::spawn(async move {
+                    let (http, address) = &*service;
+                    sign_up(http, address, &name).await
+                }));
+            }
+            _ = &mut stop => break,
+        }
+    }
+    let mut signups = Vec::new();
+    for signup in in_flight {
+        signups.push(signup.await.unwrap());
+    }
+    signups
+}
+
+/// Phase 3: the first `SET ROLE` after a signup.
+async fn first_set_role(service: &Service) {
+    let admin = db::connect(&service.superuser).await.unwrap();
+    let memberships: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_auth_members WHERE member = 'node_svc'::regrole",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let role = service.installation.id.tenant_role(&username(0));
+    let (mut first, mut next, mut warm_after) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let warm = db::connect(&service.role).await.unwrap();
+        set_role(&warm, &role).await;
+        sign_up_surely(service, format!("late{round}")).await;
+        let fresh = db::connect(&service.role).await.unwrap();
+        first.push(set_role(&fresh, &role).await);
+        next.push(set_role(&fresh, &role).await);
+        warm_after.push(set_role(&warm, &role).await);
+    }
+    let (first, next, warm_after) = (
+        median_ms(&mut first),
+        median_ms(&mut next),
+        median_ms(&mut warm_after),
+    );
+    println!(
+        "SET ROLE as the service role ({memberships} memberships), right after a signup (median of {ROUNDS}):"
+    );
+    println!("  a new session's first   {first:>9.2} ms");
+    println!("  its next                {next:>9.3} ms");
+    println!("  a warm session's first  {warm_after:>9.2} ms  (what each pooled connection pays after each signup)");
+    record(
+        "scale-node",
+        "first SET ROLE of a new session after a signup",
+        "ms",
+        Better::Lower,
+        first,
+        ("the next SET ROLE", next),
+    );
+}
