@@ -2,9 +2,10 @@
 //! published version with its checksum and text, and every process reads the
 //! set it provisions and migrates with from there. The built-in templates
 //! and `TENANTRY_TEMPLATES_DIR` only *propose* versions: [`publish`] adds
-//! the proposed versions after the newest published one, and refuses a
-//! proposal that disagrees with a published version (a published version
-//! never changes; a trigger holds the database to it as well).
+//! the proposed versions after the newest published one once they have
+//! built a tenant from nothing (in a transaction rolled back), and refuses
+//! a proposal that disagrees with a published version (a published version
+//! never changes; triggers hold the database to it as well).
 //!
 //! A running `serve` keeps the set in a [`Templates`] and learns of a new
 //! version by a cheap check: every provisioning transaction starts with
