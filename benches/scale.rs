@@ -59,16 +59,7 @@ async fn main() {
 
     // Plain PostgreSQL: a private cluster, as the routing benchmark has.
     let bench = common::bench_db("scale", &[("max_connections", "200")]).await;
-    let admin = db::connect(&bench.cluster.pg_config(&bench.running, "postgres"))
-        .await
-        .unwrap();
-    for sql in [
-        "CREATE ROLE scale_svc LOGIN CREATEROLE",
-        "CREATE DATABASE scale OWNER scale_svc",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
-    drop(admin);
+    common::service_database(&bench, "scale").await;
     let plain = PgTarget {
         bindir: bench.cluster.bindir(),
         host: bench.running.socket_dir.display().to_string(),

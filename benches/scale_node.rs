@@ -38,7 +38,6 @@ use tenantry::auth::{JwtKeys, Role, Subject};
 use tenantry::db::{self, Installation};
 use tenantry::domain::{RoleName, Username};
 use tenantry::templates::TemplateSet;
-use tenantry::tenancy::publication::Templates;
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret-01";
 const BLOCK: usize = 500;
@@ -120,15 +119,7 @@ async fn main() {
 /// The service's own database and non-superuser role (as in production),
 /// bootstrapped with the built-in templates published; the service on it.
 async fn start(bench: &BenchDb) -> Service {
-    let admin = db::connect(&bench.cluster.pg_config(&bench.running, "postgres"))
-        .await
-        .unwrap();
-    for sql in [
-        "CREATE ROLE node_svc LOGIN CREATEROLE",
-        "CREATE DATABASE node OWNER node_svc",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
+    common::service_database(bench, "node").await;
     let socket = bench.running.socket_dir.display();
     let port = bench.running.port;
     let service_url = format!("host={socket} port={port} user=node_svc dbname=node");
@@ -136,14 +127,7 @@ async fn start(bench: &BenchDb) -> Service {
     let role: tokio_postgres::Config = service_url.parse().unwrap();
     let mut boot = db::connect(&role).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
-    Templates::publishing(
-        &boot,
-        &installation,
-        TemplateSet::builtin().unwrap(),
-        "bench",
-    )
-    .await
-    .unwrap();
+    common::builtin_published(&boot, &installation).await;
     let anchors = bench.dir.join("audit-anchors");
     let (address, _server) = start_service(&service_url, SECRET, &bench.dir, anchors).await;
     Service {

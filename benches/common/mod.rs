@@ -67,6 +67,22 @@ pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
     }
 }
 
+/// A database `name` owned by a new non-superuser role `<name>_svc` with
+/// `CREATEROLE`, as the service runs in production, on the bench's cluster.
+pub async fn service_database(bench: &BenchDb, name: &str) {
+    let admin = db::connect(&bench.cluster.pg_config(&bench.running, "postgres"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE ROLE {name}_svc LOGIN CREATEROLE"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name} OWNER {name}_svc"))
+        .await
+        .unwrap();
+}
+
 /// The built-in templates, published in the bench's database (what the
 /// first `serve` on a new installation does).
 pub async fn builtin_published(

@@ -1084,16 +1084,9 @@ async fn a_failed_tenant_shows_in_the_run_report_over_http() {
     fleet.poison("val").await;
     let service = fleet.service().await;
     let admin = staff_token(&service, "ops_lead", &[]).await;
-    let started = service
-        .api
-        .post(format!("{}/admin/fleet/migrations", service.address))
-        .bearer_auth(&admin)
-        .json(&serde_json::json!({"canary": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
-    let run_id = json(started).await["run_id"].as_i64().unwrap();
+    let run_id = service
+        .start_fleet_run(&admin, serde_json::json!({"canary": 0}))
+        .await;
     let report = finished_run(&service, &admin, run_id).await;
     assert_eq!(report["status"], "failed", "{report}");
     assert_eq!(report["failed"], 1);
@@ -1281,14 +1274,9 @@ async fn a_run_started_on_one_service_is_seen_and_refused_again_on_another() {
     let admin = staff_token(&first, "two_ops", &[]).await;
     // The run waits for oli's tenant lock, held here (as a request would).
     let holder = fleet.hold_tenant_lock("oli").await;
-    let started = first
-        .call(Method::POST, "/admin/fleet/migrations", &admin)
-        .json(&serde_json::json!({"canary": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(started.status(), 202);
-    let run_id = json(started).await["run_id"].as_i64().unwrap();
+    let run_id = first
+        .start_fleet_run(&admin, serde_json::json!({"canary": 0}))
+        .await;
     wait_for(
         &fleet.app,
         "SELECT count(*) FROM tenantry.fleet_runs WHERE status = 'running'",

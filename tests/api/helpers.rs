@@ -408,15 +408,20 @@ impl TestApp {
 
     /// Start a fleet run over HTTP as `admin` (202) and follow it until it
     /// is no longer running: its last report.
-    pub async fn fleet_run_over_http(&self, admin: &str) -> Value {
+    /// `POST /admin/fleet/migrations` with `body`: 202, and the run's id.
+    pub async fn start_fleet_run(&self, admin: &str, body: Value) -> i64 {
         let started = self
             .call(reqwest::Method::POST, "/admin/fleet/migrations", admin)
-            .json(&serde_json::json!({}))
+            .json(&body)
             .send()
             .await
             .unwrap();
         assert_eq!(started.status(), 202);
-        let run_id = json(started).await["run_id"].as_i64().unwrap();
+        json(started).await["run_id"].as_i64().unwrap()
+    }
+
+    pub async fn fleet_run_over_http(&self, admin: &str) -> Value {
+        let run_id = self.start_fleet_run(admin, serde_json::json!({})).await;
         let report = || async {
             json(
                 self.call(
