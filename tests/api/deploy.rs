@@ -185,8 +185,13 @@ async fn the_systemd_unit_is_valid_and_runs_serve_with_its_environment() {
     env.push(("TENANTRY_BIND".into(), format!("127.0.0.1:{port}")));
     env.push(("BCRYPT_COST".into(), "4".into()));
 
+    // The binary where the service's user may run it (the checkout's
+    // directories may be closed to it, as a clone in `mktemp -d` is).
+    let binary = dir.join("tenantry");
+    std::fs::copy(env!("CARGO_BIN_EXE_tenantry"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let command = |extra: &[(&str, &str)]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"));
+        let mut command = tokio::process::Command::new(&binary);
         command
             .arg("serve")
             .env_clear()
