@@ -33,7 +33,11 @@ pub struct TestCluster {
 pub static CLUSTER: LazyLock<TestCluster> = LazyLock::new(start_cluster);
 
 /// Files of this test run's services (audit anchors), removed after the run.
-static RUN_DIR: LazyLock<PathBuf> = LazyLock::new(|| temp_dir("tenantry-test-run"));
+static RUN_DIR: LazyLock<PathBuf> = LazyLock::new(|| {
+    let dir = temp_dir("tenantry-test-run");
+    spawn_reaper(&dir);
+    dir
+});
 
 /// A Citus cluster for the whole run (`TENANTRY_TEST_CITUS=1`).
 pub struct CitusCluster {
@@ -151,8 +155,6 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
         .recursive(true)
         .create(&dir)
         .expect("create temp dir");
-    // Gone when the test binary ends (a cluster in it stopped first).
-    spawn_reaper(&dir);
     dir
 }
 
