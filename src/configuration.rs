@@ -46,6 +46,10 @@ pub struct Settings {
     /// `TENANTRY_EXPORT_CONCURRENCY`: exports streamed at once, each on a
     /// database connection of its own (one per user at a time).
     pub export_concurrency: usize,
+    /// `TENANTRY_SPARE_ROLES`: tenant roles `serve` keeps made ahead of
+    /// signups (`tenancy::spares`), refilled below half; 0 makes each
+    /// signup make its own.
+    pub spare_roles: usize,
     /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
     /// pool at most (exports, fleet runs, `/health`'s spare, the mail
     /// sender); default the export concurrency + 12.
@@ -303,6 +307,7 @@ impl Settings {
             other => other.map(SecretString),
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
+        let spare_roles = number("TENANTRY_SPARE_ROLES", 200, 10_000)? as usize;
         let extra_connections = number(
             "TENANTRY_EXTRA_CONNECTIONS",
             export_concurrency as u32 + 12,
@@ -399,6 +404,7 @@ impl Settings {
             tls,
             mail,
             export_concurrency,
+            spare_roles,
             extra_connections,
             export_timeout,
             statement_timeout,

@@ -164,9 +164,11 @@ impl fmt::Display for SchemaName {
     }
 }
 
-/// A database role name managed by Tenantry: `tnt_<installation>_<username>`
-/// for a tenant, `tnt_<installation>__tenants` for the group every tenant role
-/// belongs to. The installation id keeps several Tenantry databases in one
+/// A database role name managed by Tenantry: `tnt_<installation>__t<16 hex>`
+/// for a tenant role made ahead of its tenant (`tenancy::spares`; every
+/// tenant on plain PostgreSQL since issue 28), `tnt_<installation>_<username>`
+/// for a tenant on Citus and for the tenants made before,
+/// `tnt_<installation>__tenants` for the group every tenant role belongs to. The installation id keeps several Tenantry databases in one
 /// cluster (roles are cluster-wide) from colliding.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoleName(String);
@@ -199,6 +201,14 @@ impl InstallationId {
         RoleName(format!("tnt_{}_{}", self.0, username.as_str()))
     }
 
+    /// A new tenant role name that carries no username: `tnt_<id>__t` and
+    /// 16 random hex digits (the double underscore keeps it apart from
+    /// every username's role, `t` from the group).
+    pub fn anonymous_tenant_role(&self) -> RoleName {
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        RoleName(format!("tnt_{}__t{}", self.0, &tag[..16]))
+    }
+
     /// `tnt_<id>__tenants`: the double underscore keeps it apart from every
     /// tenant role (usernames never contain `__`), also from the role of a
     /// user named `tenants`.
@@ -209,13 +219,21 @@ impl InstallationId {
 
 impl RoleName {
     /// Re-validate a tenant role name read from the registry or the catalog:
-    /// `tnt_<installation id>_<valid username>`.
+    /// `tnt_<installation id>__t<16 hex>` or `tnt_<installation id>_<valid username>`.
     pub fn parse(raw: &str) -> Result<RoleName, ValidationError> {
         let invalid = || ValidationError::new("role", "must be tnt_<installation>_<username>");
         let rest = raw.strip_prefix("tnt_").ok_or_else(invalid)?;
         let (id, name) = rest.split_at_checked(8).ok_or_else(invalid)?;
         let name = name.strip_prefix('_').ok_or_else(invalid)?;
         let id = InstallationId::parse(id).map_err(|_| invalid())?;
+        if let Some(tag) = name.strip_prefix("_t") {
+            return if tag.len() == 16 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            {
+                Ok(RoleName(raw.to_owned()))
+            } else {
+                Err(invalid())
+            };
+        }
         let username = Username::parse(name).map_err(|_| invalid())?;
         if username.as_str() != name {
             return Err(invalid());
@@ -388,6 +406,27 @@ mod tests {
         assert_eq!(inst.tenant_role(&u).as_str(), "tnt_ab12cd34_carol");
         assert_eq!(SchemaName::parse("tenant_carol").unwrap(), u.schema());
         assert!(SchemaName::parse("tenant_pg_x").is_err());
+    }
+
+    #[test]
+    fn anonymous_tenant_roles_parse_and_carry_no_username() {
+        let inst = InstallationId::parse("ab12cd34").unwrap();
+        let a = inst.anonymous_tenant_role();
+        let b = inst.anonymous_tenant_role();
+        assert_ne!(a, b);
+        assert!(a.as_str().starts_with("tnt_ab12cd34__t"), "{a}");
+        assert_eq!(RoleName::parse(a.as_str()).unwrap(), a);
+        assert_ne!(a, inst.group_role());
+        for bad in [
+            "tnt_ab12cd34__t0123456789abcde",
+            "tnt_ab12cd34__t0123456789abcdef0",
+            "tnt_ab12cd34__t0123456789ABCDEF",
+            "tnt_ab12cd34__tenants",
+            "tnt_ab12cd34__x0123456789abcdef",
+        ] {
+            assert!(RoleName::parse(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(RoleName::parse("tnt_ab12cd34_carol").is_ok());
     }
 
     #[test]

@@ -301,11 +301,21 @@ impl Application {
         let letters = crate::mail::Letters::new(&settings.mail.public_url).with_files(
             crate::mail::delivery::files_dir(&settings.mail, &settings.data_dir),
         );
+        // Tenant roles for the next signups, made before the first one.
+        let spares = crate::tenancy::spares::Keeper::new(settings.spare_roles);
+        spares
+            .start(
+                pool.clone(),
+                context.installation.clone(),
+                settings.maintenance_interval,
+            )
+            .await;
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             connector,
             installation: context.installation,
             templates: context.templates,
+            spares,
             jwt: match &settings.jwt_previous_secret {
                 Some(previous) => JwtKeys::new(secret.expose().as_bytes())
                     .with_previous(previous.expose().as_bytes()),

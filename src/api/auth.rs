@@ -206,6 +206,7 @@ pub async fn register(
             return Err(e.into());
         }
     };
+    state.spares.claimed(tenant.spares_left);
     tracing::Span::current().record("user", tracing::field::display(tenant.user_id));
     let access_token = state.jwt.issue(&Subject {
         user_id: tenant.user_id,

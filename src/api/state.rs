@@ -15,6 +15,8 @@ pub struct AppState {
     pub connector: db::Connector,
     pub installation: Installation,
     pub templates: Arc<Templates>,
+    /// The stock of tenant roles made ahead of signups.
+    pub spares: Arc<crate::tenancy::spares::Keeper>,
     pub jwt: JwtKeys,
     /// bcrypt at the configured cost, bounded to the core count.
     pub hasher: Hasher,

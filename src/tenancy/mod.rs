@@ -11,5 +11,6 @@ pub mod integrity;
 pub mod lint;
 pub mod provisioning;
 pub mod publication;
+pub mod spares;
 pub mod suspension;
 pub mod templates;

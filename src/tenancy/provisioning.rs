@@ -25,6 +25,7 @@ use crate::db::{self, Installation};
 use crate::domain::{Email, RoleName, SchemaName, TemplateVersion, Username};
 use crate::tenancy::apply::{ApplyStep, Request, TemplateApplication};
 use crate::tenancy::publication::{self, Templates};
+use crate::tenancy::spares;
 
 pub use crate::tenancy::apply::HISTORY_TABLE;
 
@@ -168,6 +169,9 @@ pub struct Provisioned {
     pub schema: SchemaName,
     pub role: RoleName,
     pub template_version: TemplateVersion,
+    /// The role was a spare, and this many were left besides it
+    /// (`spares::Keeper::claimed`); `None`: the role was made now.
+    pub spares_left: Option<i64>,
 }
 
 /// A provisioning transaction's first statement: `$1` is still the newest
@@ -265,7 +269,17 @@ pub async fn provision_in(
 ) -> Result<Provisioned, ProvisionError> {
     let username = &account.username;
     let schema = username.schema();
-    let role = installation.id.tenant_role(username);
+    // On plain PostgreSQL the role is a spare made ahead (taken here, in
+    // this transaction), or made now when none is left; on Citus it was
+    // made with the reservation's head start.
+    let (role, made_now, spares_left) = if installation.citus {
+        (installation.id.tenant_role(username), false, None)
+    } else {
+        match spares::claim(&**tx).await? {
+            Some((role, left)) => (role, false, Some(left)),
+            None => (installation.id.anonymous_tenant_role(), true, None),
+        }
+    };
     let version = templates
         .last()
         .expect("at least one template version")
@@ -333,8 +347,8 @@ pub async fn provision_in(
     let audit_params: Option<[(&(dyn ToSql + Sync), Type); 1]> = audit_entry
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
-    let prelude_sql = prelude(installation, &schema, &role);
-    let join_sql = join_group(installation, &schema, &role, distribute);
+    let prelude_sql = prelude(installation, &schema, &role, made_now);
+    let join_sql = join_group(installation, &schema, &role, made_now, distribute);
     let application = TemplateApplication::new(&schema, &role, templates);
 
     let mut steps: Vec<Step> = Vec::new();
@@ -436,6 +450,7 @@ pub async fn provision_in(
         schema,
         role,
         template_version: version,
+        spares_left,
     })
 }
 
@@ -464,7 +479,7 @@ pub async fn check_builds(
             )
             .await?;
         client
-            .batch_execute(&prelude(&local, &schema, &role))
+            .batch_execute(&prelude(&local, &schema, &role, true))
             .await?;
         let application = TemplateApplication::new(&schema, &role, templates);
         for (step, request) in application.requests(client) {
@@ -492,8 +507,14 @@ pub async fn check_builds(
 /// anything in it, the history included); the tenant role gets USAGE and
 /// CREATE on the schema and owns the tables the templates create.
 /// Identifiers are validated names, always quoted; no value is interpolated.
-/// On Citus the role and the schema exist already ([`Reservation`]).
-fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) -> String {
+/// On Citus the role and the schema exist already ([`Reservation`]); a
+/// spare role (`made_now` false) exists already too.
+fn prelude(
+    installation: &Installation,
+    schema: &SchemaName,
+    role: &RoleName,
+    made_now: bool,
+) -> String {
     let history = format!(
         "CREATE TABLE {s}.{HISTORY_TABLE} (
              version int4 PRIMARY KEY,
@@ -504,9 +525,21 @@ fn prelude(installation: &Installation, schema: &SchemaName, role: &RoleName) ->
     );
     if installation.citus {
         history
-    } else {
+    } else if made_now {
         format!("{}\n{history}", role_and_schema(installation, schema, role))
+    } else {
+        format!("{}\n{history}", schema_for(schema, role))
     }
+}
+
+/// The tenant's empty schema, owned by the service, usable by its role.
+fn schema_for(schema: &SchemaName, role: &RoleName) -> String {
+    format!(
+        "CREATE SCHEMA {s};
+         GRANT USAGE, CREATE ON SCHEMA {s} TO {r};",
+        r = role.quoted(),
+        s = schema.quoted(),
+    )
 }
 
 /// The tenant's role and its empty schema.
@@ -537,10 +570,9 @@ fn role_and_schema(installation: &Installation, schema: &SchemaName, role: &Role
         "CREATE ROLE {r} {login};
          {membership}
          {group}
-         CREATE SCHEMA {s};
-         GRANT USAGE, CREATE ON SCHEMA {s} TO {r};",
+         {schema}",
         r = role.quoted(),
-        s = schema.quoted(),
+        schema = schema_for(schema, role),
     )
 }
 
@@ -557,8 +589,13 @@ fn join_group(
     installation: &Installation,
     schema: &SchemaName,
     role: &RoleName,
+    made_now: bool,
     distribute: Distribute,
 ) -> String {
+    if !installation.citus && !made_now {
+        // A spare is in the group since its batch.
+        return "SELECT".into();
+    }
     if installation.citus {
         // In the group since its head start (`role_and_schema`).
         return match distribute {

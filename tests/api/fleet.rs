@@ -245,7 +245,7 @@ async fn fleet_migrate_brings_every_tenant_to_the_new_version_and_a_rerun_does_n
         .await
         .unwrap()
         .get(0);
-    assert!(owner.ends_with("_amy"), "{owner}");
+    assert_eq!(owner, fleet.app.role_of("amy").await);
 
     let status = fleet.status().await;
     assert_eq!(status["pending"], 0);

@@ -147,7 +147,7 @@ async fn self_service_erasure_needs_the_password_and_leaves_nothing_behind() {
     let signup = tenant_with_data(&app, "erik").await;
     let other = tenant_with_data(&app, "frida").await;
     let token = signup["access_token"].as_str().unwrap();
-    let role = format!("{}erik", app.role_prefix().await);
+    let role = app.role_of("erik").await;
 
     let wrong = app
         .call(Method::DELETE, "/api/me", token)

@@ -89,7 +89,8 @@ async fn footprint(app: &TestApp) -> (i64, i64, i64) {
     )
 }
 
-/// Nothing of `name` exists: no user, no schema, no role.
+/// Nothing of `name` exists: no user, no schema, no role (named after it,
+/// or any tenant role no tenant, head start or spare names).
 async fn assert_absent(app: &TestApp, name: &str) {
     let db = app.db().await;
     let row = db
@@ -101,8 +102,17 @@ async fn assert_absent(app: &TestApp, name: &str) {
         )
         .await
         .unwrap();
-    let found: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!(found, (0, 0, 0), "users, schemas, roles of {name}");
+    let found: (i64, i64, i64, i64) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        app.stray_role_count().await,
+    );
+    assert_eq!(
+        found,
+        (0, 0, 0, 0),
+        "users, schemas, roles of {name}, stray roles"
+    );
 }
 
 /// The signed part of an export: every byte before its trailer.

@@ -341,6 +341,10 @@ pub fn test_settings(db_name: &str) -> Settings {
         maintenance_interval: std::time::Duration::from_secs(3600),
         metrics_token: None,
         export_concurrency: 4,
+        // Spares are made by the tests of spares (tests/api/spares.rs):
+        // roles belong to the whole test cluster, and a stock made by
+        // every test's service would outlive its database.
+        spare_roles: 0,
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
@@ -574,6 +578,45 @@ impl TestApp {
             .get(0)
     }
 
+    /// Tenant roles of this installation that nothing names: neither a
+    /// tenant (registry), a Citus head start nor a spare.
+    pub async fn stray_role_count(&self) -> i64 {
+        self.count(
+            "SELECT count(*) FROM pg_roles r, tenantry.installation i
+             WHERE starts_with(r.rolname, 'tnt_' || i.id || '_')
+               AND r.rolname <> 'tnt_' || i.id || '__tenants'
+               AND NOT EXISTS (SELECT FROM tenantry.tenants t WHERE t.role_name = r.rolname)
+               AND NOT EXISTS (SELECT FROM tenantry.pending_tenants p WHERE p.role_name = r.rolname)
+               AND NOT EXISTS (SELECT FROM tenantry.spare_roles s WHERE s.role_name = r.rolname)",
+        )
+        .await
+    }
+
+    /// `username`'s tenant role, from the registry.
+    pub async fn role_of(&self, username: &str) -> String {
+        self.db()
+            .await
+            .query_one(
+                "SELECT role_name FROM tenantry.tenants WHERE username = $1",
+                &[&username],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The spare tenant roles (`tenancy::spares`), sorted.
+    pub async fn spare_roles(&self) -> Vec<String> {
+        self.db()
+            .await
+            .query("SELECT role_name FROM tenantry.spare_roles ORDER BY 1", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
     pub async fn user_count(&self) -> i64 {
         self.count("SELECT count(*) FROM tenantry.users").await
     }
@@ -640,6 +683,8 @@ pub fn cli_env(db_name: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", service_url(db_name)),
         ("JWT_SECRET", JWT_SECRET.to_string()),
+        // As `test_settings`: spares only where a test asks for them.
+        ("TENANTRY_SPARE_ROLES", "0".to_string()),
     ]
 }
 

@@ -33,6 +33,7 @@ mod refresh;
 mod register;
 mod revocation;
 mod smtp;
+mod spares;
 mod suspension;
 mod templates;
 mod tenant_data;

@@ -7,10 +7,10 @@ async fn a_tenant_role_reaches_its_own_schema_and_reference_only() {
     let app = spawn_app().await;
     assert_eq!(app.register("lena").await.status(), 201);
     assert_eq!(app.register("mike").await.status(), 201);
-    let prefix = app.role_prefix().await;
+    let lena = app.role_of("lena").await;
     let db = app.db().await;
 
-    let as_lena = |sql: &str| format!("BEGIN; SET LOCAL ROLE \"{prefix}lena\"; {sql}; ROLLBACK;");
+    let as_lena = |sql: &str| format!("BEGIN; SET LOCAL ROLE \"{lena}\"; {sql}; ROLLBACK;");
     db.batch_execute(&as_lena(
         "INSERT INTO tenant_lena.experiences (title, started_on) VALUES ('Engineer', '2020-01-01')",
     ))

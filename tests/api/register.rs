@@ -48,7 +48,37 @@ async fn registering_creates_a_user_a_role_and_a_complete_schema() {
     );
     assert_eq!(user.get::<_, String>(2), "tenant_alice_01");
     let role: String = user.get(3);
-    assert_eq!(role, format!("{}alice_01", app.role_prefix().await));
+    let prefix = app.role_prefix().await;
+    if on_citus() {
+        // Made in the signup's head start, after the name.
+        assert_eq!(role, format!("{prefix}alice_01"));
+    } else {
+        // A name that carries no username (`tenancy::spares`), in the
+        // tenants' group, the service a member of it.
+        let tag = role
+            .strip_prefix(&format!("{prefix}_t"))
+            .unwrap_or_else(|| panic!("{role}"));
+        assert!(
+            tag.len() == 16 && tag.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{role}"
+        );
+        let memberships: (bool, bool) = {
+            let row = db
+                .query_one(
+                    "SELECT pg_has_role($3, $1, 'MEMBER'),
+                            pg_has_role($1, $2 || '_tenants', 'MEMBER')",
+                    &[&role, &prefix, &service_role(&app.db_name)],
+                )
+                .await
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(
+            memberships,
+            (true, true),
+            "service in the role, role in the group"
+        );
+    }
     assert_eq!(user.get::<_, i32>(4), latest_version());
     assert_eq!(user.get::<_, String>(5), "active");
     // The tenant role cannot log in; it is only ever switched to. On Citus

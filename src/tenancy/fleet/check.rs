@@ -103,6 +103,7 @@ pub async fn catalog_drift(
              WHERE starts_with(r.rolname, $1) AND r.rolname <> $2
                AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.role_name = r.rolname)
                AND NOT EXISTS (SELECT 1 FROM tenantry.pending_tenants p WHERE p.role_name = r.rolname)
+               AND NOT EXISTS (SELECT 1 FROM tenantry.spare_roles s WHERE s.role_name = r.rolname)
              ORDER BY 1",
             &[&prefix, &group.as_str()],
         )
@@ -281,7 +282,8 @@ async fn repair_one(
         DriftKind::OrphanRole => {
             let named: bool = tx
                 .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE role_name = $1)",
+                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE role_name = $1)
+                         OR EXISTS (SELECT 1 FROM tenantry.spare_roles WHERE role_name = $1)",
                     &[&d.name],
                 )
                 .await?

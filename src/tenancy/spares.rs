@@ -1,0 +1,189 @@
+//! Tenant roles made ahead of their tenants (issue 28).
+//!
+//! PostgreSQL caches, per session, the roles its login role is a member of
+//! (what `SET ROLE` checks), and every backend throws that cache away on any
+//! change to `pg_authid` or `pg_auth_members`. The service is a member of
+//! every tenant role, so with one role per tenant the list is as long as the
+//! fleet, and PostgreSQL 15 rebuilds it in time quadratic in its length
+//! (16 added a Bloom filter: linear). A signup that made its own role made
+//! every pooled connection pay that rebuild on its next request: 0.24 s per
+//! connection at 10,000 tenants (docs/benchmarks.md, `scripts/bench-roles`).
+//!
+//! So roles are made in batches ([`refill`]: one transaction, one cache
+//! reset everywhere for a whole batch), each `NOLOGIN`, in the tenants'
+//! group and with the service a member, named `tnt_<id>__t<16 hex>`
+//! (no username: a role cannot be renamed without the same reset). A signup
+//! takes one inside its own transaction ([`claim`]: `DELETE … FOR UPDATE
+//! SKIP LOCKED`), and then changes no role at all: a failed or killed
+//! signup rolls the `DELETE` back and the role is a spare again. With no
+//! spare left a signup makes its role as before. `serve` keeps the stock
+//! between half of `TENANTRY_SPARE_ROLES` and all of it ([`Keeper`]).
+//! Spares are not made on Citus, whose signups make their role in a head
+//! start (`provisioning::Reservation`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::db::{Installation, RequestPool};
+use crate::domain::RoleName;
+
+/// The class of the transaction-level advisory lock a refill holds: two
+/// processes refilling at once make one batch between them.
+pub const REFILL_LOCK_CLASS: i32 = 0x737072; // 'spr'
+
+/// Take one spare (the first one no other transaction holds) inside the
+/// caller's transaction: its name and how many spares there were besides
+/// it. `None`: none left.
+pub async fn claim(
+    tx: &impl tokio_postgres::GenericClient,
+) -> Result<Option<(RoleName, i64)>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            "WITH claimed AS (
+                 DELETE FROM tenantry.spare_roles
+                 WHERE role_name = (SELECT s.role_name FROM tenantry.spare_roles s
+                                    WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r
+                                                  WHERE r.rolname = s.role_name)
+                                    ORDER BY s.made_at, s.role_name
+                                    LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING role_name)
+             SELECT c.role_name, (SELECT count(*) FROM tenantry.spare_roles) - 1
+             FROM claimed c",
+            &[],
+        )
+        .await?;
+    Ok(row.and_then(|row| {
+        RoleName::parse(row.get(0))
+            .ok()
+            .map(|role| (role, row.get(1)))
+    }))
+}
+
+/// How many spares there are.
+pub async fn count(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT count(*) FROM tenantry.spare_roles", &[])
+        .await?
+        .get(0))
+}
+
+/// When fewer than half of `target` spares are left, make the rest, in one
+/// transaction (so one reset of every session's membership cache for the
+/// whole batch). Two refills at once queue on an advisory lock and the
+/// second finds the stock full. Returns how many roles it made. Nothing on
+/// Citus, or with a `target` of 0.
+pub async fn refill(
+    client: &mut tokio_postgres::Client,
+    installation: &Installation,
+    target: usize,
+) -> Result<usize, tokio_postgres::Error> {
+    if target == 0 || installation.citus {
+        return Ok(0);
+    }
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, 0)",
+        &[&REFILL_LOCK_CLASS],
+    )
+    .await?;
+    let have = usize::try_from(count(&tx).await?).unwrap_or(0);
+    if have * 2 >= target.max(2) {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let roles: Vec<RoleName> = (have..target)
+        .map(|_| installation.id.anonymous_tenant_role())
+        .collect();
+    let group = installation.group_role();
+    let mut sql = String::from("SET LOCAL client_min_messages TO warning;\n");
+    for role in &roles {
+        sql.push_str(&format!("CREATE ROLE {} NOLOGIN;\n", role.quoted()));
+        if !installation.superuser {
+            // A non-superuser service needs membership to act as the role.
+            sql.push_str(&format!("GRANT {} TO CURRENT_USER;\n", role.quoted()));
+        }
+        sql.push_str(&format!("GRANT {} TO {};\n", group.quoted(), role.quoted()));
+    }
+    tx.batch_execute(&sql).await?;
+    let names: Vec<&str> = roles.iter().map(RoleName::as_str).collect();
+    tx.execute(
+        "INSERT INTO tenantry.spare_roles (role_name) SELECT unnest($1::text[])",
+        &[&names],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(roles.len())
+}
+
+/// `serve`'s stock of spares: refilled at start, when a signup finds it at
+/// half or below, and on a timer (other processes take spares too).
+pub struct Keeper {
+    target: usize,
+    wake: Notify,
+}
+
+impl Keeper {
+    pub fn new(target: usize) -> Arc<Keeper> {
+        Arc::new(Keeper {
+            target,
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    /// A signup took a spare and `left` remain: refill soon when that is
+    /// half the stock or less.
+    pub fn claimed(&self, left: Option<i64>) {
+        if let Some(left) = left {
+            if usize::try_from(left).unwrap_or(0) * 2 < self.target.max(2) {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Refill once now (what `serve` does before it listens), then in the
+    /// background when woken or every `interval`. The task ends with the
+    /// runtime; a refill cut short rolls back.
+    pub async fn start(
+        self: &Arc<Keeper>,
+        pool: RequestPool,
+        installation: Installation,
+        interval: Duration,
+    ) {
+        if self.target == 0 || installation.citus {
+            return;
+        }
+        let once = |pool: RequestPool, installation: Installation, target: usize| async move {
+            let mut client = match pool.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make spare tenant roles: no connection");
+                    return;
+                }
+            };
+            match refill(&mut client, &installation, target).await {
+                Ok(0) => {}
+                Ok(made) => tracing::info!(made, "made spare tenant roles"),
+                Err(e) => tracing::warn!(error = %e, "making spare tenant roles failed"),
+            }
+        };
+        once(pool.clone(), installation.clone(), self.target).await;
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = keeper.wake.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                once(pool.clone(), installation.clone(), keeper.target).await;
+            }
+        });
+    }
+}

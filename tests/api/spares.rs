@@ -1,0 +1,342 @@
+//! Tenant roles made ahead of signups (`tenancy::spares`, issue 28): a
+//! signup takes one in its transaction and changes no role, so no other
+//! session's membership cache is thrown away. Plain PostgreSQL only (on
+//! Citus a signup's role is made in its head start; scripts/test-citus
+//! leaves this module out).
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// Every row of `pg_authid` and `pg_auth_members` that involves a role of
+/// the installation, with the transaction that wrote it (`xmin`): equal
+/// before and after only if nothing made, changed or granted a role.
+async fn role_rows(app: &TestApp) -> String {
+    let prefix = app.role_prefix().await;
+    app.db()
+        .await
+        .query_one(
+            "SELECT coalesce((SELECT string_agg(a.rolname || ':' || a.xmin::text, ',' ORDER BY a.rolname)
+                              FROM pg_authid a WHERE starts_with(a.rolname, $1)), '')
+                    || ' | ' ||
+                    coalesce((SELECT string_agg(r.rolname || '>' || u.rolname || ':' || m.xmin::text, ','
+                                                ORDER BY r.rolname, u.rolname)
+                              FROM pg_auth_members m
+                              JOIN pg_authid r ON r.oid = m.roleid
+                              JOIN pg_authid u ON u.oid = m.member
+                              WHERE starts_with(r.rolname, $1) OR starts_with(u.rolname, $1)), '')",
+            &[&prefix],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn serve_keeps_spare_roles_and_a_signup_takes_one_changing_no_role() {
+    let app = spawn_app_with(|s| s.spare_roles = 4).await;
+    // Made before the service listened.
+    let spares = app.spare_roles().await;
+    assert_eq!(spares.len(), 4);
+    let prefix = app.role_prefix().await;
+    for role in &spares {
+        assert!(role.starts_with(&format!("{prefix}_t")), "{role}");
+    }
+    let before = role_rows(&app).await;
+
+    let signup = app.register("sam").await;
+    assert_eq!(signup.status(), 201);
+    let token = json(signup).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let role = app.role_of("sam").await;
+    assert!(spares.contains(&role), "{role} was a spare");
+    let left = app.spare_roles().await;
+    assert_eq!(left.len(), 3);
+    assert!(!left.contains(&role));
+    assert_eq!(
+        role_rows(&app).await,
+        before,
+        "the signup made, changed or granted no role"
+    );
+    assert_eq!(app.stray_role_count().await, 0);
+
+    // The tenant works as its role: its tables are the role's, its data
+    // its own.
+    let owners = app
+        .count(&format!(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'tenant_sam' AND tablename <> 'refinery_schema_history' AND tableowner <> '{role}'"
+        ))
+        .await;
+    assert_eq!(
+        owners, 0,
+        "every template table of tenant_sam belongs to {role}"
+    );
+    let created = app
+        .call(Method::POST, "/api/experiences", &token)
+        .json(&json!({"title": "Harbour pilot", "started_on": "2024-01-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let other = app.token("tess").await;
+    let seen: Value = json(
+        app.call(Method::GET, "/api/experiences", &other)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen["items"].as_array().map(Vec::len), Some(0), "{seen}");
+
+    // Two signups in, two spares are left: at half, no refill; the third
+    // leaves one, and the service makes the stock whole again.
+    assert_eq!(app.spare_roles().await.len(), 2);
+    app.token("uma").await;
+    until("the stock of spares is refilled", || async {
+        app.spare_roles().await.len() == 4
+    })
+    .await;
+    assert_eq!(app.stray_role_count().await, 0);
+}
+
+#[tokio::test]
+async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
+    let db = create_database().await;
+    // V2 sleeps, so the process can be killed while the tenant's schema and
+    // V1 tables exist inside its open transaction, its spare taken.
+    let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
+    let mut env = cli_env(&db);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    let published = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let mut settings = test_settings(&db);
+    settings.templates_dir = Some(templates.clone());
+    settings.spare_roles = 2;
+    let app = spawn_app_on(settings, db.clone()).await;
+    let spares = app.spare_roles().await;
+    assert_eq!(spares.len(), 2);
+    let before = role_rows(&app).await;
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["tenants", "create", "quinn", "--email", "quinn@example.com"])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+        .env("BCRYPT_COST", "4")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
+        drop(stdin);
+    }
+    let admin = connect(&db).await;
+    let sleeping = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                    AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()";
+    let mut backend = None;
+    for _ in 0..200 {
+        if let Some(row) = admin.query_opt(sleeping, &[]).await.unwrap() {
+            backend = Some(row.get::<_, i32>(0));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let backend = backend.expect("provisioning reached the slow template");
+    // The signup holds one spare: only the other can be locked now.
+    let mut probe = connect(&db).await;
+    let tx = probe.transaction().await.unwrap();
+    let free = tx
+        .query(
+            "SELECT role_name FROM tenantry.spare_roles FOR UPDATE SKIP LOCKED",
+            &[],
+        )
+        .await
+        .unwrap()
+        .len();
+    tx.rollback().await.unwrap();
+    assert_eq!(free, 1, "the signup in flight has taken a spare");
+    child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
+
+    // The server notices the vanished client and rolls back.
+    let mut gone = false;
+    for _ in 0..400 {
+        let alive: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&backend],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if alive == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(gone, "the killed client's backend ended");
+    assert_eq!(app.spare_roles().await, spares, "both spares are spares");
+    assert_eq!(role_rows(&app).await, before, "no role was made or changed");
+    assert_eq!(app.tenant_counts().await, (0, 0, 0));
+    assert_eq!(app.stray_role_count().await, 0);
+
+    // The name is free, and the next signup takes a spare.
+    let out = tenantry(
+        &["tenants", "create", "quinn", "--email", "quinn@example.com"],
+        &env,
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(spares.contains(&app.role_of("quinn").await));
+    assert_eq!(app.spare_roles().await.len(), 1);
+}
+
+#[tokio::test]
+async fn two_refills_at_once_make_one_batch() {
+    let db = create_database().await;
+    let mut service = connect_as_service(&db).await;
+    let (installation, _) = tenantry::db::bootstrap(&mut service).await.unwrap();
+    let mut holder = connect(&db).await;
+    let lock = holder.transaction().await.unwrap();
+    lock.execute(
+        "SELECT pg_advisory_xact_lock($1, 0)",
+        &[&tenantry::tenancy::spares::REFILL_LOCK_CLASS],
+    )
+    .await
+    .unwrap();
+    let refills: Vec<_> = (0..2)
+        .map(|_| {
+            let (db, installation) = (db.clone(), installation.clone());
+            tokio::spawn(async move {
+                let mut client = connect_as_service(&db).await;
+                tenantry::tenancy::spares::refill(&mut client, &installation, 6)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let admin = connect(&db).await;
+    let mut waiting = 0;
+    for _ in 0..400 {
+        waiting = admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if waiting == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(waiting, 2, "both refills wait on the lock");
+    lock.commit().await.unwrap();
+    let mut made = Vec::new();
+    for refill in refills {
+        made.push(refill.await.unwrap());
+    }
+    made.sort();
+    assert_eq!(made, [0, 6], "one batch between them");
+    let count = |sql: &'static str| {
+        let admin = &admin;
+        async move { admin.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM tenantry.spare_roles").await, 6);
+    // Each a role in the group, the service a member of it.
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM tenantry.spare_roles s, tenantry.installation i
+             WHERE pg_has_role(s.role_name, 'tnt_' || i.id || '__tenants', 'MEMBER')
+               AND pg_has_role(current_database() || '_svc', s.role_name, 'MEMBER')
+               AND NOT (SELECT rolcanlogin FROM pg_roles WHERE rolname = s.role_name)"
+        )
+        .await,
+        6
+    );
+    // A full stock, or one at half, is left alone; below half it is made
+    // whole.
+    let mut client = connect_as_service(&db).await;
+    use tenantry::tenancy::spares::refill;
+    assert_eq!(refill(&mut client, &installation, 6).await.unwrap(), 0);
+    assert_eq!(refill(&mut client, &installation, 12).await.unwrap(), 0);
+    assert_eq!(refill(&mut client, &installation, 13).await.unwrap(), 7);
+    assert_eq!(count("SELECT count(*) FROM tenantry.spare_roles").await, 13);
+}
+
+#[tokio::test]
+async fn a_tenant_on_a_spare_is_erased_exported_imported_and_checked_like_any() {
+    let app = spawn_app_with(|s| s.spare_roles = 6).await;
+    let env = cli_env(&app.db_name);
+    let spares = app.spare_roles().await;
+    let signup = json(app.register("nora").await).await;
+    let token = signup["access_token"].as_str().unwrap().to_owned();
+    let created = app
+        .call(Method::POST, "/api/skills", &token)
+        .json(&json!({"name": "SQL", "level": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let first_role = app.role_of("nora").await;
+    assert!(spares.contains(&first_role));
+
+    // Spares are no drift, and a repair leaves them.
+    let out = tenantry(&["fleet", "check", "--repair"], &env, None).await;
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(app.spare_roles().await.len(), 5);
+
+    let exported = tenantry(&["tenants", "export", "nora"], &env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-spares-export");
+    spawn_reaper(&dir);
+    let file = dir.join("nora.json");
+    std::fs::write(&file, &exported.stdout).unwrap();
+
+    // Erased: its role is dropped, not made a spare again.
+    let erased = app
+        .call(Method::DELETE, "/api/me", &token)
+        .json(&json!({"password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 200);
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{first_role}'"
+        ))
+        .await,
+        0
+    );
+    assert!(!app.spare_roles().await.contains(&first_role));
+
+    // Imported: the import takes a spare too, and the data is back.
+    let out = tenantry(
+        &["tenants", "import", &file.display().to_string()],
+        &env,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second_role = app.role_of("nora").await;
+    assert!(spares.contains(&second_role) && second_role != first_role);
+    assert_eq!(app.spare_roles().await.len(), 4);
+    let again = tenantry(&["tenants", "export", "nora"], &env, None).await;
+    let (before, after): (Value, Value) = (
+        serde_json::from_slice(&exported.stdout).unwrap(),
+        serde_json::from_slice(&again.stdout).unwrap(),
+    );
+    assert_eq!(before["tables"], after["tables"]);
+    assert_eq!(app.stray_role_count().await, 0);
+    let out = tenantry(&["fleet", "check"], &env, None).await;
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
