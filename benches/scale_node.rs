@@ -16,6 +16,10 @@
 //!    drives `GET /api/summaries/quick` for a random tenant, quiet and then
 //!    beside a stream of 2 signups/s: throughput, p50/p99, errors, their
 //!    ratios, and the stream's signup latencies.
+//!    The same on the raw side, for the baseline: `pgbench` (8 sessions,
+//!    as a superuser) enters a random raw tenant's schema and role and
+//!    reads its summaries, quiet and beside 2 raw signups/s: what the
+//!    signups' DDL alone takes from the reads on this machine.
 //! 3. With every tenant in place: a new session's first `SET ROLE` as the
 //!    service role right after a signup, its next one, and the first one of
 //!    a session that was warm before the signup (what every pooled
@@ -104,11 +108,11 @@ async fn main() {
         started.elapsed().as_secs_f64(),
         seeding.as_secs_f64()
     );
+    reads(&service, &bench, &wrk, n, seconds).await;
+    raw_reads(&raw, n, seconds).await;
     raw.bench.cluster.stop().unwrap();
     let _ = std::fs::remove_dir_all(&raw.bench.dir);
     drop(raw);
-
-    reads(&service, &bench, &wrk, n, seconds).await;
     first_set_role(&service).await;
 
     bench.cluster.stop().unwrap();
@@ -539,6 +543,93 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
         Better::Lower,
         beside.p99_ms,
         ("quiet", quiet.p99_ms),
+    );
+}
+
+/// Phase 2's baseline: routed reads on the raw side (a superuser entering
+/// a random raw tenant's schema and role, transaction-locally, then its
+/// read), quiet and beside raw signups at [`SIGNUPS_PER_SECOND`].
+async fn raw_reads(raw: &Raw, n: usize, seconds: u64) {
+    use common::load::{run_pgbench, PgTarget, Session};
+    let pg = PgTarget {
+        bindir: raw.bench.cluster.bindir(),
+        host: raw.bench.running.socket_dir.display().to_string(),
+        port: raw.bench.running.port,
+        dbname: "bench",
+    };
+    let sql = "\\set i random(0, :tenants - 1)
+BEGIN;
+SELECT set_config('search_path', 'raw_' || :i, true), set_config('role', 'raw_' || :i || '_r', true);
+SELECT kind, content FROM summaries WHERE kind = 'quick';
+COMMIT;
+";
+    let work = raw.bench.dir.join("raw-reads");
+    std::fs::create_dir_all(&work).unwrap();
+    let read = || {
+        run_pgbench(
+            &pg,
+            &work,
+            sql,
+            n,
+            (WRK_CONNECTIONS, seconds),
+            "postgres",
+            &Session::PLAIN,
+        )
+    };
+    let quiet = read().await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let group = raw.bench.installation.group_role();
+    let session = &raw.sessions[0];
+    let stream = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(1000 / SIGNUPS_PER_SECOND));
+        let mut made = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    session.batch_execute(&raw_sql(raw, n + made, &group)).await.unwrap();
+                    made += 1;
+                }
+                _ = &mut stopped => break,
+            }
+        }
+        made
+    };
+    let beside = async {
+        let run = read().await;
+        stop.send(()).unwrap();
+        run
+    };
+    let (beside, made) = futures::join!(beside, stream);
+    println!(
+        "raw baseline: a superuser enters a random raw tenant and reads (pgbench, {WRK_CONNECTIONS} sessions, {seconds} s)"
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>9}",
+        "run", "tx/s", "p50 ms", "p99 ms"
+    );
+    for (label, run) in [
+        ("quiet".to_string(), &quiet),
+        (format!("beside {made} raw signups"), &beside),
+    ] {
+        println!(
+            "{label:<28} {:>9.0} {:>9.2} {:>9.2}",
+            run.rate, run.p50_ms, run.p99_ms
+        );
+    }
+    println!(
+        "{:<28} {:>9.2} {:>9.2} {:>9.2}\n",
+        "beside / quiet",
+        beside.rate / quiet.rate,
+        beside.p50_ms / quiet.p50_ms,
+        beside.p99_ms / quiet.p99_ms
+    );
+    record(
+        "scale-node",
+        &format!("raw routed reads beside {SIGNUPS_PER_SECOND} raw signups/s: throughput"),
+        "tx/s",
+        Better::Higher,
+        beside.rate,
+        ("quiet", quiet.rate),
     );
 }
 

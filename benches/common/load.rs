@@ -135,7 +135,7 @@ pub async fn start_service_with(
         maintenance_interval: Duration::from_secs(60),
         metrics_token: None,
         export_concurrency: 4,
-        spare_roles: Settings::from_env().map(|s| s.spare_roles).unwrap_or(200),
+        spare_roles: Settings::from_env().map(|s| s.spare_roles).unwrap_or(1000),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
