@@ -386,7 +386,6 @@ async fn seed(service: &Service, block: std::ops::Range<usize>) {
     }
 }
 
-/// `SET ROLE role; RESET ROLE` on `session`: its time in ms.
 /// A tenant's role, from the registry (a spare's name carries no username).
 async fn role_of(service: &Service, username: &Username) -> RoleName {
     let client = db::connect(&service.role).await.unwrap();
@@ -401,6 +400,7 @@ async fn role_of(service: &Service, username: &Username) -> RoleName {
     RoleName::parse(&name).unwrap()
 }
 
+/// `SET ROLE role; RESET ROLE` on `session`: its time in ms.
 async fn set_role(session: &tokio_postgres::Client, role: &RoleName) -> f64 {
     let t = Instant::now();
     session

@@ -376,7 +376,10 @@ async fn import_in(
         at_export,
         published.newest(),
         account,
-        crate::provisioning::Distribute::Later,
+        (
+            crate::provisioning::RoleFrom::Spare,
+            crate::provisioning::Distribute::Later,
+        ),
     )
     .await?;
     let schema = made.schema.clone();

@@ -2,6 +2,11 @@
 //! template version, all in ONE transaction. A failure (or a kill) at any
 //! instant rolls everything back: the tenant is complete, or absent.
 //!
+//! On plain PostgreSQL the role is a spare made ahead ([`spares`]), taken
+//! in the same transaction (a rollback leaves it a spare), so a signup
+//! changes no role and resets no session's membership cache; with none
+//! left, the transaction makes one.
+//!
 //! On Citus the role and the empty schema go first, in a transaction of
 //! their own ([`Reservation`]): Citus propagates the objects a new schema's
 //! tables depend on (their sequences) through connections of its own as
@@ -54,6 +59,13 @@ impl ProvisionError {
     pub fn newer_published(&self) -> bool {
         matches!(self, ProvisionError::Postgres(e)
             if e.code().map(|c| c.code()) == Some(publication::NEWER_PUBLISHED))
+    }
+
+    /// `SET ROLE` to the tenant's role was refused (SQLSTATE 42501).
+    pub fn role_refused(&self) -> bool {
+        matches!(self, ProvisionError::Template { source, .. }
+            if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
+                && source.as_db_error().is_some_and(|d| d.message().contains("set role")))
     }
 
     /// The conflict for a name or email found taken.
@@ -206,6 +218,7 @@ pub async fn provision(
     let reservation = Reservation::take(client, installation, &account.username).await?;
     let made = async {
         let mut attempts = 0;
+        let mut role_from = RoleFrom::Spare;
         loop {
             let published = templates.published();
             let tx = client.transaction().await?;
@@ -215,13 +228,25 @@ pub async fn provision(
                 published.set().all(),
                 published.newest(),
                 account,
-                Distribute::Now,
+                (role_from, Distribute::Now),
             )
             .await;
             match made {
                 Ok(provisioned) => {
                     tx.commit().await?;
                     return Ok::<_, ProvisionError>(provisioned);
+                }
+                Err(e) if role_from == RoleFrom::Spare && e.role_refused() => {
+                    // This session may not act as the spare it took: not a
+                    // member of it (a stock damaged by hand), or a session
+                    // whose cache of its memberships missed the spare's
+                    // batch. Once more with a role made in the
+                    // transaction, which resets this session's cache (and,
+                    // at commit, every other's) and drops from the stock
+                    // every spare the service cannot act as.
+                    drop(tx);
+                    tracing::warn!(error = %e, "a spare tenant role was refused; making one instead");
+                    role_from = RoleFrom::Now;
                 }
                 Err(e) if e.newer_published() => {
                     drop(tx);
@@ -265,7 +290,7 @@ pub async fn provision_in(
     templates: &[crate::tenancy::templates::Template],
     newest_published: i32,
     account: &NewAccount,
-    distribute: Distribute,
+    (role_from, distribute): (RoleFrom, Distribute),
 ) -> Result<Provisioned, ProvisionError> {
     let username = &account.username;
     let schema = username.schema();
@@ -275,7 +300,11 @@ pub async fn provision_in(
     let (role, made_now, spares_left) = if installation.citus {
         (installation.id.tenant_role(username), false, None)
     } else {
-        match spares::claim(&**tx).await? {
+        let claimed = match role_from {
+            RoleFrom::Spare => spares::claim(&**tx).await?,
+            RoleFrom::Now => None,
+        };
+        match claimed {
             Some((role, left)) => (role, false, Some(left)),
             None => (installation.id.anonymous_tenant_role(), true, None),
         }
@@ -387,6 +416,14 @@ pub async fn provision_in(
     }
     steps.push(Step::Prelude);
     requests.push(Box::pin(tx.batch_execute(&prelude_sql)));
+    if role_from == RoleFrom::Now && !installation.citus {
+        // After the prelude's GRANT, so this session's membership cache
+        // is fresh (`provision`'s retry after a refused spare).
+        steps.push(Step::Other);
+        requests.push(Box::pin(async {
+            tx.execute(spares::DROP_UNUSABLE, &[]).await.map(drop)
+        }));
+    }
     let history = application.history_request(tx.client());
     for (step, request) in application
         .requests(tx.client())
@@ -608,6 +645,15 @@ fn join_group(
         g = installation.group_role().quoted(),
         r = role.quoted()
     )
+}
+
+/// Where a signup's role comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleFrom {
+    /// A spare (`tenancy::spares`), or made now when none is left.
+    Spare,
+    /// Made in the signup's transaction.
+    Now,
 }
 
 /// The class of the session-level advisory lock a Citus signup holds on its

@@ -61,6 +61,15 @@ pub async fn claim(
     }))
 }
 
+/// Take out of the stock every spare the current role may not act as
+/// (`provision`'s retry after a refused spare, once its own `GRANT` has
+/// made this session's membership cache fresh). `fleet check` then finds
+/// each as an orphan role.
+pub const DROP_UNUSABLE: &str = "DELETE FROM tenantry.spare_roles s
+ WHERE CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)
+            THEN NOT pg_catalog.pg_has_role(s.role_name, 'MEMBER')
+            ELSE true END";
+
 /// How many spares there are.
 pub async fn count(
     client: &impl tokio_postgres::GenericClient,

@@ -143,7 +143,8 @@ async fn connect_to(port: u16, db_name: &str) -> tokio_postgres::Client {
     tenantry::db::connect(&config).await.expect("connect")
 }
 
-/// A fresh temp dir that the server's OS user can traverse.
+/// A fresh temp dir that the server's OS user can traverse, deleted once
+/// this process is gone ([`REAP_LIST`]).
 pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "{prefix}-{}-{}",
@@ -155,8 +156,32 @@ pub fn temp_dir(prefix: &str) -> PathBuf {
         .recursive(true)
         .create(&dir)
         .expect("create temp dir");
+    use std::io::Write;
+    let mut list = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&*REAP_LIST)
+        .expect("open the reap list");
+    writeln!(list, "{}", dir.display()).expect("write the reap list");
     dir
 }
+
+/// The temp dirs this process made, one per line, and the one reaper that
+/// deletes them after the process is gone (started with the first temp
+/// dir, before any test runs). A dir whose cluster still runs is left to
+/// its own [`spawn_reaper`], which stops the cluster first.
+static REAP_LIST: LazyLock<PathBuf> = LazyLock::new(|| {
+    let list = std::env::temp_dir().join(format!("tenantry-reap-{}.list", std::process::id()));
+    std::fs::write(&list, "").expect("create the reap list");
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null; do sleep 1; done
+        while IFS= read -r d; do
+            if [ ! -e "$d/pgdata/postmaster.pid" ]; then rm -rf "$d"; fi
+        done < "$2"
+        rm -f "$2"
+    "#;
+    spawn_detached(script, &[list.as_os_str()]);
+    list
+});
 
 fn start_cluster() -> TestCluster {
     let dir = temp_dir("tenantry-test");

@@ -451,6 +451,17 @@ mod terminal {
                 None::<&nix::sys::termios::Termios>,
             )
             .expect("openpty");
+            // Only the child is given the terminal (dup'd onto 0-2, which
+            // clears the flag): a process started by another test now (a
+            // detached reaper outlives this one) must not hold it open,
+            // or the reader would never see its end.
+            for fd in [&pty.master, &pty.slave] {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                )
+                .expect("FD_CLOEXEC on the terminal");
+            }
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenantry"));
             cmd.args(args)
                 .env_clear()
