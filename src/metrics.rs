@@ -7,6 +7,8 @@
 //! - `tenantry_provisioning_duration_seconds` (histogram), per signup;
 //! - `tenantry_database_errors_total{kind}` (`unavailable`, `pool`, `query`,
 //!   `timeout`);
+//! - `tenantry_db_connect_retries_total`: connects tried again because the
+//!   server's listen queue was full (`db::Connector`);
 //! - `tenantry_clients_cut_off_total`: connections ended because the client
 //!   stopped reading (`transport::Stalling`);
 //! - `tenantry_exports_total{outcome}` (`completed`, `cut_off`, `refused_busy`, …) and the
@@ -122,6 +124,11 @@ fn describe_and_register() {
         "mail not delivered, by state: pending (waiting or being retried) and dead (given up; `tenantry outbox retry`) (read at scrape time)"
     );
     describe_counter!(
+        "tenantry_db_connect_retries_total",
+        "connects to PostgreSQL tried again after a short pause because its listen queue was full (EAGAIN)"
+    );
+    metrics::counter!("tenantry_db_connect_retries_total").absolute(0);
+    describe_counter!(
         "tenantry_mail_sent_total",
         "mails delivered by this process"
     );
@@ -159,6 +166,11 @@ fn describe_and_register() {
 /// Count a database error by kind.
 pub fn database_error(kind: &'static str) {
     metrics::counter!("tenantry_database_errors_total", "kind" => kind).increment(1);
+}
+
+/// A connect met a full listen queue and is tried again.
+pub fn connect_retried() {
+    metrics::counter!("tenantry_db_connect_retries_total").increment(1);
 }
 
 /// A client that stopped reading was cut off.

@@ -41,6 +41,30 @@ pub const BACKGROUND_WAIT: Duration = Duration::from_secs(10);
 /// How long connecting may take (the server, TLS, authentication).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server whose listen queue is full refuses a Unix-socket connection at
+/// once (`EAGAIN`, "Resource temporarily unavailable"): it is busy
+/// accepting, not gone. Such a connect is tried again after a pause that
+/// doubles from [`BACKLOG_FIRST_PAUSE`] up to [`BACKLOG_MAX_PAUSE`] (times
+/// a jitter of 0.5-1.5) for at most this long, instead of failing the
+/// request and having the next one try at once, which kept the queue full
+/// (a pool short of connections under load answered thousands of fast
+/// 503s). A refused or absent server still fails at once.
+pub const BACKLOG_RETRY_FOR: Duration = Duration::from_secs(2);
+pub const BACKLOG_FIRST_PAUSE: Duration = Duration::from_millis(5);
+pub const BACKLOG_MAX_PAUSE: Duration = Duration::from_millis(200);
+
+/// The connect failed on a full listen queue (`EAGAIN`).
+fn backlog_full(e: &tokio_postgres::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::WouldBlock;
+        }
+        source = err.source();
+    }
+    false
+}
+
 impl Dedicated {
     fn application_name(self) -> Option<&'static str> {
         match self {
@@ -241,7 +265,26 @@ impl Connector {
         config: &tokio_postgres::Config,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         let config = self.current_config(config);
-        let (client, connection) = config.connect(self.inner.tls.maker.clone()).await?;
+        let started = std::time::Instant::now();
+        let mut attempt: u32 = 0;
+        let (client, connection) = loop {
+            match config.connect(self.inner.tls.maker.clone()).await {
+                Ok(connected) => break connected,
+                Err(e) if backlog_full(&e) => {
+                    attempt += 1;
+                    let pause = BACKLOG_FIRST_PAUSE
+                        .saturating_mul(1 << (attempt - 1).min(10))
+                        .min(BACKLOG_MAX_PAUSE)
+                        .mul_f64(rand::random_range(0.5..1.5));
+                    if started.elapsed() + pause > BACKLOG_RETRY_FOR {
+                        return Err(e);
+                    }
+                    crate::metrics::connect_retried();
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection closed");

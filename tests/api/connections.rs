@@ -266,3 +266,94 @@ async fn connections_outside_the_pool_stop_at_their_cap() {
     let again = connector.connect(Dedicated::Health).await;
     assert!(again.is_ok());
 }
+
+/// The retries counter (`tenantry_db_connect_retries_total`) as rendered.
+fn connect_retries() -> f64 {
+    tenantry::metrics::handle()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("tenantry_db_connect_retries_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A server whose listen queue is full refuses a Unix-socket connect at
+/// once (`EAGAIN`). The connector pauses and tries again rather than
+/// failing (which had every request of a busy pool try again at once and
+/// keep the queue full): made certain with a socket of our own whose
+/// queue the test fills, then empties once the connector has been turned
+/// away, and then hands each connection on to the test cluster.
+#[tokio::test]
+async fn a_full_listen_queue_is_waited_out_and_a_missing_server_is_not() {
+    let db = create_database().await;
+    let port = CLUSTER.running.port;
+    let dir = temp_dir("tenantry-backlog");
+    let socket = dir.join(format!(".s.PGSQL.{port}"));
+    let listener = tokio::net::UnixSocket::new_stream().unwrap();
+    listener.bind(&socket).unwrap();
+    let listener = listener.listen(1).unwrap();
+    let mut queued = Vec::new();
+    let mut full = false;
+    for _ in 0..64 {
+        match tokio::net::UnixStream::connect(&socket).await {
+            Ok(stream) => queued.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(full, "the listen queue filled up");
+
+    let config: tokio_postgres::Config = format!(
+        "host={} port={port} user={} dbname={db}",
+        dir.display(),
+        service_role(&db)
+    )
+    .parse()
+    .unwrap();
+    let connector = tenantry::db::Connector::plain(config);
+    let before = connect_retries();
+    let connecting = tokio::spawn(async move {
+        let connection = connector.connect(tenantry::db::Dedicated::Command).await?;
+        let one: i32 = connection.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        Ok::<_, tenantry::db::DbError>(one)
+    });
+    until("the connector was turned away and pauses", || async {
+        connect_retries() > before
+    })
+    .await;
+    assert!(!connecting.is_finished(), "still trying, not failed");
+    // Empty the queue, then pass every connection on to PostgreSQL.
+    let real = CLUSTER.running.socket_dir.join(format!(".s.PGSQL.{port}"));
+    tokio::spawn(async move {
+        loop {
+            let (mut inbound, _) = listener.accept().await.unwrap();
+            let real = real.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::UnixStream::connect(&real).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    drop(queued);
+    assert_eq!(connecting.await.unwrap().expect("connected"), 1);
+
+    // No server at all: an error at once, no pause.
+    let gone = temp_dir("tenantry-no-server");
+    let config: tokio_postgres::Config = format!(
+        "host={} port={port} user=nobody dbname=nothing",
+        gone.display()
+    )
+    .parse()
+    .unwrap();
+    let retries = connect_retries();
+    let refused = tenantry::db::Connector::plain(config)
+        .connect(tenantry::db::Dedicated::Command)
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(connect_retries(), retries, "not tried again");
+}
