@@ -181,8 +181,9 @@ pub struct Provisioned {
     pub schema: SchemaName,
     pub role: RoleName,
     pub template_version: TemplateVersion,
-    /// The role was a spare, and this many were left besides it
-    /// (`spares::Keeper::claimed`); `None`: the role was made now.
+    /// How many spares were left besides the one taken, 0 when there was
+    /// none to take (`spares::Keeper::claimed`); `None`: none was looked
+    /// for (Citus, or the retry after a refused spare).
     pub spares_left: Option<i64>,
 }
 
@@ -304,9 +305,11 @@ pub async fn provision_in(
             RoleFrom::Spare => spares::claim(&**tx).await?,
             RoleFrom::Now => None,
         };
-        match claimed {
-            Some((role, left)) => (role, false, Some(left)),
-            None => (installation.id.anonymous_tenant_role(), true, None),
+        match (claimed, role_from) {
+            (Some((role, left)), _) => (role, false, Some(left)),
+            // None left: the stock wants making again.
+            (None, RoleFrom::Spare) => (installation.id.anonymous_tenant_role(), true, Some(0)),
+            (None, RoleFrom::Now) => (installation.id.anonymous_tenant_role(), true, None),
         }
     };
     let version = templates

@@ -164,7 +164,10 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     let mut users = vec!["elder".to_string()];
     let elder = then.token("elder").await;
     add_rows(&then, &elder, "elder").await;
-    let app = spawn_app_on(test_settings(&db), db.clone()).await;
+    // With spare roles (made ahead of signups), which the backup carries.
+    let mut now = test_settings(&db);
+    now.spare_roles = 8;
+    let app = spawn_app_on(now, db.clone()).await;
     users.extend((1..TENANTS).map(|i| format!("tenant{i:02}")));
     futures::future::join_all(users[1..].iter().map(|user| {
         let app = &app;
@@ -178,6 +181,26 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     for user in &users {
         rows.push(experiences(&app, &app.access_token(user).await).await);
     }
+    // The stock the backup will hold: at half or more (a refill done), and
+    // read while no refill runs (its lock taken), so no other comes.
+    until("the spares are made again", || async {
+        app.spare_roles().await.len() >= 4
+    })
+    .await;
+    let stock = {
+        let mut admin = app.db().await;
+        let quiet = admin.transaction().await.unwrap();
+        quiet
+            .execute(
+                "SELECT pg_advisory_xact_lock($1, 0)",
+                &[&tenantry::tenancy::spares::REFILL_LOCK_CLASS],
+            )
+            .await
+            .unwrap();
+        let stock = app.spare_roles().await;
+        quiet.commit().await.unwrap();
+        stock
+    };
     let anchors = test_settings(&db).audit_anchor_file;
     let env = with(cli_env(&db), "TENANTRY_AUDIT_ANCHOR_FILE", &anchors);
     let out = tenantry(&["audit", "anchor"], &env, None).await;
@@ -261,6 +284,42 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     )
     .await;
     assert_eq!(me["tenant"]["template_version"], older);
+
+    // The spares came back as spares: roles in the group, the service a
+    // member, and a signup on the restored installation takes one.
+    let new_db = cluster.connect("postgres", "tenantry").await;
+    let spares: Vec<String> = new_db
+        .query("SELECT role_name FROM tenantry.spare_roles", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut spares = spares;
+    spares.sort();
+    assert_eq!(spares, stock, "the backup's spares");
+    let usable: i64 = new_db
+        .query_one(
+            "SELECT count(*) FROM tenantry.spare_roles s, tenantry.installation i
+             WHERE pg_has_role(s.role_name, 'tnt_' || i.id || '__tenants', 'MEMBER')
+               AND pg_has_role($1, s.role_name, 'MEMBER')",
+            &[&service_role(&db)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(usable, spares.len() as i64);
+    let late = restored.token("latecomer").await;
+    let role: String = new_db
+        .query_one(
+            "SELECT role_name FROM tenantry.tenants WHERE username = 'latecomer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(spares.contains(&role), "{role} was a restored spare");
+    assert_eq!(experiences(&restored, &late).await["items"], json!([]));
 }
 
 #[tokio::test]

@@ -447,3 +447,24 @@ async fn signups_across_many_refills_all_succeed_each_on_its_own_role() {
     );
     assert_eq!(app.stray_role_count().await, 0);
 }
+
+#[tokio::test]
+async fn a_signup_that_finds_no_spare_makes_its_role_and_the_stock_is_made_again() {
+    let app = spawn_app_with(|s| s.spare_roles = 2).await;
+    let taken = app.spare_roles().await;
+    assert_eq!(taken.len(), 2);
+    // Taken by others (another process's signups, say): none is left.
+    app.db()
+        .await
+        .batch_execute("DELETE FROM tenantry.spare_roles")
+        .await
+        .unwrap();
+    app.token("ada").await;
+    let role = app.role_of("ada").await;
+    assert!(!taken.contains(&role), "made in the signup's transaction");
+    until("the empty stock is made again", || async {
+        app.spare_roles().await.len() == 2
+    })
+    .await;
+    assert!(app.spare_roles().await.iter().all(|r| !taken.contains(r)));
+}
