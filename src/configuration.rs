@@ -307,7 +307,7 @@ impl Settings {
             other => other.map(SecretString),
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
-        let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 100_000)? as usize;
+        let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 10_000)? as usize;
         let extra_connections = number(
             "TENANTRY_EXTRA_CONNECTIONS",
             export_concurrency as u32 + 12,

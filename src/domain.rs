@@ -205,8 +205,7 @@ impl InstallationId {
     /// 16 random hex digits (the double underscore keeps it apart from
     /// every username's role, `t` from the group).
     pub fn anonymous_tenant_role(&self) -> RoleName {
-        let tag = uuid::Uuid::new_v4().simple().to_string();
-        RoleName(format!("tnt_{}__t{}", self.0, &tag[..16]))
+        RoleName(format!("tnt_{}__t{:016x}", self.0, rand::random::<u64>()))
     }
 
     /// `tnt_<id>__tenants`: the double underscore keeps it apart from every
@@ -221,7 +220,12 @@ impl RoleName {
     /// Re-validate a tenant role name read from the registry or the catalog:
     /// `tnt_<installation id>__t<16 hex>` or `tnt_<installation id>_<valid username>`.
     pub fn parse(raw: &str) -> Result<RoleName, ValidationError> {
-        let invalid = || ValidationError::new("role", "must be tnt_<installation>_<username>");
+        let invalid = || {
+            ValidationError::new(
+                "role",
+                "must be tnt_<installation>__t<16 hex> or tnt_<installation>_<username>",
+            )
+        };
         let rest = raw.strip_prefix("tnt_").ok_or_else(invalid)?;
         let (id, name) = rest.split_at_checked(8).ok_or_else(invalid)?;
         let name = name.strip_prefix('_').ok_or_else(invalid)?;

@@ -274,8 +274,8 @@ impl Connector {
                     attempt += 1;
                     let pause = BACKLOG_FIRST_PAUSE
                         .saturating_mul(1 << (attempt - 1).min(10))
-                        .min(BACKLOG_MAX_PAUSE)
-                        .mul_f64(rand::random_range(0.5..1.5));
+                        .mul_f64(rand::random_range(0.5..1.5))
+                        .min(BACKLOG_MAX_PAUSE);
                     if started.elapsed() + pause > BACKLOG_RETRY_FOR {
                         return Err(e);
                     }

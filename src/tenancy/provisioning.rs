@@ -61,11 +61,12 @@ impl ProvisionError {
             if e.code().map(|c| c.code()) == Some(publication::NEWER_PUBLISHED))
     }
 
-    /// `SET ROLE` to the tenant's role was refused (SQLSTATE 42501).
+    /// A template step was refused a privilege (SQLSTATE 42501): first of
+    /// all `SET ROLE` to the tenant's role, which rides with the first
+    /// template. (Not the message text: it is in the server's language.)
     pub fn role_refused(&self) -> bool {
         matches!(self, ProvisionError::Template { source, .. }
-            if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE)
-                && source.as_db_error().is_some_and(|d| d.message().contains("set role")))
+            if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE))
     }
 
     /// The conflict for a name or email found taken.
@@ -214,7 +215,7 @@ pub async fn provision(
 ) -> Result<Provisioned, ProvisionError> {
     // Round trips are most of what this path adds to the DDL itself, so
     // everything between BEGIN and COMMIT goes out as one pipeline (see
-    // `db::pipeline`): three round trips in all.
+    // `db::pipeline`) after the spare is taken: four round trips in all.
     let started = std::time::Instant::now();
     let reservation = Reservation::take(client, installation, &account.username).await?;
     let made = async {
@@ -237,7 +238,7 @@ pub async fn provision(
                     tx.commit().await?;
                     return Ok::<_, ProvisionError>(provisioned);
                 }
-                Err(e) if role_from == RoleFrom::Spare && e.role_refused() => {
+                Err(e) if role_from == RoleFrom::Spare && !installation.citus && e.role_refused() => {
                     // This session may not act as the spare it took: not a
                     // member of it (a stock damaged by hand), or a session
                     // whose cache of its memberships missed the spare's
