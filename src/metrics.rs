@@ -9,6 +9,7 @@
 //!   `timeout`);
 //! - `tenantry_db_connect_retries_total`: connects tried again because the
 //!   server's listen queue was full (`db::Connector`);
+//! - `tenantry_membership_resets_total`: `routing::MEND`s sent;
 //! - `tenantry_clients_cut_off_total`: connections ended because the client
 //!   stopped reading (`transport::Stalling`);
 //! - `tenantry_exports_total{outcome}` (`completed`, `cut_off`, `refused_busy`, …) and the
@@ -129,6 +130,11 @@ fn describe_and_register() {
     );
     metrics::counter!("tenantry_db_connect_retries_total").absolute(0);
     describe_counter!(
+        "tenantry_membership_resets_total",
+        "times a routed request was refused its tenant's role and every session's cached role memberships were reset (at most one per 10 s)"
+    );
+    metrics::counter!("tenantry_membership_resets_total").absolute(0);
+    describe_counter!(
         "tenantry_mail_sent_total",
         "mails delivered by this process"
     );
@@ -166,6 +172,12 @@ fn describe_and_register() {
 /// Count a database error by kind.
 pub fn database_error(kind: &'static str) {
     metrics::counter!("tenantry_database_errors_total", "kind" => kind).increment(1);
+}
+
+/// A routed request was refused its tenant's role and the sessions'
+/// role memberships were reset (`routing::MEND`).
+pub fn memberships_mended() {
+    metrics::counter!("tenantry_membership_resets_total").increment(1);
 }
 
 /// A connect met a full listen queue and is tried again.

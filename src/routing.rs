@@ -54,6 +54,44 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
 const ENTER_LOCK: &str =
     "SELECT pg_catalog.pg_advisory_xact_lock_shared($2, pg_catalog.hashtext($1::text))";
 
+/// A change to a role that changes nothing (the tenants' group keeps
+/// `INHERIT`): PostgreSQL resets every session's cached role memberships
+/// on any change to a role. What mends a session whose list missed a batch
+/// of spare roles (`tenancy::spares`; `scripts/repro-membership-race`).
+/// The name is the installation's group, quoted by `format('%I')`.
+pub const MEND: &str = "DO $$ BEGIN EXECUTE pg_catalog.format('ALTER ROLE %I INHERIT', \
+    (SELECT 'tnt_' || id || '__tenants' FROM tenantry.installation)); END $$";
+
+/// At most one [`MEND`] per this long in a process: a role refused for
+/// good (its membership revoked by hand) must not make every request reset
+/// every session's cache, which costs each of them a rebuild.
+pub const MEND_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+static LAST_MEND: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+/// Send [`MEND`] (unless one went out within [`MEND_EVERY`]) after `refused`.
+async fn mend(pool: &(impl TenantPool + Sync), user: Uuid, refused: &tokio_postgres::Error) {
+    {
+        let mut last = LAST_MEND.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < MEND_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    tracing::warn!(error = %refused, "the tenant's role was refused: resetting the sessions' role memberships");
+    crate::metrics::memberships_mended();
+    match pool.get_for_tenant(user).await {
+        Ok(client) => {
+            if let Err(e) = client.batch_execute(MEND).await {
+                tracing::warn!(error = %e, "resetting the sessions' role memberships failed");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no connection to reset the sessions' role memberships")
+        }
+    }
+}
+
 /// The SQLSTATE of `tenantry.refuse_suspended()` (V15).
 const SUSPENDED: &str = "TS403";
 
@@ -77,6 +115,12 @@ pub enum RoutingError {
     Suspended,
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] PoolError),
+    /// `SET ROLE` to the tenant's role was refused (SQLSTATE 42501): this
+    /// session's cached role memberships may have missed a batch of spare
+    /// roles (a PostgreSQL race, see `tenancy::spares`). Tried once more
+    /// after [`mend`]; a 500 if it persists.
+    #[error("the tenant's role was refused: {0}")]
+    RoleRefused(tokio_postgres::Error),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
 }
@@ -91,6 +135,9 @@ impl RoutingError {
                 RoutingError::NoTenant
             }
             Some(code) if code.code() == SUSPENDED => RoutingError::Suspended,
+            Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+                RoutingError::RoleRefused(e)
+            }
             _ => e.into(),
         }
     }
@@ -139,6 +186,20 @@ impl TenantTx {
     /// the first time a connection routes, to prepare the statement).
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn begin(
+        pool: &(impl TenantPool + Sync),
+        caller: Caller,
+        access: Access,
+    ) -> Result<TenantTx, RoutingError> {
+        match Self::enter(pool, caller, access).await {
+            Err(RoutingError::RoleRefused(e)) => {
+                mend(pool, caller.user_id, &e).await;
+                Self::enter(pool, caller, access).await
+            }
+            entered => entered,
+        }
+    }
+
+    async fn enter(
         pool: &(impl TenantPool + Sync),
         caller: Caller,
         access: Access,
@@ -197,6 +258,22 @@ impl TenantTx {
     /// round trip, once per connection.
     #[tracing::instrument(name = "route", skip_all, fields(user = %caller.user_id))]
     pub async fn once(
+        pool: &(impl TenantPool + Sync),
+        caller: Caller,
+        access: Access,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, RoutingError> {
+        match Self::once_entered(pool, caller, access, sql, params).await {
+            Err(RoutingError::RoleRefused(e)) => {
+                mend(pool, caller.user_id, &e).await;
+                Self::once_entered(pool, caller, access, sql, params).await
+            }
+            done => done,
+        }
+    }
+
+    async fn once_entered(
         pool: &(impl TenantPool + Sync),
         caller: Caller,
         access: Access,

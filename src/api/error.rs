@@ -239,7 +239,7 @@ impl From<RoutingError> for ApiError {
             RoutingError::NoTenant => ApiError::Unauthorized,
             RoutingError::Suspended => ApiError::AccountSuspended,
             RoutingError::Pool(e) => e.into(),
-            RoutingError::Postgres(e) => e.into(),
+            RoutingError::Postgres(e) | RoutingError::RoleRefused(e) => e.into(),
         }
     }
 }

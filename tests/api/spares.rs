@@ -468,3 +468,71 @@ async fn a_signup_that_finds_no_spare_makes_its_role_and_the_stock_is_made_again
     .await;
     assert!(app.spare_roles().await.iter().all(|r| !taken.contains(r)));
 }
+
+/// The resets counter (`tenantry_membership_resets_total`) as rendered.
+fn membership_resets() -> f64 {
+    tenantry::metrics::handle()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix("tenantry_membership_resets_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+/// A request refused its tenant's role (what a session whose cached
+/// memberships missed a batch of spares does; here the membership is
+/// revoked for real) resets every session's memberships with a change to a
+/// role that changes nothing, at most once per 10 s, tries once more and
+/// fails with a plain 500.
+#[tokio::test]
+async fn a_request_refused_its_tenants_role_resets_the_sessions_memberships_at_most_every_ten_seconds(
+) {
+    let app = spawn_app().await;
+    let token = app.token("rita").await;
+    let role = app.role_of("rita").await;
+    let group_row = || async {
+        app.db()
+            .await
+            .query_one(
+                "SELECT a.xmin::text FROM pg_authid a, tenantry.installation i
+                 WHERE a.rolname = 'tnt_' || i.id || '__tenants'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let read = || async {
+        app.call(Method::GET, "/api/experiences", &token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(read().await, 200);
+    let svc = service_role(&app.db_name);
+    app.db()
+        .await
+        .batch_execute(&format!("REVOKE \"{role}\" FROM \"{svc}\""))
+        .await
+        .unwrap();
+    let (resets, group) = (membership_resets(), group_row().await);
+    assert_eq!(read().await, 500);
+    assert_eq!(membership_resets(), resets + 1.0);
+    assert_ne!(
+        group_row().await,
+        group,
+        "the group's row was written again"
+    );
+    let group = group_row().await;
+    assert_eq!(read().await, 500);
+    assert_eq!(membership_resets(), resets + 1.0, "not again within 10 s");
+    assert_eq!(group_row().await, group);
+    app.db()
+        .await
+        .batch_execute(&format!("GRANT \"{role}\" TO \"{svc}\""))
+        .await
+        .unwrap();
+    assert_eq!(read().await, 200);
+}
