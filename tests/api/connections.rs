@@ -342,6 +342,37 @@ async fn a_full_listen_queue_is_waited_out_and_a_missing_server_is_not() {
     drop(queued);
     assert_eq!(connecting.await.unwrap().expect("connected"), 1);
 
+    // A queue that stays full: the connector gives up (an error, not a
+    // hang), having tried more than once.
+    let full = temp_dir("tenantry-backlog-full");
+    let socket = full.join(format!(".s.PGSQL.{port}"));
+    let listener = tokio::net::UnixSocket::new_stream().unwrap();
+    listener.bind(&socket).unwrap();
+    let _listener = listener.listen(1).unwrap();
+    let mut held = Vec::new();
+    while let Ok(stream) = tokio::net::UnixStream::connect(&socket).await {
+        held.push(stream);
+        assert!(held.len() < 64, "the listen queue never filled");
+    }
+    let config: tokio_postgres::Config = format!(
+        "host={} port={port} user=nobody dbname=nothing",
+        full.display()
+    )
+    .parse()
+    .unwrap();
+    let retries = connect_retries();
+    let given_up = tokio::time::timeout(
+        Duration::from_secs(30),
+        tenantry::db::Connector::plain(config).connect(tenantry::db::Dedicated::Command),
+    )
+    .await
+    .expect("the connector gave up");
+    assert!(given_up.is_err());
+    assert!(
+        connect_retries() >= retries + 2.0,
+        "tried again, more than once"
+    );
+
     // No server at all: an error at once, no pause.
     let gone = temp_dir("tenantry-no-server");
     let config: tokio_postgres::Config = format!(

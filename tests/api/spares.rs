@@ -445,6 +445,19 @@ async fn signups_across_many_refills_all_succeed_each_on_its_own_role() {
             .await,
         200
     );
+    // Most roles came from batches: the transactions that wrote the
+    // tenants' roles are far fewer than the tenants (a role made in its
+    // signup has a transaction of its own).
+    let writers = app
+        .count(
+            "SELECT count(DISTINCT a.xmin::text) FROM pg_authid a
+             JOIN tenantry.tenants t ON t.role_name = a.rolname",
+        )
+        .await;
+    assert!(
+        writers < 100,
+        "{writers} transactions wrote 200 tenant roles"
+    );
     assert_eq!(app.stray_role_count().await, 0);
 }
 
