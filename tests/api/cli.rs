@@ -27,7 +27,7 @@ async fn tenants_can_be_created_listed_and_shown_from_the_cli() {
     assert_eq!(list[0]["schema"], "tenant_nina");
     assert_eq!(list[0]["template_version"], latest_version());
     assert_eq!(list[0]["status"], "active");
-    assert_eq!(list[0]["role"], app_role(&db, "nina").await);
+    assert_eq!(list[0]["role"], role_in(&db, "nina").await);
 
     let out = tenantry(&["tenants", "show", "nina", "--json"], &env, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -175,78 +175,22 @@ async fn a_provisioning_killed_mid_transaction_leaves_nothing_behind() {
     let db = create_database().await;
     // V2 sleeps, so the process can be killed while the tenant's role,
     // schema and V1 tables exist inside its open transaction.
-    let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
-    let mut env = cli_env(&db);
-    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
-    // Published first: publishing builds a tenant from nothing, which sleeps
-    // too, and the transaction to kill is quinn's.
-    let published = tenantry(&["templates", "publish"], &env, None).await;
-    assert!(published.status.success(), "{}", stderr(&published));
+    let (env, _) = slow_signup_env(&db).await;
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(["tenants", "create", "quinn", "--email", "quinn@example.com"])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
-        .env("BCRYPT_COST", "4")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
-        drop(stdin);
-    }
+    let mut child = spawn_tenants_create(&env, "quinn").await;
     let admin = connect(&db).await;
-    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()";
-    let mut seen = false;
-    for _ in 0..200 {
-        if admin
-            .query_one(sleeping, &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            > 0
-        {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(seen, "provisioning never reached the slow template");
+    let backend = sleeping_backend(&admin)
+        .await
+        .expect("provisioning reached the slow template");
     child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
 
     // The server notices the vanished client and rolls back: wait until the
     // killed client's backend is gone (until then its transaction is open,
     // and invisible, so counting now would prove nothing).
-    let backend: i32 = admin
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-             AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0);
-    let mut gone = false;
-    for _ in 0..400 {
-        let alive: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&backend],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if alive == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(gone, "the killed client's backend ended");
+    assert!(
+        backend_ended(&admin, backend).await,
+        "the killed client's backend ended"
+    );
     // Users, head starts (Citus), quinn's schema and the installation's
     // tenant roles (quinn's is the only one there could be).
     let leftovers = || async {
@@ -314,19 +258,6 @@ async fn invalid_settings_exit_2_naming_the_variable() {
         );
         assert!(stderr(&out).contains(name), "{name}: {}", stderr(&out));
     }
-}
-
-/// `username`'s tenant role, from the registry.
-async fn app_role(db: &str, username: &str) -> String {
-    connect(db)
-        .await
-        .query_one(
-            "SELECT role_name FROM tenantry.tenants WHERE username = $1",
-            &[&username],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// Sessions of this database waiting for an advisory lock.

@@ -619,15 +619,7 @@ impl TestApp {
 
     /// `username`'s tenant role, from the registry.
     pub async fn role_of(&self, username: &str) -> String {
-        self.db()
-            .await
-            .query_one(
-                "SELECT role_name FROM tenantry.tenants WHERE username = $1",
-                &[&username],
-            )
-            .await
-            .unwrap()
-            .get(0)
+        role_in(&self.db_name, username).await
     }
 
     /// The spare tenant roles (`tenancy::spares`), sorted.
@@ -645,6 +637,19 @@ impl TestApp {
     pub async fn user_count(&self) -> i64 {
         self.count("SELECT count(*) FROM tenantry.users").await
     }
+}
+
+/// `username`'s tenant role in database `db_name`, from the registry.
+pub async fn role_in(db_name: &str, username: &str) -> String {
+    connect(db_name)
+        .await
+        .query_one(
+            "SELECT role_name FROM tenantry.tenants WHERE username = $1",
+            &[&username],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Users, tenant registry rows and tenant schemas in `client`'s database.
@@ -701,6 +706,80 @@ pub async fn tenantry(
         }
     }
     child.wait_with_output().await.expect("run tenantry")
+}
+
+/// The CLI's environment for `db_name` with templates whose V2 sleeps 2 s,
+/// published (publishing builds a tenant from nothing, which sleeps too):
+/// a signup then stays inside its transaction long enough to be killed
+/// there, its role, schema and V1 tables made.
+pub async fn slow_signup_env(db_name: &str) -> (Vec<(&'static str, String)>, PathBuf) {
+    let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
+    let mut env = cli_env(db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    let published = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    (env, templates)
+}
+
+/// `tenantry tenants create NAME` as a process of its own, the password
+/// on its stdin: for a test that kills it mid-signup.
+pub async fn spawn_tenants_create(env: &[(&str, String)], name: &str) -> tokio::process::Child {
+    let email = format!("{name}@example.com");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .args(["tenants", "create", name, "--email", &email])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+        .env("BCRYPT_COST", "4")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
+    drop(stdin);
+    child
+}
+
+/// The backend of `admin`'s database that runs `pg_sleep(2)` (a slow
+/// template), once one does (5 s at most).
+pub async fn sleeping_backend(admin: &tokio_postgres::Client) -> Option<i32> {
+    for _ in 0..200 {
+        if let Some(row) = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                 AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            return Some(row.get(0));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// Whether backend `pid` has ended (waiting 10 s at most): a killed
+/// client's transaction stays open, and invisible, until then.
+pub async fn backend_ended(admin: &tokio_postgres::Client, pid: i32) -> bool {
+    for _ in 0..400 {
+        let alive: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if alive == 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    false
 }
 
 /// The environment for the CLI against a test database.

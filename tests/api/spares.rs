@@ -9,6 +9,17 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
+/// A skill for `token`'s tenant (201).
+async fn add_skill(app: &TestApp, token: &str) {
+    let created = app
+        .call(Method::POST, "/api/skills", token)
+        .json(&json!({"name": "SQL", "level": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+}
+
 /// Every row of `pg_authid` and `pg_auth_members` that involves a role of
 /// the installation, with the transaction that wrote it (`xmin`): equal
 /// before and after only if nothing made, changed or granted a role.
@@ -120,11 +131,7 @@ async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
     let db = create_database().await;
     // V2 sleeps, so the process can be killed while the tenant's schema and
     // V1 tables exist inside its open transaction, its spare taken.
-    let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
-    let mut env = cli_env(&db);
-    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
-    let published = tenantry(&["templates", "publish"], &env, None).await;
-    assert!(published.status.success(), "{}", stderr(&published));
+    let (env, templates) = slow_signup_env(&db).await;
     let mut settings = test_settings(&db);
     settings.templates_dir = Some(templates.clone());
     settings.spare_roles = 2;
@@ -133,34 +140,11 @@ async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
     assert_eq!(spares.len(), 2);
     let before = role_rows(&app).await;
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .args(["tenants", "create", "quinn", "--email", "quinn@example.com"])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.clone())))
-        .env("BCRYPT_COST", "4")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(PASSWORD.as_bytes()).await.unwrap();
-        drop(stdin);
-    }
+    let mut child = spawn_tenants_create(&env, "quinn").await;
     let admin = connect(&db).await;
-    let sleeping = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-                    AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()";
-    let mut backend = None;
-    for _ in 0..200 {
-        if let Some(row) = admin.query_opt(sleeping, &[]).await.unwrap() {
-            backend = Some(row.get::<_, i32>(0));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    let backend = backend.expect("provisioning reached the slow template");
+    let backend = sleeping_backend(&admin)
+        .await
+        .expect("provisioning reached the slow template");
     // The signup holds one spare: only the other can be locked now.
     let mut probe = connect(&db).await;
     let tx = probe.transaction().await.unwrap();
@@ -177,23 +161,10 @@ async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
     child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
 
     // The server notices the vanished client and rolls back.
-    let mut gone = false;
-    for _ in 0..400 {
-        let alive: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&backend],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if alive == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(gone, "the killed client's backend ended");
+    assert!(
+        backend_ended(&admin, backend).await,
+        "the killed client's backend ended"
+    );
     assert_eq!(app.spare_roles().await, spares, "both spares are spares");
     assert_eq!(role_rows(&app).await, before, "no role was made or changed");
     assert_eq!(app.tenant_counts().await, (0, 0, 0));
@@ -293,13 +264,7 @@ async fn a_tenant_on_a_spare_is_erased_exported_imported_and_checked_like_any() 
     let spares = app.spare_roles().await;
     let signup = json(app.register("nora").await).await;
     let token = signup["access_token"].as_str().unwrap().to_owned();
-    let created = app
-        .call(Method::POST, "/api/skills", &token)
-        .json(&json!({"name": "SQL", "level": 4}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    add_skill(&app, &token).await;
     let first_role = app.role_of("nora").await;
     assert!(spares.contains(&first_role));
 
@@ -381,13 +346,7 @@ async fn a_spare_the_service_cannot_act_as_is_passed_over_and_taken_out() {
         good,
         "the bad spare is out of the stock"
     );
-    let created = app
-        .call(Method::POST, "/api/skills", &token)
-        .json(&json!({"name": "SQL", "level": 4}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
+    add_skill(&app, &token).await;
     // Left for `fleet check --repair`, like any role no tenant names.
     assert_eq!(app.stray_role_count().await, 1);
     let out = tenantry(
