@@ -19,7 +19,8 @@
 //!   `tenantry_fleet_run_tenants{run,state}` (planned, succeeded, failed,
 //!   skipped, pending of the latest run), `tenantry_fleet_run_running`,
 //!   `tenantry_pool_connections{state}` (max, open, idle, in_use),
-//!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead);
+//!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead),
+//!   `tenantry_spare_roles` (`tenancy::spares`);
 //! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
 //!   `tenantry_mail_dead_total` (`mail::delivery`).
 
@@ -134,6 +135,10 @@ fn describe_and_register() {
         "times a routed request was refused its tenant's role and every session's cached role memberships were reset (at most one per 10 s)"
     );
     metrics::counter!("tenantry_membership_resets_total").absolute(0);
+    describe_gauge!(
+        "tenantry_spare_roles",
+        "tenant roles made ahead of signups, not yet taken (read at scrape time)"
+    );
     describe_counter!(
         "tenantry_mail_sent_total",
         "mails delivered by this process"

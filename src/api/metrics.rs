@@ -90,7 +90,8 @@ async fn record_gauges(state: &AppState) {
             .ok()?;
         let outbox = client
             .query_one(
-                "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+                "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL),
+                        (SELECT count(*) FROM tenantry.spare_roles)
                  FROM tenantry.outbox WHERE delivered_at IS NULL",
                 &[],
             )
@@ -118,6 +119,7 @@ async fn record_gauges(state: &AppState) {
         ::metrics::gauge!("tenantry_outbox_mails", "state" => state_name)
             .set(outbox.get::<_, i64>(column) as f64);
     }
+    ::metrics::gauge!("tenantry_spare_roles").set(outbox.get::<_, i64>(2) as f64);
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);

@@ -66,6 +66,11 @@ async fn serve_keeps_spare_roles_and_a_signup_takes_one_changing_no_role() {
     assert!(spares.contains(&role), "{role} was a spare");
     let left = app.spare_roles().await;
     assert_eq!(left.len(), 3);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "tenantry_spare_roles 3"),
+        "{metrics}"
+    );
     assert!(!left.contains(&role));
     assert_eq!(
         role_rows(&app).await,
