@@ -190,15 +190,17 @@ pub struct RateLimits {
 /// one request every `$2` milliseconds up to `$3`. A row (the bucket's
 /// theoretical arrival time less now, in microseconds, after the take)
 /// when taken; none when refused, which changes nothing ([`SHARED_AHEAD`]
-/// then says for how long).
+/// then says for how long). "Now" is `clock_timestamp()`, read once the
+/// row is ours: `now()` is when the statement began, and a take that began
+/// before the one it then waited for would count as early and be refused.
 pub const SHARED_TAKE: &str = "
 INSERT INTO tenantry.rate_limits AS r (bucket, tat)
-VALUES ($1, now() + $2 * interval '1 millisecond')
+VALUES ($1, clock_timestamp() + $2 * interval '1 millisecond')
 ON CONFLICT (bucket) DO UPDATE
-   SET tat = greatest(r.tat, now()) + $2 * interval '1 millisecond'
- WHERE greatest(r.tat, now()) + $2 * interval '1 millisecond'
-       <= now() + $3 * $2 * interval '1 millisecond'
-RETURNING (extract(epoch FROM tat - now()) * 1000000)::int8";
+   SET tat = greatest(r.tat, clock_timestamp()) + $2 * interval '1 millisecond'
+ WHERE greatest(r.tat, clock_timestamp()) + $2 * interval '1 millisecond'
+       <= clock_timestamp() + $3 * $2 * interval '1 millisecond'
+RETURNING (extract(epoch FROM tat - clock_timestamp()) * 1000000)::int8";
 
 /// A refused bucket's arrival time less now, in microseconds (a statement
 /// of its own: it sees what the refusing take saw committed).

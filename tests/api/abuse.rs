@@ -513,6 +513,74 @@ async fn the_shared_take_allows_exactly_its_burst_under_concurrency() {
     assert_eq!(tat().await, before);
 }
 
+/// A take that waited for the bucket's row counts from when it got the row:
+/// one whose statement began before the take it waited for is the second
+/// of a burst of two, not early (a concurrent anonymous pair got one 429
+/// too many). Forced: the test holds the row, a take waits on it, and the
+/// test then records a take made just now, as a concurrent one would.
+#[tokio::test]
+async fn a_take_that_waited_for_the_bucket_counts_from_when_it_got_it() {
+    let app = spawn_app().await;
+    let admin = app.db().await;
+    admin
+        .execute(
+            "INSERT INTO tenantry.rate_limits (bucket, tat) VALUES ('test:late', now() - interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut holder = app.db().await;
+    let held = holder.transaction().await.unwrap();
+    held.execute(
+        "SELECT 1 FROM tenantry.rate_limits WHERE bucket = 'test:late' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let session = connect_as_service(&app.db_name).await;
+    let waiting = tokio::spawn(async move {
+        session
+            .query_opt(
+                tenantry::api::middleware::SHARED_TAKE,
+                &[&"test:late", &30_000.0f64, &2.0f64],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    });
+    let mut blocked = false;
+    for _ in 0..400 {
+        let waiters = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tenantry.rate_limits%'
+                   AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if waiters == 1 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(blocked, "the take waits on the bucket's row");
+    held.execute(
+        "UPDATE tenantry.rate_limits SET tat = clock_timestamp() + interval '30 seconds'
+         WHERE bucket = 'test:late'",
+        &[],
+    )
+    .await
+    .unwrap();
+    held.commit().await.unwrap();
+    assert!(
+        waiting.await.unwrap(),
+        "the second of a burst of two is taken"
+    );
+}
+
 /// The headers of the shared count for a limit whose interval is not a
 /// whole number of milliseconds (60 s / 9): the first request leaves 8.
 #[tokio::test]
