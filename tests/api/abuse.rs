@@ -522,17 +522,11 @@ async fn the_shared_take_allows_exactly_its_burst_under_concurrency() {
 async fn a_take_that_waited_for_the_bucket_counts_from_when_it_got_it() {
     let app = spawn_app().await;
     let admin = app.db().await;
-    admin
-        .execute(
-            "INSERT INTO tenantry.rate_limits (bucket, tat) VALUES ('test:late', now() - interval '1 hour')",
-            &[],
-        )
-        .await
-        .unwrap();
+    // Another take's first insert of the bucket, not committed yet.
     let mut holder = app.db().await;
     let held = holder.transaction().await.unwrap();
     held.execute(
-        "SELECT 1 FROM tenantry.rate_limits WHERE bucket = 'test:late' FOR UPDATE",
+        "INSERT INTO tenantry.rate_limits (bucket, tat) VALUES ('test:late', now() - interval '1 hour')",
         &[],
     )
     .await
@@ -548,25 +542,21 @@ async fn a_take_that_waited_for_the_bucket_counts_from_when_it_got_it() {
             .unwrap()
             .is_some()
     });
-    let mut blocked = false;
-    for _ in 0..400 {
-        let waiters = admin
+    until("the take waits for the other's insert", || async {
+        admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO tenantry.rate_limits%'
-                   AND datname = current_database()",
+                 WHERE wait_event_type = 'Lock' AND state = 'active'
+                   AND query LIKE '%ON CONFLICT (bucket)%' AND datname = current_database()",
                 &[],
             )
             .await
             .unwrap()
-            .get::<_, i64>(0);
-        if waiters == 1 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(blocked, "the take waits on the bucket's row");
+            .get::<_, i64>(0)
+            >= 1
+    })
+    .await;
+    // That take is one request taken just now.
     held.execute(
         "UPDATE tenantry.rate_limits SET tat = clock_timestamp() + interval '30 seconds'
          WHERE bucket = 'test:late'",
