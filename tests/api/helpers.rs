@@ -743,43 +743,39 @@ pub async fn spawn_tenants_create(env: &[(&str, String)], name: &str) -> tokio::
 }
 
 /// The backend of `admin`'s database that runs `pg_sleep(2)` (a slow
-/// template), once one does (5 s at most).
-pub async fn sleeping_backend(admin: &tokio_postgres::Client) -> Option<i32> {
-    for _ in 0..200 {
-        if let Some(row) = admin
+/// template), once one does ([`until`]).
+pub async fn sleeping_backend(admin: &tokio_postgres::Client) -> i32 {
+    let pid = std::cell::Cell::new(0);
+    until("a backend runs the slow template", || async {
+        let row = admin
             .query_opt(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
                  AND query LIKE '%pg_sleep(2)%' AND pid <> pg_backend_pid()",
                 &[],
             )
             .await
-            .unwrap()
-        {
-            return Some(row.get(0));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    None
+            .unwrap();
+        row.map(|r| pid.set(r.get(0))).is_some()
+    })
+    .await;
+    pid.get()
 }
 
-/// Whether backend `pid` has ended (waiting 10 s at most): a killed
-/// client's transaction stays open, and invisible, until then.
-pub async fn backend_ended(admin: &tokio_postgres::Client, pid: i32) -> bool {
-    for _ in 0..400 {
-        let alive: i64 = admin
+/// Wait until backend `pid` has ended ([`until`]): a killed client's
+/// transaction stays open, and invisible, until then.
+pub async fn backend_ended(admin: &tokio_postgres::Client, pid: i32) {
+    until("the killed client's backend ends", || async {
+        admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
                 &[&pid],
             )
             .await
             .unwrap()
-            .get(0);
-        if alive == 0 {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    false
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
 }
 
 /// The environment for the CLI against a test database.
