@@ -10,8 +10,9 @@
 //!    history and registry row, one transaction per tenant as a superuser,
 //!    4 sessions; a superuser needs no membership to act as a role). The
 //!    two sides take turns which goes first. Printed: each side's rate per
-//!    block, their ratio, and the first `SET ROLE` of a new session as the
-//!    service role after the block.
+//!    block, their ratio, and the first `SET ROLE` of a new session as what
+//!    the request pool logs in as (a tenant's router, `db::routers`, or the
+//!    service without routers) after the block.
 //! 2. Each service tenant holds a quick summary; `wrk` (8 connections)
 //!    drives `GET /api/summaries/quick` for a random tenant, quiet and then
 //!    beside a stream of 2 signups/s: throughput, p50/p99, errors, their
@@ -23,7 +24,8 @@
 //! 3. With every tenant in place: a new session's first `SET ROLE` as the
 //!    service role right after a signup, its next one, and the first one of
 //!    a session that was warm before the signup (what every pooled
-//!    connection pays after each signup).
+//!    connection paid after each signup before spare roles); then a new
+//!    session's first as a tenant's router, what the pool pays now.
 //!
 //! No thresholds: the figures are for reading side by side.
 //!
@@ -186,7 +188,7 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
     );
     println!(
         "{:>8} | {:>11} {:>9} {:>12} | {:>24} {:>5}",
-        "tenants", "service /s", "raw /s", "service/raw", "first SET ROLE ms (svc)", "5xx"
+        "tenants", "service /s", "raw /s", "service/raw", "first SET ROLE ms (pool)", "5xx"
     );
     let mut first_role = None;
     let (mut svc_rates, mut raw_rates) = (Vec::new(), Vec::new());
@@ -215,8 +217,9 @@ async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
             first_role = Some(role_of(service, &username(0)).await);
         }
         let first_role = first_role.as_ref().expect("the first block's");
+        let (login, _) = pool_login(service, &username(0)).await;
         for _ in 0..3 {
-            let session = db::connect(&service.role).await.unwrap();
+            let session = db::connect(&login).await.unwrap();
             role_times.push(set_role(&session, first_role).await);
         }
         let role_ms = median_ms(&mut role_times);
@@ -398,6 +401,40 @@ async fn role_of(service: &Service, username: &Username) -> RoleName {
         .unwrap()
         .get(0);
     RoleName::parse(&name).unwrap()
+}
+
+/// What the request pool's sessions for `username`'s tenant log in as: its
+/// router (`db::routers`), or the service without routers. With the
+/// router's name, or "service".
+async fn pool_login(service: &Service, username: &Username) -> (tokio_postgres::Config, String) {
+    let admin = db::connect(&service.superuser).await.unwrap();
+    let row = admin
+        .query_one(
+            "SELECT i.id, i.routers, t.user_id FROM tenantry.installation i, tenantry.tenants t
+             WHERE t.username = $1",
+            &[&username.as_str()],
+        )
+        .await
+        .unwrap();
+    let (id, routers, user): (String, i32, uuid::Uuid) = (row.get(0), row.get(1), row.get(2));
+    let router = tenantry::db::routers::router_of(user, routers as usize) as i32;
+    let login = admin
+        .query_opt(
+            "SELECT password FROM tenantry.router_logins WHERE router = $1 AND $2 > 0",
+            &[&router, &routers],
+        )
+        .await
+        .unwrap();
+    match login {
+        Some(login) => {
+            let (name, password): (String, String) = (format!("tnt_{id}__r{router}"), login.get(0));
+            let mut config = service.role.clone();
+            config.user(&name);
+            config.password(password);
+            (config, name)
+        }
+        None => (service.role.clone(), "service".into()),
+    }
 }
 
 /// `SET ROLE role; RESET ROLE` on `session`: its time in ms.
@@ -695,7 +732,38 @@ async fn first_set_role(service: &Service) {
     );
     println!("  a new session's first   {first:>9.2} ms");
     println!("  its next                {next:>9.3} ms");
-    println!("  a warm session's first  {warm_after:>9.2} ms  (what each pooled connection pays after each signup)");
+    println!("  a warm session's first  {warm_after:>9.2} ms  (what each pooled connection paid after each signup before spares)");
+    // What the request pool's sessions log in as with router roles.
+    let (login, name) = pool_login(service, &username(0)).await;
+    if name != "service" {
+        let router_memberships: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_auth_members WHERE member = $1::text::regrole",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let mut first_router = Vec::new();
+        for round in 0..ROUNDS {
+            sign_up_surely(service, format!("later{round}")).await;
+            let fresh = db::connect(&login).await.unwrap();
+            first_router.push(set_role(&fresh, &role).await);
+        }
+        let first_router = median_ms(&mut first_router);
+        println!(
+            "SET ROLE as the tenant's router {name} ({router_memberships} memberships), what a new pooled session pays:"
+        );
+        println!("  a new session's first   {first_router:>9.2} ms");
+        record(
+            "scale-node",
+            "first SET ROLE of a new pooled session (router)",
+            "ms",
+            Better::Lower,
+            first_router,
+            ("as the service", first),
+        );
+    }
     record(
         "scale-node",
         "first SET ROLE of a new session after a signup",

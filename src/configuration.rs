@@ -50,6 +50,10 @@ pub struct Settings {
     /// signups (`tenancy::spares`), refilled below half; 0 makes each
     /// signup make its own.
     pub spare_roles: usize,
+    /// `TENANTRY_ROUTER_ROLES`: how many router roles the request pool's
+    /// connections log in as, each a member of its share of the tenant
+    /// roles (`db::routers`); 0 makes them log in as the service.
+    pub router_roles: usize,
     /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
     /// pool at most (exports, fleet runs, `/health`'s spare, the mail
     /// sender); default the export concurrency + 12.
@@ -308,6 +312,7 @@ impl Settings {
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
         let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 10_000)? as usize;
+        let router_roles = number("TENANTRY_ROUTER_ROLES", 8, 64)? as usize;
         let extra_connections = number(
             "TENANTRY_EXTRA_CONNECTIONS",
             export_concurrency as u32 + 12,
@@ -405,6 +410,7 @@ impl Settings {
             mail,
             export_concurrency,
             spare_roles,
+            router_roles,
             extra_connections,
             export_timeout,
             statement_timeout,

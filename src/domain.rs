@@ -208,6 +208,17 @@ impl InstallationId {
         RoleName(format!("tnt_{}__t{:016x}", self.0, rand::random::<u64>()))
     }
 
+    /// Router `k` (`db::routers`): `tnt_<id>__r<k>`, apart from every tenant
+    /// role and the group by its double underscore and `r`.
+    pub fn router_role(&self, k: usize) -> RoleName {
+        RoleName(format!("tnt_{}__r{k}", self.0))
+    }
+
+    /// What every router's name starts with.
+    pub fn router_prefix(&self) -> String {
+        format!("tnt_{}__r", self.0)
+    }
+
     /// `tnt_<id>__tenants`: the double underscore keeps it apart from every
     /// tenant role (usernames never contain `__`), also from the role of a
     /// user named `tenants`.

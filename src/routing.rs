@@ -80,7 +80,8 @@ async fn mend(pool: &(impl TenantPool + Sync), user: Uuid, refused: &tokio_postg
     }
     tracing::warn!(error = %refused, "the tenant's role was refused: resetting the sessions' role memberships");
     crate::metrics::memberships_mended();
-    match pool.get_for_tenant(user).await {
+    // As the service: a router may not alter a role.
+    match pool.get_as_service(user).await {
         Ok(client) => {
             if let Err(e) = client.batch_execute(MEND).await {
                 tracing::warn!(error = %e, "resetting the sessions' role memberships failed");
@@ -88,6 +89,48 @@ async fn mend(pool: &(impl TenantPool + Sync), user: Uuid, refused: &tokio_postg
         }
         Err(e) => {
             tracing::warn!(error = %e, "no connection to reset the sessions' role memberships")
+        }
+    }
+}
+
+/// Which connection a routed transaction enters on, and how it tries
+/// again when the tenant's role is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The tenant's own shard (with router roles, its router's).
+    Router,
+    /// With router roles, after the router was refused the tenant's role:
+    /// one of the service's own connections (the service is a member of
+    /// every tenant role), so a router that lacks a membership (handed
+    /// over by the next `serve`) still serves.
+    Service,
+    /// After [`mend`]: once more, the last try.
+    Mended,
+}
+
+impl Via {
+    /// The next try after a refusal, if any: through the service when the
+    /// pool has routers, then once after mending the sessions' lists.
+    fn after_refusal(self, pool: &impl TenantPool) -> Option<Via> {
+        match self {
+            Via::Router if pool.routed() => Some(Via::Service),
+            Via::Router | Via::Service => Some(Via::Mended),
+            Via::Mended => None,
+        }
+    }
+
+    fn mends(self) -> bool {
+        self == Via::Mended
+    }
+
+    async fn checkout(
+        self,
+        pool: &(impl TenantPool + Sync),
+        user: Uuid,
+    ) -> Result<Object, PoolError> {
+        match self {
+            Via::Router => pool.get_for_tenant(user).await,
+            Via::Service | Via::Mended => pool.get_as_service(user).await,
         }
     }
 }
@@ -190,12 +233,20 @@ impl TenantTx {
         caller: Caller,
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
-        match Self::enter(pool, caller, access).await {
-            Err(RoutingError::RoleRefused(e)) => {
-                mend(pool, caller.user_id, &e).await;
-                Self::enter(pool, caller, access).await
+        let mut via = Via::Router;
+        loop {
+            match Self::enter(pool, caller, access, via).await {
+                Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
+                    Some(next) => {
+                        if next.mends() {
+                            mend(pool, caller.user_id, &e).await;
+                        }
+                        via = next;
+                    }
+                    None => return Err(RoutingError::RoleRefused(e)),
+                },
+                entered => return entered,
             }
-            entered => entered,
         }
     }
 
@@ -203,8 +254,9 @@ impl TenantTx {
         pool: &(impl TenantPool + Sync),
         caller: Caller,
         access: Access,
+        via: Via,
     ) -> Result<TenantTx, RoutingError> {
-        let client = pool.get_for_tenant(caller.user_id).await?;
+        let client = via.checkout(pool, caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {
@@ -264,12 +316,20 @@ impl TenantTx {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, RoutingError> {
-        match Self::once_entered(pool, caller, access, sql, params).await {
-            Err(RoutingError::RoleRefused(e)) => {
-                mend(pool, caller.user_id, &e).await;
-                Self::once_entered(pool, caller, access, sql, params).await
+        let mut via = Via::Router;
+        loop {
+            match Self::once_entered(pool, caller, access, sql, params, via).await {
+                Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
+                    Some(next) => {
+                        if next.mends() {
+                            mend(pool, caller.user_id, &e).await;
+                        }
+                        via = next;
+                    }
+                    None => return Err(RoutingError::RoleRefused(e)),
+                },
+                done => return done,
             }
-            done => done,
         }
     }
 
@@ -279,8 +339,9 @@ impl TenantTx {
         access: Access,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
+        via: Via,
     ) -> Result<Vec<Row>, RoutingError> {
-        let client = pool.get_for_tenant(caller.user_id).await?;
+        let client = via.checkout(pool, caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
         let enter = client.prepare_cached(ENTER).await?;
         let mut guard = TenantTx {

@@ -55,6 +55,66 @@ pub struct Context {
 }
 
 impl Context {
+    /// `serve`'s request pool with `TENANTRY_ROUTER_ROLES` router roles
+    /// (`db::routers`): made and handed their tenants first, each login
+    /// tried. Without them (none configured, Citus, or a router that cannot
+    /// log in or be made: said in the log), the pool as opened.
+    async fn with_routers(&mut self, settings: &Settings) -> Result<db::RequestPool, StartupError> {
+        if self.installation.citus {
+            return Ok(self.pool.clone());
+        }
+        let mut client = self.target.connect().await?;
+        let (logins, changed) = match db::routers::ensure(
+            &mut client,
+            &self.installation,
+            settings.router_roles,
+        )
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make the router roles: the request pool logs in as the service");
+                return Ok(self.pool.clone());
+            }
+        };
+        self.installation.routers = logins.len();
+        if logins.is_empty() {
+            return Ok(self.pool.clone());
+        }
+        if changed != db::routers::HandOver::default() {
+            tracing::info!(
+                made = changed.made,
+                granted = changed.granted,
+                revoked = changed.revoked,
+                "router roles handed their tenants"
+            );
+        }
+        for login in &logins {
+            let as_router = self.target.connector.with_config(|config| {
+                config.user(login.role.as_str());
+                config.password(login.password.as_bytes());
+            });
+            if let Err(e) = as_router.connect(db::Dedicated::Command).await {
+                tracing::warn!(
+                    router = login.role.as_str(),
+                    error = %e,
+                    "a router role cannot log in (pg_hba.conf must admit it as it admits the \
+                     service): the request pool logs in as the service"
+                );
+                return Ok(self.pool.clone());
+            }
+        }
+        Ok(db::RequestPool::routed(
+            &self.target.connector,
+            settings.pool_size,
+            db::ConnectionLimits::default(),
+            db::Retire::Spread,
+            &logins,
+        )?)
+    }
+}
+
+impl Context {
     /// Resolve the database (starting the embedded cluster if needed), run
     /// the bootstrap and read the published templates (publishing nothing).
     pub async fn open(settings: &Settings, pool_size: usize) -> Result<Context, StartupError> {
@@ -275,7 +335,9 @@ impl Application {
         // `serve` publishes what its templates add at start (an upgrade's
         // new built-in versions, or TENANTRY_TEMPLATES_DIR's), and refuses
         // a directory that disagrees with what is published.
-        let context = Context::on(target, &proposals, Opening::Serve, settings.pool_size).await?;
+        let mut context =
+            Context::on(target, &proposals, Opening::Serve, settings.pool_size).await?;
+        context.pool = context.with_routers(settings).await?;
         // A published version this process cannot use (or tenants ahead of
         // the published set): it serves anyway, at the newest version it
         // can use, and `/health` says what is wrong and how to fix it.

@@ -152,6 +152,10 @@ pub struct Installation {
     /// mode`): tenant schemas are then distributed schemas, tenant roles can
     /// log in (Citus reaches the workers as the current role).
     pub citus: bool,
+    /// How many router roles the request pool logs in as
+    /// (`tenantry.installation.routers`, set by `serve`: `db::routers`);
+    /// 0: none. A tenant role made now is granted to its router.
+    pub routers: usize,
 }
 
 impl Installation {
@@ -206,7 +210,7 @@ async fn bootstrap_locked(
     }
     let row = client
         .query_one(
-            "SELECT i.id, current_setting('is_superuser') = 'on' FROM tenantry.installation i",
+            "SELECT i.id, current_setting('is_superuser') = 'on', i.routers FROM tenantry.installation i",
             &[],
         )
         .await?;
@@ -217,6 +221,11 @@ async fn bootstrap_locked(
             .map_err(|e| DbError::Corrupt(format!("bad tenantry.installation row: {e}")))?,
         superuser: row.get(1),
         citus,
+        routers: if citus {
+            0
+        } else {
+            usize::try_from(row.get::<_, i32>(2)).unwrap_or(0)
+        },
     };
     let created = ensure_group(client, &installation).await?;
     if installation.citus {

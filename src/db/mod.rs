@@ -7,6 +7,7 @@ mod bootstrap;
 pub mod citus;
 mod connector;
 mod pool;
+pub mod routers;
 
 use std::task::Poll;
 

@@ -204,7 +204,12 @@ pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
 /// retires at.
 #[derive(Clone)]
 pub struct RequestPool {
+    /// The service's own connections: all work with router roles, and
+    /// what is no tenant's (plus a tenant's overflow) with them.
     shards: std::sync::Arc<[Pool]>,
+    /// With router roles (`db::routers`): one shard per router, whose
+    /// connections log in as that router and serve its tenants only.
+    routed: Option<std::sync::Arc<[Pool]>>,
     size: usize,
     limits: ConnectionLimits,
     retire: Retire,
@@ -241,6 +246,7 @@ impl RequestPool {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RequestPool {
             shards: shards.into(),
+            routed: None,
             size,
             limits,
             retire,
@@ -248,6 +254,43 @@ impl RequestPool {
             statement_timeout: Duration::ZERO,
             tls: connector.tls().clone(),
         })
+    }
+
+    /// The pool with router roles (`db::routers`): one shard per router of
+    /// `size / routers` connections (at least one), each logged in as its
+    /// router and serving that router's tenants, and one shard of
+    /// `max(CONNECTIONS_PER_SHARD, size / 4)` connections logged in as the
+    /// service for work that is no tenant's, and for a tenant's request
+    /// when its router's shard has no connection free (the service may act
+    /// as any tenant). Connections never move between routers: a
+    /// connection's list of roles it may become is its router's share of
+    /// the fleet (see `db::routers`).
+    pub fn routed(
+        connector: &Connector,
+        size: usize,
+        limits: ConnectionLimits,
+        retire: Retire,
+        logins: &[super::routers::Login],
+    ) -> Result<RequestPool, DbError> {
+        let service = size.div_ceil(4).max(CONNECTIONS_PER_SHARD);
+        let mut pool = RequestPool::new(connector, service, limits, retire)?;
+        if logins.is_empty() {
+            return Ok(pool);
+        }
+        let per_router = size.div_ceil(logins.len()).max(1);
+        let routed = logins
+            .iter()
+            .map(|login| {
+                let as_router = connector.with_config(|config| {
+                    config.user(login.role.as_str());
+                    config.password(login.password.as_bytes());
+                });
+                pool_with(&as_router, per_router, limits, retire)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        pool.size = service + per_router * logins.len();
+        pool.routed = Some(routed.into());
+        Ok(pool)
     }
 
     /// Tenant transactions on this pool stop a statement after `timeout`
@@ -265,7 +308,7 @@ impl RequestPool {
     /// The shard for a tenant's request: its own, unless that one has no
     /// free connection and another has.
     pub fn for_tenant(&self, user: uuid::Uuid) -> &Pool {
-        let own = &self.shards[self.shard_of(user)];
+        let own = &self.tenant_shards()[self.shard_of(user)];
         if free(own) > 0 {
             return own;
         }
@@ -354,7 +397,7 @@ impl RequestPool {
     async fn checkout(&self, user: uuid::Uuid) -> Result<deadpool_postgres::Object, PoolError> {
         let pool = self.for_tenant(user);
         let mut own = std::pin::pin!(pool.get());
-        if self.shards.len() == 1 {
+        if self.routed.is_none() && self.shards.len() == 1 {
             return own.await;
         }
         let mut pause = AFFINITY_WAIT;
@@ -365,6 +408,8 @@ impl RequestPool {
                 () = tokio::time::sleep(pause) => {}
             }
             pause = AFFINITY_POLL;
+            // With routers, only the service's connections may act as
+            // another router's tenant.
             for other in self.shards.iter().filter(|p| !std::ptr::eq(*p, pool)) {
                 if other.status().available == 0 {
                     continue;
@@ -389,33 +434,65 @@ impl RequestPool {
             .expect("a request pool has a shard")
     }
 
+    /// The shards a tenant's request may call its own: the routers', or
+    /// without routers all of them.
+    fn tenant_shards(&self) -> &[Pool] {
+        self.routed.as_deref().unwrap_or(&self.shards)
+    }
+
+    /// How many routers the pool's tenant connections log in as (0: they
+    /// log in as the service).
+    pub fn routers(&self) -> usize {
+        self.routed.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// A connection of the service's own for a tenant's request: with
+    /// routers, what serves a request its router was refused (a membership
+    /// missing, see `routing::TenantTx`); without, its own shard's.
+    pub async fn get_as_service(
+        &self,
+        user: uuid::Uuid,
+    ) -> Result<deadpool_postgres::Object, PoolError> {
+        if self.routed.is_some() {
+            self.get().await
+        } else {
+            self.get_for_tenant(user).await
+        }
+    }
+
     /// The shards' statuses, summed.
     pub fn status(&self) -> deadpool_postgres::Status {
-        self.shards.iter().map(Pool::status).fold(
-            deadpool_postgres::Status {
-                max_size: 0,
-                size: 0,
-                available: 0,
-                waiting: 0,
-            },
-            |a, s| deadpool_postgres::Status {
-                max_size: a.max_size + s.max_size,
-                size: a.size + s.size,
-                available: a.available + s.available,
-                waiting: a.waiting + s.waiting,
-            },
-        )
+        self.shards
+            .iter()
+            .chain(self.routed.iter().flat_map(|r| r.iter()))
+            .map(Pool::status)
+            .fold(
+                deadpool_postgres::Status {
+                    max_size: 0,
+                    size: 0,
+                    available: 0,
+                    waiting: 0,
+                },
+                |a, s| deadpool_postgres::Status {
+                    max_size: a.max_size + s.max_size,
+                    size: a.size + s.size,
+                    available: a.available + s.available,
+                    waiting: a.waiting + s.waiting,
+                },
+            )
     }
 
     /// A tenant's own shard: a stable function of its user id (random, so
     /// the shards get even shares).
+    /// With routers, the tenant's router (`db::routers::router_of`).
     pub fn shard_of(&self, user: uuid::Uuid) -> usize {
-        (user.as_u128() % self.shards.len() as u128) as usize
+        super::routers::router_of(user, self.tenant_shards().len())
     }
 
-    /// How many shards (`RequestPool::new`).
+    /// How many shards tenants are spread over (`RequestPool::new`; with
+    /// routers, one per router).
     pub fn shards(&self) -> usize {
-        self.shards.len()
+        self.tenant_shards().len()
     }
 }
 
@@ -442,6 +519,21 @@ pub trait TenantPool {
     fn tls(&self) -> Option<&crate::postgres_tls::Tls> {
         None
     }
+
+    /// Whether its tenant connections log in as router roles.
+    fn routed(&self) -> bool {
+        false
+    }
+
+    /// A connection that may act as any tenant, for a request whose own
+    /// connection was refused its tenant's role (`RequestPool::get_as_service`).
+    fn get_as_service(
+        &self,
+        user: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send
+    {
+        self.get_for_tenant(user)
+    }
 }
 
 impl TenantPool for RequestPool {
@@ -455,6 +547,18 @@ impl TenantPool for RequestPool {
 
     fn statement_timeout(&self) -> Duration {
         self.statement_timeout
+    }
+
+    fn get_as_service(
+        &self,
+        user: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send
+    {
+        RequestPool::get_as_service(self, user)
+    }
+
+    fn routed(&self) -> bool {
+        self.routed.is_some()
     }
 
     fn tls(&self) -> Option<&crate::postgres_tls::Tls> {

@@ -299,11 +299,17 @@ pub async fn provision_in(
     // On plain PostgreSQL the role is a spare made ahead (taken here, in
     // this transaction), or made now when none is left; on Citus it was
     // made with the reservation's head start.
+    let user_id = Uuid::new_v4();
+    // With router roles (`db::routers`), the request pool reaches the
+    // tenant through its router: a spare is that router's already, a role
+    // made now is granted to it.
+    let router = (installation.routers > 0)
+        .then(|| crate::db::routers::router_of(user_id, installation.routers));
     let (role, made_now, spares_left) = if installation.citus {
         (installation.id.tenant_role(username), false, None)
     } else {
         let claimed = match role_from {
-            RoleFrom::Spare => spares::claim(&**tx).await?,
+            RoleFrom::Spare => spares::claim(&**tx, router).await?,
             RoleFrom::Now => None,
         };
         match (claimed, role_from) {
@@ -317,7 +323,6 @@ pub async fn provision_in(
         .last()
         .expect("at least one template version")
         .version();
-    let user_id = Uuid::new_v4();
     let role_text = account.role.as_str();
     let (name, email, schema_name, role_name, version_number) = (
         username.as_str(),
@@ -380,7 +385,8 @@ pub async fn provision_in(
     let audit_params: Option<[(&(dyn ToSql + Sync), Type); 1]> = audit_entry
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
-    let prelude_sql = prelude(installation, &schema, &role, made_now);
+    let router = router.map(|k| installation.id.router_role(k));
+    let prelude_sql = prelude(installation, &schema, &role, made_now, router.as_ref());
     let join_sql = join_group(installation, &schema, &role, made_now, distribute);
     let application = TemplateApplication::new(&schema, &role, templates);
 
@@ -509,6 +515,7 @@ pub async fn check_builds(
     let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
     let local = Installation {
         citus: false,
+        routers: 0,
         ..installation.clone()
     };
     client.batch_execute("BEGIN").await?;
@@ -520,7 +527,7 @@ pub async fn check_builds(
             )
             .await?;
         client
-            .batch_execute(&prelude(&local, &schema, &role, true))
+            .batch_execute(&prelude(&local, &schema, &role, true, None))
             .await?;
         let application = TemplateApplication::new(&schema, &role, templates);
         for (step, request) in application.requests(client) {
@@ -555,6 +562,7 @@ fn prelude(
     schema: &SchemaName,
     role: &RoleName,
     made_now: bool,
+    router: Option<&RoleName>,
 ) -> String {
     let history = format!(
         "CREATE TABLE {s}.{HISTORY_TABLE} (
@@ -567,7 +575,13 @@ fn prelude(
     if installation.citus {
         history
     } else if made_now {
-        format!("{}\n{history}", role_and_schema(installation, schema, role))
+        let router = router.map_or(String::new(), |router| {
+            format!("GRANT {} TO {};\n", role.quoted(), router.quoted())
+        });
+        format!(
+            "{}\n{router}{history}",
+            role_and_schema(installation, schema, role)
+        )
     } else {
         format!("{}\n{history}", schema_for(schema, role))
     }

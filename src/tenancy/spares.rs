@@ -43,23 +43,28 @@ pub const REFILL_LOCK_CLASS: i32 = 0x737072; // 'spr'
 
 /// Take one spare (the first one no other transaction holds) inside the
 /// caller's transaction: its name and how many spares there were besides
-/// it. `None`: none left.
+/// it. With router roles (`db::routers`), one of `router`'s, and how many
+/// that router has left. `None`: none left.
 pub async fn claim(
     tx: &impl tokio_postgres::GenericClient,
+    router: Option<usize>,
 ) -> Result<Option<(RoleName, i64)>, tokio_postgres::Error> {
+    let router = router.map_or(-1, |k| i32::try_from(k).unwrap_or(i32::MAX));
     let row = tx
         .query_opt(
             "WITH claimed AS (
                  DELETE FROM tenantry.spare_roles
                  WHERE role_name = (SELECT s.role_name FROM tenantry.spare_roles s
-                                    WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r
+                                    WHERE ($1 < 0 OR s.router = $1)
+                                      AND EXISTS (SELECT FROM pg_catalog.pg_roles r
                                                   WHERE r.rolname = s.role_name)
-                                    ORDER BY s.made_at, s.role_name
+                                    ORDER BY s.router, s.made_at, s.role_name
                                     LIMIT 1 FOR UPDATE SKIP LOCKED)
                  RETURNING role_name)
-             SELECT c.role_name, (SELECT count(*) FROM tenantry.spare_roles) - 1
+             SELECT c.role_name,
+                    (SELECT count(*) FROM tenantry.spare_roles WHERE $1 < 0 OR router = $1) - 1
              FROM claimed c",
-            &[],
+            &[&router],
         )
         .await?;
     Ok(row.and_then(|row| {
@@ -86,6 +91,39 @@ pub async fn count(
         .query_one("SELECT count(*) FROM tenantry.spare_roles", &[])
         .await?
         .get(0))
+}
+
+/// How many spares each of `routers` routers has (one stock without).
+async fn stocks(
+    client: &impl tokio_postgres::GenericClient,
+    routers: usize,
+) -> Result<Vec<usize>, tokio_postgres::Error> {
+    if routers == 0 {
+        return Ok(vec![usize::try_from(count(client).await?).unwrap_or(0)]);
+    }
+    let mut stocks = vec![0; routers];
+    for row in client
+        .query(
+            "SELECT router, count(*) FROM tenantry.spare_roles GROUP BY router",
+            &[],
+        )
+        .await?
+    {
+        let (router, n): (i32, i64) = (row.get(0), row.get(1));
+        if let Some(stock) = usize::try_from(router).ok().and_then(|k| stocks.get_mut(k)) {
+            *stock = usize::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(stocks)
+}
+
+/// Each router's share of a stock of `target` (all of it without routers).
+pub fn share(target: usize, routers: usize) -> usize {
+    if routers == 0 {
+        target
+    } else {
+        target.div_ceil(routers)
+    }
 }
 
 /// Whether a stock of `have` spares wants making whole again: when fewer
@@ -121,29 +159,52 @@ pub async fn refill(
         &[],
     )
     .await?;
-    let have = usize::try_from(count(&tx).await?).unwrap_or(0);
-    if !wants_refill(have, target) {
+    // The routers as recorded now (`db::routers::ensure` changes them
+    // under this lock too).
+    let routers: i32 = tx
+        .query_one("SELECT routers FROM tenantry.installation", &[])
+        .await?
+        .get(0);
+    let routers = usize::try_from(routers).unwrap_or(0);
+    let share = share(target, routers);
+    let stocks = stocks(&tx, routers).await?;
+    if !stocks.iter().any(|have| wants_refill(*have, share)) {
         tx.commit().await?;
         return Ok(0);
     }
-    let roles: Vec<RoleName> = (have..target)
-        .map(|_| installation.id.anonymous_tenant_role())
+    // Every router's stock made whole (their signups come evenly).
+    let roles: Vec<(RoleName, i32)> = stocks
+        .iter()
+        .enumerate()
+        .flat_map(|(k, have)| {
+            let router = if routers == 0 { -1 } else { k as i32 };
+            (*have..share).map(move |_| (installation.id.anonymous_tenant_role(), router))
+        })
         .collect();
     let group = installation.group_role();
     let mut sql = String::from("SET LOCAL client_min_messages TO warning;\n");
-    for role in &roles {
+    for (role, router) in &roles {
         sql.push_str(&format!("CREATE ROLE {} NOLOGIN;\n", role.quoted()));
         if !installation.superuser {
             // A non-superuser service needs membership to act as the role.
             sql.push_str(&format!("GRANT {} TO CURRENT_USER;\n", role.quoted()));
         }
         sql.push_str(&format!("GRANT {} TO {};\n", group.quoted(), role.quoted()));
+        if let Ok(k) = usize::try_from(*router) {
+            sql.push_str(&format!(
+                "GRANT {} TO {};\n",
+                role.quoted(),
+                installation.id.router_role(k).quoted()
+            ));
+        }
     }
     tx.batch_execute(&sql).await?;
-    let names: Vec<&str> = roles.iter().map(RoleName::as_str).collect();
+    let names: Vec<&str> = roles.iter().map(|(role, _)| role.as_str()).collect();
+    let keys: Vec<i32> = roles.iter().map(|(_, router)| *router).collect();
     tx.execute(
-        "INSERT INTO tenantry.spare_roles (role_name) SELECT unnest($1::text[])",
-        &[&names],
+        "INSERT INTO tenantry.spare_roles (role_name, router)
+         SELECT unnest($1::text[]), unnest($2::int4[])",
+        &[&names, &keys],
     )
     .await?;
     tx.commit().await?;
@@ -154,6 +215,8 @@ pub async fn refill(
 /// below half, and on a timer (other processes take spares too).
 pub struct Keeper {
     target: usize,
+    /// The routers the stock is shared by (`start`).
+    routers: std::sync::atomic::AtomicUsize,
     wake: Notify,
 }
 
@@ -161,6 +224,7 @@ impl Keeper {
     pub fn new(target: usize) -> Arc<Keeper> {
         Arc::new(Keeper {
             target,
+            routers: Default::default(),
             wake: Notify::new(),
         })
     }
@@ -169,11 +233,16 @@ impl Keeper {
         self.target
     }
 
-    /// A signup took a spare and `left` remain: refill soon when that is
-    /// below half the stock ([`wants_refill`]).
+    /// A signup took a spare and `left` remain (of its router's, with
+    /// routers): refill soon when that is below half the stock (of the
+    /// router's share of it, [`wants_refill`]).
     pub fn claimed(&self, left: Option<i64>) {
         if let Some(left) = left {
-            if wants_refill(usize::try_from(left).unwrap_or(0), self.target) {
+            let share = share(
+                self.target,
+                self.routers.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            if wants_refill(usize::try_from(left).unwrap_or(0), share) {
                 self.wake.notify_one();
             }
         }
@@ -191,6 +260,8 @@ impl Keeper {
         if self.target == 0 || installation.citus {
             return;
         }
+        self.routers
+            .store(installation.routers, std::sync::atomic::Ordering::Relaxed);
         let once = |pool: RequestPool, installation: Installation, target: usize| async move {
             let mut client = match pool.get().await {
                 Ok(c) => c,
@@ -221,7 +292,14 @@ impl Keeper {
 
 #[cfg(test)]
 mod tests {
-    use super::wants_refill;
+    use super::{share, wants_refill};
+
+    #[test]
+    fn with_routers_each_keeps_its_share() {
+        assert_eq!(share(1000, 0), 1000);
+        assert_eq!(share(1000, 8), 125);
+        assert_eq!(share(10, 4), 3);
+    }
 
     #[test]
     fn the_stock_is_made_whole_below_half() {

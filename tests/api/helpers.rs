@@ -370,6 +370,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         // roles belong to the whole test cluster, and a stock made by
         // every test's service would outlive its database.
         spare_roles: 0,
+        router_roles: 0,
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
@@ -610,6 +611,7 @@ impl TestApp {
             "SELECT count(*) FROM pg_roles r, tenantry.installation i
              WHERE starts_with(r.rolname, 'tnt_' || i.id || '_')
                AND r.rolname <> 'tnt_' || i.id || '__tenants'
+               AND NOT starts_with(r.rolname, 'tnt_' || i.id || '__r')
                AND NOT EXISTS (SELECT FROM tenantry.tenants t WHERE t.role_name = r.rolname)
                AND NOT EXISTS (SELECT FROM tenantry.pending_tenants p WHERE p.role_name = r.rolname)
                AND NOT EXISTS (SELECT FROM tenantry.spare_roles s WHERE s.role_name = r.rolname)",
@@ -785,6 +787,7 @@ pub fn cli_env(db_name: &str) -> Vec<(&'static str, String)> {
         ("JWT_SECRET", JWT_SECRET.to_string()),
         // As `test_settings`: spares only where a test asks for them.
         ("TENANTRY_SPARE_ROLES", "0".to_string()),
+        ("TENANTRY_ROUTER_ROLES", "0".to_string()),
     ]
 }
 

@@ -32,6 +32,7 @@ mod provisioning;
 mod refresh;
 mod register;
 mod revocation;
+mod routers;
 mod smtp;
 mod spares;
 mod suspension;

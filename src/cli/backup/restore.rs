@@ -197,6 +197,18 @@ BEGIN
     END LOOP;
 END
 $$;
+-- Router roles are not carried: `serve` makes them again and hands them
+-- their tenants and spares (db::routers).
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_attribute
+               WHERE attrelid = 'tenantry.installation'::pg_catalog.regclass
+                 AND attname = 'routers') THEN
+        UPDATE tenantry.installation SET routers = 0;
+        UPDATE tenantry.spare_roles SET router = -1;
+    END IF;
+END
+$$;
 {DATABASE_PRIVILEGES}"
     )
 }

@@ -33,7 +33,9 @@ pub struct Found {
 }
 
 /// Read the installation's tenant roles: every role named `tnt_<id>_…`
-/// (the registry's and any orphan, whose objects the dump holds too).
+/// (the registry's and any orphan, whose objects the dump holds too), but
+/// the router roles, which `serve` makes again with their memberships
+/// (`db::routers`).
 pub async fn read(
     client: &impl GenericClient,
     id: &InstallationId,
@@ -50,8 +52,9 @@ pub async fn read(
                             WHERE m.member = r.oid AND g.rolname = $2)
              FROM pg_catalog.pg_roles r
              WHERE starts_with(r.rolname, $1) AND r.rolname <> $2
+               AND NOT starts_with(r.rolname, $3)
              ORDER BY 1",
-            &[&prefix, &group.as_str()],
+            &[&prefix, &group.as_str(), &id.router_prefix()],
         )
         .await?
     {
@@ -79,8 +82,9 @@ pub async fn read(
              WHERE (starts_with(g.rolname, $1) OR starts_with(m.rolname, $1))
                AND NOT (g.rolname = $2 AND starts_with(m.rolname, $1))
                AND NOT (starts_with(g.rolname, $1) AND m.rolname = current_user)
+               AND NOT starts_with(m.rolname, $3)
              ORDER BY 1, 2",
-            &[&prefix, &group.as_str()],
+            &[&prefix, &group.as_str(), &id.router_prefix()],
         )
         .await?
     {

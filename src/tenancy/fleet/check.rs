@@ -104,8 +104,9 @@ pub async fn catalog_drift(
                AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.role_name = r.rolname)
                AND NOT EXISTS (SELECT 1 FROM tenantry.pending_tenants p WHERE p.role_name = r.rolname)
                AND NOT EXISTS (SELECT 1 FROM tenantry.spare_roles s WHERE s.role_name = r.rolname)
+               AND NOT starts_with(r.rolname, $3)
              ORDER BY 1",
-            &[&prefix, &group.as_str()],
+            &[&prefix, &group.as_str(), &installation.id.router_prefix()],
         )
         .await?
     {
