@@ -20,7 +20,8 @@
 //!   skipped, pending of the latest run), `tenantry_fleet_run_running`,
 //!   `tenantry_pool_connections{state}` (max, open, idle, in_use),
 //!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead),
-//!   `tenantry_spare_roles` (`tenancy::spares`);
+//!   `tenantry_spare_roles` (`tenancy::spares`), `tenantry_router_roles`
+//!   (`db::routers`: the routers the pool logs in as, 0 for none);
 //! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
 //!   `tenantry_mail_dead_total` (`mail::delivery`).
 
@@ -135,6 +136,10 @@ fn describe_and_register() {
         "times a routed request was refused its tenant's role and every session's cached role memberships were reset (at most one per 10 s)"
     );
     metrics::counter!("tenantry_membership_resets_total").absolute(0);
+    describe_gauge!(
+        "tenantry_router_roles",
+        "router roles the request pool's tenant connections log in as; 0: they log in as the service"
+    );
     describe_gauge!(
         "tenantry_spare_roles",
         "tenant roles made ahead of signups, not yet taken (read at scrape time)"

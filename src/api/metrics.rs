@@ -66,6 +66,7 @@ async fn record_gauges(state: &AppState) {
         ::metrics::gauge!("tenantry_pool_connections", "state" => name).set(value as f64);
     }
     ::metrics::gauge!("tenantry_pool_waiting").set(pool.waiting as f64);
+    ::metrics::gauge!("tenantry_router_roles").set(state.pool.routers() as f64);
 
     let latest = state.templates.get().latest().get();
     let read = async {

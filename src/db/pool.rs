@@ -202,6 +202,11 @@ pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
 /// It also bounds backend memory: a connection caches at most its shard's
 /// share of the tenants, besides the [`ConnectionLimits`] every connection
 /// retires at.
+///
+/// `serve`'s pool is [`RequestPool::routed`]: its tenant shards are one per
+/// router role (`db::routers`), whose connections may become only that
+/// router's tenants, so a busy router's tenant overflows only to the
+/// service's own shard, never to another router's.
 #[derive(Clone)]
 pub struct RequestPool {
     /// The service's own connections: all work with router roles, and
@@ -272,11 +277,11 @@ impl RequestPool {
         retire: Retire,
         logins: &[super::routers::Login],
     ) -> Result<RequestPool, DbError> {
+        if logins.is_empty() {
+            return RequestPool::new(connector, size, limits, retire);
+        }
         let service = size.div_ceil(4).max(CONNECTIONS_PER_SHARD);
         let mut pool = RequestPool::new(connector, service, limits, retire)?;
-        if logins.is_empty() {
-            return Ok(pool);
-        }
         let per_router = size.div_ceil(logins.len()).max(1);
         let routed = logins
             .iter()
@@ -309,7 +314,10 @@ impl RequestPool {
     /// free connection and another has.
     pub fn for_tenant(&self, user: uuid::Uuid) -> &Pool {
         let own = &self.tenant_shards()[self.shard_of(user)];
-        if free(own) > 0 {
+        if free(own) > 0 || self.routed.is_some() {
+            // With routers, the service's connections are a tenant's only
+            // after [`AFFINITY_WAIT`] (`checkout`): a service session pays
+            // the whole fleet's membership list on its first `SET ROLE`.
             return own;
         }
         let freest = self.freest();
@@ -411,7 +419,14 @@ impl RequestPool {
             // With routers, only the service's connections may act as
             // another router's tenant.
             for other in self.shards.iter().filter(|p| !std::ptr::eq(*p, pool)) {
-                if other.status().available == 0 {
+                // An idle connection; with routers also room for a new one
+                // in the service's shard (only ever asked for here).
+                let room = if self.routed.is_some() {
+                    free(other)
+                } else {
+                    other.status().available
+                };
+                if room == 0 {
                     continue;
                 }
                 let now = deadpool_postgres::Timeouts {

@@ -177,11 +177,14 @@ pub async fn ensure(
         }
         logins.push(Login { role, password });
     }
-    // Spares of no router yet (made before routers, or for more routers
-    // than now) get one.
+    // Spares of no router yet (made before routers, restored, or for more
+    // routers than now) are dealt out in turn.
     tx.execute(
-        "UPDATE tenantry.spare_roles SET router = abs(hashtext(role_name)) % $1
-         WHERE router < 0 OR router >= $1",
+        "UPDATE tenantry.spare_roles s SET router = n.k
+         FROM (SELECT role_name,
+                      ((row_number() OVER (ORDER BY made_at, role_name) - 1) % $1::int4)::int4 AS k
+               FROM tenantry.spare_roles WHERE router < 0 OR router >= $1::int4) n
+         WHERE s.role_name = n.role_name",
         &[&routers],
     )
     .await?;

@@ -164,9 +164,11 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     let mut users = vec!["elder".to_string()];
     let elder = then.token("elder").await;
     add_rows(&then, &elder, "elder").await;
-    // With spare roles (made ahead of signups), which the backup carries.
+    // With spare roles (made ahead of signups), which the backup carries,
+    // and router roles, which it does not (`serve` makes them again).
     let mut now = test_settings(&db);
     now.spare_roles = 8;
+    now.router_roles = 4;
     let app = spawn_app_on(now, db.clone()).await;
     users.extend((1..TENANTS).map(|i| format!("tenant{i:02}")));
     futures::future::join_all(users[1..].iter().map(|user| {
@@ -211,6 +213,23 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     let out = tenantry(&["backup", dir.to_str().unwrap()], &env, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("20 tenants"), "{}", stdout(&out));
+    let routers = format!("tnt_{}__r", app.installation_id().await);
+    assert!(
+        !stderr(&out).contains(&routers) && !stdout(&out).contains(&routers),
+        "nothing of the routers is said left out: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // The routers are in roles.sql bare: no login, no tenant.
+    let roles_sql = std::fs::read_to_string(dir.join("roles.sql")).unwrap();
+    let of_routers: Vec<&str> = roles_sql.lines().filter(|l| l.contains(&routers)).collect();
+    assert_eq!(
+        of_routers,
+        (0..4)
+            .map(|k| format!("CREATE ROLE \"{routers}{k}\" NOLOGIN NOINHERIT;"))
+            .collect::<Vec<_>>(),
+        "{roles_sql}"
+    );
     for file in [
         "manifest.json",
         "roles.sql",
@@ -265,6 +284,7 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     let mut settings = test_settings(&db);
     settings.database = DatabaseTarget::Url(SecretString::new(url));
     settings.audit_anchor_file = restored_anchors;
+    settings.router_roles = 4;
     let restored = spawn_app_on(settings, db.clone()).await;
     for (user, before) in users.iter().zip(&rows) {
         let token = restored.access_token(user).await;
@@ -320,6 +340,26 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
         .get(0);
     assert!(spares.contains(&role), "{role} was a restored spare");
     assert_eq!(experiences(&restored, &late).await["items"], json!([]));
+    // The restored `serve` made the routers again and handed each tenant
+    // and spare to its router, one router each.
+    let handed: Vec<(String, i64)> = new_db
+        .query(
+            "SELECT r.role_name, count(a.member)
+             FROM (SELECT role_name FROM tenantry.tenants UNION ALL
+                   SELECT role_name FROM tenantry.spare_roles) r
+             JOIN pg_roles g ON g.rolname = r.role_name
+             LEFT JOIN pg_auth_members a ON a.roleid = g.oid
+                  AND a.member IN (SELECT oid FROM pg_roles WHERE starts_with(rolname, $1))
+             GROUP BY 1",
+            &[&routers],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(handed.len(), TENANTS + spares.len(), "{handed:?}");
+    assert!(handed.iter().all(|(_, n)| *n == 1), "{handed:?}");
 }
 
 #[tokio::test]

@@ -133,16 +133,45 @@ async fn serve_keeps_spare_roles_and_a_signup_takes_one_changing_no_role() {
 
 #[tokio::test]
 async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
+    killed_signup_leaves_its_spare(0).await;
+}
+
+/// With router roles (`db::routers`) a spare is its router's: a killed
+/// signup leaves it that router's spare, changing no membership.
+#[tokio::test]
+async fn with_routers_a_killed_signup_leaves_its_spare_its_routers() {
+    killed_signup_leaves_its_spare(2).await;
+}
+
+/// The spares (name and router), sorted.
+async fn spares_and_routers(app: &TestApp) -> Vec<(String, i32)> {
+    app.db()
+        .await
+        .query(
+            "SELECT role_name, router FROM tenantry.spare_roles ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn killed_signup_leaves_its_spare(routers: usize) {
     let db = create_database().await;
     // V2 sleeps, so the process can be killed while the tenant's schema and
     // V1 tables exist inside its open transaction, its spare taken.
     let (env, templates) = slow_signup_env(&db).await;
     let mut settings = test_settings(&db);
     settings.templates_dir = Some(templates.clone());
-    settings.spare_roles = 2;
+    let stock = 2 * routers.max(1);
+    settings.spare_roles = stock;
+    settings.router_roles = routers;
     let app = spawn_app_on(settings, db.clone()).await;
     let spares = app.spare_roles().await;
-    assert_eq!(spares.len(), 2);
+    assert_eq!(spares.len(), stock);
+    let dealt = spares_and_routers(&app).await;
     let before = role_rows(&app).await;
 
     let mut child = spawn_tenants_create(&env, "quinn").await;
@@ -160,12 +189,13 @@ async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
         .unwrap()
         .len();
     tx.rollback().await.unwrap();
-    assert_eq!(free, 1, "the signup in flight has taken a spare");
+    assert_eq!(free, stock - 1, "the signup in flight has taken a spare");
     child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
 
     // The server notices the vanished client and rolls back.
     backend_ended(&admin, backend).await;
-    assert_eq!(app.spare_roles().await, spares, "both spares are spares");
+    assert_eq!(app.spare_roles().await, spares, "every spare is a spare");
+    assert_eq!(spares_and_routers(&app).await, dealt, "each its router's");
     assert_eq!(role_rows(&app).await, before, "no role was made or changed");
     assert_eq!(app.tenant_counts().await, (0, 0, 0));
     assert_eq!(app.stray_role_count().await, 0);
@@ -178,8 +208,28 @@ async fn a_signup_killed_mid_transaction_leaves_its_spare_a_spare() {
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(spares.contains(&app.role_of("quinn").await));
-    assert_eq!(app.spare_roles().await.len(), 1);
+    let role = app.role_of("quinn").await;
+    assert!(spares.contains(&role));
+    assert_eq!(app.spare_roles().await.len(), stock - 1);
+    if routers > 0 {
+        // Its router's spare, so its router's already.
+        let user: uuid::Uuid = app
+            .db()
+            .await
+            .query_one(
+                "SELECT id FROM tenantry.users WHERE username = 'quinn'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let router = tenantry::db::routers::router_of(user, routers) as i32;
+        assert!(
+            dealt.contains(&(role.clone(), router)),
+            "{role} was router {router}'s"
+        );
+        assert_eq!(role_rows(&app).await, before, "the signup changed no role");
+    }
 }
 
 #[tokio::test]

@@ -47,6 +47,11 @@ pub struct Manifest {
     /// Relations in the database: the restore's one transaction locks each.
     pub relations: i64,
     pub roles: Vec<TenantRole>,
+    /// How many router roles (`db::routers`) the installation had: a
+    /// restore makes them without a login, since the database grants them
+    /// what routing reads, and `serve` gives them one and their tenants.
+    #[serde(default)]
+    pub routers: usize,
     /// Roles outside the installation that own objects or hold privileges
     /// in the database: they must exist where it is restored.
     pub other_roles: Vec<String>,
@@ -396,6 +401,7 @@ mod tests {
             users: 0,
             relations: 0,
             roles: Vec::new(),
+            routers: 0,
             other_roles: Vec::new(),
             secret: Secret {
                 source: SecretSource::Unknown,

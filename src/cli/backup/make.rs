@@ -147,6 +147,7 @@ struct Snapshot {
     id: InstallationId,
     facts: Facts,
     roles: Vec<roles::TenantRole>,
+    routers: usize,
     plan: roles::Plan,
     other_roles: Vec<String>,
 }
@@ -168,10 +169,13 @@ impl Snapshot {
                 other_roles.join(", ")
             );
         }
-        let plan = roles::Plan::new(&id, &found.tenants).map_err(Failure::Other)?;
+        let plan = roles::Plan::new(&id, &found.tenants)
+            .map_err(Failure::Other)?
+            .with_routers(&id, found.routers);
         Ok(Snapshot {
             id,
             facts,
+            routers: found.routers,
             roles: found.tenants,
             plan,
             other_roles,
@@ -193,6 +197,7 @@ impl Snapshot {
             users: facts.users,
             relations: facts.relations,
             roles: self.roles,
+            routers: self.routers,
             other_roles: self.other_roles,
             secret,
             files: Default::default(),

@@ -106,7 +106,9 @@ async fn open(dir: &Path) -> Result<(Backup, roles::Plan), Failure> {
     let m = &backup.manifest;
     let bad = |e: String| Failure::Usage(format!("{}: {e}", dir.display()));
     let id = InstallationId::parse(&m.installation_id).map_err(|e| bad(e.to_string()))?;
-    let plan = roles::Plan::new(&id, &m.roles).map_err(bad)?;
+    let plan = roles::Plan::new(&id, &m.roles)
+        .map_err(bad)?
+        .with_routers(&id, m.routers);
     let known = known_system_migration();
     if i64::from(m.system_migration) > known {
         return Err(Failure::Usage(format!(
@@ -197,8 +199,9 @@ BEGIN
     END LOOP;
 END
 $$;
--- Router roles are not carried: `serve` makes them again and hands them
--- their tenants and spares (db::routers).
+-- Router roles come back without a login and without tenants: `serve`
+-- gives them a new password and hands them their tenants and spares
+-- (db::routers).
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_attribute
@@ -206,6 +209,7 @@ BEGIN
                  AND attname = 'routers') THEN
         UPDATE tenantry.installation SET routers = 0;
         UPDATE tenantry.spare_roles SET router = -1;
+        DELETE FROM tenantry.router_logins;
     END IF;
 END
 $$;

@@ -26,6 +26,9 @@ pub struct TenantRole {
 /// The installation's roles at the snapshot, and what the backup leaves out.
 #[derive(Debug)]
 pub struct Found {
+    /// How many router roles there are (`db::routers`), carried as bare
+    /// roles (the dump grants them what routing reads).
+    pub routers: usize,
     pub tenants: Vec<TenantRole>,
     /// What involves the installation's roles but is not made by Tenantry,
     /// so not made again by a restore: said at backup time.
@@ -91,7 +94,18 @@ pub async fn read(
         let (granted, member): (String, String) = (row.get(0), row.get(1));
         left_out.push(format!("membership of {member} in {granted}"));
     }
-    Ok(Found { tenants, left_out })
+    let routers: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_roles WHERE starts_with(rolname, $1)",
+            &[&id.router_prefix()],
+        )
+        .await?
+        .get(0);
+    Ok(Found {
+        routers: usize::try_from(routers).unwrap_or(0),
+        tenants,
+        left_out,
+    })
 }
 
 /// The roles a restore makes, validated: the group, then each tenant role.
@@ -99,6 +113,9 @@ pub async fn read(
 pub struct Plan {
     group: RoleName,
     tenants: Vec<(RoleName, TenantRole)>,
+    /// The router roles (`db::routers`), made bare: `NOLOGIN NOINHERIT`,
+    /// members of nothing, until `serve` takes them over.
+    routers: Vec<RoleName>,
 }
 
 impl Plan {
@@ -120,7 +137,16 @@ impl Plan {
         Ok(Plan {
             group: installation.group_role(),
             tenants,
+            routers: Vec::new(),
         })
+    }
+
+    /// With `installation`'s `count` router roles.
+    pub fn with_routers(mut self, installation: &InstallationId, count: usize) -> Plan {
+        self.routers = (0..count.min(64))
+            .map(|k| installation.router_role(k))
+            .collect();
+        self
     }
 
     pub fn group(&self) -> &RoleName {
@@ -128,11 +154,13 @@ impl Plan {
     }
 
     pub fn len(&self) -> usize {
-        self.tenants.len() + 1
+        self.tenants.len() + 1 + self.routers.len()
     }
 
     fn names(&self) -> impl Iterator<Item = &RoleName> {
-        std::iter::once(&self.group).chain(self.tenants.iter().map(|(r, _)| r))
+        std::iter::once(&self.group)
+            .chain(self.tenants.iter().map(|(r, _)| r))
+            .chain(&self.routers)
     }
 
     /// The statements that make one role (`CREATE ROLE` unless it exists),
@@ -143,6 +171,15 @@ impl Plan {
         if *role == self.group {
             if create {
                 sql.push_str(&format!("CREATE ROLE {} NOLOGIN;\n", role.quoted()));
+            }
+            return sql;
+        }
+        if self.routers.contains(role) {
+            if create {
+                sql.push_str(&format!(
+                    "CREATE ROLE {} NOLOGIN NOINHERIT;\n",
+                    role.quoted()
+                ));
             }
             return sql;
         }
@@ -206,6 +243,7 @@ pub async fn existing(
         .iter()
         .map(|(r, t)| (r.as_str(), t.login))
         .chain([(plan.group.as_str(), false)])
+        .chain(plan.routers.iter().map(|r| (r.as_str(), false)))
         .collect();
     let mut found = HashSet::new();
     let mut in_use = Vec::new();
