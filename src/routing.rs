@@ -292,9 +292,15 @@ impl TenantTx {
             }
             Err(e) => {
                 let err = RoutingError::from_enter(e);
-                // An unknown user is not worth a connection: end the aborted
-                // transaction and give it back clean.
-                guard.end(db::COMMIT_AND_RESET).await?;
+                if matches!(err, RoutingError::RoleRefused(_)) {
+                    // This session's cached memberships may have missed a
+                    // batch of spares: it is closed, not reused.
+                    guard.discard();
+                } else {
+                    // An unknown user is not worth a connection: end the
+                    // aborted transaction and give it back clean.
+                    guard.end(db::COMMIT_AND_RESET).await?;
+                }
                 Err(err)
             }
         }
@@ -409,8 +415,14 @@ impl TenantTx {
             )
         };
         // The transaction is over, one way or the other: the connection is
-        // clean again, unless it broke.
-        if let Ok(replies) = &ended {
+        // clean again, unless it broke, or was refused the tenant's role
+        // (its cached memberships may have missed a batch of spares: it is
+        // closed, not reused).
+        let refused = matches!(&entered, Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE));
+        if refused {
+            guard.discard();
+        } else if let Ok(replies) = &ended {
             guard.release_if_clean(replies);
         }
         begun?;
@@ -499,6 +511,13 @@ impl TenantTx {
     /// Back to the pool (the transaction ended and the session was reset).
     fn release(&mut self) {
         self.client.take();
+    }
+
+    /// Closed instead of going back (its transaction is over or aborted).
+    fn discard(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
     }
 }
 

@@ -64,17 +64,20 @@ impl Context {
             return Ok(self.pool.clone());
         }
         let mut client = self.target.connect().await?;
-        let (logins, changed) = match db::routers::ensure(
-            &mut client,
-            &self.installation,
-            settings.router_roles,
-        )
-        .await
-        {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot make the router roles: the request pool logs in as the service");
-                return Ok(self.pool.clone());
+        let mut tries = 0;
+        let (mut logins, changed) = loop {
+            match db::routers::ensure(&mut client, &self.installation, settings.router_roles).await
+            {
+                Ok(done) => break done,
+                // Once more: a concurrent change (another `serve` starting).
+                Err(e) if tries == 0 => {
+                    tracing::info!(error = %e, "making the router roles failed; once more");
+                    tries += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make the router roles: the request pool logs in as the service");
+                    return Ok(self.pool.clone());
+                }
             }
         };
         self.installation.routers = logins.len();
@@ -89,20 +92,37 @@ impl Context {
                 "router roles handed their tenants"
             );
         }
-        for login in &logins {
-            let as_router = self.target.connector.with_config(|config| {
+        let connector = self.target.connector.clone();
+        let logs_in = |login: db::routers::Login| {
+            let as_router = connector.with_config(|config| {
                 config.user(login.role.as_str());
                 config.password(login.password.as_bytes());
             });
-            if let Err(e) = as_router.connect(db::Dedicated::Command).await {
-                tracing::warn!(
-                    router = login.role.as_str(),
-                    error = %e,
-                    "a router role cannot log in (pg_hba.conf must admit it as it admits the \
-                     service): the request pool logs in as the service"
-                );
-                return Ok(self.pool.clone());
+            async move { as_router.connect(db::Dedicated::Command).await.map(drop) }
+        };
+        for (k, login) in logins.iter_mut().enumerate() {
+            if logs_in(login.clone()).await.is_ok() {
+                continue;
             }
+            // A password changed by hand, or restored from another
+            // installation: a new one, tried once.
+            let failed = match db::routers::rekey(&mut client, &self.installation, k).await {
+                Ok(new) => match logs_in(new.clone()).await {
+                    Ok(()) => {
+                        *login = new;
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                router = login.role.as_str(),
+                error = %failed,
+                "a router role cannot log in (pg_hba.conf must admit it as it admits the \
+                 service): the request pool logs in as the service"
+            );
+            return Ok(self.pool.clone());
         }
         Ok(db::RequestPool::routed(
             &self.target.connector,

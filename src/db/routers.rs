@@ -118,16 +118,33 @@ pub async fn ensure(
     let mut changed = HandOver::default();
     let mut sql = String::from("SET LOCAL client_min_messages TO warning;\n");
     let mut logins = Vec::with_capacity(count);
+    // The routers there are, with whether each is as made (LOGIN NOINHERIT).
+    let mut there = std::collections::HashMap::new();
+    for row in tx
+        .query(
+            "SELECT rolname::text, rolcanlogin AND NOT rolinherit FROM pg_catalog.pg_roles
+             WHERE starts_with(rolname, $1)",
+            &[&installation.id.router_prefix()],
+        )
+        .await?
+    {
+        there.insert(row.get::<_, String>(0), row.get::<_, bool>(1));
+    }
+    for name in there.keys() {
+        // Routers beyond the number wanted now may no longer log in (their
+        // memberships go below).
+        let beyond = (count..64).any(|k| installation.id.router_role(k).as_str() == name);
+        if beyond {
+            sql.push_str(&format!(
+                "ALTER ROLE {} NOLOGIN;\n",
+                postgres_protocol::escape::escape_identifier(name)
+            ));
+        }
+    }
     for k in 0..count {
         let role = installation.id.router_role(k);
         let key = i32::try_from(k).expect("at most 64 routers");
-        let exists = tx
-            .query_opt(
-                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
-                &[&role.as_str()],
-            )
-            .await?
-            .is_some();
+        let state = there.get(role.as_str()).copied();
         let stored: Option<String> = tx
             .query_opt(
                 "SELECT password FROM tenantry.router_logins WHERE router = $1",
@@ -135,21 +152,25 @@ pub async fn ensure(
             )
             .await?
             .map(|row| row.get(0));
-        let password = match (&stored, exists) {
-            (Some(password), true) => password.clone(),
+        let password = match (&stored, state) {
+            (Some(password), Some(true)) => password.clone(),
             _ => {
-                // A new router, or one whose password this installation
-                // does not know (a restore): the stored one, else a new one.
+                // A new router, one whose password this installation does
+                // not know (a restore), or one changed by hand: the stored
+                // password, else a new one; sent as a SCRAM verifier, so
+                // the password itself never reaches the server (or its log).
                 let password = stored.clone().unwrap_or_else(new_password);
-                let literal = postgres_protocol::escape::escape_literal(&password);
-                if exists {
+                let verifier = postgres_protocol::escape::escape_literal(
+                    &postgres_protocol::password::scram_sha_256(password.as_bytes()),
+                );
+                if state.is_some() {
                     sql.push_str(&format!(
-                        "ALTER ROLE {} LOGIN NOINHERIT PASSWORD {literal};\n",
+                        "ALTER ROLE {} LOGIN NOINHERIT PASSWORD {verifier};\n",
                         role.quoted()
                     ));
                 } else {
                     sql.push_str(&format!(
-                        "CREATE ROLE {} LOGIN NOINHERIT PASSWORD {literal};\n",
+                        "CREATE ROLE {} LOGIN NOINHERIT PASSWORD {verifier};\n",
                         role.quoted()
                     ));
                     changed.made += 1;
@@ -163,7 +184,7 @@ pub async fn ensure(
                 password
             }
         };
-        let granted = exists
+        let granted = state.is_some()
             && tx
                 .query_one(HAS_GRANTS, &[&role.as_str()])
                 .await?
@@ -258,6 +279,39 @@ pub async fn ensure(
     tx.batch_execute(&sql).await?;
     tx.commit().await?;
     Ok((logins, changed))
+}
+
+/// Give router `k` a new password (its login failed: a password changed
+/// by hand, or an installation restored by hand with another's passwords).
+pub async fn rekey(
+    client: &mut tokio_postgres::Client,
+    installation: &Installation,
+    k: usize,
+) -> Result<Login, DbError> {
+    let role = installation.id.router_role(k);
+    let password = new_password();
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, 0)",
+        &[&ROUTERS_LOCK_CLASS],
+    )
+    .await?;
+    tx.batch_execute(&format!(
+        "ALTER ROLE {} LOGIN NOINHERIT PASSWORD {}",
+        role.quoted(),
+        postgres_protocol::escape::escape_literal(&postgres_protocol::password::scram_sha_256(
+            password.as_bytes()
+        ))
+    ))
+    .await?;
+    tx.execute(
+        "INSERT INTO tenantry.router_logins (router, password) VALUES ($1, $2)
+         ON CONFLICT (router) DO UPDATE SET password = EXCLUDED.password",
+        &[&i32::try_from(k).expect("at most 64 routers"), &password],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Login { role, password })
 }
 
 /// The logins of the routers `serve` made (for a command that builds the

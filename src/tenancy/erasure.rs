@@ -243,6 +243,15 @@ pub async fn erase(
         )
         .await,
     )?;
+    // Not while `serve` hands tenants to their routers (`db::routers`),
+    // which would grant the role it is dropping.
+    busy_or(
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, 0)",
+            &[&crate::db::routers::ROUTERS_LOCK_CLASS],
+        )
+        .await,
+    )?;
     busy_or(
         tx.batch_execute(&format!(
             "DROP SCHEMA IF EXISTS {s} CASCADE; DROP OWNED BY {r}; DROP ROLE {r};",

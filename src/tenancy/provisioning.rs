@@ -308,10 +308,22 @@ pub async fn provision_in(
     let (role, made_now, spares_left) = if installation.citus {
         (installation.id.tenant_role(username), false, None)
     } else {
-        let claimed = match role_from {
-            RoleFrom::Spare => spares::claim(&**tx, router).await?,
-            RoleFrom::Now => None,
+        // Not while `serve` hands tenants and spares to their routers
+        // (`db::routers::ensure`, which takes this lock exclusively): it
+        // would miss this tenant. Sent with the claim: no round trip more.
+        let lock = tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, 0)",
+            &[&crate::db::routers::ROUTERS_LOCK_CLASS],
+        );
+        let claimed = async {
+            match role_from {
+                RoleFrom::Spare => spares::claim(&**tx, router).await,
+                RoleFrom::Now => Ok(None),
+            }
         };
+        let (locked, claimed) = futures::join!(lock, claimed);
+        locked?;
+        let claimed = claimed?;
         match (claimed, role_from) {
             (Some((role, left)), _) => (role, false, Some(left)),
             // None left: the stock wants making again.

@@ -182,7 +182,19 @@ async fn routed_requests_run_as_the_tenants_router_which_may_become_only_its_own
     }
 
     // A routed transaction logs in as the tenant's router and runs as the
-    // tenant's role.
+    // tenant's role. (No refill meanwhile, which takes this lock: a batch
+    // committed while a new session builds its list of memberships can be
+    // missing from it, a PostgreSQL race that sends the request to the
+    // service instead: `a_request_its_router_may_not_serve_…` below.)
+    let mut holder = app.db().await;
+    let no_refill = holder.transaction().await.unwrap();
+    no_refill
+        .execute(
+            "SELECT pg_advisory_xact_lock($1, 0)",
+            &[&tenantry::tenancy::spares::REFILL_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
     let pool = routed_pool(&app, 4).await;
     assert_eq!(pool.routers(), 4);
     for name in names {
@@ -200,6 +212,7 @@ async fn routed_requests_run_as_the_tenants_router_which_may_become_only_its_own
         assert_eq!(session, format!("tnt_{id}__r{}", router_of(user, 4)));
         assert_eq!(current, app.role_of(name).await);
     }
+    no_refill.commit().await.unwrap();
 
     // A router may not become another router's tenant, has none of its
     // tenants' privileges, and reads nothing of the registry but what
@@ -207,13 +220,24 @@ async fn routed_requests_run_as_the_tenants_router_which_may_become_only_its_own
     let logins = logins(&app).await;
     let ada = user_id(&app, "ada").await;
     let own = &logins[router_of(ada, 4)];
+    // A tenant of another router (user ids are random: sign up until one
+    // falls elsewhere).
     let mut other = None;
-    for name in names {
-        if router_of(user_id(&app, name).await, 4) != router_of(ada, 4) {
+    for i in 0..64 {
+        let name = if i < names.len() {
+            names[i].to_owned()
+        } else {
+            let name = format!("other{i}");
+            app.token(&name).await;
+            name
+        };
+        if router_of(user_id(&app, &name).await, 4) != router_of(ada, 4) {
             other = Some(name);
+            break;
         }
     }
-    let other = other.expect("six tenants on one router of four");
+    let other = other.expect("64 tenants all on one router of four");
+    let other = other.as_str();
     let router = connect_as(&app, own).await;
     let refused = router
         .batch_execute(&format!("SET ROLE \"{}\"", app.role_of(other).await))
@@ -382,4 +406,81 @@ async fn a_tenant_whose_router_is_busy_is_served_by_the_service_after_a_short_wa
     assert_eq!(rows[0].get::<_, String>(0), service_role(&app.db_name));
     assert_eq!(rows[0].get::<_, String>(1), app.role_of("ned").await);
     drop(held);
+}
+
+/// Whether some session of `db` waits for the advisory lock of `class`.
+async fn waits_on(admin: &tokio_postgres::Client, class: i32) -> bool {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+               AND classid = $1::int4::oid
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[&class],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+}
+
+#[tokio::test]
+async fn a_signup_in_flight_during_the_hand_over_is_handed_to_its_router() {
+    let db = create_database().await;
+    // The signup's template waits for a lock the test holds: the signup is
+    // inside its transaction, its role made, until the test lets it go.
+    let templates = templates_dir_with(&[(
+        "V2__wait.sql",
+        "SELECT pg_catalog.pg_advisory_xact_lock(4242);",
+    )]);
+    let mut env = cli_env(&db);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    let published = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let gate = connect(&db).await;
+    gate.execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    // A command made without routers (none yet): its role is made now.
+    let mut signup = spawn_tenants_create(&env, "olga").await;
+    let admin = connect(&db).await;
+    until("the signup waits inside its transaction", || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND objid = 4242
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    // `serve` with routers starts meanwhile: its hand-over waits for the
+    // signup in flight.
+    let mut settings = test_settings(&db);
+    settings.templates_dir = Some(templates.clone());
+    settings.router_roles = 4;
+    let serve = tokio::spawn(spawn_app_on(settings, db.clone()));
+    until("the hand-over waits for the signup", || async {
+        waits_on(&admin, routers::ROUTERS_LOCK_CLASS).await
+    })
+    .await;
+    gate.execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    assert!(signup.wait().await.unwrap().success());
+    let app = serve.await.unwrap();
+    // The tenant that committed while the hand-over waited is its router's.
+    let user = user_id(&app, "olga").await;
+    let role = app.role_of("olga").await;
+    let id = app.installation_id().await;
+    let of = memberships(&app).await;
+    assert_eq!(
+        of.get(&format!("tnt_{id}__r{}", router_of(user, 4))),
+        Some(&BTreeSet::from([role])),
+        "{of:?}"
+    );
+    assert_eq!(of, wanted(&app, 4).await);
 }

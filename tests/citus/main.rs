@@ -136,7 +136,7 @@ impl App {
             metrics_token: None,
             export_concurrency: 4,
             spare_roles: 0,
-            router_roles: 0,
+            router_roles: 8,
             extra_connections: 16,
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),
@@ -280,6 +280,18 @@ async fn bootstrap_on_citus(citus: &Citus, _app: &App) {
         .unwrap()
         .get(0);
     assert_eq!(mode, "citus");
+    // `serve` asked for 8 router roles (`db::routers`): on Citus, where
+    // Citus reaches the workers as the current role, it makes none.
+    let routers: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_roles r, tenantry.installation i
+             WHERE starts_with(r.rolname, 'tnt_' || i.id || '__r') OR i.routers <> 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(routers, 0, "no router roles on Citus");
     let not_reference: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

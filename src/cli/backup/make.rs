@@ -125,6 +125,9 @@ async fn dump(
         "--format=custom".into(),
         "--no-password".into(),
         format!("--snapshot={snapshot}").into(),
+        // The routers' live passwords stay out (`serve` gives restored
+        // routers new ones: db::routers).
+        "--exclude-table-data=tenantry.router_logins".into(),
         file,
     ];
     let took = tools::run(pg_dump, &args, env, "dumping the database", Some(&dump)).await?;

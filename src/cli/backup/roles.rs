@@ -94,9 +94,13 @@ pub async fn read(
         let (granted, member): (String, String) = (row.get(0), row.get(1));
         left_out.push(format!("membership of {member} in {granted}"));
     }
+    // Named r0 to r<n-1>: a restore makes that many (one dropped by hand
+    // leaves a gap, which a restore fills).
     let routers: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_catalog.pg_roles WHERE starts_with(rolname, $1)",
+            "SELECT coalesce(max(substr(rolname, length($1) + 1)::int) + 1, 0)::int8
+             FROM pg_catalog.pg_roles
+             WHERE starts_with(rolname, $1) AND substr(rolname, length($1) + 1) ~ '^[0-9]{1,2}$'",
             &[&id.router_prefix()],
         )
         .await?
@@ -175,12 +179,11 @@ impl Plan {
             return sql;
         }
         if self.routers.contains(role) {
-            if create {
-                sql.push_str(&format!(
-                    "CREATE ROLE {} NOLOGIN NOINHERIT;\n",
-                    role.quoted()
-                ));
-            }
+            let verb = if create { "CREATE" } else { "ALTER" };
+            sql.push_str(&format!(
+                "{verb} ROLE {} NOLOGIN NOINHERIT;\n",
+                role.quoted()
+            ));
             return sql;
         }
         let (_, spec) = self
@@ -261,7 +264,9 @@ pub async fn existing(
     {
         let name: String = row.get(0);
         let (login, privileged, used): (bool, bool, bool) = (row.get(1), row.get(2), row.get(3));
-        if privileged || Some(&login) != logins.get(name.as_str()) {
+        // A router may log in (`serve` made it so); it is made bare again.
+        let router = plan.routers.iter().any(|r| r.as_str() == name);
+        if privileged || (!router && Some(&login) != logins.get(name.as_str())) {
             return Err(Failure::Usage(format!(
                 "role {name} exists in this cluster with other attributes than Tenantry gives it: \
                  it is not this installation's; drop or rename it, or restore into another cluster"
