@@ -135,6 +135,34 @@ impl Via {
     }
 }
 
+/// `attempt` through the tenant's own connection, and after a refused
+/// `SET ROLE` again as [`Via::after_refusal`] says ([`mend`]ing first for
+/// the last try).
+async fn refusals_retried<T, Fut>(
+    pool: &(impl TenantPool + Sync),
+    caller: Caller,
+    mut attempt: impl FnMut(Via) -> Fut,
+) -> Result<T, RoutingError>
+where
+    Fut: std::future::Future<Output = Result<T, RoutingError>>,
+{
+    let mut via = Via::Router;
+    loop {
+        match attempt(via).await {
+            Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
+                Some(next) => {
+                    if next.mends() {
+                        mend(pool, caller.user_id, &e).await;
+                    }
+                    via = next;
+                }
+                None => return Err(RoutingError::RoleRefused(e)),
+            },
+            done => return done,
+        }
+    }
+}
+
 /// The SQLSTATE of `tenantry.refuse_suspended()` (V15).
 const SUSPENDED: &str = "TS403";
 
@@ -233,21 +261,7 @@ impl TenantTx {
         caller: Caller,
         access: Access,
     ) -> Result<TenantTx, RoutingError> {
-        let mut via = Via::Router;
-        loop {
-            match Self::enter(pool, caller, access, via).await {
-                Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
-                    Some(next) => {
-                        if next.mends() {
-                            mend(pool, caller.user_id, &e).await;
-                        }
-                        via = next;
-                    }
-                    None => return Err(RoutingError::RoleRefused(e)),
-                },
-                entered => return entered,
-            }
-        }
+        refusals_retried(pool, caller, |via| Self::enter(pool, caller, access, via)).await
     }
 
     async fn enter(
@@ -322,21 +336,10 @@ impl TenantTx {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, RoutingError> {
-        let mut via = Via::Router;
-        loop {
-            match Self::once_entered(pool, caller, access, sql, params, via).await {
-                Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
-                    Some(next) => {
-                        if next.mends() {
-                            mend(pool, caller.user_id, &e).await;
-                        }
-                        via = next;
-                    }
-                    None => return Err(RoutingError::RoleRefused(e)),
-                },
-                done => return done,
-            }
-        }
+        refusals_retried(pool, caller, |via| {
+            Self::once_entered(pool, caller, access, sql, params, via)
+        })
+        .await
     }
 
     async fn once_entered(

@@ -181,6 +181,14 @@ pub const CONNECTIONS_PER_SHARD: usize = 4;
 /// whichever connection frees first ([`RequestPool::get_for_tenant`]).
 pub const AFFINITY_WAIT: Duration = Duration::from_millis(5);
 
+/// With router roles, how long a tenant's request waits for its router's
+/// connections before it takes one of the service's: longer, because a
+/// service session pays the whole fleet's membership list on its first
+/// `SET ROLE` after any role change (0.3 s at 10,000 tenants), while a
+/// router's connections are only ever briefly busy rebuilding theirs
+/// (~10 ms; `scripts/bench-scale-node`).
+pub const ROUTED_AFFINITY_WAIT: Duration = Duration::from_millis(50);
+
 /// How often a request past [`AFFINITY_WAIT`] looks for an idle connection
 /// of another shard.
 pub const AFFINITY_POLL: Duration = Duration::from_millis(2);
@@ -316,7 +324,7 @@ impl RequestPool {
         let own = &self.tenant_shards()[self.shard_of(user)];
         if free(own) > 0 || self.routed.is_some() {
             // With routers, the service's connections are a tenant's only
-            // after [`AFFINITY_WAIT`] (`checkout`): a service session pays
+            // after [`ROUTED_AFFINITY_WAIT`] (`checkout`): a service session pays
             // the whole fleet's membership list on its first `SET ROLE`.
             return own;
         }
@@ -408,7 +416,11 @@ impl RequestPool {
         if self.routed.is_none() && self.shards.len() == 1 {
             return own.await;
         }
-        let mut pause = AFFINITY_WAIT;
+        let mut pause = if self.routed.is_some() {
+            ROUTED_AFFINITY_WAIT
+        } else {
+            AFFINITY_WAIT
+        };
         loop {
             tokio::select! {
                 biased;
