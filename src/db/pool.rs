@@ -432,9 +432,10 @@ impl RequestPool {
             // another router's tenant.
             for other in self.shards.iter().filter(|p| !std::ptr::eq(*p, pool)) {
                 // An idle connection; with routers also room for a new one
-                // in the service's shard (only ever asked for here).
+                // in the service's shard, but never its last half: signups
+                // and all other work that is no tenant's run there.
                 let room = if self.routed.is_some() {
-                    free(other)
+                    free(other).saturating_sub(other.status().max_size / 2)
                 } else {
                     other.status().available
                 };
