@@ -35,6 +35,11 @@ pub const HISTORY_TABLE: &str = "refinery_schema_history";
 /// (`tenantry.lock_tenant`, `tenantry.fleet_claim`).
 pub const TENANT_LOCK_CLASS: i32 = 1_953_395_828;
 
+/// The class of the transaction-level advisory lock a refill of spare
+/// tenant roles holds (`tenancy::spares::refill`), and the router roles'
+/// hand-over too (`routers::ensure`, which deals spares out to routers).
+pub const REFILL_LOCK_CLASS: i32 = 0x737072; // 'spr'
+
 /// The class of a tenant's export admission (same second key): an export
 /// is admitted only while nobody waits for the tenant exclusively
 /// (`tenantry.lock_tenant`).

@@ -102,7 +102,7 @@ pub async fn ensure(
     // A refill assigns spares to routers: not while they are handed over.
     tx.execute(
         "SELECT pg_catalog.pg_advisory_xact_lock($1, 0)",
-        &[&crate::tenancy::spares::REFILL_LOCK_CLASS],
+        &[&super::REFILL_LOCK_CLASS],
     )
     .await?;
     let routers = i32::try_from(count).unwrap_or(i32::MAX);

@@ -39,7 +39,7 @@ use crate::domain::RoleName;
 
 /// The class of the transaction-level advisory lock a refill holds: two
 /// processes refilling at once make one batch between them.
-pub const REFILL_LOCK_CLASS: i32 = 0x737072; // 'spr'
+pub const REFILL_LOCK_CLASS: i32 = crate::db::REFILL_LOCK_CLASS;
 
 /// Take one spare (the first one no other transaction holds) inside the
 /// caller's transaction: its name and how many spares there were besides
