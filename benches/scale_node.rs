@@ -30,7 +30,12 @@
 //! No thresholds: the figures are for reading side by side.
 //!
 //! Usage: `cargo bench --bench scale_node -- [N] [SECONDS]` (defaults
-//! 10000 and 10), or `scripts/bench-scale-node [N] [SECONDS]`.
+//! 10000 and 10), or `scripts/bench-scale-node [N] [SECONDS]`. With
+//! `SCALE_NODE_KEEP=DIR` the service's cluster stays in DIR, and a later
+//! run with the same N starts the service on it and measures phases 2 and
+//! 3 only (about a minute instead of twenty): to try a change against a
+//! large fleet. `SCALE_NODE_PG="name=value,…"` adds server settings
+//! (`log_min_duration_statement=20`, say).
 
 mod common;
 
@@ -85,9 +90,22 @@ async fn main() {
     let seconds: u64 = common::arg(1, "SECONDS", 10);
     let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale-node installs it)");
 
-    let bench = bench_db("scale-node", &[]).await;
-    let service = start(&bench).await;
-    let raw = raw_side().await;
+    // SCALE_NODE_KEEP=DIR keeps the service's cluster in DIR after the run;
+    // a later run with the same N starts from it, skipping phase 1 and the
+    // raw side (to try a change of the service against a large fleet in a
+    // minute). SCALE_NODE_PG="name=value,…" adds server settings.
+    let keep = std::env::var_os("SCALE_NODE_KEEP").map(std::path::PathBuf::from);
+    let kept = keep.as_ref().is_some_and(|dir| dir.join("ready").exists());
+    let extra = std::env::var("SCALE_NODE_PG").unwrap_or_default();
+    let settings: Vec<(&str, &str)> = extra
+        .split(',')
+        .filter_map(|setting| setting.split_once('='))
+        .collect();
+    let bench = match &keep {
+        Some(dir) => common::bench_db_in(dir.clone(), &settings).await,
+        None => bench_db("scale-node", &settings).await,
+    };
+    let service = start(&bench, kept).await;
     let version: String = db::connect(&service.superuser)
         .await
         .unwrap()
@@ -103,28 +121,43 @@ async fn main() {
     );
     println!("PostgreSQL {version}, embedded default settings; {n} tenants\n");
 
-    let started = Instant::now();
-    let seeding = signups(&service, &raw, n).await;
-    println!(
-        "(phase 1 took {:.0} s, giving the tenants their rows {:.0} s of it)\n",
-        started.elapsed().as_secs_f64(),
-        seeding.as_secs_f64()
-    );
-    reads(&service, &bench, &wrk, n, seconds).await;
-    raw_reads(&raw, n, seconds).await;
-    raw.bench.cluster.stop().unwrap();
-    let _ = std::fs::remove_dir_all(&raw.bench.dir);
-    drop(raw);
+    if kept {
+        println!(
+            "(the fleet kept in {}: phase 1 and the raw side skipped)\n",
+            bench.dir.display()
+        );
+        reads(&service, &bench, &wrk, n, seconds).await;
+    } else {
+        let raw = raw_side().await;
+        let started = Instant::now();
+        let seeding = signups(&service, &raw, n).await;
+        println!(
+            "(phase 1 took {:.0} s, giving the tenants their rows {:.0} s of it)\n",
+            started.elapsed().as_secs_f64(),
+            seeding.as_secs_f64()
+        );
+        reads(&service, &bench, &wrk, n, seconds).await;
+        raw_reads(&raw, n, seconds).await;
+        raw.bench.cluster.stop().unwrap();
+        let _ = std::fs::remove_dir_all(&raw.bench.dir);
+    }
     first_set_role(&service).await;
 
     bench.cluster.stop().unwrap();
-    let _ = std::fs::remove_dir_all(&bench.dir);
+    match keep {
+        Some(dir) => std::fs::write(dir.join("ready"), n.to_string()).unwrap(),
+        None => {
+            let _ = std::fs::remove_dir_all(&bench.dir);
+        }
+    }
 }
 
 /// The service's own database and non-superuser role (as in production),
 /// bootstrapped with the built-in templates published; the service on it.
-async fn start(bench: &BenchDb) -> Service {
-    common::service_database(bench, "node").await;
+async fn start(bench: &BenchDb, kept: bool) -> Service {
+    if !kept {
+        common::service_database(bench, "node").await;
+    }
     let socket = bench.running.socket_dir.display();
     let port = bench.running.port;
     let service_url = format!("host={socket} port={port} user=node_svc dbname=node");
@@ -132,7 +165,9 @@ async fn start(bench: &BenchDb) -> Service {
     let role: tokio_postgres::Config = service_url.parse().unwrap();
     let mut boot = db::connect(&role).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
-    common::builtin_published(&boot, &installation).await;
+    if !kept {
+        common::builtin_published(&boot, &installation).await;
+    }
     let anchors = bench.dir.join("audit-anchors");
     let (address, _server) = start_service(&service_url, SECRET, &bench.dir, anchors).await;
     Service {
@@ -501,21 +536,32 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
             Answers::Counted,
         )
     };
+    // Reads beside a signup stream: the reads and the signups.
+    let beside_signups = || async {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stream = tokio::spawn(signup_stream(
+            service.http.clone(),
+            service.address.clone(),
+            stopped,
+        ));
+        let run = read().await;
+        stop.send(()).unwrap();
+        (run, stream.await.unwrap())
+    };
     // The pool's tenant connections are new after the signups (which ran
     // on the service's own), and a backend's first read of a tenant builds
-    // its caches: one run first to warm them, so that quiet and beside
-    // compare the same state.
-    let warm = read().await;
+    // its caches; the service's own connections are new too: one run first,
+    // beside signups, to warm both as a service taking signups has them,
+    // so that quiet and beside compare the same state.
+    // When each run starts, on stderr: to find it in the server's log.
+    let mark = |run: &str| eprintln!("{} {run}", chrono::Utc::now().format("%H:%M:%S%.3f"));
+    mark("warm-up");
+    let (warm, _) = beside_signups().await;
+    mark("quiet");
     let quiet = read().await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let stream = tokio::spawn(signup_stream(
-        service.http.clone(),
-        service.address.clone(),
-        stopped,
-    ));
-    let beside = read().await;
-    stop.send(()).unwrap();
-    let signups = stream.await.unwrap();
+    mark("beside");
+    let (beside, signups) = beside_signups().await;
+    mark("end");
     let refused: Vec<&str> = signups
         .iter()
         .filter_map(|s| s.as_ref().err().map(|Refused(_, why)| why.as_str()))
@@ -540,7 +586,7 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
             run.rate, run.p50_ms, run.p99_ms, run.errors
         )
     };
-    line("warm-up (not compared)", &warm);
+    line("warm-up beside signups", &warm);
     line("quiet", &quiet);
     line(&format!("beside {SIGNUPS_PER_SECOND} signups/s"), &beside);
     if quiet.errors + beside.errors > 0 {
@@ -691,7 +737,9 @@ async fn signup_stream(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let name = format!("stream{}", in_flight.len());
+                // Unique across streams and runs on a kept fleet.
+                static MADE: AtomicUsize = AtomicUsize::new(0);
+                let name = format!("stream{}x{}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed));
                 let service = service.clone();
                 in_flight.push(tokio::spawn(async move {
                     let (http, address) = &*service;
@@ -724,7 +772,7 @@ async fn first_set_role(service: &Service) {
     for round in 0..ROUNDS {
         let warm = db::connect(&service.role).await.unwrap();
         set_role(&warm, &role).await;
-        sign_up_surely(service, format!("late{round}")).await;
+        sign_up_surely(service, format!("late{}x{round}", std::process::id())).await;
         let fresh = db::connect(&service.role).await.unwrap();
         first.push(set_role(&fresh, &role).await);
         next.push(set_role(&fresh, &role).await);
@@ -754,7 +802,7 @@ async fn first_set_role(service: &Service) {
             .get(0);
         let mut first_router = Vec::new();
         for round in 0..ROUNDS {
-            sign_up_surely(service, format!("later{round}")).await;
+            sign_up_surely(service, format!("later{}x{round}", std::process::id())).await;
             let fresh = db::connect(&login).await.unwrap();
             first_router.push(set_role(&fresh, &role).await);
         }

@@ -392,6 +392,9 @@ impl Application {
                 settings.maintenance_interval,
             )
             .await;
+        if let Err(e) = pool.open_service().await {
+            tracing::warn!(error = %e, "cannot open the service's connections ahead");
+        }
         let state = web::Data::new(AppState {
             pool: pool.clone(),
             connector,

@@ -43,6 +43,12 @@ pub struct BenchDb {
 /// process, with `settings`, create and bootstrap the `bench` database.
 pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
     let dir = std::env::temp_dir().join(format!("tenantry-{name}-{}", std::process::id()));
+    bench_db_in(dir, settings).await
+}
+
+/// The same in `dir`, which may hold such a cluster from an earlier run
+/// (then it is started again and its `bench` database kept).
+pub async fn bench_db_in(dir: PathBuf, settings: &[(&str, &str)]) -> BenchDb {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
     let cluster = Cluster::open(&dir).expect("open cluster");
@@ -50,7 +56,14 @@ pub async fn bench_db(name: &str, settings: &[(&str, &str)]) -> BenchDb {
     let admin = db::connect(&cluster.pg_config(&running, "postgres"))
         .await
         .unwrap();
-    admin.batch_execute("CREATE DATABASE bench").await.unwrap();
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'bench'", &[])
+        .await
+        .unwrap()
+        .is_some();
+    if !exists {
+        admin.batch_execute("CREATE DATABASE bench").await.unwrap();
+    }
     let target = Target {
         connector: db::Connector::plain(cluster.pg_config(&running, "bench")),
         embedded: None,

@@ -272,7 +272,11 @@ impl Keeper {
             };
             match refill(&mut client, &installation, target).await {
                 Ok(0) => {}
-                Ok(made) => tracing::info!(made, "made spare tenant roles"),
+                Ok(made) => {
+                    tracing::info!(made, "made spare tenant roles");
+                    drop(client);
+                    pool.warm_service().await;
+                }
                 Err(e) => tracing::warn!(error = %e, "making spare tenant roles failed"),
             }
         };

@@ -484,3 +484,76 @@ async fn a_signup_in_flight_during_the_hand_over_is_handed_to_its_router() {
     );
     assert_eq!(of, wanted(&app, 4).await);
 }
+
+#[tokio::test]
+async fn a_router_whose_password_was_changed_by_hand_is_given_a_new_one_at_start() {
+    let app = spawn_app_with(|s| s.router_roles = 2).await;
+    let token = app.token("nat").await;
+    let before = logins(&app).await;
+    // Changed by hand (or restored from another installation): the
+    // password the service keeps no longer logs in.
+    let admin = app.db().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {} PASSWORD 'changed by hand'",
+            before[0].role.quoted()
+        ))
+        .await
+        .unwrap();
+    // Over TCP, where the test cluster asks for passwords (its Unix
+    // socket trusts every role, so no password could fail there).
+    let svc = service_role(&app.db_name);
+    admin
+        .batch_execute(&format!("ALTER ROLE {svc} PASSWORD 'service password'"))
+        .await
+        .unwrap();
+    let mut settings = test_settings(&app.db_name);
+    settings.router_roles = 2;
+    settings.database = tenantry::configuration::DatabaseTarget::Url(
+        tenantry::configuration::SecretString::new(format!(
+            "host=127.0.0.1 port={} user={svc} password='service password' dbname={}",
+            CLUSTER.running.port, app.db_name
+        )),
+    );
+
+    let again = spawn_app_on(settings, app.db_name.clone()).await;
+    let after = logins(&again).await;
+    assert_eq!(after.len(), 2);
+    assert_eq!(after[0].role, before[0].role);
+    assert_ne!(after[0].password, before[0].password, "router 0 re-keyed");
+    assert_eq!(after[1].password, before[1].password, "router 1 untouched");
+    // The pool logs in as the routers again (with the new password over
+    // TCP), not as the service.
+    let metrics = again.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "tenantry_router_roles 2"),
+        "{metrics}"
+    );
+    let seen = again
+        .call(Method::GET, "/api/experiences", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen.status(), 200);
+}
+
+#[tokio::test]
+async fn with_routers_serve_opens_the_services_own_connections_before_it_listens() {
+    // Each of them builds the whole fleet's list of roles the service may
+    // become as it opens (`db::WARM_MEMBERSHIPS`), so no signup opens one.
+    let app = spawn_app_with(|s| s.router_roles = 2).await;
+    // Pool size 20: a service shard of max(4, 20 / 4) = 5 connections,
+    // all open before the first request.
+    let open = app
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE usename = $1 AND application_name = 'tenantry'",
+            &[&service_role(&app.db_name)],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert!(open >= 5, "{open} service connections open");
+}
