@@ -30,7 +30,7 @@
 //! No thresholds: the figures are for reading side by side.
 //!
 //! Usage: `cargo bench --bench scale_node -- [N] [SECONDS]` (defaults
-//! 10000 and 10), or `scripts/bench-scale-node [N] [SECONDS]`. With
+//! 10000 and 30), or `scripts/bench-scale-node [N] [SECONDS]`. With
 //! `SCALE_NODE_KEEP=DIR` the service's cluster stays in DIR, and a later
 //! run with the same N starts the service on it and measures phases 2 and
 //! 3 only (about a minute instead of twenty): to try a change against a
@@ -87,7 +87,7 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let n: usize = common::arg(0, "N", 10_000);
-    let seconds: u64 = common::arg(1, "SECONDS", 10);
+    let seconds: u64 = common::arg(1, "SECONDS", 30);
     let wrk = which("wrk").expect("wrk is not installed (scripts/bench-scale-node installs it)");
 
     // SCALE_NODE_KEEP=DIR keeps the service's cluster in DIR after the run;

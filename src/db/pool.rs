@@ -146,10 +146,9 @@ pub fn pool_with(
 /// (what `SET ROLE` checks, cached per session until the next role change
 /// anywhere): for the service, a member of every tenant role, that is the
 /// whole fleet's list, 0.3–0.4 s at 10,000 tenants on PostgreSQL 15.
-/// Run by the routed pool's service shard on each new connection and
-/// after each batch of spare roles ([`RequestPool::warm_service`]), so
-/// that a signup does not pay it. `pg_monitor` exists everywhere; the
-/// answer does not matter.
+/// Run by the routed pool's service shard on each new connection, so that
+/// a signup does not pay it. `pg_monitor` exists everywhere; the answer
+/// does not matter.
 pub const WARM_MEMBERSHIPS: &str =
     "SELECT pg_catalog.pg_has_role(current_user, 'pg_monitor', 'MEMBER')";
 
@@ -531,33 +530,6 @@ impl RequestPool {
             }
         }
         Ok(())
-    }
-
-    /// With router roles, the service's idle connections build their list
-    /// of roles again ([`WARM_MEMBERSHIPS`]), one at a time: after a batch
-    /// of spare roles reset every session's, so that the next signup on
-    /// each does not wait for it. A connection in use is skipped (it
-    /// rebuilds its list at its next role check).
-    pub async fn warm_service(&self) {
-        if self.routed.is_none() {
-            return;
-        }
-        for shard in self.shards.iter() {
-            let now = deadpool_postgres::Timeouts {
-                wait: Some(Duration::ZERO),
-                ..shard.timeouts()
-            };
-            // Idle connections come back in turn (deadpool's queue is
-            // first in, first out): each once.
-            for _ in 0..shard.status().available {
-                let Ok(connection) = shard.timeout_get(&now).await else {
-                    break;
-                };
-                if let Err(e) = connection.batch_execute(WARM_MEMBERSHIPS).await {
-                    tracing::debug!(error = %e, "warming a service connection failed");
-                }
-            }
-        }
     }
 
     /// How many routers the pool's tenant connections log in as (0: they

@@ -209,29 +209,26 @@ pub async fn ensure(
         &[&routers],
     )
     .await?;
-    // Every tenant role and spare that exists, with the router it belongs to.
+    // Every tenant role and spare that exists, with the router it belongs
+    // to: a tenant's by its user id, a spare's as dealt out above.
     let mut wanted = std::collections::HashMap::new();
     for row in tx
         .query(
-            "SELECT t.role_name, t.user_id FROM tenantry.tenants t
-             WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = t.role_name)",
-            &[],
-        )
-        .await?
-    {
-        let user: Uuid = row.get(1);
-        wanted.insert(row.get::<_, String>(0), router_of(user, count));
-    }
-    for row in tx
-        .query(
-            "SELECT s.role_name, s.router FROM tenantry.spare_roles s
+            "SELECT t.role_name, t.user_id, NULL::int4 FROM tenantry.tenants t
+             WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = t.role_name)
+             UNION ALL
+             SELECT s.role_name, NULL::uuid, s.router FROM tenantry.spare_roles s
              WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)",
             &[],
         )
         .await?
     {
-        let router: i32 = row.get(1);
-        wanted.insert(row.get::<_, String>(0), router as usize);
+        let router = match (row.get::<_, Option<Uuid>>(1), row.get::<_, Option<i32>>(2)) {
+            (Some(user), _) => router_of(user, count),
+            (None, Some(k)) => usize::try_from(k).unwrap_or(0),
+            (None, None) => continue,
+        };
+        wanted.insert(row.get::<_, String>(0), router);
     }
     // The routers' memberships as they are.
     let mut have = std::collections::HashSet::new();

@@ -272,11 +272,7 @@ impl Keeper {
             };
             match refill(&mut client, &installation, target).await {
                 Ok(0) => {}
-                Ok(made) => {
-                    tracing::info!(made, "made spare tenant roles");
-                    drop(client);
-                    pool.warm_service().await;
-                }
+                Ok(made) => tracing::info!(made, "made spare tenant roles"),
                 Err(e) => tracing::warn!(error = %e, "making spare tenant roles failed"),
             }
         };
