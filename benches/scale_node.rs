@@ -33,7 +33,7 @@
 //! 10000 and 30), or `scripts/bench-scale-node [N] [SECONDS]`. With
 //! `SCALE_NODE_KEEP=DIR` the service's cluster stays in DIR, and a later
 //! run with the same N starts the service on it and measures phases 2 and
-//! 3 only (about a minute instead of twenty): to try a change against a
+//! 3 only (about two minutes instead of twenty): to try a change against a
 //! large fleet. `SCALE_NODE_PG="name=value,…"` adds server settings
 //! (`log_min_duration_statement=20`, say).
 
@@ -57,6 +57,20 @@ const WRK_CONNECTIONS: usize = 8;
 const SIGNUPS_PER_SECOND: u64 = 2;
 const ROUNDS: usize = 5;
 const PASSWORD: &str = "a perfectly fine password";
+
+/// This run's random id: the names it signs up are unique across runs on a
+/// kept fleet.
+fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_owned())
+}
+
+/// Whether the fleet is new or kept from an earlier run (`SCALE_NODE_KEEP`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fleet {
+    New,
+    Kept,
+}
 
 /// The service side: its address, its role's connection settings, the
 /// database as a superuser.
@@ -95,7 +109,11 @@ async fn main() {
     // raw side (to try a change of the service against a large fleet in a
     // minute). SCALE_NODE_PG="name=value,…" adds server settings.
     let keep = std::env::var_os("SCALE_NODE_KEEP").map(std::path::PathBuf::from);
-    let kept = keep.as_ref().is_some_and(|dir| dir.join("ready").exists());
+    let fleet = if keep.as_ref().is_some_and(|dir| dir.join("ready").exists()) {
+        Fleet::Kept
+    } else {
+        Fleet::New
+    };
     let extra = std::env::var("SCALE_NODE_PG").unwrap_or_default();
     let settings: Vec<(&str, &str)> = extra
         .split(',')
@@ -105,7 +123,7 @@ async fn main() {
         Some(dir) => common::bench_db_in(dir.clone(), &settings).await,
         None => bench_db("scale-node", &settings).await,
     };
-    let service = start(&bench, kept).await;
+    let service = start(&bench, fleet).await;
     let version: String = db::connect(&service.superuser)
         .await
         .unwrap()
@@ -121,7 +139,7 @@ async fn main() {
     );
     println!("PostgreSQL {version}, embedded default settings; {n} tenants\n");
 
-    if kept {
+    if fleet == Fleet::Kept {
         println!(
             "(the fleet kept in {}: phase 1 and the raw side skipped)\n",
             bench.dir.display()
@@ -154,8 +172,8 @@ async fn main() {
 
 /// The service's own database and non-superuser role (as in production),
 /// bootstrapped with the built-in templates published; the service on it.
-async fn start(bench: &BenchDb, kept: bool) -> Service {
-    if !kept {
+async fn start(bench: &BenchDb, fleet: Fleet) -> Service {
+    if fleet == Fleet::New {
         common::service_database(bench, "node").await;
     }
     let socket = bench.running.socket_dir.display();
@@ -165,7 +183,7 @@ async fn start(bench: &BenchDb, kept: bool) -> Service {
     let role: tokio_postgres::Config = service_url.parse().unwrap();
     let mut boot = db::connect(&role).await.unwrap();
     let (installation, _) = db::bootstrap(&mut boot).await.unwrap();
-    if !kept {
+    if fleet == Fleet::New {
         common::builtin_published(&boot, &installation).await;
     }
     let anchors = bench.dir.join("audit-anchors");
@@ -559,9 +577,31 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
     let (warm, _) = beside_signups().await;
     mark("quiet");
     let quiet = read().await;
+    // Whether a batch of spare roles commits during the run (one per ~500
+    // signups; it resets every session's membership list): said with
+    // the figures, which it changes.
+    let newest_spare = || async {
+        admin
+            .query_one(
+                "SELECT coalesce(max(made_at), '-infinity')::text FROM tenantry.spare_roles",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let before = newest_spare().await;
     mark("beside");
     let (beside, signups) = beside_signups().await;
     mark("end");
+    let batch: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM tenantry.spare_roles WHERE made_at > $1::text::timestamptz",
+            &[&before],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let refused: Vec<&str> = signups
         .iter()
         .filter_map(|s| s.as_ref().err().map(|Refused(_, why)| why.as_str()))
@@ -612,6 +652,9 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
             percentile_ms(&latencies, 0.99),
             percentile_ms(&latencies, 1.0)
         );
+    }
+    if batch > 0 {
+        println!("  (a batch of spare roles committed during the run: {batch} made)");
     }
     match refused.first() {
         None => println!(),
@@ -739,7 +782,7 @@ async fn signup_stream(
             _ = tick.tick() => {
                 // Unique across streams and runs on a kept fleet.
                 static MADE: AtomicUsize = AtomicUsize::new(0);
-                let name = format!("stream{}x{}", std::process::id(), MADE.fetch_add(1, Ordering::Relaxed));
+                let name = format!("stream{}x{}", run_id(), MADE.fetch_add(1, Ordering::Relaxed));
                 let service = service.clone();
                 in_flight.push(tokio::spawn(async move {
                     let (http, address) = &*service;
@@ -772,7 +815,7 @@ async fn first_set_role(service: &Service) {
     for round in 0..ROUNDS {
         let warm = db::connect(&service.role).await.unwrap();
         set_role(&warm, &role).await;
-        sign_up_surely(service, format!("late{}x{round}", std::process::id())).await;
+        sign_up_surely(service, format!("late{}x{round}", run_id())).await;
         let fresh = db::connect(&service.role).await.unwrap();
         first.push(set_role(&fresh, &role).await);
         next.push(set_role(&fresh, &role).await);
@@ -802,7 +845,7 @@ async fn first_set_role(service: &Service) {
             .get(0);
         let mut first_router = Vec::new();
         for round in 0..ROUNDS {
-            sign_up_surely(service, format!("later{}x{round}", std::process::id())).await;
+            sign_up_surely(service, format!("later{}x{round}", run_id())).await;
             let fresh = db::connect(&login).await.unwrap();
             first_router.push(set_role(&fresh, &role).await);
         }

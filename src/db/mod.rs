@@ -22,7 +22,7 @@ pub use connector::{
 };
 pub use pool::{
     pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool, AFFINITY_POLL,
-    AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
+    AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET, WARM_MEMBERSHIPS,
 };
 
 /// The name of the per-tenant history table: refinery's own default, in the

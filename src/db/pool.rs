@@ -126,40 +126,49 @@ pub fn pool(
     pool_with(&Connector::plain(config), size, limits, Retire::Exactly)
 }
 
-/// The service's pool. `Fast` recycling (is the socket open?) is enough
-/// because nothing session-level stays on a connection that goes back:
-/// routing is transaction-local (`routing::TenantTx`), and every path that
-/// runs tenant SQL ends with [`SESSION_RESET`]; a connection whose
-/// transaction did not end cleanly is discarded, never returned.
-/// Requests fail fast while the database is down: connecting is bounded
-/// by `create_timeout`, waiting for a free connection by `wait_timeout`.
+/// The service's pool: [`pool_on`] with nothing run on a new connection.
 pub fn pool_with(
     connector: &Connector,
     size: usize,
     limits: ConnectionLimits,
     retire: Retire,
 ) -> Result<Pool, DbError> {
-    pool_warmed(connector, size, limits, retire, false)
+    pool_on(connector, size, limits, retire, OnOpen::Nothing)
 }
 
-/// Builds the list of roles the session's login role is a member of
-/// (what `SET ROLE` checks, cached per session until the next role change
-/// anywhere): for the service, a member of every tenant role, that is the
-/// whole fleet's list, 0.3–0.4 s at 10,000 tenants on PostgreSQL 15.
-/// Run by the routed pool's service shard on each new connection, so that
-/// a signup does not pay it. `pg_monitor` exists everywhere; the answer
-/// does not matter.
-pub const WARM_MEMBERSHIPS: &str =
-    "SELECT pg_catalog.pg_has_role(current_user, 'pg_monitor', 'MEMBER')";
+/// Builds the list of roles the session's login role may become (what
+/// `SET ROLE` checks: `MEMBER` on PostgreSQL 15, `SET` from 16 on, each its
+/// own cache, kept per session until the next role change anywhere): for
+/// the service, a member of every tenant role, that is the whole fleet's
+/// list, 0.3–0.4 s at 10,000 tenants on PostgreSQL 15. `pg_monitor` exists
+/// everywhere; the answer does not matter.
+pub const WARM_MEMBERSHIPS: &str = "SELECT pg_catalog.pg_has_role(current_user, 'pg_monitor', \
+     CASE WHEN pg_catalog.current_setting('server_version_num')::int4 >= 160000 \
+          THEN 'SET' ELSE 'MEMBER' END)";
 
-/// [`pool_with`], whose new connections run [`WARM_MEMBERSHIPS`] first
-/// when `warm`.
-fn pool_warmed(
+/// What a pool's new connection runs before its first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnOpen {
+    Nothing,
+    /// [`WARM_MEMBERSHIPS`] (the routed pool's service shard), so that a
+    /// signup does not pay it. Best effort: a failure is logged and the
+    /// connection used anyway (it rebuilds the list at its first check).
+    WarmMemberships,
+}
+
+/// A pool of `size` connections through `connector`. `Fast` recycling (is the socket open?) is enough
+/// because nothing session-level stays on a connection that goes back:
+/// routing is transaction-local (`routing::TenantTx`), and every path that
+/// runs tenant SQL ends with [`SESSION_RESET`]; a connection whose
+/// transaction did not end cleanly is discarded, never returned.
+/// Requests fail fast while the database is down: connecting is bounded
+/// by `create_timeout`, waiting for a free connection by `wait_timeout`.
+fn pool_on(
     connector: &Connector,
     size: usize,
     limits: ConnectionLimits,
     retire: Retire,
-    warm: bool,
+    on_open: OnOpen,
 ) -> Result<Pool, DbError> {
     std::sync::LazyLock::force(&EPOCH);
     let mut config = connector.config().clone();
@@ -175,13 +184,13 @@ fn pool_warmed(
         },
     );
     let mut builder = Pool::builder(manager);
-    if warm {
+    if on_open == OnOpen::WarmMemberships {
         builder = builder.post_create(Hook::async_fn(|client, _| {
             Box::pin(async move {
-                client
-                    .batch_execute(WARM_MEMBERSHIPS)
-                    .await
-                    .map_err(HookError::Backend)
+                if let Err(e) = client.batch_execute(WARM_MEMBERSHIPS).await {
+                    tracing::warn!(error = %e, "a new connection could not build its role list ahead");
+                }
+                Ok(())
             })
         }));
     }
@@ -192,11 +201,19 @@ fn pool_warmed(
         .create_timeout(Some(Duration::from_secs(3)))
         .recycle_timeout(Some(Duration::from_secs(3)))
         .pre_recycle(Hook::sync_fn(move |_, metrics| {
-            let uses = match retire {
-                Retire::Exactly => limits.max_uses,
-                Retire::Spread => ConnectionLimits::spread(limits.max_uses, metrics.created),
+            let (uses, age) = match retire {
+                Retire::Exactly => (limits.max_uses, limits.max_age),
+                // Connections opened together (`RequestPool::open_service`)
+                // are not all replaced together either.
+                Retire::Spread => (
+                    ConnectionLimits::spread(limits.max_uses, metrics.created),
+                    Duration::from_secs(ConnectionLimits::spread(
+                        usize::try_from(limits.max_age.as_secs()).unwrap_or(usize::MAX),
+                        metrics.created,
+                    ) as u64),
+                ),
             };
-            if metrics.recycle_count + 1 >= uses || metrics.age() >= limits.max_age {
+            if metrics.recycle_count + 1 >= uses || metrics.age() >= age {
                 // Discarded; the pool opens a fresh connection instead.
                 Err(HookError::message("connection retired"))
             } else {
@@ -282,22 +299,22 @@ impl RequestPool {
         limits: ConnectionLimits,
         retire: Retire,
     ) -> Result<RequestPool, DbError> {
-        RequestPool::new_warmed(connector, size, limits, retire, false)
+        RequestPool::opening(connector, size, limits, retire, OnOpen::Nothing)
     }
 
-    fn new_warmed(
+    fn opening(
         connector: &Connector,
         size: usize,
         limits: ConnectionLimits,
         retire: Retire,
-        warm: bool,
+        on_open: OnOpen,
     ) -> Result<RequestPool, DbError> {
         let count = (size / CONNECTIONS_PER_SHARD).max(1);
         let shards = (0..count)
             .map(|i| {
                 // The remainder goes to the first shards: `size` in all.
                 let shard_size = size / count + usize::from(i < size % count);
-                pool_warmed(connector, shard_size, limits, retire, warm)
+                pool_on(connector, shard_size, limits, retire, on_open)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(RequestPool {
@@ -335,7 +352,8 @@ impl RequestPool {
         // The service's sessions build the whole fleet's list of roles
         // they may become when they open (`WARM_MEMBERSHIPS`), not in the
         // first signup that gets one.
-        let mut pool = RequestPool::new_warmed(connector, service, limits, retire, true)?;
+        let mut pool =
+            RequestPool::opening(connector, service, limits, retire, OnOpen::WarmMemberships)?;
         let per_router = size.div_ceil(logins.len()).max(1);
         let routed = logins
             .iter()
@@ -446,7 +464,9 @@ impl RequestPool {
         if served.len() < room {
             return;
         }
-        let max_age = self.limits.max_age;
+        // The longest a connection lives (`Retire::Spread` spreads it up
+        // to 1½ times `max_age`).
+        let max_age = self.limits.max_age * 3 / 2;
         served.retain(|(_, created), _| created.elapsed() < max_age);
         if served.len() >= room {
             let mut created: Vec<Instant> = served.keys().map(|(_, c)| *c).collect();
@@ -523,12 +543,18 @@ impl RequestPool {
         if self.routed.is_none() {
             return Ok(());
         }
+        let started = Instant::now();
         let mut held = Vec::new();
         for shard in self.shards.iter() {
             for _ in 0..shard.status().max_size {
                 held.push(shard.get().await?);
             }
         }
+        tracing::info!(
+            connections = held.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "the service's own connections are open"
+        );
         Ok(())
     }
 

@@ -214,21 +214,22 @@ pub async fn ensure(
     let mut wanted = std::collections::HashMap::new();
     for row in tx
         .query(
-            "SELECT t.role_name, t.user_id, NULL::int4 FROM tenantry.tenants t
+            "SELECT t.role_name, t.user_id, NULL::int4 AS router FROM tenantry.tenants t
              WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = t.role_name)
              UNION ALL
              SELECT s.role_name, NULL::uuid, s.router FROM tenantry.spare_roles s
-             WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)",
+             WHERE s.router >= 0
+               AND EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)",
             &[],
         )
         .await?
     {
-        let router = match (row.get::<_, Option<Uuid>>(1), row.get::<_, Option<i32>>(2)) {
-            (Some(user), _) => router_of(user, count),
-            (None, Some(k)) => usize::try_from(k).unwrap_or(0),
-            (None, None) => continue,
+        // Every spare has a router by now (dealt out above).
+        let router = match row.get::<_, Option<Uuid>>("user_id") {
+            Some(user) => router_of(user, count),
+            None => row.get::<_, i32>("router") as usize,
         };
-        wanted.insert(row.get::<_, String>(0), router);
+        wanted.insert(row.get::<_, String>("role_name"), router);
     }
     // The routers' memberships as they are.
     let mut have = std::collections::HashSet::new();

@@ -523,18 +523,27 @@ async fn a_router_whose_password_was_changed_by_hand_is_given_a_new_one_at_start
     assert_ne!(after[0].password, before[0].password, "router 0 re-keyed");
     assert_eq!(after[1].password, before[1].password, "router 1 untouched");
     // The pool logs in as the routers again (with the new password over
-    // TCP), not as the service.
-    let metrics = again.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.lines().any(|l| l == "tenantry_router_roles 2"),
-        "{metrics}"
-    );
+    // TCP), not as the service: the request ran on a session of the
+    // tenant's router, which stays open in the pool.
     let seen = again
         .call(Method::GET, "/api/experiences", &token)
         .send()
         .await
         .unwrap();
     assert_eq!(seen.status(), 200);
+    let router = installation(&again)
+        .await
+        .id
+        .router_role(router_of(user_id(&again, "nat").await, 2));
+    let sessions: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2",
+            &[&router.as_str(), &app.db_name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(sessions >= 1, "no session of {router}");
 }
 
 #[tokio::test]
@@ -543,17 +552,19 @@ async fn with_routers_serve_opens_the_services_own_connections_before_it_listens
     // become as it opens (`db::WARM_MEMBERSHIPS`), so no signup opens one.
     let app = spawn_app_with(|s| s.router_roles = 2).await;
     // Pool size 20: a service shard of max(4, 20 / 4) = 5 connections,
-    // all open before the first request.
-    let open = app
+    // all open before the first request; those opened last ran nothing
+    // since their warm-up (an idle backend shows its last query).
+    let row = app
         .db()
         .await
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity
+            "SELECT count(*), count(*) FILTER (WHERE query = $2) FROM pg_stat_activity
              WHERE usename = $1 AND application_name = 'tenantry'",
-            &[&service_role(&app.db_name)],
+            &[&service_role(&app.db_name), &tenantry::db::WARM_MEMBERSHIPS],
         )
         .await
-        .unwrap()
-        .get::<_, i64>(0);
+        .unwrap();
+    let (open, warmed): (i64, i64) = (row.get(0), row.get(1));
     assert!(open >= 5, "{open} service connections open");
+    assert!(warmed >= 1, "none of {open} shows the warm-up");
 }
