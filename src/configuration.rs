@@ -50,6 +50,11 @@ pub struct Settings {
     /// signups (`tenancy::spares`), refilled below half; 0 makes each
     /// signup make its own.
     pub spare_roles: usize,
+    /// `TENANTRY_SPARE_SCHEMAS`: how many of the spares `serve` keeps with
+    /// their schema built at the newest template version (in the
+    /// background, one at a time), so that a signup runs no template; 0
+    /// makes each signup run them. At most `spare_roles`.
+    pub spare_schemas: usize,
     /// `TENANTRY_ROUTER_ROLES`: how many router roles the request pool's
     /// connections log in as, each a member of its share of the tenant
     /// roles (`db::routers`); 0 makes them log in as the service.
@@ -312,6 +317,7 @@ impl Settings {
         };
         let export_concurrency = number("TENANTRY_EXPORT_CONCURRENCY", 4, 1000)?.max(1) as usize;
         let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 10_000)? as usize;
+        let spare_schemas = number("TENANTRY_SPARE_SCHEMAS", 100, 10_000)? as usize;
         let router_roles = number("TENANTRY_ROUTER_ROLES", 8, 64)? as usize;
         let extra_connections = number(
             "TENANTRY_EXTRA_CONNECTIONS",
@@ -410,6 +416,7 @@ impl Settings {
             mail,
             export_concurrency,
             spare_roles,
+            spare_schemas,
             router_roles,
             extra_connections,
             export_timeout,

@@ -148,6 +148,30 @@ impl SchemaName {
             .schema())
     }
 
+    /// A spare tenant schema (`tenancy::spares`): `tenant__s<16 hex>`, a
+    /// name no username gives (a username has no double underscore).
+    pub fn spare() -> SchemaName {
+        SchemaName(format!("tenant__s{:016x}", rand::random::<u64>()))
+    }
+
+    /// Re-validate a spare schema's name read from `tenantry.spare_roles`.
+    pub fn parse_spare(raw: &str) -> Result<SchemaName, ValidationError> {
+        match raw.strip_prefix("tenant__s") {
+            Some(hex)
+                if hex.len() == 16
+                    && hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+            {
+                Ok(SchemaName(raw.to_owned()))
+            }
+            _ => Err(ValidationError::new(
+                "schema",
+                "a spare schema is tenant__s and 16 hex digits",
+            )),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -421,6 +445,23 @@ mod tests {
         assert_eq!(inst.tenant_role(&u).as_str(), "tnt_ab12cd34_carol");
         assert_eq!(SchemaName::parse("tenant_carol").unwrap(), u.schema());
         assert!(SchemaName::parse("tenant_pg_x").is_err());
+    }
+
+    #[test]
+    fn spare_schemas_are_no_username_s_schema() {
+        let a = SchemaName::spare();
+        assert_ne!(a, SchemaName::spare());
+        assert_eq!(SchemaName::parse_spare(a.as_str()).unwrap(), a);
+        assert!(SchemaName::parse(a.as_str()).is_err(), "{a}");
+        for bad in [
+            "tenant__s0123456789abcde",
+            "tenant__s0123456789abcdef0",
+            "tenant__s0123456789ABCDEF",
+            "tenant_s0123456789abcdef",
+            "tenant_alice",
+        ] {
+            assert!(SchemaName::parse_spare(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

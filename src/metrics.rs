@@ -20,7 +20,8 @@
 //!   skipped, pending of the latest run), `tenantry_fleet_run_running`,
 //!   `tenantry_pool_connections{state}` (max, open, idle, in_use),
 //!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead),
-//!   `tenantry_spare_roles` (`tenancy::spares`), `tenantry_router_roles`
+//!   `tenantry_spare_roles` and `tenantry_spare_schemas` (`tenancy::spares`),
+//!   `tenantry_router_roles`
 //!   (`db::routers`: the routers the pool logs in as, 0 for none);
 //! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
 //!   `tenantry_mail_dead_total` (`mail::delivery`).
@@ -143,6 +144,10 @@ fn describe_and_register() {
     describe_gauge!(
         "tenantry_spare_roles",
         "tenant roles made ahead of signups, not yet taken (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_spare_schemas",
+        "spare tenant roles whose schema is built, so that the signup taking one runs no template (read at scrape time)"
     );
     describe_counter!(
         "tenantry_mail_sent_total",

@@ -384,11 +384,13 @@ impl Application {
             crate::mail::delivery::files_dir(&settings.mail, &settings.data_dir),
         );
         // Tenant roles for the next signups, made before the first one.
-        let spares = crate::tenancy::spares::Keeper::new(settings.spare_roles);
+        let spares =
+            crate::tenancy::spares::Keeper::new(settings.spare_roles, settings.spare_schemas);
         spares
             .start(
                 pool.clone(),
                 context.installation.clone(),
+                context.templates.clone(),
                 settings.maintenance_interval,
             )
             .await;

@@ -136,6 +136,7 @@ pub async fn start_service_with(
         metrics_token: None,
         export_concurrency: 4,
         spare_roles: Settings::from_env().map(|s| s.spare_roles).unwrap_or(1000),
+        spare_schemas: Settings::from_env().map(|s| s.spare_schemas).unwrap_or(100),
         router_roles: Settings::from_env().map(|s| s.router_roles).unwrap_or(8),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),

@@ -206,7 +206,9 @@ pub async fn register(
             return Err(e.into());
         }
     };
-    state.spares.claimed(tenant.spares_left);
+    state
+        .spares
+        .claimed(tenant.spares_left, tenant.built_schema);
     tracing::Span::current().record("user", tracing::field::display(tenant.user_id));
     let access_token = state.jwt.issue(&Subject {
         user_id: tenant.user_id,

@@ -92,7 +92,8 @@ async fn record_gauges(state: &AppState) {
         let outbox = client
             .query_one(
                 "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL),
-                        (SELECT count(*) FROM tenantry.spare_roles)
+                        (SELECT count(*) FROM tenantry.spare_roles),
+                        (SELECT count(schema_name) FROM tenantry.spare_roles)
                  FROM tenantry.outbox WHERE delivered_at IS NULL",
                 &[],
             )
@@ -121,6 +122,7 @@ async fn record_gauges(state: &AppState) {
             .set(outbox.get::<_, i64>(column) as f64);
     }
     ::metrics::gauge!("tenantry_spare_roles").set(outbox.get::<_, i64>(2) as f64);
+    ::metrics::gauge!("tenantry_spare_schemas").set(outbox.get::<_, i64>(3) as f64);
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);

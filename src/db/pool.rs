@@ -478,7 +478,20 @@ impl RequestPool {
 
     async fn checkout(&self, user: uuid::Uuid) -> Result<deadpool_postgres::Object, PoolError> {
         let pool = self.for_tenant(user);
-        let mut own = std::pin::pin!(pool.get());
+        // Whether this checkout opens a connection (none idle, room for
+        // one): then, if another shard serves the request instead, the
+        // connection is let finish opening, into its pool, rather than
+        // abandoned half-open. Over TCP with a SCRAM password a router's
+        // connection can take longer to open than `ROUTED_AFFINITY_WAIT`,
+        // and abandoning it each time would leave that router without one.
+        let opens = {
+            let s = pool.status();
+            s.available == 0 && s.waiting == 0 && s.size < s.max_size
+        };
+        let mut own = Box::pin({
+            let pool = pool.clone();
+            async move { pool.get().await }
+        });
         if self.routed.is_none() && self.shards.len() == 1 {
             return own.await;
         }
@@ -513,7 +526,12 @@ impl RequestPool {
                     ..other.timeouts()
                 };
                 match other.timeout_get(&now).await {
-                    Ok(got) => return Ok(got),
+                    Ok(got) => {
+                        if opens {
+                            tokio::spawn(own);
+                        }
+                        return Ok(got);
+                    }
                     Err(PoolError::Timeout(_)) => continue,
                     Err(e) => return Err(e),
                 }

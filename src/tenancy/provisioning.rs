@@ -186,6 +186,8 @@ pub struct Provisioned {
     /// none to take (`spares::Keeper::claimed`); `None`: none was looked
     /// for (Citus, or the retry after a refused spare).
     pub spares_left: Option<i64>,
+    /// The spare taken had its schema built (`spares::build_one`).
+    pub built_schema: bool,
 }
 
 /// A provisioning transaction's first statement: `$1` is still the newest
@@ -305,8 +307,12 @@ pub async fn provision_in(
     // made now is granted to it.
     let router = (installation.routers > 0)
         .then(|| crate::db::routers::router_of(user_id, installation.routers));
-    let (role, made_now, spares_left) = if installation.citus {
-        (installation.id.tenant_role(username), false, None)
+    let version = templates
+        .last()
+        .expect("at least one template version")
+        .version();
+    let (role, made_now, spares_left, built) = if installation.citus {
+        (installation.id.tenant_role(username), false, None, None)
     } else {
         // Not while `serve` hands tenants and spares to their routers
         // (`db::routers::ensure`, which takes this lock exclusively): it
@@ -317,7 +323,7 @@ pub async fn provision_in(
         );
         let claimed = async {
             match role_from {
-                RoleFrom::Spare => spares::claim(&**tx, router).await,
+                RoleFrom::Spare => spares::claim(&**tx, router, version.get()).await,
                 RoleFrom::Now => Ok(None),
             }
         };
@@ -325,16 +331,14 @@ pub async fn provision_in(
         locked?;
         let claimed = claimed?;
         match (claimed, role_from) {
-            (Some((role, left)), _) => (role, false, Some(left)),
+            (Some(spare), _) => (spare.role, false, Some(spare.left), spare.schema),
             // None left: the stock wants making again.
-            (None, RoleFrom::Spare) => (installation.id.anonymous_tenant_role(), true, Some(0)),
-            (None, RoleFrom::Now) => (installation.id.anonymous_tenant_role(), true, None),
+            (None, RoleFrom::Spare) => {
+                (installation.id.anonymous_tenant_role(), true, Some(0), None)
+            }
+            (None, RoleFrom::Now) => (installation.id.anonymous_tenant_role(), true, None, None),
         }
     };
-    let version = templates
-        .last()
-        .expect("at least one template version")
-        .version();
     let role_text = account.role.as_str();
     let (name, email, schema_name, role_name, version_number) = (
         username.as_str(),
@@ -398,9 +402,28 @@ pub async fn provision_in(
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
     let router = router.map(|k| installation.id.router_role(k));
-    let prelude_sql = prelude(installation, &schema, &role, made_now, router.as_ref());
+    // A spare whose schema is built: renamed to the tenant's, and only the
+    // versions published since it was built are applied (often none: then
+    // the signup runs no DDL but the rename, and acts as no tenant role).
+    let (prelude_sql, to_apply) = match &built {
+        Some((spare, at)) => (
+            format!(
+                "ALTER SCHEMA {} RENAME TO {}",
+                spare.quoted(),
+                schema.quoted()
+            ),
+            &templates[templates
+                .iter()
+                .position(|t| t.version().get() > *at)
+                .unwrap_or(templates.len())..],
+        ),
+        None => (
+            prelude(installation, &schema, &role, made_now, router.as_ref()),
+            templates,
+        ),
+    };
     let join_sql = join_group(installation, &schema, &role, made_now, distribute);
-    let application = TemplateApplication::new(&schema, &role, templates);
+    let application = TemplateApplication::new(&schema, &role, to_apply);
 
     let mut steps: Vec<Step> = Vec::new();
     let mut requests: Vec<Request<'_>> = Vec::new();
@@ -446,14 +469,16 @@ pub async fn provision_in(
             tx.execute(spares::DROP_UNUSABLE, &[]).await.map(drop)
         }));
     }
-    let history = application.history_request(tx.client());
-    for (step, request) in application
-        .requests(tx.client())
-        .into_iter()
-        .chain([history])
-    {
-        steps.push(Step::Apply(step));
-        requests.push(request);
+    if !to_apply.is_empty() {
+        let history = application.history_request(tx.client());
+        for (step, request) in application
+            .requests(tx.client())
+            .into_iter()
+            .chain([history])
+        {
+            steps.push(Step::Apply(step));
+            requests.push(request);
+        }
     }
     steps.push(Step::Other);
     requests.push(Box::pin(tx.batch_execute(&join_sql)));
@@ -510,6 +535,7 @@ pub async fn provision_in(
         role,
         template_version: version,
         spares_left,
+        built_schema: built.is_some(),
     })
 }
 
@@ -576,14 +602,7 @@ fn prelude(
     made_now: bool,
     router: Option<&RoleName>,
 ) -> String {
-    let history = format!(
-        "CREATE TABLE {s}.{HISTORY_TABLE} (
-             version int4 PRIMARY KEY,
-             name varchar(255),
-             applied_on varchar(255),
-             checksum varchar(255));",
-        s = schema.quoted(),
-    );
+    let history = history_table(schema);
     if installation.citus {
         history
     } else if made_now {
@@ -595,8 +614,26 @@ fn prelude(
             role_and_schema(installation, schema, role)
         )
     } else {
-        format!("{}\n{history}", schema_for(schema, role))
+        spare_schema(schema, role)
     }
+}
+
+/// The schema's empty history table (the service's).
+fn history_table(schema: &SchemaName) -> String {
+    format!(
+        "CREATE TABLE {s}.{HISTORY_TABLE} (
+             version int4 PRIMARY KEY,
+             name varchar(255),
+             applied_on varchar(255),
+             checksum varchar(255));",
+        s = schema.quoted(),
+    )
+}
+
+/// A spare's empty schema and history (`spares::build_one`), as a signup
+/// with a spare role makes them.
+pub(crate) fn spare_schema(schema: &SchemaName, role: &RoleName) -> String {
+    format!("{}\n{}", schema_for(schema, role), history_table(schema))
 }
 
 /// The tenant's empty schema, owned by the service, usable by its role.

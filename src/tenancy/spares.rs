@@ -35,20 +35,37 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::db::{Installation, RequestPool};
-use crate::domain::RoleName;
+use crate::domain::{RoleName, SchemaName};
+use crate::tenancy::apply::TemplateApplication;
+use crate::tenancy::publication::Templates;
 
 /// The class of the transaction-level advisory lock a refill holds: two
 /// processes refilling at once make one batch between them.
 pub const REFILL_LOCK_CLASS: i32 = crate::db::REFILL_LOCK_CLASS;
 
+/// A spare taken by a signup ([`claim`]).
+#[derive(Debug)]
+pub struct Claimed {
+    pub role: RoleName,
+    /// How many spares there were besides it (of its router's, with
+    /// routers).
+    pub left: i64,
+    /// Its schema, built ahead ([`build_one`]), and the template version it
+    /// is at: the signup renames it and applies only what is newer. `None`:
+    /// a role only.
+    pub schema: Option<(SchemaName, i32)>,
+}
+
 /// Take one spare (the first one no other transaction holds) inside the
-/// caller's transaction: its name and how many spares there were besides
-/// it. With router roles (`db::routers`), one of `router`'s, and how many
-/// that router has left. `None`: none left.
+/// caller's transaction, preferring one whose schema is built, at the
+/// newest version up to `up_to` (a spare whose schema is at a newer
+/// version is left: an import builds its tenant at its export's version).
+/// With router roles (`db::routers`), one of `router`'s. `None`: none left.
 pub async fn claim(
     tx: &impl tokio_postgres::GenericClient,
     router: Option<usize>,
-) -> Result<Option<(RoleName, i64)>, tokio_postgres::Error> {
+    up_to: i32,
+) -> Result<Option<Claimed>, tokio_postgres::Error> {
     let router = router.map_or(-1, |k| i32::try_from(k).unwrap_or(i32::MAX));
     let row = tx
         .query_opt(
@@ -56,21 +73,36 @@ pub async fn claim(
                  DELETE FROM tenantry.spare_roles
                  WHERE role_name = (SELECT s.role_name FROM tenantry.spare_roles s
                                     WHERE ($1 < 0 OR s.router = $1)
+                                      AND (s.template_version IS NULL OR s.template_version <= $2)
                                       AND EXISTS (SELECT FROM pg_catalog.pg_roles r
                                                   WHERE r.rolname = s.role_name)
-                                    ORDER BY s.router, s.made_at, s.role_name
+                                    ORDER BY s.router, s.template_version DESC NULLS LAST,
+                                             s.made_at, s.role_name
                                     LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING role_name)
+                 RETURNING role_name, schema_name, template_version)
              SELECT c.role_name,
+                    CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                      WHERE n.nspname = c.schema_name)
+                         THEN c.schema_name END,
+                    c.template_version,
                     (SELECT count(*) FROM tenantry.spare_roles WHERE $1 < 0 OR router = $1) - 1
              FROM claimed c",
-            &[&router],
+            &[&router, &up_to],
         )
         .await?;
     Ok(row.and_then(|row| {
-        RoleName::parse(row.get(0))
-            .ok()
-            .map(|role| (role, row.get(1)))
+        let role = RoleName::parse(row.get(0)).ok()?;
+        // A schema dropped by hand, or a name that is not a spare's: the
+        // signup makes the tenant's schema itself.
+        let schema = row
+            .get::<_, Option<&str>>(1)
+            .and_then(|name| SchemaName::parse_spare(name).ok())
+            .zip(row.get::<_, Option<i32>>(2));
+        Some(Claimed {
+            role,
+            left: row.get(3),
+            schema,
+        })
     }))
 }
 
@@ -211,19 +243,115 @@ pub async fn refill(
     Ok(roles.len())
 }
 
-/// `serve`'s stock of spares: refilled at start, when a signup finds it
-/// below half, and on a timer (other processes take spares too).
+/// How many spares have their schema built (at any version).
+pub async fn ready(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT count(schema_name) FROM tenantry.spare_roles", &[])
+        .await?
+        .get(0))
+}
+
+/// Build one spare's schema, in one transaction: the stalest built one
+/// brought up to the newest published version first, else (while fewer
+/// than `target` are built) a new one for a spare that is a role only, of
+/// the router with the fewest built. The templates run as the spare's role,
+/// as in a signup, and its history is written; the row is locked
+/// throughout, so no signup takes the spare half-built, and a failure or a
+/// kill leaves it as it was. Returns whether there was one to build.
+pub async fn build_one(
+    client: &mut tokio_postgres::Client,
+    installation: &Installation,
+    templates: &Templates,
+    target: usize,
+) -> Result<bool, tokio_postgres::Error> {
+    if target == 0 || installation.citus {
+        return Ok(false);
+    }
+    let published = templates.published();
+    let set = published.set();
+    let latest = set.latest().get();
+    let target = i64::try_from(target).unwrap_or(i64::MAX);
+    let tx = client.transaction().await?;
+    // Publishing waits for this transaction; a version published since
+    // the set was read refuses it (`provisioning_at`).
+    tx.execute(
+        "SELECT tenantry.provisioning_at($1)",
+        &[&published.newest()],
+    )
+    .await?;
+    let Some(row) = tx
+        .query_opt(
+            "WITH built AS (SELECT router, count(schema_name) AS n
+                            FROM tenantry.spare_roles GROUP BY router)
+             SELECT s.role_name, s.schema_name, s.template_version
+             FROM tenantry.spare_roles s JOIN built b ON b.router = s.router
+             WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)
+               AND (s.template_version < $1
+                    OR (s.schema_name IS NULL AND (SELECT sum(n) FROM built)::int8 < $2))
+             ORDER BY s.template_version NULLS LAST, b.n, s.made_at, s.role_name
+             LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
+            &[&latest, &target],
+        )
+        .await?
+    else {
+        tx.commit().await?;
+        return Ok(false);
+    };
+    let Ok(role) = RoleName::parse(row.get(0)) else {
+        tx.commit().await?;
+        return Ok(false);
+    };
+    let existing = row
+        .get::<_, Option<&str>>(1)
+        .and_then(|name| SchemaName::parse_spare(name).ok())
+        .zip(row.get::<_, Option<i32>>(2));
+    let (schema, from) = match existing {
+        Some((schema, at)) => (schema, at),
+        None => {
+            let schema = SchemaName::spare();
+            tx.batch_execute(&crate::tenancy::provisioning::spare_schema(&schema, &role))
+                .await?;
+            (schema, 0)
+        }
+    };
+    let application = TemplateApplication::new(&schema, &role, set.between(from, set.latest()));
+    for (_, request) in application.requests(tx.client()) {
+        request.await?;
+    }
+    let (_, history) = application.history_request(tx.client());
+    history.await?;
+    tx.execute(
+        "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = $3
+         WHERE role_name = $1",
+        &[&role.as_str(), &schema.as_str(), &latest],
+    )
+    .await?;
+    tx.commit().await?;
+    // The templates ran on this connection as the spare's role.
+    client.batch_execute(crate::db::SESSION_RESET).await?;
+    Ok(true)
+}
+
+/// `serve`'s stock of spares: roles refilled at start, when a signup finds
+/// them below half, and on a timer (other processes take spares too); then
+/// schemas built for up to `schemas` of them, one at a time, each followed
+/// by a pause as long as it took (the builder is busy half the time at
+/// most, beside the requests it shares the server with).
 pub struct Keeper {
     target: usize,
+    schemas: usize,
     /// The routers the stock is shared by (`start`).
     routers: std::sync::atomic::AtomicUsize,
     wake: Notify,
 }
 
 impl Keeper {
-    pub fn new(target: usize) -> Arc<Keeper> {
+    pub fn new(target: usize, schemas: usize) -> Arc<Keeper> {
         Arc::new(Keeper {
             target,
+            schemas: schemas.min(target),
             routers: Default::default(),
             wake: Notify::new(),
         })
@@ -235,26 +363,29 @@ impl Keeper {
 
     /// A signup took a spare and `left` remain (of its router's, with
     /// routers): refill soon when that is below half the stock (of the
-    /// router's share of it, [`wants_refill`]).
-    pub fn claimed(&self, left: Option<i64>) {
+    /// router's share of it, [`wants_refill`]), or when it took a built
+    /// schema.
+    pub fn claimed(&self, left: Option<i64>, built_schema: bool) {
         if let Some(left) = left {
             let share = share(
                 self.target,
                 self.routers.load(std::sync::atomic::Ordering::Relaxed),
             );
-            if wants_refill(usize::try_from(left).unwrap_or(0), share) {
+            if built_schema || wants_refill(usize::try_from(left).unwrap_or(0), share) {
                 self.wake.notify_one();
             }
         }
     }
 
-    /// Refill once now (what `serve` does before it listens), then in the
-    /// background when woken or every `interval`. The task ends with the
-    /// runtime; a refill cut short rolls back.
+    /// Refill the roles once now (what `serve` does before it listens),
+    /// then in the background when woken or every `interval`, each time
+    /// followed by building schemas while any is wanted. The task ends with
+    /// the runtime; a refill or build cut short rolls back.
     pub async fn start(
         self: &Arc<Keeper>,
         pool: RequestPool,
         installation: Installation,
+        templates: Arc<Templates>,
         interval: Duration,
     ) {
         if self.target == 0 || installation.citus {
@@ -280,6 +411,20 @@ impl Keeper {
         let keeper = self.clone();
         tokio::spawn(async move {
             loop {
+                loop {
+                    let started = std::time::Instant::now();
+                    match keeper.build(&pool, &installation, &templates).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "building a spare tenant schema failed");
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(started.elapsed()).await;
+                    // Signups may have emptied the roles meanwhile.
+                    once(pool.clone(), installation.clone(), keeper.target).await;
+                }
                 tokio::select! {
                     _ = keeper.wake.notified() => {}
                     _ = tokio::time::sleep(interval) => {}
@@ -287,6 +432,22 @@ impl Keeper {
                 once(pool.clone(), installation.clone(), keeper.target).await;
             }
         });
+    }
+
+    /// One [`build_one`] on a connection of `pool`'s, with the published
+    /// templates read again first (another process may have published).
+    async fn build(
+        &self,
+        pool: &RequestPool,
+        installation: &Installation,
+        templates: &Templates,
+    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+        if self.schemas == 0 {
+            return Ok(false);
+        }
+        let mut client = pool.get().await?;
+        templates.refresh(&**client).await?;
+        Ok(build_one(&mut client, installation, templates, self.schemas).await?)
     }
 }
 

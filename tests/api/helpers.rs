@@ -370,6 +370,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         // roles belong to the whole test cluster, and a stock made by
         // every test's service would outlive its database.
         spare_roles: 0,
+        spare_schemas: 0,
         router_roles: 0,
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
@@ -654,12 +655,14 @@ pub async fn role_in(db_name: &str, username: &str) -> String {
         .get(0)
 }
 
-/// Users, tenant registry rows and tenant schemas in `client`'s database.
+/// Users, tenant registry rows and tenant schemas in `client`'s database
+/// (not the spares' schemas, `tenant__s…`).
 pub async fn tenant_counts(client: &tokio_postgres::Client) -> (i64, i64, i64) {
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM tenantry.users), (SELECT count(*) FROM tenantry.tenants),
-                    (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_%')",
+                    (SELECT count(*) FROM pg_namespace
+                     WHERE nspname LIKE 'tenant\\_%' AND nspname NOT LIKE 'tenant\\_\\_%')",
             &[],
         )
         .await
@@ -787,6 +790,7 @@ pub fn cli_env(db_name: &str) -> Vec<(&'static str, String)> {
         ("JWT_SECRET", JWT_SECRET.to_string()),
         // As `test_settings`: spares only where a test asks for them.
         ("TENANTRY_SPARE_ROLES", "0".to_string()),
+        ("TENANTRY_SPARE_SCHEMAS", "0".to_string()),
         ("TENANTRY_ROUTER_ROLES", "0".to_string()),
     ]
 }

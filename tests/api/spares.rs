@@ -554,3 +554,349 @@ async fn a_request_refused_its_tenants_role_resets_the_sessions_memberships_at_m
         .unwrap();
     assert_eq!(read().await, 200);
 }
+
+/// The spares whose schema is built: (role, schema, version), by role.
+async fn built_spares(app: &TestApp) -> Vec<(String, String, i32)> {
+    app.db()
+        .await
+        .query(
+            "SELECT role_name, schema_name, template_version FROM tenantry.spare_roles
+             WHERE schema_name IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// A schema's tables: (name, oid, owner), by name.
+async fn tables_of(app: &TestApp, schema: &str) -> Vec<(String, u32, String)> {
+    app.db()
+        .await
+        .query(
+            "SELECT c.relname::text, c.oid, pg_get_userbyid(c.relowner)::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY 1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// The versions in a schema's history.
+async fn history_of(app: &TestApp, schema: &str) -> Vec<i32> {
+    app.db()
+        .await
+        .query(
+            &format!("SELECT version FROM \"{schema}\".refinery_schema_history ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Every template table of `schema` belongs to `role` (the history to the
+/// service).
+async fn owned_by(app: &TestApp, schema: &str, role: &str) {
+    let tables = tables_of(app, schema).await;
+    assert!(tables.len() > 5, "{schema}: {tables:?}");
+    for (name, _, owner) in tables {
+        if name == "refinery_schema_history" {
+            assert_ne!(owner, role, "{schema}.{name}");
+        } else {
+            assert_eq!(owner, role, "{schema}.{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 4;
+        s.spare_schemas = 2;
+    })
+    .await;
+    until("two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let built = built_spares(&app).await;
+    let latest = latest_version();
+    let mut tables = std::collections::HashMap::new();
+    for (role, schema, version) in &built {
+        assert!(schema.starts_with("tenant__s"), "{schema}");
+        assert_eq!(*version, latest);
+        assert_eq!(history_of(&app, schema).await, versions_up_to(latest));
+        owned_by(&app, schema, role).await;
+        tables.insert(schema.clone(), tables_of(&app, schema).await);
+    }
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "tenantry_spare_schemas 2"),
+        "{metrics}"
+    );
+    // A spare's schema is no drift.
+    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("no drift"), "{}", stdout(&out));
+    let roles_before = role_rows(&app).await;
+
+    let signup = app.register("sam").await;
+    assert_eq!(signup.status(), 201);
+    let token = json(signup).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let role = app.role_of("sam").await;
+    let (_, spare, _) = built
+        .iter()
+        .find(|(r, _, _)| *r == role)
+        .expect("sam took a spare whose schema was built");
+    // The very tables of the spare (the same OIDs), now tenant_sam's: the
+    // schema was renamed, no template ran.
+    assert_eq!(tables_of(&app, "tenant_sam").await, tables[spare]);
+    assert!(tables_of(&app, spare).await.is_empty(), "{spare} is gone");
+    assert_eq!(history_of(&app, "tenant_sam").await, versions_up_to(latest));
+    owned_by(&app, "tenant_sam", &role).await;
+    assert_eq!(
+        app.count("SELECT template_version::int8 FROM tenantry.tenants WHERE username = 'sam'")
+            .await,
+        i64::from(latest)
+    );
+    assert_eq!(role_rows(&app).await, roles_before, "no role was changed");
+
+    // The tenant works, as its role, and sees only its own rows.
+    let created = app
+        .call(Method::POST, "/api/experiences", &token)
+        .json(&json!({"title": "Harbour pilot", "started_on": "2024-01-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let other = app.token("tess").await;
+    let seen: Value = json(
+        app.call(Method::GET, "/api/experiences", &other)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen["items"].as_array().map(Vec::len), Some(0), "{seen}");
+    let mine: Value = json(
+        app.call(Method::GET, "/api/experiences", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(mine["items"].as_array().map(Vec::len), Some(1), "{mine}");
+
+    // The two signups took both built schemas; the service builds two more.
+    until("two spares' schemas are built again", || async {
+        let now = built_spares(&app).await;
+        now.len() == 2 && now.iter().all(|(_, s, _)| !tables.contains_key(s))
+    })
+    .await;
+    assert_eq!(app.stray_role_count().await, 0);
+    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+}
+
+#[tokio::test]
+async fn a_spare_built_before_a_new_version_is_brought_up_to_it() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 3;
+        s.spare_schemas = 2;
+    })
+    .await;
+    until("two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let built = built_spares(&app).await;
+    let latest = latest_version();
+    let mut tables = std::collections::HashMap::new();
+    for (_, schema, _) in &built {
+        tables.insert(schema.clone(), tables_of(&app, schema).await);
+    }
+    let next = latest + 1;
+    let dir = builtin_templates_with(&[(
+        &format!("V{next}__notes.sql"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
+    )]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", dir.display().to_string()));
+    let out = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The signup takes a spare built at the version before, and applies
+    // only the new one.
+    assert_eq!(app.register("sam").await.status(), 201);
+    let role = app.role_of("sam").await;
+    let (_, spare, _) = built
+        .iter()
+        .find(|(r, _, _)| *r == role)
+        .expect("sam took a spare whose schema was built");
+    let now = tables_of(&app, "tenant_sam").await;
+    let kept: Vec<_> = now
+        .iter()
+        .filter(|(n, _, _)| n != "notes")
+        .cloned()
+        .collect();
+    assert_eq!(kept, tables[spare], "the spare's tables, renamed");
+    assert!(
+        now.iter().any(|(n, _, o)| n == "notes" && *o == role),
+        "{now:?}"
+    );
+    assert_eq!(history_of(&app, "tenant_sam").await, versions_up_to(next));
+    assert_eq!(
+        app.count("SELECT template_version::int8 FROM tenantry.tenants WHERE username = 'sam'")
+            .await,
+        i64::from(next)
+    );
+
+    // The service brings the other up to the new version (the same schema)
+    // and builds one more at it.
+    let (other_role, other, _) = built.iter().find(|(r, _, _)| *r != role).unwrap();
+    until("two spares' schemas are at the new version", || async {
+        let now = built_spares(&app).await;
+        now.len() == 2 && now.iter().all(|(_, _, v)| *v == next)
+    })
+    .await;
+    assert!(built_spares(&app)
+        .await
+        .iter()
+        .any(|(r, s, _)| r == other_role && s == other));
+    assert_eq!(history_of(&app, other).await, versions_up_to(next));
+    owned_by(&app, other, other_role).await;
+    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+}
+
+#[tokio::test]
+async fn a_killed_signup_leaves_its_built_spare_as_it_was() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 2;
+        s.spare_schemas = 2;
+    })
+    .await;
+    until("two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let built = built_spares(&app).await;
+    let mut tables = Vec::new();
+    for (_, schema, _) in &built {
+        tables.push(tables_of(&app, schema).await);
+    }
+    let before = role_rows(&app).await;
+
+    // The audit chain's head held: the signup's entry, its last statement,
+    // waits on it, the spare's schema renamed inside its transaction.
+    let mut holder = connect(&app.db_name).await;
+    let head = holder.transaction().await.unwrap();
+    head.execute("SELECT FROM tenantry.audit_head FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let mut child = spawn_tenants_create(&cli_env(&app.db_name), "quinn").await;
+    let admin = connect(&app.db_name).await;
+    let backend = std::cell::Cell::new(0);
+    until("the signup waits on the audit chain", || async {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                 AND wait_event_type = 'Lock' AND query LIKE '%audit_head%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.map(|r| backend.set(r.get(0))).is_some()
+    })
+    .await;
+    let mut probe = connect(&app.db_name).await;
+    let tx = probe.transaction().await.unwrap();
+    let free = tx
+        .query(
+            "SELECT role_name FROM tenantry.spare_roles FOR UPDATE SKIP LOCKED",
+            &[],
+        )
+        .await
+        .unwrap()
+        .len();
+    tx.rollback().await.unwrap();
+    assert_eq!(free, 1, "the signup in flight has taken a spare");
+    child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
+                                 // Its backend goes on once the head is free, finds its client gone at
+                                 // the end of what it was sent, and rolls back.
+    head.rollback().await.unwrap();
+    backend_ended(&admin, backend.get()).await;
+
+    assert_eq!(built_spares(&app).await, built, "every spare is as it was");
+    for ((_, schema, _), tables) in built.iter().zip(&tables) {
+        assert_eq!(&tables_of(&app, schema).await, tables, "{schema}");
+    }
+    assert!(tables_of(&app, "tenant_quinn").await.is_empty());
+    assert_eq!(role_rows(&app).await, before, "no role was made or changed");
+    assert_eq!(app.tenant_counts().await, (0, 0, 0));
+
+    // The name is free, and the next signup takes a built spare.
+    let out = tenantry(
+        &["tenants", "create", "quinn", "--email", "quinn@example.com"],
+        &cli_env(&app.db_name),
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let role = app.role_of("quinn").await;
+    let i = built.iter().position(|(r, _, _)| *r == role).unwrap();
+    assert_eq!(tables_of(&app, "tenant_quinn").await, tables[i]);
+}
+
+#[tokio::test]
+async fn with_routers_the_built_schemas_are_shared_among_the_routers() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 8;
+        s.spare_schemas = 4;
+        s.router_roles = 4;
+    })
+    .await;
+    until("four spares' schemas are built", || async {
+        built_spares(&app).await.len() == 4
+    })
+    .await;
+    // One for each router: a signup takes one of its own router's spares.
+    let routers = app
+        .count(
+            "SELECT count(DISTINCT router) FROM tenantry.spare_roles
+             WHERE schema_name IS NOT NULL AND router BETWEEN 0 AND 3",
+        )
+        .await;
+    assert_eq!(routers, 4);
+    let built = built_spares(&app).await;
+    let token = app.token("sam").await;
+    let role = app.role_of("sam").await;
+    let (_, spare, _) = built
+        .iter()
+        .find(|(r, _, _)| *r == role)
+        .expect("sam took a built spare of its router's");
+    assert!(
+        tables_of(&app, spare).await.is_empty(),
+        "{spare} was renamed"
+    );
+    owned_by(&app, "tenant_sam", &role).await;
+    let created = app
+        .call(Method::POST, "/api/experiences", &token)
+        .json(&json!({"title": "Ferry pilot", "started_on": "2024-01-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+}

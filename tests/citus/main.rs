@@ -136,6 +136,7 @@ impl App {
             metrics_token: None,
             export_concurrency: 4,
             spare_roles: 0,
+            spare_schemas: 0,
             router_roles: 8,
             extra_connections: 16,
             export_timeout: std::time::Duration::from_secs(600),

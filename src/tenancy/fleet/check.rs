@@ -86,6 +86,7 @@ pub async fn catalog_drift(
              WHERE n.nspname LIKE 'tenant\\_%'
                AND NOT EXISTS (SELECT 1 FROM tenantry.tenants t WHERE t.schema_name = n.nspname)
                AND NOT EXISTS (SELECT 1 FROM tenantry.pending_tenants p WHERE p.schema_name = n.nspname)
+               AND NOT EXISTS (SELECT 1 FROM tenantry.spare_roles s WHERE s.schema_name = n.nspname)
              ORDER BY 1",
             &[],
         )
@@ -264,7 +265,8 @@ async fn repair_one(
             // Only a name a tenant could have had; quoted either way.
             let named: bool = tx
                 .query_one(
-                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE schema_name = $1)",
+                    "SELECT EXISTS (SELECT 1 FROM tenantry.tenants WHERE schema_name = $1)
+                         OR EXISTS (SELECT 1 FROM tenantry.spare_roles WHERE schema_name = $1)",
                     &[&d.name],
                 )
                 .await?
