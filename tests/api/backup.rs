@@ -168,6 +168,7 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
     // and router roles, which it does not (`serve` makes them again).
     let mut now = test_settings(&db);
     now.spare_roles = 8;
+    now.spare_schemas = 8;
     now.router_roles = 4;
     let app = spawn_app_on(now, db.clone()).await;
     users.extend((1..TENANTS).map(|i| format!("tenant{i:02}")));
@@ -189,6 +190,26 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
         app.spare_roles().await.len() >= 4
     })
     .await;
+    // And each has its schema built (nothing takes one after this, so the
+    // builder has nothing more to do).
+    let built = || async {
+        app.db()
+            .await
+            .query(
+                "SELECT role_name FROM tenantry.spare_roles WHERE schema_name IS NOT NULL ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    until("every spare's schema is built", || async {
+        built().await.len() == app.spare_roles().await.len()
+    })
+    .await;
+    let built = built().await;
     let stock = {
         let mut admin = app.db().await;
         let quiet = admin.transaction().await.unwrap();
@@ -339,6 +360,35 @@ async fn an_installation_restored_into_a_new_cluster_logs_in_reads_its_rows_and_
         .unwrap()
         .get(0);
     assert!(spares.contains(&role), "{role} was a restored spare");
+    // One whose schema was built before the backup: the restored schema,
+    // renamed, its tables still the spare's role's.
+    assert!(built.contains(&role), "{role} had its schema built");
+    let (tables, theirs): (i64, i64) = {
+        let row = new_db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE tableowner = $1)
+                 FROM pg_tables WHERE schemaname = 'tenant_latecomer'
+                   AND tablename <> 'refinery_schema_history'",
+                &[&role],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(tables > 5 && tables == theirs, "{theirs} of {tables}");
+    let left: i64 = new_db
+        .query_one(
+            "SELECT count(*) FROM tenantry.spare_roles s JOIN pg_namespace n ON n.nspname = s.schema_name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        left as usize,
+        built.len() - 1,
+        "the other spares came back with their schemas"
+    );
     assert_eq!(experiences(&restored, &late).await["items"], json!([]));
     // The restored `serve` made the routers again and handed each tenant
     // and spare to its router, one router each.

@@ -900,3 +900,73 @@ async fn with_routers_the_built_schemas_are_shared_among_the_routers() {
         .unwrap();
     assert_eq!(created.status(), 201);
 }
+
+#[tokio::test]
+async fn an_import_leaves_the_spares_built_at_a_newer_version_than_its_export() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 4;
+        s.spare_schemas = 2;
+    })
+    .await;
+    let env = cli_env(&app.db_name);
+    until("two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let token = app.token("nora").await;
+    add_skill(&app, &token).await;
+    let exported = tenantry(&["tenants", "export", "nora"], &env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-spares-export");
+    spawn_reaper(&dir);
+    let file = dir.join("nora.json");
+    std::fs::write(&file, &exported.stdout).unwrap();
+    let erased = app
+        .call(Method::DELETE, "/api/me", &token)
+        .json(&json!({"password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(erased.status(), 200);
+
+    // A new version; a signup (which wakes the builder) takes one built
+    // spare, and the builder brings every built spare up to it.
+    let next = latest_version() + 1;
+    let templates = builtin_templates_with(&[(
+        &format!("V{next}__notes.sql"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
+    )]);
+    let mut publishing = env.clone();
+    publishing.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    let out = tenantry(&["templates", "publish"], &publishing, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    app.token("olga").await;
+    until("two spares' schemas are at the new version", || async {
+        let now = built_spares(&app).await;
+        now.len() == 2 && now.iter().all(|(_, _, v)| *v == next)
+    })
+    .await;
+    let built = built_spares(&app).await;
+
+    // The export is at the version before: the import builds its tenant
+    // there, so it leaves the built spares (newer) alone, then brings the
+    // tenant up to the new version.
+    let out = tenantry(
+        &["tenants", "import", &file.display().to_string()],
+        &env,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(built_spares(&app).await, built, "the built spares are left");
+    let role = app.role_of("nora").await;
+    assert!(built.iter().all(|(r, _, _)| *r != role));
+    owned_by(&app, "tenant_nora", &role).await;
+    assert_eq!(history_of(&app, "tenant_nora").await, versions_up_to(next));
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenant_nora.skills").await,
+        1
+    );
+    let out = tenantry(&["fleet", "check"], &env, None).await;
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
