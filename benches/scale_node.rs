@@ -573,6 +573,36 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
     // so that quiet and beside compare the same state.
     // When each run starts, on stderr: to find it in the server's log.
     let mark = |run: &str| eprintln!("{} {run}", chrono::Utc::now().format("%H:%M:%S%.3f"));
+    // The service builds its stock of spare schemas in the background
+    // (`tenancy::spares`); the reads are measured with it full, as in a
+    // service that has been up a while.
+    let built = || async {
+        let row = admin
+            .query_one(
+                "SELECT count(schema_name), count(*) FROM tenantry.spare_roles",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let target: i64 = std::env::var("TENANTRY_SPARE_SCHEMAS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let waited = Instant::now();
+    mark("spare schemas");
+    loop {
+        let (ready, spares) = built().await;
+        if ready >= target.min(spares) || waited.elapsed() > Duration::from_secs(900) {
+            println!(
+                "(spare schemas built before the reads: {ready}, after {:.0} s)",
+                waited.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     mark("warm-up");
     let (warm, _) = beside_signups().await;
     mark("quiet");
@@ -591,9 +621,11 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
             .get::<_, String>(0)
     };
     let before = newest_spare().await;
+    let (built_before, _) = built().await;
     mark("beside");
     let (beside, signups) = beside_signups().await;
     mark("end");
+    let (built_after, _) = built().await;
     let batch: i64 = admin
         .query_one(
             "SELECT count(*) FROM tenantry.spare_roles WHERE made_at > $1::text::timestamptz",
@@ -653,6 +685,7 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
             percentile_ms(&latencies, 1.0)
         );
     }
+    println!("  (spare schemas built: {built_before} before the run, {built_after} after)");
     if batch > 0 {
         println!("  (a batch of spare roles committed during the run: {batch} made)");
     }

@@ -61,7 +61,8 @@ pub struct Settings {
     pub router_roles: usize,
     /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
     /// pool at most (exports, fleet runs, `/health`'s spare, the mail
-    /// sender); default the export concurrency + 12.
+    /// sender, the builder of spare schemas); default the export
+    /// concurrency + 12.
     pub extra_connections: usize,
     /// `TENANTRY_EXPORT_TIMEOUT` (seconds): how long one export may run,
     /// however fast its client reads.

@@ -389,6 +389,7 @@ impl Application {
         spares
             .start(
                 pool.clone(),
+                connector.clone(),
                 context.installation.clone(),
                 context.templates.clone(),
                 settings.maintenance_interval,

@@ -29,6 +29,11 @@ pub enum Dedicated {
     Health,
     /// The mail sender's.
     Outbox,
+    /// `tenancy::spares`' builder of spare schemas, while it builds: one
+    /// session of the service's, so that after a batch of spare roles only
+    /// that one rebuilds the fleet-long list of the service's memberships
+    /// (a signup that takes a built spare acts as no role).
+    Spares,
 }
 
 /// The `application_name` of the mail sender's session.
@@ -73,6 +78,7 @@ impl Dedicated {
             Dedicated::Fleet => Some("tenantry fleet"),
             Dedicated::Health => Some("tenantry health"),
             Dedicated::Outbox => Some(OUTBOX_SESSION),
+            Dedicated::Spares => Some("tenantry spares"),
         }
     }
 
@@ -82,7 +88,7 @@ impl Dedicated {
             Dedicated::Command => None,
             Dedicated::Export => Some(EXPORT_WAIT),
             Dedicated::Health => Some(Duration::ZERO),
-            Dedicated::Fleet | Dedicated::Outbox => Some(BACKGROUND_WAIT),
+            Dedicated::Fleet | Dedicated::Outbox | Dedicated::Spares => Some(BACKGROUND_WAIT),
         }
     }
 }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::db::{Installation, RequestPool};
+use crate::db::{Connector, Dedicated, Installation, RequestPool};
 use crate::domain::{RoleName, SchemaName};
 use crate::tenancy::apply::TemplateApplication;
 use crate::tenancy::publication::Templates;
@@ -384,6 +384,7 @@ impl Keeper {
     pub async fn start(
         self: &Arc<Keeper>,
         pool: RequestPool,
+        connector: Connector,
         installation: Installation,
         templates: Arc<Templates>,
         interval: Duration,
@@ -411,19 +412,13 @@ impl Keeper {
         let keeper = self.clone();
         tokio::spawn(async move {
             loop {
-                loop {
-                    let started = std::time::Instant::now();
-                    match keeper.build(&pool, &installation, &templates).await {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "building a spare tenant schema failed");
-                            break;
-                        }
-                    }
-                    tokio::time::sleep(started.elapsed()).await;
-                    // Signups may have emptied the roles meanwhile.
-                    once(pool.clone(), installation.clone(), keeper.target).await;
+                if keeper.schemas > 0 {
+                    keeper
+                        .build_round(&connector, &installation, &templates, || {
+                            // Signups may have emptied the roles meanwhile.
+                            once(pool.clone(), installation.clone(), keeper.target)
+                        })
+                        .await;
                 }
                 tokio::select! {
                     _ = keeper.wake.notified() => {}
@@ -434,20 +429,43 @@ impl Keeper {
         });
     }
 
-    /// One [`build_one`] on a connection of `pool`'s, with the published
-    /// templates read again first (another process may have published).
-    async fn build(
+    /// Build schemas ([`build_one`]) while any is wanted, on a connection
+    /// of the builder's own, each build followed by a pause as long as it
+    /// took and by `between` (the roles' refill); the published templates
+    /// are read again before each (another process may have published).
+    async fn build_round<F: std::future::Future<Output = ()>>(
         &self,
-        pool: &RequestPool,
+        connector: &Connector,
         installation: &Installation,
         templates: &Templates,
-    ) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
-        if self.schemas == 0 {
-            return Ok(false);
+        mut between: impl FnMut() -> F,
+    ) {
+        let mut client = match connector.connect(Dedicated::Spares).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build spare tenant schemas: no connection");
+                return;
+            }
+        };
+        loop {
+            let started = std::time::Instant::now();
+            let built = match templates.refresh(&*client).await {
+                Ok(_) => build_one(&mut client, installation, templates, self.schemas)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match built {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "building a spare tenant schema failed");
+                    return;
+                }
+            }
+            tokio::time::sleep(started.elapsed()).await;
+            between().await;
         }
-        let mut client = pool.get().await?;
-        templates.refresh(&**client).await?;
-        Ok(build_one(&mut client, installation, templates, self.schemas).await?)
     }
 }
 
