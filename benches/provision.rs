@@ -360,9 +360,10 @@ async fn time_built(
         .await
         .unwrap();
     assert!(
-        tenantry::tenancy::spares::build_one(builder, installation, templates, 1)
+        tenantry::tenancy::spares::build_one(builder, installation, templates, 1, &[])
             .await
             .unwrap()
+            .is_some()
     );
     let took = time_service(service, installation, templates, account).await;
     let left = tenantry::tenancy::spares::count(&*builder).await.unwrap();

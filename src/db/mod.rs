@@ -40,6 +40,14 @@ pub const TENANT_LOCK_CLASS: i32 = 1_953_395_828;
 /// hand-over too (`routers::ensure`, which deals spares out to routers).
 pub const REFILL_LOCK_CLASS: i32 = 0x737072; // 'spr'
 
+/// The class of the session-level advisory lock `tenantry backup` holds,
+/// exclusively, while `pg_dump` runs: a signup takes a spare whose schema
+/// is built (and renames the schema) only if it gets this lock shared
+/// (`tenancy::spares::claim`), because `pg_dump` reads some definitions
+/// (indexes, defaults) from the live catalog, not from its snapshot, and a
+/// schema renamed meanwhile would be dumped half under each name.
+pub const BACKUP_LOCK_CLASS: i32 = 0x626b70; // 'bkp'
+
 /// The class of a tenant's export admission (same second key): an export
 /// is admitted only while nobody waits for the tenant exclusively
 /// (`tenantry.lock_tenant`).

@@ -478,6 +478,9 @@ impl RequestPool {
 
     async fn checkout(&self, user: uuid::Uuid) -> Result<deadpool_postgres::Object, PoolError> {
         let pool = self.for_tenant(user);
+        if self.routed.is_none() && self.shards.len() == 1 {
+            return pool.get().await;
+        }
         // Whether this checkout opens a connection (none idle, room for
         // one): then, if another shard serves the request instead, the
         // connection is let finish opening, into its pool, rather than
@@ -492,9 +495,6 @@ impl RequestPool {
             let pool = pool.clone();
             async move { pool.get().await }
         });
-        if self.routed.is_none() && self.shards.len() == 1 {
-            return own.await;
-        }
         let mut pause = if self.routed.is_some() {
             ROUTED_AFFINITY_WAIT
         } else {

@@ -120,6 +120,12 @@ pub fn check(sql: &str) -> Result<(), LintError> {
                         .into(),
                 )
             }
+            _ if words.windows(2).any(|w| w[0] == "FROM" && w[1] == "CURRENT") => {
+                return refuse(
+                    "SET … FROM CURRENT is not allowed: it writes the tenant schema's name into                      the function, and a schema built ahead of its signup is renamed when a user                      takes it (set the search path by name-free means, or not at all)"
+                        .into(),
+                )
+            }
             "DECLARE" if words.windows(2).any(|w| w[0] == "WITH" && w[1] == "HOLD") => {
                 return refuse(
                     "DECLARE … WITH HOLD is not allowed: the cursor outlives the transaction".into(),
@@ -333,6 +339,16 @@ mod tests {
                 "CREATE INDEX i ON t (n)",
             ]
         );
+    }
+
+    #[test]
+    fn a_function_may_not_keep_the_schema_s_name() {
+        let why = refused(
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path FROM CURRENT AS $$ SELECT 1 $$",
+        );
+        assert!(why.reason.contains("FROM CURRENT"), "{why:?}");
+        refused("ALTER FUNCTION f() SET search_path FROM CURRENT");
+        check("CREATE VIEW v AS SELECT 'FROM CURRENT' AS s, current_date AS d").unwrap();
     }
 
     #[test]

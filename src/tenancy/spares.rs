@@ -28,6 +28,15 @@
 //! (`provisioning::provision`), which resets every session's list.
 //! Spares are not made on Citus, whose signups make their role in a head
 //! start (`provisioning::Reservation`).
+//!
+//! Some spares also have their schema built ahead ([`build_one`],
+//! `TENANTRY_SPARE_SCHEMAS`): `tenant__s<16 hex>`, the templates applied as
+//! the spare's role and recorded in its history, in one transaction holding
+//! the spare's row. A signup that takes such a spare renames the schema to
+//! the tenant's and applies only the versions published since (usually
+//! none), so it runs no template DDL; a rollback leaves the spare and its
+//! schema as they were. The builder works one schema at a time on a
+//! connection of its own, pausing after each as long as it took.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,45 +75,66 @@ pub async fn claim(
     router: Option<usize>,
     up_to: i32,
 ) -> Result<Option<Claimed>, tokio_postgres::Error> {
-    let router = router.map_or(-1, |k| i32::try_from(k).unwrap_or(i32::MAX));
+    // With routers, the index on (router, template_version, made_at)
+    // gives the order; without, the one on (template_version, made_at).
+    let (sql, key) = match router {
+        Some(k) => (&*CLAIM_OF_ROUTER, i32::try_from(k).unwrap_or(i32::MAX)),
+        None => (&*CLAIM_ANY, -1),
+    };
     let row = tx
-        .query_opt(
-            "WITH claimed AS (
-                 DELETE FROM tenantry.spare_roles
-                 WHERE role_name = (SELECT s.role_name FROM tenantry.spare_roles s
-                                    WHERE ($1 < 0 OR s.router = $1)
-                                      AND (s.template_version IS NULL OR s.template_version <= $2)
-                                      AND EXISTS (SELECT FROM pg_catalog.pg_roles r
-                                                  WHERE r.rolname = s.role_name)
-                                    ORDER BY s.router, s.template_version DESC NULLS LAST,
-                                             s.made_at, s.role_name
-                                    LIMIT 1 FOR UPDATE SKIP LOCKED)
-                 RETURNING role_name, schema_name, template_version)
-             SELECT c.role_name,
-                    CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
-                                      WHERE n.nspname = c.schema_name)
-                         THEN c.schema_name END,
-                    c.template_version,
-                    (SELECT count(*) FROM tenantry.spare_roles WHERE $1 < 0 OR router = $1) - 1
-             FROM claimed c",
-            &[&router, &up_to],
-        )
+        .query_opt(sql.as_str(), &[&key, &up_to, &crate::db::BACKUP_LOCK_CLASS])
         .await?;
     Ok(row.and_then(|row| {
         let role = RoleName::parse(row.get(0)).ok()?;
-        // A schema dropped by hand, or a name that is not a spare's: the
-        // signup makes the tenant's schema itself.
-        let schema = row
-            .get::<_, Option<&str>>(1)
-            .and_then(|name| SchemaName::parse_spare(name).ok())
-            .zip(row.get::<_, Option<i32>>(2));
         Some(Claimed {
             role,
+            // A schema dropped by hand, or a name that is not a spare's:
+            // the signup makes the tenant's schema itself.
+            schema: built(row.get(1), row.get(2)),
             left: row.get(3),
-            schema,
         })
     }))
 }
+
+/// A spare's built schema and its version, as `tenantry.spare_roles` has
+/// them (`None`: a role only, or a name no spare has).
+fn built(schema: Option<&str>, version: Option<i32>) -> Option<(SchemaName, i32)> {
+    schema
+        .and_then(|name| SchemaName::parse_spare(name).ok())
+        .zip(version)
+}
+
+/// [`claim`]'s statement: `$1` the router (`filter`), `$2` the newest
+/// version the caller asks for, `$3` [`crate::db::BACKUP_LOCK_CLASS`]
+/// (while a backup holds it, only spares without a built schema are
+/// taken: a rename would reach `pg_dump` half).
+fn claim_sql(filter: &str) -> String {
+    format!(
+        "WITH claimed AS (
+             DELETE FROM tenantry.spare_roles
+             WHERE role_name = (SELECT s.role_name FROM tenantry.spare_roles s
+                                WHERE {filter}
+                                  AND (s.template_version IS NULL
+                                       OR (s.template_version <= $2
+                                           AND pg_catalog.pg_try_advisory_xact_lock_shared($3, 0)))
+                                  AND EXISTS (SELECT FROM pg_catalog.pg_roles r
+                                              WHERE r.rolname = s.role_name)
+                                ORDER BY s.template_version DESC NULLS LAST, s.made_at, s.role_name
+                                LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING role_name, schema_name, template_version)
+         SELECT c.role_name,
+                CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                  WHERE n.nspname = c.schema_name)
+                     THEN c.schema_name END,
+                c.template_version,
+                (SELECT count(*) FROM tenantry.spare_roles s WHERE {filter}) - 1
+         FROM claimed c"
+    )
+}
+
+static CLAIM_OF_ROUTER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| claim_sql("s.router = $1"));
+static CLAIM_ANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_sql("$1 < 0"));
 
 /// Take out of the stock every spare the current role may not act as
 /// (`provision`'s retry after a refused spare, once its own `GRANT` has
@@ -243,95 +273,127 @@ pub async fn refill(
     Ok(roles.len())
 }
 
-/// How many spares have their schema built (at any version).
-pub async fn ready(
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT count(schema_name) FROM tenantry.spare_roles", &[])
-        .await?
-        .get(0))
+/// A spare whose schema could not be built ([`build_one`]).
+#[derive(Debug, thiserror::Error)]
+#[error("building the schema of a spare tenant role ({}): {why}", role.as_deref().unwrap_or("none chosen yet"))]
+pub struct BuildFailed {
+    /// The spare, which the builder then leaves alone.
+    pub role: Option<String>,
+    pub why: String,
 }
 
 /// Build one spare's schema, in one transaction: the stalest built one
 /// brought up to the newest published version first, else (while fewer
-/// than `target` are built) a new one for a spare that is a role only, of
-/// the router with the fewest built. The templates run as the spare's role,
-/// as in a signup, and its history is written; the row is locked
+/// than `target` are built) a new one for a spare that is a role only (or
+/// whose schema is gone), of the router with the fewest built; none of
+/// `skip` (spares whose build failed). The templates run as the spare's
+/// role, as in a signup, and its history is written; the row is locked
 /// throughout, so no signup takes the spare half-built, and a failure or a
-/// kill leaves it as it was. Returns whether there was one to build.
+/// kill leaves it as it was. Returns the spare built, `None` when none was
+/// wanted.
 pub async fn build_one(
     client: &mut tokio_postgres::Client,
     installation: &Installation,
     templates: &Templates,
     target: usize,
-) -> Result<bool, tokio_postgres::Error> {
+    skip: &[String],
+) -> Result<Option<RoleName>, BuildFailed> {
     if target == 0 || installation.citus {
-        return Ok(false);
+        return Ok(None);
     }
     let published = templates.published();
     let set = published.set();
     let latest = set.latest().get();
     let target = i64::try_from(target).unwrap_or(i64::MAX);
-    let tx = client.transaction().await?;
+    let failed = |role: Option<&str>| {
+        let role = role.map(str::to_owned);
+        move |e: tokio_postgres::Error| BuildFailed {
+            role,
+            why: e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), ToString::to_string),
+        }
+    };
+    let tx = client.transaction().await.map_err(failed(None))?;
     // Publishing waits for this transaction; a version published since
     // the set was read refuses it (`provisioning_at`).
     tx.execute(
         "SELECT tenantry.provisioning_at($1)",
         &[&published.newest()],
     )
-    .await?;
-    let Some(row) = tx
+    .await
+    .map_err(failed(None))?;
+    let row = tx
         .query_opt(
             "WITH built AS (SELECT router, count(schema_name) AS n
-                            FROM tenantry.spare_roles GROUP BY router)
-             SELECT s.role_name, s.schema_name, s.template_version
-             FROM tenantry.spare_roles s JOIN built b ON b.router = s.router
+                            FROM tenantry.spare_roles GROUP BY router),
+                  spares AS (SELECT s.*, EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                                 WHERE n.nspname = s.schema_name) AS present
+                             FROM tenantry.spare_roles s)
+             SELECT s.role_name, CASE WHEN p.present THEN s.schema_name END,
+                    CASE WHEN p.present THEN s.template_version END
+             FROM tenantry.spare_roles s JOIN spares p USING (role_name)
+                  JOIN built b ON b.router = s.router
              WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)
-               AND (s.template_version < $1
+               AND NOT (s.role_name = ANY ($3))
+               AND ((p.present AND s.template_version < $1)
+                    OR (s.schema_name IS NOT NULL AND NOT p.present)
                     OR (s.schema_name IS NULL AND (SELECT sum(n) FROM built)::int8 < $2))
-             ORDER BY s.template_version NULLS LAST, b.n, s.made_at, s.role_name
+             ORDER BY p.present DESC, s.template_version NULLS LAST, b.n, s.made_at, s.role_name
              LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
-            &[&latest, &target],
+            &[&latest, &target, &skip],
         )
-        .await?
-    else {
-        tx.commit().await?;
-        return Ok(false);
+        .await
+        .map_err(failed(None))?;
+    let Some(row) = row else {
+        tx.commit().await.map_err(failed(None))?;
+        return Ok(None);
     };
-    let Ok(role) = RoleName::parse(row.get(0)) else {
-        tx.commit().await?;
-        return Ok(false);
-    };
-    let existing = row
-        .get::<_, Option<&str>>(1)
-        .and_then(|name| SchemaName::parse_spare(name).ok())
-        .zip(row.get::<_, Option<i32>>(2));
-    let (schema, from) = match existing {
-        Some((schema, at)) => (schema, at),
-        None => {
-            let schema = SchemaName::spare();
-            tx.batch_execute(&crate::tenancy::provisioning::spare_schema(&schema, &role))
-                .await?;
-            (schema, 0)
+    let name: &str = row.get(0);
+    let role = match RoleName::parse(name) {
+        Ok(role) => role,
+        Err(e) => {
+            // Not a name Tenantry makes (written by hand): left alone.
+            tx.commit().await.map_err(failed(Some(name)))?;
+            return Err(BuildFailed {
+                role: Some(name.to_owned()),
+                why: e.to_string(),
+            });
         }
     };
-    let application = TemplateApplication::new(&schema, &role, set.between(from, set.latest()));
-    for (_, request) in application.requests(tx.client()) {
-        request.await?;
+    let on_err = failed(Some(role.as_str()));
+    let built = async {
+        let (schema, from) = match built(row.get(1), row.get(2)) {
+            Some(existing) => existing,
+            None => {
+                let schema = SchemaName::spare();
+                tx.batch_execute(&crate::tenancy::provisioning::spare_schema(&schema, &role))
+                    .await?;
+                (schema, 0)
+            }
+        };
+        let application = TemplateApplication::new(&schema, &role, set.between(from, set.latest()));
+        for (_, request) in application.requests(tx.client()) {
+            request.await?;
+        }
+        let (_, history) = application.history_request(tx.client());
+        history.await?;
+        tx.execute(
+            "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = $3
+             WHERE role_name = $1",
+            &[&role.as_str(), &schema.as_str(), &latest],
+        )
+        .await?;
+        tx.commit().await
     }
-    let (_, history) = application.history_request(tx.client());
-    history.await?;
-    tx.execute(
-        "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = $3
-         WHERE role_name = $1",
-        &[&role.as_str(), &schema.as_str(), &latest],
-    )
-    .await?;
-    tx.commit().await?;
+    .await;
+    built.map_err(on_err)?;
     // The templates ran on this connection as the spare's role.
-    client.batch_execute(crate::db::SESSION_RESET).await?;
-    Ok(true)
+    client
+        .batch_execute(crate::db::SESSION_RESET)
+        .await
+        .map_err(failed(Some(role.as_str())))?;
+    Ok(Some(role))
 }
 
 /// `serve`'s stock of spares: roles refilled at start, when a signup finds
@@ -411,56 +473,87 @@ impl Keeper {
         once(pool.clone(), installation.clone(), self.target).await;
         let keeper = self.clone();
         tokio::spawn(async move {
+            let mut builder = Builder::default();
             loop {
                 if keeper.schemas > 0 {
-                    keeper
-                        .build_round(&connector, &installation, &templates, || {
-                            // Signups may have emptied the roles meanwhile.
-                            once(pool.clone(), installation.clone(), keeper.target)
-                        })
+                    builder
+                        .round(
+                            &connector,
+                            &installation,
+                            &templates,
+                            keeper.schemas,
+                            || {
+                                // Signups may have emptied the roles meanwhile.
+                                once(pool.clone(), installation.clone(), keeper.target)
+                            },
+                        )
                         .await;
                 }
                 tokio::select! {
                     _ = keeper.wake.notified() => {}
-                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::time::sleep(interval) => {
+                        // Nothing taken for a while: the builder's session
+                        // goes.
+                        builder.client = None;
+                    }
                 }
                 once(pool.clone(), installation.clone(), keeper.target).await;
             }
         });
     }
+}
 
-    /// Build schemas ([`build_one`]) while any is wanted, on a connection
-    /// of the builder's own, each build followed by a pause as long as it
-    /// took and by `between` (the roles' refill); the published templates
-    /// are read again before each (another process may have published).
-    async fn build_round<F: std::future::Future<Output = ()>>(
-        &self,
+/// The builder of spare schemas: its connection, kept from one round to
+/// the next (a new session of the service's would build its fleet-long
+/// list of memberships again on its first build), and the spares whose
+/// build failed, left alone by this process.
+#[derive(Default)]
+struct Builder {
+    client: Option<crate::db::Connection>,
+    failed: Vec<String>,
+}
+
+impl Builder {
+    /// Build schemas ([`build_one`]) while any is wanted, each build
+    /// followed by a pause as long as it took and by `between` (the roles'
+    /// refill); the published templates are read again before each
+    /// (another process may have published).
+    async fn round<F: std::future::Future<Output = ()>>(
+        &mut self,
         connector: &Connector,
         installation: &Installation,
         templates: &Templates,
+        target: usize,
         mut between: impl FnMut() -> F,
     ) {
-        let mut client = match connector.connect(Dedicated::Spares).await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot build spare tenant schemas: no connection");
+        let mut failures = 0;
+        loop {
+            let client = match &mut self.client {
+                Some(client) if !client.is_closed() => client,
+                _ => match connector.connect(Dedicated::Spares).await {
+                    Ok(client) => self.client.insert(client),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot build spare tenant schemas: no connection");
+                        return;
+                    }
+                },
+            };
+            let started = std::time::Instant::now();
+            if let Err(e) = templates.refresh(&**client).await {
+                tracing::warn!(error = %e, "cannot build spare tenant schemas");
                 return;
             }
-        };
-        loop {
-            let started = std::time::Instant::now();
-            let built = match templates.refresh(&*client).await {
-                Ok(_) => build_one(&mut client, installation, templates, self.schemas)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match built {
-                Ok(true) => {}
-                Ok(false) => return,
+            match build_one(client, installation, templates, target, &self.failed).await {
+                Ok(Some(_)) => failures = 0,
+                Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "building a spare tenant schema failed");
-                    return;
+                    tracing::warn!(error = %e, "building a spare tenant schema failed; that spare is left as it is");
+                    self.failed.extend(e.role);
+                    failures += 1;
+                    if failures == 3 {
+                        // Not one spare's trouble: the next round tries again.
+                        return;
+                    }
                 }
             }
             tokio::time::sleep(started.elapsed()).await;

@@ -833,9 +833,10 @@ async fn a_killed_signup_leaves_its_built_spare_as_it_was() {
         .len();
     tx.rollback().await.unwrap();
     assert_eq!(free, 1, "the signup in flight has taken a spare");
-    child.kill().await.unwrap(); // SIGKILL: no cleanup code runs
-                                 // Its backend goes on once the head is free, finds its client gone at
-                                 // the end of what it was sent, and rolls back.
+    // SIGKILL: no cleanup code runs. Its backend goes on once the head is
+    // free, finds its client gone at the end of what it was sent, and
+    // rolls back.
+    child.kill().await.unwrap();
     head.rollback().await.unwrap();
     backend_ended(&admin, backend.get()).await;
 
@@ -965,6 +966,175 @@ async fn an_import_leaves_the_spares_built_at_a_newer_version_than_its_export() 
     assert_eq!(history_of(&app, "tenant_nora").await, versions_up_to(next));
     assert_eq!(
         app.count("SELECT count(*) FROM tenant_nora.skills").await,
+        1
+    );
+    let out = tenantry(&["fleet", "check"], &env, None).await;
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+}
+
+#[tokio::test]
+async fn while_a_backup_runs_a_signup_takes_no_built_spare() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 2;
+        s.spare_schemas = 1;
+    })
+    .await;
+    until("one spare's schema is built", || async {
+        built_spares(&app).await.len() == 1
+    })
+    .await;
+    let built = built_spares(&app).await;
+    // What `tenantry backup` holds while pg_dump runs (pg_dump reads some
+    // definitions from the live catalog: a schema renamed meanwhile would
+    // be dumped half under each name).
+    let holder = connect(&app.db_name).await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1, 0)",
+            &[&tenantry::db::BACKUP_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    assert_eq!(app.register("sam").await.status(), 201);
+    let sam = app.role_of("sam").await;
+    assert!(built.iter().all(|(r, _, _)| *r != sam), "{sam} was built");
+    assert_eq!(built_spares(&app).await, built, "the built spare is left");
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1, 0)",
+            &[&tenantry::db::BACKUP_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    // The backup done, the next signup takes it.
+    assert_eq!(app.register("tess").await.status(), 201);
+    assert_eq!(app.role_of("tess").await, built[0].0);
+    assert!(tables_of(&app, &built[0].1).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_spare_whose_schema_cannot_be_built_is_passed_over() {
+    let db = create_database().await;
+    let mut settings = test_settings(&db);
+    settings.spare_roles = 3;
+    let app = spawn_app_on(settings, db.clone()).await;
+    let spares = app.spare_roles().await;
+    assert_eq!(spares.len(), 3);
+    // One spare the service may no longer act as (revoked by hand).
+    let admin = app.db().await;
+    admin
+        .batch_execute(&format!(
+            "REVOKE \"{}\" FROM \"{}\"",
+            spares[0],
+            service_role(&db)
+        ))
+        .await
+        .unwrap();
+    // A second `serve` on the installation builds the spares' schemas.
+    let mut settings = test_settings(&db);
+    settings.spare_roles = 3;
+    settings.spare_schemas = 3;
+    let _builder = spawn_app_on(settings, db.clone()).await;
+    until("the other two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let built: Vec<String> = built_spares(&app)
+        .await
+        .into_iter()
+        .map(|(r, _, _)| r)
+        .collect();
+    assert!(!built.contains(&spares[0]), "{built:?}");
+    assert_eq!(app.spare_roles().await, spares, "no spare was lost");
+    // Nothing was left of the failed build.
+    assert_eq!(
+        app.count("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'tenant\\_\\_%'")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn an_import_takes_a_spare_built_at_an_older_version_and_applies_the_rest() {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = 3;
+        s.spare_schemas = 2;
+    })
+    .await;
+    until("two spares' schemas are built", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    let built = built_spares(&app).await;
+    let mut tables = std::collections::HashMap::new();
+    for (role, schema, _) in &built {
+        tables.insert(role.clone(), tables_of(&app, schema).await);
+    }
+    // A new version, and a tenant at it made and exported by the CLI (a
+    // process of its own: `serve`'s builder is not woken, so the other
+    // built spare stays at the version before).
+    let next = latest_version() + 1;
+    let templates = builtin_templates_with(&[(
+        &format!("V{next}__notes.sql"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
+    )]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", templates.display().to_string()));
+    let out = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = tenantry(
+        &["tenants", "create", "nora", "--email", "nora@example.com"],
+        &env,
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = app.access_token("nora").await;
+    add_skill(&app, &token).await;
+    app.db()
+        .await
+        .batch_execute("INSERT INTO tenant_nora.notes (body) VALUES ('kept')")
+        .await
+        .unwrap();
+    let exported = tenantry(&["tenants", "export", "nora"], &env, None).await;
+    assert!(exported.status.success(), "{}", stderr(&exported));
+    let dir = temp_dir("tenantry-spares-export");
+    spawn_reaper(&dir);
+    let file = dir.join("nora.json");
+    std::fs::write(&file, &exported.stdout).unwrap();
+    let out = tenantry(&["tenants", "delete", "nora", "--yes"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let left = built_spares(&app).await;
+    assert_eq!(left.len(), 1);
+    assert!(left[0].2 < next, "{left:?}");
+
+    // The import takes it, applies the new version to it, and loads the
+    // rows into its tables.
+    let out = tenantry(
+        &["tenants", "import", &file.display().to_string()],
+        &env,
+        Some("a new password, fine"),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let role = app.role_of("nora").await;
+    assert_eq!(role, left[0].0, "the import took the built spare");
+    let now = tables_of(&app, "tenant_nora").await;
+    let kept: Vec<_> = now
+        .iter()
+        .filter(|(n, _, _)| n != "notes")
+        .cloned()
+        .collect();
+    assert_eq!(kept, tables[&role], "the spare's tables, renamed");
+    owned_by(&app, "tenant_nora", &role).await;
+    assert_eq!(history_of(&app, "tenant_nora").await, versions_up_to(next));
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenant_nora.skills").await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM tenant_nora.notes WHERE body = 'kept'")
+            .await,
         1
     );
     let out = tenantry(&["fleet", "check"], &env, None).await;

@@ -35,6 +35,15 @@ pub async fn backup(settings: Settings, dir: &Path) -> Result<(), Failure> {
     }
     let secret = backed_up_secret(&settings, &staging)?;
 
+    // No spare's built schema is renamed while the database is dumped
+    // (`db::BACKUP_LOCK_CLASS`): taken before the snapshot, held until the
+    // dump is done (a session lock: it ends with this connection).
+    client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_lock($1, 0)",
+            &[&crate::db::BACKUP_LOCK_CLASS],
+        )
+        .await?;
     // One snapshot for the registry, the roles and the dump: a signup or
     // an erasure meanwhile is in all three or in none.
     let tx = client
@@ -61,6 +70,12 @@ pub async fn backup(settings: Settings, dir: &Path) -> Result<(), Failure> {
     super::warn_about_locks(&tx, state.facts.tables, "pg_dump").await?;
     let size = dump(&pg_dump, &env, &snapshot, &staging).await?;
     tx.commit().await?;
+    client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_unlock($1, 0)",
+            &[&crate::db::BACKUP_LOCK_CLASS],
+        )
+        .await?;
 
     let (id, tenants, users) = (state.id.clone(), state.facts.tenants, state.facts.users);
     let manifest = state.manifest(secret);
