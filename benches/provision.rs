@@ -132,32 +132,8 @@ async fn main() {
             g = installation.group_role().quoted(),
             v = templates.latest().get()
         );
-        let mail_account = NewAccount {
-            username: Username::parse(&format!("mail_{i}")).unwrap(),
-            email: Email::parse(&format!("mail_{i}@example.com")).unwrap(),
-            refresh_token: account.refresh_token.as_ref().map(|r| {
-                tenantry::provisioning::RefreshTokenRow {
-                    family_id: uuid::Uuid::new_v4(),
-                    hash: tenantry::auth::new_refresh_token().1,
-                    ..r.clone()
-                }
-            }),
-            verification: Some(tenantry::provisioning::Verification::new(&letters)),
-            ..account.clone()
-        };
-        let built_account = NewAccount {
-            username: Username::parse(&format!("built_{i}")).unwrap(),
-            email: Email::parse(&format!("built_{i}@example.com")).unwrap(),
-            refresh_token: account.refresh_token.as_ref().map(|r| {
-                tenantry::provisioning::RefreshTokenRow {
-                    family_id: uuid::Uuid::new_v4(),
-                    hash: tenantry::auth::new_refresh_token().1,
-                    ..r.clone()
-                }
-            }),
-            verification: Some(tenantry::provisioning::Verification::new(&letters)),
-            ..account.clone()
-        };
+        let mail_account = with_mail(&account, &format!("mail_{i}"), &letters);
+        let built_account = with_mail(&account, &format!("built_{i}"), &letters);
         if i % 2 == 0 {
             built_times.push(
                 time_built(
@@ -345,6 +321,24 @@ async fn time_service(
         .await
         .expect("provision");
     t.elapsed()
+}
+
+/// `account` as an API signup makes it since accounts are verified, as
+/// `name`: its own session and its verification token and mail.
+fn with_mail(account: &NewAccount, name: &str, letters: &tenantry::mail::Letters) -> NewAccount {
+    NewAccount {
+        username: Username::parse(name).unwrap(),
+        email: Email::parse(&format!("{name}@example.com")).unwrap(),
+        refresh_token: account.refresh_token.as_ref().map(|r| {
+            tenantry::provisioning::RefreshTokenRow {
+                family_id: uuid::Uuid::new_v4(),
+                hash: tenantry::auth::new_refresh_token().1,
+                ..r.clone()
+            }
+        }),
+        verification: Some(tenantry::provisioning::Verification::new(letters)),
+        ..account.clone()
+    }
 }
 
 /// A signup that takes a spare whose schema is built: the spare made and

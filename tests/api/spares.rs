@@ -20,6 +20,27 @@ async fn add_skill(app: &TestApp, token: &str) {
     assert_eq!(created.status(), 201);
 }
 
+/// `token`'s tenant writes an experience (201), and a new tenant `other`
+/// sees none of it.
+async fn writes_and_others_see_nothing(app: &TestApp, token: &str, other: &str) {
+    let created = app
+        .call(Method::POST, "/api/experiences", token)
+        .json(&json!({"title": "Harbour pilot", "started_on": "2024-01-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let other = app.token(other).await;
+    let seen: Value = json(
+        app.call(Method::GET, "/api/experiences", &other)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(seen["items"].as_array().map(Vec::len), Some(0), "{seen}");
+}
+
 /// Every row of `pg_authid` and `pg_auth_members` that involves a role of
 /// the installation, with the transaction that wrote it (`xmin`): equal
 /// before and after only if nothing made, changed or granted a role.
@@ -90,22 +111,7 @@ async fn serve_keeps_spare_roles_and_a_signup_takes_one_changing_no_role() {
         owners, 0,
         "every template table of tenant_sam belongs to {role}"
     );
-    let created = app
-        .call(Method::POST, "/api/experiences", &token)
-        .json(&json!({"title": "Harbour pilot", "started_on": "2024-01-01"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let other = app.token("tess").await;
-    let seen: Value = json(
-        app.call(Method::GET, "/api/experiences", &other)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(seen["items"].as_array().map(Vec::len), Some(0), "{seen}");
+    writes_and_others_see_nothing(&app, &token, "tess").await;
 
     // Two signups in, two spares are left: at half, no refill; the third
     // leaves one, and the service makes the stock whole again.
@@ -674,22 +680,7 @@ async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template
     assert_eq!(role_rows(&app).await, roles_before, "no role was changed");
 
     // The tenant works, as its role, and sees only its own rows.
-    let created = app
-        .call(Method::POST, "/api/experiences", &token)
-        .json(&json!({"title": "Harbour pilot", "started_on": "2024-01-01"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let other = app.token("tess").await;
-    let seen: Value = json(
-        app.call(Method::GET, "/api/experiences", &other)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(seen["items"].as_array().map(Vec::len), Some(0), "{seen}");
+    writes_and_others_see_nothing(&app, &token, "tess").await;
     let mine: Value = json(
         app.call(Method::GET, "/api/experiences", &token)
             .send()
