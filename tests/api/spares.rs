@@ -561,6 +561,30 @@ async fn a_request_refused_its_tenants_role_resets_the_sessions_memberships_at_m
     assert_eq!(read().await, 200);
 }
 
+/// `serve` with `roles` spares, `schemas` of them built (waited for), and
+/// `routers` router roles.
+async fn app_with_built(roles: usize, schemas: usize, routers: usize) -> TestApp {
+    let app = spawn_app_with(|s| {
+        s.spare_roles = roles;
+        s.spare_schemas = schemas;
+        s.router_roles = routers;
+    })
+    .await;
+    until("the spares' schemas are built", || async {
+        built_spares(&app).await.len() == schemas
+    })
+    .await;
+    app
+}
+
+/// `tenantry fleet check` finds no drift (spares and their schemas are
+/// none).
+async fn fleet_checks_clean(app: &TestApp) {
+    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("no drift"), "{}", stdout(&out));
+}
+
 /// The spares whose schema is built: (role, schema, version), by role.
 async fn built_spares(app: &TestApp) -> Vec<(String, String, i32)> {
     app.db()
@@ -625,15 +649,7 @@ async fn owned_by(app: &TestApp, schema: &str, role: &str) {
 
 #[tokio::test]
 async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 4;
-        s.spare_schemas = 2;
-    })
-    .await;
-    until("two spares' schemas are built", || async {
-        built_spares(&app).await.len() == 2
-    })
-    .await;
+    let app = app_with_built(4, 2, 0).await;
     let built = built_spares(&app).await;
     let latest = latest_version();
     let mut tables = std::collections::HashMap::new();
@@ -650,9 +666,7 @@ async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template
         "{metrics}"
     );
     // A spare's schema is no drift.
-    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert!(stdout(&out).contains("no drift"), "{}", stdout(&out));
+    fleet_checks_clean(&app).await;
     let roles_before = role_rows(&app).await;
 
     let signup = app.register("sam").await;
@@ -697,21 +711,12 @@ async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template
     })
     .await;
     assert_eq!(app.stray_role_count().await, 0);
-    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    fleet_checks_clean(&app).await;
 }
 
 #[tokio::test]
 async fn a_spare_built_before_a_new_version_is_brought_up_to_it() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 3;
-        s.spare_schemas = 2;
-    })
-    .await;
-    until("two spares' schemas are built", || async {
-        built_spares(&app).await.len() == 2
-    })
-    .await;
+    let app = app_with_built(3, 2, 0).await;
     let built = built_spares(&app).await;
     let latest = latest_version();
     let mut tables = std::collections::HashMap::new();
@@ -768,21 +773,12 @@ async fn a_spare_built_before_a_new_version_is_brought_up_to_it() {
         .any(|(r, s, _)| r == other_role && s == other));
     assert_eq!(history_of(&app, other).await, versions_up_to(next));
     owned_by(&app, other, other_role).await;
-    let out = tenantry(&["fleet", "check"], &cli_env(&app.db_name), None).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    fleet_checks_clean(&app).await;
 }
 
 #[tokio::test]
 async fn a_killed_signup_leaves_its_built_spare_as_it_was() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 2;
-        s.spare_schemas = 2;
-    })
-    .await;
-    until("two spares' schemas are built", || async {
-        built_spares(&app).await.len() == 2
-    })
-    .await;
+    let app = app_with_built(2, 2, 0).await;
     let built = built_spares(&app).await;
     let mut tables = Vec::new();
     for (_, schema, _) in &built {
@@ -854,16 +850,7 @@ async fn a_killed_signup_leaves_its_built_spare_as_it_was() {
 
 #[tokio::test]
 async fn with_routers_the_built_schemas_are_shared_among_the_routers() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 8;
-        s.spare_schemas = 4;
-        s.router_roles = 4;
-    })
-    .await;
-    until("four spares' schemas are built", || async {
-        built_spares(&app).await.len() == 4
-    })
-    .await;
+    let app = app_with_built(8, 4, 4).await;
     // One for each router: a signup takes one of its own router's spares.
     let routers = app
         .count(
@@ -959,21 +946,12 @@ async fn an_import_leaves_the_spares_built_at_a_newer_version_than_its_export() 
         app.count("SELECT count(*) FROM tenant_nora.skills").await,
         1
     );
-    let out = tenantry(&["fleet", "check"], &env, None).await;
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    fleet_checks_clean(&app).await;
 }
 
 #[tokio::test]
 async fn while_a_backup_runs_a_signup_takes_no_built_spare() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 2;
-        s.spare_schemas = 1;
-    })
-    .await;
-    until("one spare's schema is built", || async {
-        built_spares(&app).await.len() == 1
-    })
-    .await;
+    let app = app_with_built(2, 1, 0).await;
     let built = built_spares(&app).await;
     // What `tenantry backup` holds while pg_dump runs (pg_dump reads some
     // definitions from the live catalog: a schema renamed meanwhile would
@@ -1047,15 +1025,7 @@ async fn a_spare_whose_schema_cannot_be_built_is_passed_over() {
 
 #[tokio::test]
 async fn an_import_takes_a_spare_built_at_an_older_version_and_applies_the_rest() {
-    let app = spawn_app_with(|s| {
-        s.spare_roles = 3;
-        s.spare_schemas = 2;
-    })
-    .await;
-    until("two spares' schemas are built", || async {
-        built_spares(&app).await.len() == 2
-    })
-    .await;
+    let app = app_with_built(3, 2, 0).await;
     let built = built_spares(&app).await;
     let mut tables = std::collections::HashMap::new();
     for (role, schema, _) in &built {
@@ -1128,6 +1098,5 @@ async fn an_import_takes_a_spare_built_at_an_older_version_and_applies_the_rest(
             .await,
         1
     );
-    let out = tenantry(&["fleet", "check"], &env, None).await;
-    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    fleet_checks_clean(&app).await;
 }
