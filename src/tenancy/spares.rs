@@ -326,13 +326,12 @@ pub async fn build_one(
     let row = tx
         .query_opt(
             "WITH built AS (SELECT router, count(schema_name) AS n
-                            FROM tenantry.spare_roles GROUP BY router),
-                  spares AS (SELECT s.*, EXISTS (SELECT FROM pg_catalog.pg_namespace n
-                                                 WHERE n.nspname = s.schema_name) AS present
-                             FROM tenantry.spare_roles s)
+                            FROM tenantry.spare_roles GROUP BY router)
              SELECT s.role_name, CASE WHEN p.present THEN s.schema_name END,
                     CASE WHEN p.present THEN s.template_version END
-             FROM tenantry.spare_roles s JOIN spares p USING (role_name)
+             FROM tenantry.spare_roles s
+                  CROSS JOIN LATERAL (SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                                     WHERE n.nspname = s.schema_name) AS present) p
                   JOIN built b ON b.router = s.router
              WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)
                AND NOT (s.role_name = ANY ($3))
@@ -362,7 +361,7 @@ pub async fn build_one(
         }
     };
     let on_err = failed(Some(role.as_str()));
-    let built = async {
+    let made = async {
         let (schema, from) = match built(row.get(1), row.get(2)) {
             Some(existing) => existing,
             None => {
@@ -387,7 +386,7 @@ pub async fn build_one(
         tx.commit().await
     }
     .await;
-    built.map_err(on_err)?;
+    made.map_err(on_err)?;
     // The templates ran on this connection as the spare's role.
     client
         .batch_execute(crate::db::SESSION_RESET)
