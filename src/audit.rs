@@ -65,6 +65,8 @@ pub enum Action {
     EmailChanged,
     TenantSuspended,
     TenantResumed,
+    /// A tenant's own storage quota set or removed.
+    TenantQuotaSet,
 }
 
 impl Action {
@@ -90,6 +92,7 @@ impl Action {
             Action::EmailChanged => "email_changed",
             Action::TenantSuspended => "tenant_suspended",
             Action::TenantResumed => "tenant_resumed",
+            Action::TenantQuotaSet => "tenant_quota_set",
         }
     }
 

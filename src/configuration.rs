@@ -40,6 +40,13 @@ pub struct Settings {
     /// How often `serve` anchors the audit chain and purges expired rows
     /// (`TENANTRY_MAINTENANCE_INTERVAL`, seconds).
     pub maintenance_interval: Duration,
+    /// `TENANTRY_TENANT_QUOTA_BYTES`: the bytes a tenant's schema may take
+    /// before its writes are refused (`tenancy::usage`), unless it has a
+    /// quota of its own; 0 is none.
+    pub tenant_quota_bytes: u64,
+    /// `TENANTRY_USAGE_INTERVAL` (seconds): how often `serve` measures every
+    /// tenant's usage (and at start); 0 never.
+    pub usage_interval: Option<Duration>,
     /// `TENANTRY_METRICS_TOKEN`: the bearer token `/metrics` asks for; unset,
     /// it answers loopback clients only.
     pub metrics_token: Option<SecretString>,
@@ -304,6 +311,17 @@ impl Settings {
                 .max(1)
                 .into(),
         );
+        let tenant_quota_bytes = match get("TENANTRY_TENANT_QUOTA_BYTES") {
+            None => 0,
+            Some(v) => parse_bytes(&v).map_err(|reason| SettingsError::Invalid {
+                name: "TENANTRY_TENANT_QUOTA_BYTES",
+                reason,
+            })?,
+        };
+        let usage_interval = match number("TENANTRY_USAGE_INTERVAL", 300, 86_400)? {
+            0 => None,
+            secs => Some(Duration::from_secs(secs.into())),
+        };
         let audit_anchor_file = get("TENANTRY_AUDIT_ANCHOR_FILE")
             .map(PathBuf::from)
             .unwrap_or_else(|| data_dir.join("audit-anchors"));
@@ -427,6 +445,8 @@ impl Settings {
             client_timeout,
             audit_anchor_file,
             maintenance_interval,
+            tenant_quota_bytes,
+            usage_interval,
             database,
             data_dir,
             bind,
@@ -536,6 +556,36 @@ impl fmt::Debug for SecretString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
+}
+
+/// A number of bytes, optionally with a unit (`10MB`, `1 GiB`).
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let unit = unit.trim();
+    let scale: u64 = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => {
+            return Err(format!(
+            "{raw:?} is not a size: give bytes (e.g. 500000000 or 500MB or 2GiB), none or default"
+        ))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&b| b <= i64::MAX as u64)
+        .ok_or_else(|| format!("{raw:?} is not a size PostgreSQL can hold"))
 }
 
 #[cfg(test)]

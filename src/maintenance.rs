@@ -3,8 +3,10 @@
 //! throttle rows, signup idempotency keys), anchor the audit chain to the
 //! anchor file, forget idle rate-limit state, purge delivered mail after
 //! its retention and expired account tokens, erase the accounts that never
-//! verified their address (`TENANTRY_UNVERIFIED_TTL`), and on Citus sweep
-//! what a killed signup left (`provisioning::sweep_pending`).
+//! verified their address (`TENANTRY_UNVERIFIED_TTL`), on Citus sweep
+//! what a killed signup left (`provisioning::sweep_pending`), and every
+//! `TENANTRY_USAGE_INTERVAL` measure every tenant's usage against its quota
+//! (`tenancy::usage`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,6 +157,38 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
     erased
 }
 
+/// Measure every tenant's usage ([`crate::tenancy::usage::measure`]) and
+/// log who crossed a quota.
+pub async fn measure_usage(state: &AppState, client: &tokio_postgres::Client) {
+    let started = std::time::Instant::now();
+    match crate::tenancy::usage::measure(
+        client,
+        state.installation.citus,
+        None,
+        state.tenant_quota_bytes,
+    )
+    .await
+    {
+        Ok(m) => {
+            tracing::info!(
+                tenants = m.tenants,
+                bytes = m.bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "measured the tenants' usage"
+            );
+            for name in &m.now_over {
+                tracing::warn!(tenant = %state.pseudonyms.name(name), "a tenant is over its quota: its writes are refused");
+            }
+            for name in &m.now_under {
+                tracing::info!(tenant = %state.pseudonyms.name(name), "a tenant is back under its quota");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "measuring the tenants' usage failed; the next interval retries")
+        }
+    }
+}
+
 /// Start the background loop (it ends with the runtime).
 pub fn spawn(
     state: Arc<AppState>,
@@ -162,8 +196,10 @@ pub fn spawn(
     anchor_file: PathBuf,
     interval: Duration,
     mail: crate::configuration::MailSettings,
+    usage_interval: Option<Duration>,
 ) {
     tokio::spawn(async move {
+        let mut last_usage: Option<tokio::time::Instant> = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -209,6 +245,12 @@ pub fn spawn(
                     .await
             {
                 tracing::warn!(error = %crate::api::error::cause_chain(&e), "cannot anchor the audit chain");
+            }
+            if let Some(every) = usage_interval {
+                if last_usage.is_none_or(|at| at.elapsed() >= every) {
+                    last_usage = Some(tokio::time::Instant::now());
+                    measure_usage(&state, &client).await;
+                }
             }
             // Each erasure takes connections of its own: this one goes back.
             drop(client);

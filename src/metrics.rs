@@ -22,7 +22,10 @@
 //!   `tenantry_pool_waiting`, `tenantry_outbox_mails{state}` (pending, dead),
 //!   `tenantry_spare_roles` and `tenantry_spare_schemas` (`tenancy::spares`),
 //!   `tenantry_router_roles`
-//!   (`db::routers`: the routers the pool logs in as, 0 for none);
+//!   (`db::routers`: the routers the pool logs in as, 0 for none),
+//!   `tenantry_tenants_by_usage_bytes{le}` (cumulative counts of measured
+//!   tenants by bytes, no tenant named), `tenantry_tenants_usage_bytes_sum`
+//!   and `tenantry_tenants_over_quota` (`tenancy::usage`);
 //! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
 //!   `tenantry_mail_dead_total` (`mail::delivery`).
 
@@ -148,6 +151,20 @@ fn describe_and_register() {
     describe_gauge!(
         "tenantry_spare_schemas",
         "spare tenant roles whose schema is built, so that the signup taking one runs no template (read at scrape time)"
+    );
+    describe_gauge!(
+        "tenantry_tenants_by_usage_bytes",
+        Unit::Count,
+        "measured tenants whose schema takes at most le bytes (cumulative, as a histogram's buckets; tenancy::usage)"
+    );
+    describe_gauge!(
+        "tenantry_tenants_usage_bytes_sum",
+        Unit::Bytes,
+        "bytes the measured tenants' schemas take together"
+    );
+    describe_gauge!(
+        "tenantry_tenants_over_quota",
+        "tenants over their storage quota, whose writes are refused"
     );
     describe_counter!(
         "tenantry_mail_sent_total",

@@ -30,11 +30,14 @@ use crate::db::{self, TenantPool};
 /// pipelined behind this one then never run as the service. A suspended
 /// account is found (its token is valid) and refused by
 /// `tenantry.refuse_suspended()`, which raises SQLSTATE TS403 and aborts the
-/// transaction the same way. Both come before the `set_config` calls: a
-/// projection evaluates its columns in order (and an abort would undo the
-/// settings anyway).
+/// transaction the same way. A write (`$5`, see [`Access`]) to a tenant
+/// over its storage quota is refused by `tenantry.refuse_over_quota()`
+/// (SQLSTATE TQ403, V22; the flag is kept by `tenancy::usage`). All come
+/// before the `set_config` calls: a projection evaluates its columns in
+/// order (and an abort would undo the settings anyway).
 const ENTER: &str = "SELECT 1 / count(*) AS entered,
         CASE WHEN bool_or(u.suspended_at IS NOT NULL) THEN tenantry.refuse_suspended() END AS suspended,
+        CASE WHEN $5 AND bool_or(t.over_quota_since IS NOT NULL) THEN tenantry.refuse_over_quota() END AS over_quota,
         pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true),
         pg_catalog.set_config('role', max(t.role_name), true),
         pg_catalog.set_config('statement_timeout', $3, true),
@@ -166,6 +169,9 @@ where
 /// The SQLSTATE of `tenantry.refuse_suspended()` (V15).
 const SUSPENDED: &str = "TS403";
 
+/// The SQLSTATE of `tenantry.refuse_over_quota()` (V22).
+const OVER_QUOTA: &str = "TQ403";
+
 /// Who a routed request is for: the access token's user, generation and
 /// session (the refresh-token family it was issued in; `None` for a token
 /// issued outside one).
@@ -184,6 +190,9 @@ pub enum RoutingError {
     /// and it may not use it.
     #[error("the account is suspended")]
     Suspended,
+    /// A write to a tenant over its storage quota.
+    #[error("the tenant is over its storage quota")]
+    OverQuota,
     #[error("cannot get a database connection: {0}")]
     Pool(#[from] PoolError),
     /// `SET ROLE` to the tenant's role was refused (SQLSTATE 42501): this
@@ -206,6 +215,7 @@ impl RoutingError {
                 RoutingError::NoTenant
             }
             Some(code) if code.code() == SUSPENDED => RoutingError::Suspended,
+            Some(code) if code.code() == OVER_QUOTA => RoutingError::OverQuota,
             Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
                 RoutingError::RoleRefused(e)
             }
@@ -218,15 +228,25 @@ impl RoutingError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     ReadOnly,
+    /// A write that may add data: refused while the tenant is over its
+    /// storage quota.
     ReadWrite,
+    /// A write that only removes rows: allowed over the quota, since it is
+    /// how a tenant gets back under it.
+    Delete,
 }
 
 impl Access {
     fn begin(self) -> &'static str {
         match self {
             Access::ReadOnly => "BEGIN READ ONLY",
-            Access::ReadWrite => "BEGIN",
+            Access::ReadWrite | Access::Delete => "BEGIN",
         }
+    }
+
+    /// ENTER's `$5`: whether being over the quota refuses this access.
+    fn refused_over_quota(self) -> bool {
+        self == Access::ReadWrite
     }
 
     /// How [`TenantTx::once`] ends. A read-only `once` ran exactly one
@@ -239,7 +259,7 @@ impl Access {
     fn end(self) -> &'static str {
         match self {
             Access::ReadOnly => "COMMIT",
-            Access::ReadWrite => db::COMMIT_AND_RESET,
+            Access::ReadWrite | Access::Delete => db::COMMIT_AND_RESET,
         }
     }
 }
@@ -282,11 +302,13 @@ impl TenantTx {
         let user_text = caller.user_id.to_string();
         let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
-        let enter_params: [&(dyn ToSql + Sync); 4] = [
+        let over_quota_refused = access.refused_over_quota();
+        let enter_params: [&(dyn ToSql + Sync); 5] = [
             &caller.user_id,
             &caller.generation,
             &timeout,
             &caller.session,
+            &over_quota_refused,
         ];
         let (begun, locked, entered) = futures::join!(
             c.batch_execute(access.begin()),
@@ -360,14 +382,16 @@ impl TenantTx {
         };
         let user_text = caller.user_id.to_string();
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
+        let over_quota_refused = access.refused_over_quota();
         let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
             let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
-            let enter_params: [&(dyn ToSql + Sync); 4] = [
+            let enter_params: [&(dyn ToSql + Sync); 5] = [
                 &caller.user_id,
                 &caller.generation,
                 &timeout,
                 &caller.session,
+                &over_quota_refused,
             ];
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
             let mut locked = pin!(maybe_done(c.execute(&lock, &lock_params)));

@@ -421,6 +421,7 @@ impl Application {
             fleet_runs: FleetRuns::default(),
             letters: letters.clone(),
             password_resets: crate::api::account::ResetRequests::start(pool.clone(), letters),
+            tenant_quota_bytes: settings.tenant_quota_bytes,
         });
         let fleet_runs = state.fleet_runs.clone();
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)
@@ -441,6 +442,7 @@ impl Application {
             settings.audit_anchor_file.clone(),
             settings.maintenance_interval,
             settings.mail.clone(),
+            settings.usage_interval,
         );
         let addr = settings.bind.to_string();
         let limits_of_clients = crate::transport::ClientLimits {

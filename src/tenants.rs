@@ -27,6 +27,16 @@ pub struct TenantInfo {
     pub suspension_reason: Option<String>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// Bytes its schema takes (tables, indexes, TOAST) as last measured
+    /// (`tenancy::usage`); null until first measured.
+    pub usage_bytes: Option<i64>,
+    /// When that was measured.
+    pub usage_measured_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Its own storage quota in bytes (0: none); null follows
+    /// `TENANTRY_TENANT_QUOTA_BYTES`.
+    pub own_quota_bytes: Option<i64>,
+    /// Since when its writes have been refused for being over its quota.
+    pub over_quota_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The status shown for a tenant (see [`TenantInfo::status`]).
@@ -36,8 +46,11 @@ static SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT t.user_id, t.username, u.email, u.email_verified_at IS NOT NULL AS email_verified,
                 t.schema_name, t.role_name, t.template_version, {STATUS} AS status,
-                u.suspended_at, u.suspension_reason, t.created_at, t.updated_at
-         FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id"
+                u.suspended_at, u.suspension_reason, t.created_at, t.updated_at,
+                g.bytes AS usage_bytes, g.measured_at AS usage_measured_at,
+                t.quota_bytes AS own_quota_bytes, t.over_quota_since
+         FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
+         LEFT JOIN tenantry.tenant_usage g ON g.user_id = t.user_id"
     )
 });
 
@@ -55,6 +68,10 @@ fn from_row(row: &Row) -> TenantInfo {
         suspension_reason: row.get("suspension_reason"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
+        usage_bytes: row.get("usage_bytes"),
+        usage_measured_at: row.get("usage_measured_at"),
+        own_quota_bytes: row.get("own_quota_bytes"),
+        over_quota_since: row.get("over_quota_since"),
     }
 }
 

@@ -133,6 +133,8 @@ pub async fn start_service_with(
         client_timeout: Duration::from_secs(10),
         audit_anchor_file: anchor_file,
         maintenance_interval: Duration::from_secs(60),
+        tenant_quota_bytes: 0,
+        usage_interval: Settings::from_env().ok().and_then(|s| s.usage_interval),
         metrics_token: None,
         export_concurrency: 4,
         spare_roles: Settings::from_env().map(|s| s.spare_roles).unwrap_or(1000),

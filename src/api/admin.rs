@@ -2,7 +2,7 @@
 //! and the fleet: its status, starting a migration run (which goes on in
 //! the background, past the request) and following a run.
 
-use actix_web::{delete, get, post, web, HttpResponse};
+use actix_web::{delete, get, post, put, web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::api::extract::JsonBody;
@@ -461,6 +461,130 @@ async fn tenant_now(
     let found = crate::tenants::find(client, username)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
+    Ok(HttpResponse::Ok().json(found))
+}
+
+/// Options of `GET /admin/tenants/{name}/usage`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Measure the tenant now instead of showing the last measurement.
+    #[serde(default)]
+    refresh: bool,
+}
+
+/// `GET /admin/tenants/{name}/usage`: the bytes the tenant's schema takes
+/// (tables, indexes, TOAST) as last measured (`?refresh=true`: now), its
+/// quota and whether its writes are refused.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username"), UsageQuery),
+    responses(
+        (status = 200, description = "The tenant's usage", body = crate::tenancy::usage::Usage),
+        (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/tenants/{name}/usage")]
+pub async fn tenant_usage(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    name: web::Path<String>,
+    query: web::Query<UsageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::tenancy::usage;
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let client = state.pool.get().await?;
+    if query.refresh {
+        usage::measure_now(
+            &**client,
+            state.installation.citus,
+            &username,
+            state.tenant_quota_bytes,
+        )
+        .await?;
+    }
+    let found = usage::usage(&**client, Some(&username), state.tenant_quota_bytes)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
+    Ok(HttpResponse::Ok().json(found))
+}
+
+/// A tenant's own quota.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaRequest {
+    /// Bytes its schema may take before its writes are refused (0: no
+    /// quota for this tenant), or null to follow
+    /// `TENANTRY_TENANT_QUOTA_BYTES`. Required.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, minimum = 0, required = true)]
+    quota_bytes: Option<Option<i64>>,
+}
+
+/// A field that is there, even as null (`Some(None)`), apart from one
+/// left out (`None`, the default).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<i64>>, D::Error> {
+    Option::<i64>::deserialize(d).map(Some)
+}
+
+/// `PUT /admin/tenants/{name}/quota` `{quota_bytes}`: set the tenant's own
+/// quota; whether its writes are refused follows at once from its last
+/// measured usage. Audited (`tenant_quota_set`). 200 with its usage.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's username")),
+    request_body = QuotaRequest,
+    responses(
+        (status = 200, description = "Set; the tenant's usage and quota now", body = crate::tenancy::usage::Usage),
+        (status = 400, description = "No `quota_bytes`, or a negative one (`invalid_quota_bytes`)", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[put("/admin/tenants/{name}/quota")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
+pub async fn set_quota(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    name: web::Path<String>,
+    body: JsonBody<QuotaRequest>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::tenancy::usage::{self, Quota};
+    let username =
+        Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
+    let quota = match body.into_inner().quota_bytes {
+        None => {
+            return Err(invalid(
+                "quota_bytes",
+                "is required: bytes, 0 for none, or null for the default",
+            ))
+        }
+        Some(None) => Quota::Default,
+        Some(Some(b)) => {
+            Quota::Bytes(u64::try_from(b).map_err(|_| invalid("quota_bytes", "must be 0 or more"))?)
+        }
+    };
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    let found = usage::set_quota(
+        &mut client,
+        &username,
+        quota,
+        state.tenant_quota_bytes,
+        &by,
+        &state.pseudonyms,
+    )
+    .await?
+    .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
     Ok(HttpResponse::Ok().json(found))
 }
 

@@ -34,6 +34,10 @@ pub enum ApiError {
     /// `account_suspended` on login and on every request with a token.
     #[error("this account is suspended")]
     AccountSuspended,
+    /// A write to a tenant over its storage quota (`tenancy::usage`): 403
+    /// `quota_exceeded`; reads and deletions still work.
+    #[error("this account is over its storage quota: delete data to write again")]
+    QuotaExceeded,
     /// A verification or reset token that is unknown, used or expired.
     #[error("the token is unknown, already used or expired")]
     InvalidToken,
@@ -84,6 +88,7 @@ impl ApiError {
             ApiError::InvalidRefreshToken => "invalid_refresh_token".into(),
             ApiError::Forbidden(_) => "forbidden".into(),
             ApiError::AccountSuspended => "account_suspended".into(),
+            ApiError::QuotaExceeded => "quota_exceeded".into(),
             ApiError::InvalidToken => "invalid_token".into(),
             ApiError::NotFound(_) => "not_found".into(),
             ApiError::Unavailable => "unavailable".into(),
@@ -100,7 +105,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidCredentials
             | ApiError::Unauthorized
             | ApiError::InvalidRefreshToken => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) | ApiError::AccountSuspended => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::AccountSuspended | ApiError::QuotaExceeded => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::InvalidToken => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -238,6 +245,7 @@ impl From<RoutingError> for ApiError {
         match e {
             RoutingError::NoTenant => ApiError::Unauthorized,
             RoutingError::Suspended => ApiError::AccountSuspended,
+            RoutingError::OverQuota => ApiError::QuotaExceeded,
             RoutingError::Pool(e) => e.into(),
             RoutingError::Postgres(e) | RoutingError::RoleRefused(e) => e.into(),
         }

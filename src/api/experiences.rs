@@ -521,7 +521,7 @@ pub async fn delete(
     let rows = TenantTx::once(
         &state.pool,
         user.caller(),
-        Access::ReadWrite,
+        Access::Delete,
         "DELETE FROM experiences WHERE id = $1 RETURNING id",
         &[&id.into_inner()],
     )

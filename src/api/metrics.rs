@@ -99,9 +99,10 @@ async fn record_gauges(state: &AppState) {
             )
             .await
             .ok()?;
-        Some((versions, run, outbox))
+        let usage = crate::tenancy::usage::distribution(&**client).await.ok()?;
+        Some((versions, run, outbox, usage))
     };
-    let Ok(Some((versions, run, outbox))) =
+    let Ok(Some((versions, run, outbox, usage))) =
         tokio::time::timeout(std::time::Duration::from_secs(2), read).await
     else {
         return;
@@ -123,6 +124,19 @@ async fn record_gauges(state: &AppState) {
     }
     ::metrics::gauge!("tenantry_spare_roles").set(outbox.get::<_, i64>(2) as f64);
     ::metrics::gauge!("tenantry_spare_schemas").set(outbox.get::<_, i64>(3) as f64);
+    let bounds = crate::tenancy::usage::USAGE_BUCKETS
+        .iter()
+        .map(i64::to_string);
+    for (le, count) in bounds.chain(std::iter::once("+Inf".to_string())).zip(
+        usage
+            .at_or_under
+            .iter()
+            .chain(std::iter::once(&usage.measured)),
+    ) {
+        ::metrics::gauge!("tenantry_tenants_by_usage_bytes", "le" => le).set(*count as f64);
+    }
+    ::metrics::gauge!("tenantry_tenants_usage_bytes_sum").set(usage.bytes as f64);
+    ::metrics::gauge!("tenantry_tenants_over_quota").set(usage.over_quota as f64);
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);

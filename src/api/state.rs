@@ -44,6 +44,9 @@ pub struct AppState {
     pub letters: crate::mail::Letters,
     /// Forgot-password requests, handled after their answer.
     pub password_resets: crate::api::account::ResetRequests,
+    /// `TENANTRY_TENANT_QUOTA_BYTES`: a tenant's quota unless it has its
+    /// own (0: none).
+    pub tenant_quota_bytes: u64,
 }
 
 /// The stop flags of fleet runs started through the API in this process:

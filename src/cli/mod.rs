@@ -235,6 +235,24 @@ enum TenantsCommand {
         /// The tenant's username
         name: String,
     },
+    /// Bytes each tenant's schema takes (tables, indexes, TOAST) as last measured, and its quota
+    Usage {
+        /// One tenant's username (default: every tenant)
+        name: Option<String>,
+        /// Measure now instead of showing the last measurement (`serve` measures every TENANTRY_USAGE_INTERVAL)
+        #[arg(long)]
+        refresh: bool,
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a tenant's own storage quota: over it, its writes get 403 quota_exceeded (reads, deletions, export and erasure still work)
+    Quota {
+        /// The tenant's username
+        name: String,
+        /// BYTES (e.g. 500000000, 500MB, 2GiB), `none` (no quota for this tenant) or `default` (TENANTRY_TENANT_QUOTA_BYTES)
+        quota: String,
+    },
     /// Move a tenant's tables to another Citus worker (online when wal_level = logical)
     Move {
         /// The tenant's username
@@ -685,6 +703,12 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             if json {
                 println!("{}", serde_json::to_string_pretty(&tenant)?);
             } else {
+                let usage = crate::tenancy::usage::usage(
+                    &**client,
+                    Some(&username),
+                    settings.tenant_quota_bytes,
+                )
+                .await?;
                 println!("username:         {}", tenant.username);
                 println!("email:            {}", tenant.email);
                 println!("email verified:   {}", yes_no(tenant.email_verified));
@@ -699,6 +723,12 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                     println!("reason:           {}", reason.unwrap_or("(none given)"));
                 }
                 println!("created:          {}", tenant.created_at.to_rfc3339());
+                if let Some(u) = usage.first() {
+                    let (bytes, quota, state) = usage_line(u);
+                    println!("usage:            {bytes}");
+                    println!("quota:            {quota}");
+                    println!("quota state:      {state}");
+                }
             }
         }
         TenantsCommand::Export { name } => export_tenant(&settings, &name).await?,
@@ -715,7 +745,139 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             suspend_tenant(&settings, &name, reason.as_deref()).await?;
         }
         TenantsCommand::Resume { name } => resume_tenant(&settings, &name).await?,
+        TenantsCommand::Usage {
+            name,
+            refresh,
+            json,
+        } => tenants_usage(&settings, name.as_deref(), refresh, json).await?,
+        TenantsCommand::Quota { name, quota } => set_quota(&settings, &name, &quota).await?,
     }
+    Ok(())
+}
+
+/// A number of bytes as people read it (`1.5 MiB`).
+fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn usage_line(u: &crate::tenancy::usage::Usage) -> (String, String, String) {
+    let bytes = u
+        .bytes
+        .map(human_bytes)
+        .unwrap_or_else(|| "not measured".into());
+    let quota = match u.quota_bytes {
+        Some(q) => format!("{} ({})", human_bytes(q), u.quota_source),
+        None => format!("none ({})", u.quota_source),
+    };
+    let state = match u.over_quota_since {
+        Some(at) => format!("over quota since {}", at.format("%Y-%m-%d %H:%M:%S")),
+        None => "ok".into(),
+    };
+    (bytes, quota, state)
+}
+
+/// `tenants usage [NAME] [--refresh] [--json]`.
+async fn tenants_usage(
+    settings: &Settings,
+    name: Option<&str>,
+    refresh: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    use crate::tenancy::usage;
+    let username = name
+        .map(Username::parse)
+        .transpose()
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let ctx = Context::open(settings, 1).await?;
+    let client = ctx.pool.get().await?;
+    if refresh {
+        let measured = match &username {
+            Some(one) => {
+                usage::measure_now(
+                    &**client,
+                    ctx.installation.citus,
+                    one,
+                    settings.tenant_quota_bytes,
+                )
+                .await?
+            }
+            None => {
+                usage::measure(
+                    &**client,
+                    ctx.installation.citus,
+                    None,
+                    settings.tenant_quota_bytes,
+                )
+                .await?
+            }
+        };
+        if !json {
+            eprintln!(
+                "measured {} tenant(s): {} in all",
+                measured.tenants,
+                human_bytes(measured.bytes)
+            );
+        }
+    }
+    let all = usage::usage(&**client, username.as_ref(), settings.tenant_quota_bytes).await?;
+    if let (Some(username), true) = (&username, all.is_empty()) {
+        return Err(Failure::Other(format!("no tenant named {username}")));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if all.is_empty() {
+        println!("no tenants");
+    } else {
+        println!(
+            "{:<32} {:>12} {:<24} {:<20} MEASURED",
+            "USERNAME", "USAGE", "QUOTA", "STATE"
+        );
+        for u in &all {
+            let (bytes, quota, state) = usage_line(u);
+            let at = u
+                .measured_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{:<32} {bytes:>12} {quota:<24} {state:<20} {at}",
+                u.username
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `tenants quota NAME BYTES|none|default`.
+async fn set_quota(settings: &Settings, name: &str, quota: &str) -> Result<(), Failure> {
+    use crate::tenancy::usage::{self, Quota};
+    let username = Username::parse(name).map_err(|e| Failure::Usage(e.to_string()))?;
+    let quota = Quota::parse(quota).map_err(Failure::Usage)?;
+    let pseudonyms = pseudonyms(settings)?;
+    let ctx = Context::open(settings, 1).await?;
+    let mut client = ctx.pool.get().await?;
+    let u = usage::set_quota(
+        &mut client,
+        &username,
+        quota,
+        settings.tenant_quota_bytes,
+        &cli_change(),
+        &pseudonyms,
+    )
+    .await?
+    .ok_or_else(|| Failure::Other(format!("no tenant named {username}")))?;
+    let (bytes, quota, state) = usage_line(&u);
+    println!("{username}: quota {quota}; usage {bytes}; {state}");
     Ok(())
 }
 

@@ -69,19 +69,22 @@ pub struct HandOver {
 /// Grants a router needs: to connect, and to read what the tenant guard's
 /// entry reads (column by column: no password hash, no email).
 const ROUTER_GRANTS: &str = "GRANT USAGE ON SCHEMA tenantry TO {r};
-GRANT SELECT (user_id, schema_name, role_name, status, template_version) ON tenantry.tenants TO {r};
+GRANT SELECT (user_id, schema_name, role_name, status, template_version, over_quota_since) ON tenantry.tenants TO {r};
 GRANT SELECT (id, token_generation, disabled_at, suspended_at) ON tenantry.users TO {r};
 GRANT SELECT (family_id, revoked_at) ON tenantry.refresh_tokens TO {r};
 GRANT EXECUTE ON FUNCTION tenantry.refuse_suspended() TO {r};
+GRANT EXECUTE ON FUNCTION tenantry.refuse_over_quota() TO {r};
 DO $$ BEGIN EXECUTE pg_catalog.format('GRANT CONNECT ON DATABASE %I TO %I', \
 pg_catalog.current_database(), {l}); END $$;";
 
 /// Whether router `$1` has every grant of [`ROUTER_GRANTS`].
 const HAS_GRANTS: &str = "SELECT pg_catalog.has_schema_privilege($1, 'tenantry', 'USAGE')
     AND pg_catalog.has_column_privilege($1, 'tenantry.tenants', 'template_version', 'SELECT')
+    AND pg_catalog.has_column_privilege($1, 'tenantry.tenants', 'over_quota_since', 'SELECT')
     AND pg_catalog.has_column_privilege($1, 'tenantry.users', 'suspended_at', 'SELECT')
     AND pg_catalog.has_column_privilege($1, 'tenantry.refresh_tokens', 'revoked_at', 'SELECT')
     AND pg_catalog.has_function_privilege($1, 'tenantry.refuse_suspended()', 'EXECUTE')
+    AND pg_catalog.has_function_privilege($1, 'tenantry.refuse_over_quota()', 'EXECUTE')
     AND pg_catalog.has_database_privilege($1, pg_catalog.current_database(), 'CONNECT')";
 
 /// Make `count` routers (none on Citus, or for 0), record their number,

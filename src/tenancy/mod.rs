@@ -14,3 +14,4 @@ pub mod publication;
 pub mod spares;
 pub mod suspension;
 pub mod templates;
+pub mod usage;

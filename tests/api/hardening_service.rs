@@ -219,27 +219,6 @@ async fn health_is_degraded_when_postgresql_connections_run_short() {
     assert_eq!(report["connections"]["limit"], in_use + 1);
 }
 
-/// Admin token through `tenantry admin create` and a login.
-async fn admin_token(app: &TestApp) -> String {
-    let out = tenantry(
-        &["admin", "create", "ops", "--email", "ops@example.com"],
-        &cli_env(&app.db_name),
-        Some(PASSWORD),
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let login = app
-        .post_json(
-            "/api/auth/login",
-            &serde_json::json!({"username": "ops", "password": PASSWORD}),
-        )
-        .await;
-    json(login).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[tokio::test]
 async fn an_unread_export_gives_way_to_an_admin_erasure() {
     // Long enough that only the erasure can end the export in time.

@@ -364,6 +364,9 @@ pub fn test_settings(db_name: &str) -> Settings {
         client_timeout: std::time::Duration::from_secs(10),
         audit_anchor_file: RUN_DIR.join(format!("anchors-{db_name}")),
         maintenance_interval: std::time::Duration::from_secs(3600),
+        // Usage is measured by the tests of usage, on demand.
+        tenant_quota_bytes: 0,
+        usage_interval: None,
         metrics_token: None,
         export_concurrency: 4,
         // Spares are made by the tests of spares (tests/api/spares.rs):
@@ -886,4 +889,26 @@ pub async fn mail_file(dir: &Path, kind: &str) -> String {
     })
     .await;
     find().unwrap()
+}
+
+/// An admin's access token: `tenantry admin create` and a login.
+pub async fn admin_token(app: &TestApp) -> String {
+    let out = tenantry(
+        &["admin", "create", "ops", "--email", "ops@example.com"],
+        &cli_env(&app.db_name),
+        Some(PASSWORD),
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let login = app
+        .post_json(
+            "/api/auth/login",
+            &serde_json::json!({"username": "ops", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!(login.status(), 200);
+    json(login).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

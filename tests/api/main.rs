@@ -39,3 +39,4 @@ mod suspension;
 mod templates;
 mod tenant_data;
 mod tokens;
+mod usage;

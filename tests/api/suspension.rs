@@ -8,28 +8,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// An admin's access token: `tenantry admin create` and a login.
-async fn admin_token(app: &TestApp) -> String {
-    let out = tenantry(
-        &["admin", "create", "ops", "--email", "ops@example.com"],
-        &cli_env(&app.db_name),
-        Some(PASSWORD),
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let login = app
-        .post_json(
-            "/api/auth/login",
-            &json!({"username": "ops", "password": PASSWORD}),
-        )
-        .await;
-    assert_eq!(login.status(), 200);
-    json(login).await["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// `user`'s signup response (tokens included).
 async fn signup(app: &TestApp, user: &str) -> Value {
     let response = app.register(user).await;

@@ -133,6 +133,8 @@ impl App {
             client_timeout: std::time::Duration::from_secs(10),
             audit_anchor_file: citus.dir.join("anchors"),
             maintenance_interval: std::time::Duration::from_secs(3600),
+            tenant_quota_bytes: 0,
+            usage_interval: None,
             metrics_token: None,
             export_concurrency: 4,
             spare_roles: 0,
