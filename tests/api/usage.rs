@@ -388,3 +388,54 @@ async fn metrics_show_the_fleets_usage_as_a_distribution_without_names() {
         "no tenant named"
     );
 }
+
+#[tokio::test]
+async fn a_measurement_waiting_on_one_tenant_holds_nothing_others_wait_on() {
+    let app = spawn_app().await;
+    let ann = app.token("ann").await;
+    app.token("bob").await;
+    // A transaction that holds bob's table, as a fleet run's does.
+    let holder = connect(&app.db_name).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE tenant_bob.experiences IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let env = cli_env(&app.db_name);
+    let measuring = tokio::spawn(async move {
+        tenantry(&["tenants", "usage", "--refresh", "--json"], &env, None).await
+    });
+    until("the measurement waits for bob's table", || async {
+        app.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE '%n.nspname = t.schema_name%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    // Meanwhile a signup, a write, a migration's DDL on another tenant's
+    // table and an erasure all go through.
+    assert_eq!(app.register("cleo").await.status(), 201);
+    let (status, body) = send(&app, Method::POST, "/api/experiences", &ann, Some(bulky(1))).await;
+    assert_eq!(status, 201, "{body}");
+    app.db()
+        .await
+        .batch_execute("ALTER TABLE tenant_ann.experiences ADD COLUMN extra integer")
+        .await
+        .unwrap();
+    app.erase_self(&ann).await;
+    assert!(!measuring.is_finished(), "still waiting for bob's table");
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let out = measuring.await.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let names: Vec<&str> = all
+        .iter()
+        .map(|u| u["username"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bob", "cleo"]);
+    assert!(bytes(&all[0]) > 0, "bob measured: {all:?}");
+    assert_eq!(all[1]["bytes"], Value::Null, "cleo came after it began");
+}
