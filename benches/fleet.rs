@@ -23,13 +23,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 mod common;
 
-use common::{bench_db, BenchDb};
-use tenantry::db::{self, Target};
-use tenantry::domain::{Email, TemplateVersion, Username};
-use tenantry::provisioning::{provision, NewAccount};
+use common::{bench_db, median, BenchDb};
+use tenantry::db::Target;
+use tenantry::domain::TemplateVersion;
 use tenantry::templates::TemplateSet;
 use tenantry::tenancy::fleet::{self, Progress, RunOptions};
 use tenantry::tenancy::publication::Templates;
@@ -117,7 +115,7 @@ async fn main() {
     let at_base = Templates::publishing(&boot, &installation, builtin.clone(), "bench")
         .await
         .unwrap();
-    provision_many(&target, &installation, &at_base, 0..n, 4).await;
+    common::provision_many(&target, &installation, &at_base, 0..n, 4).await;
     println!(
         "provisioned {n} tenants in {:.1} s (4 sessions)",
         t.elapsed().as_secs_f64()
@@ -214,7 +212,7 @@ async fn main() {
     if noop_n > n {
         let latest = templates.latest();
         let t = Instant::now();
-        provision_many(&target, &installation, &published, n..noop_n, 4).await;
+        common::provision_many(&target, &installation, &published, n..noop_n, 4).await;
         println!();
         println!(
             "grew the fleet to {noop_n} tenants in {:.1} s",
@@ -314,44 +312,6 @@ async fn main() {
 
 /// Provision tenants `t<i>` for i in `range` on `sessions` pooled
 /// connections (bcrypt is not what is measured: a fixed hash).
-async fn provision_many(
-    target: &Target,
-    installation: &db::Installation,
-    templates: &Templates,
-    range: std::ops::Range<usize>,
-    sessions: usize,
-) {
-    let pool = target.pool(sessions, installation).unwrap();
-    let next = AtomicUsize::new(range.start);
-    let bar = ProgressBar::new(range.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap());
-    let workers = (0..sessions).map(|_| async {
-        let mut client = pool.get().await.unwrap();
-        loop {
-            let i = next.fetch_add(1, Ordering::SeqCst);
-            if i >= range.end {
-                break;
-            }
-            let account = NewAccount {
-                username: Username::parse(&format!("t{i:05}")).unwrap(),
-                email: Email::parse(&format!("t{i:05}@example.com")).unwrap(),
-                password_hash: "$2b$04$bench.bench.bench.bench.bench.bench.bench.bench.be".into(),
-                role: tenantry::auth::Role::User,
-                refresh_token: None,
-                idempotency_key: None,
-                verification: None,
-                audit: None,
-            };
-            provision(&mut client, installation, templates, &account)
-                .await
-                .expect("provision");
-            bar.inc(1);
-        }
-    });
-    futures::future::join_all(workers).await;
-    bar.finish_and_clear();
-}
-
 /// What a raw tenant transaction does besides the template's DDL.
 #[derive(Clone, Copy)]
 enum Raw {
@@ -417,12 +377,6 @@ async fn raw_fan_out(
     });
     futures::future::join_all(work).await;
     started.elapsed()
-}
-
-fn median(d: &[Duration]) -> Duration {
-    let mut v = d.to_vec();
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn ms(d: Duration) -> f64 {

@@ -7,6 +7,11 @@
 pub mod load;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tenantry::domain::{Email, Username};
+use tenantry::provisioning::{provision, NewAccount};
 
 use tenantry::db::{self, Installation, Target};
 use tenantry::embedded::{Cluster, Running};
@@ -159,4 +164,51 @@ fn write_line(line: serde_json::Value) {
         .open(path)
         .expect("open the results file");
     writeln!(file, "{line}").expect("write the results file");
+}
+
+/// Provision tenants `t<i>` for `i` in `range` (`tenantry::provisioning`,
+/// bcrypt skipped) on `sessions` sessions at once, with a progress bar.
+pub async fn provision_many(
+    target: &Target,
+    installation: &db::Installation,
+    templates: &tenantry::tenancy::publication::Templates,
+    range: std::ops::Range<usize>,
+    sessions: usize,
+) {
+    let pool = target.pool(sessions, installation).unwrap();
+    let next = AtomicUsize::new(range.start);
+    let bar = ProgressBar::new(range.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} tenants, eta {eta}").unwrap());
+    let workers = (0..sessions).map(|_| async {
+        let mut client = pool.get().await.unwrap();
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            if i >= range.end {
+                break;
+            }
+            let account = NewAccount {
+                username: Username::parse(&format!("t{i:05}")).unwrap(),
+                email: Email::parse(&format!("t{i:05}@example.com")).unwrap(),
+                password_hash: "$2b$04$bench.bench.bench.bench.bench.bench.bench.bench.be".into(),
+                role: tenantry::auth::Role::User,
+                refresh_token: None,
+                idempotency_key: None,
+                verification: None,
+                audit: None,
+            };
+            provision(&mut client, installation, templates, &account)
+                .await
+                .expect("provision");
+            bar.inc(1);
+        }
+    });
+    futures::future::join_all(workers).await;
+    bar.finish_and_clear();
+}
+
+/// The middle value (the upper one of an even count).
+pub fn median(d: &[std::time::Duration]) -> std::time::Duration {
+    let mut v = d.to_vec();
+    v.sort();
+    v[v.len() / 2]
 }
