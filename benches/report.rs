@@ -62,6 +62,11 @@ const BENCHES: [(&str, &str, &str); 6] = [
         "scripts/bench-gdpr [ROWS]",
     ),
     (
+        "usage",
+        "Usage: every tenant's bytes in one pass against one query per schema",
+        "scripts/bench-usage [N] [SIGNUPS]",
+    ),
+    (
         "scale",
         "Scale-out: routing on a Citus coordinator + 2 workers against plain PostgreSQL",
         "scripts/bench-scale [N] [SECONDS]",
