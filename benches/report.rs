@@ -40,7 +40,7 @@ impl Figure {
 }
 
 /// The benchmarks in report order, with their titles and how to run one.
-const BENCHES: [(&str, &str, &str); 6] = [
+const BENCHES: [(&str, &str, &str); 7] = [
     (
         "provision",
         "Provisioning: signup against the same template SQL sent raw",
