@@ -55,12 +55,13 @@ async fn main() {
         let stop = stop.clone();
         let pool = target.pool(1, &installation).unwrap();
         tokio::spawn(async move {
-            let client = pool.get().await.unwrap();
+            let mut client = pool.get().await.unwrap();
             let mut passes = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                tenantry::tenancy::usage::measure(&**client, false, None, 0)
+                tenantry::tenancy::usage::measure(&mut client, false, None, 0)
                     .await
-                    .unwrap();
+                    .unwrap()
+                    .expect("the only measurement");
                 passes += 1;
             }
             passes
@@ -117,15 +118,16 @@ async fn usage_pass(target: &Target, installation: &tenantry::db::Installation, 
          FROM pg_catalog.pg_class c
          WHERE c.relnamespace = $1::text::regnamespace AND c.relkind IN ('r', 'm', 'S')";
     let pool = target.pool(1, installation).unwrap();
-    let client = pool.get().await.unwrap();
+    let mut client = pool.get().await.unwrap();
     let per_schema = client.prepare(PER_SCHEMA).await.unwrap();
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     let mut total = 0;
     for _ in 0..ROUNDS {
         let t = Instant::now();
-        let measured = tenantry::tenancy::usage::measure(&**client, false, None, 0)
+        let measured = tenantry::tenancy::usage::measure(&mut client, false, None, 0)
             .await
-            .unwrap();
+            .unwrap()
+            .expect("the only measurement");
         ours.push(t.elapsed());
         assert_eq!(measured.tenants, n);
         total = measured.bytes;

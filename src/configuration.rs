@@ -576,8 +576,8 @@ pub fn parse_bytes(raw: &str) -> Result<u64, String> {
         "TiB" => 1 << 40,
         _ => {
             return Err(format!(
-            "{raw:?} is not a size: give bytes (e.g. 500000000 or 500MB or 2GiB), none or default"
-        ))
+                "{raw:?} is not a size: give bytes, e.g. 500000000, 500MB or 2GiB"
+            ))
         }
     };
     digits

@@ -159,17 +159,25 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
 
 /// Measure every tenant's usage ([`crate::tenancy::usage::measure`]) and
 /// log who crossed a quota.
-pub async fn measure_usage(state: &AppState, client: &tokio_postgres::Client) {
+pub async fn measure_usage(state: &AppState) {
     let started = std::time::Instant::now();
+    let mut client = match state.pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "measuring the tenants' usage skipped: no connection");
+            return;
+        }
+    };
     match crate::tenancy::usage::measure(
-        client,
+        &mut client,
         state.installation.citus,
         None,
         state.tenant_quota_bytes,
     )
     .await
     {
-        Ok(m) => {
+        Ok(None) => tracing::info!("another process is measuring the tenants' usage"),
+        Ok(Some(m)) => {
             tracing::info!(
                 tenants = m.tenants,
                 bytes = m.bytes,
@@ -246,14 +254,14 @@ pub fn spawn(
             {
                 tracing::warn!(error = %crate::api::error::cause_chain(&e), "cannot anchor the audit chain");
             }
+            // Each erasure takes connections of its own: this one goes back.
+            drop(client);
             if let Some(every) = usage_interval {
                 if last_usage.is_none_or(|at| at.elapsed() >= every) {
                     last_usage = Some(tokio::time::Instant::now());
-                    measure_usage(&state, &client).await;
+                    measure_usage(&state).await;
                 }
             }
-            // Each erasure takes connections of its own: this one goes back.
-            drop(client);
             if let Some(ttl) = mail.unverified_ttl {
                 erase_unverified(&state, ttl).await;
             }

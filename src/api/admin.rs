@@ -501,7 +501,7 @@ pub async fn tenant_usage(
     let client = state.pool.get().await?;
     if query.refresh {
         usage::measure_now(
-            &**client,
+            &state.connector,
             state.installation.citus,
             &username,
             state.tenant_quota_bytes,

@@ -36,7 +36,7 @@ pub enum ApiError {
     AccountSuspended,
     /// A write to a tenant over its storage quota (`tenancy::usage`): 403
     /// `quota_exceeded`; reads and deletions still work.
-    #[error("this account is over its storage quota: delete data to write again")]
+    #[error("this account is over its storage quota: it can read, export and delete its experiences, not write")]
     QuotaExceeded,
     /// A verification or reset token that is unknown, used or expired.
     #[error("the token is unknown, already used or expired")]

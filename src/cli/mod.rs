@@ -800,27 +800,28 @@ async fn tenants_usage(
         .transpose()
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let ctx = Context::open(settings, 1).await?;
-    let client = ctx.pool.get().await?;
+    let mut client = ctx.pool.get().await?;
     if refresh {
         let measured = match &username {
             Some(one) => {
                 usage::measure_now(
-                    &**client,
+                    &ctx.target.connector,
                     ctx.installation.citus,
                     one,
                     settings.tenant_quota_bytes,
                 )
                 .await?
             }
-            None => {
-                usage::measure(
-                    &**client,
-                    ctx.installation.citus,
-                    None,
-                    settings.tenant_quota_bytes,
-                )
-                .await?
-            }
+            None => usage::measure(
+                &mut client,
+                ctx.installation.citus,
+                None,
+                settings.tenant_quota_bytes,
+            )
+            .await?
+            .ok_or_else(|| {
+                Failure::Other("another process is measuring the fleet; retry".into())
+            })?,
         };
         if !json {
             eprintln!(

@@ -34,6 +34,10 @@ pub enum Dedicated {
     /// that one rebuilds the fleet-long list of the service's memberships
     /// (a signup that takes a built spare acts as no role).
     Spares,
+    /// A measurement of one tenant's usage on demand (`GET
+    /// /admin/tenants/{name}/usage?refresh=true`), which vacuums it as its
+    /// role first: closed afterwards, never pooled.
+    Usage,
 }
 
 /// The `application_name` of the mail sender's session.
@@ -79,6 +83,7 @@ impl Dedicated {
             Dedicated::Health => Some("tenantry health"),
             Dedicated::Outbox => Some(OUTBOX_SESSION),
             Dedicated::Spares => Some("tenantry spares"),
+            Dedicated::Usage => Some("tenantry usage"),
         }
     }
 
@@ -88,7 +93,9 @@ impl Dedicated {
             Dedicated::Command => None,
             Dedicated::Export => Some(EXPORT_WAIT),
             Dedicated::Health => Some(Duration::ZERO),
-            Dedicated::Fleet | Dedicated::Outbox | Dedicated::Spares => Some(BACKGROUND_WAIT),
+            Dedicated::Fleet | Dedicated::Outbox | Dedicated::Spares | Dedicated::Usage => {
+                Some(BACKGROUND_WAIT)
+            }
         }
     }
 }

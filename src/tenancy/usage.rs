@@ -13,10 +13,13 @@
 //!
 //! The size functions take each relation's lock for the moment they read
 //! it, not until the transaction ends, so a measurement holds nothing a
-//! signup or a fleet run waits on: it may wait a moment behind a fleet
-//! run's transaction on a tenant, never the other way round. Its results
-//! are written afterwards, in one short statement on a table nobody else
-//! writes, holding only a key-share lock on the tenants' rows.
+//! signup or a fleet run waits on: it may wait behind a fleet run's
+//! transaction on a tenant (at most `lock_timeout`, then it gives up until
+//! the next interval), never the other way round. Its results are written
+//! at the end of its transaction: the sizes to a table nobody else writes
+//! (a measurement never overwrites a newer one), then the flag of the
+//! tenants that crossed, from each row as it is then (a quota changed
+//! meanwhile counts). One process measures the fleet at a time.
 
 use serde::Serialize;
 use tokio_postgres::GenericClient;
@@ -50,29 +53,50 @@ const SIZES_CITUS: &str = "WITH shards AS (
  WHERE $1::text IS NULL OR t.username = $1
  GROUP BY t.user_id";
 
-/// Store measured sizes (`$1` user ids, `$2` bytes) for the tenants that
-/// still exist (one erased meanwhile is left out, not an error).
-const STORE: &str = "INSERT INTO tenantry.tenant_usage (user_id, bytes, measured_at)
- SELECT t.user_id, m.bytes, pg_catalog.now()
+/// Store measured sizes (`$1` user ids, `$2` bytes, `$3` when measured)
+/// for the tenants that still exist (one erased meanwhile is left out, not
+/// an error), unless a newer measurement was stored meanwhile.
+const STORE: &str = "INSERT INTO tenantry.tenant_usage AS u (user_id, bytes, measured_at)
+ SELECT t.user_id, m.bytes, $3
  FROM unnest($1::uuid[], $2::int8[]) AS m(user_id, bytes)
  JOIN tenantry.tenants t ON t.user_id = m.user_id
+ ORDER BY t.user_id
  FOR KEY SHARE OF t
- ON CONFLICT (user_id) DO UPDATE SET bytes = EXCLUDED.bytes, measured_at = EXCLUDED.measured_at";
+ ON CONFLICT (user_id) DO UPDATE SET bytes = EXCLUDED.bytes, measured_at = EXCLUDED.measured_at
+ WHERE u.measured_at < EXCLUDED.measured_at";
+
+/// The quota in force of tenants row `t` (`$1`: the default; 0 is none)
+/// and whether usage row `g` is over it.
+macro_rules! over {
+    () => {
+        "(COALESCE(t.quota_bytes, $1) > 0 AND g.bytes > COALESCE(t.quota_bytes, $1))"
+    };
+}
 
 /// Set `over_quota_since` for the tenants (`$2`: one, or NULL for all)
 /// found over their quota (their own, else `$1`; 0 is none) and clear it
-/// for those found back under; only rows whose side changed are written.
-/// Returns each change: username and whether it is now over.
-const CROSSINGS: &str = "WITH q AS (
-    SELECT t.user_id, g.bytes, COALESCE(t.quota_bytes, $1) AS quota
-    FROM tenantry.tenants t JOIN tenantry.tenant_usage g ON g.user_id = t.user_id
-    WHERE $2::text IS NULL OR t.username = $2)
- UPDATE tenantry.tenants t
-    SET over_quota_since = CASE WHEN q.quota > 0 AND q.bytes > q.quota THEN pg_catalog.now() END
-   FROM q
-  WHERE t.user_id = q.user_id
-    AND (t.over_quota_since IS NULL) = (q.quota > 0 AND q.bytes > q.quota)
- RETURNING t.username, t.over_quota_since IS NOT NULL AS over";
+/// for those found back under; only rows whose side changed are written,
+/// and the quota is read from the row being written (a quota changed by a
+/// concurrent `set_quota` counts). Returns each change: username and
+/// whether it is now over.
+const CROSSINGS: &str = concat!(
+    "UPDATE tenantry.tenants t
+    SET over_quota_since = CASE WHEN ",
+    over!(),
+    " THEN pg_catalog.now() END
+   FROM tenantry.tenant_usage g
+  WHERE g.user_id = t.user_id AND ($2::text IS NULL OR t.username = $2)
+    AND (t.over_quota_since IS NULL) = ",
+    over!(),
+    "
+ RETURNING t.username, t.over_quota_since IS NOT NULL AS over"
+);
+
+/// Taken (try, transaction-scoped) by a measurement of the whole fleet:
+/// with several `serve` processes, one measures at a time and the others
+/// skip that interval.
+const FLEET_MEASUREMENT_LOCK: &str =
+    "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('tenantry.usage'))";
 
 /// What one measurement did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -88,26 +112,43 @@ pub struct Measured {
 }
 
 /// Measure every tenant (or `only` one), store the sizes and update who is
-/// over quota; `default_quota` is `TENANTRY_TENANT_QUOTA_BYTES` (0: none).
+/// over quota, in one transaction that waits at most 10 s for any lock;
+/// `default_quota` is `TENANTRY_TENANT_QUOTA_BYTES` (0: none). A
+/// measurement of the fleet while another process runs one measures
+/// nothing (`None`).
 pub async fn measure(
-    client: &impl GenericClient,
+    client: &mut tokio_postgres::Client,
     citus: bool,
     only: Option<&Username>,
     default_quota: u64,
-) -> Result<Measured, tokio_postgres::Error> {
+) -> Result<Option<Measured>, tokio_postgres::Error> {
     let name = only.map(Username::as_str);
-    let rows = client
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
+    if only.is_none()
+        && !tx
+            .query_one(FLEET_MEASUREMENT_LOCK, &[])
+            .await?
+            .get::<_, bool>(0)
+    {
+        return Ok(None);
+    }
+    let at: chrono::DateTime<chrono::Utc> = tx
+        .query_one("SELECT pg_catalog.statement_timestamp()", &[])
+        .await?
+        .get(0);
+    let rows = tx
         .query(if citus { SIZES_CITUS } else { SIZES }, &[&name])
         .await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let bytes: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
-    client.execute(STORE, &[&ids, &bytes]).await?;
+    tx.execute(STORE, &[&ids, &bytes, &at]).await?;
     let mut measured = Measured {
         tenants: ids.len(),
         bytes: bytes.iter().sum(),
         ..Measured::default()
     };
-    for row in client
+    for row in tx
         .query(CROSSINGS, &[&quota_param(default_quota), &name])
         .await?
     {
@@ -118,7 +159,8 @@ pub async fn measure(
             measured.now_under.push(username);
         }
     }
-    Ok(measured)
+    tx.commit().await?;
+    Ok(Some(measured))
 }
 
 /// `VACUUM` of a tenant's tables, the list written by the server
@@ -177,17 +219,30 @@ pub async fn reclaim(
 }
 
 /// Measure one tenant now (`tenants usage NAME --refresh`, `GET
-/// …/usage?refresh=true`): [`reclaim`] first if it is over its quota.
+/// …/usage?refresh=true`), [`reclaim`]ing first if it is over its quota,
+/// on a connection of its own that is closed afterwards (a `SET ROLE` never
+/// reaches a pool). Run as a task of its own, so that a caller that goes
+/// away does not cut it off between the role and its reset.
 pub async fn measure_now(
-    client: &impl GenericClient,
+    connector: &crate::db::Connector,
     citus: bool,
     username: &Username,
     default_quota: u64,
-) -> Result<Measured, tokio_postgres::Error> {
-    if let Err(e) = reclaim(client, username).await {
-        tracing::warn!(error = %e, "cannot vacuum a tenant over its quota; measuring it as it is");
-    }
-    measure(client, citus, Some(username), default_quota).await
+) -> Result<Measured, crate::db::DbError> {
+    let connector = connector.clone();
+    let username = username.clone();
+    let task = tokio::spawn(async move {
+        let mut client = connector
+            .connect(crate::db::Dedicated::Usage)
+            .await?
+            .into_client();
+        if let Err(e) = reclaim(&client, &username).await {
+            tracing::warn!(error = %e, "cannot vacuum a tenant over its quota; measuring it as it is");
+        }
+        let measured = measure(&mut client, citus, Some(&username), default_quota).await?;
+        Ok::<_, crate::db::DbError>(measured.unwrap_or_default())
+    });
+    task.await?
 }
 
 fn quota_param(bytes: u64) -> i64 {
@@ -213,7 +268,9 @@ impl Quota {
             "default" => return Ok(Quota::Default),
             _ => {}
         }
-        crate::configuration::parse_bytes(raw).map(Quota::Bytes)
+        crate::configuration::parse_bytes(raw)
+            .map(Quota::Bytes)
+            .map_err(|e| format!("{e}; or none (no quota) or default"))
     }
 
     fn column(self) -> Option<i64> {

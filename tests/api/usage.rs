@@ -439,3 +439,35 @@ async fn a_measurement_waiting_on_one_tenant_holds_nothing_others_wait_on() {
     assert!(bytes(&all[0]) > 0, "bob measured: {all:?}");
     assert_eq!(all[1]["bytes"], Value::Null, "cleo came after it began");
 }
+
+#[tokio::test]
+async fn serve_measures_the_fleet_at_its_interval() {
+    let app = spawn_app_with(|s| {
+        s.maintenance_interval = std::time::Duration::from_secs(1);
+        s.usage_interval = Some(std::time::Duration::from_secs(1));
+        s.tenant_quota_bytes = 1;
+    })
+    .await;
+    let token = app.token("vera").await;
+    until(
+        "serve measures vera and finds her over the default quota",
+        || async {
+            app.count(
+            "SELECT count(*) FROM tenantry.tenants t JOIN tenantry.tenant_usage g USING (user_id)
+             WHERE t.username = 'vera' AND g.bytes > 0 AND t.over_quota_since IS NOT NULL",
+        )
+        .await
+            == 1
+        },
+    )
+    .await;
+    let (status, body) = send(
+        &app,
+        Method::POST,
+        "/api/experiences",
+        &token,
+        Some(bulky(1)),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+}
