@@ -82,6 +82,8 @@ pub struct Settings {
     /// Mail and accounts (`TENANTRY_SMTP_URL`, `TENANTRY_MAIL_*`,
     /// `TENANTRY_PUBLIC_URL`, `TENANTRY_UNVERIFIED_TTL`).
     pub mail: MailSettings,
+    /// Webhook delivery (`TENANTRY_WEBHOOK_*`).
+    pub webhooks: WebhookSettings,
 }
 
 /// The PEM files of `serve`'s HTTPS certificate chain and private key.
@@ -111,6 +113,29 @@ pub struct MailSettings {
     /// `TENANTRY_UNVERIFIED_TTL` (seconds, `0` keeps them): accounts that
     /// never verified their address are erased after it.
     pub unverified_ttl: Option<Duration>,
+}
+
+/// How `serve` delivers webhooks (`webhooks::delivery`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// `TENANTRY_WEBHOOK_MAX_ATTEMPTS`: attempts before a delivery is dead.
+    pub max_attempts: u32,
+    /// `TENANTRY_WEBHOOK_BACKOFF_MS`: the first retry's delay; it doubles
+    /// with each attempt (with jitter), up to an hour.
+    pub backoff: Duration,
+    /// `TENANTRY_WEBHOOK_TIMEOUT` (seconds): one attempt's limit, connect
+    /// and answer.
+    pub timeout: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            max_attempts: 10,
+            backoff: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Requests per minute; `0` turns a limit off.
@@ -412,6 +437,17 @@ impl Settings {
                 u.trim_end_matches('/').to_owned()
             }
         };
+        let webhooks = WebhookSettings {
+            max_attempts: number("TENANTRY_WEBHOOK_MAX_ATTEMPTS", 10, 1000)?.max(1),
+            backoff: Duration::from_millis(
+                number("TENANTRY_WEBHOOK_BACKOFF_MS", 5000, 3_600_000)?
+                    .max(1)
+                    .into(),
+            ),
+            timeout: Duration::from_secs(
+                number("TENANTRY_WEBHOOK_TIMEOUT", 10, 300)?.max(1).into(),
+            ),
+        };
         let mail = MailSettings {
             smtp_url,
             from,
@@ -433,6 +469,7 @@ impl Settings {
         Ok(Settings {
             tls,
             mail,
+            webhooks,
             export_concurrency,
             spare_roles,
             spare_schemas,

@@ -18,6 +18,7 @@ pub mod startup;
 pub mod tenancy;
 pub mod tenants;
 pub mod transport;
+pub mod webhooks;
 
 // The tenancy subsystem's two oldest modules keep their short paths.
 pub use tenancy::{provisioning, templates};

@@ -144,6 +144,7 @@ pub async fn start_service_with(
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
         mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
+        webhooks: Default::default(),
         tls: None,
     };
     let app = tenantry::startup::Application::build(settings)

@@ -379,6 +379,10 @@ pub fn test_settings(db_name: &str) -> Settings {
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
         mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
+        webhooks: tenantry::configuration::WebhookSettings {
+            backoff: std::time::Duration::from_millis(50),
+            ..Default::default()
+        },
         tls: None,
     }
 }

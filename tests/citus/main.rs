@@ -144,6 +144,7 @@ impl App {
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),
             mail: tenantry::configuration::MailSettings::new("http://127.0.0.1"),
+            webhooks: Default::default(),
             tls: None,
         };
         let app = Application::build(settings)
