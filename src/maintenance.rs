@@ -236,6 +236,11 @@ pub fn spawn(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging expired rows failed"),
             }
+            match crate::webhooks::purge(&**client, mail.retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "purged webhook events past their retention"),
+                Err(e) => tracing::warn!(error = %e, "purging webhook events failed"),
+            }
             match crate::mail::delivery::purge_delivered(&**client, mail.retention).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(mails = n, "purged delivered mail past its retention"),

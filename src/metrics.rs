@@ -27,7 +27,10 @@
 //!   tenants by bytes, no tenant named), `tenantry_tenants_usage_bytes_sum`
 //!   and `tenantry_tenants_over_quota` (`tenancy::usage`);
 //! - `tenantry_mail_sent_total`, `tenantry_mail_failed_attempts_total`,
-//!   `tenantry_mail_dead_total` (`mail::delivery`).
+//!   `tenantry_mail_dead_total` (`mail::delivery`);
+//! - `tenantry_webhooks_delivered_total`,
+//!   `tenantry_webhook_failed_attempts_total`, `tenantry_webhooks_dead_total`
+//!   and, at scrape time, `tenantry_webhook_deliveries{state}` (`webhooks`).
 
 use std::sync::OnceLock;
 
@@ -178,6 +181,22 @@ fn describe_and_register() {
         "tenantry_mail_dead_total",
         "mails given up on after their last attempt"
     );
+    describe_counter!(
+        "tenantry_webhooks_delivered_total",
+        "webhook deliveries a receiver answered with a 2xx, by this process"
+    );
+    describe_counter!(
+        "tenantry_webhook_failed_attempts_total",
+        "webhook attempts that failed (no answer, a non-2xx, a redirect)"
+    );
+    describe_counter!(
+        "tenantry_webhooks_dead_total",
+        "webhook deliveries given up on after their last attempt"
+    );
+    describe_gauge!(
+        "tenantry_webhook_deliveries",
+        "webhook deliveries not delivered, by state: pending, dead (read at scrape time)"
+    );
     for kind in DATABASE_ERROR_KINDS {
         metrics::counter!("tenantry_database_errors_total", "kind" => kind).absolute(0);
     }
@@ -189,6 +208,9 @@ fn describe_and_register() {
         "tenantry_mail_sent_total",
         "tenantry_mail_failed_attempts_total",
         "tenantry_mail_dead_total",
+        "tenantry_webhooks_delivered_total",
+        "tenantry_webhook_failed_attempts_total",
+        "tenantry_webhooks_dead_total",
     ] {
         metrics::counter!(name).absolute(0);
     }
@@ -230,4 +252,18 @@ pub fn export(outcome: &'static str) {
 /// An export started (`1.0`) or ended (`-1.0`).
 pub fn exports_running(change: f64) {
     metrics::gauge!("tenantry_exports_running").increment(change);
+}
+
+/// A webhook attempt's outcome: `delivered`, `failed_attempt` or `dead`
+/// (`webhooks::delivery`).
+pub fn webhook(outcome: &'static str) {
+    let name = match outcome {
+        "delivered" => "tenantry_webhooks_delivered_total",
+        "dead" => "tenantry_webhooks_dead_total",
+        _ => "tenantry_webhook_failed_attempts_total",
+    };
+    metrics::counter!(name).increment(1);
+    if outcome == "dead" {
+        metrics::counter!("tenantry_webhook_failed_attempts_total").increment(1);
+    }
 }

@@ -436,6 +436,12 @@ impl Application {
         .spawn(&state.letters);
         crate::metrics::handle();
         let limits = web::Data::new(RateLimits::new(&settings.limits));
+        match crate::webhooks::delivery::Sender::new(state.connector.clone(), &settings.webhooks) {
+            Ok(sender) => {
+                sender.spawn();
+            }
+            Err(e) => tracing::warn!(error = %e, "webhooks are not delivered: no HTTP client"),
+        }
         crate::maintenance::spawn(
             state.clone().into_inner(),
             limits.clone().into_inner(),

@@ -142,6 +142,25 @@ pub async fn verify_email(
         )
         .await?;
     }
+    let username: Option<String> = tx
+        .query_opt(
+            "SELECT username FROM tenantry.tenants WHERE user_id = $1",
+            &[&user_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if let Some(username) = username {
+        crate::webhooks::record(
+            &*tx,
+            &crate::webhooks::Event::tenant(
+                crate::webhooks::EventType::TenantEmailVerified,
+                user_id,
+                &username,
+                serde_json::json!({ "email": email, "email_changed": changed }),
+            ),
+        )
+        .await?;
+    }
     audit::append(
         &*tx,
         &Entry::new(if changed {

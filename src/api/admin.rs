@@ -588,6 +588,114 @@ pub async fn set_quota(
     Ok(HttpResponse::Ok().json(found))
 }
 
+/// A webhook endpoint to add.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookRequest {
+    /// Where to POST the events: `http://` or `https://` (redirects are not
+    /// followed).
+    #[schema(max_length = 2000)]
+    url: String,
+    /// Only these event types (default: all).
+    events: Option<Vec<String>>,
+}
+
+/// An endpoint just added, with its secret (shown only now).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AddedWebhook {
+    #[serde(flatten)]
+    endpoint: crate::webhooks::Endpoint,
+    /// `whsec_…`: what receivers verify signatures with.
+    secret: String,
+}
+
+/// `POST /admin/webhooks` `{url, events?}`: register an endpoint for
+/// lifecycle events (Standard Webhooks). 201 with its secret, shown once.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    request_body = WebhookRequest,
+    responses(
+        (status = 201, description = "Added; the secret is shown only now", body = AddedWebhook),
+        (status = 400, description = "Not an http(s) URL (`invalid_url`), an unknown event type (`invalid_events`)", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/webhooks")]
+#[tracing::instrument(skip_all, fields(admin = %_admin.0.id()))]
+pub async fn add_webhook(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    body: JsonBody<WebhookRequest>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::webhooks::{self, EventType};
+    let body = body.into_inner();
+    let url = webhooks::parse_url(&body.url).map_err(|e| invalid("url", &e))?;
+    let types = body
+        .events
+        .map(|list| {
+            if list.is_empty() {
+                return Err(invalid(
+                    "events",
+                    "names no event type (leave it out for all)",
+                ));
+            }
+            list.iter()
+                .map(|t| EventType::parse(t).map_err(|e| invalid("events", &e)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let client = state.pool.get().await?;
+    let (endpoint, secret) = webhooks::add(&**client, &url, types.as_deref()).await?;
+    Ok(HttpResponse::Created().json(AddedWebhook { endpoint, secret }))
+}
+
+/// `GET /admin/webhooks`: every endpoint, with its pending and dead
+/// deliveries (never the secrets).
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The endpoints", body = Vec<crate::webhooks::Endpoint>),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/webhooks")]
+pub async fn webhooks(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.pool.get().await?;
+    Ok(HttpResponse::Ok().json(crate::webhooks::endpoints(&**client, None).await?))
+}
+
+/// `DELETE /admin/webhooks/{id}`: remove an endpoint and its deliveries.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[delete("/admin/webhooks/{id}")]
+pub async fn remove_webhook(
+    state: web::Data<AppState>,
+    _admin: AdminUser,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::NotFound("no such endpoint".into()))?;
+    let client = state.pool.get().await?;
+    if !crate::webhooks::remove(&**client, id).await? {
+        return Err(ApiError::NotFound("no such endpoint".into()));
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
 /// Filters of `GET /admin/audit`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -100,9 +100,10 @@ async fn record_gauges(state: &AppState) {
             .await
             .ok()?;
         let usage = crate::tenancy::usage::distribution(&**client).await.ok()?;
-        Some((versions, run, outbox, usage))
+        let hooks = crate::webhooks::backlog(&**client).await.ok()?;
+        Some((versions, run, outbox, usage, hooks))
     };
-    let Ok(Some((versions, run, outbox, usage))) =
+    let Ok(Some((versions, run, outbox, usage, hooks))) =
         tokio::time::timeout(std::time::Duration::from_secs(2), read).await
     else {
         return;
@@ -137,6 +138,8 @@ async fn record_gauges(state: &AppState) {
     }
     ::metrics::gauge!("tenantry_tenants_usage_bytes_sum").set(usage.bytes as f64);
     ::metrics::gauge!("tenantry_tenants_over_quota").set(usage.over_quota as f64);
+    ::metrics::gauge!("tenantry_webhook_deliveries", "state" => "pending").set(hooks.0 as f64);
+    ::metrics::gauge!("tenantry_webhook_deliveries", "state" => "dead").set(hooks.1 as f64);
     if let Some(run) = run {
         let id: i64 = run.get(0);
         let status: String = run.get(1);

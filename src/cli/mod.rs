@@ -19,6 +19,7 @@ mod fleet;
 mod outbox;
 mod password;
 mod templates;
+mod webhooks;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,6 +104,11 @@ enum Command {
     Outbox {
         #[command(subcommand)]
         action: outbox::OutboxCommand,
+    },
+    /// Webhooks: the endpoints that get lifecycle events (Standard Webhooks), their deliveries
+    Webhooks {
+        #[command(subcommand)]
+        action: webhooks::WebhooksCommand,
     },
     /// Back up the whole installation (its roles, database, audit anchors) into a new directory, as the service role
     Backup {
@@ -397,6 +403,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Admin { action } => admin(settings, action).await,
         Command::Audit { action } => audit_command(settings, action).await,
         Command::Outbox { action } => outbox::run(settings, action).await,
+        Command::Webhooks { action } => webhooks::run(settings, action).await,
         Command::Templates { action } => templates::run(settings, action).await,
         Command::Backup { dir } => backup::backup(settings, &dir).await,
         Command::Restore { dir } => backup::restore(settings, &dir).await,

@@ -38,10 +38,15 @@ pub enum Dedicated {
     /// /admin/tenants/{name}/usage?refresh=true`), which vacuums it as its
     /// role first: closed afterwards, never pooled.
     Usage,
+    /// The webhook sender's.
+    Webhooks,
 }
 
 /// The `application_name` of the mail sender's session.
 pub const OUTBOX_SESSION: &str = "tenantry outbox";
+
+/// The `application_name` of the webhook sender's session.
+pub const WEBHOOKS_SESSION: &str = "tenantry webhooks";
 
 /// How long an export waits for a place under the cap before its 503.
 pub const EXPORT_WAIT: Duration = Duration::from_secs(2);
@@ -84,6 +89,7 @@ impl Dedicated {
             Dedicated::Outbox => Some(OUTBOX_SESSION),
             Dedicated::Spares => Some("tenantry spares"),
             Dedicated::Usage => Some("tenantry usage"),
+            Dedicated::Webhooks => Some(WEBHOOKS_SESSION),
         }
     }
 
@@ -93,9 +99,11 @@ impl Dedicated {
             Dedicated::Command => None,
             Dedicated::Export => Some(EXPORT_WAIT),
             Dedicated::Health => Some(Duration::ZERO),
-            Dedicated::Fleet | Dedicated::Outbox | Dedicated::Spares | Dedicated::Usage => {
-                Some(BACKGROUND_WAIT)
-            }
+            Dedicated::Fleet
+            | Dedicated::Outbox
+            | Dedicated::Spares
+            | Dedicated::Usage
+            | Dedicated::Webhooks => Some(BACKGROUND_WAIT),
         }
     }
 }

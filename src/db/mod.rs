@@ -19,6 +19,7 @@ use crate::embedded::{self, Cluster, ClusterError, Running};
 pub use bootstrap::{bootstrap, Installation, BOOTSTRAP_LOCK};
 pub use connector::{
     Connection, Connector, Dedicated, CONNECT_TIMEOUT, EXPORT_WAIT, OUTBOX_SESSION,
+    WEBHOOKS_SESSION,
 };
 pub use pool::{
     pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool, AFFINITY_POLL,

@@ -275,6 +275,18 @@ pub async fn erase(
     // The registry row, sessions and idempotency keys go with the user.
     tx.execute("DELETE FROM tenantry.users WHERE id = $1", &[&user_id])
         .await?;
+    // What integrators need to delete their own copies; the outbox forgets
+    // it once delivered and past its retention.
+    crate::webhooks::record(
+        &tx,
+        &crate::webhooks::Event::tenant(
+            crate::webhooks::EventType::TenantErased,
+            user_id,
+            username.as_str(),
+            serde_json::json!({ "reason": requester.reason }),
+        ),
+    )
+    .await?;
     let audit_entry: i64 = tx
         .query_one(
             &format!("{} RETURNING seq", crate::audit::APPEND),

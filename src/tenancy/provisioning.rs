@@ -401,6 +401,19 @@ pub async fn provision_in(
     let audit_params: Option<[(&(dyn ToSql + Sync), Type); 1]> = audit_entry
         .as_ref()
         .map(|e| [(e as &(dyn ToSql + Sync), Type::TEXT)]);
+    // For integrators (webhooks), in this transaction: a signup rolled back
+    // sends nothing.
+    let created = crate::webhooks::Event::tenant(
+        crate::webhooks::EventType::TenantCreated,
+        user_id,
+        name,
+        serde_json::json!({
+            "email": email,
+            "email_verified": verified,
+            "template_version": version_number,
+        }),
+    );
+    let created_params = created.params();
     let router = router.map(|k| installation.id.router_role(k));
     // A spare whose schema is built: renamed to the tenant's, and only the
     // versions published since it was built are applied (often none: then
@@ -505,6 +518,12 @@ pub async fn provision_in(
             .map(drop)
         }));
     }
+    steps.push(Step::Other);
+    requests.push(Box::pin(async {
+        tx.execute_typed(crate::webhooks::RECORD, &created_params)
+            .await
+            .map(drop)
+    }));
     // Last: the chain-head lock is held only for the commit.
     if let Some(params) = &audit_params {
         steps.push(Step::Other);

@@ -184,6 +184,20 @@ async fn apply(
         }
     };
     crate::mail::enqueue(&tx, &mail).await?;
+    crate::webhooks::record(
+        &tx,
+        &crate::webhooks::Event::tenant(
+            if suspended_at.is_some() {
+                crate::webhooks::EventType::TenantSuspended
+            } else {
+                crate::webhooks::EventType::TenantResumed
+            },
+            user_id,
+            username.as_str(),
+            serde_json::json!({}),
+        ),
+    )
+    .await?;
     let entry = entry
         .actor(by.actor.clone())
         .subject(pseudonyms.user(user_id))

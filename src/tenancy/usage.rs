@@ -89,7 +89,8 @@ const CROSSINGS: &str = concat!(
     AND (t.over_quota_since IS NULL) = ",
     over!(),
     "
- RETURNING t.username, t.over_quota_since IS NOT NULL AS over"
+ RETURNING t.username, t.over_quota_since IS NOT NULL AS over, t.user_id, g.bytes,
+           COALESCE(t.quota_bytes, $1) AS quota"
 );
 
 /// Taken (try, transaction-scoped) by a measurement of the whole fleet:
@@ -154,6 +155,7 @@ pub async fn measure(
     {
         let username: String = row.get(0);
         if row.get::<_, bool>(1) {
+            quota_exceeded(&tx, &row).await?;
             measured.now_over.push(username);
         } else {
             measured.now_under.push(username);
@@ -243,6 +245,21 @@ pub async fn measure_now(
         Ok::<_, crate::db::DbError>(measured.unwrap_or_default())
     });
     task.await?
+}
+
+/// `tenant.quota_exceeded` for a row of [`CROSSINGS`] that went over: once
+/// per crossing, in its transaction.
+async fn quota_exceeded(
+    client: &impl GenericClient,
+    row: &tokio_postgres::Row,
+) -> Result<(), tokio_postgres::Error> {
+    let event = crate::webhooks::Event::tenant(
+        crate::webhooks::EventType::TenantQuotaExceeded,
+        row.get(2),
+        row.get::<_, &str>(0),
+        serde_json::json!({ "bytes": row.get::<_, i64>(3), "quota_bytes": row.get::<_, i64>(4) }),
+    );
+    crate::webhooks::record(client, &event).await
 }
 
 fn quota_param(bytes: u64) -> i64 {
@@ -358,11 +375,17 @@ pub async fn set_quota(
         return Ok(None);
     };
     let user_id: Uuid = row.get(0);
-    tx.query(
-        CROSSINGS,
-        &[&quota_param(default_quota), &Some(username.as_str())],
-    )
-    .await?;
+    for row in tx
+        .query(
+            CROSSINGS,
+            &[&quota_param(default_quota), &Some(username.as_str())],
+        )
+        .await?
+    {
+        if row.get::<_, bool>(1) {
+            quota_exceeded(&tx, &row).await?;
+        }
+    }
     let entry = Entry::new(Action::TenantQuotaSet)
         .detail("quota_bytes", quota.column())
         .actor(by.actor.clone())

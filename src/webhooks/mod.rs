@@ -125,7 +125,12 @@ impl Event {
     }
 
     /// [`RECORD`]'s parameters, typed (for a pipelined request).
-    pub fn params(&self) -> [(&(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type); 4] {
+    pub fn params(
+        &self,
+    ) -> [(
+        &(dyn tokio_postgres::types::ToSql + Sync),
+        tokio_postgres::types::Type,
+    ); 4] {
         use tokio_postgres::types::Type;
         [
             (&self.msg_id, Type::UUID),
@@ -144,7 +149,12 @@ pub async fn record(
     client
         .execute(
             RECORD,
-            &[&event.msg_id, &event.kind.as_str(), &event.tenant, &event.data],
+            &[
+                &event.msg_id,
+                &event.kind.as_str(),
+                &event.tenant,
+                &event.data,
+            ],
         )
         .await
         .map(drop)
@@ -348,6 +358,36 @@ pub async fn retry_dead(
             &[&id],
         )
         .await
+}
+
+/// Forget events older than `retention` that no endpoint still waits for
+/// (every delivery delivered or dead, or none left): their data, the
+/// erased tenant's name and id among them. How many.
+pub async fn purge(
+    client: &impl GenericClient,
+    retention: std::time::Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM tenantry.events e
+              WHERE e.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
+                AND NOT EXISTS (SELECT FROM tenantry.webhook_deliveries d
+                                WHERE d.event_id = e.id AND d.delivered_at IS NULL AND d.dead_at IS NULL)",
+            &[&retention.as_secs_f64()],
+        )
+        .await
+}
+
+/// Deliveries not delivered: (pending, dead), for `/metrics`.
+pub async fn backlog(client: &impl GenericClient) -> Result<(i64, i64), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+             FROM tenantry.webhook_deliveries WHERE delivered_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 #[cfg(test)]

@@ -366,27 +366,31 @@ async fn health_calls_on_a_saturated_pool_share_one_spare_connection() {
         .collect();
     assert!(eventually(|| async { lock_waiters(&app).await == 4 }).await);
     // Room for exactly one more session of the service (besides the
-    // pool's four and the mail outbox's one).
+    // pool's four and the background senders' own: the mail outbox's and
+    // the webhooks').
     let service = service_role(&app.db_name);
+    let senders = format!(
+        "application_name IN ('{}', '{}')",
+        tenantry::mail::delivery::OUTBOX_SESSION,
+        tenantry::webhooks::delivery::SESSION
+    );
     let in_use = app
         .count(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{service}' AND application_name <> '{}'",
-            tenantry::mail::delivery::OUTBOX_SESSION
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{service}' AND NOT {senders}"
         ))
         .await;
     assert_eq!(in_use, 4);
     assert!(
         eventually(|| async {
             app.count(&format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{}'",
-                tenantry::mail::delivery::OUTBOX_SESSION
+                "SELECT count(*) FROM pg_stat_activity WHERE {senders}"
             ))
             .await
-                == 1
+                == 2
         })
         .await
     );
-    db.batch_execute(&format!("ALTER ROLE \"{service}\" CONNECTION LIMIT 6"))
+    db.batch_execute(&format!("ALTER ROLE \"{service}\" CONNECTION LIMIT 7"))
         .await
         .unwrap();
 

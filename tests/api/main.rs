@@ -40,3 +40,4 @@ mod templates;
 mod tenant_data;
 mod tokens;
 mod usage;
+mod webhooks;

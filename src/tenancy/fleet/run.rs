@@ -554,6 +554,19 @@ impl PreparedRun {
                 )
                 .await?;
             audit::append(&*self.control, &finished).await?;
+            let event = crate::webhooks::Event::new(
+                crate::webhooks::EventType::FleetRunFinished,
+                None,
+                serde_json::json!({
+                    "run_id": self.run_id,
+                    "status": status.as_str(),
+                    "target_version": self.plan.target.get(),
+                    "succeeded": summary.succeeded,
+                    "failed": summary.failed,
+                    "skipped": summary.skipped,
+                }),
+            );
+            crate::webhooks::record(&*self.control, &event).await?;
             self.control.batch_execute("COMMIT").await
         }
         .await;
@@ -874,12 +887,30 @@ async fn one_transaction(
         checksums,
     ];
 
-    let mut steps: Vec<Step> = vec![Step::Begin, Step::Claim];
+    // In the tenant's transaction: rolled back with it if a template fails.
+    let migrated = crate::webhooks::Event::tenant(
+        crate::webhooks::EventType::TenantMigrated,
+        tenant.user_id,
+        &tenant.username,
+        serde_json::json!({
+            "from_version": tenant.from_version,
+            "to_version": target,
+            "run_id": ctx.run_id,
+        }),
+    );
+    let event_params = migrated.params();
+    let mut steps: Vec<Step> = vec![Step::Begin, Step::Claim, Step::Claim];
     let mut requests: Vec<Request<'_>> = vec![
         Box::pin(client.batch_execute("BEGIN")),
         Box::pin(async {
             client
                 .execute(&connection.claim, &claim_params)
+                .await
+                .map(drop)
+        }),
+        Box::pin(async {
+            client
+                .execute_typed(crate::webhooks::RECORD, &event_params)
                 .await
                 .map(drop)
         }),
