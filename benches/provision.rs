@@ -88,6 +88,10 @@ async fn main() {
     // `serve` keeps a stock of): the spare made and built untimed, just
     // before.
     let mut built_times = Vec::with_capacity(n);
+    // The same with a webhook endpoint registered (untimed, and removed
+    // after): the signup also writes its `tenant.created` event and the
+    // endpoint's delivery row, in its transaction.
+    let mut event_times = Vec::with_capacity(n);
     let mut builder = target.connect().await.unwrap();
     let letters = tenantry::mail::Letters::new("http://127.0.0.1:8080");
     let started = Instant::now();
@@ -134,6 +138,19 @@ async fn main() {
         );
         let mail_account = with_mail(&account, &format!("mail_{i}"), &letters);
         let built_account = with_mail(&account, &format!("built_{i}"), &letters);
+        let event_account = with_mail(&account, &format!("event_{i}"), &letters);
+        if i % 2 == 1 {
+            event_times.push(
+                time_with_event(
+                    &mut builder,
+                    &mut service,
+                    &installation,
+                    &published,
+                    &event_account,
+                )
+                .await,
+            );
+        }
         if i % 2 == 0 {
             built_times.push(
                 time_built(
@@ -163,6 +180,18 @@ async fn main() {
                     &installation,
                     &published,
                     &built_account,
+                )
+                .await,
+            );
+        }
+        if i % 2 == 0 {
+            event_times.push(
+                time_with_event(
+                    &mut builder,
+                    &mut service,
+                    &installation,
+                    &published,
+                    &event_account,
                 )
                 .await,
             );
@@ -280,6 +309,21 @@ async fn main() {
         ("raw template SQL", ms(median(&raw_times))),
     );
     println!();
+    println!("signup taking a built spare with a webhook endpoint registered (its event row), vs without:");
+    report(
+        &format!("all {n}: with the event / without"),
+        &event_times,
+        &built_times,
+    );
+    record(
+        "provision",
+        &format!("signup writing its webhook event, median of all {n}"),
+        "ms",
+        Better::Lower,
+        ms(median(&event_times)),
+        ("signup without an endpoint", ms(median(&built_times))),
+    );
+    println!();
     println!(
         "flatness (last/first median): service {:.2}, raw {:.2}",
         ms(median(&svc_times[n - w..])) / ms(median(&svc_times[..w])),
@@ -343,6 +387,28 @@ fn with_mail(account: &NewAccount, name: &str, letters: &tenantry::mail::Letters
 
 /// A signup that takes a spare whose schema is built: the spare made and
 /// built first, untimed, so that this signup (and no other) takes it.
+/// [`time_built`] with a webhook endpoint registered for the signup only.
+async fn time_with_event(
+    builder: &mut tokio_postgres::Client,
+    service: &mut deadpool_postgres::Client,
+    installation: &tenantry::db::Installation,
+    published: &Templates,
+    account: &NewAccount,
+) -> Duration {
+    builder
+        .batch_execute(
+            "INSERT INTO tenantry.webhooks (url, secret) VALUES ('http://127.0.0.1:9/', 'whsec_AAAA')",
+        )
+        .await
+        .unwrap();
+    let took = time_built(builder, service, installation, published, account).await;
+    builder
+        .batch_execute("DELETE FROM tenantry.webhooks")
+        .await
+        .unwrap();
+    took
+}
+
 async fn time_built(
     builder: &mut tokio_postgres::Client,
     service: &mut deadpool_postgres::Client,
