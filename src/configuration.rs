@@ -368,12 +368,12 @@ impl Settings {
             export_concurrency as u32 + 12,
             10_000,
         )? as usize;
-        if extra_connections < export_concurrency + 2 {
+        if extra_connections < export_concurrency + 3 {
             return Err(SettingsError::Invalid {
                 name: "TENANTRY_EXTRA_CONNECTIONS",
                 reason: format!(
-                    "must be at least TENANTRY_EXPORT_CONCURRENCY + 2 ({}): the exports, the mail sender and /health's spare",
-                    export_concurrency + 2
+                    "must be at least TENANTRY_EXPORT_CONCURRENCY + 3 ({}): the exports, the mail sender, the webhook sender and /health's spare",
+                    export_concurrency + 3
                 ),
             });
         }

@@ -120,11 +120,11 @@ pub async fn start_migration(
     };
     // The run's connections (its control and one per worker) count against
     // TENANTRY_EXTRA_CONNECTIONS, beside the exports, /health and the mail
-    // sender.
+    // and webhook senders.
     let room = state
         .connector
         .cap()
-        .saturating_sub(state.exports.size() + 2);
+        .saturating_sub(state.exports.size() + 3);
     if options.concurrency + 1 > room {
         return Err(bad(
             "invalid_concurrency",

@@ -7,7 +7,9 @@
 //!   rows picked with `FOR UPDATE SKIP LOCKED`.
 //! - In order per tenant and endpoint: a delivery is due only when no
 //!   earlier event of the same tenant is still undelivered (and not dead)
-//!   for that endpoint.
+//!   for that endpoint, and none of the tenant's is being sent to it. A
+//!   dead delivery no longer holds the later ones back, so one made due
+//!   again (`webhooks retry`) arrives after them.
 //! - A failure (no answer within `TENANTRY_WEBHOOK_TIMEOUT`, a non-2xx, a
 //!   redirect, which is not followed) is retried with exponential backoff
 //!   and jitter; after `TENANTRY_WEBHOOK_MAX_ATTEMPTS` the delivery is dead
@@ -37,8 +39,9 @@ const CLAIM: &str = "WITH due AS (
       AND (d.claimed_until IS NULL OR d.claimed_until < pg_catalog.now())
       AND NOT EXISTS (
           SELECT FROM tenantry.webhook_deliveries d2 JOIN tenantry.events e2 ON e2.id = d2.event_id
-          WHERE d2.webhook_id = d.webhook_id AND e2.tenant = e.tenant AND e2.id < e.id
-            AND d2.delivered_at IS NULL AND d2.dead_at IS NULL)
+          WHERE d2.webhook_id = d.webhook_id AND e2.tenant = e.tenant AND e2.id <> e.id
+            AND ((e2.id < e.id AND d2.delivered_at IS NULL AND d2.dead_at IS NULL)
+                 OR d2.claimed_until > pg_catalog.now()))
     ORDER BY d.event_id
     LIMIT $3
     FOR UPDATE OF d SKIP LOCKED)

@@ -76,16 +76,20 @@ impl EventType {
 }
 
 /// Write an event and its deliveries (`$1` msg id, `$2` type, `$3` tenant,
-/// `$4` data): nothing when no endpoint wants the type.
-pub const RECORD: &str = "WITH e AS (
+/// `$4` data): nothing when no endpoint wants the type. The endpoints are
+/// read with `FOR KEY SHARE`, so one removed and committed meanwhile is
+/// skipped (its row re-read, gone) instead of failing the change with a
+/// foreign-key error, and one being removed waits for this transaction.
+pub const RECORD: &str = "WITH w AS (
+    SELECT id FROM tenantry.webhooks
+    WHERE event_types IS NULL OR $2 = ANY (event_types)
+    FOR KEY SHARE),
+ e AS (
     INSERT INTO tenantry.events (msg_id, type, tenant, data)
-    SELECT $1, $2, $3, $4
-    WHERE EXISTS (SELECT FROM tenantry.webhooks w
-                  WHERE w.event_types IS NULL OR $2 = ANY (w.event_types))
+    SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT FROM w)
     RETURNING id)
  INSERT INTO tenantry.webhook_deliveries (webhook_id, event_id)
- SELECT w.id, e.id FROM e, tenantry.webhooks w
- WHERE w.event_types IS NULL OR $2 = ANY (w.event_types)";
+ SELECT w.id, e.id FROM e, w";
 
 /// One event, before it is written.
 #[derive(Debug, Clone)]
@@ -122,6 +126,19 @@ impl Event {
             fields.insert("username".into(), username.into());
         }
         Event::new(kind, Some(user_id), data)
+    }
+
+    /// [`RECORD`]'s parameter types.
+    pub const TYPES: [tokio_postgres::types::Type; 4] = [
+        tokio_postgres::types::Type::UUID,
+        tokio_postgres::types::Type::TEXT,
+        tokio_postgres::types::Type::UUID,
+        tokio_postgres::types::Type::JSONB,
+    ];
+
+    /// [`RECORD`]'s parameters, for a statement prepared with [`Event::TYPES`].
+    pub fn values(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
+        [&self.msg_id, &self.type_name, &self.tenant, &self.data]
     }
 
     /// [`RECORD`]'s parameters, typed (for a pipelined request).

@@ -203,11 +203,11 @@ async fn a_fleet_run_over_http_fits_in_the_connections_outside_the_pool() {
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let admin = app.access_token("cap_ops").await;
-    // 10 - 4 exports - the mail sender - /health: 4 left, a run of 3
-    // workers and its control.
+    // 10 - 4 exports - the mail sender - the webhook sender - /health: 3
+    // left, a run of 2 workers and its control.
     let refused = app
         .call(Method::POST, "/admin/fleet/migrations", &admin)
-        .json(&json!({"concurrency": 4}))
+        .json(&json!({"concurrency": 3}))
         .send()
         .await
         .unwrap();
@@ -223,7 +223,7 @@ async fn a_fleet_run_over_http_fits_in_the_connections_outside_the_pool() {
     );
     let fits = app
         .call(Method::POST, "/admin/fleet/migrations", &admin)
-        .json(&json!({"concurrency": 3}))
+        .json(&json!({"concurrency": 2}))
         .send()
         .await
         .unwrap();
