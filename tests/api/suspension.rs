@@ -19,24 +19,6 @@ fn bearer(tokens: &Value) -> &str {
     tokens["access_token"].as_str().unwrap()
 }
 
-/// Status and body of a request with `token`.
-async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = app.call(method, path, token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 async fn suspend(app: &TestApp, admin: &str, user: &str, body: Value) -> (u16, Value) {
     let path = format!("/admin/tenants/{user}/suspend");
     send(app, Method::POST, &path, admin, Some(body)).await

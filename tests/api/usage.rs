@@ -9,24 +9,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// Status and body of a request with `token`.
-async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut request = app.call(method, path, token);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 /// An experience whose description does not compress: ~19 kB stored.
 fn bulky(i: usize) -> Value {
     let text: String = (0..600)
@@ -36,12 +18,16 @@ fn bulky(i: usize) -> Value {
            "started_on": "2020-01-01", "description": text})
 }
 
+/// POST experience `i` ([`bulky`]) as `token`.
+async fn post_bulky(app: &TestApp, token: &str, i: usize) -> (u16, Value) {
+    send(app, Method::POST, "/api/experiences", token, Some(bulky(i))).await
+}
+
 /// Write `n` bulky experiences as `token`; their ids.
 async fn fill(app: &TestApp, token: &str, n: usize) -> Vec<i64> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let (status, body) =
-            send(app, Method::POST, "/api/experiences", token, Some(bulky(i))).await;
+        let (status, body) = post_bulky(app, token, i).await;
         assert_eq!(status, 201, "{body}");
         ids.push(body["id"].as_i64().unwrap());
     }
@@ -90,14 +76,7 @@ async fn a_tenant_over_its_quota_reads_deletes_and_exports_but_writes_only_once_
     assert!(bytes(&over) > quota, "{over}");
     assert!(over["over_quota_since"].is_string(), "{over}");
 
-    let (status, body) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(99)),
-    )
-    .await;
+    let (status, body) = post_bulky(&app, &token, 99).await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "quota_exceeded");
     let (status, body) = send(
@@ -145,26 +124,12 @@ async fn a_tenant_over_its_quota_reads_deletes_and_exports_but_writes_only_once_
     .await;
     let under = usage_of(&app, &admin, "quinn", false).await;
     assert!(bytes(&under) <= quota, "{under}");
-    let (status, body) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(7)),
-    )
-    .await;
+    let (status, body) = post_bulky(&app, &token, 7).await;
     assert_eq!(status, 201, "{body}");
 
     // Erasure works whatever the quota says.
     set_quota(&app, &admin, "quinn", json!({"quota_bytes": 1})).await;
-    let (status, body) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(8)),
-    )
-    .await;
+    let (status, body) = post_bulky(&app, &token, 8).await;
     assert_eq!(
         status, 403,
         "a quota below the last measurement refuses at once: {body}"
@@ -187,14 +152,7 @@ async fn quotas_come_from_the_tenant_or_the_default_and_changes_are_audited() {
     assert_eq!(measured["quota_bytes"], 1, "{measured}");
     assert_eq!(measured["quota_source"], "default");
     assert!(measured["over_quota_since"].is_string(), "{measured}");
-    let (status, _) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(1)),
-    )
-    .await;
+    let (status, _) = post_bulky(&app, &token, 1).await;
     assert_eq!(status, 403);
 
     // 0 is no quota for this tenant, whatever the default.
@@ -203,14 +161,7 @@ async fn quotas_come_from_the_tenant_or_the_default_and_changes_are_audited() {
     assert_eq!(none["quota_bytes"], Value::Null);
     assert_eq!(none["quota_source"], "tenant");
     assert_eq!(none["over_quota_since"], Value::Null);
-    let (status, body) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(2)),
-    )
-    .await;
+    let (status, body) = post_bulky(&app, &token, 2).await;
     assert_eq!(status, 201, "{body}");
 
     // null: back to the default.
@@ -294,7 +245,7 @@ async fn the_cli_measures_every_tenant_in_one_pass_and_sets_quotas() {
         "{}",
         stdout(&out)
     );
-    let (status, _) = send(&app, Method::POST, "/api/experiences", &big, Some(bulky(1))).await;
+    let (status, _) = post_bulky(&app, &big, 1).await;
     assert_eq!(status, 403);
     let out = tenantry(&["tenants", "show", "bigco"], &env, None).await;
     assert!(
@@ -304,7 +255,7 @@ async fn the_cli_measures_every_tenant_in_one_pass_and_sets_quotas() {
     );
     let out = tenantry(&["tenants", "quota", "bigco", "none"], &env, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let (status, _) = send(&app, Method::POST, "/api/experiences", &big, Some(bulky(2))).await;
+    let (status, _) = post_bulky(&app, &big, 2).await;
     assert_eq!(status, 201);
 
     // The default comes from the environment of the process that measures.
@@ -417,7 +368,7 @@ async fn a_measurement_waiting_on_one_tenant_holds_nothing_others_wait_on() {
     // Meanwhile a signup, a write, a migration's DDL on another tenant's
     // table and an erasure all go through.
     assert_eq!(app.register("cleo").await.status(), 201);
-    let (status, body) = send(&app, Method::POST, "/api/experiences", &ann, Some(bulky(1))).await;
+    let (status, body) = post_bulky(&app, &ann, 1).await;
     assert_eq!(status, 201, "{body}");
     app.db()
         .await
@@ -461,13 +412,6 @@ async fn serve_measures_the_fleet_at_its_interval() {
         },
     )
     .await;
-    let (status, body) = send(
-        &app,
-        Method::POST,
-        "/api/experiences",
-        &token,
-        Some(bulky(1)),
-    )
-    .await;
+    let (status, body) = post_bulky(&app, &token, 1).await;
     assert_eq!(status, 403, "{body}");
 }
