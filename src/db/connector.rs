@@ -314,6 +314,21 @@ impl Connector {
         Ok((client, task))
     }
 
+    /// The connection a background sender keeps in `slot`, made again (as
+    /// `purpose`) when there is none or it was closed; the closed one gives
+    /// its place under the cap back first.
+    pub async fn kept<'a>(
+        &self,
+        slot: &'a mut Option<Connection>,
+        purpose: Dedicated,
+    ) -> Result<&'a tokio_postgres::Client, DbError> {
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = None;
+            *slot = Some(self.connect(purpose).await?);
+        }
+        Ok(slot.as_ref().expect("just made"))
+    }
+
     /// A connection of its own for `purpose`, outside the pool. Counted
     /// purposes wait their time for a place under the cap, then get
     /// [`DbError::Busy`] (a 503 for a request), so that PostgreSQL's own

@@ -470,19 +470,12 @@ impl Outbox {
     }
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            // The closed one gives its place under the cap back first.
-            self.client = None;
-            self.client = Some(
-                // Told apart from the request pool's sessions in
-                // pg_stat_activity by its name (`OUTBOX_SESSION`).
-                self.connector
-                    .connect(crate::db::Dedicated::Outbox)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        Ok(self.client.as_ref().expect("just made"))
+        // Told apart from the request pool's sessions in pg_stat_activity
+        // by its name (`OUTBOX_SESSION`).
+        self.connector
+            .kept(&mut self.client, crate::db::Dedicated::Outbox)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Claim what is due and send it; how many rows were claimed.

@@ -146,17 +146,10 @@ impl Sender {
     /// Claim what is due, send it, record the outcomes; how many were
     /// claimed.
     async fn client(&mut self) -> Result<&tokio_postgres::Client, String> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            // The closed one gives its place under the cap back first.
-            self.client = None;
-            self.client = Some(
-                self.connector
-                    .connect(crate::db::Dedicated::Webhooks)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            );
-        }
-        Ok(self.client.as_ref().expect("just made"))
+        self.connector
+            .kept(&mut self.client, crate::db::Dedicated::Webhooks)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     pub async fn deliver_due(&mut self) -> Result<usize, String> {
