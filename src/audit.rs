@@ -67,6 +67,12 @@ pub enum Action {
     TenantResumed,
     /// A tenant's own storage quota set or removed.
     TenantQuotaSet,
+    /// A webhook endpoint registered.
+    WebhookAdded,
+    /// A webhook endpoint removed, with its deliveries.
+    WebhookRemoved,
+    /// Dead webhook deliveries made due again.
+    WebhookDeliveriesRetried,
 }
 
 impl Action {
@@ -93,6 +99,9 @@ impl Action {
             Action::TenantSuspended => "tenant_suspended",
             Action::TenantResumed => "tenant_resumed",
             Action::TenantQuotaSet => "tenant_quota_set",
+            Action::WebhookAdded => "webhook_added",
+            Action::WebhookRemoved => "webhook_removed",
+            Action::WebhookDeliveriesRetried => "webhook_deliveries_retried",
         }
     }
 

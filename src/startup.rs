@@ -286,9 +286,12 @@ pub struct Application {
     server: Server,
     target: Target,
     fleet_runs: FleetRuns,
-    /// The mail sender, stopped after the requests.
-    mail: crate::mail::delivery::Delivering,
+    /// The mail and webhook senders, stopped after the requests, each
+    /// given its time.
+    senders: Senders,
 }
+
+type Senders = Vec<(crate::mail::delivery::Delivering, std::time::Duration)>;
 
 /// How long requests in flight get to finish after SIGTERM/SIGINT.
 pub const DRAIN_SECONDS: u64 = 30;
@@ -326,12 +329,12 @@ impl Application {
 
         let target = Target::resolve(&settings).await?;
         match Self::serve_on(&settings, target.clone(), proposals, listener, tls).await {
-            Ok((server, fleet_runs, mail)) => Ok(Application {
+            Ok((server, fleet_runs, senders)) => Ok(Application {
                 port,
                 server,
                 target,
                 fleet_runs,
-                mail,
+                senders,
             }),
             Err(e) => {
                 if let Some((cluster, running)) = target.embedded {
@@ -350,7 +353,7 @@ impl Application {
         proposals: Proposals,
         listener: TcpListener,
         tls: Option<crate::transport::Tls>,
-    ) -> Result<(Server, FleetRuns, crate::mail::delivery::Delivering), StartupError> {
+    ) -> Result<(Server, FleetRuns, Senders), StartupError> {
         let connector = target.connector.with_cap(settings.extra_connections);
         // `serve` publishes what its templates add at start (an upgrade's
         // new built-in versions, or TENANTRY_TEMPLATES_DIR's), and refuses
@@ -436,10 +439,10 @@ impl Application {
         .spawn(&state.letters);
         crate::metrics::handle();
         let limits = web::Data::new(RateLimits::new(&settings.limits));
+        let mut senders = vec![(mail, MAIL_STOP)];
         match crate::webhooks::delivery::Sender::new(state.connector.clone(), &settings.webhooks) {
-            Ok(sender) => {
-                sender.spawn();
-            }
+            // Its sends under way end within their timeout.
+            Ok(sender) => senders.push((sender.spawn(), settings.webhooks.timeout + MAIL_STOP)),
             Err(e) => tracing::warn!(error = %e, "webhooks are not delivered: no HTTP client"),
         }
         crate::maintenance::spawn(
@@ -468,7 +471,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(middleware::observe))
         })
         .map_err(|source| StartupError::Bind { addr, source })?;
-        Ok((server, fleet_runs, mail))
+        Ok((server, fleet_runs, senders))
     }
 
     pub fn port(&self) -> u16 {
@@ -499,10 +502,15 @@ impl Application {
         });
         let served = self.server.await;
         tracing::info!("stopped serving");
-        // After the requests (which may still have written mail): the mail
-        // being sent goes out, what was claimed and not sent is given back
-        // for the next process at once.
-        self.mail.stop(MAIL_STOP).await;
+        // After the requests (which may still have written mail and
+        // events): what is being sent goes out, what was claimed and not
+        // sent is given back for the next process at once.
+        futures::future::join_all(
+            self.senders
+                .into_iter()
+                .map(|(sender, within)| sender.stop(within)),
+        )
+        .await;
         served
     }
 }

@@ -622,10 +622,11 @@ pub struct AddedWebhook {
     )
 )]
 #[post("/admin/webhooks")]
-#[tracing::instrument(skip_all, fields(admin = %_admin.0.id()))]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn add_webhook(
     state: web::Data<AppState>,
-    _admin: AdminUser,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
     body: JsonBody<WebhookRequest>,
 ) -> Result<HttpResponse, ApiError> {
     use crate::webhooks::{self, EventType};
@@ -645,8 +646,9 @@ pub async fn add_webhook(
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    let client = state.pool.get().await?;
-    let (endpoint, secret) = webhooks::add(&**client, &url, types.as_deref()).await?;
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    let (endpoint, secret) = webhooks::add(&mut client, &url, types.as_deref(), &by).await?;
     Ok(HttpResponse::Created().json(AddedWebhook { endpoint, secret }))
 }
 
@@ -681,19 +683,106 @@ pub async fn webhooks(
     )
 )]
 #[delete("/admin/webhooks/{id}")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
 pub async fn remove_webhook(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = endpoint_id(&id)?;
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    if !crate::webhooks::remove(&mut client, id, &by).await? {
+        return Err(no_endpoint());
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn endpoint_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse().map_err(|_| no_endpoint())
+}
+
+fn no_endpoint() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+/// `?limit=` of an endpoint's deliveries.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeliveriesQuery {
+    /// How many, newest first: 1 to 1000 (50 when absent).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+/// `GET /admin/webhooks/{id}/deliveries`: an endpoint's latest deliveries,
+/// newest first, with their state, attempts and last error.
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id"), DeliveriesQuery),
+    responses(
+        (status = 200, description = "Its deliveries", body = Vec<crate::webhooks::Delivery>),
+        (status = 400, description = "A limit out of 1..=1000 (`invalid_limit`)", body = crate::api::openapi::ErrorBody),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/webhooks/{id}/deliveries")]
+pub async fn webhook_deliveries(
     state: web::Data<AppState>,
     _admin: AdminUser,
     id: web::Path<String>,
+    query: web::Query<DeliveriesQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::NotFound("no such endpoint".into()))?;
-    let client = state.pool.get().await?;
-    if !crate::webhooks::remove(&**client, id).await? {
-        return Err(ApiError::NotFound("no such endpoint".into()));
+    let id = endpoint_id(&id)?;
+    let limit = query.into_inner().limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid("limit", "must be from 1 to 1000"));
     }
-    Ok(HttpResponse::NoContent().finish())
+    let client = state.pool.get().await?;
+    let list = crate::webhooks::deliveries(&**client, id, limit)
+        .await?
+        .ok_or_else(no_endpoint)?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+/// What `POST /admin/webhooks/{id}/retry` did.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Retried {
+    /// Dead deliveries made due again.
+    retried: u64,
+}
+
+/// `POST /admin/webhooks/{id}/retry`: make the endpoint's dead deliveries
+/// due again with a fresh count of attempts (audited).
+#[utoipa::path(
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id")),
+    responses(
+        (status = 200, description = "How many are due again", body = Retried),
+        (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
+        (status = 404, description = "No such endpoint", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[post("/admin/webhooks/{id}/retry")]
+#[tracing::instrument(skip_all, fields(admin = %admin.0.id()))]
+pub async fn retry_webhook(
+    state: web::Data<AppState>,
+    request: actix_web::HttpRequest,
+    admin: AdminUser,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = endpoint_id(&id)?;
+    let by = changed_by(&state, &request, &admin);
+    let mut client = state.pool.get().await?;
+    let retried = crate::webhooks::retry(&mut client, Some(id), &by)
+        .await?
+        .ok_or_else(no_endpoint)?;
+    Ok(HttpResponse::Ok().json(Retried { retried }))
 }
 
 /// Filters of `GET /admin/audit`.

@@ -899,7 +899,7 @@ fn yes_no(b: bool) -> &'static str {
 
 /// The CLI's part in a suspension: the actor `cli`, no client, and the mail
 /// written to the outbox (a running `serve` delivers it).
-fn cli_change() -> crate::tenancy::suspension::ChangedBy {
+pub(crate) fn cli_change() -> crate::tenancy::suspension::ChangedBy {
     crate::tenancy::suspension::ChangedBy {
         actor: "cli".into(),
         client: None,

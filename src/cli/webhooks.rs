@@ -79,7 +79,8 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
         _ => {}
     }
     let ctx = Context::open(&settings, 1).await?;
-    let client = ctx.pool.get().await?;
+    let mut client = ctx.pool.get().await?;
+    let by = crate::cli::cli_change();
     match action {
         WebhooksCommand::Add { url, events, json } => {
             let url = webhooks::parse_url(&url).map_err(Failure::Usage)?;
@@ -88,7 +89,8 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
                 .map(parse_events)
                 .transpose()
                 .map_err(Failure::Usage)?;
-            let (endpoint, secret) = webhooks::add(&**client, &url, types.as_deref()).await?;
+            let (endpoint, secret) =
+                webhooks::add(&mut client, &url, types.as_deref(), &by).await?;
             if json {
                 let mut value = serde_json::to_value(&endpoint)?;
                 value["secret"] = secret.into();
@@ -123,7 +125,7 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
             }
         }
         WebhooksCommand::Remove { id } => {
-            if !webhooks::remove(&**client, id).await? {
+            if !webhooks::remove(&mut client, id, &by).await? {
                 return Err(Failure::Other(format!("no endpoint {id}")));
             }
             println!("endpoint {id} removed, with its deliveries");
@@ -151,7 +153,9 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
             }
         }
         WebhooksCommand::Retry { id } => {
-            let n = webhooks::retry_dead(&**client, id).await?;
+            let n = webhooks::retry(&mut client, id, &by)
+                .await?
+                .ok_or_else(|| Failure::Other(format!("no endpoint {}", id.unwrap_or_default())))?;
             println!("{n} dead deliveries are due again");
         }
     }

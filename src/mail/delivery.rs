@@ -345,25 +345,61 @@ UPDATE tenantry.outbox SET claimed_by = NULL, claimed_until = NULL
 pub struct Delivering {
     stop: Arc<Stop>,
     task: tokio::task::JoinHandle<()>,
+    /// What is delivered, in the warning of a stop that took too long.
+    what: &'static str,
+    /// How long its claims hold, in that warning.
+    claim_seconds: u64,
 }
 
+/// Asked of a background sender by [`Delivering::stop`].
 #[derive(Default)]
-struct Stop {
+pub struct Stop {
     flag: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
 }
 
+impl Stop {
+    pub fn stopping(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Returns when a stop is asked for (at once if it was already).
+    pub async fn asked(&self) {
+        let notified = self.notify.notified();
+        if !self.stopping() {
+            notified.await;
+        }
+    }
+}
+
 impl Delivering {
-    /// Stop after the mail being sent (if any), give back what was claimed
+    /// A sender's `task`, which ends soon after `stop` is asked.
+    pub fn new(
+        what: &'static str,
+        stop: Arc<Stop>,
+        task: tokio::task::JoinHandle<()>,
+        claim_seconds: u64,
+    ) -> Delivering {
+        Delivering {
+            stop,
+            task,
+            what,
+            claim_seconds,
+        }
+    }
+
+    /// Stop after what is being sent (if any), give back what was claimed
     /// and not sent, and wait for that, at most `within`.
     pub async fn stop(self, within: Duration) {
         self.stop
             .flag
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.stop.notify.notify_one();
+        self.stop.notify.notify_waiters();
         if tokio::time::timeout(within, self.task).await.is_err() {
             tracing::warn!(
-                "mail delivery did not stop in time; its claims run out in {CLAIM_SECONDS} s"
+                "{} did not stop in time; its claims run out in {} s",
+                self.what,
+                self.claim_seconds
             );
         }
     }
@@ -435,17 +471,17 @@ impl Outbox {
                 if !busy && !me.stopping() {
                     tokio::select! {
                         _ = tokio::time::timeout(POLL, woken.notified()) => {}
-                        _ = me.stop.notify.notified() => {}
+                        _ = me.stop.asked() => {}
                     }
                 }
             }
             me.release().await;
         });
-        Delivering { stop, task }
+        Delivering::new("mail delivery", stop, task, CLAIM_SECONDS as u64)
     }
 
     fn stopping(&self) -> bool {
-        self.stop.flag.load(std::sync::atomic::Ordering::SeqCst)
+        self.stop.stopping()
     }
 
     /// Give back what this process claimed and did not send (a stop

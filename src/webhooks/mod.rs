@@ -3,9 +3,9 @@
 //!
 //! An event is written by [`record`] in the transaction of the change it
 //! reports (a signup, an erasure, …): a rolled-back change sends nothing, a
-//! committed one always has its rows. With it goes one delivery row per
-//! endpoint that wants its type; none at all when no endpoint does.
-//! `serve` sends them ([`delivery`]) at least once, in order per tenant.
+//! committed one always has its row (none at all when no endpoint wants its
+//! type). `serve` expands it to one delivery per endpoint and sends them
+//! ([`delivery`]) at least once, in order per tenant.
 //! Endpoints are added by admins (`tenantry webhooks add`, `POST
 //! /admin/webhooks`), each with a secret of its own, shown once.
 
@@ -17,6 +17,9 @@ use serde::Serialize;
 use sha2::Sha256;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
+
+use crate::audit::{Action, Entry};
+use crate::tenancy::suspension::ChangedBy;
 
 /// What happened. The wire names are the contract's (DESIGN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -75,21 +78,20 @@ impl EventType {
     }
 }
 
-/// Write an event and its deliveries (`$1` msg id, `$2` type, `$3` tenant,
-/// `$4` data): nothing when no endpoint wants the type. The endpoints are
-/// read with `FOR KEY SHARE`, so one removed and committed meanwhile is
-/// skipped (its row re-read, gone) instead of failing the change with a
-/// foreign-key error, and one being removed waits for this transaction.
-pub const RECORD: &str = "WITH w AS (
-    SELECT id FROM tenantry.webhooks
-    WHERE event_types IS NULL OR $2 = ANY (event_types)
-    FOR KEY SHARE),
- e AS (
-    INSERT INTO tenantry.events (msg_id, type, tenant, data)
-    SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT FROM w)
-    RETURNING id)
- INSERT INTO tenantry.webhook_deliveries (webhook_id, event_id)
- SELECT w.id, e.id FROM e, w";
+/// Write an event (`$1` msg id, `$2` type, `$3` tenant, `$4` data): one
+/// row, and none when no endpoint wants the type. No endpoint is locked
+/// and no delivery written here: the sender expands the event to the
+/// endpoints that want it when it becomes visible ([`delivery`]), so a
+/// change pays one insert for its event, however many endpoints there are.
+///
+/// Per-tenant order: a change that records a tenant's event has locked the
+/// tenant's registry rows it changes (a suspension waits for a signup, a
+/// resume for the suspension, an erasure for both), so the later of two
+/// such events takes the later number, and the sender expands events
+/// oldest first as they become visible.
+pub const RECORD: &str = "INSERT INTO tenantry.events (msg_id, type, tenant, data)
+ SELECT $1, $2, $3, $4
+ WHERE EXISTS (SELECT FROM tenantry.webhooks WHERE event_types IS NULL OR $2 = ANY (event_types))";
 
 /// One event, before it is written.
 #[derive(Debug, Clone)]
@@ -242,7 +244,9 @@ pub struct Endpoint {
 }
 
 const ENDPOINTS: &str = "SELECT w.id, w.url, w.event_types, w.created_at,
-        count(d.event_id) FILTER (WHERE d.delivered_at IS NULL AND d.dead_at IS NULL) AS pending,
+        count(d.event_id) FILTER (WHERE d.delivered_at IS NULL AND d.dead_at IS NULL)
+          + (SELECT count(*) FROM tenantry.events e
+             WHERE NOT e.expanded AND (w.event_types IS NULL OR e.type = ANY (w.event_types))) AS pending,
         count(d.event_id) FILTER (WHERE d.dead_at IS NOT NULL) AS dead
  FROM tenantry.webhooks w LEFT JOIN tenantry.webhook_deliveries d ON d.webhook_id = w.id
  WHERE $1::int8 IS NULL OR w.id = $1
@@ -273,34 +277,103 @@ pub async fn endpoints(
 }
 
 /// Register an endpoint for `events` (`None`: every type); it and its
-/// secret, which is shown only now.
+/// secret, which is shown only now. Audited (`webhook_added`: the
+/// endpoint's id and host, never its path or query) as `by`.
 pub async fn add(
-    client: &impl GenericClient,
+    client: &mut tokio_postgres::Client,
     url: &str,
     events: Option<&[EventType]>,
+    by: &ChangedBy,
 ) -> Result<(Endpoint, String), tokio_postgres::Error> {
     let secret = new_secret();
     let types: Option<Vec<&str>> = events.map(|e| e.iter().map(|t| t.as_str()).collect());
-    let id: i64 = client
+    let tx = client.transaction().await?;
+    let id: i64 = tx
         .query_one(
             "INSERT INTO tenantry.webhooks (url, secret, event_types) VALUES ($1, $2, $3) RETURNING id",
             &[&url, &secret, &types],
         )
         .await?
         .get(0);
-    let endpoint = endpoints(client, Some(id))
-        .await?
-        .pop()
-        .expect("just added");
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned));
+    audited(
+        &tx,
+        Entry::new(Action::WebhookAdded)
+            .detail("endpoint", id)
+            .detail("host", host)
+            .detail("events", &types),
+        by,
+    )
+    .await?;
+    let endpoint = endpoints(&tx, Some(id)).await?.pop().expect("just added");
+    tx.commit().await?;
     Ok((endpoint, secret))
 }
 
-/// Remove an endpoint and its deliveries; whether there was one.
-pub async fn remove(client: &impl GenericClient, id: i64) -> Result<bool, tokio_postgres::Error> {
-    Ok(client
+/// Remove an endpoint and its deliveries (audited, `webhook_removed`);
+/// whether there was one.
+pub async fn remove(
+    client: &mut tokio_postgres::Client,
+    id: i64,
+    by: &ChangedBy,
+) -> Result<bool, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    if tx
         .execute("DELETE FROM tenantry.webhooks WHERE id = $1", &[&id])
         .await?
-        == 1)
+        == 0
+    {
+        return Ok(false);
+    }
+    audited(
+        &tx,
+        Entry::new(Action::WebhookRemoved).detail("endpoint", id),
+        by,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Make the dead deliveries (of endpoint `id`, or all) due again, each in
+/// its place in its queue (audited, `webhook_deliveries_retried`); how
+/// many, or `None` if there is no endpoint `id`.
+pub async fn retry(
+    client: &mut tokio_postgres::Client,
+    id: Option<i64>,
+    by: &ChangedBy,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    if let Some(id) = id {
+        if endpoints(&tx, Some(id)).await?.is_empty() {
+            return Ok(None);
+        }
+    }
+    let n = delivery::retry_dead(&tx, id).await?;
+    audited(
+        &tx,
+        Entry::new(Action::WebhookDeliveriesRetried)
+            .detail("endpoint", id)
+            .detail("deliveries", n),
+        by,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(n))
+}
+
+async fn audited(
+    client: &impl GenericClient,
+    entry: Entry,
+    by: &ChangedBy,
+) -> Result<(), tokio_postgres::Error> {
+    crate::audit::append(
+        client,
+        &entry.actor(by.actor.clone()).client(by.client.clone()),
+    )
+    .await
 }
 
 /// One delivery of an event to an endpoint.
@@ -314,6 +387,8 @@ pub struct Delivery {
     /// `delivered`, `pending` or `dead`.
     pub state: String,
     pub attempts: i32,
+    /// When it is sent next; null once delivered or dead, and while it
+    /// waits for an earlier event of its tenant to be delivered (or dead).
     pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
     pub delivered_at: Option<chrono::DateTime<chrono::Utc>>,
     /// The receiver's last HTTP status, if it answered.
@@ -336,7 +411,8 @@ pub async fn deliveries(
                     CASE WHEN d.delivered_at IS NOT NULL THEN 'delivered'
                          WHEN d.dead_at IS NOT NULL THEN 'dead' ELSE 'pending' END AS state,
                     d.attempts,
-                    CASE WHEN d.delivered_at IS NULL AND d.dead_at IS NULL THEN d.next_attempt_at END AS next_attempt_at,
+                    CASE WHEN d.delivered_at IS NULL AND d.dead_at IS NULL AND d.next_attempt_at <> 'infinity'
+                         THEN d.next_attempt_at END AS next_attempt_at,
                     d.delivered_at, d.last_status, d.last_error
              FROM tenantry.webhook_deliveries d JOIN tenantry.events e ON e.id = d.event_id
              WHERE d.webhook_id = $1 ORDER BY d.event_id DESC LIMIT $2",
@@ -360,23 +436,6 @@ pub async fn deliveries(
     ))
 }
 
-/// Give dead deliveries (of one endpoint, or all) a new round of attempts;
-/// how many.
-pub async fn retry_dead(
-    client: &impl GenericClient,
-    id: Option<i64>,
-) -> Result<u64, tokio_postgres::Error> {
-    client
-        .execute(
-            "UPDATE tenantry.webhook_deliveries
-                SET dead_at = NULL, attempts = 0, next_attempt_at = now(),
-                    claimed_by = NULL, claimed_until = NULL
-              WHERE dead_at IS NOT NULL AND ($1::int8 IS NULL OR webhook_id = $1)",
-            &[&id],
-        )
-        .await
-}
-
 /// Forget events older than `retention` that no endpoint still waits for
 /// (every delivery delivered or dead, or none left): their data, the
 /// erased tenant's name and id among them. How many.
@@ -388,6 +447,7 @@ pub async fn purge(
         .execute(
             "DELETE FROM tenantry.events e
               WHERE e.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
+                AND e.expanded
                 AND NOT EXISTS (SELECT FROM tenantry.webhook_deliveries d
                                 WHERE d.event_id = e.id AND d.delivered_at IS NULL AND d.dead_at IS NULL)",
             &[&retention.as_secs_f64()],
@@ -395,11 +455,14 @@ pub async fn purge(
         .await
 }
 
-/// Deliveries not delivered: (pending, dead), for `/metrics`.
+/// Deliveries not delivered: (pending, dead), for `/metrics`. Pending
+/// counts an event not yet expanded as one.
 pub async fn backlog(client: &impl GenericClient) -> Result<(i64, i64), tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL)
+            "SELECT count(*) FILTER (WHERE dead_at IS NULL)
+                    + (SELECT count(*) FROM tenantry.events WHERE NOT expanded),
+                    count(*) FILTER (WHERE dead_at IS NOT NULL)
              FROM tenantry.webhook_deliveries WHERE delivered_at IS NULL",
             &[],
         )

@@ -724,6 +724,35 @@ pub async fn tenantry(
 /// published (publishing builds a tenant from nothing, which sleeps too):
 /// a signup then stays inside its transaction long enough to be killed
 /// there, its role, schema and V1 tables made.
+/// `tenantry serve` as a process of its own on `db` (to be stopped with a
+/// signal), with `env` besides the CLI's; it and its base URL, once up.
+pub async fn serve_process(db: &str, env: &[(&str, String)]) -> (tokio::process::Child, String) {
+    let port = free_port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(cli_env(db))
+        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
+        .env("TENANTRY_RATE_LIMIT_AUTH", "0")
+        .env("BCRYPT_COST", "4")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let api = reqwest::Client::new();
+    until("serve is up", || {
+        let url = format!("{base}/health/live");
+        let api = api.clone();
+        async move { api.get(url).send().await.is_ok() }
+    })
+    .await;
+    (child, base)
+}
+
 pub async fn slow_signup_env(db_name: &str) -> (Vec<(&'static str, String)>, PathBuf) {
     let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
     let mut env = cli_env(db_name);

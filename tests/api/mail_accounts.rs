@@ -560,34 +560,20 @@ async fn mail_waits_while_the_server_is_down_and_arrives_when_it_is_back() {
 
 /// `tenantry serve` as a process of its own, sending to `smtp_url`.
 async fn serve(db: &str, smtp_url: &str) -> (tokio::process::Child, String) {
-    let port = free_port();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(cli_env(db))
-        .env("TENANTRY_BIND", format!("127.0.0.1:{port}"))
-        .env("TENANTRY_RATE_LIMIT_AUTH", "0")
-        .env("TENANTRY_SMTP_URL", smtp_url)
-        // Retries 0.2, 0.4, 0.8, … s apart: the few a slow shutdown leaves
-        // room for still end within seconds of the restart.
-        .env("TENANTRY_MAIL_BACKOFF_MS", "200")
-        .env("TENANTRY_DATA_DIR", temp_dir("tenantry-mail-serve"))
-        .env("BCRYPT_COST", "4")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let api = reqwest::Client::new();
-    until("serve is up", || {
-        let url = format!("{base}/health/live");
-        let api = api.clone();
-        async move { api.get(url).send().await.is_ok() }
-    })
-    .await;
-    (child, base)
+    serve_process(
+        db,
+        &[
+            ("TENANTRY_SMTP_URL", smtp_url.to_owned()),
+            // Retries 0.2, 0.4, 0.8, … s apart: the few a slow shutdown
+            // leaves room for still end within seconds of the restart.
+            ("TENANTRY_MAIL_BACKOFF_MS", "200".into()),
+            (
+                "TENANTRY_DATA_DIR",
+                temp_dir("tenantry-mail-serve").display().to_string(),
+            ),
+        ],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -43,24 +43,54 @@ impl Received {
 }
 
 /// A receiver on `port` that answers 500 while `failing` is set (and
-/// counts those), 204 otherwise.
+/// counts those), 204 otherwise; or, as [`Answer`] says, redirects every
+/// request, or holds each (recorded as it arrives) until [`Receiver::answer`].
 struct Receiver {
     got: Arc<Mutex<Vec<Received>>>,
     failing: Arc<AtomicBool>,
     refused: Arc<AtomicUsize>,
+    held: Arc<tokio::sync::Semaphore>,
     handle: actix_web::dev::ServerHandle,
+}
+
+#[derive(Clone, Default)]
+struct Answer {
+    failing: bool,
+    /// 307 to this URL.
+    redirect_to: Option<String>,
+    /// No answer until [`Receiver::answer`].
+    held: bool,
 }
 
 impl Receiver {
     async fn start(port: u16, failing: bool) -> Receiver {
+        Receiver::answering(
+            port,
+            Answer {
+                failing,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn answering(port: u16, answer: Answer) -> Receiver {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let failing = Arc::new(AtomicBool::new(failing));
+        let failing = Arc::new(AtomicBool::new(answer.failing));
         let refused = Arc::new(AtomicUsize::new(0));
-        let (g, f, r) = (got.clone(), failing.clone(), refused.clone());
+        let held = Arc::new(tokio::sync::Semaphore::new(if answer.held {
+            0
+        } else {
+            tokio::sync::Semaphore::MAX_PERMITS
+        }));
+        let (g, f, r, h) = (got.clone(), failing.clone(), refused.clone(), held.clone());
+        let redirect_to = answer.redirect_to.clone();
         let server = HttpServer::new(move || {
-            let (g, f, r) = (g.clone(), f.clone(), r.clone());
+            let (g, f, r, h) = (g.clone(), f.clone(), r.clone(), h.clone());
+            let redirect_to = redirect_to.clone();
             App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let (g, f, r) = (g.clone(), f.clone(), r.clone());
+                let (g, f, r, h) = (g.clone(), f.clone(), r.clone(), h.clone());
+                let redirect_to = redirect_to.clone();
                 async move {
                     let header = |name: &str| {
                         req.headers()
@@ -73,17 +103,24 @@ impl Receiver {
                         r.fetch_add(1, Ordering::SeqCst);
                         return HttpResponse::InternalServerError().finish();
                     }
+                    if let Some(to) = redirect_to {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        return HttpResponse::TemporaryRedirect()
+                            .insert_header(("location", to))
+                            .finish();
+                    }
                     g.lock().unwrap().push(Received {
                         id: header("webhook-id"),
                         timestamp: header("webhook-timestamp"),
                         signature: header("webhook-signature"),
                         body: body.to_vec(),
                     });
+                    let _answer = h.acquire().await.unwrap();
                     HttpResponse::NoContent().finish()
                 }
             }))
         })
-        .workers(1)
+        .workers(2)
         .bind(("127.0.0.1", port))
         .unwrap()
         .run();
@@ -93,8 +130,15 @@ impl Receiver {
             got,
             failing,
             refused,
+            held,
             handle,
         }
+    }
+
+    /// Answer the held requests, and every one after.
+    fn answer(&self) {
+        self.held
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS - self.held.available_permits());
     }
 
     fn got(&self) -> Vec<Received> {
@@ -134,9 +178,14 @@ async fn endpoint(app: &TestApp, admin: &str, port: u16, events: Value) -> (i64,
     )
 }
 
+/// Events not yet delivered (with one endpoint: those not yet expanded
+/// into a delivery, and the deliveries not delivered).
 async fn undelivered(app: &TestApp) -> i64 {
-    app.count("SELECT count(*) FROM tenantry.webhook_deliveries WHERE delivered_at IS NULL")
-        .await
+    app.count(
+        "SELECT (SELECT count(*) FROM tenantry.events WHERE NOT expanded)
+              + (SELECT count(*) FROM tenantry.webhook_deliveries WHERE delivered_at IS NULL)",
+    )
+    .await
 }
 
 #[tokio::test]
@@ -381,4 +430,308 @@ async fn endpoints_are_checked_listed_and_removed() {
     assert_eq!(again.status(), 404);
     let out = tenantry(&["webhooks", "remove", &id.to_string()], &env, None).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+/// An endpoint's deliveries as `GET /admin/webhooks/{id}/deliveries` shows
+/// them, newest first.
+async fn deliveries(app: &TestApp, admin: &str, id: i64) -> Vec<Value> {
+    let r = app
+        .call(
+            Method::GET,
+            &format!("/admin/webhooks/{id}/deliveries?limit=100"),
+            admin,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    serde_json::from_value(json(r).await).unwrap()
+}
+
+#[tokio::test]
+async fn a_delivery_refused_every_time_goes_dead_holds_nothing_back_and_retry_sends_it_in_order() {
+    let app = spawn_app_with(|s| s.webhooks.max_attempts = 2).await;
+    let admin = admin_token(&app).await;
+    let port = free_port();
+    let receiver = Receiver::start(port, true).await;
+    let (id, _) = endpoint(&app, &admin, port, Value::Null).await;
+
+    // ada's two events each die after two attempts: the second is sent
+    // only once the first is dead. bobo's one arrives once the receiver works.
+    assert_eq!(app.register("ada").await.status(), 201);
+    let r = app
+        .call(Method::POST, "/admin/tenants/ada/suspend", &admin)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    until("both of ada's deliveries are dead", || async {
+        deliveries(&app, &admin, id)
+            .await
+            .iter()
+            .filter(|d| d["state"] == "dead")
+            .count()
+            == 2
+    })
+    .await;
+    assert_eq!(
+        receiver.refused.load(Ordering::SeqCst),
+        4,
+        "2 attempts each"
+    );
+    let dead = deliveries(&app, &admin, id).await;
+    assert_eq!(dead[0]["type"], "tenant.suspended");
+    assert_eq!(dead[1]["type"], "tenant.created");
+    for d in &dead {
+        assert_eq!(d["attempts"], 2, "{d}");
+        assert_eq!(d["last_status"], 500, "{d}");
+        assert_eq!(d["last_error"], "HTTP 500 Internal Server Error", "{d}");
+        assert!(d["next_attempt_at"].is_null(), "{d}");
+    }
+    let listed = json(
+        app.call(Method::GET, "/admin/webhooks", &admin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (listed[0]["dead"].as_i64(), listed[0]["pending"].as_i64()),
+        (Some(2), Some(0))
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("tenantry_webhook_deliveries{state=\"dead\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tenantry_webhook_deliveries{state=\"pending\"} 0"),
+        "{metrics}"
+    );
+    let out = tenantry(&["webhooks", "list"], &cli_env(&app.db_name), None).await;
+    assert!(stdout(&out).contains("127.0.0.1"), "{}", stdout(&out));
+
+    receiver.failing.store(false, Ordering::SeqCst);
+    assert_eq!(app.register("bobo").await.status(), 201);
+    until("bobo's signup arrives", || async {
+        receiver.of_type("tenant.created").len() == 1
+    })
+    .await;
+    assert_eq!(receiver.got()[0].json()["data"]["username"], "bobo");
+
+    // Retried over HTTP: ada's two come, in their order, and the retry is
+    // in the audit log.
+    let r = app
+        .call(Method::POST, &format!("/admin/webhooks/{id}/retry"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["retried"], 2);
+    until("ada's events arrive", || async {
+        receiver.got().len() == 3
+    })
+    .await;
+    let ada: Vec<Value> = receiver.got()[1..].iter().map(Received::json).collect();
+    assert_eq!(
+        (ada[0]["type"].as_str(), ada[1]["type"].as_str()),
+        (Some("tenant.created"), Some("tenant.suspended"))
+    );
+    assert_eq!(ada[0]["data"]["username"], "ada");
+    until("nothing is left to deliver", || async {
+        undelivered(&app).await == 0
+    })
+    .await;
+    let audit = json(
+        app.call(
+            Method::GET,
+            "/admin/audit?action=webhook_deliveries_retried",
+            &admin,
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(audit["items"][0]["details"]["deliveries"], 2, "{audit}");
+    let missing = app
+        .call(Method::POST, "/admin/webhooks/999/retry", &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    receiver.handle.stop(true).await;
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_and_a_receiver_that_never_answers_times_out() {
+    let app = spawn_app_with(|s| {
+        s.webhooks.max_attempts = 1;
+        s.webhooks.timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let admin = admin_token(&app).await;
+    // Where the redirect points: it must get nothing.
+    let (elsewhere_port, redirecting_port) = (free_port(), free_port());
+    let elsewhere = Receiver::start(elsewhere_port, false).await;
+    let redirecting = Receiver::answering(
+        redirecting_port,
+        Answer {
+            redirect_to: Some(format!("http://127.0.0.1:{elsewhere_port}/hooks")),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Accepts connections, never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let (redirected, _) = endpoint(&app, &admin, redirecting_port, Value::Null).await;
+    let (timed_out, _) = endpoint(&app, &admin, silent_port, Value::Null).await;
+
+    assert_eq!(app.register("cid").await.status(), 201);
+    until("both deliveries are dead", || async {
+        app.count("SELECT count(*) FROM tenantry.webhook_deliveries WHERE dead_at IS NOT NULL")
+            .await
+            == 2
+    })
+    .await;
+    let d = &deliveries(&app, &admin, redirected).await[0];
+    assert_eq!(d["last_status"], 307, "{d}");
+    assert!(
+        d["last_error"].as_str().unwrap().contains("redirect"),
+        "{d}"
+    );
+    assert_eq!(redirecting.refused.load(Ordering::SeqCst), 1);
+    assert!(elsewhere.got().is_empty(), "the redirect was not followed");
+    let d = &deliveries(&app, &admin, timed_out).await[0];
+    assert!(d["last_status"].is_null(), "{d}");
+    assert_eq!(
+        d["last_error"], "no answer in time (TENANTRY_WEBHOOK_TIMEOUT)",
+        "{d}"
+    );
+    drop(silent);
+    elsewhere.handle.stop(true).await;
+    redirecting.handle.stop(true).await;
+}
+
+#[tokio::test]
+async fn a_serve_stopped_mid_send_finishes_it_and_its_successor_sends_nothing_twice() {
+    let db = create_database().await;
+    let port = free_port();
+    let receiver = Receiver::answering(
+        port,
+        Answer {
+            held: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let env = [(
+        "TENANTRY_DATA_DIR",
+        temp_dir("tenantry-webhooks-serve").display().to_string(),
+    )];
+    let (mut first, base) = serve_process(&db, &env).await;
+    let app = TestApp {
+        address: base,
+        db_name: db.clone(),
+        api: reqwest::Client::new(),
+    };
+    let admin = admin_token(&app).await;
+    endpoint(&app, &admin, port, json!(["tenant.created"])).await;
+    for i in 0..5 {
+        assert_eq!(app.register(&format!("stop{i}")).await.status(), 201);
+    }
+    until("the five are being sent, held by the receiver", || async {
+        receiver.got().len() == 5
+    })
+    .await;
+
+    // SIGTERM while five sends wait for their answers: once serve has
+    // stopped serving requests they are answered; it records them before
+    // it exits.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    until("serve stopped listening", || async {
+        app.api
+            .get(format!("{}/health/live", app.address))
+            .send()
+            .await
+            .is_err()
+    })
+    .await;
+    receiver.answer();
+    assert!(first.wait().await.unwrap().success());
+    assert_eq!(undelivered(&app).await, 0, "recorded as delivered");
+
+    let (_second, base) = serve_process(&db, &env).await;
+    let app = TestApp {
+        address: base,
+        ..app
+    };
+    for i in 5..8 {
+        assert_eq!(app.register(&format!("stop{i}")).await.status(), 201);
+    }
+    until("the next three arrive", || async {
+        receiver.got().len() >= 8
+    })
+    .await;
+    until("nothing is left to deliver", || async {
+        undelivered(&app).await == 0
+    })
+    .await;
+    let got = receiver.got();
+    let ids: HashSet<&str> = got.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!((got.len(), ids.len()), (8, 8), "each once: {got:?}");
+    receiver.handle.stop(true).await;
+}
+
+#[tokio::test]
+async fn a_delivered_event_is_forgotten_after_its_retention_and_changes_to_endpoints_are_audited() {
+    let app = spawn_app_with(|s| {
+        s.maintenance_interval = std::time::Duration::from_secs(1);
+        s.mail.retention = std::time::Duration::ZERO;
+    })
+    .await;
+    let admin = admin_token(&app).await;
+    let port = free_port();
+    let receiver = Receiver::start(port, false).await;
+    let (id, _) = endpoint(&app, &admin, port, json!(["tenant.erased"])).await;
+    let token = app.token("dora").await;
+    app.erase_self(&token).await;
+    until("the erasure arrives", || async {
+        receiver.of_type("tenant.erased").len() == 1
+    })
+    .await;
+    until("the outbox forgets dora", || async {
+        app.count("SELECT count(*) FROM tenantry.events").await == 0
+    })
+    .await;
+    let gone = app
+        .call(Method::DELETE, &format!("/admin/webhooks/{id}"), &admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    for action in ["webhook_added", "webhook_removed"] {
+        let audit = json(
+            app.call(
+                Method::GET,
+                &format!("/admin/audit?action={action}"),
+                &admin,
+            )
+            .send()
+            .await
+            .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            audit["items"][0]["details"]["endpoint"], id,
+            "{action}: {audit}"
+        );
+    }
+    receiver.handle.stop(true).await;
 }
