@@ -208,8 +208,11 @@ impl Sender {
         })
     }
 
+    /// How long a claim holds: the attempt's timeout and time to record
+    /// it. A claim that runs out before it is recorded (a killed process)
+    /// is sent again, with the same `webhook-id`.
     fn claim_seconds(&self) -> f64 {
-        self.settings.timeout.as_secs_f64() * 2.0 + 30.0
+        self.settings.timeout.as_secs_f64() + 15.0
     }
 
     /// Deliver until [`Delivering::stop`]: then finish the sends under way

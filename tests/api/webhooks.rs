@@ -735,3 +735,56 @@ async fn a_delivered_event_is_forgotten_after_its_retention_and_changes_to_endpo
     }
     receiver.handle.stop(true).await;
 }
+
+#[tokio::test]
+async fn a_serve_killed_mid_send_leaves_the_delivery_to_the_next_which_sends_it_with_the_same_id() {
+    let db = create_database().await;
+    let port = free_port();
+    let receiver = Receiver::answering(
+        port,
+        Answer {
+            held: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // A claim holds for the attempt's timeout and 15 s.
+    let env = [
+        (
+            "TENANTRY_DATA_DIR",
+            temp_dir("tenantry-webhooks-kill").display().to_string(),
+        ),
+        ("TENANTRY_WEBHOOK_TIMEOUT", "2".to_string()),
+    ];
+    let (mut first, base) = serve_process(&db, &env).await;
+    let app = TestApp {
+        address: base,
+        db_name: db.clone(),
+        api: reqwest::Client::new(),
+    };
+    let admin = admin_token(&app).await;
+    endpoint(&app, &admin, port, json!(["tenant.created"])).await;
+    assert_eq!(app.register("kira").await.status(), 201);
+    until("kira's event is being sent", || async {
+        receiver.got().len() == 1
+    })
+    .await;
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    receiver.answer();
+
+    let (_second, _) = serve_process(&db, &env).await;
+    until(
+        "the next serve delivers it once the claim ran out",
+        || async { undelivered(&app).await == 0 },
+    )
+    .await;
+    let got = receiver.got();
+    assert_eq!(got.len(), 2, "sent by both: {got:?}");
+    assert_eq!(
+        got[0].id, got[1].id,
+        "with one webhook-id, to deduplicate on"
+    );
+    assert_eq!(got[1].json()["data"]["username"], "kira");
+    receiver.handle.stop(true).await;
+}
