@@ -213,7 +213,7 @@ pub fn spawn(
         loop {
             ticker.tick().await;
             limits.forget_idle();
-            let client = match state.pool.get().await {
+            let mut client = match state.pool.get().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "maintenance skipped: no database connection");
@@ -236,7 +236,7 @@ pub fn spawn(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "purging expired rows failed"),
             }
-            match crate::webhooks::purge(&**client, mail.retention).await {
+            match crate::webhooks::purge(&mut client, mail.retention).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(events = n, "purged webhook events past their retention"),
                 Err(e) => tracing::warn!(error = %e, "purging webhook events failed"),

@@ -296,8 +296,8 @@ type Senders = Vec<(crate::mail::delivery::Delivering, std::time::Duration)>;
 /// How long requests in flight get to finish after SIGTERM/SIGINT.
 pub const DRAIN_SECONDS: u64 = 30;
 
-/// How long the mail sender gets to finish a send and give back its
-/// claims after the requests have drained.
+/// How long the mail and webhook senders get (together) to finish their
+/// sends and give back their claims after the requests have drained.
 pub const MAIL_STOP: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Application {
@@ -441,8 +441,9 @@ impl Application {
         let limits = web::Data::new(RateLimits::new(&settings.limits));
         let mut senders = vec![(mail, MAIL_STOP)];
         match crate::webhooks::delivery::Sender::new(state.connector.clone(), &settings.webhooks) {
-            // Its sends under way end within their timeout.
-            Ok(sender) => senders.push((sender.spawn(), settings.webhooks.timeout + MAIL_STOP)),
+            // Sends still under way then are sent again by the next
+            // process (their claims run out).
+            Ok(sender) => senders.push((sender.spawn(), MAIL_STOP)),
             Err(e) => tracing::warn!(error = %e, "webhooks are not delivered: no HTTP client"),
         }
         crate::maintenance::spawn(

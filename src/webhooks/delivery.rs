@@ -48,22 +48,39 @@ const EXPAND_BATCH: i64 = 1000;
 /// How often the outbox is looked at when nothing happened.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Held exclusively to expand events, shared to settle queue heads.
+/// Held shared to settle the heads of queues (what a send came to), and
+/// exclusively by what changes which deliveries a queue holds or which is
+/// its head otherwise: expanding events, a retry, a purge.
 const QUEUE_LOCK: (i32, i32) = (0x776864, 0); // 'whd'
-const LOCK_TO_EXPAND: &str = "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)";
+pub(super) const LOCK_TO_EXPAND: &str = "SELECT pg_catalog.pg_try_advisory_xact_lock($1, $2)";
 const LOCK_TO_SETTLE: &str = "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, $2)";
+const LOCK_TO_RETRY: &str = "SELECT pg_catalog.pg_advisory_xact_lock($1, $2)";
+
+/// Take [`QUEUE_LOCK`] exclusively if no one holds it (in the caller's
+/// transaction): whether it was.
+pub(super) async fn lock_queues(
+    client: &impl GenericClient,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(LOCK_TO_EXPAND, &[&QUEUE_LOCK.0, &QUEUE_LOCK.1])
+        .await?
+        .get(0))
+}
 
 /// Expand the oldest unexpanded events (`$1` how many) into one delivery
 /// per endpoint that wants each: the first of a queue that has nothing
-/// undelivered is due now, the others wait their turn. Returns the events
-/// and the deliveries written.
+/// undelivered is due now, the others wait their turn. Which endpoints get
+/// an event is decided here, a moment after the change: one removed
+/// meanwhile gets nothing (its row is locked, or skipped if gone). Returns
+/// the events and the deliveries written.
 const EXPAND: &str = "WITH ev AS (
     UPDATE tenantry.events e SET expanded = true
      WHERE e.id IN (SELECT id FROM tenantry.events WHERE NOT expanded ORDER BY id LIMIT $1)
     RETURNING e.id, e.type, e.tenant),
  pairs AS (
     SELECT w.id AS webhook_id, ev.id AS event_id, ev.tenant
-    FROM ev JOIN tenantry.webhooks w ON w.event_types IS NULL OR ev.type = ANY (w.event_types)),
+    FROM ev JOIN tenantry.webhooks w ON w.event_types IS NULL OR ev.type = ANY (w.event_types)
+    FOR KEY SHARE OF w),
  written AS (
     INSERT INTO tenantry.webhook_deliveries (webhook_id, event_id, tenant, next_attempt_at)
     SELECT p.webhook_id, p.event_id, p.tenant,
@@ -75,6 +92,8 @@ const EXPAND: &str = "WITH ev AS (
                             AND d.delivered_at IS NULL AND d.dead_at IS NULL))
                 THEN pg_catalog.now() ELSE 'infinity' END
     FROM pairs p
+    -- Written already (by a process of the version before queues).
+    ON CONFLICT (webhook_id, event_id) DO NOTHING
     RETURNING 1)
  SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM written)";
 
@@ -96,28 +115,30 @@ pub const PROMOTE: &str = "UPDATE tenantry.webhook_deliveries d
 
 /// Claim what is due (`$1` claimer, `$2` claim seconds, `$3` how many,
 /// `$4` one endpoint id per delivery this process has in flight, `$5`
-/// the most in flight to one endpoint).
-const CLAIM: &str = "WITH due AS (
-    SELECT d.webhook_id, d.event_id, d.next_attempt_at
-    FROM tenantry.webhook_deliveries d
-    WHERE d.delivered_at IS NULL AND d.dead_at IS NULL
-      AND d.next_attempt_at <= pg_catalog.now()
-      AND (d.claimed_until IS NULL OR d.claimed_until < pg_catalog.now())
-      AND (SELECT count(*) FROM unnest($4::int8[]) AS f (id) WHERE f.id = d.webhook_id) < $5
-    ORDER BY d.next_attempt_at
-    LIMIT $3
-    FOR UPDATE OF d SKIP LOCKED),
- room AS (
-    SELECT due.webhook_id, due.event_id,
-           row_number() OVER (PARTITION BY due.webhook_id ORDER BY due.next_attempt_at, due.event_id)
-             + (SELECT count(*) FROM unnest($4::int8[]) AS f (id) WHERE f.id = due.webhook_id) AS nth
-    FROM due)
+/// the most in flight to one endpoint): endpoint by endpoint, each up to
+/// its room, so one at its cap costs nothing to pass over.
+const CLAIM: &str = "WITH busy AS (
+    SELECT f.id, count(*) AS n FROM unnest($4::int8[]) AS f (id) GROUP BY f.id),
+ due AS (
+    SELECT q.webhook_id, q.event_id, q.next_attempt_at
+    FROM tenantry.webhooks w
+    LEFT JOIN busy ON busy.id = w.id
+    CROSS JOIN LATERAL (
+        SELECT d.webhook_id, d.event_id, d.next_attempt_at
+        FROM tenantry.webhook_deliveries d
+        WHERE d.webhook_id = w.id AND d.delivered_at IS NULL AND d.dead_at IS NULL
+          AND d.next_attempt_at <= pg_catalog.now()
+          AND (d.claimed_until IS NULL OR d.claimed_until < pg_catalog.now())
+        ORDER BY d.next_attempt_at
+        LIMIT GREATEST($5 - coalesce(busy.n, 0), 0)
+        FOR UPDATE OF d SKIP LOCKED) AS q
+    ORDER BY q.next_attempt_at
+    LIMIT $3)
  UPDATE tenantry.webhook_deliveries d
     SET claimed_by = $1, claimed_until = pg_catalog.now() + pg_catalog.make_interval(secs => $2),
         attempts = d.attempts + 1
-   FROM room, tenantry.events e, tenantry.webhooks w
-  WHERE room.nth <= $5
-    AND d.webhook_id = room.webhook_id AND d.event_id = room.event_id
+   FROM due, tenantry.events e, tenantry.webhooks w
+  WHERE d.webhook_id = due.webhook_id AND d.event_id = due.event_id
     AND e.id = d.event_id AND w.id = d.webhook_id
  RETURNING d.webhook_id, d.event_id, d.tenant, d.attempts, w.url, w.secret,
            'msg_' || replace(e.msg_id::text, '-', ''), e.type, e.created_at, e.data";
@@ -178,6 +199,8 @@ pub struct Sender {
     me: String,
     /// The sends under way.
     sending: tokio::task::JoinSet<(Claimed, Outcome)>,
+    /// Each send's endpoint, by task.
+    endpoint_of: HashMap<tokio::task::Id, i64>,
     /// Endpoint → deliveries to it in `sending`.
     per_endpoint: HashMap<i64, usize>,
     /// Sent, not yet recorded.
@@ -203,6 +226,7 @@ impl Sender {
             settings: settings.clone(),
             me: format!("{}:{}", std::process::id(), Uuid::new_v4()),
             sending: tokio::task::JoinSet::new(),
+            endpoint_of: HashMap::new(),
             per_endpoint: HashMap::new(),
             done: Vec::new(),
         })
@@ -235,17 +259,22 @@ impl Sender {
                     continue;
                 }
                 tokio::select! {
-                    Some(sent) = self.sending.join_next(), if !self.sending.is_empty() => {
+                    Some(sent) = self.sending.join_next_with_id(), if !self.sending.is_empty() => {
                         self.sent(sent)
                     }
                     _ = tokio::time::sleep(POLL) => {}
                     _ = asked.asked() => {}
                 }
             }
-            while let Some(sent) = self.sending.join_next().await {
+            tracing::info!(
+                sends = self.sending.len(),
+                "webhook delivery stopping: letting the sends under way end"
+            );
+            while let Some(sent) = self.sending.join_next_with_id().await {
                 self.sent(sent);
             }
             if let Err(e) = self.record().await {
+                self.client = None;
                 tracing::warn!(error = %e, "webhook delivery stopped; what was sent is sent again when its claim runs out");
             }
             self.release().await;
@@ -254,14 +283,21 @@ impl Sender {
     }
 
     /// A send task's end.
-    fn sent(&mut self, sent: Result<(Claimed, Outcome), tokio::task::JoinError>) {
-        match sent {
-            Ok((claimed, outcome)) => {
-                if let Some(n) = self.per_endpoint.get_mut(&claimed.webhook_id) {
-                    *n = n.saturating_sub(1);
-                }
-                self.done.push((claimed, outcome));
+    fn sent(
+        &mut self,
+        sent: Result<(tokio::task::Id, (Claimed, Outcome)), tokio::task::JoinError>,
+    ) {
+        let id = match &sent {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        if let Some(endpoint) = self.endpoint_of.remove(&id) {
+            if let Some(n) = self.per_endpoint.get_mut(&endpoint) {
+                *n = n.saturating_sub(1);
             }
+        }
+        match sent {
+            Ok((_, done)) => self.done.push(done),
             // Its claim runs out, and it is sent again.
             Err(e) => tracing::warn!(error = %e, "a webhook send task failed"),
         }
@@ -277,13 +313,20 @@ impl Sender {
     /// One round: record what was sent, expand new events, claim what is
     /// due and start sending it. Whether there is more to do at once.
     async fn round(&mut self) -> Result<bool, String> {
-        while let Some(sent) = self.sending.try_join_next() {
+        while let Some(sent) = self.sending.try_join_next_with_id() {
             self.sent(sent);
         }
         self.record().await?;
-        let expanded_all = self.expand().await?;
-        let claimed = self.claim().await?;
-        Ok(!expanded_all || (claimed > 0 && self.sending.len() < IN_FLIGHT))
+        // What was expanded before still goes out when expanding fails.
+        let expanded_all = match self.expand().await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot expand webhook events into deliveries; trying again");
+                true
+            }
+        };
+        let (claimed, room) = self.claim().await?;
+        Ok(!expanded_all || (room > 0 && claimed == room))
     }
 
     /// Expand events into deliveries, unless another process is at it;
@@ -292,28 +335,31 @@ impl Sender {
         let client = self.client().await?;
         let expanded = async {
             client.batch_execute("BEGIN").await?;
-            let locked: bool = client
-                .query_one(LOCK_TO_EXPAND, &[&QUEUE_LOCK.0, &QUEUE_LOCK.1])
-                .await?
-                .get(0);
             let mut events = 0;
-            if locked {
+            if lock_queues(client).await? {
                 events = client.query_one(EXPAND, &[&EXPAND_BATCH]).await?.get(0);
             }
             client.batch_execute("COMMIT").await?;
             Ok::<i64, tokio_postgres::Error>(events)
         }
-        .await
-        .map_err(|e| e.to_string())?;
-        Ok(expanded < EXPAND_BATCH)
+        .await;
+        match expanded {
+            Ok(events) => Ok(events < EXPAND_BATCH),
+            Err(e) => {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    self.client = None;
+                }
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Claim what is due, as far as there is room, and start sending it;
-    /// how many.
-    async fn claim(&mut self) -> Result<usize, String> {
+    /// how many, and the room there was.
+    async fn claim(&mut self) -> Result<(usize, usize), String> {
         let room = IN_FLIGHT - self.sending.len();
         if room == 0 {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let in_flight: Vec<i64> = self
             .per_endpoint
@@ -321,11 +367,11 @@ impl Sender {
             .flat_map(|(id, n)| std::iter::repeat_n(*id, *n))
             .collect();
         let (me, seconds) = (self.me.clone(), self.claim_seconds());
-        let (room, cap) = (room as i64, PER_ENDPOINT as i64);
+        let (limit, cap) = (room as i64, PER_ENDPOINT as i64);
         let rows = self
             .client()
             .await?
-            .query(CLAIM, &[&me, &seconds, &room, &in_flight, &cap])
+            .query(CLAIM, &[&me, &seconds, &limit, &in_flight, &cap])
             .await
             .map_err(|e| e.to_string())?;
         for r in &rows {
@@ -342,13 +388,15 @@ impl Sender {
                 data: r.get(9),
             };
             *self.per_endpoint.entry(claimed.webhook_id).or_default() += 1;
+            let endpoint = claimed.webhook_id;
             let http = self.http.clone();
-            self.sending.spawn(async move {
+            let task = self.sending.spawn(async move {
                 let outcome = attempt(&http, &claimed).await;
                 (claimed, outcome)
             });
+            self.endpoint_of.insert(task.id(), endpoint);
         }
-        Ok(rows.len())
+        Ok((rows.len(), room))
     }
 
     /// Record the outcomes of what was sent, and make due the next
@@ -455,13 +503,16 @@ impl Sender {
 }
 
 /// Make dead deliveries (of endpoint `id`, or all) due again with a fresh
-/// count of attempts, each in its place in its queue; how many.
+/// count of attempts, in their tenants' order: each queue's oldest
+/// undelivered delivery becomes its head again (one being sent stays in
+/// flight, and the retried follow it). How many. In the caller's
+/// transaction.
 pub async fn retry_dead(
     client: &impl GenericClient,
     id: Option<i64>,
 ) -> Result<u64, tokio_postgres::Error> {
     client
-        .execute(LOCK_TO_SETTLE, &[&QUEUE_LOCK.0, &QUEUE_LOCK.1])
+        .execute(LOCK_TO_RETRY, &[&QUEUE_LOCK.0, &QUEUE_LOCK.1])
         .await?;
     let rows = client
         .query(
@@ -479,6 +530,18 @@ pub async fn retry_dead(
         .filter_map(|r| Some((r.get::<_, i64>(0), r.get::<_, Option<Uuid>>(1)?)))
         .unzip();
     if !endpoints.is_empty() {
+        // The heads not being sent step back, so that the oldest goes first.
+        client
+            .execute(
+                "UPDATE tenantry.webhook_deliveries d SET next_attempt_at = 'infinity'
+                   FROM unnest($1::int8[], $2::uuid[]) AS q (webhook_id, tenant)
+                  WHERE d.webhook_id = q.webhook_id AND d.tenant = q.tenant
+                    AND d.delivered_at IS NULL AND d.dead_at IS NULL
+                    AND d.next_attempt_at <> 'infinity'
+                    AND (d.claimed_until IS NULL OR d.claimed_until < pg_catalog.now())",
+                &[&endpoints, &tenants],
+            )
+            .await?;
         client.execute(PROMOTE, &[&endpoints, &tenants]).await?;
     }
     Ok(rows.len() as u64)

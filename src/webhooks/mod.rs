@@ -440,10 +440,16 @@ pub async fn deliveries(
 /// (every delivery delivered or dead, or none left): their data, the
 /// erased tenant's name and id among them. How many.
 pub async fn purge(
-    client: &impl GenericClient,
+    client: &mut tokio_postgres::Client,
     retention: std::time::Duration,
 ) -> Result<u64, tokio_postgres::Error> {
-    client
+    let tx = client.transaction().await?;
+    // A purge takes dead deliveries away from their queues: not while a
+    // retry may be making them heads again (the next round purges).
+    if !delivery::lock_queues(&tx).await? {
+        return Ok(0);
+    }
+    let purged = tx
         .execute(
             "DELETE FROM tenantry.events e
               WHERE e.created_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)
@@ -452,7 +458,9 @@ pub async fn purge(
                                 WHERE d.event_id = e.id AND d.delivered_at IS NULL AND d.dead_at IS NULL)",
             &[&retention.as_secs_f64()],
         )
-        .await
+        .await?;
+    tx.commit().await?;
+    Ok(purged)
 }
 
 /// Deliveries not delivered: (pending, dead), for `/metrics`. Pending

@@ -720,13 +720,18 @@ pub async fn tenantry(
     child.wait_with_output().await.expect("run tenantry")
 }
 
-/// The CLI's environment for `db_name` with templates whose V2 sleeps 2 s,
-/// published (publishing builds a tenant from nothing, which sleeps too):
-/// a signup then stays inside its transaction long enough to be killed
-/// there, its role, schema and V1 tables made.
 /// `tenantry serve` as a process of its own on `db` (to be stopped with a
 /// signal), with `env` besides the CLI's; it and its base URL, once up.
 pub async fn serve_process(db: &str, env: &[(&str, String)]) -> (tokio::process::Child, String) {
+    serve_process_logging(db, env, std::process::Stdio::null()).await
+}
+
+/// [`serve_process`] with its log (standard error) to `log`.
+pub async fn serve_process_logging(
+    db: &str,
+    env: &[(&str, String)],
+    log: std::process::Stdio,
+) -> (tokio::process::Child, String) {
     let port = free_port();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenantry"))
         .arg("serve")
@@ -738,7 +743,7 @@ pub async fn serve_process(db: &str, env: &[(&str, String)]) -> (tokio::process:
         .env("BCRYPT_COST", "4")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -753,6 +758,10 @@ pub async fn serve_process(db: &str, env: &[(&str, String)]) -> (tokio::process:
     (child, base)
 }
 
+/// The CLI's environment for `db_name` with templates whose V2 sleeps 2 s,
+/// published (publishing builds a tenant from nothing, which sleeps too):
+/// a signup then stays inside its transaction long enough to be killed
+/// there, its role, schema and V1 tables made.
 pub async fn slow_signup_env(db_name: &str) -> (Vec<(&'static str, String)>, PathBuf) {
     let templates = templates_dir_with(&[("V2__slow.sql", "SELECT pg_sleep(2);")]);
     let mut env = cli_env(db_name);

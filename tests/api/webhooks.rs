@@ -627,11 +627,11 @@ async fn a_serve_stopped_mid_send_finishes_it_and_its_successor_sends_nothing_tw
         },
     )
     .await;
-    let env = [(
-        "TENANTRY_DATA_DIR",
-        temp_dir("tenantry-webhooks-serve").display().to_string(),
-    )];
-    let (mut first, base) = serve_process(&db, &env).await;
+    let dir = temp_dir("tenantry-webhooks-serve");
+    let env = [("TENANTRY_DATA_DIR", dir.display().to_string())];
+    let log = dir.join("first-serve.log");
+    let (mut first, base) =
+        serve_process_logging(&db, &env, std::fs::File::create(&log).unwrap().into()).await;
     let app = TestApp {
         address: base,
         db_name: db.clone(),
@@ -647,20 +647,19 @@ async fn a_serve_stopped_mid_send_finishes_it_and_its_successor_sends_nothing_tw
     })
     .await;
 
-    // SIGTERM while five sends wait for their answers: once serve has
-    // stopped serving requests they are answered; it records them before
-    // it exits.
+    // SIGTERM while five sends wait for their answers: once serve says its
+    // sender is stopping they are answered; it records them before it
+    // exits.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.id().unwrap() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    until("serve stopped listening", || async {
-        app.api
-            .get(format!("{}/health/live", app.address))
-            .send()
-            .await
-            .is_err()
+    until("the sender is stopping, five sends under way", || async {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("webhook delivery stopping") && l.contains("sends=5"))
     })
     .await;
     receiver.answer();
@@ -754,7 +753,7 @@ async fn a_serve_killed_mid_send_leaves_the_delivery_to_the_next_which_sends_it_
             "TENANTRY_DATA_DIR",
             temp_dir("tenantry-webhooks-kill").display().to_string(),
         ),
-        ("TENANTRY_WEBHOOK_TIMEOUT", "2".to_string()),
+        ("TENANTRY_WEBHOOK_TIMEOUT", "1".to_string()),
     ];
     let (mut first, base) = serve_process(&db, &env).await;
     let app = TestApp {
