@@ -596,6 +596,12 @@ impl fmt::Debug for SecretString {
 }
 
 /// A number of bytes, optionally with a unit (`10MB`, `1 GiB`).
+fn not_a_size(raw: &str) -> String {
+    format!(
+        "{raw:?} is not a size: give bytes, e.g. 500000000, 500MB (10^6 bytes each) or 2GiB (2^30)"
+    )
+}
+
 pub fn parse_bytes(raw: &str) -> Result<u64, String> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
@@ -611,12 +617,11 @@ pub fn parse_bytes(raw: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "{raw:?} is not a size: give bytes, e.g. 500000000, 500MB or 2GiB"
-            ))
-        }
+        _ => return Err(not_a_size(raw)),
     };
+    if digits.is_empty() {
+        return Err(not_a_size(raw));
+    }
     digits
         .parse::<u64>()
         .ok()

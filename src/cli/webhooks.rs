@@ -139,11 +139,16 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
             } else if list.is_empty() {
                 println!("no deliveries");
             } else {
+                println!(
+                    "{:<19} {:<36} {:<22} {:<9} {:>8} {:>6}  LAST ERROR",
+                    "CREATED", "WEBHOOK-ID", "TYPE", "STATE", "ATTEMPTS", "STATUS"
+                );
                 for d in &list {
                     let status = d.last_status.map(|s| s.to_string()).unwrap_or_default();
                     println!(
-                        "{} {:<22} {:<9} attempts {:>2} {status} {}",
+                        "{:<19} {:<36} {:<22} {:<9} {:>8} {status:>6}  {}",
                         d.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        d.msg_id,
                         d.kind,
                         d.state,
                         d.attempts,
@@ -156,7 +161,10 @@ pub async fn run(settings: Settings, action: WebhooksCommand) -> Result<(), Fail
             let n = webhooks::retry(&mut client, id, &by)
                 .await?
                 .ok_or_else(|| Failure::Other(format!("no endpoint {}", id.unwrap_or_default())))?;
-            println!("{n} dead deliveries are due again");
+            match n {
+                1 => println!("1 dead delivery is due again"),
+                n => println!("{n} dead deliveries are due again"),
+            }
         }
     }
     Ok(())
