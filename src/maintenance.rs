@@ -161,7 +161,9 @@ pub async fn erase_unverified(state: &AppState, ttl: Duration) -> usize {
 /// log who crossed a quota.
 pub async fn measure_usage(state: &AppState) {
     let started = std::time::Instant::now();
-    let mut client = match state.pool.get().await {
+    // A connection of its own, closed after: measuring opens every tenant
+    // relation, and a pooled backend would keep them all in its caches.
+    let mut client = match state.connector.connect(crate::db::Dedicated::Usage).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "measuring the tenants' usage skipped: no connection");
@@ -207,7 +209,6 @@ pub fn spawn(
     usage_interval: Option<Duration>,
 ) {
     tokio::spawn(async move {
-        let mut last_usage: Option<tokio::time::Instant> = None;
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -259,13 +260,22 @@ pub fn spawn(
             {
                 tracing::warn!(error = %crate::api::error::cause_chain(&e), "cannot anchor the audit chain");
             }
+            // Due when the newest measurement (by any process, before a
+            // restart too) is older than the interval: a restart does not
+            // measure the whole fleet again at once.
+            let usage_due = match usage_interval {
+                Some(every) => crate::tenancy::usage::due(&**client, every)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read when usage was last measured");
+                        false
+                    }),
+                None => false,
+            };
             // Each erasure takes connections of its own: this one goes back.
             drop(client);
-            if let Some(every) = usage_interval {
-                if last_usage.is_none_or(|at| at.elapsed() >= every) {
-                    last_usage = Some(tokio::time::Instant::now());
-                    measure_usage(&state).await;
-                }
+            if usage_due {
+                measure_usage(&state).await;
             }
             if let Some(ttl) = mail.unverified_ttl {
                 erase_unverified(&state, ttl).await;

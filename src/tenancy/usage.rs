@@ -234,17 +234,32 @@ pub async fn measure_now(
     let connector = connector.clone();
     let username = username.clone();
     let task = tokio::spawn(async move {
-        let mut client = connector
-            .connect(crate::db::Dedicated::Usage)
-            .await?
-            .into_client();
-        if let Err(e) = reclaim(&client, &username).await {
+        // Kept as a `Connection`: it holds its place under the cap until
+        // it is closed.
+        let mut client = connector.connect(crate::db::Dedicated::Usage).await?;
+        if let Err(e) = reclaim(&*client, &username).await {
             tracing::warn!(error = %e, "cannot vacuum a tenant over its quota; measuring it as it is");
         }
         let measured = measure(&mut client, citus, Some(&username), default_quota).await?;
         Ok::<_, crate::db::DbError>(measured.unwrap_or_default())
     });
     task.await?
+}
+
+/// Whether the fleet's usage is due to be measured: no measurement, or the
+/// newest older than `every`.
+pub async fn due(
+    client: &impl GenericClient,
+    every: std::time::Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT coalesce(max(measured_at) < pg_catalog.now() - pg_catalog.make_interval(secs => $1), true)
+             FROM tenantry.tenant_usage",
+            &[&every.as_secs_f64()],
+        )
+        .await?
+        .get(0))
 }
 
 /// `tenant.quota_exceeded` for a row of [`CROSSINGS`] that went over: once
