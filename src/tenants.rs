@@ -106,6 +106,7 @@ pub async fn page(
     client: &impl tokio_postgres::GenericClient,
     status: Option<&str>,
     version: Option<i32>,
+    name_part: Option<&str>,
     after: Option<&str>,
     limit: i64,
 ) -> Result<Vec<TenantInfo>, tokio_postgres::Error> {
@@ -115,11 +116,12 @@ pub async fn page(
                 "{}
                  WHERE ($1::text IS NULL OR {STATUS} = $1)
                    AND ($2::int4 IS NULL OR t.template_version = $2)
+                   AND ($5::text IS NULL OR pg_catalog.strpos(t.username, pg_catalog.lower($5)) > 0)
                    AND ($3::text IS NULL OR t.username > $3)
                  ORDER BY t.username LIMIT $4",
                 *SELECT
             ),
-            &[&status, &version, &after, &limit],
+            &[&status, &version, &after, &limit, &name_part],
         )
         .await?;
     Ok(rows.iter().map(from_row).collect())

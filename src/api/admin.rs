@@ -196,6 +196,9 @@ pub async fn migration(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct TenantsQuery {
+    /// Only tenants whose username contains this (case-insensitive).
+    #[param(max_length = 200)]
+    q: Option<String>,
     /// Only tenants in this status.
     #[param(inline)]
     status: Option<TenantStatus>,
@@ -256,11 +259,12 @@ pub async fn tenants(
         return Err(invalid("version", "must be at least 1"));
     }
     let paging = crate::api::paging::ListQuery {
-        q: None,
+        q: q.q,
         limit: q.limit,
         cursor: q.cursor,
     };
     let limit = paging.limit()?;
+    let name_part = paging.search()?;
     let after: Option<String> = paging
         .cursor("t", 1)?
         .map(|parts| cursor_part(&parts[0]))
@@ -270,6 +274,7 @@ pub async fn tenants(
         &**client,
         q.status.map(TenantStatus::as_str),
         q.version,
+        name_part,
         after.as_deref(),
         limit + 1,
     )

@@ -4,6 +4,7 @@
 pub(crate) mod account;
 mod admin;
 mod auth;
+mod console;
 mod conversations;
 pub mod error;
 pub mod experiences;
@@ -41,6 +42,9 @@ pub(crate) fn routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) 
         .service(health::live)
         .service(metrics::metrics)
         .service(openapi::openapi_json)
+        .service(console::console_root)
+        .service(console::console_page)
+        .service(console::console_file)
         .service(auth::register)
         .service(auth::login)
         .service(auth::refresh)

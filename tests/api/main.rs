@@ -7,6 +7,7 @@ mod audit;
 mod backup;
 mod cli;
 mod connections;
+mod console;
 mod deploy;
 mod embedded;
 mod faults;

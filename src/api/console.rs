@@ -1,0 +1,68 @@
+//! `GET /admin/ui/`: the admin console, a page and its script and style,
+//! embedded in the binary at build time (`console/`). It asks no other
+//! host for anything and runs no inline script, under a Content-Security-
+//! Policy that allows only its own files and the service's own API. It
+//! holds the admin's access token in memory only (SECURITY.md); what it
+//! may do is what that token may do over the JSON API.
+
+use actix_web::{get, http::header, web, HttpResponse};
+
+use crate::api::ApiError;
+
+/// The console's policy: its own script, style and API, nothing else (no
+/// inline script or style, no other host, no framing, no form posts).
+pub const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+
+const INDEX: &str = include_str!("../../console/index.html");
+const SCRIPT: &str = include_str!("../../console/app.js");
+const STYLE: &str = include_str!("../../console/app.css");
+
+fn file(content_type: &str, body: &'static str) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .insert_header((header::CONTENT_SECURITY_POLICY, POLICY))
+        .body(body)
+}
+
+/// `GET /admin/ui`: to `/admin/ui/`, where the page's relative links work.
+#[utoipa::path(
+    tag = "console",
+    responses((status = 308, description = "To /admin/ui/"))
+)]
+#[get("/admin/ui")]
+pub async fn console_root() -> HttpResponse {
+    HttpResponse::PermanentRedirect()
+        .insert_header((header::LOCATION, "/admin/ui/"))
+        .finish()
+}
+
+/// `GET /admin/ui/`: the admin console's page (sign in as an admin, or an
+/// auditor for the audit log).
+#[utoipa::path(
+    tag = "console",
+    responses((status = 200, description = "The console's page", content_type = "text/html"))
+)]
+#[get("/admin/ui/")]
+pub async fn console_page() -> HttpResponse {
+    file("text/html; charset=utf-8", INDEX)
+}
+
+/// `GET /admin/ui/{file}`: the console's script (`app.js`) and style
+/// (`app.css`).
+#[utoipa::path(
+    tag = "console",
+    params(("file" = String, Path, description = "app.js or app.css")),
+    responses(
+        (status = 200, description = "The file", content_type = "text/javascript"),
+        (status = 404, description = "No such file", body = crate::api::openapi::ErrorBody),
+    )
+)]
+#[get("/admin/ui/{file}")]
+pub async fn console_file(name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    match name.as_str() {
+        "app.js" => Ok(file("text/javascript; charset=utf-8", SCRIPT)),
+        "app.css" => Ok(file("text/css; charset=utf-8", STYLE)),
+        _ => Err(ApiError::NotFound("no such file".into())),
+    }
+}
