@@ -27,10 +27,22 @@ function h(tag, attrs = {}, ...children) {
   return el;
 }
 
-function show(title, ...content) {
+// Every navigation (and signing out) is a new view; a page still loading
+// for an older one draws nothing when it arrives.
+let current = 0;
+let focused = 0;
+
+function show(view, title, ...content) {
+  if (view !== current) return false;
   document.title = `${title} · Tenantry console`;
   main.replaceChildren(h("h1", {}, title), ...content.filter((c) => c !== null && c !== undefined));
-  main.focus();
+  // Focus moves to the page when it is new, not when it is redrawn (a
+  // running fleet run is redrawn every second).
+  if (focused !== view) {
+    focused = view;
+    main.focus();
+  }
+  return true;
 }
 
 function message(text, kind = "error") {
@@ -63,6 +75,7 @@ async function api(method, path, body) {
     end("Your session ended; sign in again.");
     throw new ApiError(401, json);
   }
+  if (response.status === 401) throw new ApiError(401, json);
   if (!response.ok) throw new ApiError(response.status, json);
   return json;
 }
@@ -86,7 +99,18 @@ function when(t) {
 // ---- signing in and out ----
 
 function end(why) {
+  clearTimeout(polling);
+  const refresh = session?.refresh;
   session = null;
+  // The sign-in's session on the server ends too.
+  if (refresh) {
+    fetch("/api/auth/logout", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ refresh_token: refresh }),
+      credentials: "omit",
+    }).catch(() => {});
+  }
   nav.hidden = true;
   signOut.hidden = true;
   who.textContent = "";
@@ -102,7 +126,7 @@ function signIn(why) {
       e.preventDefault();
       try {
         const tokens = await api("POST", "/api/auth/login", { username: username.value, password: password.value });
-        session = { token: tokens.access_token, username: username.value, admin: false };
+        session = { token: tokens.access_token, refresh: tokens.refresh_token, username: username.value, admin: false };
         await role();
       } catch (err) {
         session = null;
@@ -113,7 +137,7 @@ function signIn(why) {
     h("label", { for: "password" }, "Password", password),
     h("button", { type: "submit" }, "Sign in"),
   );
-  show("Sign in", why ? message(why) : null, form);
+  show(++current, "Sign in", why ? message(why) : null, form);
   username.focus();
 }
 
@@ -148,7 +172,7 @@ signOut.addEventListener("click", () => end("Signed out."));
 
 // ---- pages ----
 
-async function tenantsPage(params) {
+async function tenantsPage(view, params) {
   const q = params.get("q") || "";
   const status = params.get("status") || "";
   const version = params.get("version") || "";
@@ -186,7 +210,7 @@ async function tenantsPage(params) {
   try {
     page = await api("GET", `/admin/tenants?${query}`);
   } catch (err) {
-    show("Tenants", filters, message(err.message));
+    show(view, "Tenants", filters, message(err.message));
     return;
   }
   const rows = page.items.map((t) =>
@@ -218,15 +242,15 @@ async function tenantsPage(params) {
     next.set("cursor", page.next_cursor);
     more = h("p", {}, h("a", { href: `#/tenants?${next}` }, "Next page"));
   }
-  show("Tenants", filters, page.items.length ? table : h("p", {}, "No tenant matches."), more);
+  show(view, "Tenants", filters, page.items.length ? table : h("p", {}, "No tenant matches."), more);
 }
 
-async function tenantPage(name, notice) {
+async function tenantPage(view, name, notice) {
   let t;
   try {
     t = await api("GET", `/admin/tenants/${encodeURIComponent(name)}`);
   } catch (err) {
-    show(name, message(err.status === 404 ? `There is no tenant named ${name}.` : err.message));
+    show(view, name, message(err.status === 404 ? `There is no tenant named ${name}.` : err.message));
     return;
   }
   const quota = t.own_quota_bytes === null ? "the default" : t.own_quota_bytes === 0 ? "none" : bytes(t.own_quota_bytes);
@@ -269,14 +293,14 @@ async function tenantPage(name, notice) {
       { onsubmit: async (e) => {
         e.preventDefault();
         if (typed.value !== t.username) {
-          tenantPage(name, message(`Type ${t.username} to erase this tenant.`));
+          tenantPage(view, name, message(`Type ${t.username} to erase this tenant.`));
           return;
         }
         try {
           const receipt = await api("DELETE", `/admin/tenants/${encodeURIComponent(t.username)}`);
-          show(`${t.username} erased`, message("Erased. The receipt:", "ok"), h("pre", { "aria-label": "Erasure receipt" }, JSON.stringify(receipt, null, 2)));
+          show(view, `${t.username} erased`, message("Erased. The receipt:", "ok"), h("pre", { "aria-label": "Erasure receipt" }, JSON.stringify(receipt, null, 2)));
         } catch (err) {
-          tenantPage(name, message(err.message));
+          tenantPage(view, name, message(err.message));
         }
       } },
       h("label", { for: "confirm-name" }, `Type ${t.username} to erase it for good`, typed),
@@ -287,15 +311,15 @@ async function tenantPage(name, notice) {
     e.preventDefault();
     try {
       await api("POST", `/admin/tenants/${encodeURIComponent(t.username)}/${action}`, body);
-      tenantPage(name, message(action === "suspend" ? "Suspended." : "Resumed.", "ok"));
+      tenantPage(view, name, message(action === "suspend" ? "Suspended." : "Resumed.", "ok"));
     } catch (err) {
-      tenantPage(name, message(err.message));
+      tenantPage(view, name, message(err.message));
     }
   }
-  show(t.username, notice || null, details, actions, h("p", {}, h("a", { href: "#/tenants" }, "All tenants")));
+  show(view, t.username, notice || null, details, actions, h("p", {}, h("a", { href: "#/tenants" }, "All tenants")));
 }
 
-async function auditPage(params) {
+async function auditPage(view, params) {
   const action = params.get("action") || "";
   const actionInput = h("input", { id: "action", name: "action", value: action, placeholder: "e.g. tenant_suspended" });
   const filters = h(
@@ -309,17 +333,19 @@ async function auditPage(params) {
   );
   const query = new URLSearchParams({ limit: "100" });
   if (action) query.set("action", action);
+  if (params.get("cursor")) query.set("cursor", params.get("cursor"));
   let page;
   try {
     page = await api("GET", `/admin/audit?${query}`);
   } catch (err) {
-    show("Audit log", filters, message(err.message));
+    show(view, "Audit log", filters, message(err.message));
     return;
   }
   const rows = page.items.map((e) =>
     h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", {}, e.actor || ""), h("td", {}, e.subject || ""), h("td", {}, JSON.stringify(e.details))),
   );
   show(
+    view,
     "Audit log",
     filters,
     h(
@@ -332,6 +358,9 @@ async function auditPage(params) {
         h("tbody", {}, rows),
       ),
     ),
+    page.next_cursor
+      ? h("p", {}, h("a", { href: `#/audit?${new URLSearchParams({ ...(action ? { action } : {}), cursor: page.next_cursor })}` }, "Older entries"))
+      : null,
   );
 }
 
@@ -342,12 +371,12 @@ function definitionList(pairs) {
   return h("dl", {}, pairs.map(([k, v]) => [h("dt", {}, k), h("dd", { "data-field": k }, v)]));
 }
 
-async function fleetPage() {
+async function fleetPage(view) {
   let f;
   try {
     f = await api("GET", "/admin/fleet");
   } catch (err) {
-    show("Fleet", message(err.message));
+    show(view, "Fleet", message(err.message));
     return;
   }
   const summary = definitionList([
@@ -406,15 +435,15 @@ async function fleetPage() {
   const runs = [];
   if (f.active_run) runs.push(h("p", {}, h("a", { href: `#/fleet/runs/${f.active_run}` }, `Run ${f.active_run} is under way`)));
   if (f.last_run) runs.push(h("p", {}, "Last run: ", h("a", { href: `#/fleet/runs/${f.last_run.run_id}` }, `${f.last_run.run_id} (${f.last_run.status})`)));
-  show("Fleet", summary, versions, ...runs, h("h2", {}, "Migrate the fleet"), form, preview);
+  show(view, "Fleet", summary, versions, ...runs, h("h2", {}, "Migrate the fleet"), form, preview);
 }
 
-async function runPage(id) {
+async function runPage(view, id) {
   let report;
   try {
     report = await api("GET", `/admin/fleet/migrations/${encodeURIComponent(id)}`);
   } catch (err) {
-    show(`Run ${id}`, message(err.status === 404 ? `There is no run ${id}.` : err.message));
+    show(view, `Run ${id}`, message(err.status === 404 ? `There is no run ${id}.` : err.message));
     return;
   }
   const seconds = Math.max(((report.finished_at ? new Date(report.finished_at) : new Date()) - new Date(report.started_at)) / 1000, 0.001);
@@ -435,17 +464,24 @@ async function runPage(id) {
     : null;
   let retry = null;
   if (report.status !== "running" && report.failed > 0) {
+    // The same run again: it takes the tenants still behind its target,
+    // with its own canary and concurrency.
     retry = h("button", { type: "button", id: "retry-failed", onclick: async () => {
       retry.disabled = true;
       try {
-        const run = await api("POST", "/admin/fleet/migrations", { target_version: report.target_version, canary: 0 });
+        const run = await api("POST", "/admin/fleet/migrations", {
+          target_version: report.target_version,
+          concurrency: report.concurrency,
+          canary: report.canary,
+        });
         location.hash = `#/fleet/runs/${run.run_id}`;
       } catch (err) {
-        show(`Run ${id}`, message(err.message));
+        show(view, `Run ${id}`, message(err.message));
       }
-    } }, "Retry the failed tenants");
+    } }, "Run again for the tenants still behind");
   }
-  show(
+  const shown = show(
+    view,
     `Run ${report.run_id}`,
     definitionList([
       ["Status", report.status],
@@ -462,19 +498,18 @@ async function runPage(id) {
     retry,
     h("p", {}, h("a", { href: "#/fleet" }, "The fleet")),
   );
-  if (report.status === "running") {
-    polling = setTimeout(() => {
-      if (location.hash === `#/fleet/runs/${id}`) runPage(id);
-    }, 1000);
+  if (shown && report.status === "running") {
+    clearTimeout(polling);
+    polling = setTimeout(() => runPage(view, id), 1000);
   }
 }
 
-async function webhooksPage() {
+async function webhooksPage(view) {
   let endpoints;
   try {
     endpoints = await api("GET", "/admin/webhooks");
   } catch (err) {
-    show("Webhooks", message(err.message));
+    show(view, "Webhooks", message(err.message));
     return;
   }
   const rows = endpoints.map((e) =>
@@ -489,6 +524,7 @@ async function webhooksPage() {
     ),
   );
   show(
+    view,
     "Webhooks",
     endpoints.length
       ? h(
@@ -505,12 +541,12 @@ async function webhooksPage() {
   );
 }
 
-async function deliveriesPage(id, notice) {
+async function deliveriesPage(view, id, notice) {
   let list;
   try {
     list = await api("GET", `/admin/webhooks/${encodeURIComponent(id)}/deliveries?limit=100`);
   } catch (err) {
-    show(`Endpoint ${id}`, message(err.status === 404 ? `There is no endpoint ${id}.` : err.message));
+    show(view, `Endpoint ${id}`, message(err.status === 404 ? `There is no endpoint ${id}.` : err.message));
     return;
   }
   const rows = list.map((d) =>
@@ -520,13 +556,14 @@ async function deliveriesPage(id, notice) {
     ? h("button", { type: "button", id: "retry-dead", onclick: async () => {
         try {
           const r = await api("POST", `/admin/webhooks/${encodeURIComponent(id)}/retry`);
-          deliveriesPage(id, message(`${r.retried} dead deliveries are due again.`, "ok"));
+          deliveriesPage(view, id, message(`${r.retried} dead deliveries are due again.`, "ok"));
         } catch (err) {
-          deliveriesPage(id, message(err.message));
+          deliveriesPage(view, id, message(err.message));
         }
       } }, "Send the dead ones again")
     : null;
   show(
+    view,
     `Endpoint ${id}: latest deliveries`,
     notice || null,
     h(
@@ -544,28 +581,40 @@ async function deliveriesPage(id, notice) {
   );
 }
 
-// ---- routing (the hash: #/tenants?…, #/tenants/NAME, #/fleet, #/fleet/runs/ID, #/audit?…) ----
+// ---- routing (the hash: #/tenants?…, #/tenants/NAME, #/fleet, #/fleet/runs/ID,
+// #/webhooks, #/webhooks/ID, #/audit?…) ----
 
 function route() {
+  clearTimeout(polling);
   if (!session) {
     signIn();
     return;
   }
+  const view = ++current;
   const [path, search] = location.hash.slice(1).split("?");
   const params = new URLSearchParams(search || "");
   for (const a of nav.querySelectorAll("a")) {
     if (path.startsWith(a.getAttribute("href").slice(1))) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
-  clearTimeout(polling);
-  if (path === "/audit") auditPage(params);
+  let rest = "";
+  const under = (prefix) => {
+    if (!path.startsWith(prefix)) return false;
+    try {
+      rest = decodeURIComponent(path.slice(prefix.length));
+    } catch {
+      rest = path.slice(prefix.length);
+    }
+    return true;
+  };
+  if (path === "/audit") auditPage(view, params);
   else if (!session.admin) location.hash = "#/audit";
-  else if (path.startsWith("/tenants/")) tenantPage(decodeURIComponent(path.slice("/tenants/".length)));
-  else if (path === "/fleet") fleetPage();
-  else if (path.startsWith("/fleet/runs/")) runPage(path.slice("/fleet/runs/".length));
-  else if (path === "/webhooks") webhooksPage();
-  else if (path.startsWith("/webhooks/")) deliveriesPage(path.slice("/webhooks/".length));
-  else tenantsPage(params);
+  else if (under("/tenants/")) tenantPage(view, rest);
+  else if (path === "/fleet") fleetPage(view);
+  else if (under("/fleet/runs/")) runPage(view, rest);
+  else if (path === "/webhooks") webhooksPage(view);
+  else if (under("/webhooks/")) deliveriesPage(view, rest);
+  else tenantsPage(view, params);
 }
 
 window.addEventListener("hashchange", route);

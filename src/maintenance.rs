@@ -194,7 +194,7 @@ pub async fn measure_usage(state: &AppState) {
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "measuring the tenants' usage failed; the next interval retries")
+            tracing::warn!(error = %e, "measuring the tenants' usage failed; it is tried again after the interval")
         }
     }
 }
@@ -211,6 +211,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_usage: Option<tokio::time::Instant> = None;
         loop {
             ticker.tick().await;
             limits.forget_idle();
@@ -263,18 +264,22 @@ pub fn spawn(
             // Due when the newest measurement (by any process, before a
             // restart too) is older than the interval: a restart does not
             // measure the whole fleet again at once.
+            // One try per interval in this process, whatever came of it.
             let usage_due = match usage_interval {
-                Some(every) => crate::tenancy::usage::due(&**client, every)
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "cannot read when usage was last measured");
-                        false
-                    }),
-                None => false,
+                Some(every) if last_usage.is_none_or(|at| at.elapsed() >= every) => {
+                    crate::tenancy::usage::due(&**client, every)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "cannot read when usage was last measured");
+                            false
+                        })
+                }
+                _ => false,
             };
             // Each erasure takes connections of its own: this one goes back.
             drop(client);
             if usage_due {
+                last_usage = Some(tokio::time::Instant::now());
                 measure_usage(&state).await;
             }
             if let Some(ttl) = mail.unverified_ttl {

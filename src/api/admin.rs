@@ -191,7 +191,7 @@ pub async fn migration(
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// `?status=&version=&limit=&cursor=` of `GET /admin/tenants`.
+/// `?q=&status=&version=&limit=&cursor=` of `GET /admin/tenants`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]

@@ -25,20 +25,18 @@ fn file(content_type: &str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
-/// `GET /admin/ui`: to `/admin/ui/`, where the page's relative links work.
+/// `GET /admin/ui/` (and `/admin/ui`): the admin console's page (sign in
+/// as an admin, or an auditor for the audit log).
 #[utoipa::path(
     tag = "console",
-    responses((status = 308, description = "To /admin/ui/"))
+    responses((status = 200, description = "The console's page", content_type = "text/html"))
 )]
 #[get("/admin/ui")]
 pub async fn console_root() -> HttpResponse {
-    HttpResponse::PermanentRedirect()
-        .insert_header((header::LOCATION, "/admin/ui/"))
-        .finish()
+    file("text/html; charset=utf-8", INDEX)
 }
 
-/// `GET /admin/ui/`: the admin console's page (sign in as an admin, or an
-/// auditor for the audit log).
+/// `GET /admin/ui/`: the admin console's page.
 #[utoipa::path(
     tag = "console",
     responses((status = 200, description = "The console's page", content_type = "text/html"))

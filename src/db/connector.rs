@@ -34,9 +34,10 @@ pub enum Dedicated {
     /// that one rebuilds the fleet-long list of the service's memberships
     /// (a signup that takes a built spare acts as no role).
     Spares,
-    /// A measurement of one tenant's usage on demand (`GET
-    /// /admin/tenants/{name}/usage?refresh=true`), which vacuums it as its
-    /// role first: closed afterwards, never pooled.
+    /// A measurement of usage: the fleet's by `serve`'s maintenance, or one
+    /// tenant's on demand (`GET /admin/tenants/{name}/usage?refresh=true`,
+    /// which vacuums it as its role first). Closed afterwards, never
+    /// pooled: a measurement opens every relation it measures.
     Usage,
     /// The webhook sender's.
     Webhooks,

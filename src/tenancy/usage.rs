@@ -246,15 +246,17 @@ pub async fn measure_now(
     task.await?
 }
 
-/// Whether the fleet's usage is due to be measured: no measurement, or the
-/// newest older than `every`.
+/// Whether the fleet's usage is due to be measured: nothing measured yet,
+/// or the oldest measurement older than `every`. (A measurement of the
+/// whole fleet stamps every row; one tenant refreshed on demand does not
+/// put the others off. A tenant not measured yet waits for the next.)
 pub async fn due(
     client: &impl GenericClient,
     every: std::time::Duration,
 ) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_one(
-            "SELECT coalesce(max(measured_at) < pg_catalog.now() - pg_catalog.make_interval(secs => $1), true)
+            "SELECT coalesce(min(measured_at) < pg_catalog.now() - pg_catalog.make_interval(secs => $1), true)
              FROM tenantry.tenant_usage",
             &[&every.as_secs_f64()],
         )
