@@ -335,18 +335,24 @@ async function auditPage(view, params) {
   if (action) query.set("action", action);
   if (params.get("cursor")) query.set("cursor", params.get("cursor"));
   let page;
+  let verdict;
   try {
-    page = await api("GET", `/admin/audit?${query}`);
+    [page, verdict] = await Promise.all([api("GET", `/admin/audit?${query}`), api("GET", "/admin/audit/verify")]);
   } catch (err) {
     show(view, "Audit log", filters, message(err.message));
     return;
   }
+  const chain = verdict.intact
+    ? message(`Chain verified: ${verdict.entries} entries, ${verdict.anchors} anchor(s) match.`, "ok")
+    : message(`The chain is broken at entry ${verdict.broken_at}: ${verdict.reason}`);
+  chain.id = "chain";
   const rows = page.items.map((e) =>
     h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", {}, e.actor || ""), h("td", {}, e.subject || ""), h("td", {}, JSON.stringify(e.details))),
   );
   show(
     view,
     "Audit log",
+    chain,
     filters,
     h(
       "div",

@@ -425,6 +425,7 @@ impl Application {
             letters: letters.clone(),
             password_resets: crate::api::account::ResetRequests::start(pool.clone(), letters),
             tenant_quota_bytes: settings.tenant_quota_bytes,
+            audit_anchor_file: settings.audit_anchor_file.clone(),
         });
         let fleet_runs = state.fleet_runs.clone();
         let sender = crate::mail::delivery::Sender::new(&settings.mail, &settings.data_dir)

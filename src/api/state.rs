@@ -47,6 +47,9 @@ pub struct AppState {
     /// `TENANTRY_TENANT_QUOTA_BYTES`: a tenant's quota unless it has its
     /// own (0: none).
     pub tenant_quota_bytes: u64,
+    /// `TENANTRY_AUDIT_ANCHOR_FILE`: what `GET /admin/audit/verify` checks
+    /// the chain against.
+    pub audit_anchor_file: std::path::PathBuf,
 }
 
 /// The stop flags of fleet runs started through the API in this process:

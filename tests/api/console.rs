@@ -406,6 +406,13 @@ async fn in_a_browser_the_console_refuses_a_tenant_and_shows_an_auditor_only_the
     browser.sign_in(&app, "audra").await;
     browser.until_text("h1", "Audit log").await;
     browser.until_text("#who", "audra (auditor)").await;
+    let entries = app.count("SELECT count(*) FROM tenantry.audit_log").await;
+    browser
+        .until_text(
+            "#chain",
+            &format!("Chain verified: {entries} entries, 0 anchor(s) match."),
+        )
+        .await;
     until("the audit log lists the signup", || async {
         browser
             .texts("tbody td:nth-child(3)")
@@ -570,4 +577,44 @@ async fn in_a_browser_an_admin_sees_a_dead_webhook_delivery_and_sends_it_again()
         .until_text(".message", "1 dead deliveries are due again.")
         .await;
     browser.quit().await;
+}
+
+#[tokio::test]
+async fn the_audit_chain_is_verified_over_http_and_a_tampered_entry_is_found() {
+    let app = spawn_app().await;
+    let admin = admin_token(&app).await;
+    assert_eq!(app.register("tess").await.status(), 201);
+    let verdict = || async {
+        let r = app
+            .call(Method::GET, "/admin/audit/verify", &admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        json(r).await
+    };
+    let entries = app.count("SELECT count(*) FROM tenantry.audit_log").await;
+    let intact = verdict().await;
+    assert_eq!(intact["intact"], true, "{intact}");
+    assert_eq!(intact["entries"], entries);
+    // An entry rewritten by a superuser, past the append-only trigger.
+    app.db()
+        .await
+        .batch_execute(
+            "SET session_replication_role = replica;
+             UPDATE tenantry.audit_log SET entry = entry || ' ' WHERE seq = 2;
+             RESET session_replication_role",
+        )
+        .await
+        .unwrap();
+    let broken = verdict().await;
+    assert_eq!(broken["intact"], false, "{broken}");
+    assert_eq!(broken["broken_at"], 2, "{broken}");
+    let user = app.access_token("tess").await;
+    let refused = app
+        .call(Method::GET, "/admin/audit/verify", &user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
 }
