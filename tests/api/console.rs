@@ -171,18 +171,20 @@ impl Browser {
                     .spawn()
                     .unwrap();
                 let status = format!("http://127.0.0.1:{port}/status");
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-                while tokio::time::Instant::now() < deadline {
-                    if child.try_wait().unwrap().is_some() {
-                        break;
+                let mut exited = false;
+                until("chromedriver answers or exits", || {
+                    exited = child.try_wait().unwrap().is_some();
+                    let (status, exited) = (status.clone(), exited);
+                    async move {
+                        exited
+                            || reqwest::get(&status)
+                                .await
+                                .is_ok_and(|r| r.status().is_success())
                     }
-                    if reqwest::get(&status)
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
-                    {
-                        break 'started (port, child);
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                })
+                .await;
+                if !exited {
+                    break 'started (port, child);
                 }
             }
             panic!("chromedriver did not start");

@@ -955,7 +955,8 @@ pub async fn admin_token(app: &TestApp) -> String {
         .to_owned()
 }
 
-/// Status and body of a request with `token`.
+/// Status and body of a request with `token` (null when empty; any other
+/// body must be JSON).
 pub async fn send(
     app: &TestApp,
     method: reqwest::Method,
@@ -970,5 +971,10 @@ pub async fn send(
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+    };
+    (status, body)
 }

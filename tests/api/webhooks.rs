@@ -135,6 +135,19 @@ impl Receiver {
         }
     }
 
+    /// One that holds every request (recorded as it arrives) until
+    /// [`Receiver::answer`].
+    async fn held(port: u16) -> Receiver {
+        Receiver::answering(
+            port,
+            Answer {
+                held: true,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     /// Answer the held requests, and every one after.
     fn answer(&self) {
         self.held
@@ -619,14 +632,7 @@ async fn redirects_are_not_followed_and_a_receiver_that_never_answers_times_out(
 async fn a_serve_stopped_mid_send_finishes_it_and_its_successor_sends_nothing_twice() {
     let db = create_database().await;
     let port = free_port();
-    let receiver = Receiver::answering(
-        port,
-        Answer {
-            held: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let receiver = Receiver::held(port).await;
     let dir = temp_dir("tenantry-webhooks-serve");
     let env = [("TENANTRY_DATA_DIR", dir.display().to_string())];
     let log = dir.join("first-serve.log");
@@ -739,14 +745,7 @@ async fn a_delivered_event_is_forgotten_after_its_retention_and_changes_to_endpo
 async fn a_serve_killed_mid_send_leaves_the_delivery_to_the_next_which_sends_it_with_the_same_id() {
     let db = create_database().await;
     let port = free_port();
-    let receiver = Receiver::answering(
-        port,
-        Answer {
-            held: true,
-            ..Default::default()
-        },
-    )
-    .await;
+    let receiver = Receiver::held(port).await;
     // A claim holds for the attempt's timeout and 15 s.
     let env = [
         (
