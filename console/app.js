@@ -126,7 +126,7 @@ function signIn(why) {
       e.preventDefault();
       try {
         const tokens = await api("POST", "/api/auth/login", { username: username.value, password: password.value });
-        session = { token: tokens.access_token, refresh: tokens.refresh_token, username: username.value, admin: false };
+        session = { token: tokens.access_token, refresh: tokens.refresh_token, username: username.value, admin: false, citus: false };
         await role();
       } catch (err) {
         session = null;
@@ -146,6 +146,13 @@ async function role() {
   try {
     await api("GET", "/admin/tenants?limit=1");
     session.admin = true;
+    // The cluster page is there on a Citus coordinator only (409 elsewhere).
+    try {
+      await api("GET", "/admin/cluster");
+      session.citus = true;
+    } catch (err) {
+      if (err.status !== 409) throw err;
+    }
   } catch (err) {
     if (err.status !== 403) throw err;
     try {
@@ -159,6 +166,7 @@ async function role() {
   }
   nav.hidden = false;
   for (const a of nav.querySelectorAll("[data-role=admin]")) a.hidden = !session.admin;
+  for (const a of nav.querySelectorAll("[data-role=citus]")) a.hidden = !session.citus;
   signOut.hidden = false;
   who.textContent = `${session.username} (${session.admin ? "admin" : "auditor"})`;
   if (!location.hash || location.hash === "#/" || (!session.admin && !location.hash.startsWith("#/audit"))) {
@@ -176,6 +184,7 @@ async function tenantsPage(view, params) {
   const q = params.get("q") || "";
   const status = params.get("status") || "";
   const version = params.get("version") || "";
+  const sort = params.get("sort") || "";
   const cursor = params.get("cursor") || "";
   const search = h("input", { id: "q", name: "q", type: "search", value: q, placeholder: "part of a name" });
   const statusSelect = h(
@@ -186,6 +195,11 @@ async function tenantsPage(view, params) {
     ),
   );
   const versionInput = h("input", { id: "version", name: "version", type: "number", min: 1, value: version, inputmode: "numeric" });
+  const sortSelect = h(
+    "select",
+    { id: "sort", name: "sort" },
+    [["", "name"], ["size", "size, largest first"]].map(([v, label]) => h("option", { value: v, selected: v === sort }, label)),
+  );
   const filters = h(
     "form",
     { class: "filters", role: "search", onsubmit: (e) => {
@@ -194,17 +208,20 @@ async function tenantsPage(view, params) {
       if (search.value) next.set("q", search.value);
       if (statusSelect.value) next.set("status", statusSelect.value);
       if (versionInput.value) next.set("version", versionInput.value);
+      if (sortSelect.value) next.set("sort", sortSelect.value);
       location.hash = `#/tenants?${next}`;
     } },
     h("label", { for: "q" }, "Name", search),
     h("label", { for: "status" }, "Status", statusSelect),
     h("label", { for: "version" }, "Template version", versionInput),
+    h("label", { for: "sort" }, "Sort by", sortSelect),
     h("button", { type: "submit" }, "Search"),
   );
   const query = new URLSearchParams({ limit: "50" });
   if (q) query.set("q", q);
   if (status) query.set("status", status);
   if (version) query.set("version", version);
+  if (sort) query.set("sort", sort);
   if (cursor) query.set("cursor", cursor);
   let page;
   try {
@@ -266,6 +283,8 @@ async function tenantPage(view, name, notice) {
       ["Size", t.usage_bytes === null ? "not measured yet" : `${bytes(t.usage_bytes)} (measured ${when(t.usage_measured_at)})`],
       ["Quota", quota],
       ["Over quota since", when(t.over_quota_since)],
+      ["Sessions", t.sessions],
+      ...(session.citus ? [["Node", t.node || "not placed"]] : []),
       ["Schema", t.schema],
       ["Created", when(t.created_at)],
     ].map(([k, v]) => [h("dt", {}, k), h("dd", { "data-field": k }, v)]),
@@ -587,8 +606,94 @@ async function deliveriesPage(view, id, notice) {
   );
 }
 
+
+function nodeName(n) {
+  return `${n.host}:${n.port}`;
+}
+
+async function clusterPage(view, notice) {
+  let nodes;
+  try {
+    nodes = await api("GET", "/admin/cluster");
+  } catch (err) {
+    show(view, "Cluster", message(err.status === 409 ? "This database is not a Citus coordinator." : err.message));
+    return;
+  }
+  const table = h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { "aria-label": "Nodes" },
+      h("thead", {}, h("tr", {}, h("th", {}, "Node"), h("th", {}, "Role"), h("th", {}, "Active"), h("th", { class: "num" }, "Tenants"), h("th", { class: "num" }, "Size"))),
+      h("tbody", {}, nodes.map((n) => h("tr", {}, h("td", {}, nodeName(n)), h("td", {}, n.role), h("td", {}, n.active ? "yes" : "no"), h("td", { class: "num" }, n.tenants), h("td", { class: "num" }, bytes(n.bytes))))),
+    ),
+  );
+  const workers = nodes.filter((n) => n.role === "worker");
+  const tenant = h("input", { id: "move-tenant", name: "move-tenant", autocomplete: "off", required: true });
+  const node = h("select", { id: "move-node", name: "move-node" }, workers.map((n) => h("option", { value: nodeName(n) }, nodeName(n))));
+  const status = h("div", { id: "cluster-status", "aria-live": "polite" });
+  const moveButton = h("button", { type: "submit" }, "Move");
+  const move = h(
+    "form",
+    { class: "filters", onsubmit: async (e) => {
+      e.preventDefault();
+      moveButton.disabled = true;
+      status.replaceChildren(message(`Moving ${tenant.value} to ${node.value}…`, "ok"));
+      try {
+        const m = await api("POST", `/admin/tenants/${encodeURIComponent(tenant.value)}/move`, { node: node.value });
+        const how = m.mode === "online" ? "online" : "blocking its writes";
+        clusterPage(view, message(m.from === m.to ? `${m.tenant} is on ${m.to} already.` : `Moved ${m.tenant} from ${m.from} to ${m.to} (${how}) in ${m.seconds.toFixed(1)} s.`, "ok"));
+      } catch (err) {
+        moveButton.disabled = false;
+        status.replaceChildren(message(err.status === 404 ? `There is no tenant named ${tenant.value}.` : err.message));
+      }
+    } },
+    h("label", { for: "move-tenant" }, "Tenant", tenant),
+    h("label", { for: "move-node" }, "To node", node),
+    moveButton,
+  );
+  const rebalance = h("button", { type: "button", id: "rebalance", onclick: async () => {
+    rebalance.disabled = true;
+    try {
+      const r = await api("POST", "/admin/cluster/rebalance");
+      if (r.job_id === null) clusterPage(view, message("The tenants are balanced already: nothing to move.", "ok"));
+      else location.hash = `#/cluster/rebalance/${r.job_id}`;
+    } catch (err) {
+      rebalance.disabled = false;
+      status.replaceChildren(message(err.message));
+    }
+  } }, "Rebalance the tenants");
+  show(view, "Cluster", notice || null, table, h("h2", {}, "Move a tenant"), move, h("h2", {}, "Rebalance"), h("p", {}, "Citus moves whole tenants until each worker holds about as many."), rebalance, status);
+}
+
+async function rebalancePage(view, id) {
+  let job;
+  try {
+    job = await api("GET", `/admin/cluster/rebalance/${encodeURIComponent(id)}`);
+  } catch (err) {
+    show(view, `Rebalance ${id}`, message(err.status === 404 ? `There is no rebalance ${id}.` : err.message));
+    return;
+  }
+  const ended = ["finished", "failed", "cancelled"].includes(job.state);
+  const shown = show(
+    view,
+    `Rebalance ${job.job_id}`,
+    definitionList([
+      ["State", job.state],
+      ["Moves", `${job.done} of ${job.total}`],
+    ]),
+    h("progress", { max: Math.max(job.total, 1), value: job.done, "aria-label": "Progress" }),
+    h("p", {}, h("a", { href: "#/cluster" }, "The cluster")),
+  );
+  if (shown && !ended) {
+    clearTimeout(polling);
+    polling = setTimeout(() => rebalancePage(view, id), 1000);
+  }
+}
+
 // ---- routing (the hash: #/tenants?…, #/tenants/NAME, #/fleet, #/fleet/runs/ID,
-// #/webhooks, #/webhooks/ID, #/audit?…) ----
+// #/webhooks, #/webhooks/ID, #/cluster, #/cluster/rebalance/ID, #/audit?…) ----
 
 function route() {
   clearTimeout(polling);
@@ -620,6 +725,8 @@ function route() {
   else if (under("/fleet/runs/")) runPage(view, rest);
   else if (path === "/webhooks") webhooksPage(view);
   else if (under("/webhooks/")) deliveriesPage(view, rest);
+  else if (path === "/cluster") clusterPage(view);
+  else if (under("/cluster/rebalance/")) rebalancePage(view, rest);
   else tenantsPage(view, params);
 }
 

@@ -320,6 +320,12 @@ pub const INSERT_REFRESH_TOKEN: &str = "\
 INSERT INTO tenantry.refresh_tokens (family_id, user_id, token_hash, expires_at, user_agent)
 VALUES ($1, $2, $3, now() + interval '7 days', $4)";
 
+/// Whether a session (one refresh-token family, grouped by `family_id`)
+/// is live: none of its tokens revoked, its latest unused and unexpired.
+/// The `HAVING` of the queries that list or count sessions.
+pub const LIVE_SESSION: &str =
+    "bool_and(revoked_at IS NULL) AND bool_or(used_at IS NULL AND expires_at > now())";
+
 /// End every session of user `$1` (revoke-all, a password reset, an
 /// erasure): all their refresh tokens revoked; how many.
 pub const REVOKE_ALL_SESSIONS: &str = "\

@@ -99,30 +99,117 @@ pub async fn find(
     Ok(row.as_ref().map(from_row))
 }
 
-/// A page of tenants by username, after `after`, optionally of one status
-/// (as shown: `suspended` is one) and/or template version. `limit` rows at
-/// most.
+/// How a page of tenants is ordered, and where it continues.
+#[derive(Debug, Clone, Copy)]
+pub enum Order<'a> {
+    /// By username, after this one.
+    Name { after: Option<&'a str> },
+    /// Largest first as last measured (the unmeasured last, as size -1),
+    /// then by username; after this (size, username).
+    Size { after: Option<(i64, &'a str)> },
+}
+
+/// The size a tenant sorts by in [`Order::Size`] (and its cursor holds).
+pub fn size_key(tenant: &TenantInfo) -> i64 {
+    tenant.usage_bytes.unwrap_or(-1)
+}
+
+/// A page of tenants in `order`, optionally of one status (as shown:
+/// `suspended` is one), template version, and/or part of the username.
+/// `limit` rows at most.
 pub async fn page(
     client: &impl tokio_postgres::GenericClient,
     status: Option<&str>,
     version: Option<i32>,
     name_part: Option<&str>,
-    after: Option<&str>,
+    order: Order<'_>,
     limit: i64,
 ) -> Result<Vec<TenantInfo>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            &format!(
-                "{}
-                 WHERE ($1::text IS NULL OR {STATUS} = $1)
+    const FILTER: &str = "($1::text IS NULL OR {STATUS} = $1)
                    AND ($2::int4 IS NULL OR t.template_version = $2)
-                   AND ($5::text IS NULL OR pg_catalog.strpos(t.username, pg_catalog.lower($5)) > 0)
-                   AND ($3::text IS NULL OR t.username > $3)
-                 ORDER BY t.username LIMIT $4",
-                *SELECT
-            ),
-            &[&status, &version, &after, &limit, &name_part],
+                   AND ($4::text IS NULL OR pg_catalog.strpos(t.username, pg_catalog.lower($4)) > 0)";
+    static BY_NAME: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} WHERE {} AND ($5::text IS NULL OR t.username > $5)
+             ORDER BY t.username LIMIT $3",
+            *SELECT,
+            FILTER.replace("{STATUS}", STATUS)
         )
-        .await?;
+    });
+    static BY_SIZE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{} WHERE {}
+               AND ($6::int8 IS NULL OR coalesce(g.bytes, -1) < $6
+                    OR (coalesce(g.bytes, -1) = $6 AND t.username > $5))
+             ORDER BY coalesce(g.bytes, -1) DESC, t.username LIMIT $3",
+            *SELECT,
+            FILTER.replace("{STATUS}", STATUS)
+        )
+    });
+    let rows = match order {
+        Order::Name { after } => {
+            client
+                .query(
+                    BY_NAME.as_str(),
+                    &[&status, &version, &limit, &name_part, &after],
+                )
+                .await?
+        }
+        Order::Size { after } => {
+            let (size, name) = (after.map(|a| a.0), after.map(|a| a.1));
+            client
+                .query(
+                    BY_SIZE.as_str(),
+                    &[&status, &version, &limit, &name_part, &name, &size],
+                )
+                .await?
+        }
+    };
     Ok(rows.iter().map(from_row).collect())
+}
+
+/// What a tenant's own page shows beyond its registry row.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TenantDetail {
+    #[serde(flatten)]
+    pub tenant: TenantInfo,
+    /// Its live sessions (signed-in devices; see `GET /api/auth/sessions`).
+    pub sessions: i64,
+    /// On Citus, the node that holds its tables, as `HOST:PORT`; null on
+    /// plain PostgreSQL.
+    pub node: Option<String>,
+}
+
+/// One tenant with its sessions and (on Citus) its node, if it exists.
+pub async fn detail(
+    client: &tokio_postgres::Client,
+    username: &Username,
+    citus: bool,
+) -> Result<Option<TenantDetail>, tokio_postgres::Error> {
+    static SESSIONS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT count(*) FROM (SELECT 1 FROM tenantry.refresh_tokens WHERE user_id = $1
+                                   GROUP BY family_id HAVING {}) live",
+            crate::auth::LIVE_SESSION
+        )
+    });
+    let Some(tenant) = find(client, username).await? else {
+        return Ok(None);
+    };
+    let sessions = client
+        .query_one(SESSIONS.as_str(), &[&tenant.user_id])
+        .await?
+        .get(0);
+    let node = if citus {
+        crate::db::citus::placement(client, &tenant.schema)
+            .await?
+            .map(|(host, port)| format!("{host}:{port}"))
+    } else {
+        None
+    };
+    Ok(Some(TenantDetail {
+        tenant,
+        sessions,
+        node,
+    }))
 }

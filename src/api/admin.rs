@@ -191,7 +191,7 @@ pub async fn migration(
     Ok(HttpResponse::Ok().json(report))
 }
 
-/// `?q=&status=&version=&limit=&cursor=` of `GET /admin/tenants`.
+/// `?q=&status=&version=&sort=&limit=&cursor=` of `GET /admin/tenants`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -205,6 +205,10 @@ pub struct TenantsQuery {
     /// Only tenants at this template version.
     #[param(minimum = 1)]
     version: Option<i32>,
+    /// `name` (the default) or `size`: largest first as last measured, the
+    /// unmeasured last.
+    #[param(inline)]
+    sort: Option<TenantSort>,
     /// Items per page, 1 to 200 (50 when absent).
     #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
@@ -222,6 +226,14 @@ pub enum TenantStatus {
     Deleting,
     /// The account is suspended (whatever the registry's status beneath).
     Suspended,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantSort {
+    #[default]
+    Name,
+    Size,
 }
 
 impl TenantStatus {
@@ -243,7 +255,7 @@ impl TenantStatus {
     security(("bearer" = [])),
     params(TenantsQuery),
     responses(
-        (status = 200, description = "A page of tenants by username", body = Page<crate::tenants::TenantInfo>),
+        (status = 200, description = "A page of tenants, by username or by size", body = Page<crate::tenants::TenantInfo>),
         (status = 400, description = "Invalid query", body = crate::api::openapi::ErrorBody),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
     )
@@ -265,22 +277,42 @@ pub async fn tenants(
     };
     let limit = paging.limit()?;
     let name_part = paging.search()?;
-    let after: Option<String> = paging
-        .cursor("t", 1)?
-        .map(|parts| cursor_part(&parts[0]))
-        .transpose()?;
+    let sort = q.sort.unwrap_or_default();
+    // Each order has a cursor of its own: one of the other is refused.
+    let after = match sort {
+        TenantSort::Name => paging
+            .cursor("t", 1)?
+            .map(|parts| cursor_part::<String>(&parts[0]).map(|name| (0, name)))
+            .transpose()?,
+        TenantSort::Size => paging
+            .cursor("ts", 2)?
+            .map(|parts| Ok::<_, ApiError>((cursor_part(&parts[0])?, cursor_part(&parts[1])?)))
+            .transpose()?,
+    };
+    let order = match (sort, &after) {
+        (TenantSort::Name, after) => crate::tenants::Order::Name {
+            after: after.as_ref().map(|(_, name)| name.as_str()),
+        },
+        (TenantSort::Size, after) => crate::tenants::Order::Size {
+            after: after.as_ref().map(|(size, name)| (*size, name.as_str())),
+        },
+    };
     let client = state.pool.get().await?;
     let items = crate::tenants::page(
         &**client,
         q.status.map(TenantStatus::as_str),
         q.version,
         name_part,
-        after.as_deref(),
+        order,
         limit + 1,
     )
     .await?;
-    let page = Page::from_rows(items, limit, |t| {
-        make_cursor("t", std::slice::from_ref(&t.username))
+    let page = Page::from_rows(items, limit, |t| match sort {
+        TenantSort::Name => make_cursor("t", std::slice::from_ref(&t.username)),
+        TenantSort::Size => make_cursor(
+            "ts",
+            &[crate::tenants::size_key(t).to_string(), t.username.clone()],
+        ),
     });
     Ok(HttpResponse::Ok().json(page))
 }
@@ -291,7 +323,7 @@ pub async fn tenants(
     security(("bearer" = [])),
     params(("name" = String, Path, description = "The tenant's username")),
     responses(
-        (status = 200, description = "The tenant", body = crate::tenants::TenantInfo),
+        (status = 200, description = "The tenant, its live sessions and (on Citus) its node", body = crate::tenants::TenantDetail),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
         (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
     )
@@ -305,7 +337,7 @@ pub async fn tenant(
     let username =
         Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
     let client = state.pool.get().await?;
-    let tenant = crate::tenants::find(&**client, &username)
+    let tenant = crate::tenants::detail(&client, &username, state.installation.citus)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
     Ok(HttpResponse::Ok().json(tenant))

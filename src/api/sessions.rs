@@ -43,18 +43,20 @@ pub struct Sessions {
 #[tracing::instrument(skip_all, fields(user = %user.id()))]
 pub async fn list(state: web::Data<AppState>, user: CurrentUser) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
-    let stmt = client
-        .prepare_cached(
+    static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
             "SELECT family_id, (array_agg(user_agent ORDER BY id DESC))[1] AS user_agent,
                     min(created_at) AS created_at, max(created_at) AS last_used_at,
                     max(expires_at) AS expires_at
              FROM tenantry.refresh_tokens
              WHERE user_id = $1
              GROUP BY family_id
-             HAVING bool_and(revoked_at IS NULL) AND bool_or(used_at IS NULL AND expires_at > now())
+             HAVING {}
              ORDER BY max(created_at) DESC",
+            crate::auth::LIVE_SESSION
         )
-        .await?;
+    });
+    let stmt = client.prepare_cached(&LIST).await?;
     let sessions: Vec<Session> = client
         .query(&stmt, &[&user.id()])
         .await?

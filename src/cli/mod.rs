@@ -704,12 +704,13 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
             let username = Username::parse(&name).map_err(|e| Failure::Usage(e.to_string()))?;
             let ctx = Context::open(&settings, 1).await?;
             let client = ctx.pool.get().await?;
-            let tenant = crate::tenants::find(&**client, &username)
+            let detail = crate::tenants::detail(&client, &username, ctx.installation.citus)
                 .await?
                 .ok_or_else(|| Failure::Other(format!("no tenant named {username}")))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&tenant)?);
+                println!("{}", serde_json::to_string_pretty(&detail)?);
             } else {
+                let tenant = &detail.tenant;
                 let usage = crate::tenancy::usage::usage(
                     &**client,
                     Some(&username),
@@ -730,6 +731,10 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                     println!("reason:           {}", reason.unwrap_or("(none given)"));
                 }
                 println!("created:          {}", tenant.created_at.to_rfc3339());
+                println!("sessions:         {}", detail.sessions);
+                if let Some(node) = &detail.node {
+                    println!("node:             {node}");
+                }
                 if let Some(u) = usage.first() {
                     let (bytes, quota, state) = usage_line(u);
                     println!("usage:            {bytes}");

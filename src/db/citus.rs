@@ -151,6 +151,28 @@ pub async fn cluster_status(
         .collect())
 }
 
+/// The node that holds a tenant schema's tables (one colocated unit), if
+/// any is placed: from Citus's metadata alone (no shard sizes asked of the
+/// workers).
+pub async fn placement(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<Option<(String, i32)>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT d.nodename::text, d.nodeport
+             FROM pg_catalog.pg_dist_shard s
+             JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+             JOIN pg_catalog.pg_dist_node d ON d.groupid = p.groupid AND d.noderole = 'primary'
+             JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = $1 LIMIT 1",
+            &[&schema],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
 /// `HOST:PORT`, as `cluster status` shows a node.
 pub fn parse_node(node: &str) -> Option<(String, i32)> {
     let (host, port) = node.rsplit_once(':')?;
@@ -212,16 +234,8 @@ impl MovePlan {
         {
             return Err(MoveError::NotAWorker(to.0, to.1));
         }
-        let from = client
-            .query_opt(
-                "SELECT sh.nodename::text, sh.nodeport FROM pg_catalog.citus_shards sh
-                 JOIN pg_catalog.pg_class c ON c.oid = sh.table_name
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 LIMIT 1",
-                &[&schema],
-            )
+        let from = placement(client, schema)
             .await?
-            .map(|r| (r.get(0), r.get(1)))
             .ok_or_else(|| MoveError::NotPlaced(schema.to_owned()))?;
         Ok(MovePlan {
             user_id: tenant.user_id,
@@ -291,9 +305,12 @@ impl MovePlan {
         };
         client
             .execute(
-                "SELECT pg_catalog.citus_schema_move($1::text::regnamespace, $2::text, $3::int4,
-                                                     shard_transfer_mode => $4::text::citus.shard_transfer_mode)",
-                &[&self.schema, &self.to.0, &self.to.1, &mode],
+                &format!(
+                    "SELECT pg_catalog.citus_schema_move($1::text::regnamespace, $2::text, $3::int4,
+                                                         shard_transfer_mode => {})",
+                    mode_literal(mode)
+                ),
+                &[&self.schema, &self.to.0, &self.to.1],
             )
             .await?;
         Ok(())
@@ -319,12 +336,25 @@ pub async fn rebalance_start(
     let mode = move_mode(client).await?;
     Ok(client
         .query_one(
-            "SELECT pg_catalog.citus_rebalance_start(
-                        shard_transfer_mode => $1::text::citus.shard_transfer_mode)",
-            &[&mode],
+            &format!(
+                "SELECT pg_catalog.citus_rebalance_start(shard_transfer_mode => {})",
+                mode_literal(mode)
+            ),
+            &[],
         )
         .await?
         .get(0))
+}
+
+/// A transfer mode as an untyped SQL literal, which takes the type of the
+/// function's parameter: naming that type (`citus.shard_transfer_mode`)
+/// needs USAGE on schema `citus`, which a service role that is not a
+/// superuser does not have.
+fn mode_literal(mode: &str) -> &'static str {
+    match mode {
+        "force_logical" => "'force_logical'",
+        _ => "'block_writes'",
+    }
 }
 
 /// A rebalance job's progress.

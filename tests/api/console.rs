@@ -147,7 +147,12 @@ impl Drop for Browser {
 }
 
 impl Browser {
+    /// At 1280×800, the size the console is made for.
     async fn start() -> Browser {
+        Browser::start_sized(1280, 800).await
+    }
+
+    async fn start_sized(width: u32, height: u32) -> Browser {
         use thirtyfour::{ChromiumLikeCapabilities, DesiredCapabilities, WebDriver};
         let chromedriver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
@@ -196,10 +201,21 @@ impl Browser {
             // As root (CI) Chromium runs only without its sandbox.
             "--no-sandbox",
             "--disable-dev-shm-usage",
-            "--window-size=1280,800",
+            &format!("--window-size={width},{height}"),
             &format!("--user-data-dir={}", profile.path().display()),
         ] {
             caps.add_arg(arg).unwrap();
+        }
+        // A desktop window is at least 500 pixels wide: a phone's width is
+        // Chromium's own emulation of one.
+        if width < 500 {
+            caps.add_experimental_option(
+                "mobileEmulation",
+                serde_json::json!({
+                    "deviceMetrics": { "width": width, "height": height, "pixelRatio": 2.0, "mobile": true, "touch": false }
+                }),
+            )
+            .unwrap();
         }
         let driver = WebDriver::new(format!("http://127.0.0.1:{port}"), caps)
             .await
@@ -278,6 +294,62 @@ impl Browser {
             let png = self.driver.screenshot_as_png().await.unwrap();
             std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
         }
+    }
+
+    /// Show the console's page `hash` (`#/fleet`), as a link would.
+    async fn open(&self, hash: &str) {
+        self.driver
+            .execute("location.hash = arguments[0];", vec![Value::from(hash)])
+            .await
+            .unwrap();
+    }
+
+    /// What makes the page shown hard to use: wider than the window (a
+    /// sideways scroll of the whole page; a wide table scrolls in its own
+    /// box), or a form control without a label.
+    async fn unusable(&self) -> Vec<String> {
+        let found = self
+            .driver
+            .execute(
+                r#"const problems = [];
+                   const width = document.documentElement.clientWidth;
+                   if (document.documentElement.scrollWidth > width)
+                     problems.push(`the page is ${document.documentElement.scrollWidth}px wide in ${width}px`);
+                   for (const el of document.querySelectorAll("input, select, textarea, button")) {
+                     if (el.closest("[hidden]")) continue;
+                     const named = el.labels?.length || el.getAttribute("aria-label")
+                       || (el.tagName === "BUTTON" && el.textContent.trim());
+                     if (!named) problems.push(`${el.tagName.toLowerCase()}#${el.id} has no label`);
+                   }
+                   return problems;"#,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        found.convert().unwrap()
+    }
+
+    /// The element that has the keyboard's focus, with `keys` typed into it.
+    async fn keys(&self, keys: impl Into<thirtyfour::TypingData>) {
+        self.driver
+            .active_element()
+            .await
+            .unwrap()
+            .send_keys(keys)
+            .await
+            .unwrap();
+    }
+
+    /// Tab from where the focus is until it is on `css` (at most 40 keys).
+    async fn tab_to(&self, css: &str) {
+        let target = self.find(css).await;
+        for _ in 0..40 {
+            if self.driver.active_element().await.unwrap() == target {
+                return;
+            }
+            self.keys(thirtyfour::Key::Tab).await;
+        }
+        panic!("tabbing never reached {css}");
     }
 
     async fn quit(self) {
@@ -619,4 +691,308 @@ async fn the_audit_chain_is_verified_over_http_and_a_tampered_entry_is_found() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 403);
+}
+
+#[tokio::test]
+async fn a_tenants_page_counts_its_live_sessions_and_names_its_node() {
+    let app = spawn_app().await;
+    let admin = admin_token(&app).await;
+    let (status, registered) = {
+        let r = app.register("sol").await;
+        (r.status(), json(r).await)
+    };
+    assert_eq!(status, 201);
+    app.access_token("sol").await;
+    app.access_token("sol").await;
+    // One of the three sessions signs out.
+    let out = app
+        .post_json(
+            "/api/auth/logout",
+            &serde_json::json!({ "refresh_token": registered["refresh_token"] }),
+        )
+        .await;
+    assert!(out.status().is_success(), "{}", out.status());
+    let (status, sol) = send(&app, Method::GET, "/admin/tenants/sol", &admin, None).await;
+    assert_eq!(status, 200, "{sol}");
+    assert_eq!(sol["sessions"], 2, "{sol}");
+    assert_eq!(
+        sol["username"], "sol",
+        "the registry's fields as before: {sol}"
+    );
+    assert_eq!(sol["template_version"], latest_version(), "{sol}");
+    if on_citus() {
+        let (_, nodes) = send(&app, Method::GET, "/admin/cluster", &admin, None).await;
+        let workers: Vec<String> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["role"] == "worker")
+            .map(|n| format!("{}:{}", n["host"].as_str().unwrap(), n["port"]))
+            .collect();
+        let node = sol["node"].as_str().unwrap_or_default().to_owned();
+        assert!(workers.contains(&node), "{node} among {workers:?}");
+    } else {
+        assert!(sol["node"].is_null(), "no node on plain PostgreSQL: {sol}");
+    }
+    // The CLI shows the same.
+    let out = tenantry(
+        &["tenants", "show", "sol", "--json"],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["sessions"], 2, "{shown}");
+    assert_eq!(shown["node"], sol["node"], "{shown}");
+    let out = tenantry(&["tenants", "show", "sol"], &cli_env(&app.db_name), None).await;
+    assert!(
+        stdout(&out).contains("sessions:         2"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test]
+async fn in_a_browser_every_page_works_from_the_keyboard_and_fits_a_phone() {
+    let app = spawn_app_with(|s| s.webhooks.max_attempts = 1).await;
+    let admin = admin_token(&app).await;
+    assert_eq!(app.register("pia").await.status(), 201);
+    // A long URL in a table: the table scrolls, not the page.
+    let long = format!("http://127.0.0.1:9/{}", "hooks/".repeat(30));
+    let (status, _) = send(
+        &app,
+        Method::POST,
+        "/admin/webhooks",
+        &admin,
+        Some(serde_json::json!({ "url": long })),
+    )
+    .await;
+    assert_eq!(status, 201);
+    // A run to show (of nothing: every tenant is at the latest version).
+    let run = app.fleet_run_over_http(&admin).await["run_id"]
+        .as_i64()
+        .unwrap();
+
+    for (width, height) in [(390, 844), (1280, 800)] {
+        let browser = Browser::start_sized(width, height).await;
+        // Signing in from the keyboard alone: the name field has the
+        // focus, Tab reaches the password, Enter sends.
+        browser
+            .driver
+            .goto(format!("{}/admin/ui/", app.address))
+            .await
+            .unwrap();
+        browser.until_text("h1", "Sign in").await;
+        let shown = browser
+            .driver
+            .execute("return document.documentElement.clientWidth;", Vec::new())
+            .await
+            .unwrap()
+            .convert::<u32>()
+            .unwrap();
+        assert!(
+            shown <= width && shown + 20 >= width,
+            "the page is {shown}px wide in a {width}px window"
+        );
+        assert_eq!(
+            browser.unusable().await,
+            Vec::<String>::new(),
+            "sign-in at {width}px"
+        );
+        browser.keys("ops").await;
+        browser.keys(thirtyfour::Key::Tab).await;
+        browser.keys(PASSWORD).await;
+        browser.keys(thirtyfour::Key::Enter).await;
+        browser.until_text("h1", "Tenants").await;
+
+        // The menu is reached with Tab and followed with Enter.
+        browser.tab_to("nav a[href='#/fleet']").await;
+        browser.keys(thirtyfour::Key::Enter).await;
+        browser.until_text("h1", "Fleet").await;
+        // A search typed and sent from the keyboard.
+        browser.tab_to("nav a[href='#/tenants']").await;
+        browser.keys(thirtyfour::Key::Enter).await;
+        browser.until_text("h1", "Tenants").await;
+        browser.tab_to("#q").await;
+        browser.keys("pi").await;
+        browser.keys(thirtyfour::Key::Enter).await;
+        until("the search from the keyboard", || async {
+            browser.driver.current_url().await.unwrap().fragment() == Some("/tenants?q=pi")
+        })
+        .await;
+        browser.until_text("tbody td:first-child", "pia").await;
+        browser.tab_to("tbody a").await;
+        browser.keys(thirtyfour::Key::Enter).await;
+        browser.until_text("h1", "pia").await;
+
+        let mut pages = vec![
+            ("#/tenants", "Tenants".to_string()),
+            ("#/tenants/pia", "pia".to_string()),
+            ("#/fleet", "Fleet".to_string()),
+            ("#/fleet/runs/RUN", format!("Run {run}")),
+            ("#/webhooks", "Webhooks".to_string()),
+            ("#/webhooks/1", "Endpoint 1: latest deliveries".to_string()),
+            ("#/audit", "Audit log".to_string()),
+        ];
+        if on_citus() {
+            pages.push(("#/cluster", "Cluster".to_string()));
+        }
+        for (hash, title) in &pages {
+            let hash = hash.replace("RUN", &run.to_string());
+            browser.open(&hash).await;
+            browser.until_text("h1", title).await;
+            // Settled: the page's data is drawn (no page waits on a poll here).
+            browser.find("main h1 ~ *").await;
+            assert_eq!(
+                browser.unusable().await,
+                Vec::<String>::new(),
+                "{hash} at {width}px"
+            );
+        }
+        if width < 600 {
+            browser.open("#/tenants").await;
+            browser.until_text("tbody td:first-child", "pia").await;
+            browser.screenshot("tenants-phone").await;
+        }
+        browser.quit().await;
+    }
+}
+
+#[tokio::test]
+async fn in_a_browser_an_admin_moves_a_tenant_and_rebalances_on_citus_and_sees_no_cluster_page_elsewhere(
+) {
+    let app = spawn_app().await;
+    let admin = admin_token(&app).await;
+    for name in ["ada", "ben"] {
+        assert_eq!(app.register(name).await.status(), 201);
+    }
+    let browser = Browser::start().await;
+    browser.sign_in(&app, "ops").await;
+    browser.until_text("h1", "Tenants").await;
+    if on_citus() {
+        cluster_pages(&app, &admin, &browser).await;
+    } else {
+        // Plain PostgreSQL: no cluster in the menu; the page says why.
+        assert!(!browser
+            .find("nav a[href='#/cluster']")
+            .await
+            .is_displayed()
+            .await
+            .unwrap());
+        browser.open("#/cluster").await;
+        browser
+            .until_text(".message", "This database is not a Citus coordinator.")
+            .await;
+        browser.open("#/tenants/ada").await;
+        browser.until_text("dd[data-field=Sessions]", "1").await;
+        assert!(browser.texts("dd[data-field=Node]").await.is_empty());
+    }
+    browser.quit().await;
+}
+
+/// The Citus half of the test above: the nodes, a tenant moved from the
+/// page, a rebalance followed to its end.
+async fn cluster_pages(app: &TestApp, admin: &str, browser: &Browser) {
+    let node_of = |name: &'static str| async move {
+        let (_, t) = send(
+            app,
+            Method::GET,
+            &format!("/admin/tenants/{name}"),
+            admin,
+            None,
+        )
+        .await;
+        t["node"].as_str().unwrap().to_owned()
+    };
+    let (_, nodes) = send(app, Method::GET, "/admin/cluster", admin, None).await;
+    let names: Vec<String> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{}:{}", n["host"].as_str().unwrap(), n["port"]))
+        .collect();
+    assert_eq!(names.len(), 3, "a coordinator and two workers: {nodes}");
+    let first_worker = names[1].clone();
+
+    browser.click("nav a[href='#/cluster']").await;
+    browser.until_text("h1", "Cluster").await;
+    until("the nodes listed", || async {
+        browser.texts("tbody td:first-child").await == names
+    })
+    .await;
+    assert_eq!(
+        browser.texts("tbody td:nth-child(2)").await,
+        ["coordinator", "worker", "worker"]
+    );
+
+    // Both tenants onto the first worker, from the page.
+    for name in ["ada", "ben"] {
+        let from = node_of(name).await;
+        browser.type_into("#move-tenant", name).await;
+        thirtyfour::components::SelectElement::new(&browser.find("#move-node").await)
+            .await
+            .unwrap()
+            .select_by_value(&first_worker)
+            .await
+            .unwrap();
+        browser
+            .click("#move-tenant ~ button, form.filters button")
+            .await;
+        let said = if from == first_worker {
+            format!("{name} is on {first_worker} already.")
+        } else {
+            let mode = if app
+                .db()
+                .await
+                .query_one("SELECT current_setting('wal_level')", &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+                == "logical"
+            {
+                "online"
+            } else {
+                "blocking its writes"
+            };
+            format!("Moved {name} from {from} to {first_worker} ({mode}) in")
+        };
+        until(&format!("the page says: {said}"), || async {
+            browser
+                .texts(".message")
+                .await
+                .iter()
+                .any(|t| t.starts_with(&said))
+        })
+        .await;
+        assert_eq!(node_of(name).await, first_worker);
+    }
+    until("two tenants on the first worker", || async {
+        browser.texts("tbody td:nth-child(4)").await == ["0", "2", "0"]
+    })
+    .await;
+    browser.type_into("#move-tenant", "nobody").await;
+    browser.click("form.filters button").await;
+    browser
+        .until_text(".message", "There is no tenant named nobody.")
+        .await;
+    browser.screenshot("cluster").await;
+
+    // A rebalance, followed to its end on its own page.
+    browser.click("#rebalance").await;
+    browser.until_text("dd[data-field=State]", "finished").await;
+    let moves = browser.texts("dd[data-field=Moves]").await.join("");
+    let (done, total) = moves.split_once(" of ").expect("done of total");
+    assert_eq!(done, total, "{moves}");
+    assert!(done.parse::<i64>().unwrap() >= 1, "{moves}");
+    browser.screenshot("rebalance").await;
+    browser.click("p a[href='#/cluster']").await;
+    until("a tenant on each worker", || async {
+        browser.texts("tbody td:nth-child(4)").await == ["0", "1", "1"]
+    })
+    .await;
+    // A tenant's page names its node.
+    browser.open("#/tenants/ada").await;
+    let ada = node_of("ada").await;
+    browser.until_text("dd[data-field=Node]", &ada).await;
 }

@@ -415,3 +415,106 @@ async fn serve_measures_the_fleet_at_its_interval() {
     let (status, body) = post_bulky(&app, &token, 1).await;
     assert_eq!(status, 403, "{body}");
 }
+
+#[tokio::test]
+async fn admins_list_tenants_largest_first_a_page_at_a_time() {
+    let app = spawn_app().await;
+    let admin = admin_token(&app).await;
+    let mut tokens = std::collections::HashMap::new();
+    for name in ["alice", "bob", "carol", "dave"] {
+        tokens.insert(name, app.token(name).await);
+    }
+    fill(&app, &tokens["carol"], 6).await;
+    fill(&app, &tokens["bob"], 2).await;
+    for name in ["alice", "bob", "carol", "dave"] {
+        usage_of(&app, &admin, name, true).await;
+    }
+    // erin is never measured: she comes last.
+    app.token("erin").await;
+
+    let list = |query: String| {
+        let app = &app;
+        let admin = &admin;
+        async move {
+            let (status, body) = send(
+                app,
+                Method::GET,
+                &format!("/admin/tenants?{query}"),
+                admin,
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{query}: {body}");
+            body
+        }
+    };
+    let names = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["username"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let whole = list("sort=size".into()).await;
+    let order = names(&whole);
+    assert_eq!(order.len(), 5, "{whole}");
+    assert_eq!(order[..2], ["carol", "bob"], "{whole}");
+    assert_eq!(order[4], "erin", "{whole}");
+    // Largest first, equal sizes by name, the unmeasured last.
+    let keys: Vec<(i64, String)> = whole["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                -t["usage_bytes"].as_i64().unwrap_or(-1),
+                t["username"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "{whole}");
+    assert!(whole["items"][4]["usage_bytes"].is_null(), "{whole}");
+
+    // Two at a time: the same order, nothing lost or repeated.
+    let mut paged = Vec::new();
+    let mut query = "sort=size&limit=2".to_string();
+    loop {
+        let page = list(query.clone()).await;
+        paged.extend(names(&page));
+        match page["next_cursor"].as_str() {
+            Some(cursor) => query = format!("sort=size&limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, order);
+
+    // With a search, and a cursor of the other order refused.
+    let with_a = list("sort=size&q=a".into()).await;
+    assert_eq!(names(&with_a)[0], "carol", "{with_a}");
+    let by_name = list("limit=1".into()).await;
+    let cursor = by_name["next_cursor"].as_str().unwrap();
+    let (status, body) = send(
+        &app,
+        Method::GET,
+        &format!("/admin/tenants?sort=size&cursor={cursor}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_cursor"))
+    );
+    let (status, body) = send(
+        &app,
+        Method::GET,
+        "/admin/tenants?sort=weight",
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
