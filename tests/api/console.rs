@@ -372,7 +372,47 @@ async fn in_a_browser_an_admin_finds_suspends_resumes_and_erases_a_tenant() {
         browser.texts("tbody tr td:first-child").await == ["alice", "bob", "malina"]
     })
     .await;
+
+    // Largest first: bob, the only one with a row, once measured.
+    let (status, _) = send(
+        &app,
+        Method::POST,
+        "/api/experiences",
+        &app.access_token("bob").await,
+        Some(serde_json::json!({"title": "Engineer", "organization": "Acme", "started_on": "2020-01-01"})),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for name in ["alice", "bob", "malina"] {
+        let (status, _) = send(
+            &app,
+            Method::GET,
+            &format!("/admin/tenants/{name}/usage?refresh=true"),
+            &admin,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    thirtyfour::components::SelectElement::new(&browser.find("#sort").await)
+        .await
+        .unwrap()
+        .select_by_value("size")
+        .await
+        .unwrap();
+    browser.click("form[role=search] button").await;
+    until("bob first", || async {
+        browser.texts("tbody tr td:first-child").await == ["bob", "alice", "malina"]
+    })
+    .await;
+    let sizes = browser.texts("tbody tr td:nth-child(4)").await;
+    assert!(sizes.iter().all(|s| s.ends_with("KiB")), "{sizes:?}");
     browser.screenshot("tenants").await;
+    browser.open("#/tenants").await;
+    until("by name again", || async {
+        browser.texts("tbody tr td:first-child").await == ["alice", "bob", "malina"]
+    })
+    .await;
 
     // Search by part of the name, open the tenant.
     browser.type_into("#q", "lin").await;
@@ -562,6 +602,7 @@ async fn in_a_browser_an_admin_previews_starts_and_follows_a_fleet_run_and_retri
     browser
         .until_text("dd[data-field='Behind the latest']", "3")
         .await;
+    browser.screenshot("fleet").await;
 
     browser.type_into("#concurrency", "2").await;
     browser.type_into("#canary", "0").await;
@@ -637,6 +678,7 @@ async fn in_a_browser_an_admin_sees_a_dead_webhook_delivery_and_sends_it_again()
         ["1"],
         "one dead"
     );
+    browser.screenshot("webhooks").await;
     browser.click("tbody a").await;
     browser
         .until_text("h1", "Endpoint 1: latest deliveries")
@@ -646,6 +688,7 @@ async fn in_a_browser_an_admin_sees_a_dead_webhook_delivery_and_sends_it_again()
         browser.texts("tbody td:nth-child(6)").await,
         ["cannot connect"]
     );
+    browser.screenshot("deliveries").await;
     browser.click("#retry-dead").await;
     browser
         .until_text(".message", "1 dead deliveries are due again.")
@@ -971,12 +1014,12 @@ async fn cluster_pages(app: &TestApp, admin: &str, browser: &Browser) {
         browser.texts("tbody td:nth-child(4)").await == ["0", "2", "0"]
     })
     .await;
+    browser.screenshot("cluster").await;
     browser.type_into("#move-tenant", "nobody").await;
     browser.click("form.filters button").await;
     browser
         .until_text(".message", "There is no tenant named nobody.")
         .await;
-    browser.screenshot("cluster").await;
 
     // A rebalance, followed to its end on its own page.
     browser.click("#rebalance").await;
