@@ -238,7 +238,7 @@ async function tenantsPage(view, params) {
       h("td", { class: `status-${t.status}` }, t.status),
       h("td", { class: "num" }, t.template_version),
       h("td", { class: "num" }, bytes(t.usage_bytes)),
-      h("td", {}, t.over_quota_since ? "over quota" : ""),
+      h("td", {}, t.over_quota_since ? "yes" : "no"),
       h("td", {}, t.email_verified ? "yes" : "no"),
     ),
   );
@@ -248,7 +248,7 @@ async function tenantsPage(view, params) {
     h(
       "table",
       { "aria-label": "Tenants" },
-      h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Status"), h("th", { class: "num" }, "Version"), h("th", { class: "num" }, "Size"), h("th", {}, "Quota"), h("th", {}, "Email verified"))),
+      h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Status"), h("th", { class: "num" }, "Version"), h("th", { class: "num" }, "Size"), h("th", {}, "Over quota"), h("th", {}, "Email verified"))),
       h("tbody", {}, rows),
     ),
   );
@@ -362,16 +362,20 @@ async function auditPage(view, params) {
     return;
   }
   const chain = verdict.intact
-    ? message(`Chain verified: ${verdict.entries} entries, ${verdict.anchors} anchor(s) match.`, "ok")
+    ? message(
+        `Chain verified: ${verdict.entries} entries, ${verdict.anchors} anchor(s) match.${verdict.anchors ? "" : " (No anchor written yet: serve writes them to its anchor file as it runs.)"}`,
+        "ok",
+      )
     : message(`The chain is broken at entry ${verdict.broken_at}: ${verdict.reason}`);
   chain.id = "chain";
   const rows = page.items.map((e) =>
-    h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", {}, e.actor || ""), h("td", {}, e.subject || ""), h("td", {}, JSON.stringify(e.details))),
+    h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", {}, e.actor || ""), h("td", {}, e.subject || ""), h("td", { class: "details" }, JSON.stringify(e.details))),
   );
   show(
     view,
     "Audit log",
     chain,
+    h("p", { class: "hint" }, "Actors and subjects are pseudonyms: the log keeps no names or addresses."),
     filters,
     h(
       "div",
@@ -417,7 +421,7 @@ async function fleetPage(view) {
     { class: "table-wrap" },
     h(
       "table",
-      { "aria-label": "Tenants per version" },
+      { "aria-label": "Tenants per version", class: "compact" },
       h("thead", {}, h("tr", {}, h("th", { class: "num" }, "Version"), h("th", { class: "num" }, "Tenants"))),
       h("tbody", {}, f.versions.map((v) => h("tr", {}, h("td", { class: "num" }, v.version), h("td", { class: "num" }, v.tenants)))),
     ),
@@ -562,7 +566,7 @@ async function webhooksPage(view) {
             h("tbody", {}, rows),
           ),
         )
-      : h("p", {}, "No endpoint yet: add one with `tenantry webhooks add URL` or POST /admin/webhooks."),
+      : h("p", {}, "No endpoint yet: add one with the command webhooks add URL (cargo run --release -- webhooks add URL from a checkout), or POST /admin/webhooks."),
   );
 }
 

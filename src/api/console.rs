@@ -17,6 +17,7 @@ pub const POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self
 const INDEX: &str = include_str!("../../console/index.html");
 const SCRIPT: &str = include_str!("../../console/app.js");
 const STYLE: &str = include_str!("../../console/app.css");
+const ICON: &str = include_str!("../../console/icon.svg");
 
 fn file(content_type: &str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
@@ -46,11 +47,11 @@ pub async fn console_page() -> HttpResponse {
     file("text/html; charset=utf-8", INDEX)
 }
 
-/// `GET /admin/ui/{file}`: the console's script (`app.js`) and style
-/// (`app.css`).
+/// `GET /admin/ui/{file}`: the console's script (`app.js`), style
+/// (`app.css`) and icon (`icon.svg`).
 #[utoipa::path(
     tag = "console",
-    params(("file" = String, Path, description = "app.js or app.css")),
+    params(("file" = String, Path, description = "app.js, app.css or icon.svg")),
     responses(
         (status = 200, description = "The file", content_type = "text/javascript"),
         (status = 404, description = "No such file", body = crate::api::openapi::ErrorBody),
@@ -61,6 +62,7 @@ pub async fn console_file(name: web::Path<String>) -> Result<HttpResponse, ApiEr
     match name.as_str() {
         "app.js" => Ok(file("text/javascript; charset=utf-8", SCRIPT)),
         "app.css" => Ok(file("text/css; charset=utf-8", STYLE)),
+        "icon.svg" => Ok(file("image/svg+xml", ICON)),
         _ => Err(ApiError::NotFound("no such file".into())),
     }
 }

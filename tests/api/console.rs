@@ -68,6 +68,14 @@ async fn the_console_is_served_from_the_binary_and_loads_nothing_from_elsewhere(
         assert!(!script.contains(kept), "the script uses {kept}");
     }
 
+    let (icon_kind, _, icon) = asset(&app, "/admin/ui/icon.svg").await;
+    assert_eq!(icon_kind, "image/svg+xml");
+    assert!(icon.starts_with("<svg"), "{icon}");
+    assert!(
+        page.contains(r#"href="/admin/ui/icon.svg""#),
+        "the page names its icon"
+    );
+
     let missing = app.get("/admin/ui/other.js").await;
     assert_eq!(missing.status(), 404);
     assert_eq!(json(missing).await["error"]["code"], "not_found");
@@ -524,7 +532,7 @@ async fn in_a_browser_the_console_refuses_a_tenant_and_shows_an_auditor_only_the
     browser
         .until_text(
             "#chain",
-            &format!("Chain verified: {entries} entries, 0 anchor(s) match."),
+            &format!("Chain verified: {entries} entries, 0 anchor(s) match. (No anchor written yet: serve writes them to its anchor file as it runs.)"),
         )
         .await;
     until("the audit log lists the signup", || async {
