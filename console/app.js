@@ -146,13 +146,6 @@ async function role() {
   try {
     await api("GET", "/admin/tenants?limit=1");
     session.admin = true;
-    // The cluster page is there on a Citus coordinator only (409 elsewhere).
-    try {
-      await api("GET", "/admin/cluster");
-      session.citus = true;
-    } catch (err) {
-      if (err.status !== 409) throw err;
-    }
   } catch (err) {
     if (err.status !== 403) throw err;
     try {
@@ -166,7 +159,9 @@ async function role() {
   }
   nav.hidden = false;
   for (const a of nav.querySelectorAll("[data-role=admin]")) a.hidden = !session.admin;
-  for (const a of nav.querySelectorAll("[data-role=citus]")) a.hidden = !session.citus;
+  for (const a of nav.querySelectorAll("[data-role=citus]")) a.hidden = true;
+  delete nav.dataset.cluster;
+  if (session.admin) probeCluster(session);
   signOut.hidden = false;
   who.textContent = `${session.username} (${session.admin ? "admin" : "auditor"})`;
   if (!location.hash || location.hash === "#/" || (!session.admin && !location.hash.startsWith("#/audit"))) {
@@ -174,6 +169,24 @@ async function role() {
   } else {
     route();
   }
+}
+
+// The cluster page is there on a Citus coordinator only (409 elsewhere).
+// Asked after signing in, not waited for: a cluster with a worker down
+// must not keep an admin out of the other pages. Any answer but 409 (an
+// error of a cluster too) shows the page.
+async function probeCluster(asked) {
+  let citus;
+  try {
+    await api("GET", "/admin/cluster");
+    citus = true;
+  } catch (err) {
+    citus = err.status !== 409 && err.status !== 401 && err.status !== 403;
+  }
+  if (session !== asked) return;
+  session.citus = citus;
+  for (const a of nav.querySelectorAll("[data-role=citus]")) a.hidden = !citus;
+  nav.dataset.cluster = citus ? "yes" : "no";
 }
 
 signOut.addEventListener("click", () => end("Signed out."));
@@ -284,7 +297,7 @@ async function tenantPage(view, name, notice) {
       ["Quota", quota],
       ["Over quota since", when(t.over_quota_since)],
       ["Sessions", t.sessions],
-      ...(session.citus ? [["Node", t.node || "not placed"]] : []),
+      ...(session.citus || t.node ? [["Node", t.node || "not placed"]] : []),
       ["Schema", t.schema],
       ["Created", when(t.created_at)],
     ].map(([k, v]) => [h("dt", {}, k), h("dd", { "data-field": k }, v)]),
@@ -444,7 +457,7 @@ async function fleetPage(view) {
             concurrency: Number(concurrency.value),
             canary: Number(canary.value),
           });
-          location.hash = `#/fleet/runs/${run.run_id}`;
+          if (view === current) location.hash = `#/fleet/runs/${run.run_id}`;
         } catch (err) {
           preview.replaceChildren(message(err.message));
         }
@@ -503,7 +516,7 @@ async function runPage(view, id) {
           concurrency: report.concurrency,
           canary: report.canary,
         });
-        location.hash = `#/fleet/runs/${run.run_id}`;
+        if (view === current) location.hash = `#/fleet/runs/${run.run_id}`;
       } catch (err) {
         show(view, `Run ${id}`, message(err.message));
       }
@@ -620,7 +633,7 @@ async function clusterPage(view, notice) {
   try {
     nodes = await api("GET", "/admin/cluster");
   } catch (err) {
-    show(view, "Cluster", message(err.status === 409 ? "This database is not a Citus coordinator." : err.message));
+    show(view, "Cluster", notice || null, message(err.status === 409 ? "This database is not a Citus coordinator." : err.message));
     return;
   }
   const table = h(
@@ -650,7 +663,7 @@ async function clusterPage(view, notice) {
         clusterPage(view, message(m.from === m.to ? `${m.tenant} is on ${m.to} already.` : `Moved ${m.tenant} from ${m.from} to ${m.to} (${how}) in ${m.seconds.toFixed(1)} s.`, "ok"));
       } catch (err) {
         moveButton.disabled = false;
-        status.replaceChildren(message(err.status === 404 ? `There is no tenant named ${tenant.value}.` : err.message));
+        status.replaceChildren(message(err.status === 404 && err.message === "no such tenant" ? `There is no tenant named ${tenant.value}.` : err.message));
       }
     } },
     h("label", { for: "move-tenant" }, "Tenant", tenant),
@@ -662,7 +675,7 @@ async function clusterPage(view, notice) {
     try {
       const r = await api("POST", "/admin/cluster/rebalance");
       if (r.job_id === null) clusterPage(view, message("The tenants are balanced already: nothing to move.", "ok"));
-      else location.hash = `#/cluster/rebalance/${r.job_id}`;
+      else if (view === current) location.hash = `#/cluster/rebalance/${r.job_id}`;
     } catch (err) {
       rebalance.disabled = false;
       status.replaceChildren(message(err.message));

@@ -284,9 +284,13 @@ pub async fn tenants(
             .cursor("t", 1)?
             .map(|parts| cursor_part::<String>(&parts[0]).map(|name| (0, name)))
             .transpose()?,
+        // The size is carried plus one: the unmeasured (-1) as 0, as
+        // cursors carry no negative number.
         TenantSort::Size => paging
             .cursor("ts", 2)?
-            .map(|parts| Ok::<_, ApiError>((cursor_part(&parts[0])?, cursor_part(&parts[1])?)))
+            .map(|parts| {
+                Ok::<_, ApiError>((cursor_part::<i64>(&parts[0])? - 1, cursor_part(&parts[1])?))
+            })
             .transpose()?,
     };
     let order = match (sort, &after) {
@@ -311,7 +315,10 @@ pub async fn tenants(
         TenantSort::Name => make_cursor("t", std::slice::from_ref(&t.username)),
         TenantSort::Size => make_cursor(
             "ts",
-            &[crate::tenants::size_key(t).to_string(), t.username.clone()],
+            &[
+                (crate::tenants::size_key(t) + 1).to_string(),
+                t.username.clone(),
+            ],
         ),
     });
     Ok(HttpResponse::Ok().json(page))

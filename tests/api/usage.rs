@@ -429,8 +429,9 @@ async fn admins_list_tenants_largest_first_a_page_at_a_time() {
     for name in ["alice", "bob", "carol", "dave"] {
         usage_of(&app, &admin, name, true).await;
     }
-    // erin is never measured: she comes last.
+    // erin and fay are never measured: they come last.
     app.token("erin").await;
+    app.token("fay").await;
 
     let list = |query: String| {
         let app = &app;
@@ -458,9 +459,9 @@ async fn admins_list_tenants_largest_first_a_page_at_a_time() {
     };
     let whole = list("sort=size".into()).await;
     let order = names(&whole);
-    assert_eq!(order.len(), 5, "{whole}");
+    assert_eq!(order.len(), 6, "{whole}");
     assert_eq!(order[..2], ["carol", "bob"], "{whole}");
-    assert_eq!(order[4], "erin", "{whole}");
+    assert_eq!(order[4..], ["erin", "fay"], "{whole}");
     // Largest first, equal sizes by name, the unmeasured last.
     let keys: Vec<(i64, String)> = whole["items"]
         .as_array()
@@ -478,20 +479,23 @@ async fn admins_list_tenants_largest_first_a_page_at_a_time() {
     assert_eq!(keys, sorted, "{whole}");
     assert!(whole["items"][4]["usage_bytes"].is_null(), "{whole}");
 
-    // Two at a time: the same order, nothing lost or repeated.
-    let mut paged = Vec::new();
-    let mut query = "sort=size&limit=2".to_string();
-    loop {
-        let page = list(query.clone()).await;
-        paged.extend(names(&page));
-        match page["next_cursor"].as_str() {
-            Some(cursor) => query = format!("sort=size&limit=2&cursor={cursor}"),
-            None => break,
+    // One or two at a time (pages that end on a measured tenant, on an
+    // unmeasured one): the same order, nothing lost or repeated.
+    for limit in [1, 2] {
+        let mut paged = Vec::new();
+        let mut query = format!("sort=size&limit={limit}");
+        loop {
+            let page = list(query.clone()).await;
+            paged.extend(names(&page));
+            match page["next_cursor"].as_str() {
+                Some(cursor) => query = format!("sort=size&limit={limit}&cursor={cursor}"),
+                None => break,
+            }
         }
+        assert_eq!(paged, order, "limit {limit}");
     }
-    assert_eq!(paged, order);
 
-    // With a search, and a cursor of the other order refused.
+    // With a search, and a cursor of one order refused by the other.
     let with_a = list("sort=size&q=a".into()).await;
     assert_eq!(names(&with_a)[0], "carol", "{with_a}");
     let by_name = list("limit=1".into()).await;
@@ -500,6 +504,20 @@ async fn admins_list_tenants_largest_first_a_page_at_a_time() {
         &app,
         Method::GET,
         &format!("/admin/tenants?sort=size&cursor={cursor}"),
+        &admin,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_cursor"))
+    );
+    let by_size = list("sort=size&limit=1".into()).await;
+    let cursor = by_size["next_cursor"].as_str().unwrap();
+    let (status, body) = send(
+        &app,
+        Method::GET,
+        &format!("/admin/tenants?cursor={cursor}"),
         &admin,
         None,
     )
