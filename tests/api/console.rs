@@ -288,6 +288,7 @@ impl Browser {
             .await
             .unwrap();
         self.until_text("h1", "Sign in").await;
+        self.screenshot("sign-in").await;
         self.type_into("#username", username).await;
         self.type_into("#password", PASSWORD).await;
         self.click("form button[type=submit]").await;
