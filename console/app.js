@@ -351,6 +351,14 @@ async function tenantPage(view, name, notice) {
   show(view, t.username, notice || null, details, actions, h("p", {}, h("a", { href: "#/tenants" }, "All tenants")));
 }
 
+// An audit entry's details as "key: value, …".
+function details(d) {
+  if (!d || typeof d !== "object") return d === null || d === undefined ? "" : String(d);
+  return Object.entries(d)
+    .map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`)
+    .join(", ");
+}
+
 async function auditPage(view, params) {
   const action = params.get("action") || "";
   const actionInput = h("input", { id: "action", name: "action", value: action, placeholder: "e.g. tenant_suspended" });
@@ -382,7 +390,7 @@ async function auditPage(view, params) {
     : message(`The chain is broken at entry ${verdict.broken_at}: ${verdict.reason}`);
   chain.id = "chain";
   const rows = page.items.map((e) =>
-    h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", {}, e.actor || ""), h("td", {}, e.subject || ""), h("td", { class: "details" }, JSON.stringify(e.details))),
+    h("tr", {}, h("td", { class: "num" }, e.seq), h("td", {}, when(e.at)), h("td", {}, e.action), h("td", { class: "pseudonym" }, e.actor || ""), h("td", { class: "pseudonym" }, e.subject || ""), h("td", { class: "details" }, details(e.details))),
   );
   show(
     view,
