@@ -344,10 +344,7 @@ pub async fn tenant(
     let username =
         Username::parse(&name).map_err(|_| ApiError::NotFound("no such tenant".into()))?;
     let client = state.pool.get().await?;
-    let tenant = crate::tenants::detail(&client, &username, state.installation.citus)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
-    Ok(HttpResponse::Ok().json(tenant))
+    tenant_now(&client, &username, state.installation.citus).await
 }
 
 /// `DELETE /admin/tenants/{name}`: erase a tenant (GDPR art. 17) → 200
@@ -407,7 +404,7 @@ pub struct SuspendRequest {
     params(("name" = String, Path, description = "The tenant's username")),
     request_body = SuspendRequest,
     responses(
-        (status = 200, description = "Suspended", body = crate::tenants::TenantInfo),
+        (status = 200, description = "Suspended", body = crate::tenants::TenantDetail),
         (status = 400, description = "The reason is too long or has control characters (`invalid_reason`)", body = crate::api::openapi::ErrorBody),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
         (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
@@ -445,7 +442,7 @@ pub async fn suspend_tenant(
     )
     .await?;
     state.letters.wake();
-    tenant_now(&client, &username).await
+    tenant_now(&client, &username, state.installation.citus).await
 }
 
 /// `POST /admin/tenants/{name}/resume`: lift a suspension; the account's
@@ -455,7 +452,7 @@ pub async fn suspend_tenant(
     security(("bearer" = [])),
     params(("name" = String, Path, description = "The tenant's username")),
     responses(
-        (status = 200, description = "Resumed", body = crate::tenants::TenantInfo),
+        (status = 200, description = "Resumed", body = crate::tenants::TenantDetail),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
         (status = 404, description = "No such tenant", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "Not suspended (`not_suspended`)", body = crate::api::openapi::ErrorBody),
@@ -482,7 +479,7 @@ pub async fn resume_tenant(
     )
     .await?;
     state.letters.wake();
-    tenant_now(&client, &username).await
+    tenant_now(&client, &username, state.installation.citus).await
 }
 
 /// The admin, as the audit entry of a suspension or resumption names them.
@@ -497,12 +494,14 @@ fn changed_by(
     }
 }
 
-/// 200 with the tenant as it is now.
+/// 200 with the tenant as it is now: its registry row, live sessions and
+/// (on Citus) node, as `GET /admin/tenants/{name}` shows it.
 async fn tenant_now(
     client: &tokio_postgres::Client,
     username: &Username,
+    citus: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let found = crate::tenants::find(client, username)
+    let found = crate::tenants::detail(client, username, citus)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such tenant".into()))?;
     Ok(HttpResponse::Ok().json(found))

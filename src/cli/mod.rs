@@ -708,7 +708,8 @@ async fn tenants(settings: Settings, action: TenantsCommand) -> Result<(), Failu
                 .await?
                 .ok_or_else(|| Failure::Other(format!("no tenant named {username}")))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&detail)?);
+                // The same object as `tenants list --json` has for it.
+                println!("{}", serde_json::to_string_pretty(&detail.tenant)?);
             } else {
                 let tenant = &detail.tenant;
                 let usage = crate::tenancy::usage::usage(
