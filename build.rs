@@ -5,6 +5,14 @@ use std::{env, fs, path::Path};
 fn main() {
     let dir = Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap()).join("tenant_templates");
     println!("cargo:rerun-if-changed={}", dir.display());
+    // `refinery::embed_migrations!` reads system_migrations/ as the crate
+    // compiles: a file added there must make it compile again.
+    println!(
+        "cargo:rerun-if-changed={}",
+        Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap())
+            .join("system_migrations")
+            .display()
+    );
     let mut files: Vec<_> = fs::read_dir(&dir)
         .expect("tenant_templates/ exists")
         .filter_map(|e| e.ok())

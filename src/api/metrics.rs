@@ -93,7 +93,7 @@ async fn record_gauges(state: &AppState) {
             .query_one(
                 "SELECT count(*) FILTER (WHERE dead_at IS NULL), count(*) FILTER (WHERE dead_at IS NOT NULL),
                         (SELECT count(*) FROM tenantry.spare_roles),
-                        (SELECT count(schema_name) FROM tenantry.spare_roles)
+                        (SELECT count(template_version) FROM tenantry.spare_roles)
                  FROM tenantry.outbox WHERE delivered_at IS NULL",
                 &[],
             )

@@ -380,6 +380,7 @@ async fn import_in(
             crate::provisioning::RoleFrom::Spare,
             crate::provisioning::Distribute::Later,
         ),
+        None,
     )
     .await?;
     let schema = made.schema.clone();

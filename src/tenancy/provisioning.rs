@@ -219,6 +219,15 @@ pub async fn provision(
     // everything between BEGIN and COMMIT goes out as one pipeline (see
     // `db::pipeline`) after the spare is taken: four round trips in all.
     let started = std::time::Instant::now();
+    if installation.citus {
+        if let Some(provisioned) = provision_built_citus(client, installation, templates, account).await? {
+            client.batch_execute(db::SESSION_RESET).await?;
+            metrics::histogram!("tenantry_provisioning_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            tracing::info!(user = %provisioned.user_id, version = provisioned.template_version.get(), "tenant provisioned from a built spare");
+            return Ok(provisioned);
+        }
+    }
     let reservation = Reservation::take(client, installation, &account.username).await?;
     let made = async {
         let mut attempts = 0;
@@ -233,6 +242,7 @@ pub async fn provision(
                 published.newest(),
                 account,
                 (role_from, Distribute::Now),
+                None,
             )
             .await;
             match made {
@@ -282,6 +292,86 @@ pub async fn provision(
     Ok(provisioned)
 }
 
+/// On Citus, the signup from a spare whose schema is built and distributed
+/// (`spares::build_one`), when there is one at the newest published
+/// version: one transaction renames its schema to the tenant's and writes
+/// the rows (Citus renames it on the workers by two-phase commit), no head
+/// start, no template, no distribution. Under the name's lock, as a head
+/// start is, after sweeping a dead head start of the name. `None`: no such
+/// spare (the caller makes the tenant with a head start).
+async fn provision_built_citus(
+    client: &mut deadpool_postgres::Client,
+    installation: &Installation,
+    templates: &Templates,
+    account: &NewAccount,
+) -> Result<Option<Provisioned>, ProvisionError> {
+    let username = &account.username;
+    client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
+            &[&PENDING_LOCK_CLASS, &username.as_str()],
+        )
+        .await?;
+    let made = async {
+        discard(client, username).await?;
+        let mut attempts = 0;
+        loop {
+            let published = templates.published();
+            let latest = published.set().latest().get();
+            let tx = client.transaction().await?;
+            // A spare whose schema was dropped by hand is left for the
+            // builder (the rollback keeps it a spare).
+            let Some(spare) = spares::claim_built(&*tx, latest)
+                .await?
+                .filter(|spare| spare.schema.is_some())
+            else {
+                tx.rollback().await?;
+                return Ok(None);
+            };
+            let made = provision_in(
+                &tx,
+                installation,
+                published.set().all(),
+                published.newest(),
+                account,
+                (RoleFrom::Spare, Distribute::Now),
+                Some(spare),
+            )
+            .await;
+            match made {
+                Ok(provisioned) => {
+                    tx.commit().await?;
+                    return Ok(Some(provisioned));
+                }
+                Err(e) if e.newer_published() => {
+                    drop(tx);
+                    attempts += 1;
+                    if attempts > 3 {
+                        return Err(ProvisionError::Published(
+                            "the published templates changed three times during one signup".into(),
+                        ));
+                    }
+                    templates
+                        .refresh(&***client)
+                        .await
+                        .map_err(|e| ProvisionError::Published(e.to_string()))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    .await;
+    let unlocked = client
+        .execute(
+            "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
+            &[&PENDING_LOCK_CLASS, &username.as_str()],
+        )
+        .await;
+    let made = made?;
+    unlocked?;
+    Ok(made)
+}
+
 /// The work of [`provision`] inside the caller's transaction, at the last
 /// version of `templates` (ascending and contiguous from V1): one pipeline.
 /// It starts by checking (under a lock publishing waits for) that
@@ -295,6 +385,7 @@ pub async fn provision_in(
     newest_published: i32,
     account: &NewAccount,
     (role_from, distribute): (RoleFrom, Distribute),
+    claimed: Option<spares::Claimed>,
 ) -> Result<Provisioned, ProvisionError> {
     let username = &account.username;
     let schema = username.schema();
@@ -311,7 +402,11 @@ pub async fn provision_in(
         .last()
         .expect("at least one template version")
         .version();
-    let (role, made_now, spares_left, built) = if installation.citus {
+    let (role, made_now, spares_left, built) = if let Some(spare) = claimed {
+        // Taken by the caller in this transaction (on Citus: a spare whose
+        // schema is built and distributed, `spares::claim_built`).
+        (spare.role, false, Some(spare.left), spare.schema)
+    } else if installation.citus {
         (installation.id.tenant_role(username), false, None, None)
     } else {
         // Not while `serve` hands tenants and spares to their routers
@@ -441,7 +536,12 @@ pub async fn provision_in(
             templates,
         ),
     };
-    let join_sql = join_group(installation, &schema, &role, made_now, distribute);
+    let join_sql = if installation.citus && built.is_some() {
+        // Distributed already, and in the group since its batch.
+        "SELECT".to_owned()
+    } else {
+        join_group(installation, &schema, &role, made_now, distribute)
+    };
     let application = TemplateApplication::new(&schema, &role, to_apply);
 
     let mut steps: Vec<Step> = Vec::new();

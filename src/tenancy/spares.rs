@@ -26,8 +26,17 @@
 //! (reproduced with plain SQL: docs/benchmarks.md). A signup refused its
 //! spare so makes its role in its transaction instead
 //! (`provisioning::provision`), which resets every session's list.
-//! Spares are not made on Citus, whose signups make their role in a head
-//! start (`provisioning::Reservation`).
+//!
+//! On Citus only spares with their schema built are taken ([`claim_built`]):
+//! a signup without one makes its role and schema in a head start
+//! (`provisioning::Reservation`). Its spare roles are `LOGIN` roles in the
+//! tenants' group, as a head start's (Citus reaches the workers as them),
+//! and the stock is no larger than the schemas to build. A schema is built
+//! in two transactions ([`build_one_citus`]): Citus distributes only a
+//! schema that is committed, so the empty schema goes first, then the
+//! templates and `citus_schema_distribute` together; only then is the
+//! spare's version written, and only a spare with a version is taken. A
+//! build killed between the two is finished by the next.
 //!
 //! Some spares also have their schema built ahead ([`build_one`],
 //! `TENANTRY_SPARE_SCHEMAS`): `tenant__s<16 hex>`, the templates applied as
@@ -132,6 +141,34 @@ fn claim_sql(filter: &str) -> String {
     )
 }
 
+/// On Citus, take a spare whose schema is built and distributed at exactly
+/// `latest` (none otherwise: no head start is saved by a role alone, and a
+/// distributed schema is not brought up to date in a signup), inside the
+/// caller's transaction. `None`: none left.
+pub async fn claim_built(
+    tx: &impl tokio_postgres::GenericClient,
+    latest: i32,
+) -> Result<Option<Claimed>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            CLAIM_BUILT.as_str(),
+            &[&-1i32, &latest, &crate::db::BACKUP_LOCK_CLASS],
+        )
+        .await?;
+    Ok(row.and_then(|row| {
+        let role = RoleName::parse(row.get(0)).ok()?;
+        Some(Claimed {
+            role,
+            schema: built(row.get(1), row.get(2)),
+            left: row.get(3),
+        })
+    }))
+}
+
+static CLAIM_BUILT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    claim_sql("$1 < 0 AND s.schema_name IS NOT NULL AND s.template_version = $2")
+});
+
 static CLAIM_OF_ROUTER: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| claim_sql("s.router = $1"));
 static CLAIM_ANY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim_sql("$1 < 0"));
@@ -197,14 +234,16 @@ pub fn wants_refill(have: usize, target: usize) -> bool {
 /// When fewer than half of `target` spares are left, make the rest, in one
 /// transaction (so one reset of every session's membership cache for the
 /// whole batch). Two refills at once queue on an advisory lock and the
-/// second finds the stock full. Returns how many roles it made. Nothing on
-/// Citus, or with a `target` of 0.
+/// second finds the stock full. Returns how many roles it made. Nothing
+/// with a `target` of 0. On Citus the roles may log in and are in the
+/// group from the start (as a head start's), and Citus makes them on every
+/// node.
 pub async fn refill(
     client: &mut tokio_postgres::Client,
     installation: &Installation,
     target: usize,
 ) -> Result<usize, tokio_postgres::Error> {
-    if target == 0 || installation.citus {
+    if target == 0 {
         return Ok(0);
     }
     let tx = client.transaction().await?;
@@ -246,7 +285,8 @@ pub async fn refill(
     let group = installation.group_role();
     let mut sql = String::from("SET LOCAL client_min_messages TO warning;\n");
     for (role, router) in &roles {
-        sql.push_str(&format!("CREATE ROLE {} NOLOGIN;\n", role.quoted()));
+        let login = if installation.citus { "LOGIN" } else { "NOLOGIN" };
+        sql.push_str(&format!("CREATE ROLE {} {login};\n", role.quoted()));
         if !installation.superuser {
             // A non-superuser service needs membership to act as the role.
             sql.push_str(&format!("GRANT {} TO CURRENT_USER;\n", role.quoted()));
@@ -298,8 +338,11 @@ pub async fn build_one(
     target: usize,
     skip: &[String],
 ) -> Result<Option<RoleName>, BuildFailed> {
-    if target == 0 || installation.citus {
+    if target == 0 {
         return Ok(None);
+    }
+    if installation.citus {
+        return build_one_citus(client, templates, target, skip).await;
     }
     let published = templates.published();
     let set = published.set();
@@ -395,6 +438,168 @@ pub async fn build_one(
     Ok(Some(role))
 }
 
+/// [`build_one`] on Citus, where a schema is distributed only once it is
+/// committed: the chosen spare's empty schema (and history table) first,
+/// in a transaction that records its name but no version; then, in a
+/// second, the templates as the spare's role and `citus_schema_distribute`,
+/// and the version. A spare with a schema and no version (a build cut off
+/// between the two) is finished first; one at an older version is dropped
+/// and built again (a distributed schema is brought up to date by the
+/// fleet's path, not here); `target` counts schemas made or being made.
+async fn build_one_citus(
+    client: &mut tokio_postgres::Client,
+    templates: &Templates,
+    target: usize,
+    skip: &[String],
+) -> Result<Option<RoleName>, BuildFailed> {
+    let published = templates.published();
+    let set = published.set();
+    let latest = set.latest().get();
+    let target = i64::try_from(target).unwrap_or(i64::MAX);
+    let failed = |role: Option<&str>| {
+        let role = role.map(str::to_owned);
+        move |e: tokio_postgres::Error| BuildFailed {
+            role: role.clone(),
+            why: e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), ToString::to_string),
+        }
+    };
+    let tx = client.transaction().await.map_err(failed(None))?;
+    tx.execute(
+        "SELECT tenantry.provisioning_at($1)",
+        &[&published.newest()],
+    )
+    .await
+    .map_err(failed(None))?;
+    let row = tx
+        .query_opt(
+            "SELECT s.role_name, s.schema_name, s.template_version, p.present
+             FROM tenantry.spare_roles s
+                  CROSS JOIN LATERAL (SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                                     WHERE n.nspname = s.schema_name) AS present) p
+             WHERE EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = s.role_name)
+               AND NOT (s.role_name = ANY ($3))
+               AND ((p.present AND (s.template_version IS NULL OR s.template_version < $1))
+                    OR (s.schema_name IS NOT NULL AND NOT p.present)
+                    OR (s.schema_name IS NULL
+                        AND (SELECT count(schema_name) FROM tenantry.spare_roles) < $2))
+             ORDER BY p.present DESC, s.template_version NULLS FIRST, s.made_at, s.role_name
+             LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
+            &[&latest, &target, &skip],
+        )
+        .await
+        .map_err(failed(None))?;
+    let Some(row) = row else {
+        tx.commit().await.map_err(failed(None))?;
+        return Ok(None);
+    };
+    let name: &str = row.get(0);
+    let role = match RoleName::parse(name) {
+        Ok(role) => role,
+        Err(e) => {
+            tx.commit().await.map_err(failed(Some(name)))?;
+            return Err(BuildFailed {
+                role: Some(name.to_owned()),
+                why: e.to_string(),
+            });
+        }
+    };
+    let on_err = failed(Some(role.as_str()));
+    let present: bool = row.get(3);
+    let version: Option<i32> = row.get(2);
+    let existing = row
+        .get::<_, Option<&str>>(1)
+        .and_then(|name| SchemaName::parse_spare(name).ok());
+    let schema = match (existing, present, version) {
+        // Half built: its templates and distribution are what is left.
+        (Some(schema), true, None) => {
+            tx.commit().await.map_err(&on_err)?;
+            schema
+        }
+        // At an older version: dropped, to be built again.
+        (Some(schema), true, Some(_)) => {
+            let dropped = async {
+                tx.batch_execute(&format!(
+                    "SET LOCAL client_min_messages TO warning;
+                     DROP SCHEMA {} CASCADE",
+                    schema.quoted()
+                ))
+                .await?;
+                tx.execute(
+                    "UPDATE tenantry.spare_roles SET schema_name = NULL, template_version = NULL
+                     WHERE role_name = $1",
+                    &[&role.as_str()],
+                )
+                .await?;
+                tx.commit().await
+            }
+            .await;
+            dropped.map_err(&on_err)?;
+            return Ok(Some(role));
+        }
+        // None yet (or gone): the empty schema, committed.
+        _ => {
+            let schema = SchemaName::spare();
+            let made = async {
+                tx.batch_execute(&crate::tenancy::provisioning::spare_schema(&schema, &role))
+                    .await?;
+                tx.execute(
+                    "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = NULL
+                     WHERE role_name = $1",
+                    &[&role.as_str(), &schema.as_str()],
+                )
+                .await?;
+                tx.commit().await
+            }
+            .await;
+            made.map_err(&on_err)?;
+            schema
+        }
+    };
+    let tx = client.transaction().await.map_err(&on_err)?;
+    let made = async {
+        tx.execute(
+            "SELECT tenantry.provisioning_at($1)",
+            &[&published.newest()],
+        )
+        .await?;
+        let mine = tx
+            .query_opt(
+                "SELECT FROM tenantry.spare_roles
+                 WHERE role_name = $1 AND schema_name = $2 AND template_version IS NULL
+                 FOR UPDATE SKIP LOCKED",
+                &[&role.as_str(), &schema.as_str()],
+            )
+            .await?;
+        if mine.is_none() {
+            // Another process finishes it.
+            return tx.commit().await;
+        }
+        let application = TemplateApplication::new(&schema, &role, set.all());
+        for (_, request) in application.requests(tx.client()) {
+            request.await?;
+        }
+        let (_, history) = application.history_request(tx.client());
+        history.await?;
+        tx.batch_execute(&crate::tenancy::provisioning::distribute_sql(&schema))
+            .await?;
+        tx.execute(
+            "UPDATE tenantry.spare_roles SET template_version = $2 WHERE role_name = $1",
+            &[&role.as_str(), &latest],
+        )
+        .await?;
+        tx.commit().await
+    }
+    .await;
+    made.map_err(&on_err)?;
+    client
+        .batch_execute(crate::db::SESSION_RESET)
+        .await
+        .map_err(&on_err)?;
+    Ok(Some(role))
+}
+
 /// `serve`'s stock of spares: roles refilled at start, when a signup finds
 /// them below half, and on a timer (other processes take spares too); then
 /// schemas built for up to `schemas` of them, one at a time, each followed
@@ -450,7 +655,16 @@ impl Keeper {
         templates: Arc<Templates>,
         interval: Duration,
     ) {
-        if self.target == 0 || installation.citus {
+        if self.target == 0 {
+            return;
+        }
+        // On Citus only built spares are taken: no more roles than schemas.
+        let target = if installation.citus {
+            self.schemas
+        } else {
+            self.target
+        };
+        if target == 0 {
             return;
         }
         self.routers
@@ -469,7 +683,7 @@ impl Keeper {
                 Err(e) => tracing::warn!(error = %e, "making spare tenant roles failed"),
             }
         };
-        once(pool.clone(), installation.clone(), self.target).await;
+        once(pool.clone(), installation.clone(), target).await;
         let keeper = self.clone();
         tokio::spawn(async move {
             let mut builder = Builder::default();
@@ -483,7 +697,7 @@ impl Keeper {
                             keeper.schemas,
                             || {
                                 // Signups may have emptied the roles meanwhile.
-                                once(pool.clone(), installation.clone(), keeper.target)
+                                once(pool.clone(), installation.clone(), target)
                             },
                         )
                         .await;
@@ -496,7 +710,7 @@ impl Keeper {
                         builder.client = None;
                     }
                 }
-                once(pool.clone(), installation.clone(), keeper.target).await;
+                once(pool.clone(), installation.clone(), target).await;
             }
         });
     }

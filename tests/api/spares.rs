@@ -585,13 +585,14 @@ async fn fleet_checks_clean(app: &TestApp) {
     assert!(stdout(&out).contains("no drift"), "{}", stdout(&out));
 }
 
-/// The spares whose schema is built: (role, schema, version), by role.
+/// The spares whose schema is built (on Citus: and distributed): (role,
+/// schema, version), by role.
 async fn built_spares(app: &TestApp) -> Vec<(String, String, i32)> {
     app.db()
         .await
         .query(
             "SELECT role_name, schema_name, template_version FROM tenantry.spare_roles
-             WHERE schema_name IS NOT NULL ORDER BY 1",
+             WHERE template_version IS NOT NULL ORDER BY 1",
             &[],
         )
         .await
