@@ -220,7 +220,9 @@ pub async fn provision(
     // `db::pipeline`) after the spare is taken: four round trips in all.
     let started = std::time::Instant::now();
     if installation.citus {
-        if let Some(provisioned) = provision_built_citus(client, installation, templates, account).await? {
+        if let Some(provisioned) =
+            provision_built_citus(client, installation, templates, account).await?
+        {
             client.batch_execute(db::SESSION_RESET).await?;
             metrics::histogram!("tenantry_provisioning_duration_seconds")
                 .record(started.elapsed().as_secs_f64());

@@ -285,7 +285,11 @@ pub async fn refill(
     let group = installation.group_role();
     let mut sql = String::from("SET LOCAL client_min_messages TO warning;\n");
     for (role, router) in &roles {
-        let login = if installation.citus { "LOGIN" } else { "NOLOGIN" };
+        let login = if installation.citus {
+            "LOGIN"
+        } else {
+            "NOLOGIN"
+        };
         sql.push_str(&format!("CREATE ROLE {} {login};\n", role.quoted()));
         if !installation.superuser {
             // A non-superuser service needs membership to act as the role.

@@ -713,6 +713,20 @@ async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template
     .await;
     assert_eq!(app.stray_role_count().await, 0);
     fleet_checks_clean(&app).await;
+
+    // Erased like any tenant: its schema and its role are gone (on Citus
+    // from every node: Citus drops them there).
+    app.erase_self(&token).await;
+    assert!(tables_of(&app, "tenant_sam").await.is_empty());
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM pg_roles WHERE rolname = '{role}'"
+        ))
+        .await,
+        0
+    );
+    assert_eq!(app.stray_role_count().await, 0);
+    fleet_checks_clean(&app).await;
 }
 
 #[tokio::test]
@@ -734,46 +748,191 @@ async fn a_spare_built_before_a_new_version_is_brought_up_to_it() {
     let out = tenantry(&["templates", "publish"], &env, None).await;
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // The signup takes a spare built at the version before, and applies
-    // only the new one.
-    assert_eq!(app.register("sam").await.status(), 201);
-    let role = app.role_of("sam").await;
-    let (_, spare, _) = built
-        .iter()
-        .find(|(r, _, _)| *r == role)
-        .expect("sam took a spare whose schema was built");
-    let now = tables_of(&app, "tenant_sam").await;
-    let kept: Vec<_> = now
-        .iter()
-        .filter(|(n, _, _)| n != "notes")
-        .cloned()
-        .collect();
-    assert_eq!(kept, tables[spare], "the spare's tables, renamed");
-    assert!(
-        now.iter().any(|(n, _, o)| n == "notes" && *o == role),
-        "{now:?}"
-    );
-    assert_eq!(history_of(&app, "tenant_sam").await, versions_up_to(next));
-    assert_eq!(
-        app.count("SELECT template_version::int8 FROM tenantry.tenants WHERE username = 'sam'")
-            .await,
-        i64::from(next)
-    );
+    if on_citus() {
+        // No spare is at the new version, and a distributed schema is not
+        // brought up to date in a signup: sam's tenant is made with a head
+        // start, every version run.
+        assert_eq!(app.register("sam").await.status(), 201);
+        let role = app.role_of("sam").await;
+        assert!(!built.iter().any(|(r, _, _)| *r == role), "{role}");
+        assert_eq!(history_of(&app, "tenant_sam").await, versions_up_to(next));
+        // The service drops the spares built before and builds them again
+        // at the new version.
+        until("two spares' schemas are at the new version", || async {
+            let now = built_spares(&app).await;
+            now.len() == 2 && now.iter().all(|(_, _, v)| *v == next)
+        })
+        .await;
+        for (_, schema, _) in &built {
+            assert!(tables_of(&app, schema).await.is_empty(), "{schema} dropped");
+        }
+        for (role, schema, _) in built_spares(&app).await {
+            assert_eq!(history_of(&app, &schema).await, versions_up_to(next));
+            owned_by(&app, &schema, &role).await;
+        }
+        // The next signup takes one: its very tables.
+        let mut fresh = std::collections::HashMap::new();
+        for (role, schema, _) in built_spares(&app).await {
+            fresh.insert(role, tables_of(&app, &schema).await);
+        }
+        assert_eq!(app.register("tom").await.status(), 201);
+        let tom = app.role_of("tom").await;
+        assert_eq!(
+            Some(&tables_of(&app, "tenant_tom").await),
+            fresh.get(&tom),
+            "tom took a built spare"
+        );
+        assert_eq!(history_of(&app, "tenant_tom").await, versions_up_to(next));
+        fleet_checks_clean(&app).await;
+    } else {
+        // The signup takes a spare built at the version before, and
+        // applies only the new one.
+        assert_eq!(app.register("sam").await.status(), 201);
+        let role = app.role_of("sam").await;
+        let (_, spare, _) = built
+            .iter()
+            .find(|(r, _, _)| *r == role)
+            .expect("sam took a spare whose schema was built");
+        let now = tables_of(&app, "tenant_sam").await;
+        let kept: Vec<_> = now
+            .iter()
+            .filter(|(n, _, _)| n != "notes")
+            .cloned()
+            .collect();
+        assert_eq!(kept, tables[spare], "the spare's tables, renamed");
+        assert!(
+            now.iter().any(|(n, _, o)| n == "notes" && *o == role),
+            "{now:?}"
+        );
+        assert_eq!(history_of(&app, "tenant_sam").await, versions_up_to(next));
+        assert_eq!(
+            app.count("SELECT template_version::int8 FROM tenantry.tenants WHERE username = 'sam'")
+                .await,
+            i64::from(next)
+        );
 
-    // The service brings the other up to the new version (the same schema)
-    // and builds one more at it.
-    let (other_role, other, _) = built.iter().find(|(r, _, _)| *r != role).unwrap();
-    until("two spares' schemas are at the new version", || async {
-        let now = built_spares(&app).await;
-        now.len() == 2 && now.iter().all(|(_, _, v)| *v == next)
+        // The service brings the other up to the new version (the same
+        // schema) and builds one more at it.
+        let (other_role, other, _) = built.iter().find(|(r, _, _)| *r != role).unwrap();
+        until("two spares' schemas are at the new version", || async {
+            let now = built_spares(&app).await;
+            now.len() == 2 && now.iter().all(|(_, _, v)| *v == next)
+        })
+        .await;
+        assert!(built_spares(&app)
+            .await
+            .iter()
+            .any(|(r, s, _)| r == other_role && s == other));
+        assert_eq!(history_of(&app, other).await, versions_up_to(next));
+        owned_by(&app, other, other_role).await;
+        fleet_checks_clean(&app).await;
+    }
+}
+
+#[tokio::test]
+async fn a_spare_build_cut_off_by_a_kill_is_finished_or_made_again_by_the_next_serve() {
+    let app = spawn_app().await;
+    // A version that waits on a lock the test holds: the build stops there.
+    let next = latest_version() + 1;
+    let dir = builtin_templates_with(&[(
+        &format!("V{next}__wait.sql"),
+        "SELECT pg_advisory_xact_lock(7077);",
+    )]);
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", dir.display().to_string()));
+    let out = tenantry(&["templates", "publish"], &env, None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.push(("TENANTRY_SPARE_ROLES", "1".to_string()));
+    env.push(("TENANTRY_SPARE_SCHEMAS", "1".to_string()));
+
+    let holder = connect(&app.db_name).await;
+    holder
+        .execute("SELECT pg_advisory_lock(7077)", &[])
+        .await
+        .unwrap();
+    let (mut serve, _) = serve_process(&app.db_name, &env).await;
+    let admin = connect(&app.db_name).await;
+    let backend = std::cell::Cell::new(0);
+    until("the build waits on the lock", || async {
+        let row = admin
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%pg_advisory_xact_lock(7077)%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.map(|r| backend.set(r.get(0))).is_some()
     })
     .await;
-    assert!(built_spares(&app)
+    let state = || async {
+        let row = app
+            .db()
+            .await
+            .query_one(
+                "SELECT schema_name, template_version FROM tenantry.spare_roles",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, Option<String>>(0),
+            row.get::<_, Option<i32>>(1),
+        )
+    };
+    let app = &app;
+    let distributed = |schema: String| async move {
+        app.count(&format!(
+            "SELECT count(*) FROM pg_dist_schema WHERE schemaid = to_regnamespace('{schema}')"
+        ))
         .await
-        .iter()
-        .any(|(r, s, _)| r == other_role && s == other));
-    assert_eq!(history_of(&app, other).await, versions_up_to(next));
-    owned_by(&app, other, other_role).await;
+    };
+    // SIGKILL mid-build: no cleanup code runs; the backend ends once the
+    // lock is free and it finds its client gone.
+    serve.kill().await.unwrap();
+    holder
+        .execute("SELECT pg_advisory_unlock(7077)", &[])
+        .await
+        .unwrap();
+    backend_ended(&admin, backend.get()).await;
+    let (schema, version) = state().await;
+    assert_eq!(version, None, "no spare is built");
+    let half = if on_citus() {
+        // Citus distributes a committed schema only: the empty schema was
+        // committed first, and is all there is.
+        let schema = schema.expect("the empty schema, committed");
+        assert_eq!(
+            tables_of(&app, &schema)
+                .await
+                .iter()
+                .map(|t| t.0.as_str())
+                .collect::<Vec<_>>(),
+            ["refinery_schema_history"]
+        );
+        assert_eq!(distributed(schema.clone()).await, 0);
+        Some(schema)
+    } else {
+        // One transaction: nothing of the build is left.
+        assert_eq!(schema, None);
+        None
+    };
+
+    // The next serve builds it: on Citus the same schema, finished.
+    let (mut again, _) = serve_process(&app.db_name, &env).await;
+    until("the spare is built", || async {
+        built_spares(&app).await.len() == 1
+    })
+    .await;
+    let (role, schema, version) = built_spares(&app).await.remove(0);
+    assert_eq!(version, next);
+    if let Some(half) = half {
+        assert_eq!(schema, half, "the schema begun, finished");
+        assert_eq!(distributed(schema.clone()).await, 1);
+    }
+    assert_eq!(history_of(&app, &schema).await, versions_up_to(next));
+    owned_by(&app, &schema, &role).await;
+    again.kill().await.unwrap();
     fleet_checks_clean(&app).await;
 }
 
