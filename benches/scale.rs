@@ -48,7 +48,14 @@ struct Figures {
     /// require): where a new worker connection's time goes.
     on_worker: Option<[Run; 3]>,
     provision_s: f64,
+    /// Signups that each take a spare whose schema was built ahead
+    /// (`tenancy::spares`, what `serve` keeps a stock of): their count,
+    /// median time each, and how long building those spares took.
+    from_spares: (usize, std::time::Duration, f64),
 }
+
+/// How many signups from built spares each target measures.
+const SPARE_SIGNUPS: usize = 50;
 
 #[tokio::main]
 async fn main() {
@@ -186,6 +193,17 @@ async fn main() {
         n as f64 / on_plain.provision_s,
         n as f64 / on_citus.provision_s
     );
+    let (k, plain_spare, plain_build) = on_plain.from_spares;
+    let (_, citus_spare, citus_build) = on_citus.from_spares;
+    println!(
+        "signup taking a built spare ({k} each, one at a time): plain {:.1} ms, Citus {:.1} ms (Citus {:.2}× plain's rate); \
+         building those spares: plain {:.1}/s, Citus {:.1}/s (what a stream of signups keeps once the stock is used up)",
+        plain_spare.as_secs_f64() * 1000.0,
+        citus_spare.as_secs_f64() * 1000.0,
+        plain_spare.as_secs_f64() / citus_spare.as_secs_f64(),
+        k as f64 / plain_build,
+        k as f64 / citus_build
+    );
     println!(
         "Citus / plain: service {:.2}×, routed SQL {:.2}×; one transaction's latency {:.2} ms vs {:.2} ms (+{:.2} ms on the coordinator and its worker round trip)",
         on_citus.http.rate / on_plain.http.rate,
@@ -253,6 +271,13 @@ async fn main() {
             on_citus.provision_s / n as f64,
             on_plain.provision_s / n as f64,
         ),
+        (
+            "signup taking a built spare: median",
+            "ms",
+            Better::Lower,
+            citus_spare.as_secs_f64() * 1000.0,
+            plain_spare.as_secs_f64() * 1000.0,
+        ),
     ] {
         record(
             "scale",
@@ -292,6 +317,8 @@ async fn measure(
     let tokens =
         common::load::provision_seeded(&service_config, &installation, &templates, n, SECRET).await;
     let provision_s = started.elapsed().as_secs_f64();
+    println!("signups from {SPARE_SIGNUPS} built spares…");
+    let from_spares = from_built_spares(&service_config, &installation, &templates).await;
     boot.batch_execute("CHECKPOINT").await.ok();
 
     let anchors = data_dir.join(if citus { "anchors-citus" } else { "anchors" });
@@ -341,7 +368,52 @@ async fn measure(
         cached,
         on_worker,
         provision_s,
+        from_spares,
     }
+}
+
+/// [`SPARE_SIGNUPS`] spares built (untimed but for the total), then as many
+/// signups, one at a time, each timed, each taking one of them.
+async fn from_built_spares(
+    service: &tokio_postgres::Config,
+    installation: &db::Installation,
+    templates: &tenantry::tenancy::publication::Templates,
+) -> (usize, std::time::Duration, f64) {
+    use tenantry::tenancy::spares;
+    let k = SPARE_SIGNUPS;
+    let mut builder = db::connect(service).await.unwrap();
+    let started = std::time::Instant::now();
+    spares::refill(&mut builder, installation, k).await.unwrap();
+    while spares::build_one(&mut builder, installation, templates, k, &[])
+        .await
+        .unwrap()
+        .is_some()
+    {}
+    let build_s = started.elapsed().as_secs_f64();
+    let pool = db::pool(service.clone(), 1, db::ConnectionLimits::default()).unwrap();
+    let mut client = pool.get().await.unwrap();
+    let hash = bcrypt::hash("not used to log in here", 4).unwrap();
+    let mut times = Vec::with_capacity(k);
+    for i in 0..k {
+        let account = tenantry::provisioning::NewAccount {
+            username: tenantry::domain::Username::parse(&format!("sp{}", 1000 + i)).unwrap(),
+            email: tenantry::domain::Email::parse(&format!("sp{}@example.com", 1000 + i)).unwrap(),
+            password_hash: hash.clone(),
+            role: tenantry::auth::Role::User,
+            refresh_token: None,
+            idempotency_key: None,
+            verification: None,
+            audit: None,
+        };
+        let t = std::time::Instant::now();
+        let made =
+            tenantry::provisioning::provision(&mut client, installation, templates, &account)
+                .await
+                .unwrap();
+        times.push(t.elapsed());
+        assert!(made.built_schema, "signup {i} took a built spare");
+    }
+    (k, common::median(&times), build_s)
 }
 
 /// The first tenant's quick-summary read, sent straight to the worker that

@@ -881,9 +881,9 @@ async fn a_spare_build_cut_off_by_a_kill_is_finished_or_made_again_by_the_next_s
             row.get::<_, Option<i32>>(1),
         )
     };
-    let app = &app;
+    let on = &app;
     let distributed = |schema: String| async move {
-        app.count(&format!(
+        on.count(&format!(
             "SELECT count(*) FROM pg_dist_schema WHERE schemaid = to_regnamespace('{schema}')"
         ))
         .await
