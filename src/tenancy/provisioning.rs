@@ -266,16 +266,7 @@ pub async fn provision(
                 }
                 Err(e) if e.newer_published() => {
                     drop(tx);
-                    attempts += 1;
-                    if attempts > 3 {
-                        return Err(ProvisionError::Published(
-                            "the published templates changed three times during one signup".into(),
-                        ));
-                    }
-                    templates
-                        .refresh(&***client)
-                        .await
-                        .map_err(|e| ProvisionError::Published(e.to_string()))?;
+                    read_published_again(client, templates, &mut attempts).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -292,6 +283,26 @@ pub async fn provision(
         .record(started.elapsed().as_secs_f64());
     tracing::info!(user = %provisioned.user_id, version = provisioned.template_version.get(), "tenant provisioned");
     Ok(provisioned)
+}
+
+/// A signup's transaction was refused for a version published since the
+/// set was read: read it again (up to three times in one signup).
+async fn read_published_again(
+    client: &deadpool_postgres::Client,
+    templates: &Templates,
+    attempts: &mut u32,
+) -> Result<(), ProvisionError> {
+    *attempts += 1;
+    if *attempts > 3 {
+        return Err(ProvisionError::Published(
+            "the published templates changed three times during one signup".into(),
+        ));
+    }
+    templates
+        .refresh(&***client)
+        .await
+        .map(drop)
+        .map_err(|e| ProvisionError::Published(e.to_string()))
 }
 
 /// On Citus, the signup from a spare whose schema is built and distributed
@@ -347,16 +358,7 @@ async fn provision_built_citus(
                 }
                 Err(e) if e.newer_published() => {
                     drop(tx);
-                    attempts += 1;
-                    if attempts > 3 {
-                        return Err(ProvisionError::Published(
-                            "the published templates changed three times during one signup".into(),
-                        ));
-                    }
-                    templates
-                        .refresh(&***client)
-                        .await
-                        .map_err(|e| ProvisionError::Published(e.to_string()))?;
+                    read_published_again(client, templates, &mut attempts).await?;
                 }
                 Err(e) => return Err(e),
             }

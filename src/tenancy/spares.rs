@@ -326,6 +326,61 @@ pub struct BuildFailed {
     pub why: String,
 }
 
+/// What a failed build of `role`'s schema (or one before a spare was
+/// chosen) reports.
+fn build_failed(role: Option<&str>) -> impl Fn(tokio_postgres::Error) -> BuildFailed {
+    let role = role.map(str::to_owned);
+    move |e| BuildFailed {
+        role: role.clone(),
+        why: e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), ToString::to_string),
+    }
+}
+
+/// A build's first transaction, with publishing held off (a version
+/// published since `newest` was read refuses it), and the spare `choose`
+/// locks (one row, its role name first). `None`: none is wanted (the
+/// transaction committed). A role name Tenantry does not make (written by
+/// hand) is an error, its row left alone.
+async fn chosen<'c>(
+    client: &'c mut tokio_postgres::Client,
+    newest: i32,
+    choose: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<
+    Option<(
+        tokio_postgres::Transaction<'c>,
+        tokio_postgres::Row,
+        RoleName,
+    )>,
+    BuildFailed,
+> {
+    let tx = client.transaction().await.map_err(build_failed(None))?;
+    tx.execute("SELECT tenantry.provisioning_at($1)", &[&newest])
+        .await
+        .map_err(build_failed(None))?;
+    let Some(row) = tx
+        .query_opt(choose, params)
+        .await
+        .map_err(build_failed(None))?
+    else {
+        tx.commit().await.map_err(build_failed(None))?;
+        return Ok(None);
+    };
+    let name: String = row.get(0);
+    match RoleName::parse(&name) {
+        Ok(role) => Ok(Some((tx, row, role))),
+        Err(e) => {
+            tx.commit().await.map_err(build_failed(Some(&name)))?;
+            Err(BuildFailed {
+                role: Some(name),
+                why: e.to_string(),
+            })
+        }
+    }
+}
+
 /// Build one spare's schema, in one transaction: the stalest built one
 /// brought up to the newest published version first, else (while fewer
 /// than `target` are built) a new one for a spare that is a role only (or
@@ -352,27 +407,10 @@ pub async fn build_one(
     let set = published.set();
     let latest = set.latest().get();
     let target = i64::try_from(target).unwrap_or(i64::MAX);
-    let failed = |role: Option<&str>| {
-        let role = role.map(str::to_owned);
-        move |e: tokio_postgres::Error| BuildFailed {
-            role,
-            why: e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), ToString::to_string),
-        }
-    };
-    let tx = client.transaction().await.map_err(failed(None))?;
-    // Publishing waits for this transaction; a version published since
-    // the set was read refuses it (`provisioning_at`).
-    tx.execute(
-        "SELECT tenantry.provisioning_at($1)",
-        &[&published.newest()],
-    )
-    .await
-    .map_err(failed(None))?;
-    let row = tx
-        .query_opt(
-            "WITH built AS (SELECT router, count(schema_name) AS n
+    let Some((tx, row, role)) = chosen(
+        client,
+        published.newest(),
+        "WITH built AS (SELECT router, count(schema_name) AS n
                             FROM tenantry.spare_roles GROUP BY router)
              SELECT s.role_name, CASE WHEN p.present THEN s.schema_name END,
                     CASE WHEN p.present THEN s.template_version END
@@ -387,27 +425,13 @@ pub async fn build_one(
                     OR (s.schema_name IS NULL AND (SELECT sum(n) FROM built)::int8 < $2))
              ORDER BY p.present DESC, s.template_version NULLS LAST, b.n, s.made_at, s.role_name
              LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
-            &[&latest, &target, &skip],
-        )
-        .await
-        .map_err(failed(None))?;
-    let Some(row) = row else {
-        tx.commit().await.map_err(failed(None))?;
+        &[&latest, &target, &skip],
+    )
+    .await?
+    else {
         return Ok(None);
     };
-    let name: &str = row.get(0);
-    let role = match RoleName::parse(name) {
-        Ok(role) => role,
-        Err(e) => {
-            // Not a name Tenantry makes (written by hand): left alone.
-            tx.commit().await.map_err(failed(Some(name)))?;
-            return Err(BuildFailed {
-                role: Some(name.to_owned()),
-                why: e.to_string(),
-            });
-        }
-    };
-    let on_err = failed(Some(role.as_str()));
+    let on_err = build_failed(Some(role.as_str()));
     let made = async {
         let (schema, from) = match built(row.get(1), row.get(2)) {
             Some(existing) => existing,
@@ -433,12 +457,12 @@ pub async fn build_one(
         tx.commit().await
     }
     .await;
-    made.map_err(on_err)?;
+    made.map_err(&on_err)?;
     // The templates ran on this connection as the spare's role.
     client
         .batch_execute(crate::db::SESSION_RESET)
         .await
-        .map_err(failed(Some(role.as_str())))?;
+        .map_err(&on_err)?;
     Ok(Some(role))
 }
 
@@ -460,25 +484,10 @@ async fn build_one_citus(
     let set = published.set();
     let latest = set.latest().get();
     let target = i64::try_from(target).unwrap_or(i64::MAX);
-    let failed = |role: Option<&str>| {
-        let role = role.map(str::to_owned);
-        move |e: tokio_postgres::Error| BuildFailed {
-            role: role.clone(),
-            why: e
-                .as_db_error()
-                .map_or_else(|| e.to_string(), ToString::to_string),
-        }
-    };
-    let tx = client.transaction().await.map_err(failed(None))?;
-    tx.execute(
-        "SELECT tenantry.provisioning_at($1)",
-        &[&published.newest()],
-    )
-    .await
-    .map_err(failed(None))?;
-    let row = tx
-        .query_opt(
-            "SELECT s.role_name, s.schema_name, s.template_version, p.present
+    let Some((tx, row, role)) = chosen(
+        client,
+        published.newest(),
+        "SELECT s.role_name, s.schema_name, s.template_version, p.present
              FROM tenantry.spare_roles s
                   CROSS JOIN LATERAL (SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace n
                                                      WHERE n.nspname = s.schema_name) AS present) p
@@ -490,26 +499,13 @@ async fn build_one_citus(
                         AND (SELECT count(schema_name) FROM tenantry.spare_roles) < $2))
              ORDER BY p.present DESC, s.template_version NULLS FIRST, s.made_at, s.role_name
              LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
-            &[&latest, &target, &skip],
-        )
-        .await
-        .map_err(failed(None))?;
-    let Some(row) = row else {
-        tx.commit().await.map_err(failed(None))?;
+        &[&latest, &target, &skip],
+    )
+    .await?
+    else {
         return Ok(None);
     };
-    let name: &str = row.get(0);
-    let role = match RoleName::parse(name) {
-        Ok(role) => role,
-        Err(e) => {
-            tx.commit().await.map_err(failed(Some(name)))?;
-            return Err(BuildFailed {
-                role: Some(name.to_owned()),
-                why: e.to_string(),
-            });
-        }
-    };
-    let on_err = failed(Some(role.as_str()));
+    let on_err = build_failed(Some(role.as_str()));
     let present: bool = row.get(3);
     let version: Option<i32> = row.get(2);
     let existing = row
