@@ -320,10 +320,7 @@ async fn provision_built_citus(
 ) -> Result<Option<Provisioned>, ProvisionError> {
     let username = &account.username;
     client
-        .execute(
-            "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
-            &[&PENDING_LOCK_CLASS, &username.as_str()],
-        )
+        .execute(LOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
         .await?;
     let made = async {
         discard(client, username).await?;
@@ -366,10 +363,7 @@ async fn provision_built_citus(
     }
     .await;
     let unlocked = client
-        .execute(
-            "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
-            &[&PENDING_LOCK_CLASS, &username.as_str()],
-        )
+        .execute(UNLOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
         .await;
     let made = made?;
     unlocked?;
@@ -854,6 +848,11 @@ pub enum RoleFrom {
 /// name from its head start to its end (second key: `hashtext(username)`).
 pub const PENDING_LOCK_CLASS: i32 = 0x706e64; // 'pnd'
 
+/// Take (session-level) and let go of a name's lock: `$1`
+/// [`PENDING_LOCK_CLASS`], `$2` the username.
+const LOCK_NAME: &str = "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))";
+const UNLOCK_NAME: &str = "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))";
+
 /// On Citus, a name's role and empty schema, committed ahead of the
 /// tenant (see the module's doc); nothing on plain PostgreSQL.
 #[must_use = "finish the reservation: it holds a lock and, on failure, objects to drop"]
@@ -875,10 +874,7 @@ impl Reservation {
             return Ok(Reservation { username: None });
         }
         client
-            .execute(
-                "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
-                &[&PENDING_LOCK_CLASS, &username.as_str()],
-            )
+            .execute(LOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
             .await?;
         let reservation = Reservation {
             username: Some(username.clone()),
@@ -936,10 +932,7 @@ impl Reservation {
                 discard(client, username).await?;
             }
             client
-                .execute(
-                    "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
-                    &[&PENDING_LOCK_CLASS, &username.as_str()],
-                )
+                .execute(UNLOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
                 .await
                 .map(drop)
         }
@@ -953,17 +946,11 @@ impl Reservation {
                     return Err(e);
                 };
                 other
-                    .execute(
-                        "SELECT pg_catalog.pg_advisory_lock($1, pg_catalog.hashtext($2))",
-                        &[&PENDING_LOCK_CLASS, &username.as_str()],
-                    )
+                    .execute(LOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
                     .await?;
                 let dropped = discard(&other, username).await;
                 other
-                    .execute(
-                        "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
-                        &[&PENDING_LOCK_CLASS, &username.as_str()],
-                    )
+                    .execute(UNLOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
                     .await?;
                 dropped.map(drop)
             }
@@ -1051,10 +1038,7 @@ pub async fn sweep_pending(client: &tokio_postgres::Client) -> Result<u64, tokio
         }
         let dropped = discard(client, &username).await;
         client
-            .execute(
-                "SELECT pg_catalog.pg_advisory_unlock($1, pg_catalog.hashtext($2))",
-                &[&PENDING_LOCK_CLASS, &username.as_str()],
-            )
+            .execute(UNLOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
             .await?;
         if dropped? {
             swept += 1;

@@ -326,6 +326,22 @@ pub struct BuildFailed {
     pub why: String,
 }
 
+/// `templates` applied to a spare's schema as its role, and recorded in its
+/// history, inside the build's transaction.
+async fn apply(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &SchemaName,
+    role: &RoleName,
+    templates: &[crate::tenancy::templates::Template],
+) -> Result<(), tokio_postgres::Error> {
+    let application = TemplateApplication::new(schema, role, templates);
+    for (_, request) in application.requests(tx.client()) {
+        request.await?;
+    }
+    let (_, history) = application.history_request(tx.client());
+    history.await
+}
+
 /// What a failed build of `role`'s schema (or one before a spare was
 /// chosen) reports.
 fn build_failed(role: Option<&str>) -> impl Fn(tokio_postgres::Error) -> BuildFailed {
@@ -442,12 +458,7 @@ pub async fn build_one(
                 (schema, 0)
             }
         };
-        let application = TemplateApplication::new(&schema, &role, set.between(from, set.latest()));
-        for (_, request) in application.requests(tx.client()) {
-            request.await?;
-        }
-        let (_, history) = application.history_request(tx.client());
-        history.await?;
+        apply(&tx, &schema, &role, set.between(from, set.latest())).await?;
         tx.execute(
             "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = $3
              WHERE role_name = $1",
@@ -576,12 +587,7 @@ async fn build_one_citus(
             // Another process finishes it.
             return tx.commit().await;
         }
-        let application = TemplateApplication::new(&schema, &role, set.all());
-        for (_, request) in application.requests(tx.client()) {
-            request.await?;
-        }
-        let (_, history) = application.history_request(tx.client());
-        history.await?;
+        apply(&tx, &schema, &role, set.all()).await?;
         tx.batch_execute(&crate::tenancy::provisioning::distribute_sql(&schema))
             .await?;
         tx.execute(
