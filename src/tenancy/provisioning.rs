@@ -220,14 +220,25 @@ pub async fn provision(
     // `db::pipeline`) after the spare is taken: four round trips in all.
     let started = std::time::Instant::now();
     if installation.citus {
-        if let Some(provisioned) =
-            provision_built_citus(client, installation, templates, account).await?
-        {
-            client.batch_execute(db::SESSION_RESET).await?;
-            metrics::histogram!("tenantry_provisioning_duration_seconds")
-                .record(started.elapsed().as_secs_f64());
-            tracing::info!(user = %provisioned.user_id, version = provisioned.template_version.get(), "tenant provisioned from a built spare");
-            return Ok(provisioned);
+        match provision_built_citus(client, installation, templates, account).await {
+            Ok(Some(provisioned)) => {
+                client.batch_execute(db::SESSION_RESET).await?;
+                metrics::histogram!("tenantry_provisioning_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                tracing::info!(user = %provisioned.user_id, version = provisioned.template_version.get(), "tenant provisioned from a built spare");
+                return Ok(provisioned);
+            }
+            Ok(None) => {}
+            Err(
+                e @ (ProvisionError::UsernameTaken(_)
+                | ProvisionError::EmailTaken
+                | ProvisionError::Published(_)),
+            ) => return Err(e),
+            // The spare's rename failed for a reason of its own: the
+            // rollback keeps it a spare, and this signup goes the long way.
+            Err(e) => {
+                tracing::warn!(error = %e, "a signup from a built spare failed; making the tenant with a head start")
+            }
         }
     }
     let reservation = Reservation::take(client, installation, &account.username).await?;
@@ -274,8 +285,13 @@ pub async fn provision(
     }
     .await;
     let finished = reservation.finish(client, made.is_ok()).await;
-    let provisioned = made?;
+    let mut provisioned = made?;
     finished?;
+    if installation.citus {
+        // No built spare was there to take: the stock wants building
+        // (`spares::Keeper::claimed`), a new version published maybe.
+        provisioned.spares_left = Some(0);
+    }
     // The templates ran on this connection as the tenant: whatever session
     // state they may have left goes before it serves anyone else.
     client.batch_execute(db::SESSION_RESET).await?;
@@ -319,6 +335,19 @@ async fn provision_built_citus(
     account: &NewAccount,
 ) -> Result<Option<Provisioned>, ProvisionError> {
     let username = &account.username;
+    // Nothing to try (no stock, or none at the newest version): one round
+    // trip, not the name's lock and a sweep.
+    let latest = templates.published().set().latest().get();
+    let any: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM tenantry.spare_roles WHERE template_version = $1)",
+            &[&latest],
+        )
+        .await?
+        .get(0);
+    if !any {
+        return Ok(None);
+    }
     client
         .execute(LOCK_NAME, &[&PENDING_LOCK_CLASS, &username.as_str()])
         .await?;

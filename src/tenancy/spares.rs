@@ -598,7 +598,18 @@ async fn build_one_citus(
         tx.commit().await
     }
     .await;
-    made.map_err(&on_err)?;
+    made.map_err(|e| {
+        // Half built is a state the next build finishes: a version
+        // published meanwhile (the next build reads the set again) is no
+        // reason to pass the spare over, only a failure of its own is.
+        let newer =
+            e.code().map(|c| c.code()) == Some(crate::tenancy::publication::NEWER_PUBLISHED);
+        let mut failed = on_err(e);
+        if newer {
+            failed.role = None;
+        }
+        failed
+    })?;
     client
         .batch_execute(crate::db::SESSION_RESET)
         .await
