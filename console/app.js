@@ -453,28 +453,39 @@ async function fleetPage(view) {
   const preview = h("div", { id: "preview", "aria-live": "polite" });
   const form = h(
     "form",
-    { class: "filters", onsubmit: (e) => {
+    { class: "filters", onsubmit: async (e) => {
       e.preventDefault();
-      const to = Number(target.value);
-      const behind = f.versions.filter((v) => v.version < to).reduce((n, v) => n + v.tenants, 0);
+      const options = {
+        target_version: Number(target.value),
+        concurrency: Number(concurrency.value),
+        canary: Number(canary.value),
+      };
+      // The service's own plan (a dry run): nothing is started.
+      let plan;
+      try {
+        plan = await api("POST", "/admin/fleet/migrations", { ...options, dry_run: true });
+      } catch (err) {
+        if (view === current) preview.replaceChildren(message(err.message));
+        return;
+      }
+      if (view !== current) return;
+      const to = plan.target_version;
       const start = h("button", { type: "button", id: "start-run", onclick: async () => {
         start.disabled = true;
         try {
-          const run = await api("POST", "/admin/fleet/migrations", {
-            target_version: to,
-            concurrency: Number(concurrency.value),
-            canary: Number(canary.value),
-          });
+          const run = await api("POST", "/admin/fleet/migrations", options);
           if (view === current) location.hash = `#/fleet/runs/${run.run_id}`;
         } catch (err) {
           preview.replaceChildren(message(err.message));
         }
       } }, "Start the run");
+      const names = plan.tenants.map((t) => `${t.username} (V${t.from_version})`).join(", ");
       preview.replaceChildren(
-        h("p", { class: "message ok" }, behind
-          ? `The run migrates ${behind} tenant(s) to version ${to}, ${concurrency.value} at a time, the first ${canary.value} alone (a canary that fails stops it).`
+        h("p", { class: "message ok" }, plan.planned
+          ? `The run migrates ${plan.planned} tenant(s) to version ${to}, ${options.concurrency} at a time, the first ${options.canary} alone (a canary that fails stops it).`
           : `No tenant is behind version ${to}.`),
-        behind ? start : null,
+        plan.planned ? h("p", { class: "hint", id: "planned" }, `In this order: ${names}${plan.planned > plan.tenants.length ? ", …" : ""}`) : null,
+        plan.planned ? start : null,
       );
     } },
     h("label", { for: "target" }, "Target version", target),

@@ -56,6 +56,28 @@ pub struct StartRun {
     /// Only this tenant (a username).
     #[schema(pattern = "^[A-Za-z][A-Za-z0-9_]{2,31}$")]
     tenant: Option<String>,
+    /// Plan only: 200 with what the run would migrate; nothing is started
+    /// or changed (as `fleet migrate --dry-run`).
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// What a run would migrate (`dry_run`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DryRun {
+    pub target_version: i32,
+    /// Tenants the run would migrate.
+    pub planned: usize,
+    /// The first 100 of them, in the order the run takes them (the
+    /// canary first), with the version each is at.
+    pub tenants: Vec<PlannedTenant>,
+}
+
+/// A tenant a run would migrate.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PlannedTenant {
+    pub username: String,
+    pub from_version: i32,
 }
 
 /// A run was started.
@@ -82,6 +104,7 @@ impl Progress for Unwatched {}
     responses(
         (status = 202, description = "Started; it runs in the background", body = RunStarted,
          headers(("Location" = String, description = "The run's URL"))),
+        (status = 200, description = "`dry_run`: what the run would migrate; nothing was started", body = DryRun),
         (status = 400, description = "Invalid options", body = crate::api::openapi::ErrorBody),
         (status = 403, description = "Not an admin", body = crate::api::openapi::ErrorBody),
         (status = 409, description = "Another run is in progress, or the templates are refused", body = crate::api::openapi::ErrorBody),
@@ -95,6 +118,7 @@ pub async fn start_migration(
     body: JsonBody<StartRun>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
+    let body_dry_run = body.dry_run;
     let defaults = RunOptions::default();
     let bad = |code: &'static str, message: String| ApiError::BadRequest { code, message };
     let target = body
@@ -146,6 +170,23 @@ pub async fn start_migration(
             .set()
             .clone()
     };
+    if body_dry_run {
+        let client = state.pool.get().await?;
+        let plan = fleet::plan_only(&client, &templates, &options).await?;
+        return Ok(HttpResponse::Ok().json(DryRun {
+            target_version: plan.target.get(),
+            planned: plan.tenants.len(),
+            tenants: plan
+                .tenants
+                .iter()
+                .take(100)
+                .map(|t| PlannedTenant {
+                    username: t.username.clone(),
+                    from_version: t.from_version,
+                })
+                .collect(),
+        }));
+    }
     let prepared = fleet::prepare(&state.connector, templates, options).await?;
     let run_id = prepared.run_id();
     state.fleet_runs.register(prepared.stop_handle());

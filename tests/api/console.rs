@@ -633,6 +633,25 @@ async fn in_a_browser_an_admin_previews_starts_and_follows_a_fleet_run_and_retri
             &format!("The run migrates 3 tenant(s) to version {added}, 2 at a time, the first 0 alone (a canary that fails stops it)."),
         )
         .await;
+    // The service's own plan, in the order of the run; nothing started.
+    browser
+        .until_text(
+            "#planned",
+            &format!(
+                "In this order: uma (V{}), vic (V{}), wes (V{})",
+                added - 1,
+                added - 1,
+                added - 1
+            ),
+        )
+        .await;
+    assert_eq!(
+        service
+            .count("SELECT count(*) FROM tenantry.fleet_runs")
+            .await,
+        0,
+        "a preview starts no run"
+    );
     browser.click("#start-run").await;
     browser.until_text("dd[data-field=Status]", "failed").await;
     browser
@@ -1055,4 +1074,65 @@ async fn cluster_pages(app: &TestApp, admin: &str, browser: &Browser) {
     browser.open("#/tenants/ada").await;
     let ada = node_of("ada").await;
     browser.until_text("dd[data-field=Node]", &ada).await;
+}
+
+#[tokio::test]
+async fn a_dry_run_over_http_says_what_a_run_would_migrate_and_starts_none() {
+    let app = spawn_app().await;
+    let admin = admin_token(&app).await;
+    for name in ["ann", "ben"] {
+        assert_eq!(app.register(name).await.status(), 201);
+    }
+    let added = latest_version() + 1;
+    let templates = builtin_templates_with(&[(
+        &format!("V{added}__notes.sql"),
+        "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL);",
+    )]);
+    let mut settings = test_settings(&app.db_name);
+    settings.templates_dir = Some(templates);
+    let service = spawn_app_on(settings, app.db_name.clone()).await;
+
+    let (status, plan) = send(
+        &service,
+        Method::POST,
+        "/admin/fleet/migrations",
+        &admin,
+        Some(serde_json::json!({ "dry_run": true, "canary": 1 })),
+    )
+    .await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["target_version"], added);
+    assert_eq!(plan["planned"], 2);
+    assert_eq!(
+        plan["tenants"],
+        serde_json::json!([
+            { "username": "ann", "from_version": added - 1 },
+            { "username": "ben", "from_version": added - 1 },
+        ])
+    );
+    // Nothing started, nothing changed.
+    assert_eq!(
+        service
+            .count("SELECT count(*) FROM tenantry.fleet_runs")
+            .await,
+        0
+    );
+    assert_eq!(
+        service
+            .count(&format!(
+                "SELECT count(*) FROM tenantry.tenants WHERE template_version = {added}"
+            ))
+            .await,
+        0
+    );
+    // Bad options are refused as a run's are.
+    let (status, body) = send(
+        &service,
+        Method::POST,
+        "/admin/fleet/migrations",
+        &admin,
+        Some(serde_json::json!({ "dry_run": true, "target_version": 0 })),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
 }
