@@ -395,16 +395,7 @@ async fn from_built_spares(
     let hash = bcrypt::hash("not used to log in here", 4).unwrap();
     let mut times = Vec::with_capacity(k);
     for i in 0..k {
-        let account = tenantry::provisioning::NewAccount {
-            username: tenantry::domain::Username::parse(&format!("sp{}", 1000 + i)).unwrap(),
-            email: tenantry::domain::Email::parse(&format!("sp{}@example.com", 1000 + i)).unwrap(),
-            password_hash: hash.clone(),
-            role: tenantry::auth::Role::User,
-            refresh_token: None,
-            idempotency_key: None,
-            verification: None,
-            audit: None,
-        };
+        let account = common::load::account(&format!("sp{}", 1000 + i), &hash);
         let t = std::time::Instant::now();
         let made =
             tenantry::provisioning::provision(&mut client, installation, templates, &account)

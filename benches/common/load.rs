@@ -14,6 +14,21 @@ use tenantry::domain::{Email, Username};
 use tenantry::provisioning::{provision, NewAccount};
 use tenantry::tenancy::publication::Templates;
 
+/// A user account named `name` (`name@example.com`) with `hash` as its
+/// password hash, and nothing else: what the benchmarks sign up.
+pub fn account(name: &str, hash: &str) -> NewAccount {
+    NewAccount {
+        username: Username::parse(name).unwrap(),
+        email: Email::parse(&format!("{name}@example.com")).unwrap(),
+        password_hash: hash.to_owned(),
+        role: tenantry::auth::Role::User,
+        refresh_token: None,
+        idempotency_key: None,
+        verification: None,
+        audit: None,
+    }
+}
+
 /// Provision tenants `rt1000`… (`n` of them, four at a time, with a
 /// progress bar) as the service (`service`), each with a quick summary and
 /// three experiences; their access tokens (signed with `secret` once all
@@ -35,16 +50,7 @@ pub async fn provision_seeded(
         .map(|i| {
             let (pool, hash, bar) = (&pool, &hash, &bar);
             async move {
-                let account = NewAccount {
-                    username: Username::parse(&format!("rt{}", 1000 + i)).unwrap(),
-                    email: Email::parse(&format!("rt{}@example.com", 1000 + i)).unwrap(),
-                    password_hash: hash.clone(),
-                    role: tenantry::auth::Role::User,
-                    refresh_token: None,
-                    idempotency_key: None,
-                    verification: None,
-                    audit: None,
-                };
+                let account = account(&format!("rt{}", 1000 + i), hash);
                 let mut client = pool.get().await.unwrap();
                 let t = provision(&mut client, installation, templates, &account)
                     .await
