@@ -447,7 +447,10 @@ async fn a_restore_never_touches_an_installation_and_a_backup_never_a_full_direc
     let state = |client: tokio_postgres::Client| async move {
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM tenantry.users), (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'tnt\\_%'),
+                // This installation's roles only: pg_roles is the cluster's,
+                // where other tests sign up at the same time.
+                "SELECT (SELECT count(*) FROM tenantry.users),
+                        (SELECT count(*) FROM pg_roles, tenantry.installation i WHERE starts_with(rolname, 'tnt_' || i.id || '_')),
                         (SELECT count(*) FROM pg_namespace), (SELECT max(seq) FROM tenantry.audit_log)",
                 &[],
             )
