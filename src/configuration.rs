@@ -66,6 +66,8 @@ pub struct Settings {
     /// connections log in as, each a member of its share of the tenant
     /// roles (`db::routers`); 0 makes them log in as the service.
     pub router_roles: usize,
+    /// `TENANTRY_CITUS_ROUTING`: on Citus, where tenants' requests go.
+    pub citus_routing: CitusRouting,
     /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
     /// pool at most (exports, fleet runs, `/health`'s spare, the mail
     /// sender, the builder of spare schemas); default the export
@@ -187,6 +189,16 @@ impl Limits {
             shared_user: false,
         }
     }
+}
+
+/// Where `serve` sends a tenant's request on Citus (`db::direct`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CitusRouting {
+    /// Straight to the worker that holds the tenant (the default).
+    #[default]
+    Direct,
+    /// Through the coordinator, as the tenant's role.
+    Coordinator,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -363,6 +375,16 @@ impl Settings {
         let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 10_000)? as usize;
         let spare_schemas = number("TENANTRY_SPARE_SCHEMAS", 100, 10_000)? as usize;
         let router_roles = number("TENANTRY_ROUTER_ROLES", 8, 64)? as usize;
+        let citus_routing = match get("TENANTRY_CITUS_ROUTING").as_deref() {
+            None | Some("direct") => CitusRouting::Direct,
+            Some("coordinator") => CitusRouting::Coordinator,
+            Some(_) => {
+                return Err(SettingsError::Invalid {
+                    name: "TENANTRY_CITUS_ROUTING",
+                    reason: "must be `direct` or `coordinator`".into(),
+                })
+            }
+        };
         let extra_connections = number(
             "TENANTRY_EXTRA_CONNECTIONS",
             export_concurrency as u32 + 12,
@@ -474,6 +496,7 @@ impl Settings {
             spare_roles,
             spare_schemas,
             router_roles,
+            citus_routing,
             extra_connections,
             export_timeout,
             statement_timeout,

@@ -143,6 +143,11 @@ fn describe_and_register() {
         "times a routed request was refused its tenant's role and every session's cached role memberships were reset (at most one per 10 s)"
     );
     metrics::counter!("tenantry_membership_resets_total").absolute(0);
+    describe_counter!(
+        "tenantry_routed_forwarded_total",
+        "Citus, direct routing: requests sent to a worker that no longer holds their tenant (Citus forwarded them; the placement map is read again)"
+    );
+    metrics::counter!("tenantry_routed_forwarded_total").absolute(0);
     describe_gauge!(
         "tenantry_router_roles",
         "router roles the request pool's tenant connections log in as; 0: they log in as the service"
@@ -232,6 +237,11 @@ pub fn database_error(kind: &'static str) {
 /// role memberships were reset (`routing::MEND`).
 pub fn memberships_mended() {
     metrics::counter!("tenantry_membership_resets_total").increment(1);
+}
+
+/// A request went to a worker that does not hold its tenant (`db::direct`).
+pub fn routed_forwarded() {
+    metrics::counter!("tenantry_routed_forwarded_total").increment(1);
 }
 
 /// A connect met a full listen queue and is tried again.

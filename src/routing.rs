@@ -40,13 +40,30 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
         CASE WHEN $5 AND bool_or(t.over_quota_since IS NOT NULL) THEN tenantry.refuse_over_quota() END AS over_quota,
         pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true),
         pg_catalog.set_config('role', max(t.role_name), true),
-        pg_catalog.set_config('statement_timeout', $3, true),
-        max(t.template_version) AS template_version
+        pg_catalog.set_config('statement_timeout', $3, true)
  FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
  WHERE t.user_id = $1 AND t.status = 'active'
    AND u.token_generation = $2 AND u.disabled_at IS NULL
    AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r
                    WHERE r.family_id = $4 AND r.revoked_at IS NOT NULL)";
+
+/// [`ENTER`] on a Citus worker (`db::direct`): the same checks, on the
+/// registry's copy every node has (`tenantry_guard`, kept in the
+/// registry's own transactions: `db::citus::GUARD`), with its own
+/// functions raising the same errors. `here` says whether this node holds
+/// the tenant (else Citus forwards the request: the placement map was
+/// stale); it is read before the role changes (the tenant's role may not
+/// use `tenantry_guard`).
+const ENTER_ON_NODE: &str = "SELECT 1 / count(*) AS entered,
+        CASE WHEN bool_or(g.suspended) THEN tenantry_guard.refuse_suspended() END AS suspended,
+        CASE WHEN $5 AND bool_or(g.over_quota) THEN tenantry_guard.refuse_over_quota() END AS over_quota,
+        tenantry_guard.holds(max(g.schema_name)) AS here,
+        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(g.schema_name)) || ', reference', true),
+        pg_catalog.set_config('role', max(g.role_name), true),
+        pg_catalog.set_config('statement_timeout', $3, true)
+ FROM tenantry_guard.entries g
+ WHERE g.user_id = $1 AND g.token_generation = $2
+   AND NOT EXISTS (SELECT FROM tenantry_guard.revoked r WHERE r.family_id = $4)";
 
 /// Taken (shared, until the transaction ends) before [`ENTER`], in its own
 /// statement so that ENTER's snapshot is taken after it: an erasure takes
@@ -130,10 +147,10 @@ impl Via {
         self,
         pool: &(impl TenantPool + Sync),
         user: Uuid,
-    ) -> Result<Object, PoolError> {
+    ) -> Result<db::Checkout, PoolError> {
         match self {
-            Via::Router => pool.get_for_tenant(user).await,
-            Via::Service | Via::Mended => pool.get_as_service(user).await,
+            Via::Router => pool.checkout_tenant(user).await,
+            Via::Service | Via::Mended => Ok((pool.get_as_service(user).await?, None)),
         }
     }
 }
@@ -162,6 +179,26 @@ where
                 None => return Err(RoutingError::RoleRefused(e)),
             },
             done => return done,
+        }
+    }
+}
+
+/// What the guard runs where the connection is ([`ENTER_ON_NODE`] on a
+/// worker).
+fn enter_sql(direct: &Option<std::sync::Arc<db::Direct>>) -> &'static str {
+    if direct.is_some() {
+        ENTER_ON_NODE
+    } else {
+        ENTER
+    }
+}
+
+/// A request entered on a worker that does not hold its tenant (the
+/// placement map was stale; Citus forwards it): counted and corrected.
+fn forwarded(direct: &Option<std::sync::Arc<db::Direct>>, entered: &Row, user: Uuid) {
+    if let Some(direct) = direct {
+        if !entered.get::<_, bool>("here") {
+            direct.stale(user);
         }
     }
 }
@@ -267,7 +304,6 @@ impl Access {
 /// A transaction routed to one tenant. See the module docs.
 pub struct TenantTx {
     client: Option<Object>,
-    template_version: i32,
     /// The pool's TLS, for a cancel request.
     tls: Option<crate::postgres_tls::Tls>,
 }
@@ -290,12 +326,11 @@ impl TenantTx {
         access: Access,
         via: Via,
     ) -> Result<TenantTx, RoutingError> {
-        let client = via.checkout(pool, caller.user_id).await?;
+        let (client, direct) = via.checkout(pool, caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
-        let enter = client.prepare_cached(ENTER).await?;
+        let enter = client.prepare_cached(enter_sql(&direct)).await?;
         let mut guard = TenantTx {
             client: Some(client),
-            template_version: 0,
             tls: pool.tls().cloned(),
         };
         let c = guard.client();
@@ -323,7 +358,7 @@ impl TenantTx {
         }
         match entered {
             Ok(row) => {
-                guard.template_version = row.get("template_version");
+                forwarded(&direct, &row, caller.user_id);
                 Ok(guard)
             }
             Err(e) => {
@@ -372,12 +407,11 @@ impl TenantTx {
         params: &[&(dyn ToSql + Sync)],
         via: Via,
     ) -> Result<Vec<Row>, RoutingError> {
-        let client = via.checkout(pool, caller.user_id).await?;
+        let (client, direct) = via.checkout(pool, caller.user_id).await?;
         let lock = client.prepare_cached(ENTER_LOCK).await?;
-        let enter = client.prepare_cached(ENTER).await?;
+        let enter = client.prepare_cached(enter_sql(&direct)).await?;
         let mut guard = TenantTx {
             client: Some(client),
-            template_version: 0,
             tls: pool.tls().cloned(),
         };
         let user_text = caller.user_id.to_string();
@@ -454,16 +488,12 @@ impl TenantTx {
         }
         begun?;
         locked?;
-        entered.map_err(RoutingError::from_enter)?;
+        let entered = entered.map_err(RoutingError::from_enter)?;
+        forwarded(&direct, &entered, caller.user_id);
         let rows = rows.transpose()?;
         statement?;
         ended?;
         Ok(rows.unwrap_or_default())
-    }
-
-    /// The tenant's template version, as the registry has it.
-    pub fn template_version(&self) -> i32 {
-        self.template_version
     }
 
     pub async fn query(

@@ -11,7 +11,7 @@ use crate::api::middleware::{self, RateLimits};
 use crate::api::{AppState, FleetRuns};
 use crate::audit::Pseudonyms;
 use crate::auth::{Hasher, JwtKeys};
-use crate::configuration::{DatabaseTarget, Settings, SettingsError};
+use crate::configuration::{CitusRouting, DatabaseTarget, Settings, SettingsError};
 use crate::db::{self, DbError, Installation, Target};
 use crate::templates::{TemplateError, TemplateSet};
 use crate::tenancy::integrity::IntegrityError;
@@ -380,9 +380,24 @@ impl Application {
         }
         // Embedded mode: generated once, kept 0600 in the data dir.
         let secret = settings.jwt_secret()?;
-        let pool = context
+        let mut pool = context
             .pool
             .with_statement_timeout(settings.statement_timeout);
+        if context.installation.citus && settings.citus_routing == CitusRouting::Direct {
+            let direct = db::Direct::start(
+                &db::citus_session(&context.target.connector),
+                settings.pool_size,
+                db::ConnectionLimits::default(),
+                settings.statement_timeout,
+            )
+            .await?;
+            tracing::info!(
+                workers = direct.nodes().len(),
+                tenants = direct.placed(),
+                "tenants' requests go straight to their workers"
+            );
+            pool = pool.with_direct(direct);
+        }
         let letters = crate::mail::Letters::new(&settings.mail.public_url).with_files(
             crate::mail::delivery::files_dir(&settings.mail, &settings.data_dir),
         );

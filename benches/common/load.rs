@@ -146,6 +146,9 @@ pub async fn start_service_with(
         spare_roles: Settings::from_env().map(|s| s.spare_roles).unwrap_or(1000),
         spare_schemas: Settings::from_env().map(|s| s.spare_schemas).unwrap_or(100),
         router_roles: Settings::from_env().map(|s| s.router_roles).unwrap_or(8),
+        citus_routing: Settings::from_env()
+            .map(|s| s.citus_routing)
+            .unwrap_or_default(),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),

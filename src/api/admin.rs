@@ -1149,6 +1149,10 @@ pub async fn move_tenant(
         },
         other => ApiError::internal(other),
     })?;
+    if let Some(direct) = state.pool.direct() {
+        // The tenant's requests follow it now, not at the next refresh.
+        direct.refresh_soon();
+    }
     Ok(HttpResponse::Ok().json(Moved {
         tenant: username.as_str().to_owned(),
         from: format!("{}:{}", plan.from.0, plan.from.1),

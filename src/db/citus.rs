@@ -69,6 +69,7 @@ pub(crate) async fn prepare(client: &tokio_postgres::Client) -> Result<bool, DbE
                 .await?;
         }
     }
+    prepare_guard(client).await?;
     client
         .execute(
             "UPDATE tenantry.installation SET mode = 'citus' WHERE mode <> 'citus'",
@@ -76,6 +77,188 @@ pub(crate) async fn prepare(client: &tokio_postgres::Client) -> Result<bool, DbE
         )
         .await?;
     Ok(true)
+}
+
+/// What the tenant guard reads on a worker (`routing::ENTER_ON_NODE`),
+/// present on every node: two Citus reference tables in the schema
+/// `tenantry_guard`, kept by triggers on the registry in the same
+/// transaction as it (so a worker never lets in a request the coordinator
+/// would refuse, once that transaction has committed):
+/// - `entries`: one row per user with an active tenant and an enabled
+///   account: its token generation, schema, role, and whether it is
+///   suspended or over its storage quota;
+/// - `revoked`: the sessions (refresh-token families) with a revoked token.
+///
+/// Its functions (`refuse_suspended`, `refuse_over_quota`, `holds`) are
+/// created after the tables, so Citus makes them on every node too. A
+/// schema of its own, not `tenantry`: a schema that holds a reference table
+/// is one Citus copies to every node with every function made in it, and
+/// `tenantry`'s functions read tables that live on the coordinator only.
+/// The service owns it; tenant roles have no access (the guard reads it
+/// before it takes the tenant's role). Idempotent.
+const GUARD: &str = r#"
+SET client_min_messages TO warning;
+CREATE SCHEMA IF NOT EXISTS tenantry_guard;
+REVOKE ALL ON SCHEMA tenantry_guard FROM PUBLIC;
+CREATE TABLE IF NOT EXISTS tenantry_guard.entries (
+    user_id          uuid PRIMARY KEY,
+    token_generation integer NOT NULL,
+    schema_name      text NOT NULL,
+    role_name        text NOT NULL,
+    suspended        boolean NOT NULL,
+    over_quota       boolean NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenantry_guard.revoked (
+    family_id uuid PRIMARY KEY
+);
+REVOKE ALL ON tenantry_guard.entries, tenantry_guard.revoked FROM PUBLIC;
+
+-- The guard's row of one user, made to agree with the registry: written
+-- only when it differs (each write is a transaction on every node).
+CREATE OR REPLACE FUNCTION tenantry.guard_sync(uid uuid) RETURNS void
+    LANGUAGE plpgsql AS $$
+DECLARE
+    want tenantry_guard.entries;
+    have tenantry_guard.entries;
+BEGIN
+    SELECT u.id, u.token_generation, t.schema_name, t.role_name,
+           u.suspended_at IS NOT NULL, t.over_quota_since IS NOT NULL
+      INTO want
+      FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
+     WHERE t.user_id = uid AND t.status = 'active' AND u.disabled_at IS NULL;
+    SELECT * INTO have FROM tenantry_guard.entries WHERE user_id = uid;
+    IF want.user_id IS NULL THEN
+        IF have.user_id IS NOT NULL THEN
+            DELETE FROM tenantry_guard.entries WHERE user_id = uid;
+        END IF;
+    ELSIF have.user_id IS NULL OR want IS DISTINCT FROM have THEN
+        INSERT INTO tenantry_guard.entries VALUES (want.*)
+            ON CONFLICT (user_id) DO UPDATE
+            SET token_generation = EXCLUDED.token_generation,
+                schema_name = EXCLUDED.schema_name,
+                role_name = EXCLUDED.role_name,
+                suspended = EXCLUDED.suspended,
+                over_quota = EXCLUDED.over_quota;
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION tenantry.guard_user_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tenantry.guard_sync(CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION tenantry.guard_tenant_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        PERFORM tenantry.guard_sync(OLD.user_id);
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') AND (TG_OP = 'INSERT' OR NEW.user_id <> OLD.user_id) THEN
+        PERFORM tenantry.guard_sync(NEW.user_id);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION tenantry.guard_session_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+DECLARE
+    family uuid := CASE WHEN TG_OP = 'DELETE' THEN OLD.family_id ELSE NEW.family_id END;
+    want boolean;
+    have boolean;
+BEGIN
+    want := EXISTS (SELECT FROM tenantry.refresh_tokens
+                    WHERE family_id = family AND revoked_at IS NOT NULL);
+    have := EXISTS (SELECT FROM tenantry_guard.revoked WHERE family_id = family);
+    IF want AND NOT have THEN
+        INSERT INTO tenantry_guard.revoked VALUES (family) ON CONFLICT DO NOTHING;
+    ELSIF have AND NOT want THEN
+        DELETE FROM tenantry_guard.revoked WHERE family_id = family;
+    END IF;
+    RETURN NULL;
+END $$;
+
+DROP TRIGGER IF EXISTS guard ON tenantry.users;
+CREATE TRIGGER guard AFTER DELETE OR UPDATE OF token_generation, disabled_at, suspended_at
+    ON tenantry.users FOR EACH ROW EXECUTE FUNCTION tenantry.guard_user_changed();
+DROP TRIGGER IF EXISTS guard ON tenantry.tenants;
+CREATE TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF user_id, status, schema_name, role_name, over_quota_since
+    ON tenantry.tenants FOR EACH ROW EXECUTE FUNCTION tenantry.guard_tenant_changed();
+DROP TRIGGER IF EXISTS guard ON tenantry.refresh_tokens;
+CREATE TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF revoked_at, family_id
+    ON tenantry.refresh_tokens FOR EACH ROW EXECUTE FUNCTION tenantry.guard_session_changed();
+"#;
+
+/// The guard's functions on every node (after its tables: see [`GUARD`]).
+const GUARD_FUNCTIONS: &str = r#"
+SET client_min_messages TO warning;
+CREATE OR REPLACE FUNCTION tenantry_guard.refuse_suspended() RETURNS integer
+    LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION 'the account is suspended' USING ERRCODE = 'TS403';
+END $$;
+CREATE OR REPLACE FUNCTION tenantry_guard.refuse_over_quota() RETURNS integer
+    LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION 'the tenant is over its storage quota' USING ERRCODE = 'TQ403';
+END $$;
+-- Whether this node holds the tables of the tenant schema `schema` (from
+-- Citus's metadata, on every node): a request routed to a node that does
+-- not is forwarded by Citus (correct, slower; counted).
+CREATE OR REPLACE FUNCTION tenantry_guard.holds(schema text) RETURNS boolean
+    LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN EXISTS (
+        SELECT FROM pg_catalog.pg_dist_schema ds
+          JOIN pg_catalog.pg_dist_partition dp ON dp.colocationid = ds.colocationid
+          JOIN pg_catalog.pg_dist_shard sh ON sh.logicalrelid = dp.logicalrelid
+          JOIN pg_catalog.pg_dist_placement pl ON pl.shardid = sh.shardid
+         WHERE ds.schemaid = pg_catalog.to_regnamespace(schema)
+           AND pl.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group));
+END $$;
+REVOKE ALL ON FUNCTION tenantry_guard.refuse_suspended(), tenantry_guard.refuse_over_quota(),
+    tenantry_guard.holds(text) FROM PUBLIC;
+"#;
+
+/// Makes [`GUARD`] (and fills it from the registry) unless it is there.
+async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
+    let ready: bool = client
+        .query_one(
+            "SELECT count(*) = 2 FROM pg_catalog.pg_dist_partition
+             WHERE logicalrelid IN (pg_catalog.to_regclass('tenantry_guard.entries'),
+                                    pg_catalog.to_regclass('tenantry_guard.revoked'))
+               AND repmodel = 't'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if ready {
+        return Ok(());
+    }
+    client.batch_execute(GUARD).await?;
+    for table in ["tenantry_guard.entries", "tenantry_guard.revoked"] {
+        client
+            .execute(
+                "SELECT pg_catalog.create_reference_table($1::text::regclass)
+                 WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_dist_partition
+                                   WHERE logicalrelid = $1::text::regclass)",
+                &[&table],
+            )
+            .await?;
+    }
+    client.batch_execute(GUARD_FUNCTIONS).await?;
+    // What the registry holds already (the triggers keep what changes from
+    // here on).
+    client
+        .batch_execute(
+            "SELECT tenantry.guard_sync(t.user_id) FROM tenantry.tenants t WHERE t.status = 'active';
+             INSERT INTO tenantry_guard.revoked
+                 SELECT DISTINCT family_id FROM tenantry.refresh_tokens WHERE revoked_at IS NOT NULL
+                 ON CONFLICT DO NOTHING;",
+        )
+        .await?;
+    Ok(())
 }
 
 /// Citus reaches a tenant's shards on its worker as the tenant's role, so

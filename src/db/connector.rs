@@ -240,6 +240,47 @@ impl Connector {
         }
     }
 
+    /// Another node of the same Citus cluster (`db::direct`): the same
+    /// database, user, password, TLS and timeouts at `host`:`port`, its
+    /// connections uncapped (they are a pool's).
+    pub fn at_node(&self, host: &str, port: i32) -> Connector {
+        let old = &self.inner.config;
+        let mut config = tokio_postgres::Config::new();
+        config.host(host);
+        config.port(u16::try_from(port).unwrap_or(5432));
+        if let Some(user) = old.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = old.get_password() {
+            config.password(password);
+        }
+        if let Some(dbname) = old.get_dbname() {
+            config.dbname(dbname);
+        }
+        if let Some(name) = old.get_application_name() {
+            config.application_name(name);
+        }
+        if let Some(options) = old.get_options() {
+            config.options(options);
+        }
+        if let Some(timeout) = old.get_connect_timeout() {
+            config.connect_timeout(*timeout);
+        }
+        config
+            .ssl_mode(old.get_ssl_mode())
+            .keepalives(old.get_keepalives())
+            .keepalives_idle(old.get_keepalives_idle());
+        Connector {
+            inner: Arc::new(Inner {
+                config,
+                tls: self.inner.tls.clone(),
+                ports: PortSource::Fixed,
+                outside: Arc::new(Semaphore::new(UNCAPPED)),
+                cap: UNCAPPED,
+            }),
+        }
+    }
+
     /// The configuration as given (the embedded cluster's port as at
     /// start).
     pub fn config(&self) -> &tokio_postgres::Config {

@@ -6,6 +6,7 @@
 mod bootstrap;
 pub mod citus;
 mod connector;
+mod direct;
 mod pool;
 pub mod routers;
 
@@ -21,9 +22,11 @@ pub use connector::{
     Connection, Connector, Dedicated, CONNECT_TIMEOUT, EXPORT_WAIT, OUTBOX_SESSION,
     WEBHOOKS_SESSION,
 };
+pub use direct::{Direct, Node};
 pub use pool::{
-    pool, pool_with, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool, AFFINITY_POLL,
-    AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET, WARM_MEMBERSHIPS,
+    pool, pool_with, Checkout, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool,
+    AFFINITY_POLL, AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
+    WARM_MEMBERSHIPS,
 };
 
 /// The name of the per-tenant history table: refinery's own default, in the
@@ -127,13 +130,7 @@ impl Target {
     /// username signing up again) would still be the old role there.
     pub fn pool(&self, size: usize, installation: &Installation) -> Result<RequestPool, DbError> {
         let connector = if installation.citus {
-            self.connector.with_config(|config| {
-                let options = format!(
-                    "{} -c citus.max_cached_conns_per_worker=0",
-                    config.get_options().unwrap_or_default()
-                );
-                config.options(options.trim_start());
-            })
+            citus_session(&self.connector)
         } else {
             self.connector.clone()
         };
@@ -144,6 +141,18 @@ impl Target {
             Retire::Spread,
         )
     }
+}
+
+/// A pooled session on Citus keeps no worker connections between
+/// transactions (see `Target::pool`).
+pub fn citus_session(connector: &Connector) -> Connector {
+    connector.with_config(|config| {
+        let options = format!(
+            "{} -c citus.max_cached_conns_per_worker=0",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim_start());
+    })
 }
 
 /// One connection to a fixed address without TLS (tests, benchmarks).

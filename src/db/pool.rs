@@ -283,6 +283,9 @@ pub struct RequestPool {
     statement_timeout: Duration,
     /// What a cancel request needs.
     tls: crate::postgres_tls::Tls,
+    /// On Citus with `TENANTRY_CITUS_ROUTING=direct`: the workers' pools,
+    /// which serve the tenants they hold (`db::direct`).
+    direct: Option<std::sync::Arc<super::Direct>>,
 }
 
 type Served = std::collections::HashMap<
@@ -326,6 +329,7 @@ impl RequestPool {
             served: Default::default(),
             statement_timeout: Duration::ZERO,
             tls: connector.tls().clone(),
+            direct: None,
         })
     }
 
@@ -375,6 +379,17 @@ impl RequestPool {
     pub fn with_statement_timeout(mut self, timeout: Duration) -> RequestPool {
         self.statement_timeout = timeout;
         self
+    }
+
+    /// Tenants' requests go to the worker that holds them (`db::direct`).
+    pub fn with_direct(mut self, direct: std::sync::Arc<super::Direct>) -> RequestPool {
+        self.direct = Some(direct);
+        self
+    }
+
+    /// Direct routing's nodes and placements, if it is on.
+    pub fn direct(&self) -> Option<&std::sync::Arc<super::Direct>> {
+        self.direct.as_ref()
     }
 
     /// A connection for work that is no tenant's.
@@ -646,6 +661,19 @@ pub trait TenantPool {
         user: uuid::Uuid,
     ) -> impl std::future::Future<Output = Result<deadpool_postgres::Object, PoolError>> + Send;
 
+    /// A connection for the tenant's request, and where it is: on a
+    /// worker that holds the tenant (`db::direct`: the guard reads
+    /// `tenantry_guard` there), or `None`: where the registry is.
+    fn checkout_tenant(
+        &self,
+        user: uuid::Uuid,
+    ) -> impl std::future::Future<Output = Result<Checkout, PoolError>> + Send
+    where
+        Self: Sync,
+    {
+        async move { Ok((self.get_for_tenant(user).await?, None)) }
+    }
+
     /// The `statement_timeout` of a tenant's transaction (zero: none).
     fn statement_timeout(&self) -> Duration {
         Duration::ZERO
@@ -672,7 +700,28 @@ pub trait TenantPool {
     }
 }
 
+/// A tenant's connection, and the direct routing it came from if it is a
+/// worker's ([`TenantPool::checkout_tenant`]).
+pub type Checkout = (
+    deadpool_postgres::Object,
+    Option<std::sync::Arc<super::Direct>>,
+);
+
 impl TenantPool for RequestPool {
+    async fn checkout_tenant(&self, user: uuid::Uuid) -> Result<Checkout, PoolError> {
+        if let Some(direct) = &self.direct {
+            let found = match direct.pool_for(user) {
+                Some(found) => Some(found),
+                None => direct.locate(user, self).await,
+            };
+            if let Some((_, pool)) = found {
+                let got = pool.get_for_tenant(user).await?;
+                return Ok((got, Some(direct.clone())));
+            }
+        }
+        Ok((RequestPool::get_for_tenant(self, user).await?, None))
+    }
+
     fn get_for_tenant(
         &self,
         user: uuid::Uuid,

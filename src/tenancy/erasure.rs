@@ -197,6 +197,12 @@ pub async fn erase(
         .get(0);
     tx.commit().await?;
 
+    // On Citus, requests routed straight to a worker (`db::direct`) take
+    // the tenant's lock there, not here: wait for those in flight on every
+    // worker. Those that come after find the tenant gone (the mark above
+    // reached every node's copy of the registry in its transaction).
+    wait_for_workers(client, user_id, &timeout).await?;
+
     // 2. A tenant larger than one transaction's share of the lock table
     //    loses its tables in batches first.
     if relations > per_transaction {
@@ -386,6 +392,45 @@ WHERE r.only_tenant = $1
    OR EXISTS (SELECT 1 FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.user_id = $3)";
 
 /// A lock timeout means something else holds the tenant: say so.
+/// Take and release the tenant's lock (`db::TENANT_LOCK_CLASS`) on every
+/// Citus worker: it waits for the requests that hold it there. Nothing on
+/// plain PostgreSQL (no copy of the registry on other nodes).
+async fn wait_for_workers(
+    client: &Client,
+    user_id: Uuid,
+    timeout: &str,
+) -> Result<(), ErasureError> {
+    let on_citus: bool = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('tenantry_guard.entries') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !on_citus {
+        return Ok(());
+    }
+    let failed = client
+        .query(
+            "SELECT nodename::text, result FROM pg_catalog.run_command_on_workers(pg_catalog.format(
+                 'SELECT pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%L))
+                  FROM pg_catalog.set_config(''lock_timeout'', %L, true)',
+                 $2::int4, $3::text, $1::text))
+             WHERE NOT success",
+            &[&timeout, &crate::db::TENANT_LOCK_CLASS, &user_id.to_string()],
+        )
+        .await?;
+    match failed.first() {
+        None => Ok(()),
+        Some(row) if row.get::<_, String>(1).contains("lock timeout") => Err(ErasureError::Busy),
+        Some(row) => Err(ErasureError::Incomplete(format!(
+            "cannot reach the worker {}: {}",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1)
+        ))),
+    }
+}
+
 fn busy_or<T>(result: Result<T, tokio_postgres::Error>) -> Result<T, ErasureError> {
     result.map_err(|e| match e.code() {
         Some(code) if *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE => {

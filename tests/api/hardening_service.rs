@@ -79,9 +79,10 @@ fn reasons(health: &Value) -> String {
     health["reasons"].to_string()
 }
 
-/// Backends of this test's database waiting on a lock.
+/// Backends of this test's database waiting on a lock (on Citus, on any
+/// node: a request routed to its worker waits there).
 async fn lock_waiters(app: &TestApp) -> i64 {
-    app.count(&format!(
+    app.count_on_every_node(&format!(
         "SELECT count(*) FROM pg_stat_activity
          WHERE datname = '{}' AND wait_event_type = 'Lock'",
         app.db_name

@@ -138,6 +138,11 @@ fn start_citus() -> CitusCluster {
 const CITUS_TEMPLATE: &str = "citus_template";
 
 /// A superuser connection to a node of the Citus cluster.
+/// A superuser connection to `db_name` on one node of the Citus cluster.
+pub async fn connect_to_node(port: u16, db_name: &str) -> tokio_postgres::Client {
+    connect_to(port, db_name).await
+}
+
 async fn connect_to(port: u16, db_name: &str) -> tokio_postgres::Client {
     let config: tokio_postgres::Config = node_url(port, db_name, "postgres").parse().unwrap();
     tenantry::db::connect(&config).await.expect("connect")
@@ -375,6 +380,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         spare_roles: 0,
         spare_schemas: 0,
         router_roles: 0,
+        citus_routing: Default::default(),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),
@@ -489,6 +495,24 @@ impl TestApp {
     /// The single `bigint` a counting query returns.
     pub async fn count(&self, sql: &str) -> i64 {
         self.db().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// [`TestApp::count`] summed over every node of a Citus cluster (a
+    /// request routed straight to a worker runs there), else the same.
+    pub async fn count_on_every_node(&self, sql: &str) -> i64 {
+        let mut total = self.count(sql).await;
+        if let Some(citus) = CITUS.as_ref() {
+            for &port in &citus.workers {
+                let n: i64 = connect_to(port, &self.db_name)
+                    .await
+                    .query_one(sql, &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                total += n;
+            }
+        }
+        total
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {

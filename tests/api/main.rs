@@ -9,6 +9,7 @@ mod cli;
 mod connections;
 mod console;
 mod deploy;
+mod direct;
 mod embedded;
 mod faults;
 mod fleet;

@@ -140,6 +140,7 @@ impl App {
             spare_roles: 0,
             spare_schemas: 0,
             router_roles: 8,
+            citus_routing: Default::default(),
             extra_connections: 16,
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),

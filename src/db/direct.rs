@@ -1,0 +1,287 @@
+//! Direct routing on Citus (`TENANTRY_CITUS_ROUTING=direct`): a tenant's
+//! request goes straight to the worker that holds its schema, on a pool of
+//! that node's own, instead of through the coordinator (which opens a new
+//! worker connection for every routed transaction: Citus caches its worker
+//! connections per session and role).
+//!
+//! [`Direct`] keeps the nodes' pools (one per active primary worker, from
+//! `pg_dist_node`) and a placement map, user id → node, read from Citus's
+//! metadata on the coordinator. Both are refreshed every
+//! [`REFRESH_EVERY`], after Tenantry moves or rebalances tenants, and soon
+//! after a request finds its entry missing or stale. A stale entry costs
+//! only speed: the worker that gets the request forwards it to the node
+//! that holds the tenant (Citus does, as the tenant's role), and the guard
+//! says so (`routing::ENTER_ON_NODE`'s `here`), which counts it in
+//! `/metrics` and asks for a refresh. A tenant the map does not know yet
+//! (signed up since the last refresh) goes through the coordinator.
+//!
+//! On a worker the guard reads `tenantry_guard` (`db::citus::GUARD`), the
+//! registry's copy on every node.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{ConnectionLimits, Connector, DbError, Dedicated, RequestPool, Retire};
+
+/// How often the map and the nodes are read again without a reason.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+/// The shortest time between two refreshes (a burst of misses makes one).
+const REFRESH_GAP: Duration = Duration::from_millis(200);
+
+/// Each active tenant's worker (one row per user: a tenant schema is one
+/// colocated unit, on one node).
+const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport
+ FROM tenantry.tenants t
+ JOIN pg_catalog.pg_dist_schema ds ON ds.schemaid = pg_catalog.to_regnamespace(t.schema_name)
+ JOIN LATERAL (
+     SELECT pl.groupid FROM pg_catalog.pg_dist_partition dp
+       JOIN pg_catalog.pg_dist_shard sh ON sh.logicalrelid = dp.logicalrelid
+       JOIN pg_catalog.pg_dist_placement pl ON pl.shardid = sh.shardid
+      WHERE dp.colocationid = ds.colocationid LIMIT 1) p ON true
+ JOIN pg_catalog.pg_dist_node d
+   ON d.groupid = p.groupid AND d.noderole = 'primary' AND d.groupid <> 0
+ WHERE t.status = 'active'";
+
+/// A worker, as `pg_dist_node` names it.
+pub type Node = (String, i32);
+
+/// See the module docs.
+pub struct Direct {
+    coordinator: Connector,
+    /// Connections per node.
+    size: usize,
+    limits: ConnectionLimits,
+    statement_timeout: Duration,
+    pools: RwLock<HashMap<Node, RequestPool>>,
+    placed: RwLock<HashMap<Uuid, Node>>,
+    /// Users found with no placed tenant since the last refresh.
+    absent: RwLock<std::collections::HashSet<Uuid>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Direct {
+    /// Read the nodes and the placements once (an error if the coordinator
+    /// cannot be read), then keep them fresh in the background for as long
+    /// as the returned value lives.
+    pub async fn start(
+        coordinator: &Connector,
+        size: usize,
+        limits: ConnectionLimits,
+        statement_timeout: Duration,
+    ) -> Result<Arc<Direct>, DbError> {
+        let direct = Arc::new(Direct {
+            coordinator: coordinator.clone(),
+            size: size.max(1),
+            limits,
+            statement_timeout,
+            pools: Default::default(),
+            placed: Default::default(),
+            absent: Default::default(),
+            wake: Default::default(),
+        });
+        direct.refresh().await?;
+        let weak = Arc::downgrade(&direct);
+        tokio::spawn(keep_fresh(weak));
+        Ok(direct)
+    }
+
+    /// The pool of the node that holds `user`'s tenant, if the map knows
+    /// it (else the request goes through the coordinator, and a refresh is
+    /// asked for).
+    pub fn pool_for(&self, user: Uuid) -> Option<(Node, RequestPool)> {
+        let node = self
+            .placed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .cloned();
+        let node = node?;
+        let pool = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned();
+        pool.map(|p| (node, p))
+    }
+
+    /// A tenant the map does not know (signed up since the last refresh):
+    /// its node read from the coordinator's metadata through `coordinator`
+    /// (one query) and kept. A user with no placed tenant is remembered as
+    /// such until the next refresh; its requests go through the
+    /// coordinator, whose guard refuses them or serves them.
+    pub async fn locate(
+        &self,
+        user: Uuid,
+        coordinator: &RequestPool,
+    ) -> Option<(Node, RequestPool)> {
+        if self
+            .absent
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&user)
+        {
+            return None;
+        }
+        let client = coordinator.get().await.ok()?;
+        let found = client
+            .query_opt(&format!("{PLACEMENTS} AND t.user_id = $1"), &[&user])
+            .await;
+        drop(client);
+        match found {
+            Ok(Some(row)) => {
+                let node: Node = (row.get(1), row.get(2));
+                self.placed
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(user, node);
+                self.pool_for(user)
+            }
+            Ok(None) => {
+                self.absent
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(user);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read a tenant's placement");
+                None
+            }
+        }
+    }
+
+    /// A request for `user` reached a node that does not hold its tenant
+    /// (moved since the map was read): counted, and the map read again.
+    pub fn stale(&self, user: Uuid) {
+        crate::metrics::routed_forwarded();
+        self.placed
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&user);
+        self.wake.notify_one();
+    }
+
+    /// Read again now (after a move or a rebalance).
+    pub fn refresh_soon(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The nodes with a pool.
+    pub fn nodes(&self) -> Vec<Node> {
+        let mut nodes: Vec<Node> = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// How many tenants the map places.
+    pub fn placed(&self) -> usize {
+        self.placed.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The node the map places `user` on.
+    pub fn node_of(&self, user: Uuid) -> Option<Node> {
+        self.placed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .cloned()
+    }
+
+    /// Read the workers and every active tenant's node from the
+    /// coordinator's metadata (one connection, two queries).
+    pub async fn refresh(&self) -> Result<(), DbError> {
+        let client = self.coordinator.connect(Dedicated::Command).await?;
+        let nodes = client
+            .query(
+                "SELECT nodename::text, nodeport FROM pg_catalog.pg_dist_node
+                 WHERE noderole = 'primary' AND isactive AND groupid <> 0
+                 ORDER BY 1, 2",
+                &[],
+            )
+            .await?;
+        let placements = client.query(PLACEMENTS, &[]).await?;
+        drop(client);
+        let nodes: Vec<Node> = nodes.iter().map(|r| (r.get(0), r.get(1))).collect();
+        {
+            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            pools.retain(|node, _| nodes.contains(node));
+            for node in &nodes {
+                if pools.contains_key(node) {
+                    continue;
+                }
+                let pool = RequestPool::new(
+                    &self.coordinator.at_node(&node.0, node.1),
+                    self.size,
+                    self.limits,
+                    Retire::Spread,
+                )?
+                .with_statement_timeout(self.statement_timeout);
+                pools.insert(node.clone(), pool);
+            }
+        }
+        let placed: HashMap<Uuid, Node> = placements
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        *self.placed.write().unwrap_or_else(|p| p.into_inner()) = placed;
+        self.absent
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
+    }
+
+    /// The nodes' pools' statuses, summed.
+    pub fn status(&self) -> deadpool_postgres::Status {
+        self.pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(RequestPool::status)
+            .fold(
+                deadpool_postgres::Status {
+                    max_size: 0,
+                    size: 0,
+                    available: 0,
+                    waiting: 0,
+                },
+                |a, s| deadpool_postgres::Status {
+                    max_size: a.max_size + s.max_size,
+                    size: a.size + s.size,
+                    available: a.available + s.available,
+                    waiting: a.waiting + s.waiting,
+                },
+            )
+    }
+}
+
+/// The refresher: every [`REFRESH_EVERY`], or when woken, at most once per
+/// [`REFRESH_GAP`]; it ends with the last [`Direct`].
+async fn keep_fresh(direct: Weak<Direct>) {
+    loop {
+        let Some(d) = direct.upgrade() else { return };
+        let woken = tokio::time::timeout(REFRESH_EVERY, d.wake.notified())
+            .await
+            .is_ok();
+        if Arc::strong_count(&d) == 1 {
+            // Only this task holds it.
+            return;
+        }
+        if let Err(e) = d.refresh().await {
+            tracing::warn!(error = %e, woken, "cannot read the tenants' placements");
+        }
+        drop(d);
+        tokio::time::sleep(REFRESH_GAP).await;
+    }
+}

@@ -1,0 +1,216 @@
+//! Direct routing on Citus (`db::direct`, `TENANTRY_CITUS_ROUTING`): a
+//! tenant's request runs on the worker that holds it, in a session of the
+//! service's own; a stale placement is forwarded, counted and corrected.
+//! On plain PostgreSQL the one server serves everything and nothing is
+//! ever forwarded.
+
+use reqwest::Method;
+use tenantry::configuration::CitusRouting;
+
+use crate::helpers::*;
+
+/// A superuser connection to every node of the test's database, with the
+/// node's port: the coordinator and the workers, or the one server.
+async fn nodes(app: &TestApp) -> Vec<(u16, tokio_postgres::Client)> {
+    match CITUS.as_ref() {
+        Some(c) => {
+            let mut all = Vec::new();
+            for port in std::iter::once(c.coordinator).chain(c.workers.iter().copied()) {
+                all.push((port, connect_to_node(port, &app.db_name).await));
+            }
+            all
+        }
+        None => vec![(CLUSTER.running.port, app.db().await)],
+    }
+}
+
+/// The node that holds `schema`'s tables (the one server on plain).
+async fn holder(app: &TestApp, schema: &str) -> u16 {
+    let Some(_) = CITUS.as_ref() else {
+        return CLUSTER.running.port;
+    };
+    let port: i32 = app
+        .db()
+        .await
+        .query_one(
+            "SELECT nodeport FROM pg_catalog.citus_shards
+             WHERE table_name::text LIKE $1 || '.%' LIMIT 1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    u16::try_from(port).unwrap()
+}
+
+/// The backends waiting on a lock in the test's database, on every node:
+/// (node's port, user, application name).
+async fn lock_waiters(app: &TestApp) -> Vec<(u16, String, String)> {
+    let mut all = Vec::new();
+    for (port, client) in nodes(app).await {
+        let rows = client
+            .query(
+                "SELECT usename::text, application_name FROM pg_catalog.pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        all.extend(rows.iter().map(|r| (port, r.get(0), r.get(1))));
+    }
+    all
+}
+
+/// A read of `token`'s tenant held on a lock of its table, and where it
+/// waits: started, seen waiting (forced: the test holds the lock), then let
+/// go; the read must answer 200.
+async fn where_a_read_waits(app: &TestApp, token: &str, schema: &str) -> (u16, String, String) {
+    let mut db = app.db().await;
+    let tx = db.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {schema}.experiences IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let read = tokio::spawn(app.call(Method::GET, "/api/experiences", token).send());
+    let mut waiting = Vec::new();
+    for _ in 0..400 {
+        waiting = lock_waiters(app).await;
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(read.await.unwrap().unwrap().status(), 200);
+    assert_eq!(waiting.len(), 1, "one read waits: {waiting:?}");
+    waiting.remove(0)
+}
+
+#[tokio::test]
+async fn a_tenants_read_runs_on_the_node_that_holds_it_as_the_service() {
+    let app = spawn_app().await;
+    let token = app.token("ann").await;
+    let holder = holder(&app, "tenant_ann").await;
+    let service = service_role(&app.db_name);
+    let (node, user, application) = where_a_read_waits(&app, &token, "tenant_ann").await;
+    assert_eq!(node, holder, "the read ran where ann's tables are");
+    // A session of the service's own (its role is ann's only inside the
+    // transaction), from the service's pool.
+    assert_eq!(
+        (user.as_str(), application.as_str()),
+        (service.as_str(), "tenantry")
+    );
+
+    if let Some(citus) = CITUS.as_ref() {
+        // The same read with `TENANTRY_CITUS_ROUTING=coordinator`: it runs
+        // on the coordinator (which reaches the worker as ann's role).
+        let through = spawn_app_with(|s| {
+            s.database = tenantry::configuration::DatabaseTarget::Url(
+                tenantry::configuration::SecretString::new(service_url(&app.db_name)),
+            );
+            s.citus_routing = CitusRouting::Coordinator;
+        })
+        .await;
+        let through = TestApp {
+            db_name: app.db_name.clone(),
+            ..through
+        };
+        let (node, _, _) = where_a_read_waits(&through, &token, "tenant_ann").await;
+        assert_eq!(node, citus.coordinator);
+        assert_ne!(node, holder);
+    }
+}
+
+/// `tenantry_routed_forwarded_total` from `/metrics`.
+async fn forwarded(app: &TestApp) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("tenantry_routed_forwarded_total "))
+        .expect("the counter is exported")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_tenant_moved_behind_the_services_back_is_served_forwarded_once_then_directly() {
+    let app = spawn_app().await;
+    let token = app.token("bea").await;
+    let read = || async {
+        app.call(Method::GET, "/api/experiences", &token)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(read().await.status(), 200);
+    assert_eq!(forwarded(&app).await, 0.0);
+    let env = cli_env(&app.db_name);
+    let Some(citus) = CITUS.as_ref() else {
+        // Nothing to move on plain PostgreSQL, and nothing is forwarded.
+        let out = tenantry(
+            &["tenants", "move", "bea", "--node", "127.0.0.1:1"],
+            &env,
+            None,
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("not a Citus coordinator"),
+            "{}",
+            stderr(&out)
+        );
+        for _ in 0..3 {
+            assert_eq!(read().await.status(), 200);
+        }
+        assert_eq!(forwarded(&app).await, 0.0);
+        return;
+    };
+    // Another process moves bea: this service's map still has the old node.
+    let from = holder(&app, "tenant_bea").await;
+    let to = *citus.workers.iter().find(|&&w| w != from).unwrap();
+    let out = tenantry(
+        &[
+            "tenants",
+            "move",
+            "bea",
+            "--node",
+            &format!("127.0.0.1:{to}"),
+        ],
+        &env,
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(holder(&app, "tenant_bea").await, to);
+    // Served anyway (Citus forwards it from the old node), and counted.
+    let first = read().await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(forwarded(&app).await, 1.0);
+    // The entry is read again: the next reads go straight to the new node.
+    for _ in 0..5 {
+        assert_eq!(read().await.status(), 200);
+    }
+    assert_eq!(forwarded(&app).await, 1.0);
+    let (node, _, application) = where_a_read_waits(&app, &token, "tenant_bea").await;
+    assert_eq!((node, application.as_str()), (to, "tenantry"));
+}
+
+#[test]
+fn the_routing_setting_is_direct_by_default_and_refuses_anything_else() {
+    use tenantry::configuration::Settings;
+    let with = |value: Option<&str>| {
+        Settings::from_lookup(|name| match name {
+            "TENANTRY_CITUS_ROUTING" => value.map(str::to_owned),
+            "JWT_SECRET" => Some("x".repeat(32)),
+            _ => None,
+        })
+    };
+    assert_eq!(with(None).unwrap().citus_routing, CitusRouting::Direct);
+    assert_eq!(
+        with(Some("coordinator")).unwrap().citus_routing,
+        CitusRouting::Coordinator
+    );
+    let refused = with(Some("sideways")).unwrap_err().to_string();
+    assert!(refused.contains("TENANTRY_CITUS_ROUTING"), "{refused}");
+}
