@@ -68,6 +68,10 @@ pub struct Settings {
     pub router_roles: usize,
     /// `TENANTRY_CITUS_ROUTING`: on Citus, where tenants' requests go.
     pub citus_routing: CitusRouting,
+    /// `TENANTRY_CITUS_REFRESH_INTERVAL`: how often direct routing reads the
+    /// tenants' placements again without a reason (seconds; 0: only after a
+    /// move, a miss or a stale hit).
+    pub citus_refresh_interval: Option<Duration>,
     /// `TENANTRY_EXTRA_CONNECTIONS`: connections `serve` opens outside its
     /// pool at most (exports, fleet runs, `/health`'s spare, the mail
     /// sender, the builder of spare schemas); default the export
@@ -375,6 +379,10 @@ impl Settings {
         let spare_roles = number("TENANTRY_SPARE_ROLES", 1000, 10_000)? as usize;
         let spare_schemas = number("TENANTRY_SPARE_SCHEMAS", 100, 10_000)? as usize;
         let router_roles = number("TENANTRY_ROUTER_ROLES", 8, 64)? as usize;
+        let citus_refresh_interval = match number("TENANTRY_CITUS_REFRESH_INTERVAL", 10, 86_400)? {
+            0 => None,
+            secs => Some(Duration::from_secs(secs.into())),
+        };
         let citus_routing = match get("TENANTRY_CITUS_ROUTING").as_deref() {
             None | Some("direct") => CitusRouting::Direct,
             Some("coordinator") => CitusRouting::Coordinator,
@@ -497,6 +505,7 @@ impl Settings {
             spare_schemas,
             router_roles,
             citus_routing,
+            citus_refresh_interval,
             extra_connections,
             export_timeout,
             statement_timeout,

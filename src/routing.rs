@@ -147,9 +147,9 @@ impl Via {
         self,
         pool: &(impl TenantPool + Sync),
         user: Uuid,
-    ) -> Result<db::Checkout, PoolError> {
+    ) -> Result<db::Checkout, RoutingError> {
         match self {
-            Via::Router => pool.checkout_tenant(user).await,
+            Via::Router => Ok(pool.checkout_tenant(user).await?),
             Via::Service | Via::Mended => Ok((pool.get_as_service(user).await?, None)),
         }
     }
@@ -185,8 +185,8 @@ where
 
 /// What the guard runs where the connection is ([`ENTER_ON_NODE`] on a
 /// worker).
-fn enter_sql(direct: &Option<std::sync::Arc<db::Direct>>) -> &'static str {
-    if direct.is_some() {
+fn enter_sql(on: Option<&db::OnNode>) -> &'static str {
+    if on.is_some() {
         ENTER_ON_NODE
     } else {
         ENTER
@@ -195,10 +195,10 @@ fn enter_sql(direct: &Option<std::sync::Arc<db::Direct>>) -> &'static str {
 
 /// A request entered on a worker that does not hold its tenant (the
 /// placement map was stale; Citus forwards it): counted and corrected.
-fn forwarded(direct: &Option<std::sync::Arc<db::Direct>>, entered: &Row, user: Uuid) {
-    if let Some(direct) = direct {
+fn forwarded(on: Option<&db::OnNode>, entered: &Row, user: Uuid) {
+    if let Some(on) = on {
         if !entered.get::<_, bool>("here") {
-            direct.stale(user);
+            on.direct.stale(user);
         }
     }
 }
@@ -240,6 +240,32 @@ pub enum RoutingError {
     RoleRefused(tokio_postgres::Error),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
+    /// Direct routing on Citus: the worker that holds the tenant gives no
+    /// connection, or the connection to it was lost (503
+    /// `node_unavailable`).
+    #[error("{0}")]
+    NodeUnavailable(String),
+}
+
+impl From<db::CheckoutError> for RoutingError {
+    fn from(e: db::CheckoutError) -> Self {
+        match e {
+            db::CheckoutError::Pool(e) => RoutingError::Pool(e),
+            node @ db::CheckoutError::Node { .. } => {
+                RoutingError::NodeUnavailable(node.to_string())
+            }
+        }
+    }
+}
+
+/// An error on a worker's connection that says the worker is gone.
+fn on_node(on: Option<&db::OnNode>, e: RoutingError) -> RoutingError {
+    match (on, e) {
+        (Some(on), RoutingError::Postgres(e)) if db::connection_lost(&e) => {
+            RoutingError::NodeUnavailable(format!("the worker {} is unavailable: {e}", on.name()))
+        }
+        (_, e) => e,
+    }
 }
 
 impl RoutingError {
@@ -326,9 +352,21 @@ impl TenantTx {
         access: Access,
         via: Via,
     ) -> Result<TenantTx, RoutingError> {
-        let (client, direct) = via.checkout(pool, caller.user_id).await?;
+        let (client, on) = via.checkout(pool, caller.user_id).await?;
+        Self::enter_on(pool, client, on.as_ref(), caller, access)
+            .await
+            .map_err(|e| on_node(on.as_ref(), e))
+    }
+
+    async fn enter_on(
+        pool: &(impl TenantPool + Sync),
+        client: Object,
+        on: Option<&db::OnNode>,
+        caller: Caller,
+        access: Access,
+    ) -> Result<TenantTx, RoutingError> {
         let lock = client.prepare_cached(ENTER_LOCK).await?;
-        let enter = client.prepare_cached(enter_sql(&direct)).await?;
+        let enter = client.prepare_cached(enter_sql(on)).await?;
         let mut guard = TenantTx {
             client: Some(client),
             tls: pool.tls().cloned(),
@@ -358,7 +396,7 @@ impl TenantTx {
         }
         match entered {
             Ok(row) => {
-                forwarded(&direct, &row, caller.user_id);
+                forwarded(on, &row, caller.user_id);
                 Ok(guard)
             }
             Err(e) => {
@@ -407,9 +445,23 @@ impl TenantTx {
         params: &[&(dyn ToSql + Sync)],
         via: Via,
     ) -> Result<Vec<Row>, RoutingError> {
-        let (client, direct) = via.checkout(pool, caller.user_id).await?;
+        let (client, on) = via.checkout(pool, caller.user_id).await?;
+        Self::once_on(pool, client, on.as_ref(), caller, access, sql, params)
+            .await
+            .map_err(|e| on_node(on.as_ref(), e))
+    }
+
+    async fn once_on(
+        pool: &(impl TenantPool + Sync),
+        client: Object,
+        on: Option<&db::OnNode>,
+        caller: Caller,
+        access: Access,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, RoutingError> {
         let lock = client.prepare_cached(ENTER_LOCK).await?;
-        let enter = client.prepare_cached(enter_sql(&direct)).await?;
+        let enter = client.prepare_cached(enter_sql(on)).await?;
         let mut guard = TenantTx {
             client: Some(client),
             tls: pool.tls().cloned(),
@@ -489,7 +541,7 @@ impl TenantTx {
         begun?;
         locked?;
         let entered = entered.map_err(RoutingError::from_enter)?;
-        forwarded(&direct, &entered, caller.user_id);
+        forwarded(on, &entered, caller.user_id);
         let rows = rows.transpose()?;
         statement?;
         ended?;

@@ -389,6 +389,7 @@ impl Application {
                 settings.pool_size,
                 db::ConnectionLimits::default(),
                 settings.statement_timeout,
+                settings.citus_refresh_interval,
             )
             .await?;
             tracing::info!(

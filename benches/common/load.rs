@@ -149,6 +149,9 @@ pub async fn start_service_with(
         citus_routing: Settings::from_env()
             .map(|s| s.citus_routing)
             .unwrap_or_default(),
+        citus_refresh_interval: Settings::from_env()
+            .map(|s| s.citus_refresh_interval)
+            .unwrap_or(Some(Duration::from_secs(10))),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),

@@ -182,18 +182,7 @@ impl From<AuthError> for ApiError {
 /// The database went away (closed connection, a connection exception, an
 /// operator or crash shutdown): a 503, not a fault of ours.
 pub fn database_unavailable(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
-        return true;
-    }
-    if e.as_db_error().is_none() && e.code().is_none() {
-        // An I/O error on the socket.
-        return std::error::Error::source(e)
-            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
-    }
-    e.code().is_some_and(|c| {
-        let code = c.code();
-        code.starts_with("08") || code.starts_with("57P")
-    })
+    crate::db::connection_lost(e)
 }
 
 impl From<tokio_postgres::Error> for ApiError {
@@ -247,6 +236,16 @@ impl From<RoutingError> for ApiError {
             RoutingError::Suspended => ApiError::AccountSuspended,
             RoutingError::OverQuota => ApiError::QuotaExceeded,
             RoutingError::Pool(e) => e.into(),
+            RoutingError::NodeUnavailable(message) => {
+                crate::metrics::database_error("unavailable");
+                tracing::error!(error = %message, "a tenant's worker is unavailable");
+                ApiError::Busy {
+                    code: "node_unavailable",
+                    message:
+                        "the database node that holds this tenant is unavailable; try again later"
+                            .into(),
+                }
+            }
             RoutingError::Postgres(e) | RoutingError::RoleRefused(e) => e.into(),
         }
     }
@@ -321,6 +320,10 @@ impl From<crate::tenancy::erasure::ErasureError> for ApiError {
                 message: e.to_string(),
             },
             ErasureError::Postgres(pg) => pg.into(),
+            ErasureError::NodeUnavailable(_) => ApiError::Busy {
+                code: "node_unavailable",
+                message: e.to_string(),
+            },
             other => ApiError::internal(other),
         }
     }

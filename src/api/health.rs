@@ -240,10 +240,14 @@ pub struct ExportStatus {
     pub max: usize,
 }
 
+/// How long `/health` waits for each Citus worker (direct routing).
+const NODE_PROBE: Duration = Duration::from_secs(2);
+
 /// `healthy` (200), `degraded` (200, with the reasons: the pool is
 /// saturated, PostgreSQL's connections run short, every export place is
 /// taken, tenants are behind the latest template version, the last fleet
-/// run failed or was cut short, an erasure did not finish) or `unhealthy`
+/// run failed or was cut short, an erasure did not finish, a Citus worker
+/// does not answer) or `unhealthy`
 /// (503 with `Retry-After`: the database does not answer within 3 s).
 #[utoipa::path(
     tag = "health",
@@ -306,7 +310,14 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     };
     let pool = before;
     let latest = facts.latest;
-    let reasons = reasons(&facts, &pool, &exports, latest);
+    let mut reasons = reasons(&facts, &pool, &exports, latest);
+    if let Some(direct) = state.pool.direct() {
+        for (host, port) in direct.unreachable(NODE_PROBE).await {
+            reasons.push(format!(
+                "the worker {host}:{port} does not answer: requests for its tenants get 503 node_unavailable"
+            ));
+        }
+    }
     HttpResponse::Ok().json(HealthReport {
         status: if reasons.is_empty() {
             "healthy"

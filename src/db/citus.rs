@@ -121,6 +121,11 @@ DECLARE
     want tenantry_guard.entries;
     have tenantry_guard.entries;
 BEGIN
+    -- One writer per user at a time ('grd'), each reading (a statement's
+    -- snapshot, after the lock) what the one before it committed: two
+    -- transactions that change different rows of one user never write a
+    -- view that misses the other's change.
+    PERFORM pg_catalog.pg_advisory_xact_lock(6779492, pg_catalog.hashtext(uid::text));
     SELECT u.id, u.token_generation, t.schema_name, t.role_name,
            u.suspended_at IS NOT NULL, t.over_quota_since IS NOT NULL
       INTO want
@@ -168,6 +173,7 @@ DECLARE
     want boolean;
     have boolean;
 BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(6779494, pg_catalog.hashtext(family::text));
     want := EXISTS (SELECT FROM tenantry.refresh_tokens
                     WHERE family_id = family AND revoked_at IS NOT NULL);
     have := EXISTS (SELECT FROM tenantry_guard.revoked WHERE family_id = family);
@@ -179,16 +185,28 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- At commit (deferred): the copy is written from the transaction's final
+-- state, and the reference table's lock (every write to it takes one for
+-- the whole table, until commit) is held only while the transaction
+-- commits, not through a signup's templates or an erasure's counts.
 DROP TRIGGER IF EXISTS guard ON tenantry.users;
-CREATE TRIGGER guard AFTER DELETE OR UPDATE OF token_generation, disabled_at, suspended_at
-    ON tenantry.users FOR EACH ROW EXECUTE FUNCTION tenantry.guard_user_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER DELETE OR UPDATE OF token_generation, disabled_at, suspended_at
+    ON tenantry.users DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_user_changed();
 DROP TRIGGER IF EXISTS guard ON tenantry.tenants;
-CREATE TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF user_id, status, schema_name, role_name, over_quota_since
-    ON tenantry.tenants FOR EACH ROW EXECUTE FUNCTION tenantry.guard_tenant_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF user_id, status, schema_name, role_name, over_quota_since
+    ON tenantry.tenants DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_tenant_changed();
 DROP TRIGGER IF EXISTS guard ON tenantry.refresh_tokens;
-CREATE TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF revoked_at, family_id
-    ON tenantry.refresh_tokens FOR EACH ROW EXECUTE FUNCTION tenantry.guard_session_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF revoked_at, family_id
+    ON tenantry.refresh_tokens DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_session_changed();
 "#;
+
+/// What [`GUARD`] is at now: written last (a comment on the schema), so a
+/// start cut off half-way, or an older guard, is made again (every step is
+/// idempotent).
+const GUARD_VERSION: &str = "tenantry guard 2";
 
 /// The guard's functions on every node (after its tables: see [`GUARD`]).
 const GUARD_FUNCTIONS: &str = r#"
@@ -225,11 +243,9 @@ REVOKE ALL ON FUNCTION tenantry_guard.refuse_suspended(), tenantry_guard.refuse_
 async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
     let ready: bool = client
         .query_one(
-            "SELECT count(*) = 2 FROM pg_catalog.pg_dist_partition
-             WHERE logicalrelid IN (pg_catalog.to_regclass('tenantry_guard.entries'),
-                                    pg_catalog.to_regclass('tenantry_guard.revoked'))
-               AND repmodel = 't'",
-            &[],
+            "SELECT pg_catalog.obj_description(pg_catalog.to_regnamespace('tenantry_guard'), 'pg_namespace')
+                    IS NOT DISTINCT FROM $1",
+            &[&GUARD_VERSION],
         )
         .await?
         .get(0);
@@ -248,15 +264,26 @@ async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
             .await?;
     }
     client.batch_execute(GUARD_FUNCTIONS).await?;
-    // What the registry holds already (the triggers keep what changes from
-    // here on).
+    // What the registry holds already. The triggers keep what changes from
+    // here on: a row one of them wrote is current, and kept.
     client
         .batch_execute(
-            "SELECT tenantry.guard_sync(t.user_id) FROM tenantry.tenants t WHERE t.status = 'active';
+            "INSERT INTO tenantry_guard.entries
+                 SELECT u.id, u.token_generation, t.schema_name, t.role_name,
+                        u.suspended_at IS NOT NULL, t.over_quota_since IS NOT NULL
+                 FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
+                 WHERE t.status = 'active' AND u.disabled_at IS NULL
+                 ON CONFLICT DO NOTHING;
              INSERT INTO tenantry_guard.revoked
                  SELECT DISTINCT family_id FROM tenantry.refresh_tokens WHERE revoked_at IS NOT NULL
                  ON CONFLICT DO NOTHING;",
         )
+        .await?;
+    client
+        .batch_execute(&format!(
+            "COMMENT ON SCHEMA tenantry_guard IS {}",
+            postgres_protocol::escape::escape_literal(GUARD_VERSION)
+        ))
         .await?;
     Ok(())
 }
@@ -281,6 +308,59 @@ pub(crate) async fn allow_tenant_connections(
             installation.group_role().quoted()
         ))
         .await?;
+    Ok(())
+}
+
+/// Each serial column's sequence of `schema`'s tables moved, on every
+/// worker, past the largest value in that worker's range (Citus gives each
+/// node a range of its own for inserts made there, which is where direct
+/// routing makes them): after an import, whose rows keep their ids, a new
+/// row made on a worker never takes an id that a loaded row has.
+pub async fn advance_worker_sequences(
+    client: &tokio_postgres::Client,
+    schema: &str,
+) -> Result<(), String> {
+    let columns = client
+        .query(
+            "SELECT c.relname::text, a.attname::text,
+                    pg_catalog.pg_get_serial_sequence(pg_catalog.format('%I.%I', n.nspname, c.relname), a.attname)
+             FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+               AND pg_catalog.pg_get_serial_sequence(pg_catalog.format('%I.%I', n.nspname, c.relname), a.attname) IS NOT NULL",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for column in &columns {
+        let (table, name, sequence): (String, String, String) =
+            (column.get(0), column.get(1), column.get(2));
+        let failed = client
+            .query(
+                "SELECT nodename::text || ':' || nodeport || ': ' || result
+                 FROM pg_catalog.run_command_on_workers(pg_catalog.format(
+                     'DO $advance$ DECLARE lo int8; hi int8; loaded int8; BEGIN
+                          SELECT seqmin, seqmax INTO lo, hi FROM pg_catalog.pg_sequence
+                           WHERE seqrelid = %L::regclass;
+                          SELECT max(t.%I) INTO loaded FROM %I.%I t WHERE t.%I BETWEEN lo AND hi;
+                          IF loaded IS NOT NULL THEN
+                              PERFORM pg_catalog.setval(%L::regclass, greatest(loaded, (SELECT last_value FROM %s)));
+                          END IF;
+                      END $advance$',
+                     $4::text, $2::text, $1::text, $3::text, $2::text, $4::text, $4::text))
+                 WHERE NOT success",
+                &[&schema, &name, &table, &sequence],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(row) = failed.first() {
+            return Err(format!(
+                "cannot move the sequence {sequence} past the loaded ids on a worker: {}",
+                row.get::<_, String>(0)
+            ));
+        }
+    }
     Ok(())
 }
 

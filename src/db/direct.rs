@@ -26,7 +26,8 @@ use uuid::Uuid;
 
 use super::{ConnectionLimits, Connector, DbError, Dedicated, RequestPool, Retire};
 
-/// How often the map and the nodes are read again without a reason.
+/// How often the map and the nodes are read again without a reason
+/// (`TENANTRY_CITUS_REFRESH_INTERVAL`'s default).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 /// The shortest time between two refreshes (a burst of misses makes one).
@@ -56,6 +57,8 @@ pub struct Direct {
     size: usize,
     limits: ConnectionLimits,
     statement_timeout: Duration,
+    /// [`REFRESH_EVERY`] unless set; `None`: only when asked.
+    every: Option<Duration>,
     pools: RwLock<HashMap<Node, RequestPool>>,
     placed: RwLock<HashMap<Uuid, Node>>,
     /// Users found with no placed tenant since the last refresh.
@@ -72,12 +75,14 @@ impl Direct {
         size: usize,
         limits: ConnectionLimits,
         statement_timeout: Duration,
+        every: Option<Duration>,
     ) -> Result<Arc<Direct>, DbError> {
         let direct = Arc::new(Direct {
             coordinator: coordinator.clone(),
             size: size.max(1),
             limits,
             statement_timeout,
+            every,
             pools: Default::default(),
             placed: Default::default(),
             absent: Default::default(),
@@ -139,7 +144,18 @@ impl Direct {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(user, node);
-                self.pool_for(user)
+                let found = self.pool_for(user);
+                if found.is_none() {
+                    // A node with no pool yet (added since the last
+                    // refresh, or inactive): through the coordinator until
+                    // the next refresh, without asking again.
+                    self.absent
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(user);
+                    self.wake.notify_one();
+                }
+                found
             }
             Ok(None) => {
                 self.absent
@@ -242,6 +258,30 @@ impl Direct {
         Ok(())
     }
 
+    /// The workers that do not answer `SELECT 1` on a new connection
+    /// within `within` (`/health`; asked of all at once).
+    pub async fn unreachable(&self, within: Duration) -> Vec<Node> {
+        let probes = self.nodes().into_iter().map(|node| {
+            let connector = self.coordinator.at_node(&node.0, node.1);
+            async move {
+                let answered = tokio::time::timeout(within, async {
+                    let client = connector.connect(Dedicated::Command).await.ok()?;
+                    client.simple_query("SELECT 1").await.ok()
+                })
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+                (!answered).then_some(node)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The nodes' pools' statuses, summed.
     pub fn status(&self) -> deadpool_postgres::Status {
         self.pools
@@ -266,17 +306,21 @@ impl Direct {
     }
 }
 
-/// The refresher: every [`REFRESH_EVERY`], or when woken, at most once per
+/// The refresher: every `every`, or when woken, at most once per
 /// [`REFRESH_GAP`]; it ends with the last [`Direct`].
 async fn keep_fresh(direct: Weak<Direct>) {
     loop {
         let Some(d) = direct.upgrade() else { return };
-        let woken = tokio::time::timeout(REFRESH_EVERY, d.wake.notified())
-            .await
-            .is_ok();
+        // Without a period, woken only (a dropped `Direct` is noticed
+        // within `REFRESH_EVERY` all the same).
+        let wait = d.every.unwrap_or(REFRESH_EVERY);
+        let woken = tokio::time::timeout(wait, d.wake.notified()).await.is_ok();
         if Arc::strong_count(&d) == 1 {
             // Only this task holds it.
             return;
+        }
+        if !woken && d.every.is_none() {
+            continue;
         }
         if let Err(e) = d.refresh().await {
             tracing::warn!(error = %e, woken, "cannot read the tenants' placements");

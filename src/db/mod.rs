@@ -24,9 +24,9 @@ pub use connector::{
 };
 pub use direct::{Direct, Node};
 pub use pool::{
-    pool, pool_with, Checkout, ConnectionLimits, PortSource, RequestPool, Retire, TenantPool,
-    AFFINITY_POLL, AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD, SESSION_RESET,
-    WARM_MEMBERSHIPS,
+    pool, pool_with, Checkout, CheckoutError, ConnectionLimits, OnNode, PortSource, RequestPool,
+    Retire, TenantPool, AFFINITY_POLL, AFFINITY_WAIT, COMMIT_AND_RESET, CONNECTIONS_PER_SHARD,
+    SESSION_RESET, WARM_MEMBERSHIPS,
 };
 
 /// The name of the per-tenant history table: refinery's own default, in the
@@ -141,6 +141,23 @@ impl Target {
             Retire::Spread,
         )
     }
+}
+
+/// Whether `e` says the connection or its server is gone (closed, an I/O
+/// error, SQLSTATE class 08 or 57P), not that a statement failed.
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if e.as_db_error().is_none() && e.code().is_none() {
+        // An I/O error on the socket.
+        return std::error::Error::source(e)
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
+    }
+    e.code().is_some_and(|c| {
+        let code = c.code();
+        code.starts_with("08") || code.starts_with("57P")
+    })
 }
 
 /// A pooled session on Citus keeps no worker connections between

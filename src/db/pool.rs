@@ -667,7 +667,7 @@ pub trait TenantPool {
     fn checkout_tenant(
         &self,
         user: uuid::Uuid,
-    ) -> impl std::future::Future<Output = Result<Checkout, PoolError>> + Send
+    ) -> impl std::future::Future<Output = Result<Checkout, CheckoutError>> + Send
     where
         Self: Sync,
     {
@@ -700,23 +700,53 @@ pub trait TenantPool {
     }
 }
 
-/// A tenant's connection, and the direct routing it came from if it is a
-/// worker's ([`TenantPool::checkout_tenant`]).
-pub type Checkout = (
-    deadpool_postgres::Object,
-    Option<std::sync::Arc<super::Direct>>,
-);
+/// A worker a tenant's connection came from ([`TenantPool::checkout_tenant`]).
+#[derive(Clone)]
+pub struct OnNode {
+    pub direct: std::sync::Arc<super::Direct>,
+    pub node: super::Node,
+}
+
+impl OnNode {
+    /// `HOST:PORT`.
+    pub fn name(&self) -> String {
+        format!("{}:{}", self.node.0, self.node.1)
+    }
+}
+
+/// A tenant's connection, and the worker it is on if direct routing
+/// checked it out of a worker's pool.
+pub type Checkout = (deadpool_postgres::Object, Option<OnNode>);
+
+/// Why a tenant's connection could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The tenant's worker (direct routing) gives no connection.
+    #[error("the worker {node} is unavailable: {error}")]
+    Node { node: String, error: PoolError },
+}
 
 impl TenantPool for RequestPool {
-    async fn checkout_tenant(&self, user: uuid::Uuid) -> Result<Checkout, PoolError> {
+    async fn checkout_tenant(&self, user: uuid::Uuid) -> Result<Checkout, CheckoutError> {
         if let Some(direct) = &self.direct {
             let found = match direct.pool_for(user) {
                 Some(found) => Some(found),
                 None => direct.locate(user, self).await,
             };
-            if let Some((_, pool)) = found {
-                let got = pool.get_for_tenant(user).await?;
-                return Ok((got, Some(direct.clone())));
+            if let Some((node, pool)) = found {
+                let on = OnNode {
+                    direct: direct.clone(),
+                    node,
+                };
+                return match pool.get_for_tenant(user).await {
+                    Ok(got) => Ok((got, Some(on))),
+                    Err(error) => Err(CheckoutError::Node {
+                        node: on.name(),
+                        error,
+                    }),
+                };
             }
         }
         Ok((RequestPool::get_for_tenant(self, user).await?, None))

@@ -42,6 +42,10 @@ pub enum ErasureError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("erasure left objects behind: {0}")]
     Incomplete(String),
+    /// A Citus worker could not be asked to wait for the tenant's requests
+    /// (it is down): nothing was dropped; try again when it is back.
+    #[error("the worker {0} is unavailable; nothing was removed, try again when it is back")]
+    NodeUnavailable(String),
     /// The account verified its address or was suspended meanwhile.
     #[error("the account is no longer an unverified one; kept")]
     Kept,
@@ -391,7 +395,6 @@ SET only_tenant = CASE WHEN r.only_tenant = $1 THEN $2 ELSE r.only_tenant END,
 WHERE r.only_tenant = $1
    OR EXISTS (SELECT 1 FROM tenantry.fleet_results x WHERE x.run_id = r.id AND x.user_id = $3)";
 
-/// A lock timeout means something else holds the tenant: say so.
 /// Take and release the tenant's lock (`db::TENANT_LOCK_CLASS`) on every
 /// Citus worker: it waits for the requests that hold it there. Nothing on
 /// plain PostgreSQL (no copy of the registry on other nodes).
@@ -410,27 +413,31 @@ async fn wait_for_workers(
     if !on_citus {
         return Ok(());
     }
+    // Each worker answers whether its copy of the guard has let the
+    // tenant go (a commit Citus could not deliver there yet would leave
+    // it in): `t`, or the erasure is tried again later.
     let failed = client
         .query(
-            "SELECT nodename::text, result FROM pg_catalog.run_command_on_workers(pg_catalog.format(
-                 'SELECT pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%L))
-                  FROM pg_catalog.set_config(''lock_timeout'', %L, true)',
-                 $2::int4, $3::text, $1::text))
-             WHERE NOT success",
+            "SELECT nodename::text || ':' || nodeport, success, result
+             FROM pg_catalog.run_command_on_workers(pg_catalog.format(
+                 'SELECT NOT EXISTS (SELECT FROM tenantry_guard.entries WHERE user_id = %L::uuid)
+                  FROM (SELECT pg_catalog.set_config(''lock_timeout'', %L, true)) s (t)
+                  CROSS JOIN LATERAL (SELECT pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%L))
+                                      WHERE s.t IS NOT NULL) l',
+                 $3::text, $1::text, $2::int4, $3::text))
+             WHERE NOT success OR result <> 't'",
             &[&timeout, &crate::db::TENANT_LOCK_CLASS, &user_id.to_string()],
         )
         .await?;
     match failed.first() {
         None => Ok(()),
-        Some(row) if row.get::<_, String>(1).contains("lock timeout") => Err(ErasureError::Busy),
-        Some(row) => Err(ErasureError::Incomplete(format!(
-            "cannot reach the worker {}: {}",
-            row.get::<_, String>(0),
-            row.get::<_, String>(1)
-        ))),
+        Some(row) if row.get::<_, bool>(1) => Err(ErasureError::Busy),
+        Some(row) if row.get::<_, String>(2).contains("lock timeout") => Err(ErasureError::Busy),
+        Some(row) => Err(ErasureError::NodeUnavailable(row.get(0))),
     }
 }
 
+/// A lock timeout means something else holds the tenant: say so.
 fn busy_or<T>(result: Result<T, tokio_postgres::Error>) -> Result<T, ErasureError> {
     result.map_err(|e| match e.code() {
         Some(code) if *code == tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE => {

@@ -252,6 +252,12 @@ pub enum RestoreError {
     Provision(#[from] crate::provisioning::ProvisionError),
     #[error("import failed: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// Citus: the tenant is imported, but a worker's sequences could not be
+    /// moved past the loaded ids (`db::citus::advance_worker_sequences`).
+    #[error(
+        "the tenant was imported, but {0}; erase it and import it again when every worker is up"
+    )]
+    Sequences(String),
 }
 
 /// What an import made.
@@ -490,6 +496,13 @@ async fn import_in(
     )
     .await?;
     tx.commit().await?;
+    if installation.citus {
+        // Ids made on a worker come from that worker's range of the
+        // sequence: past what was loaded there too.
+        crate::db::citus::advance_worker_sequences(client, schema.as_str())
+            .await
+            .map_err(RestoreError::Sequences)?;
+    }
     Ok(Restored {
         username: made.username.to_string(),
         schema: schema.to_string(),

@@ -381,6 +381,7 @@ pub fn test_settings(db_name: &str) -> Settings {
         spare_schemas: 0,
         router_roles: 0,
         citus_routing: Default::default(),
+        citus_refresh_interval: Some(std::time::Duration::from_secs(10)),
         extra_connections: 16,
         export_timeout: std::time::Duration::from_secs(600),
         statement_timeout: std::time::Duration::from_secs(5),

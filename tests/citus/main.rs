@@ -141,6 +141,7 @@ impl App {
             spare_schemas: 0,
             router_roles: 8,
             citus_routing: Default::default(),
+            citus_refresh_interval: Some(std::time::Duration::from_secs(10)),
             extra_connections: 16,
             export_timeout: std::time::Duration::from_secs(600),
             statement_timeout: std::time::Duration::from_secs(5),
@@ -212,7 +213,7 @@ async fn main() {
     }
     let citus = Citus::start();
     let app = App::start(&citus).await;
-    let checks: [(&str, Check); 11] = [
+    let checks: [(&str, Check); 12] = [
         (
             "bootstrap makes reference tables Citus reference tables and records the mode",
             |c, a| Box::pin(bootstrap_on_citus(c, a)),
@@ -254,6 +255,10 @@ async fn main() {
         (
             "a move waits for a migration or erasure holding the tenant; a tenant being erased is not moved",
             |c, a| Box::pin(moves_respect_the_tenant_lock(c, a)),
+        ),
+        (
+            "a worker down: its tenants get 503 node_unavailable, the others only 200s, health names it, all back without a restart",
+            |c, a| Box::pin(a_worker_down(c, a)),
         ),
     ];
     let mut failed = 0;
@@ -1255,4 +1260,131 @@ async fn moves_respect_the_tenant_lock(citus: &Citus, app: &App) {
     )
     .await
     .unwrap();
+}
+
+/// Stop or start one node of the suite's cluster (`scripts/citus-cluster`).
+fn node(citus: &Citus, action: &str, name: &str) {
+    let out = Command::new(script())
+        .args([action, name, citus.dir.to_str().unwrap()])
+        .output()
+        .expect("run scripts/citus-cluster");
+    assert!(
+        out.status.success(),
+        "{action} {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn a_worker_down(citus: &Citus, app: &App) {
+    let db = citus.coordinator().await;
+    // Two tenants, one on each worker.
+    let mut on: std::collections::HashMap<i32, (String, String)> = Default::default();
+    for i in 0..8 {
+        let name = format!("down{i}");
+        let token = app.register(&name).await;
+        let port = port_of_tenant(&db, &name).await;
+        on.entry(port).or_insert((name, token));
+        if on.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(on.len(), 2, "signups land on both workers");
+    let (stopped_port, stays_port) = (i32::from(citus.workers[1]), i32::from(citus.workers[0]));
+    let (_, stopped_token) = on[&stopped_port].clone();
+    let (_, stays_token) = on[&stays_port].clone();
+    for token in [&stopped_token, &stays_token] {
+        let (status, body) = app.send(Method::GET, "/api/experiences", token, None).await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    // Reads of the tenant on the other worker, all along (bounded).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (done, token, api, address) = (
+            done.clone(),
+            stays_token.clone(),
+            app.api.clone(),
+            app.address.clone(),
+        );
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && statuses.len() < 5000 {
+                let response = api
+                    .get(format!("{address}/api/experiences"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        })
+    };
+
+    node(citus, "stop-node", "worker2");
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let (status, body) = app
+            .send(Method::GET, "/api/experiences", &stopped_token, None)
+            .await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "node_unavailable", "{body}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "answered in {:?}",
+            started.elapsed()
+        );
+    }
+    // A signup writes every node (the guard's copy, the new schema): 503,
+    // and nothing of it is left.
+    let (status, body) = app
+        .send(
+            Method::POST,
+            "/api/auth/register",
+            "",
+            Some(json!({"username": "downnew", "email": "downnew@example.com", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let left: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM tenantry.users WHERE username = 'downnew')
+                  + (SELECT count(*) FROM tenantry.tenants WHERE username = 'downnew')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let (status, health) = app.send(Method::GET, "/health", "", None).await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+    let named = format!("127.0.0.1:{stopped_port}");
+    assert!(health["reasons"].to_string().contains(&named), "{health}");
+
+    // Back: the stopped worker's tenant is served again, no restart.
+    node(citus, "start-node", "worker2");
+    let mut back = false;
+    for _ in 0..100 {
+        let (status, _) = app
+            .send(Method::GET, "/api/experiences", &stopped_token, None)
+            .await;
+        if status == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(back, "the worker's tenant is served again once it is back");
+    let (_, health) = app.send(Method::GET, "/health", "", None).await;
+    assert!(!health["reasons"].to_string().contains(&named), "{health}");
+
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.await.unwrap();
+    assert!(!statuses.is_empty());
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "the other worker's tenant got {:?}",
+        statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
+    );
 }
