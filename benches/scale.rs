@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::load::{
-    run_pgbench, run_wrk, start_service, try_run_pgbench, which, wrk_script, PgTarget, Run, Session,
+    run_pgbench, run_wrk, start_service, start_service_adjusted, try_run_pgbench, which,
+    wrk_script, PgTarget, Run, Session,
 };
 use common::{record, record_fact, Better};
 use tenantry::db;
@@ -35,7 +36,11 @@ const NO_WORKER_CACHE: Session<'static> = Session {
 
 /// What one target measured.
 struct Figures {
+    /// On Citus with direct routing (the default).
     http: Run,
+    /// Citus only: the same through the coordinator
+    /// (`TENANTRY_CITUS_ROUTING=coordinator`).
+    http_coordinator: Option<Run>,
     routed: Run,
     routed_one: Run,
     /// Citus only: pgbench with Citus's worker connection cache, at
@@ -156,7 +161,18 @@ async fn main() {
         );
     };
     for (name, f) in [("plain", &on_plain), ("citus", &on_citus)] {
-        row(&format!("{name}: service, quick summary (HTTP)"), &f.http);
+        if let Some(through) = &f.http_coordinator {
+            row(
+                &format!("{name}: service, quick summary (HTTP), direct"),
+                &f.http,
+            );
+            row(
+                &format!("{name}: service, quick summary (HTTP), coordinator"),
+                through,
+            );
+        } else {
+            row(&format!("{name}: service, quick summary (HTTP)"), &f.http);
+        }
         row(
             &format!("{name}: pgbench routed, c={CONCURRENCY}"),
             &f.routed,
@@ -204,6 +220,15 @@ async fn main() {
         k as f64 / plain_build,
         k as f64 / citus_build
     );
+    if let Some(through) = &on_citus.http_coordinator {
+        println!(
+            "Citus / plain over HTTP: direct routing {:.2}× the rate, p99 {:.2}× plain's; through the coordinator {:.2}×, p99 {:.2}×",
+            on_citus.http.rate / on_plain.http.rate,
+            on_citus.http.p99_ms / on_plain.http.p99_ms,
+            through.rate / on_plain.http.rate,
+            through.p99_ms / on_plain.http.p99_ms
+        );
+    }
     println!(
         "Citus / plain: service {:.2}×, routed SQL {:.2}×; one transaction's latency {:.2} ms vs {:.2} ms (+{:.2} ms on the coordinator and its worker round trip)",
         on_citus.http.rate / on_plain.http.rate,
@@ -249,6 +274,13 @@ async fn main() {
             Better::Lower,
             on_citus.http.p99_ms,
             on_plain.http.p99_ms,
+        ),
+        (
+            "quick summary over HTTP through the coordinator: throughput",
+            "req/s",
+            Better::Higher,
+            on_citus.http_coordinator.as_ref().map_or(0.0, |r| r.rate),
+            on_plain.http.rate,
         ),
         (
             "routed SQL (pgbench): throughput",
@@ -335,6 +367,29 @@ async fn measure(
     )
     .await;
     server.abort();
+    let http_coordinator = if citus {
+        let (address, server) = start_service_adjusted(
+            &service_url,
+            SECRET,
+            data_dir,
+            data_dir.join("anchors-citus-coordinator"),
+            |s| s.citus_routing = tenantry::configuration::CitusRouting::Coordinator,
+        )
+        .await;
+        let run = run_wrk(
+            wrk,
+            &lua,
+            (&address, "/api/summaries/quick"),
+            CONCURRENCY,
+            seconds,
+            &target.url("postgres"),
+        )
+        .await;
+        server.abort();
+        Some(run)
+    } else {
+        None
+    };
 
     let routed = "\\set n random(1000, 999 + :tenants)\n\
          BEGIN READ ONLY\\; SELECT pg_catalog.pg_advisory_xact_lock_shared(1953395828, pg_catalog.hashtext(user_id::text)) FROM tenantry.tenants WHERE username = 'rt' || :n\\; SELECT 1 / count(*), pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(t.schema_name)) || ', reference', true), pg_catalog.set_config('role', max(t.role_name), true) FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id WHERE t.username = 'rt' || :n AND t.status = 'active' AND u.token_generation = 0 AND u.disabled_at IS NULL\\; SELECT headline, content, details, revision, updated_at FROM summaries WHERE kind = 'quick'\\; COMMIT;\n";
@@ -363,6 +418,7 @@ async fn measure(
     };
     Figures {
         http,
+        http_coordinator,
         routed: routed_many,
         routed_one,
         cached,

@@ -125,8 +125,23 @@ pub async fn start_service_with(
     anchor_file: std::path::PathBuf,
     limits: tenantry::configuration::Limits,
 ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+    start_service_adjusted(database_url, secret, data_dir, anchor_file, |s| {
+        s.limits = limits
+    })
+    .await
+}
+
+/// The same, with its settings changed by `adjust` (rate limits off).
+pub async fn start_service_adjusted(
+    database_url: &str,
+    secret: &str,
+    data_dir: &Path,
+    anchor_file: std::path::PathBuf,
+    adjust: impl FnOnce(&mut tenantry::configuration::Settings),
+) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
     use tenantry::configuration::{DatabaseTarget, SecretString, Settings};
-    let settings = Settings {
+    let limits = tenantry::configuration::Limits::off();
+    let mut settings = Settings {
         database: DatabaseTarget::Url(SecretString::new(database_url.to_owned())),
         data_dir: data_dir.to_path_buf(),
         bind: "127.0.0.1:0".parse().unwrap(),
@@ -159,6 +174,7 @@ pub async fn start_service_with(
         webhooks: Default::default(),
         tls: None,
     };
+    adjust(&mut settings);
     let app = tenantry::startup::Application::build(settings)
         .await
         .unwrap();
