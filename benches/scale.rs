@@ -357,15 +357,14 @@ async fn measure(
     let (address, server) = start_service(&service_url, SECRET, data_dir, anchors).await;
     let lua: PathBuf = work.join(if citus { "citus.lua" } else { "plain.lua" });
     std::fs::write(&lua, wrk_script(&tokens)).unwrap();
-    let http = run_wrk(
-        wrk,
-        &lua,
-        (&address, "/api/summaries/quick"),
-        CONCURRENCY,
-        seconds,
-        &target.url("postgres"),
-    )
-    .await;
+    let drive = |address: String| {
+        let (lua, url) = (lua.clone(), target.url("postgres"));
+        async move {
+            let (address, path) = (address.as_str(), "/api/summaries/quick");
+            run_wrk(wrk, &lua, (address, path), CONCURRENCY, seconds, &url).await
+        }
+    };
+    let http = drive(address).await;
     server.abort();
     let http_coordinator = if citus {
         let (address, server) = start_service_adjusted(
@@ -376,15 +375,7 @@ async fn measure(
             |s| s.citus_routing = tenantry::configuration::CitusRouting::Coordinator,
         )
         .await;
-        let run = run_wrk(
-            wrk,
-            &lua,
-            (&address, "/api/summaries/quick"),
-            CONCURRENCY,
-            seconds,
-            &target.url("postgres"),
-        )
-        .await;
+        let run = drive(address).await;
         server.abort();
         Some(run)
     } else {

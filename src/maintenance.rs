@@ -38,6 +38,8 @@ pub async fn purge_expired(client: &impl GenericClient) -> Result<Purged, tokio_
             &[],
         )
         .await?;
+    // On Citus, the guard's record of those sessions' revocations too.
+    crate::db::citus::forget_revoked(client).await?;
     let login_throttle = client
         .execute(
             "DELETE FROM tenantry.login_throttle

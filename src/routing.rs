@@ -262,6 +262,7 @@ impl From<db::CheckoutError> for RoutingError {
 fn on_node(on: Option<&db::OnNode>, e: RoutingError) -> RoutingError {
     match (on, e) {
         (Some(on), RoutingError::Postgres(e)) if db::connection_lost(&e) => {
+            on.direct.refresh_soon();
             RoutingError::NodeUnavailable(format!("the worker {} is unavailable: {e}", on.name()))
         }
         (_, e) => e,

@@ -241,13 +241,13 @@ pub struct ExportStatus {
 }
 
 /// How long `/health` waits for each Citus worker (direct routing).
-const NODE_PROBE: Duration = Duration::from_secs(2);
+const NODE_PROBE: Duration = Duration::from_secs(1);
 
 /// `healthy` (200), `degraded` (200, with the reasons: the pool is
 /// saturated, PostgreSQL's connections run short, every export place is
 /// taken, tenants are behind the latest template version, the last fleet
 /// run failed or was cut short, an erasure did not finish, a Citus worker
-/// does not answer) or `unhealthy`
+/// does not answer within 1 s, asked at most every 5 s) or `unhealthy`
 /// (503 with `Retry-After`: the database does not answer within 3 s).
 #[utoipa::path(
     tag = "health",

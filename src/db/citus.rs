@@ -121,11 +121,18 @@ DECLARE
     want tenantry_guard.entries;
     have tenantry_guard.entries;
 BEGIN
-    -- One writer per user at a time ('grd'), each reading (a statement's
-    -- snapshot, after the lock) what the one before it committed: two
-    -- transactions that change different rows of one user never write a
-    -- view that misses the other's change.
-    PERFORM pg_catalog.pg_advisory_xact_lock(6779492, pg_catalog.hashtext(uid::text));
+    -- Its reads must see what committed while it waited for the lock.
+    IF pg_catalog.current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'the registry changes in READ COMMITTED transactions only (the Citus guard''s copy)';
+    END IF;
+    -- One writer of the copy at a time ('grd'), each reading (a
+    -- statement's snapshot, after the lock) what the one before it
+    -- committed: two transactions that change different rows of one user
+    -- never write a view that misses the other's change. One key for the
+    -- whole copy: every write to a reference table locks all of it until
+    -- commit anyway, and a key per user would let two transactions take
+    -- the two locks in opposite orders.
+    PERFORM pg_catalog.pg_advisory_xact_lock(6779492);
     SELECT u.id, u.token_generation, t.schema_name, t.role_name,
            u.suspended_at IS NOT NULL, t.over_quota_since IS NOT NULL
       INTO want
@@ -166,47 +173,67 @@ BEGIN
     RETURN NULL;
 END $$;
 
-CREATE OR REPLACE FUNCTION tenantry.guard_session_changed() RETURNS trigger
+-- A session revoked: its family joins `revoked`, for good (a revocation is
+-- never undone; the rows of families whose tokens are all gone are
+-- removed by the purge, `db::citus::forget_revoked`). Logins and purges
+-- fire nothing; a family already in (a revoke-all's many tokens) writes
+-- nothing. Under the copy's one lock, as `guard_sync`: every writer of
+-- the copy takes it first, so none waits for another's table lock while
+-- holding its own.
+CREATE OR REPLACE FUNCTION tenantry.guard_session_revoked() RETURNS trigger
     LANGUAGE plpgsql AS $$
-DECLARE
-    family uuid := CASE WHEN TG_OP = 'DELETE' THEN OLD.family_id ELSE NEW.family_id END;
-    want boolean;
-    have boolean;
 BEGIN
-    PERFORM pg_catalog.pg_advisory_xact_lock(6779494, pg_catalog.hashtext(family::text));
-    want := EXISTS (SELECT FROM tenantry.refresh_tokens
-                    WHERE family_id = family AND revoked_at IS NOT NULL);
-    have := EXISTS (SELECT FROM tenantry_guard.revoked WHERE family_id = family);
-    IF want AND NOT have THEN
-        INSERT INTO tenantry_guard.revoked VALUES (family) ON CONFLICT DO NOTHING;
-    ELSIF have AND NOT want THEN
-        DELETE FROM tenantry_guard.revoked WHERE family_id = family;
+    IF NOT EXISTS (SELECT FROM tenantry_guard.revoked WHERE family_id = NEW.family_id) THEN
+        PERFORM pg_catalog.pg_advisory_xact_lock(6779492);
+        INSERT INTO tenantry_guard.revoked VALUES (NEW.family_id) ON CONFLICT DO NOTHING;
     END IF;
     RETURN NULL;
 END $$;
+DROP FUNCTION IF EXISTS tenantry.guard_session_changed() CASCADE;
 
 -- At commit (deferred): the copy is written from the transaction's final
 -- state, and the reference table's lock (every write to it takes one for
 -- the whole table, until commit) is held only while the transaction
--- commits, not through a signup's templates or an erasure's counts.
+-- commits, not through a signup's templates or an erasure's counts. Only
+-- changes that matter fire.
 DROP TRIGGER IF EXISTS guard ON tenantry.users;
-CREATE CONSTRAINT TRIGGER guard AFTER DELETE OR UPDATE OF token_generation, disabled_at, suspended_at
-    ON tenantry.users DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_user_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER UPDATE OF token_generation, disabled_at, suspended_at
+    ON tenantry.users DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (OLD.token_generation IS DISTINCT FROM NEW.token_generation
+          OR (OLD.disabled_at IS NULL) <> (NEW.disabled_at IS NULL)
+          OR (OLD.suspended_at IS NULL) <> (NEW.suspended_at IS NULL))
+    EXECUTE FUNCTION tenantry.guard_user_changed();
+DROP TRIGGER IF EXISTS guard_deleted ON tenantry.users;
+CREATE CONSTRAINT TRIGGER guard_deleted AFTER DELETE
+    ON tenantry.users DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION tenantry.guard_user_changed();
 DROP TRIGGER IF EXISTS guard ON tenantry.tenants;
-CREATE CONSTRAINT TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF user_id, status, schema_name, role_name, over_quota_since
-    ON tenantry.tenants DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_tenant_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER UPDATE OF user_id, status, schema_name, role_name, over_quota_since
+    ON tenantry.tenants DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (OLD.user_id IS DISTINCT FROM NEW.user_id OR OLD.status IS DISTINCT FROM NEW.status
+          OR OLD.schema_name IS DISTINCT FROM NEW.schema_name OR OLD.role_name IS DISTINCT FROM NEW.role_name
+          OR (OLD.over_quota_since IS NULL) <> (NEW.over_quota_since IS NULL))
+    EXECUTE FUNCTION tenantry.guard_tenant_changed();
+DROP TRIGGER IF EXISTS guard_made ON tenantry.tenants;
+CREATE CONSTRAINT TRIGGER guard_made AFTER INSERT OR DELETE
+    ON tenantry.tenants DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    EXECUTE FUNCTION tenantry.guard_tenant_changed();
 DROP TRIGGER IF EXISTS guard ON tenantry.refresh_tokens;
-CREATE CONSTRAINT TRIGGER guard AFTER INSERT OR DELETE OR UPDATE OF revoked_at, family_id
-    ON tenantry.refresh_tokens DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION tenantry.guard_session_changed();
+CREATE CONSTRAINT TRIGGER guard AFTER UPDATE OF revoked_at
+    ON tenantry.refresh_tokens DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL)
+    EXECUTE FUNCTION tenantry.guard_session_revoked();
+DROP TRIGGER IF EXISTS guard_revoked ON tenantry.refresh_tokens;
+CREATE CONSTRAINT TRIGGER guard_revoked AFTER INSERT
+    ON tenantry.refresh_tokens DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (NEW.revoked_at IS NOT NULL)
+    EXECUTE FUNCTION tenantry.guard_session_revoked();
 "#;
 
 /// What [`GUARD`] is at now: written last (a comment on the schema), so a
 /// start cut off half-way, or an older guard, is made again (every step is
 /// idempotent).
-const GUARD_VERSION: &str = "tenantry guard 2";
+const GUARD_VERSION: &str = "tenantry guard 4";
 
 /// The guard's functions on every node (after its tables: see [`GUARD`]).
 const GUARD_FUNCTIONS: &str = r#"
@@ -264,19 +291,23 @@ async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
             .await?;
     }
     client.batch_execute(GUARD_FUNCTIONS).await?;
-    // What the registry holds already. The triggers keep what changes from
-    // here on: a row one of them wrote is current, and kept.
+    // Made again from the registry, whole, in one transaction with the
+    // registry's writers held off (SHARE: they wait; readers do not) and
+    // the copy's lock taken: rows an older guard left stale go too.
     client
         .batch_execute(
-            "INSERT INTO tenantry_guard.entries
+            "BEGIN;
+             LOCK TABLE tenantry.users, tenantry.tenants, tenantry.refresh_tokens IN SHARE MODE;
+             SELECT pg_catalog.pg_advisory_xact_lock(6779492);
+             TRUNCATE tenantry_guard.entries, tenantry_guard.revoked;
+             INSERT INTO tenantry_guard.entries
                  SELECT u.id, u.token_generation, t.schema_name, t.role_name,
                         u.suspended_at IS NOT NULL, t.over_quota_since IS NOT NULL
                  FROM tenantry.tenants t JOIN tenantry.users u ON u.id = t.user_id
-                 WHERE t.status = 'active' AND u.disabled_at IS NULL
-                 ON CONFLICT DO NOTHING;
+                 WHERE t.status = 'active' AND u.disabled_at IS NULL;
              INSERT INTO tenantry_guard.revoked
-                 SELECT DISTINCT family_id FROM tenantry.refresh_tokens WHERE revoked_at IS NOT NULL
-                 ON CONFLICT DO NOTHING;",
+                 SELECT DISTINCT family_id FROM tenantry.refresh_tokens WHERE revoked_at IS NOT NULL;
+             COMMIT;",
         )
         .await?;
     client
@@ -311,11 +342,51 @@ pub(crate) async fn allow_tenant_connections(
     Ok(())
 }
 
+/// The guard's `revoked` rows of sessions whose tokens are all gone
+/// (purged after they expired): removed, in batches. Nothing on plain
+/// PostgreSQL. Returns how many.
+pub async fn forget_revoked(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<u64, tokio_postgres::Error> {
+    let on_citus: bool = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('tenantry_guard.revoked') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !on_citus {
+        return Ok(0);
+    }
+    let gone: Vec<uuid::Uuid> = client
+        .query(
+            "SELECT r.family_id FROM tenantry_guard.revoked r
+             WHERE NOT EXISTS (SELECT FROM tenantry.refresh_tokens t WHERE t.family_id = r.family_id)
+             LIMIT 10000",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    client
+        .execute(
+            "DELETE FROM tenantry_guard.revoked WHERE family_id = ANY($1)",
+            &[&gone],
+        )
+        .await
+}
+
 /// Each serial column's sequence of `schema`'s tables moved, on every
 /// worker, past the largest value in that worker's range (Citus gives each
 /// node a range of its own for inserts made there, which is where direct
 /// routing makes them): after an import, whose rows keep their ids, a new
-/// row made on a worker never takes an id that a loaded row has.
+/// row made on a worker never takes an id that a loaded row has. Ids below
+/// the range's maximum only: Citus's ranges meet there (a worker's maximum
+/// is the next worker's first id).
 pub async fn advance_worker_sequences(
     client: &tokio_postgres::Client,
     schema: &str,
@@ -343,12 +414,12 @@ pub async fn advance_worker_sequences(
                      'DO $advance$ DECLARE lo int8; hi int8; loaded int8; BEGIN
                           SELECT seqmin, seqmax INTO lo, hi FROM pg_catalog.pg_sequence
                            WHERE seqrelid = %L::regclass;
-                          SELECT max(t.%I) INTO loaded FROM %I.%I t WHERE t.%I BETWEEN lo AND hi;
+                          SELECT max(t.%I) INTO loaded FROM %I.%I t WHERE t.%I >= lo AND t.%I < hi;
                           IF loaded IS NOT NULL THEN
                               PERFORM pg_catalog.setval(%L::regclass, greatest(loaded, (SELECT last_value FROM %s)));
                           END IF;
                       END $advance$',
-                     $4::text, $2::text, $1::text, $3::text, $2::text, $4::text, $4::text))
+                     $4::text, $2::text, $1::text, $3::text, $2::text, $2::text, $4::text, $4::text))
                  WHERE NOT success",
                 &[&schema, &name, &table, &sequence],
             )

@@ -30,6 +30,9 @@ use super::{ConnectionLimits, Connector, DbError, Dedicated, RequestPool, Retire
 /// (`TENANTRY_CITUS_REFRESH_INTERVAL`'s default).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
+/// How long `/health` reuses a probe of the workers.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+
 /// The shortest time between two refreshes (a burst of misses makes one).
 const REFRESH_GAP: Duration = Duration::from_millis(200);
 
@@ -61,6 +64,8 @@ pub struct Direct {
     every: Option<Duration>,
     pools: RwLock<HashMap<Node, RequestPool>>,
     placed: RwLock<HashMap<Uuid, Node>>,
+    /// The last probe of the workers ([`Direct::unreachable`]).
+    probed: tokio::sync::Mutex<Option<(std::time::Instant, Vec<Node>)>>,
     /// Users found with no placed tenant since the last refresh.
     absent: RwLock<std::collections::HashSet<Uuid>>,
     wake: tokio::sync::Notify,
@@ -85,6 +90,7 @@ impl Direct {
             every,
             pools: Default::default(),
             placed: Default::default(),
+            probed: Default::default(),
             absent: Default::default(),
             wake: Default::default(),
         });
@@ -258,9 +264,24 @@ impl Direct {
         Ok(())
     }
 
-    /// The workers that do not answer `SELECT 1` on a new connection
-    /// within `within` (`/health`; asked of all at once).
+    /// The workers that did not answer `SELECT 1` on a new connection
+    /// within `within` (`/health`), asked of all at once at most every
+    /// [`PROBE_EVERY`]: calls in between, and calls made while one asks,
+    /// get its answer (`/health` is public; it must not open connections
+    /// on the workers at the callers' pace).
     pub async fn unreachable(&self, within: Duration) -> Vec<Node> {
+        let mut last = self.probed.lock().await;
+        if let Some((at, down)) = &*last {
+            if at.elapsed() < PROBE_EVERY {
+                return down.clone();
+            }
+        }
+        let down = self.probe(within).await;
+        *last = Some((std::time::Instant::now(), down.clone()));
+        down
+    }
+
+    async fn probe(&self, within: Duration) -> Vec<Node> {
         let probes = self.nodes().into_iter().map(|node| {
             let connector = self.coordinator.at_node(&node.0, node.1);
             async move {
@@ -280,29 +301,6 @@ impl Direct {
             .into_iter()
             .flatten()
             .collect()
-    }
-
-    /// The nodes' pools' statuses, summed.
-    pub fn status(&self) -> deadpool_postgres::Status {
-        self.pools
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(RequestPool::status)
-            .fold(
-                deadpool_postgres::Status {
-                    max_size: 0,
-                    size: 0,
-                    available: 0,
-                    waiting: 0,
-                },
-                |a, s| deadpool_postgres::Status {
-                    max_size: a.max_size + s.max_size,
-                    size: a.size + s.size,
-                    available: a.available + s.available,
-                    waiting: a.waiting + s.waiting,
-                },
-            )
     }
 }
 

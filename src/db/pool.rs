@@ -714,6 +714,16 @@ impl OnNode {
     }
 }
 
+/// Whether a worker's pool failed because the worker is gone rather than
+/// busy or refusing (see [`CheckoutError::Node`]).
+fn worker_gone(error: &PoolError) -> bool {
+    match error {
+        PoolError::Timeout(deadpool_postgres::TimeoutType::Create) => true,
+        PoolError::Backend(e) => super::connection_lost(e),
+        _ => false,
+    }
+}
+
 /// A tenant's connection, and the worker it is on if direct routing
 /// checked it out of a worker's pool.
 pub type Checkout = (deadpool_postgres::Object, Option<OnNode>);
@@ -742,10 +752,18 @@ impl TenantPool for RequestPool {
                 };
                 return match pool.get_for_tenant(user).await {
                     Ok(got) => Ok((got, Some(on))),
-                    Err(error) => Err(CheckoutError::Node {
-                        node: on.name(),
-                        error,
-                    }),
+                    // The worker does not answer (refused, reset, or no
+                    // connection within the create timeout): its placements
+                    // may have changed (a failover, tenants moved off it).
+                    Err(error) if worker_gone(&error) => {
+                        direct.refresh_soon();
+                        Err(CheckoutError::Node {
+                            node: on.name(),
+                            error,
+                        })
+                    }
+                    // A saturated pool, a refused login: what they are.
+                    Err(error) => Err(CheckoutError::Pool(error)),
                 };
             }
         }

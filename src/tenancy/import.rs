@@ -446,8 +446,20 @@ async fn import_in(
         {
             let column = escape_identifier(seq.get::<_, &str>(0));
             let sequence: String = seq.get(1);
+            // On Citus the ids made on a worker are in that worker's range
+            // (its group id times 2^48 on; `db::citus::advance_worker_sequences`
+            // moves those): the coordinator's sequence follows only the ids
+            // of its own range, or its next ids would be a worker's.
+            let below = if installation.citus {
+                1i64 << 48
+            } else {
+                i64::MAX
+            };
             let loaded: Option<i64> = tx
-                .query_one(&format!("SELECT max({column})::int8 FROM {qualified}"), &[])
+                .query_one(
+                    &format!("SELECT max({column})::int8 FROM {qualified} WHERE {column} < $1"),
+                    &[&below],
+                )
                 .await?
                 .get(0);
             // Never below the sequence's minimum: on Citus a distributed

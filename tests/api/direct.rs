@@ -260,13 +260,37 @@ async fn a_guard_made_after_tenants_signed_up_holds_them_as_the_registry_does() 
         .get(0);
     assert_eq!(guard, on_citus(), "the guard's copy exists on Citus only");
     if on_citus() {
-        // As an installation from before the guard, or a start cut off
-        // before it was filled: the copy is empty and not marked done.
-        db.batch_execute(
-            "TRUNCATE tenantry_guard.entries; COMMENT ON SCHEMA tenantry_guard IS NULL",
+        // As a start cut off before the copy was filled, or an older guard
+        // that left it stale: ann's row missing, bob's saying he is not
+        // suspended, and the copy not marked done.
+        let id = |name: &'static str| {
+            let db = &db;
+            async move {
+                db.query_one(
+                    "SELECT id FROM tenantry.users WHERE username = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get::<_, uuid::Uuid>(0)
+            }
+        };
+        let (ann_id, bob_id) = (id("ann").await, id("bob").await);
+        db.execute(
+            "DELETE FROM tenantry_guard.entries WHERE user_id = $1",
+            &[&ann_id],
         )
         .await
         .unwrap();
+        db.execute(
+            "UPDATE tenantry_guard.entries SET suspended = false WHERE user_id = $1",
+            &[&bob_id],
+        )
+        .await
+        .unwrap();
+        db.batch_execute("COMMENT ON SCHEMA tenantry_guard IS NULL")
+            .await
+            .unwrap();
     }
     // The next start makes it again from the registry.
     let again = spawn_app_on(test_settings(&app.db_name), app.db_name.clone()).await;

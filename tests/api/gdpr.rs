@@ -563,7 +563,9 @@ async fn export_erase_import_export_gives_the_same_data() {
         .iter()
         .map(|r| r["id"].as_i64().unwrap())
         .collect();
-    let new_id = created["id"].as_i64().unwrap();
+    let new_id = created["id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{created}"));
     if on_citus() {
         // A row made on a worker (direct routing) takes its id from that
         // worker's range of the sequence (Citus: the node's group id times
