@@ -19,7 +19,7 @@
 //! registry's copy on every node.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -101,20 +101,19 @@ impl Direct {
     }
 
     /// The pool of the node that holds `user`'s tenant, if the map knows
-    /// it (else the request goes through the coordinator, and a refresh is
-    /// asked for).
+    /// it (else see [`Direct::locate`]).
     pub fn pool_for(&self, user: Uuid) -> Option<(Node, RequestPool)> {
         let node = self
             .placed
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&user)
             .cloned();
         let node = node?;
         let pool = self
             .pools
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .get(&node)
             .cloned();
         pool.map(|p| (node, p))
@@ -133,7 +132,7 @@ impl Direct {
         if self
             .absent
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .contains(&user)
         {
             return None;
@@ -148,7 +147,7 @@ impl Direct {
                 let node: Node = (row.get(1), row.get(2));
                 self.placed
                     .write()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(PoisonError::into_inner)
                     .insert(user, node);
                 let found = self.pool_for(user);
                 if found.is_none() {
@@ -157,7 +156,7 @@ impl Direct {
                     // the next refresh, without asking again.
                     self.absent
                         .write()
-                        .unwrap_or_else(|p| p.into_inner())
+                        .unwrap_or_else(PoisonError::into_inner)
                         .insert(user);
                     self.wake.notify_one();
                 }
@@ -166,7 +165,7 @@ impl Direct {
             Ok(None) => {
                 self.absent
                     .write()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or_else(PoisonError::into_inner)
                     .insert(user);
                 None
             }
@@ -183,7 +182,7 @@ impl Direct {
         crate::metrics::routed_forwarded();
         self.placed
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&user);
         self.wake.notify_one();
     }
@@ -198,7 +197,7 @@ impl Direct {
         let mut nodes: Vec<Node> = self
             .pools
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .keys()
             .cloned()
             .collect();
@@ -208,16 +207,10 @@ impl Direct {
 
     /// How many tenants the map places.
     pub fn placed(&self) -> usize {
-        self.placed.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// The node the map places `user` on.
-    pub fn node_of(&self, user: Uuid) -> Option<Node> {
         self.placed
             .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&user)
-            .cloned()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Read the workers and every active tenant's node from the
@@ -236,7 +229,7 @@ impl Direct {
         drop(client);
         let nodes: Vec<Node> = nodes.iter().map(|r| (r.get(0), r.get(1))).collect();
         {
-            let mut pools = self.pools.write().unwrap_or_else(|p| p.into_inner());
+            let mut pools = self.pools.write().unwrap_or_else(PoisonError::into_inner);
             pools.retain(|node, _| nodes.contains(node));
             for node in &nodes {
                 if pools.contains_key(node) {
@@ -256,10 +249,10 @@ impl Direct {
             .iter()
             .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
-        *self.placed.write().unwrap_or_else(|p| p.into_inner()) = placed;
+        *self.placed.write().unwrap_or_else(PoisonError::into_inner) = placed;
         self.absent
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(PoisonError::into_inner)
             .clear();
         Ok(())
     }
