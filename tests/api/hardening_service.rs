@@ -349,6 +349,10 @@ async fn health_calls_on_a_saturated_pool_share_one_spare_connection() {
     let app = spawn_app_with(|s| {
         s.pool_size = 4;
         s.statement_timeout = Duration::from_secs(600);
+        // The pool this is about is the one on the database /health asks:
+        // on Citus, tenants' requests go through the coordinator's (with
+        // direct routing they would fill a worker's pool instead).
+        s.citus_routing = tenantry::configuration::CitusRouting::Coordinator;
     })
     .await;
     let token = app.token("jade").await;
