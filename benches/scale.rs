@@ -13,6 +13,10 @@
 //! transaction) and with Citus's default worker connection cache, which
 //! shows what that setting costs.
 //!
+//! `SCALE_WORKERS=1` takes the second worker out of the cluster before
+//! anything is placed (its server runs on, idle): the same tenants on one
+//! worker, to set beside a run with two.
+//!
 //! Usage: cargo bench --bench scale -- [N] [SECONDS]
 
 mod common;
@@ -122,6 +126,25 @@ async fn main() {
         port: coordinator_port,
         dbname: "scale",
     };
+    let workers: usize = std::env::var("SCALE_WORKERS")
+        .ok()
+        .map(|w| match w.as_str() {
+            "1" => 1,
+            "2" => 2,
+            _ => panic!("SCALE_WORKERS is 1 or 2, not {w:?}"),
+        })
+        .unwrap_or(2);
+    if workers == 1 {
+        db::connect(&citus.url("postgres").parse().unwrap())
+            .await
+            .unwrap()
+            .execute(
+                "SELECT pg_catalog.citus_remove_node('127.0.0.1', $1)",
+                &[&i32::from(ports[2])],
+            )
+            .await
+            .unwrap();
+    }
 
     let version: String = db::connect(&plain.url("postgres").parse().unwrap())
         .await
@@ -136,7 +159,7 @@ async fn main() {
         "size",
         &format!(
             "{n} tenants per target, concurrency {CONCURRENCY}, {seconds} s per run; \
-             Citus: coordinator + 2 workers on this machine"
+             Citus: coordinator + {workers} worker(s) on this machine"
         ),
     );
 
@@ -144,7 +167,7 @@ async fn main() {
     std::fs::create_dir_all(&work).unwrap();
     println!("== plain PostgreSQL");
     let on_plain = measure(&plain, &wrk, &work, &bench.dir, n, seconds, false).await;
-    println!("== Citus, coordinator + 2 workers");
+    println!("== Citus, coordinator + {workers} worker(s)");
     let on_citus = measure(&citus, &wrk, &work, &bench.dir, n, seconds, true).await;
 
     println!(

@@ -47,24 +47,6 @@ const ENTER: &str = "SELECT 1 / count(*) AS entered,
    AND NOT EXISTS (SELECT FROM tenantry.refresh_tokens r
                    WHERE r.family_id = $4 AND r.revoked_at IS NOT NULL)";
 
-/// [`ENTER`] on a Citus worker (`db::direct`): the same checks, on the
-/// registry's copy every node has (`tenantry_guard`, kept in the
-/// registry's own transactions: `db::citus::GUARD`), with its own
-/// functions raising the same errors. `here` says whether this node holds
-/// the tenant (else Citus forwards the request: the placement map was
-/// stale); it is read before the role changes (the tenant's role may not
-/// use `tenantry_guard`).
-const ENTER_ON_NODE: &str = "SELECT 1 / count(*) AS entered,
-        CASE WHEN bool_or(g.suspended) THEN tenantry_guard.refuse_suspended() END AS suspended,
-        CASE WHEN $5 AND bool_or(g.over_quota) THEN tenantry_guard.refuse_over_quota() END AS over_quota,
-        tenantry_guard.holds(max(g.schema_name)) AS here,
-        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(g.schema_name)) || ', reference', true),
-        pg_catalog.set_config('role', max(g.role_name), true),
-        pg_catalog.set_config('statement_timeout', $3, true)
- FROM tenantry_guard.entries g
- WHERE g.user_id = $1 AND g.token_generation = $2
-   AND NOT EXISTS (SELECT FROM tenantry_guard.revoked r WHERE r.family_id = $4)";
-
 /// Taken (shared, until the transaction ends) before [`ENTER`], in its own
 /// statement so that ENTER's snapshot is taken after it: an erasure takes
 /// the same key exclusively for its final transaction, so it waits for the
@@ -183,13 +165,25 @@ where
     }
 }
 
-/// What the guard runs where the connection is ([`ENTER_ON_NODE`] on a
-/// worker).
-fn enter_sql(on: Option<&db::OnNode>) -> &'static str {
+/// What the guard runs where the connection is: [`ENTER`], or on a worker
+/// the same checks on the registry's copy (`db::citus::enter_on_node`).
+fn enter_sql(on: Option<&db::OnNode>) -> &str {
+    match on {
+        Some(on) => &on.enter,
+        None => ENTER,
+    }
+}
+
+/// The guard's parameters: [`ENTER`]'s five, and on a worker the shard it
+/// checks the node holds.
+fn enter_params_for<'a>(
+    on: Option<&db::OnNode>,
+    all: &'a [&'a (dyn ToSql + Sync); 6],
+) -> &'a [&'a (dyn ToSql + Sync)] {
     if on.is_some() {
-        ENTER_ON_NODE
+        all
     } else {
-        ENTER
+        &all[..5]
     }
 }
 
@@ -377,17 +371,20 @@ impl TenantTx {
         let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
         let over_quota_refused = access.refused_over_quota();
-        let enter_params: [&(dyn ToSql + Sync); 5] = [
+        let shard = on.map(|on| on.placed.shard);
+        let enter_params: [&(dyn ToSql + Sync); 6] = [
             &caller.user_id,
             &caller.generation,
             &timeout,
             &caller.session,
             &over_quota_refused,
+            &shard,
         ];
+        let enter_params = enter_params_for(on, &enter_params);
         let (begun, locked, entered) = futures::join!(
             c.batch_execute(access.begin()),
             c.execute(&lock, &lock_params),
-            c.query_one(&enter, &enter_params)
+            c.query_one(&enter, enter_params)
         );
         begun?;
         if let Err(e) = locked {
@@ -470,19 +467,22 @@ impl TenantTx {
         let user_text = caller.user_id.to_string();
         let timeout = format!("{}ms", pool.statement_timeout().as_millis());
         let over_quota_refused = access.refused_over_quota();
+        let shard = on.map(|on| on.placed.shard);
         let (begun, locked, entered, statement, rows, ended) = {
             let c = guard.client();
             let lock_params: [&(dyn ToSql + Sync); 2] = [&user_text, &db::TENANT_LOCK_CLASS];
-            let enter_params: [&(dyn ToSql + Sync); 5] = [
+            let enter_params: [&(dyn ToSql + Sync); 6] = [
                 &caller.user_id,
                 &caller.generation,
                 &timeout,
                 &caller.session,
                 &over_quota_refused,
+                &shard,
             ];
+            let enter_params = enter_params_for(on, &enter_params);
             let mut begun = pin!(maybe_done(c.batch_execute(access.begin())));
             let mut locked = pin!(maybe_done(c.execute(&lock, &lock_params)));
-            let mut entered = pin!(maybe_done(c.query_one(&enter, &enter_params)));
+            let mut entered = pin!(maybe_done(c.query_one(&enter, enter_params)));
             // Polling a request once puts it on the wire (see db::pipeline).
             let _ = futures::poll!(begun.as_mut());
             let _ = futures::poll!(locked.as_mut());

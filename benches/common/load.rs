@@ -420,12 +420,23 @@ pub async fn try_run_pgbench(
         .env("PGSSLMODE", session.sslmode)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // Its connections close when it exits: measure them a second before.
     tokio::time::sleep(Duration::from_secs(seconds.saturating_sub(1).max(1))).await;
     let backend_mb = backend_memory(&pg.url("postgres"), "pgbench").await;
-    let out = child.wait_with_output().await.unwrap();
+    // A run whose sessions wait for a connection slot that never frees
+    // (Citus's shared pool full of cached connections) does not end: it
+    // is stopped and reported, not waited for.
+    let out = match tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            return Err(format!(
+                "pgbench stalled: still running 30 s after its {seconds} s run (stopped)"
+            ))
+        }
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         let errors = String::from_utf8_lossy(&out.stderr);

@@ -79,7 +79,7 @@ pub(crate) async fn prepare(client: &tokio_postgres::Client) -> Result<bool, DbE
     Ok(true)
 }
 
-/// What the tenant guard reads on a worker (`routing::ENTER_ON_NODE`),
+/// What the tenant guard reads on a worker ([`enter_on_node`]),
 /// present on every node: two Citus reference tables in the schema
 /// `tenantry_guard`, kept by triggers on the registry in the same
 /// transaction as it (so a worker never lets in a request the coordinator
@@ -230,6 +230,69 @@ CREATE CONSTRAINT TRIGGER guard_revoked AFTER INSERT
     EXECUTE FUNCTION tenantry.guard_session_revoked();
 "#;
 
+/// `routing`'s ENTER on a Citus worker (`db::direct`): the tenant guard's
+/// checks on the registry's copy every node has ([`GUARD`], kept in the
+/// registry's own transactions), with its own functions raising the same
+/// errors. `here` says whether this node (Citus group `group`) still holds
+/// the shard `$6` the placement map gave for the tenant (else Citus
+/// forwards the request: the map was stale; a shard keeps its id when it
+/// moves); it is read before the role changes (the tenant's role may not
+/// use `tenantry_guard`).
+///
+/// `shards`: the node's own placements of `entries` and `revoked`
+/// ([`GUARD_SHARDS`]), read by name. A reference table read through Citus
+/// is planned by Citus on every execution, which on a worker cost more
+/// than the rest of the guard (`scripts/bench-scale`); its placement on
+/// the node is the same rows (every write reaches every placement in one
+/// two-phase commit), read as Citus itself would read them there. `None`
+/// (a node without them yet): the tables, through Citus.
+pub fn enter_on_node(group: i32, shards: Option<&(String, String)>) -> String {
+    let (entries, revoked) = match shards {
+        Some((entries, revoked)) => (entries.as_str(), revoked.as_str()),
+        None => ("tenantry_guard.entries", "tenantry_guard.revoked"),
+    };
+    format!(
+        "SELECT 1 / count(*) AS entered,
+        CASE WHEN bool_or(g.suspended) THEN tenantry_guard.refuse_suspended() END AS suspended,
+        CASE WHEN $5 AND bool_or(g.over_quota) THEN tenantry_guard.refuse_over_quota() END AS over_quota,
+        EXISTS (SELECT FROM pg_catalog.pg_dist_placement pl
+                WHERE pl.shardid = $6 AND pl.groupid = {group}) AS here,
+        pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(g.schema_name)) || ', reference', true),
+        pg_catalog.set_config('role', max(g.role_name), true),
+        pg_catalog.set_config('statement_timeout', $3, true)
+ FROM {entries} g
+ WHERE g.user_id = $1 AND g.token_generation = $2
+   AND NOT EXISTS (SELECT FROM {revoked} r WHERE r.family_id = $4)"
+    )
+}
+
+/// Each active primary worker, with its placements of the guard's two
+/// tables when it has both (`tenantry_guard.entries_<shard id>`: one shard
+/// each, the same name on every node) and its Citus group. Never dropped (only emptied and
+/// refilled), so the names last as long as the guard.
+pub(crate) const GUARD_SHARDS: &str = "SELECT d.nodename::text, d.nodeport,
+    (SELECT pg_catalog.shard_name(s.logicalrelid, s.shardid)
+       FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+      WHERE s.logicalrelid = pg_catalog.to_regclass('tenantry_guard.entries') AND p.groupid = d.groupid
+      LIMIT 1),
+    (SELECT pg_catalog.shard_name(s.logicalrelid, s.shardid)
+       FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+      WHERE s.logicalrelid = pg_catalog.to_regclass('tenantry_guard.revoked') AND p.groupid = d.groupid
+      LIMIT 1)
+,
+    d.groupid
+ FROM pg_catalog.pg_dist_node d
+ WHERE d.noderole = 'primary' AND d.isactive AND d.groupid <> 0
+ ORDER BY 1, 2";
+
+/// A guard shard's name as [`GUARD_SHARDS`] reads it, if it is one
+/// (`tenantry_guard.<table>_<digits>`): nothing else reaches SQL.
+pub(crate) fn guard_shard(name: Option<String>, table: &str) -> Option<String> {
+    let name = name?;
+    let id = name.strip_prefix(&format!("tenantry_guard.{table}_"))?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(name)
+}
+
 /// What [`GUARD`] is at now: written last (a comment on the schema), so a
 /// start cut off half-way, or an older guard, is made again (every step is
 /// idempotent).
@@ -249,8 +312,9 @@ BEGIN
     RAISE EXCEPTION 'the tenant is over its storage quota' USING ERRCODE = 'TQ403';
 END $$;
 -- Whether this node holds the tables of the tenant schema `schema` (from
--- Citus's metadata, on every node): a request routed to a node that does
--- not is forwarded by Citus (correct, slower; counted).
+-- Citus's metadata, on every node). Unused since the guard checks one
+-- shard instead (cheaper); kept for a process of an earlier release while
+-- an upgrade rolls.
 CREATE OR REPLACE FUNCTION tenantry_guard.holds(schema text) RETURNS boolean
     LANGUAGE plpgsql STABLE AS $$
 BEGIN

@@ -11,7 +11,7 @@
 //! after a request finds its entry missing or stale. A stale entry costs
 //! only speed: the worker that gets the request forwards it to the node
 //! that holds the tenant (Citus does, as the tenant's role), and the guard
-//! says so (`routing::ENTER_ON_NODE`'s `here`), which counts it in
+//! says so (`db::citus::enter_on_node`'s `here`), which counts it in
 //! `/metrics` and asks for a refresh. A tenant the map does not know yet
 //! (signed up since the last refresh) goes through the coordinator.
 //!
@@ -36,13 +36,13 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 /// The shortest time between two refreshes (a burst of misses makes one).
 const REFRESH_GAP: Duration = Duration::from_millis(200);
 
-/// Each active tenant's worker (one row per user: a tenant schema is one
-/// colocated unit, on one node).
-const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport
+/// Each active tenant's worker, and one of its shards (one row per user: a
+/// tenant schema is one colocated unit, on one node).
+const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport, p.shardid
  FROM tenantry.tenants t
  JOIN pg_catalog.pg_dist_schema ds ON ds.schemaid = pg_catalog.to_regnamespace(t.schema_name)
  JOIN LATERAL (
-     SELECT pl.groupid FROM pg_catalog.pg_dist_partition dp
+     SELECT pl.groupid, pl.shardid FROM pg_catalog.pg_dist_partition dp
        JOIN pg_catalog.pg_dist_shard sh ON sh.logicalrelid = dp.logicalrelid
        JOIN pg_catalog.pg_dist_placement pl ON pl.shardid = sh.shardid
       WHERE dp.colocationid = ds.colocationid LIMIT 1) p ON true
@@ -53,6 +53,19 @@ const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport
 /// A worker, as `pg_dist_node` names it.
 pub type Node = (String, i32);
 
+/// Where a tenant is, as the map says: its worker, and one shard of its
+/// schema there (what the guard checks the node still holds:
+/// [`super::citus::enter_on_node`]'s `here`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub node: Node,
+    pub shard: i64,
+}
+
+/// A tenant's request on its worker: the node's pool, the guard's read
+/// there, and the placement it was sent by.
+pub type OnWorker = (RequestPool, Arc<str>, Placed);
+
 /// See the module docs.
 pub struct Direct {
     coordinator: Connector,
@@ -62,8 +75,10 @@ pub struct Direct {
     statement_timeout: Duration,
     /// [`REFRESH_EVERY`] unless set; `None`: only when asked.
     every: Option<Duration>,
-    pools: RwLock<HashMap<Node, RequestPool>>,
-    placed: RwLock<HashMap<Uuid, Node>>,
+    /// Each node's pool and the guard's read there
+    /// ([`super::citus::enter_on_node`]).
+    pools: RwLock<HashMap<Node, (RequestPool, Arc<str>)>>,
+    placed: RwLock<HashMap<Uuid, Placed>>,
     /// The last probe of the workers ([`Direct::unreachable`]).
     probed: tokio::sync::Mutex<Option<(std::time::Instant, Vec<Node>)>>,
     /// Users found with no placed tenant since the last refresh.
@@ -100,23 +115,23 @@ impl Direct {
         Ok(direct)
     }
 
-    /// The pool of the node that holds `user`'s tenant, if the map knows
-    /// it (else see [`Direct::locate`]).
-    pub fn pool_for(&self, user: Uuid) -> Option<(Node, RequestPool)> {
-        let node = self
+    /// The pool of the node that holds `user`'s tenant, and the guard's
+    /// read there, if the map knows it (else see [`Direct::locate`]).
+    pub fn pool_for(&self, user: Uuid) -> Option<OnWorker> {
+        let placed = self
             .placed
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&user)
             .cloned();
-        let node = node?;
+        let placed = placed?;
         let pool = self
             .pools
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(&node)
+            .get(&placed.node)
             .cloned();
-        pool.map(|p| (node, p))
+        pool.map(|(pool, enter)| (pool, enter, placed))
     }
 
     /// A tenant the map does not know (signed up since the last refresh):
@@ -124,11 +139,7 @@ impl Direct {
     /// (one query) and kept. A user with no placed tenant is remembered as
     /// such until the next refresh; its requests go through the
     /// coordinator, whose guard refuses them or serves them.
-    pub async fn locate(
-        &self,
-        user: Uuid,
-        coordinator: &RequestPool,
-    ) -> Option<(Node, RequestPool)> {
+    pub async fn locate(&self, user: Uuid, coordinator: &RequestPool) -> Option<OnWorker> {
         if self
             .absent
             .read()
@@ -144,11 +155,10 @@ impl Direct {
         drop(client);
         match found {
             Ok(Some(row)) => {
-                let node: Node = (row.get(1), row.get(2));
                 self.placed
                     .write()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(user, node);
+                    .insert(user, placed(&row));
                 let found = self.pool_for(user);
                 if found.is_none() {
                     // A node with no pool yet (added since the last
@@ -213,26 +223,31 @@ impl Direct {
             .len()
     }
 
-    /// Read the workers and every active tenant's node from the
-    /// coordinator's metadata (one connection, two queries).
+    /// Read the workers (with their placements of the guard's tables) and
+    /// every active tenant's node from the coordinator's metadata (one
+    /// connection, two queries).
     pub async fn refresh(&self) -> Result<(), DbError> {
         let client = self.coordinator.connect(Dedicated::Command).await?;
-        let nodes = client
-            .query(
-                "SELECT nodename::text, nodeport FROM pg_catalog.pg_dist_node
-                 WHERE noderole = 'primary' AND isactive AND groupid <> 0
-                 ORDER BY 1, 2",
-                &[],
-            )
-            .await?;
+        let nodes = client.query(super::citus::GUARD_SHARDS, &[]).await?;
         let placements = client.query(PLACEMENTS, &[]).await?;
         drop(client);
-        let nodes: Vec<Node> = nodes.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let nodes: Vec<(Node, Arc<str>)> = nodes
+            .iter()
+            .map(|r| {
+                let shards = super::citus::guard_shard(r.get(2), "entries")
+                    .zip(super::citus::guard_shard(r.get(3), "revoked"));
+                let enter = super::citus::enter_on_node(r.get(4), shards.as_ref());
+                ((r.get(0), r.get(1)), Arc::from(enter))
+            })
+            .collect();
         {
             let mut pools = self.pools.write().unwrap_or_else(PoisonError::into_inner);
-            pools.retain(|node, _| nodes.contains(node));
-            for node in &nodes {
-                if pools.contains_key(node) {
+            pools.retain(|node, _| nodes.iter().any(|(n, _)| n == node));
+            for (node, enter) in nodes {
+                if let Some((_, known)) = pools.get_mut(&node) {
+                    if *known != enter {
+                        *known = enter;
+                    }
                     continue;
                 }
                 let pool = RequestPool::new(
@@ -242,14 +257,12 @@ impl Direct {
                     Retire::Spread,
                 )?
                 .with_statement_timeout(self.statement_timeout);
-                pools.insert(node.clone(), pool);
+                pools.insert(node, (pool, enter));
             }
         }
-        let placed: HashMap<Uuid, Node> = placements
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        *self.placed.write().unwrap_or_else(PoisonError::into_inner) = placed;
+        let placements: HashMap<Uuid, Placed> =
+            placements.iter().map(|r| (r.get(0), placed(r))).collect();
+        *self.placed.write().unwrap_or_else(PoisonError::into_inner) = placements;
         self.absent
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -294,6 +307,14 @@ impl Direct {
             .into_iter()
             .flatten()
             .collect()
+    }
+}
+
+/// A row of [`PLACEMENTS`].
+fn placed(row: &tokio_postgres::Row) -> Placed {
+    Placed {
+        node: (row.get(1), row.get(2)),
+        shard: row.get(3),
     }
 }
 

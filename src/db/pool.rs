@@ -704,13 +704,17 @@ pub trait TenantPool {
 #[derive(Clone)]
 pub struct OnNode {
     pub direct: std::sync::Arc<super::Direct>,
-    pub node: super::Node,
+    /// The tenant guard's read on this node
+    /// (`db::citus::enter_on_node`).
+    pub enter: std::sync::Arc<str>,
+    /// Where the map placed the tenant (the guard checks it still is).
+    pub placed: super::direct::Placed,
 }
 
 impl OnNode {
     /// `HOST:PORT`.
     pub fn name(&self) -> String {
-        format!("{}:{}", self.node.0, self.node.1)
+        format!("{}:{}", self.placed.node.0, self.placed.node.1)
     }
 }
 
@@ -745,10 +749,11 @@ impl TenantPool for RequestPool {
                 Some(found) => Some(found),
                 None => direct.locate(user, self).await,
             };
-            if let Some((node, pool)) = found {
+            if let Some((pool, enter, placed)) = found {
                 let on = OnNode {
                     direct: direct.clone(),
-                    node,
+                    enter,
+                    placed,
                 };
                 return match pool.get_for_tenant(user).await {
                     Ok(got) => Ok((got, Some(on))),

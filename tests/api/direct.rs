@@ -124,6 +124,24 @@ async fn a_tenants_read_runs_on_the_node_that_holds_it_as_the_service() {
     }
 
     if let Some(citus) = CITUS.as_ref() {
+        // On the worker the guard reads the node's own placements of its
+        // tables, by name, not the tables through Citus (which plans each
+        // read itself, the larger part of the guard's cost there): a read
+        // answers while the tables are locked on that node, where a read
+        // through Citus waits for them.
+        let mut worker = connect_to_node(holder, &app.db_name).await;
+        let tx = worker.transaction().await.unwrap();
+        tx.batch_execute(
+            "LOCK TABLE tenantry_guard.entries, tenantry_guard.revoked IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+        let read = app.call(Method::GET, "/api/experiences", &token).send();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(20), read).await;
+        tx.rollback().await.unwrap();
+        let answered = answered.expect("the read waited for the guard's tables");
+        assert_eq!(answered.unwrap().status(), 200);
+
         // The same read with `TENANTRY_CITUS_ROUTING=coordinator`: it runs
         // on the coordinator (which reaches the worker as ann's role).
         let through = spawn_app_with(|s| {
