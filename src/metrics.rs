@@ -145,7 +145,7 @@ fn describe_and_register() {
     metrics::counter!("tenantry_membership_resets_total").absolute(0);
     describe_counter!(
         "tenantry_routed_forwarded_total",
-        "Citus, direct routing: requests sent to a worker that no longer holds their tenant (Citus forwarded them; the placement map is read again)"
+        "Citus, direct routing: requests sent to a worker that no longer held their tenant (refused there; sent again where the placement map, read again, says)"
     );
     metrics::counter!("tenantry_routed_forwarded_total").absolute(0);
     describe_gauge!(

@@ -149,8 +149,17 @@ where
     Fut: std::future::Future<Output = Result<T, RoutingError>>,
 {
     let mut via = Via::Router;
+    let mut sent_again = false;
     loop {
         match attempt(via).await {
+            // Direct routing on Citus: the map's node no longer holds the
+            // tenant; once more, to where the map now says.
+            Err(RoutingError::Elsewhere) if !sent_again => sent_again = true,
+            Err(RoutingError::Elsewhere) => {
+                return Err(RoutingError::NodeUnavailable(
+                    "the tenant was not on its worker twice in a row (moving?)".into(),
+                ))
+            }
             Err(RoutingError::RoleRefused(e)) => match via.after_refusal(pool) {
                 Some(next) => {
                     if next.mends() {
@@ -187,21 +196,15 @@ fn enter_params_for<'a>(
     }
 }
 
-/// A request entered on a worker that does not hold its tenant (the
-/// placement map was stale; Citus forwards it): counted and corrected.
-fn forwarded(on: Option<&db::OnNode>, entered: &Row, user: Uuid) {
-    if let Some(on) = on {
-        if !entered.get::<_, bool>("here") {
-            on.direct.stale(user);
-        }
-    }
-}
-
 /// The SQLSTATE of `tenantry.refuse_suspended()` (V15).
 const SUSPENDED: &str = "TS403";
 
 /// The SQLSTATE of `tenantry.refuse_over_quota()` (V22).
 const OVER_QUOTA: &str = "TQ403";
+
+/// The SQLSTATE of `tenantry_guard.refuse_elsewhere()`: a worker that no
+/// longer holds the tenant (`db::citus::enter_on_node`).
+const ELSEWHERE: &str = "TR421";
 
 /// Who a routed request is for: the access token's user, generation and
 /// session (the refresh-token family it was issued in; `None` for a token
@@ -239,6 +242,11 @@ pub enum RoutingError {
     /// `node_unavailable`).
     #[error("{0}")]
     NodeUnavailable(String),
+    /// Direct routing on Citus: the worker the placement map gave no
+    /// longer holds the tenant (moved by someone else); sent again once
+    /// where the map then says.
+    #[error("the worker no longer holds the tenant")]
+    Elsewhere,
 }
 
 impl From<db::CheckoutError> for RoutingError {
@@ -252,9 +260,15 @@ impl From<db::CheckoutError> for RoutingError {
     }
 }
 
-/// An error on a worker's connection that says the worker is gone.
-fn on_node(on: Option<&db::OnNode>, e: RoutingError) -> RoutingError {
+/// An error on a worker's connection that says the worker is gone, or
+/// that it no longer holds the tenant (counted; the map reads the
+/// tenant's placement again before the next try).
+fn on_node(on: Option<&db::OnNode>, user: Uuid, e: RoutingError) -> RoutingError {
     match (on, e) {
+        (Some(on), RoutingError::Elsewhere) => {
+            on.direct.stale(user);
+            RoutingError::Elsewhere
+        }
         (Some(on), RoutingError::Postgres(e)) if db::connection_lost(&e) => {
             on.direct.refresh_soon();
             RoutingError::NodeUnavailable(format!("the worker {} is unavailable: {e}", on.name()))
@@ -274,6 +288,7 @@ impl RoutingError {
             }
             Some(code) if code.code() == SUSPENDED => RoutingError::Suspended,
             Some(code) if code.code() == OVER_QUOTA => RoutingError::OverQuota,
+            Some(code) if code.code() == ELSEWHERE => RoutingError::Elsewhere,
             Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
                 RoutingError::RoleRefused(e)
             }
@@ -350,7 +365,7 @@ impl TenantTx {
         let (client, on) = via.checkout(pool, caller.user_id).await?;
         Self::enter_on(pool, client, on.as_ref(), caller, access)
             .await
-            .map_err(|e| on_node(on.as_ref(), e))
+            .map_err(|e| on_node(on.as_ref(), caller.user_id, e))
     }
 
     async fn enter_on(
@@ -393,10 +408,7 @@ impl TenantTx {
             return Err(e.into());
         }
         match entered {
-            Ok(row) => {
-                forwarded(on, &row, caller.user_id);
-                Ok(guard)
-            }
+            Ok(_) => Ok(guard),
             Err(e) => {
                 let err = RoutingError::from_enter(e);
                 if matches!(err, RoutingError::RoleRefused(_)) {
@@ -446,7 +458,7 @@ impl TenantTx {
         let (client, on) = via.checkout(pool, caller.user_id).await?;
         Self::once_on(pool, client, on.as_ref(), caller, access, sql, params)
             .await
-            .map_err(|e| on_node(on.as_ref(), e))
+            .map_err(|e| on_node(on.as_ref(), caller.user_id, e))
     }
 
     async fn once_on(
@@ -541,8 +553,7 @@ impl TenantTx {
         }
         begun?;
         locked?;
-        let entered = entered.map_err(RoutingError::from_enter)?;
-        forwarded(on, &entered, caller.user_id);
+        entered.map_err(RoutingError::from_enter)?;
         let rows = rows.transpose()?;
         statement?;
         ended?;

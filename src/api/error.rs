@@ -236,6 +236,9 @@ impl From<RoutingError> for ApiError {
             RoutingError::Suspended => ApiError::AccountSuspended,
             RoutingError::OverQuota => ApiError::QuotaExceeded,
             RoutingError::Pool(e) => e.into(),
+            RoutingError::Elsewhere => {
+                RoutingError::NodeUnavailable("the tenant is not where it was routed".into()).into()
+            }
             RoutingError::NodeUnavailable(message) => {
                 crate::metrics::database_error("unavailable");
                 tracing::error!(error = %message, "a tenant's worker is unavailable");

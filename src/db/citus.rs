@@ -233,30 +233,39 @@ CREATE CONSTRAINT TRIGGER guard_revoked AFTER INSERT
 /// `routing`'s ENTER on a Citus worker (`db::direct`): the tenant guard's
 /// checks on the registry's copy every node has ([`GUARD`], kept in the
 /// registry's own transactions), with its own functions raising the same
-/// errors. `here` says whether this node (Citus group `group`) still holds
-/// the shard `$6` the placement map gave for the tenant (else Citus
-/// forwards the request: the map was stale; a shard keeps its id when it
-/// moves); it is read before the role changes (the tenant's role may not
-/// use `tenantry_guard`).
+/// errors. First of all it checks that this node (Citus group `group`)
+/// still holds the shard `$6` the placement map gave for the tenant (a
+/// shard keeps its id when it moves) and is active: a node that is not is refused
+/// (`refuse_elsewhere`, SQLSTATE `TR421`) before anything is read from its
+/// copy, which a node taken out of the cluster keeps but no longer gets
+/// written; the service reads the map again and sends the request where
+/// the tenant is. It reads the copy before the role changes (the tenant's
+/// role may not use `tenantry_guard`).
 ///
 /// `shards`: the node's own placements of `entries` and `revoked`
 /// ([`GUARD_SHARDS`]), read by name. A reference table read through Citus
 /// is planned by Citus on every execution, which on a worker cost more
 /// than the rest of the guard (`scripts/bench-scale`); its placement on
-/// the node is the same rows (every write reaches every placement in one
-/// two-phase commit), read as Citus itself would read them there. `None`
-/// (a node without them yet): the tables, through Citus.
+/// a node of the cluster is the same rows (every write reaches every
+/// placement in one two-phase commit), read as Citus itself would read
+/// them there. A node holding a tenant is a node of the cluster (Citus
+/// removes none that holds shards), so the check above keeps every other
+/// node's copy out. `None` (a node without them yet): the tables, through
+/// Citus.
 pub fn enter_on_node(group: i32, shards: Option<&(String, String)>) -> String {
     let (entries, revoked) = match shards {
         Some((entries, revoked)) => (entries.as_str(), revoked.as_str()),
         None => ("tenantry_guard.entries", "tenantry_guard.revoked"),
     };
     format!(
-        "SELECT 1 / count(*) AS entered,
+        "SELECT CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_dist_placement pl
+                                  JOIN pg_catalog.pg_dist_node n ON n.groupid = pl.groupid
+                                WHERE pl.shardid = $6 AND pl.groupid = {group}
+                                  AND n.isactive AND n.noderole = 'primary')
+                    THEN tenantry_guard.refuse_elsewhere()
+                    ELSE 1 / count(*) END AS entered,
         CASE WHEN bool_or(g.suspended) THEN tenantry_guard.refuse_suspended() END AS suspended,
         CASE WHEN $5 AND bool_or(g.over_quota) THEN tenantry_guard.refuse_over_quota() END AS over_quota,
-        EXISTS (SELECT FROM pg_catalog.pg_dist_placement pl
-                WHERE pl.shardid = $6 AND pl.groupid = {group}) AS here,
         pg_catalog.set_config('search_path', pg_catalog.quote_ident(max(g.schema_name)) || ', reference', true),
         pg_catalog.set_config('role', max(g.role_name), true),
         pg_catalog.set_config('statement_timeout', $3, true)
@@ -296,7 +305,7 @@ pub(crate) fn guard_shard(name: Option<String>, table: &str) -> Option<String> {
 /// What [`GUARD`] is at now: written last (a comment on the schema), so a
 /// start cut off half-way, or an older guard, is made again (every step is
 /// idempotent).
-const GUARD_VERSION: &str = "tenantry guard 4";
+const GUARD_VERSION: &str = "tenantry guard 5";
 
 /// The guard's functions on every node (after its tables: see [`GUARD`]).
 const GUARD_FUNCTIONS: &str = r#"
@@ -310,6 +319,13 @@ CREATE OR REPLACE FUNCTION tenantry_guard.refuse_over_quota() RETURNS integer
     LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     RAISE EXCEPTION 'the tenant is over its storage quota' USING ERRCODE = 'TQ403';
+END $$;
+-- A request that reached a node that does not hold its tenant (the
+-- service's placement map was stale): sent again where the tenant is.
+CREATE OR REPLACE FUNCTION tenantry_guard.refuse_elsewhere() RETURNS integer
+    LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION 'this node does not hold the tenant' USING ERRCODE = 'TR421';
 END $$;
 -- Whether this node holds the tables of the tenant schema `schema` (from
 -- Citus's metadata, on every node). Unused since the guard checks one
@@ -327,7 +343,7 @@ BEGIN
            AND pl.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group));
 END $$;
 REVOKE ALL ON FUNCTION tenantry_guard.refuse_suspended(), tenantry_guard.refuse_over_quota(),
-    tenantry_guard.holds(text) FROM PUBLIC;
+    tenantry_guard.refuse_elsewhere(), tenantry_guard.holds(text) FROM PUBLIC;
 "#;
 
 /// Makes [`GUARD`] (and fills it from the registry) unless it is there.

@@ -9,11 +9,13 @@
 //! metadata on the coordinator. Both are refreshed every
 //! [`REFRESH_EVERY`], after Tenantry moves or rebalances tenants, and soon
 //! after a request finds its entry missing or stale. A stale entry costs
-//! only speed: the worker that gets the request forwards it to the node
-//! that holds the tenant (Citus does, as the tenant's role), and the guard
-//! says so (`db::citus::enter_on_node`'s `here`), which counts it in
-//! `/metrics` and asks for a refresh. A tenant the map does not know yet
-//! (signed up since the last refresh) goes through the coordinator.
+//! only speed: the guard on the worker that gets the request checks that
+//! the worker holds the tenant's shard and refuses it otherwise
+//! (`db::citus::enter_on_node`), before it reads anything there; the
+//! request is counted in `/metrics`, its entry dropped and read again
+//! ([`Direct::locate`]), and it is sent again where the tenant is. A tenant
+//! the map does not know yet (signed up since the last refresh) goes
+//! through the coordinator.
 //!
 //! On a worker the guard reads `tenantry_guard` (`db::citus::GUARD`), the
 //! registry's copy on every node.
@@ -187,7 +189,8 @@ impl Direct {
     }
 
     /// A request for `user` reached a node that does not hold its tenant
-    /// (moved since the map was read): counted, and the map read again.
+    /// (moved since the map was read): counted, its entry dropped (the
+    /// next request reads it again) and the map read again.
     pub fn stale(&self, user: Uuid) {
         crate::metrics::routed_forwarded();
         self.placed

@@ -225,7 +225,8 @@ async fn a_tenant_moved_behind_the_services_back_is_served_forwarded_then_direct
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(holder(&app, "tenant_bea").await, to);
-    // Served anyway (Citus forwards it from the old node), and counted.
+    // Served anyway (refused on the old node, sent again to the new one),
+    // and counted.
     let first = read().await;
     assert_eq!(first.status(), 200);
     assert!(forwarded(&app).await > before);
@@ -235,6 +236,93 @@ async fn a_tenant_moved_behind_the_services_back_is_served_forwarded_then_direct
     }
     let (node, _, application) = where_a_read_waits(&app, &token, "tenant_bea").await;
     assert_eq!((node, application.as_str()), (to, "tenantry"));
+}
+
+/// A worker that no longer holds a tenant never admits a request for it
+/// from its copy of the registry (a node taken out of the cluster keeps a
+/// copy nobody writes): its guard refuses before reading it, and the
+/// request is judged where the tenant is.
+#[tokio::test]
+async fn a_worker_that_no_longer_holds_a_tenant_never_admits_it_from_its_copy() {
+    let app = spawn_app_with(|s| s.citus_refresh_interval = None).await;
+    let token = app.token("cora").await;
+    let read = || async {
+        app.call(Method::GET, "/api/experiences", &token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(read().await, 200);
+    let before = forwarded(&app).await;
+    let suspend = || async {
+        app.db()
+            .await
+            .execute(
+                "UPDATE tenantry.users SET suspended_at = now(), suspension_reason = 'test'
+                 WHERE username = 'cora'",
+                &[],
+            )
+            .await
+            .unwrap()
+    };
+    let Some(citus) = CITUS.as_ref() else {
+        // One server, one registry: suspended is refused.
+        suspend().await;
+        assert_eq!(read().await, 403);
+        assert_eq!(forwarded(&app).await, before);
+        return;
+    };
+    // Another process moves cora; this service's map still has the old
+    // node. Then cora is suspended, and the old node's copy is made to
+    // say otherwise (as a copy nobody writes any more would).
+    let from = holder(&app, "tenant_cora").await;
+    let to = *citus.workers.iter().find(|&&w| w != from).unwrap();
+    let out = tenantry(
+        &[
+            "tenants",
+            "move",
+            "cora",
+            "--node",
+            &format!("127.0.0.1:{to}"),
+        ],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    suspend().await;
+    let old = connect_to_node(from, &app.db_name).await;
+    let stale = old
+        .execute(
+            "DO $$ BEGIN
+                 SET LOCAL citus.enable_manual_changes_to_shards = on;
+                 EXECUTE pg_catalog.format('UPDATE %s SET suspended = false WHERE schema_name = %L',
+                     (SELECT pg_catalog.shard_name(logicalrelid, shardid) FROM pg_catalog.pg_dist_shard
+                       WHERE logicalrelid = 'tenantry_guard.entries'::regclass),
+                     'tenant_cora');
+             END $$",
+            &[],
+        )
+        .await;
+    stale.unwrap();
+    let copy: bool = old
+        .query_one(
+            "SELECT suspended FROM tenantry_guard.entries WHERE schema_name = 'tenant_cora'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!copy, "the old node's copy says cora may enter");
+
+    // Refused where cora is, not admitted by the old node's copy.
+    assert_eq!(read().await, 403);
+    assert!(
+        forwarded(&app).await > before,
+        "the stale entry was counted"
+    );
+    assert_eq!(read().await, 403);
 }
 
 #[test]
