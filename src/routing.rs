@@ -269,6 +269,14 @@ fn on_node(on: Option<&db::OnNode>, user: Uuid, e: RoutingError) -> RoutingError
             on.direct.stale(user);
             RoutingError::Elsewhere
         }
+        // The guard's tables gone from under their names (an operator, a
+        // later guard): the nodes and their names are read again.
+        (Some(on), RoutingError::Postgres(e))
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+        {
+            on.direct.refresh_soon();
+            RoutingError::Postgres(e)
+        }
         (Some(on), RoutingError::Postgres(e)) if db::connection_lost(&e) => {
             on.direct.refresh_soon();
             RoutingError::NodeUnavailable(format!("the worker {} is unavailable: {e}", on.name()))

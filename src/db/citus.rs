@@ -849,3 +849,43 @@ pub async fn rebalance(
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_guard_shards_name_reaches_the_guards_sql() {
+        let ok = |name: &str, table| guard_shard(Some(name.into()), table);
+        assert_eq!(
+            ok("tenantry_guard.entries_102014", "entries").as_deref(),
+            Some("tenantry_guard.entries_102014")
+        );
+        for (name, table) in [
+            ("tenantry_guard.entries_102014", "revoked"),
+            ("tenantry_guard.entries_", "entries"),
+            ("tenantry_guard.entries_1; DROP TABLE x", "entries"),
+            ("\"tenantry_guard\".entries_1", "entries"),
+            ("public.entries_1", "entries"),
+            ("tenantry_guard.entries_1x", "entries"),
+        ] {
+            assert_eq!(ok(name, table), None, "{name}");
+        }
+        assert_eq!(guard_shard(None, "entries"), None);
+    }
+
+    #[test]
+    fn a_node_without_the_guards_placements_reads_its_tables_through_citus() {
+        let sql = enter_on_node(3, None);
+        assert!(sql.contains("FROM tenantry_guard.entries g"), "{sql}");
+        assert!(sql.contains("FROM tenantry_guard.revoked r"), "{sql}");
+        assert!(sql.contains("pl.groupid = 3"), "{sql}");
+        let shards = (
+            "tenantry_guard.entries_7".into(),
+            "tenantry_guard.revoked_8".into(),
+        );
+        let sql = enter_on_node(3, Some(&shards));
+        assert!(sql.contains("FROM tenantry_guard.entries_7 g"), "{sql}");
+        assert!(sql.contains("FROM tenantry_guard.revoked_8 r"), "{sql}");
+    }
+}

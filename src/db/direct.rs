@@ -47,7 +47,7 @@ const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport, p.shar
      SELECT pl.groupid, pl.shardid FROM pg_catalog.pg_dist_partition dp
        JOIN pg_catalog.pg_dist_shard sh ON sh.logicalrelid = dp.logicalrelid
        JOIN pg_catalog.pg_dist_placement pl ON pl.shardid = sh.shardid
-      WHERE dp.colocationid = ds.colocationid LIMIT 1) p ON true
+      WHERE dp.colocationid = ds.colocationid ORDER BY pl.shardid LIMIT 1) p ON true
  JOIN pg_catalog.pg_dist_node d
    ON d.groupid = p.groupid AND d.noderole = 'primary' AND d.groupid <> 0
  WHERE t.status = 'active'";
