@@ -56,8 +56,8 @@ const PLACEMENTS: &str = "SELECT t.user_id, d.nodename::text, d.nodeport, p.shar
 pub type Node = (String, i32);
 
 /// Where a tenant is, as the map says: its worker, and one shard of its
-/// schema there (what the guard checks the node still holds:
-/// [`super::citus::enter_on_node`]'s `here`).
+/// schema there (the guard checks that the node still holds it:
+/// [`super::citus::enter_on_node`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub node: Node,

@@ -172,6 +172,23 @@ async fn forwarded(app: &TestApp) -> f64 {
         .unwrap()
 }
 
+/// `tenantry tenants move` (another process than `app`'s service) of
+/// `name`'s tenant to the worker that does not hold it: (from, to).
+async fn move_to_the_other_worker(app: &TestApp, citus: &CitusCluster, name: &str) -> (u16, u16) {
+    let schema = format!("tenant_{name}");
+    let from = holder(app, &schema).await;
+    let to = *citus.workers.iter().find(|&&w| w != from).unwrap();
+    let node = format!("127.0.0.1:{to}");
+    let out = tenantry(
+        &["tenants", "move", name, "--node", &node],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    (from, to)
+}
+
 #[tokio::test]
 async fn a_tenant_moved_behind_the_services_back_is_served_forwarded_then_directly() {
     // The placements are read at start and when asked only: the move below
@@ -209,21 +226,7 @@ async fn a_tenant_moved_behind_the_services_back_is_served_forwarded_then_direct
         return;
     };
     // Another process moves bea: this service's map still has the old node.
-    let from = holder(&app, "tenant_bea").await;
-    let to = *citus.workers.iter().find(|&&w| w != from).unwrap();
-    let out = tenantry(
-        &[
-            "tenants",
-            "move",
-            "bea",
-            "--node",
-            &format!("127.0.0.1:{to}"),
-        ],
-        &env,
-        None,
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, to) = move_to_the_other_worker(&app, citus, "bea").await;
     assert_eq!(holder(&app, "tenant_bea").await, to);
     // Served anyway (refused on the old node, sent again to the new one),
     // and counted.
@@ -276,21 +279,7 @@ async fn a_worker_that_no_longer_holds_a_tenant_never_admits_it_from_its_copy() 
     // Another process moves cora; this service's map still has the old
     // node. Then cora is suspended, and the old node's copy is made to
     // say otherwise (as a copy nobody writes any more would).
-    let from = holder(&app, "tenant_cora").await;
-    let to = *citus.workers.iter().find(|&&w| w != from).unwrap();
-    let out = tenantry(
-        &[
-            "tenants",
-            "move",
-            "cora",
-            "--node",
-            &format!("127.0.0.1:{to}"),
-        ],
-        &cli_env(&app.db_name),
-        None,
-    )
-    .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    let (from, _) = move_to_the_other_worker(&app, citus, "cora").await;
     suspend().await;
     let old = connect_to_node(from, &app.db_name).await;
     let stale = old
