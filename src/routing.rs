@@ -269,19 +269,22 @@ fn on_node(on: Option<&db::OnNode>, user: Uuid, e: RoutingError) -> RoutingError
             on.direct.stale(user);
             RoutingError::Elsewhere
         }
-        // The guard's tables gone from under their names (an operator, a
-        // later guard): the nodes and their names are read again.
-        (Some(on), RoutingError::Postgres(e))
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
-        {
-            on.direct.refresh_soon();
-            RoutingError::Postgres(e)
-        }
         (Some(on), RoutingError::Postgres(e)) if db::connection_lost(&e) => {
             on.direct.refresh_soon();
             RoutingError::NodeUnavailable(format!("the worker {} is unavailable: {e}", on.name()))
         }
         (_, e) => e,
+    }
+}
+
+/// The guard's own statement failed on a worker because a table it names
+/// is gone (an operator, a later guard): the nodes and the guard's names
+/// are read again.
+fn guard_failed(on: Option<&db::OnNode>, e: &tokio_postgres::Error) {
+    if let Some(on) = on {
+        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            on.direct.refresh_soon();
+        }
     }
 }
 
@@ -418,6 +421,7 @@ impl TenantTx {
         match entered {
             Ok(_) => Ok(guard),
             Err(e) => {
+                guard_failed(on, &e);
                 let err = RoutingError::from_enter(e);
                 if matches!(err, RoutingError::RoleRefused(_)) {
                     // This session's cached memberships may have missed a
@@ -561,6 +565,9 @@ impl TenantTx {
         }
         begun?;
         locked?;
+        if let Err(e) = &entered {
+            guard_failed(on, e);
+        }
         entered.map_err(RoutingError::from_enter)?;
         let rows = rows.transpose()?;
         statement?;

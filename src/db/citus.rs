@@ -235,10 +235,10 @@ CREATE CONSTRAINT TRIGGER guard_revoked AFTER INSERT
 /// registry's own transactions), with its own functions raising the same
 /// errors. First of all it checks that this node (Citus group `group`)
 /// still holds the shard `$6` the placement map gave for the tenant (a
-/// shard keeps its id when it moves) and is active: a node that is not is refused
-/// (`refuse_elsewhere`, SQLSTATE `TR421`) before anything is read from its
-/// copy, which a node taken out of the cluster keeps but no longer gets
-/// written; the service reads the map again and sends the request where
+/// shard keeps its id when it moves): a node that does not is refused
+/// (`refuse_elsewhere`, SQLSTATE `TR421`) before anything read from its
+/// copy is used (a node taken out of the cluster keeps a copy nobody
+/// writes); the service reads the map again and sends the request where
 /// the tenant is. It reads the copy before the role changes (the tenant's
 /// role may not use `tenantry_guard`).
 ///
@@ -248,10 +248,11 @@ CREATE CONSTRAINT TRIGGER guard_revoked AFTER INSERT
 /// than the rest of the guard (`scripts/bench-scale`); its placement on
 /// a node of the cluster is the same rows (every write reaches every
 /// placement in one two-phase commit), read as Citus itself would read
-/// them there. A node holding a tenant is a node of the cluster (Citus
-/// removes none that holds shards), so the check above keeps every other
-/// node's copy out. `None` (a node without them yet): the tables, through
-/// Citus.
+/// them there. Citus removes no node that holds shards, so the check
+/// above keeps out the copy of every node whose own metadata was told its
+/// tenants left (not that of a node cut off without being told:
+/// SECURITY.md, limits). `None` (a node without them yet): the tables,
+/// through Citus.
 pub fn enter_on_node(group: i32, shards: Option<&(String, String)>) -> String {
     let (entries, revoked) = match shards {
         Some((entries, revoked)) => (entries.as_str(), revoked.as_str()),
@@ -259,9 +260,7 @@ pub fn enter_on_node(group: i32, shards: Option<&(String, String)>) -> String {
     };
     format!(
         "SELECT CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_dist_placement pl
-                                  JOIN pg_catalog.pg_dist_node n ON n.groupid = pl.groupid
-                                WHERE pl.shardid = $6 AND pl.groupid = {group}
-                                  AND n.isactive AND n.noderole = 'primary')
+                                WHERE pl.shardid = $6 AND pl.groupid = {group})
                     THEN tenantry_guard.refuse_elsewhere()
                     ELSE 1 / count(*) END AS entered,
         CASE WHEN bool_or(g.suspended) THEN tenantry_guard.refuse_suspended() END AS suspended,
@@ -302,10 +301,11 @@ pub(crate) fn guard_shard(name: Option<String>, table: &str) -> Option<String> {
     (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())).then_some(name)
 }
 
-/// What [`GUARD`] is at now: written last (a comment on the schema), so a
-/// start cut off half-way, or an older guard, is made again (every step is
-/// idempotent).
-const GUARD_VERSION: &str = "tenantry guard 5";
+/// What [`GUARD`] is at now: written last (a comment on the schema,
+/// `tenantry guard <N>`), so a start cut off half-way, or an older guard,
+/// is made again (every step is idempotent); a newer one is left as it is
+/// (an older process starting during a rolling upgrade).
+const GUARD_VERSION: i32 = 5;
 
 /// The guard's functions on every node (after its tables: see [`GUARD`]).
 const GUARD_FUNCTIONS: &str = r#"
@@ -350,8 +350,9 @@ REVOKE ALL ON FUNCTION tenantry_guard.refuse_suspended(), tenantry_guard.refuse_
 async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
     let ready: bool = client
         .query_one(
-            "SELECT pg_catalog.obj_description(pg_catalog.to_regnamespace('tenantry_guard'), 'pg_namespace')
-                    IS NOT DISTINCT FROM $1",
+            "SELECT coalesce(pg_catalog.substring(
+                        pg_catalog.obj_description(pg_catalog.to_regnamespace('tenantry_guard'), 'pg_namespace'),
+                        '^tenantry guard ([0-9]{1,9})$')::integer, 0) >= $1",
             &[&GUARD_VERSION],
         )
         .await?
@@ -393,7 +394,7 @@ async fn prepare_guard(client: &tokio_postgres::Client) -> Result<(), DbError> {
     client
         .batch_execute(&format!(
             "COMMENT ON SCHEMA tenantry_guard IS {}",
-            postgres_protocol::escape::escape_literal(GUARD_VERSION)
+            postgres_protocol::escape::escape_literal(&format!("tenantry guard {GUARD_VERSION}"))
         ))
         .await?;
     Ok(())

@@ -11,7 +11,7 @@
 //! after a request finds its entry missing or stale. A stale entry costs
 //! only speed: the guard on the worker that gets the request checks that
 //! the worker holds the tenant's shard and refuses it otherwise
-//! (`db::citus::enter_on_node`), before it reads anything there; the
+//! (`db::citus::enter_on_node`), before it uses anything read there; the
 //! request is counted in `/metrics`, its entry dropped and read again
 //! ([`Direct::locate`]), and it is sent again where the tenant is. A tenant
 //! the map does not know yet (signed up since the last refresh) goes

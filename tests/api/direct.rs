@@ -1,6 +1,7 @@
 //! Direct routing on Citus (`db::direct`, `TENANTRY_CITUS_ROUTING`): a
 //! tenant's request runs on the worker that holds it, in a session of the
-//! service's own; a stale placement is forwarded, counted and corrected.
+//! service's own; a stale placement is refused there, counted, read again
+//! and the request sent where the tenant is.
 //! On plain PostgreSQL the one server serves everything and nothing is
 //! ever forwarded.
 
