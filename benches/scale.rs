@@ -4,7 +4,10 @@
 //! Each target gets N tenants (default 2,000) provisioned through Tenantry
 //! as a non-superuser service role, each with a quick summary and three
 //! experiences. Then, on each: `wrk` drives `GET /api/summaries/quick` for a
-//! random tenant per request at concurrency 32 against the real service,
+//! random tenant per request at concurrency 32 against the real service
+//! (twice: the first run on a new service, whose backends meet each tenant
+//! for the first time, then the measured run on warm ones; on Citus once
+//! more without TLS to the nodes, which the plain server does not use),
 //! and pgbench sends the same routed transaction the service sends (the
 //! tenant's shared lock, the registry read, role and search path, the
 //! SELECT) as one message, at concurrency 32 and at concurrency 1 (latency).
@@ -40,8 +43,15 @@ const NO_WORKER_CACHE: Session<'static> = Session {
 
 /// What one target measured.
 struct Figures {
-    /// On Citus with direct routing (the default).
+    /// On Citus with direct routing (the default), after a first run of
+    /// the same length (`http_cold`): a service that has been up a while.
     http: Run,
+    /// The first run on a service just started: its pooled backends meet
+    /// every tenant for the first time (on Citus, each also loads the
+    /// tenant's table metadata then).
+    http_cold: Run,
+    /// Citus only: direct routing with `sslmode=disable` (warmed).
+    http_no_tls: Option<Run>,
     /// Citus only: the same through the coordinator
     /// (`TENANTRY_CITUS_ROUTING=coordinator`).
     http_coordinator: Option<Run>,
@@ -197,6 +207,13 @@ async fn main() {
             row(&format!("{name}: service, quick summary (HTTP)"), &f.http);
         }
         row(
+            &format!("{name}: the same, first run on a new service"),
+            &f.http_cold,
+        );
+        if let Some(run) = &f.http_no_tls {
+            row(&format!("{name}: the same, direct, without TLS"), run);
+        }
+        row(
             &format!("{name}: pgbench routed, c={CONCURRENCY}"),
             &f.routed,
         );
@@ -251,6 +268,18 @@ async fn main() {
             through.rate / on_plain.http.rate,
             through.p99_ms / on_plain.http.p99_ms
         );
+        println!(
+            "the first run on a new service (cold backends): direct routing {:.2}× the rate, p99 {:.2}× plain's",
+            on_citus.http_cold.rate / on_plain.http_cold.rate,
+            on_citus.http_cold.p99_ms / on_plain.http_cold.p99_ms
+        );
+        if let Some(run) = &on_citus.http_no_tls {
+            println!(
+                "direct routing without TLS to the nodes (plain has none): {:.2}× the rate, p99 {:.2}× plain's",
+                run.rate / on_plain.http.rate,
+                run.p99_ms / on_plain.http.p99_ms
+            );
+        }
     }
     println!(
         "Citus / plain: service {:.2}×, routed SQL {:.2}×; one transaction's latency {:.2} ms vs {:.2} ms (+{:.2} ms on the coordinator and its worker round trip)",
@@ -414,8 +443,27 @@ async fn measure(
             run_wrk(wrk, &lua, (address, path), CONCURRENCY, seconds, &url).await
         }
     };
+    let http_cold = drive(address.clone()).await;
     let http = drive(address).await;
     server.abort();
+    // Citus turns `ssl` on on every node, so the service reaches the
+    // workers over TLS where the plain server has none: the same once more
+    // without it, warmed the same way.
+    let http_no_tls = if citus {
+        let (address, server) = start_service(
+            &format!("{service_url} sslmode=disable"),
+            SECRET,
+            data_dir,
+            data_dir.join("anchors-citus-no-tls"),
+        )
+        .await;
+        drive(address.clone()).await;
+        let run = drive(address).await;
+        server.abort();
+        Some(run)
+    } else {
+        None
+    };
     let http_coordinator = if citus {
         let (address, server) = start_service_adjusted(
             &service_url,
@@ -425,6 +473,8 @@ async fn measure(
             |s| s.citus_routing = tenantry::configuration::CitusRouting::Coordinator,
         )
         .await;
+        // Warmed as the direct run is.
+        drive(address.clone()).await;
         let run = drive(address).await;
         server.abort();
         Some(run)
@@ -459,6 +509,8 @@ async fn measure(
     };
     Figures {
         http,
+        http_cold,
+        http_no_tls,
         http_coordinator,
         routed: routed_many,
         routed_one,

@@ -226,6 +226,16 @@ impl Direct {
             .len()
     }
 
+    /// Connections of the workers' pools checked out now.
+    pub fn in_use(&self) -> usize {
+        self.pools
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|(pool, _)| pool.in_use())
+            .sum()
+    }
+
     /// Read the workers (with their placements of the guard's tables) and
     /// every active tenant's node from the coordinator's metadata (one
     /// connection, two queries).

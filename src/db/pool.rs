@@ -633,6 +633,14 @@ impl RequestPool {
             )
     }
 
+    /// Connections checked out now, the workers' pools included (direct
+    /// routing): what the spare builder waits to see at zero
+    /// (`tenancy::spares`).
+    pub fn in_use(&self) -> usize {
+        let s = self.status();
+        s.size.saturating_sub(s.available) + self.direct.as_ref().map_or(0, |d| d.in_use())
+    }
+
     /// A tenant's own shard: a stable function of its user id (random, so
     /// the shards get even shares).
     /// With routers, the tenant's router (`db::routers::router_of`).

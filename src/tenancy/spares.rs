@@ -45,7 +45,9 @@
 //! the tenant's and applies only the versions published since (usually
 //! none), so it runs no template DDL; a rollback leaves the spare and its
 //! schema as they were. The builder works one schema at a time on a
-//! connection of its own, pausing after each as long as it took.
+//! connection of its own, pausing after each as long as it took; while a
+//! quarter of the stock or more is built it builds only when no request
+//! holds a connection of the service's ([`LOW_WATER`], `its_turn`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -706,12 +708,14 @@ impl Keeper {
             let mut builder = Builder::default();
             loop {
                 if keeper.schemas > 0 {
+                    let busy = || pool.in_use() > 0;
                     builder
                         .round(
                             &connector,
                             &installation,
                             &templates,
                             keeper.schemas,
+                            busy,
                             || {
                                 // Signups may have emptied the roles meanwhile.
                                 once(pool.clone(), installation.clone(), target)
@@ -747,13 +751,17 @@ impl Builder {
     /// Build schemas ([`build_one`]) while any is wanted, each build
     /// followed by a pause as long as it took and by `between` (the roles'
     /// refill); the published templates are read again before each
-    /// (another process may have published).
+    /// (another process may have published). While the stock holds at
+    /// least [`LOW_WATER`] of `target` each build first waits for a moment
+    /// when the service has no request on the database (`busy` false,
+    /// [`its_turn`]).
     async fn round<F: std::future::Future<Output = ()>>(
         &mut self,
         connector: &Connector,
         installation: &Installation,
         templates: &Templates,
         target: usize,
+        busy: impl Fn() -> bool,
         mut between: impl FnMut() -> F,
     ) {
         let mut failures = 0;
@@ -768,6 +776,17 @@ impl Builder {
                     }
                 },
             };
+            // Roles are refilled while a build waits (signups go on).
+            loop {
+                match its_turn(client, target, &busy).await {
+                    Ok(true) => break,
+                    Ok(false) => between().await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot build spare tenant schemas");
+                        return;
+                    }
+                }
+            }
             let started = std::time::Instant::now();
             if let Err(e) = templates.refresh(&**client).await {
                 tracing::warn!(error = %e, "cannot build spare tenant schemas");
@@ -792,9 +811,80 @@ impl Builder {
     }
 }
 
+/// The share of the stock below which spare schemas are built whatever the
+/// load: above it a build waits for the service to be quiet
+/// ([`its_turn`]).
+pub const LOW_WATER: (usize, usize) = (1, 4);
+
+/// How often [`its_turn`] looks at the request pool, and how often it
+/// counts the stock again.
+const QUIET_POLL: Duration = Duration::from_millis(10);
+const RECOUNT_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether a stock of `built` spare schemas (of `target`) is low enough to
+/// build whatever the load: below [`LOW_WATER`] of it, or full (nothing
+/// new is built then; [`build_one`] may bring a spare up to a newly
+/// published version, which is not put off).
+pub fn build_anyway(built: usize, target: usize) -> bool {
+    let (num, den) = LOW_WATER;
+    built * den < target * num || built >= target
+}
+
+/// Whether a build may start: at once when `busy` is false (no connection
+/// of the request pool in use) or the stock is low ([`build_anyway`]);
+/// else after looking at the pool every [`QUIET_POLL`] for up to
+/// [`RECOUNT_EVERY`]: `false` when it stayed busy all that time. A
+/// schema's DDL takes a core for 0.1–0.3 s at 10,000 tenants, which
+/// requests beside it wait for (docs/benchmarks.md, "Ten thousand tenants
+/// on one node"): the stock absorbs a burst of signups, and is built again
+/// when the requests let up, or from the low-water mark on whatever they
+/// do.
+async fn its_turn(
+    client: &tokio_postgres::Client,
+    target: usize,
+    busy: &impl Fn() -> bool,
+) -> Result<bool, tokio_postgres::Error> {
+    if !busy() {
+        return Ok(true);
+    }
+    let built: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tenantry.spare_roles WHERE template_version IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if build_anyway(usize::try_from(built).unwrap_or(0), target) {
+        return Ok(true);
+    }
+    let recount = tokio::time::Instant::now() + RECOUNT_EVERY;
+    while tokio::time::Instant::now() < recount {
+        tokio::time::sleep(QUIET_POLL).await;
+        if !busy() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{share, wants_refill};
+    use super::{build_anyway, share, wants_refill};
+
+    #[test]
+    fn under_load_only_a_low_or_full_stock_is_built() {
+        // A quarter of 100: 24 built is low, 25 waits for a quiet moment.
+        assert!(build_anyway(0, 100));
+        assert!(build_anyway(24, 100));
+        assert!(!build_anyway(25, 100));
+        assert!(!build_anyway(99, 100));
+        // Full: nothing new to build, an upgrade is not put off.
+        assert!(build_anyway(100, 100));
+        // A stock of one or two is never held back but when full.
+        assert!(build_anyway(0, 1));
+        assert!(build_anyway(0, 2));
+        assert!(!build_anyway(1, 2));
+    }
 
     #[test]
     fn with_routers_each_keeps_its_share() {

@@ -648,6 +648,118 @@ async fn owned_by(app: &TestApp, schema: &str, role: &str) {
     }
 }
 
+/// When the spare builder's connection ("tenantry spares") last counted the
+/// stock to decide whether to wait (`tenancy::spares::its_turn`).
+async fn builder_counted(app: &TestApp) -> Option<std::time::SystemTime> {
+    app.db()
+        .await
+        .query_opt(
+            "SELECT query_start FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'tenantry spares'
+               AND query LIKE 'SELECT count(*) FROM tenantry.spare_roles WHERE template_version%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// Until the builder has counted the stock twice more: whatever it decided
+/// at the first count (a build included) is done by the second.
+async fn builder_counted_twice(app: &TestApp) {
+    let mut last = builder_counted(app).await;
+    for _ in 0..2 {
+        let before = last;
+        until("the spare builder counts its stock again", || async move {
+            let now = builder_counted(app).await;
+            now.is_some() && now > before
+        })
+        .await;
+        last = builder_counted(app).await;
+    }
+}
+
+#[tokio::test]
+async fn under_load_spare_schemas_are_built_only_from_the_low_water_mark_and_when_requests_let_up()
+{
+    // 8 built: below a quarter of them (2) the builder builds whatever the
+    // load, above it it waits for a moment with no request on the database.
+    let app = spawn_app_with(|s| {
+        // Roles to spare for the eight signups below.
+        s.spare_roles = 16;
+        s.spare_schemas = 8;
+        // The held request below must not be stopped meanwhile.
+        s.statement_timeout = std::time::Duration::from_secs(300);
+        s.client_timeout = std::time::Duration::from_secs(300);
+    })
+    .await;
+    let token = app.token("hal").await;
+    until("the stock is whole again", || async {
+        built_spares(&app).await.len() == 8
+    })
+    .await;
+
+    // A request held on a lock keeps one of the service's connections busy.
+    let mut db = app.db().await;
+    let held = db.transaction().await.unwrap();
+    held.batch_execute("LOCK TABLE tenant_hal.experiences IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let request = tokio::spawn({
+        let call = app
+            .call(Method::GET, "/api/experiences", &token)
+            .timeout(std::time::Duration::from_secs(300));
+        async move { call.send().await.unwrap().status() }
+    });
+    until("the request waits for the lock", || async {
+        app.count(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await
+            == 1
+    })
+    .await;
+
+    // Five signups take five built spares: 3 left, above the mark, and
+    // nothing is built while the request runs.
+    for name in ["ida", "ivo", "ivy", "iza", "inu"] {
+        assert_eq!(app.register(name).await.status(), 201, "{name}");
+    }
+    builder_counted_twice(&app).await;
+    assert_eq!(
+        built_spares(&app).await.len(),
+        3,
+        "nothing built under load"
+    );
+
+    // Two more: 1 left, below the mark: the builder builds up to it,
+    // the request still running.
+    for name in ["jon", "jay"] {
+        assert_eq!(app.register(name).await.status(), 201, "{name}");
+    }
+    until("the stock is built up to the low-water mark", || async {
+        built_spares(&app).await.len() == 2
+    })
+    .await;
+    builder_counted_twice(&app).await;
+    assert_eq!(
+        built_spares(&app).await.len(),
+        2,
+        "and no further under load"
+    );
+    assert!(!request.is_finished(), "the request was running all along");
+
+    // The request done, the stock is made whole.
+    held.rollback().await.unwrap();
+    assert_eq!(request.await.unwrap(), 200);
+    until("the stock is whole once the requests let up", || async {
+        built_spares(&app).await.len() == 8
+    })
+    .await;
+    assert_eq!(app.stray_role_count().await, 0);
+}
+
 #[tokio::test]
 async fn serve_builds_spare_schemas_and_a_signup_renames_one_running_no_template() {
     let app = app_with_built(4, 2, 0).await;
