@@ -446,40 +446,48 @@ async fn measure(
     let http_cold = drive(address.clone()).await;
     let http = drive(address).await;
     server.abort();
-    // Citus turns `ssl` on on every node, so the service reaches the
-    // workers over TLS where the plain server has none: the same once more
-    // without it, warmed the same way.
-    let http_no_tls = if citus {
-        let (address, server) = start_service(
-            &format!("{service_url} sslmode=disable"),
-            SECRET,
-            data_dir,
-            data_dir.join("anchors-citus-no-tls"),
-        )
-        .await;
-        drive(address.clone()).await;
-        let run = drive(address).await;
-        server.abort();
-        Some(run)
-    } else {
-        None
+    let warmed = |address: String| {
+        let drive = &drive;
+        async move {
+            drive(address.clone()).await;
+            drive(address).await
+        }
     };
-    let http_coordinator = if citus {
-        let (address, server) = start_service_adjusted(
-            &service_url,
-            SECRET,
-            data_dir,
-            data_dir.join("anchors-citus-coordinator"),
-            |s| s.citus_routing = tenantry::configuration::CitusRouting::Coordinator,
+    // On Citus, other services on the same database, measured warm as
+    // above: without TLS (Citus turns `ssl` on on every node, so the
+    // service reaches the workers over TLS where the plain server has
+    // none), and through the coordinator.
+    let other =
+        |url: String, anchors: &'static str, adjust: fn(&mut tenantry::configuration::Settings)| {
+            let warmed = &warmed;
+            async move {
+                let (address, server) =
+                    start_service_adjusted(&url, SECRET, data_dir, data_dir.join(anchors), adjust)
+                        .await;
+                let run = warmed(address).await;
+                server.abort();
+                run
+            }
+        };
+    let (http_no_tls, http_coordinator) = if citus {
+        (
+            Some(
+                other(
+                    format!("{service_url} sslmode=disable"),
+                    "anchors-citus-no-tls",
+                    |_| {},
+                )
+                .await,
+            ),
+            Some(
+                other(service_url.clone(), "anchors-citus-coordinator", |s| {
+                    s.citus_routing = tenantry::configuration::CitusRouting::Coordinator
+                })
+                .await,
+            ),
         )
-        .await;
-        // Warmed as the direct run is.
-        drive(address.clone()).await;
-        let run = drive(address).await;
-        server.abort();
-        Some(run)
     } else {
-        None
+        (None, None)
     };
 
     let routed = "\\set n random(1000, 999 + :tenants)\n\

@@ -14,9 +14,13 @@
 //!    the request pool logs in as (a tenant's router, `db::routers`, or the
 //!    service without routers) after the block.
 //! 2. Each service tenant holds a quick summary; `wrk` (8 connections)
-//!    drives `GET /api/summaries/quick` for a random tenant, once to warm
-//!    the pool's backends, then quiet and beside a stream of 2 signups/s: throughput, p50/p99, errors, their
-//!    ratios, and the stream's signup latencies.
+//!    drives `GET /api/summaries/quick` for a random tenant, once beside a
+//!    stream of 2 signups/s to warm the pool's backends, then quiet and
+//!    beside the stream, each of these three started with the service's
+//!    stock of spare schemas full; then at once beside the stream again,
+//!    the stock now drawn down towards the mark from which it is built
+//!    under load (`tenancy::spares`): throughput, p50/p99, errors, their
+//!    ratios, and the streams' signup latencies.
 //!    The same on the raw side, for the baseline: `pgbench` (8 sessions,
 //!    as a superuser) enters a random raw tenant's schema and role and
 //!    reads its summaries, quiet and beside 2 raw signups/s: what the
@@ -681,13 +685,15 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
              understate what the service served; the cause is on stderr)"
         );
     }
-    println!(
-        "{:<28} {:>9.2} {:>9.2} {:>9.2}",
-        "beside / quiet",
-        beside.rate / quiet.rate,
-        beside.p50_ms / quiet.p50_ms,
-        beside.p99_ms / quiet.p99_ms
-    );
+    let against_quiet = |label: &str, run: &Run| {
+        println!(
+            "{label:<28} {:>9.2} {:>9.2} {:>9.2}",
+            run.rate / quiet.rate,
+            run.p50_ms / quiet.p50_ms,
+            run.p99_ms / quiet.p99_ms
+        )
+    };
+    against_quiet("beside / quiet", &beside);
     if latencies.is_empty() {
         println!("signups in the stream: none made");
     } else {
@@ -700,13 +706,7 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
         );
     }
     println!("  (spare schemas built: {built_before} before the run, {built_after} after)");
-    println!(
-        "{:<28} {:>9.2} {:>9.2} {:>9.2}",
-        "drawn down / quiet",
-        sustained.rate / quiet.rate,
-        sustained.p50_ms / quiet.p50_ms,
-        sustained.p99_ms / quiet.p99_ms
-    );
+    against_quiet("drawn down / quiet", &sustained);
     let made: Vec<Duration> = {
         let mut v: Vec<Duration> = sustained_signups
             .iter()

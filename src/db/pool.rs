@@ -633,12 +633,15 @@ impl RequestPool {
             )
     }
 
-    /// Connections checked out now, the workers' pools included (direct
-    /// routing): what the spare builder waits to see at zero
-    /// (`tenancy::spares`).
+    /// Connections checked out or waited for now, the workers' pools
+    /// included (direct routing): what the spare builder waits to see at
+    /// zero (`tenancy::spares`).
     pub fn in_use(&self) -> usize {
+        // A checkout that is opening a connection is among `waiting`.
         let s = self.status();
-        s.size.saturating_sub(s.available) + self.direct.as_ref().map_or(0, |d| d.in_use())
+        s.size.saturating_sub(s.available)
+            + s.waiting
+            + self.direct.as_ref().map_or(0, |d| d.in_use())
     }
 
     /// A tenant's own shard: a stable function of its user id (random, so

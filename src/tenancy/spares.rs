@@ -46,8 +46,9 @@
 //! none), so it runs no template DDL; a rollback leaves the spare and its
 //! schema as they were. The builder works one schema at a time on a
 //! connection of its own, pausing after each as long as it took; while a
-//! quarter of the stock or more is built it builds only when no request
-//! holds a connection of the service's ([`LOW_WATER`], `its_turn`).
+//! quarter of the stock or more is built it builds only once the request
+//! pool has had no connection in use for a moment ([`LOW_WATER`],
+//! `its_turn`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -751,10 +752,10 @@ impl Builder {
     /// Build schemas ([`build_one`]) while any is wanted, each build
     /// followed by a pause as long as it took and by `between` (the roles'
     /// refill); the published templates are read again before each
-    /// (another process may have published). While the stock holds at
-    /// least [`LOW_WATER`] of `target` each build first waits for a moment
-    /// when the service has no request on the database (`busy` false,
-    /// [`its_turn`]).
+    /// (another process may have published). While every router's stock
+    /// holds at least [`LOW_WATER`] of its share of `target` at the newest
+    /// version, each build first waits until this process's request pool
+    /// has had no connection in use for a moment ([`its_turn`]).
     async fn round<F: std::future::Future<Output = ()>>(
         &mut self,
         connector: &Connector,
@@ -778,7 +779,13 @@ impl Builder {
             };
             // Roles are refilled while a build waits (signups go on).
             loop {
-                match its_turn(client, target, &busy).await {
+                if let Err(e) = templates.refresh(&**client).await {
+                    tracing::warn!(error = %e, "cannot build spare tenant schemas");
+                    return;
+                }
+                let latest = templates.published().set().latest().get();
+                let routers = installation.routers;
+                match its_turn(client, latest, target, routers, &busy).await {
                     Ok(true) => break,
                     Ok(false) => between().await,
                     Err(e) => {
@@ -788,10 +795,6 @@ impl Builder {
                 }
             }
             let started = std::time::Instant::now();
-            if let Err(e) = templates.refresh(&**client).await {
-                tracing::warn!(error = %e, "cannot build spare tenant schemas");
-                return;
-            }
             match build_one(client, installation, templates, target, &self.failed).await {
                 Ok(Some(_)) => failures = 0,
                 Ok(None) => return,
@@ -816,55 +819,83 @@ impl Builder {
 /// ([`its_turn`]).
 pub const LOW_WATER: (usize, usize) = (1, 4);
 
-/// How often [`its_turn`] looks at the request pool, and how often it
-/// counts the stock again.
+/// How often [`its_turn`] looks at the request pool, how many looks in a
+/// row must find no connection in use (50 ms: a gap between two requests
+/// is not a quiet moment), and how often it counts the stock again.
 const QUIET_POLL: Duration = Duration::from_millis(10);
+const QUIET_POLLS: u32 = 5;
 const RECOUNT_EVERY: Duration = Duration::from_secs(1);
 
-/// Whether a stock of `built` spare schemas (of `target`) is low enough to
-/// build whatever the load: below [`LOW_WATER`] of it, or full (nothing
-/// new is built then; [`build_one`] may bring a spare up to a newly
-/// published version, which is not put off).
-pub fn build_anyway(built: usize, target: usize) -> bool {
+/// Whether to build whatever the load: some router's stock at the newest
+/// version (one stock without routers) is below [`LOW_WATER`] of its
+/// `share` of the target.
+pub fn build_anyway(stocks: &[usize], share: usize) -> bool {
     let (num, den) = LOW_WATER;
-    built * den < target * num || built >= target
+    stocks.iter().any(|built| built * den < share * num)
 }
 
-/// Whether a build may start: at once when `busy` is false (no connection
-/// of the request pool in use) or the stock is low ([`build_anyway`]);
-/// else after looking at the pool every [`QUIET_POLL`] for up to
-/// [`RECOUNT_EVERY`]: `false` when it stayed busy all that time. A
-/// schema's DDL takes a core for 0.1–0.3 s at 10,000 tenants, which
-/// requests beside it wait for (docs/benchmarks.md, "Ten thousand tenants
-/// on one node"): the stock absorbs a burst of signups, and is built again
-/// when the requests let up, or from the low-water mark on whatever they
-/// do.
+/// Whether a build may start now: when there is nothing to build (every
+/// spare row built at `latest`, or `target` of them; [`build_one`] then
+/// finds none, or a spare whose schema went missing) or the stock is low
+/// ([`build_anyway`]); else once this process's request pool has had no
+/// connection in use for [`QUIET_POLLS`] looks in a row (`busy` false).
+/// `false` when it stayed busy for [`RECOUNT_EVERY`]. Only this process's
+/// pool is looked at, not other processes or the service's dedicated
+/// connections (exports, fleet runs). A schema's DDL takes a core for
+/// 0.1–0.3 s at 10,000 tenants, which requests beside it wait for
+/// (docs/benchmarks.md, "Ten thousand tenants on one node"): the stock
+/// absorbs a burst of signups, and is built again when the requests let
+/// up, or from the low-water mark on whatever they do.
 async fn its_turn(
     client: &tokio_postgres::Client,
+    latest: i32,
     target: usize,
+    routers: usize,
     busy: &impl Fn() -> bool,
 ) -> Result<bool, tokio_postgres::Error> {
-    if !busy() {
+    let rows = client
+        .query(
+            "SELECT router, count(*) FILTER (WHERE template_version = $1), count(*)
+             FROM tenantry.spare_roles GROUP BY router",
+            &[&latest],
+        )
+        .await?;
+    let number = |n: i64| usize::try_from(n).unwrap_or(0);
+    let built: usize = rows.iter().map(|r| number(r.get(1))).sum();
+    let spares: usize = rows.iter().map(|r| number(r.get(2))).sum();
+    if built >= target.min(spares) {
         return Ok(true);
     }
-    let built: i64 = client
-        .query_one(
-            "SELECT count(*) FROM tenantry.spare_roles WHERE template_version IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if build_anyway(usize::try_from(built).unwrap_or(0), target) {
+    let stocks: Vec<usize> = if routers == 0 {
+        vec![built]
+    } else {
+        (0..routers)
+            .map(|k| {
+                rows.iter()
+                    .find(|r| usize::try_from(r.get::<_, i32>(0)).ok() == Some(k))
+                    .map_or(0, |r| number(r.get(1)))
+            })
+            .collect()
+    };
+    if build_anyway(&stocks, share(target, routers)) {
         return Ok(true);
     }
     let recount = tokio::time::Instant::now() + RECOUNT_EVERY;
-    while tokio::time::Instant::now() < recount {
-        tokio::time::sleep(QUIET_POLL).await;
-        if !busy() {
-            return Ok(true);
+    let mut quiet = 0;
+    loop {
+        if busy() {
+            quiet = 0;
+        } else {
+            quiet += 1;
+            if quiet == QUIET_POLLS {
+                return Ok(true);
+            }
         }
+        if tokio::time::Instant::now() >= recount {
+            return Ok(false);
+        }
+        tokio::time::sleep(QUIET_POLL).await;
     }
-    Ok(false)
 }
 
 #[cfg(test)]
@@ -872,18 +903,20 @@ mod tests {
     use super::{build_anyway, share, wants_refill};
 
     #[test]
-    fn under_load_only_a_low_or_full_stock_is_built() {
+    fn under_load_only_a_stock_below_a_quarter_of_its_share_is_built() {
         // A quarter of 100: 24 built is low, 25 waits for a quiet moment.
-        assert!(build_anyway(0, 100));
-        assert!(build_anyway(24, 100));
-        assert!(!build_anyway(25, 100));
-        assert!(!build_anyway(99, 100));
-        // Full: nothing new to build, an upgrade is not put off.
-        assert!(build_anyway(100, 100));
-        // A stock of one or two is never held back but when full.
-        assert!(build_anyway(0, 1));
-        assert!(build_anyway(0, 2));
-        assert!(!build_anyway(1, 2));
+        assert!(build_anyway(&[0], 100));
+        assert!(build_anyway(&[24], 100));
+        assert!(!build_anyway(&[25], 100));
+        assert!(!build_anyway(&[99], 100));
+        // A stock of one is never held back; of two, only the first is
+        // built whatever the load.
+        assert!(build_anyway(&[0], 1));
+        assert!(build_anyway(&[0], 2));
+        assert!(!build_anyway(&[1], 2));
+        // With routers, one router's stock low is enough.
+        assert!(build_anyway(&[13, 2, 13], 13));
+        assert!(!build_anyway(&[13, 4, 13], 13));
     }
 
     #[test]

@@ -656,7 +656,7 @@ async fn builder_counted(app: &TestApp) -> Option<std::time::SystemTime> {
         .query_opt(
             "SELECT query_start FROM pg_stat_activity
              WHERE datname = current_database() AND application_name = 'tenantry spares'
-               AND query LIKE 'SELECT count(*) FROM tenantry.spare_roles WHERE template_version%'",
+               AND query LIKE 'SELECT router, count(*) FILTER (WHERE template_version = $1)%'",
             &[],
         )
         .await
@@ -664,15 +664,18 @@ async fn builder_counted(app: &TestApp) -> Option<std::time::SystemTime> {
         .map(|r| r.get(0))
 }
 
-/// Until the builder has counted the stock twice more: whatever it decided
-/// at the first count (a build included) is done by the second.
-async fn builder_counted_twice(app: &TestApp) {
+/// Until the builder has counted the stock twice more, its built stock
+/// `built` all the while: whatever it decided at the first count (a build
+/// included) is done by the second.
+async fn builder_counted_twice_keeping(app: &TestApp, built: usize) {
     let mut last = builder_counted(app).await;
     for _ in 0..2 {
         let before = last;
         until("the spare builder counts its stock again", || async move {
-            let now = builder_counted(app).await;
-            now.is_some() && now > before
+            let now = built_spares(app).await.len();
+            assert_eq!(now, built, "a spare's schema was built under load");
+            let counted = builder_counted(app).await;
+            counted.is_some() && counted > before
         })
         .await;
         last = builder_counted(app).await;
@@ -685,8 +688,8 @@ async fn under_load_spare_schemas_are_built_only_from_the_low_water_mark_and_whe
     // 8 built: below a quarter of them (2) the builder builds whatever the
     // load, above it it waits for a moment with no request on the database.
     let app = spawn_app_with(|s| {
-        // Roles to spare for the eight signups below.
-        s.spare_roles = 16;
+        // Eight signups below take eight: the roles are refilled meanwhile.
+        s.spare_roles = 10;
         s.spare_schemas = 8;
         // The held request below must not be stopped meanwhile.
         s.statement_timeout = std::time::Duration::from_secs(300);
@@ -722,16 +725,17 @@ async fn under_load_spare_schemas_are_built_only_from_the_low_water_mark_and_whe
     .await;
 
     // Five signups take five built spares: 3 left, above the mark, and
-    // nothing is built while the request runs.
+    // nothing is built while the request runs; the roles, 4 of 10 left,
+    // are made whole meanwhile.
     for name in ["ida", "ivo", "ivy", "iza", "inu"] {
         assert_eq!(app.register(name).await.status(), 201, "{name}");
     }
-    builder_counted_twice(&app).await;
-    assert_eq!(
-        built_spares(&app).await.len(),
-        3,
-        "nothing built under load"
-    );
+    until(
+        "the spare roles are refilled while the builder waits",
+        || async { app.count("SELECT count(*) FROM tenantry.spare_roles").await == 10 },
+    )
+    .await;
+    builder_counted_twice_keeping(&app, 3).await;
 
     // Two more: 1 left, below the mark: the builder builds up to it,
     // the request still running.
@@ -742,12 +746,7 @@ async fn under_load_spare_schemas_are_built_only_from_the_low_water_mark_and_whe
         built_spares(&app).await.len() == 2
     })
     .await;
-    builder_counted_twice(&app).await;
-    assert_eq!(
-        built_spares(&app).await.len(),
-        2,
-        "and no further under load"
-    );
+    builder_counted_twice_keeping(&app, 2).await;
     assert!(!request.is_finished(), "the request was running all along");
 
     // The request done, the stock is made whole.
