@@ -509,6 +509,17 @@ fn median_ms(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The times of a stream's signups that were made, shortest first.
+fn made_sorted(signups: &[Result<Duration, Refused>]) -> Vec<Duration> {
+    let mut made: Vec<Duration> = signups
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .copied()
+        .collect();
+    made.sort();
+    made
+}
+
 fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     let at = ((sorted.len() as f64 * q) as usize).min(sorted.len() - 1);
     sorted[at].as_secs_f64() * 1000.0
@@ -655,12 +666,7 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
         .iter()
         .filter_map(|s| s.as_ref().err().map(|Refused(_, why)| why.as_str()))
         .collect();
-    let mut latencies: Vec<Duration> = signups
-        .iter()
-        .filter_map(|s| s.as_ref().ok())
-        .copied()
-        .collect();
-    latencies.sort();
+    let latencies = made_sorted(&signups);
 
     println!(
         "routed reads: GET /api/summaries/quick for a random one of {n} tenants, wrk {WRK_CONNECTIONS} connections, {seconds} s"
@@ -707,15 +713,7 @@ async fn reads(service: &Service, bench: &BenchDb, wrk: &std::path::Path, n: usi
     }
     println!("  (spare schemas built: {built_before} before the run, {built_after} after)");
     against_quiet("drawn down / quiet", &sustained);
-    let made: Vec<Duration> = {
-        let mut v: Vec<Duration> = sustained_signups
-            .iter()
-            .filter_map(|s| s.as_ref().ok())
-            .copied()
-            .collect();
-        v.sort();
-        v
-    };
+    let made = made_sorted(&sustained_signups);
     if !made.is_empty() {
         println!(
             "signups in that stream: {} made, p50 {:.0} ms, p99 {:.0} ms; spare schemas built: {built_after} before, {built_last} after",
