@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::{RoleName, SchemaName};
-use crate::tenancy::templates::Template;
+use crate::tenancy::templates::{Template, TemplateSet};
 
 pub use crate::db::HISTORY_TABLE;
 
@@ -29,7 +29,8 @@ pub enum ApplyStep<'t> {
 
 /// Template versions to apply to one tenant, with the SQL that does it.
 pub struct TemplateApplication<'t> {
-    templates: &'t [Template],
+    /// What runs: the versions, or a baseline and the versions after it.
+    templates: Vec<&'t Template>,
     schema: String,
     role: String,
     /// What to send, in order, each with the index of the template it
@@ -50,6 +51,28 @@ impl<'t> TemplateApplication<'t> {
         schema: &SchemaName,
         role: &RoleName,
         templates: &'t [Template],
+    ) -> TemplateApplication<'t> {
+        Self::running(schema, role, templates.iter().collect(), templates)
+    }
+
+    /// Build a schema that is empty (just made) up to `to`: from `set`'s
+    /// baseline when it has one that fits (`TemplateSet::to_build`),
+    /// recording V1..`to` in the history either way.
+    pub fn building(
+        schema: &SchemaName,
+        role: &RoleName,
+        set: &'t TemplateSet,
+        to: crate::domain::TemplateVersion,
+    ) -> TemplateApplication<'t> {
+        Self::running(schema, role, set.to_build(to), set.between(0, to))
+    }
+
+    /// Run `templates`, record `recorded`.
+    fn running(
+        schema: &SchemaName,
+        role: &RoleName,
+        templates: Vec<&'t Template>,
+        recorded: &'t [Template],
     ) -> TemplateApplication<'t> {
         // Identifiers are validated names, always quoted; every value is a
         // bind parameter. Entering the tenant (its schema first on the search
@@ -79,14 +102,14 @@ impl<'t> TemplateApplication<'t> {
             batches.push((None, format!("{enter};RESET ROLE")));
         }
         TemplateApplication {
-            templates,
             schema: schema.as_str().to_owned(),
             role: role.as_str().to_owned(),
             batches,
             give_to_tenant: false,
-            versions: templates.iter().map(|t| t.version().get()).collect(),
-            names: templates.iter().map(|t| t.name().to_owned()).collect(),
-            checksums: templates.iter().map(|t| t.checksum().to_string()).collect(),
+            versions: recorded.iter().map(|t| t.version().get()).collect(),
+            names: recorded.iter().map(|t| t.name().to_owned()).collect(),
+            checksums: recorded.iter().map(|t| t.checksum().to_string()).collect(),
+            templates,
         }
     }
 
@@ -120,6 +143,11 @@ impl<'t> TemplateApplication<'t> {
         application.batches = batches;
         application.give_to_tenant = true;
         application
+    }
+
+    /// Nothing to apply (a spare built at the newest version).
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
     }
 
     /// The requests, in order, for a pipeline on `client` inside an open

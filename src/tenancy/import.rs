@@ -373,13 +373,12 @@ async fn import_in(
     use crate::tenancy::apply::TemplateApplication;
 
     let templates = published.set();
-    let at_export = templates.between(0, template_version);
     let tx = client.transaction().await?;
     let latest = templates.latest();
     let made = crate::provisioning::provision_in(
         &tx,
         installation,
-        at_export,
+        (templates, template_version),
         published.newest(),
         account,
         (

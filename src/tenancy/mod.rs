@@ -3,6 +3,7 @@
 //! (signup) and the fleet (rolling a new version out to every tenant).
 
 pub mod apply;
+pub mod baseline;
 pub mod erasure;
 pub mod export;
 pub mod fleet;

@@ -251,7 +251,7 @@ pub async fn provision(
             let made = provision_in(
                 &tx,
                 installation,
-                published.set().all(),
+                (published.set(), published.set().latest()),
                 published.newest(),
                 account,
                 (role_from, Distribute::Now),
@@ -370,7 +370,7 @@ async fn provision_built_citus(
             let made = provision_in(
                 &tx,
                 installation,
-                published.set().all(),
+                (published.set(), published.set().latest()),
                 published.newest(),
                 account,
                 (RoleFrom::Spare, Distribute::Now),
@@ -408,12 +408,13 @@ async fn provision_built_citus(
 pub async fn provision_in(
     tx: &deadpool_postgres::Transaction<'_>,
     installation: &Installation,
-    templates: &[crate::tenancy::templates::Template],
+    (set, version): (&crate::tenancy::templates::TemplateSet, TemplateVersion),
     newest_published: i32,
     account: &NewAccount,
     (role_from, distribute): (RoleFrom, Distribute),
     claimed: Option<spares::Claimed>,
 ) -> Result<Provisioned, ProvisionError> {
+    let templates = set.between(0, version);
     let username = &account.username;
     let schema = username.schema();
     // On plain PostgreSQL the role is a spare made ahead (taken here, in
@@ -425,10 +426,6 @@ pub async fn provision_in(
     // made now is granted to it.
     let router = (installation.routers > 0)
         .then(|| crate::db::routers::router_of(user_id, installation.routers));
-    let version = templates
-        .last()
-        .expect("at least one template version")
-        .version();
     let (role, made_now, spares_left, built) = if let Some(spare) = claimed {
         // Taken by the caller in this transaction (on Citus: a spare whose
         // schema is built and distributed, `spares::claim_built`).
@@ -546,21 +543,26 @@ pub async fn provision_in(
     // A spare whose schema is built: renamed to the tenant's, and only the
     // versions published since it was built are applied (often none: then
     // the signup runs no DDL but the rename, and acts as no tenant role).
-    let (prelude_sql, to_apply) = match &built {
+    let (prelude_sql, application) = match &built {
         Some((spare, at)) => (
             format!(
                 "ALTER SCHEMA {} RENAME TO {}",
                 spare.quoted(),
                 schema.quoted()
             ),
-            &templates[templates
-                .iter()
-                .position(|t| t.version().get() > *at)
-                .unwrap_or(templates.len())..],
+            TemplateApplication::new(
+                &schema,
+                &role,
+                &templates[templates
+                    .iter()
+                    .position(|t| t.version().get() > *at)
+                    .unwrap_or(templates.len())..],
+            ),
         ),
+        // A schema made now: from the baseline when the set has one.
         None => (
             prelude(installation, &schema, &role, made_now, router.as_ref()),
-            templates,
+            TemplateApplication::building(&schema, &role, set, version),
         ),
     };
     let join_sql = if installation.citus && built.is_some() {
@@ -569,7 +571,6 @@ pub async fn provision_in(
     } else {
         join_group(installation, &schema, &role, made_now, distribute)
     };
-    let application = TemplateApplication::new(&schema, &role, to_apply);
 
     let mut steps: Vec<Step> = Vec::new();
     let mut requests: Vec<Request<'_>> = Vec::new();
@@ -615,7 +616,7 @@ pub async fn provision_in(
             tx.execute(spares::DROP_UNUSABLE, &[]).await.map(drop)
         }));
     }
-    if !to_apply.is_empty() {
+    if !application.is_empty() {
         let history = application.history_request(tx.client());
         for (step, request) in application
             .requests(tx.client())
@@ -745,7 +746,7 @@ pub async fn check_builds(
 /// Identifiers are validated names, always quoted; no value is interpolated.
 /// On Citus the role and the schema exist already ([`Reservation`]); a
 /// spare role (`made_now` false) exists already too.
-fn prelude(
+pub(crate) fn prelude(
     installation: &Installation,
     schema: &SchemaName,
     role: &RoleName,

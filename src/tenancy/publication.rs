@@ -81,7 +81,8 @@ impl Templates {
     }
 
     /// Publish `set` (refused where it disagrees with the published set, or
-    /// when it does not build a tenant) and read the published set: for
+    /// when it does not build a tenant) and read the published set, with
+    /// `set`'s baseline once checked: for
     /// tools that bootstrap a database themselves (benchmarks, tests).
     pub async fn publishing(
         client: &Client,
@@ -95,7 +96,10 @@ impl Templates {
             by: by.to_owned(),
         };
         publish(client, client, installation, &proposals).await?;
-        Ok(Templates::new(load(client).await?))
+        let local = baseline_checked(client, installation, &proposals).await?;
+        let mut published = load(client).await?;
+        published.set = Arc::new(with_baseline(&published, &local));
+        Ok(Templates::new(published))
     }
 
     /// The set to provision and migrate with.
@@ -117,7 +121,11 @@ impl Templates {
         if newest == Some(known.newest) && fingerprint == known.fingerprint {
             return Ok(known);
         }
-        let fresh = Arc::new(load(client).await?);
+        // The baseline checked at start stays, while it stands for the
+        // published versions it was written against.
+        let mut fresh = load(client).await?;
+        fresh.set = Arc::new(fresh.set.with_baseline_of(&known.set));
+        let fresh = Arc::new(fresh);
         if fresh.set.latest() != known.set.latest() {
             tracing::info!(
                 latest = fresh.set.latest().get(),
@@ -152,6 +160,8 @@ pub enum Problem {
         "publishing waited {0} s for signups in flight to finish (it must not run beside them): try again"
     )]
     Busy(u64),
+    #[error(transparent)]
+    Baseline(crate::tenancy::baseline::BaselineError),
 }
 
 impl From<tokio_postgres::Error> for Problem {
@@ -318,6 +328,15 @@ pub async fn publish(
         Ok(()) => {}
         Err(crate::provisioning::ProvisionError::Postgres(e)) => return Err(e.into()),
         Err(e) => return Err(Problem::DoesNotBuild(e)),
+    }
+    // A baseline of the admin's that does not build what the versions
+    // build stops the whole set (`serve` and the CLI refuse it after).
+    if proposals.explicit {
+        match crate::tenancy::baseline::check(scratch, installation, &proposals.set).await {
+            Ok(()) => {}
+            Err(crate::tenancy::baseline::BaselineError::Postgres(e)) => return Err(e.into()),
+            Err(e) => return Err(Problem::Baseline(e)),
+        }
     }
     client.batch_execute("BEGIN").await?;
     let result = insert_new(client, proposals).await;
@@ -489,7 +508,52 @@ pub async fn open(
             "the proposed templates were not published, they disagree with the published ones: {diverged}"
         );
     }
-    Ok((load(client).await?, publication))
+    let mut published = load(client).await?;
+    if opening != Opening::Read {
+        let local = baseline_checked(scratch, installation, proposals).await?;
+        published.set = Arc::new(with_baseline(&published, &local));
+    }
+    Ok((published, publication))
+}
+
+/// The published set with `local`'s baseline, when it stands for the
+/// published versions it was written against (and said when not).
+fn with_baseline(published: &Published, local: &TemplateSet) -> TemplateSet {
+    let with = published.set.with_baseline_of(local);
+    if let (Some(b), None) = (local.baseline(), with.baseline()) {
+        tracing::warn!(
+            file = b.template().file_name(),
+            "the baseline is not used: the published versions it stands for are not the ones it was written against"
+        );
+    }
+    with
+}
+
+/// The proposals with their baseline once it builds what the versions it
+/// stands for build (`tenancy::baseline::check`, on `scratch`). A baseline
+/// from `TENANTRY_TEMPLATES_DIR` that fails the check is refused; the
+/// built-in one is then left unused, with a warning.
+async fn baseline_checked(
+    scratch: &Client,
+    installation: &Installation,
+    proposals: &Proposals,
+) -> Result<TemplateSet, Problem> {
+    let Some(baseline) = proposals.set.baseline() else {
+        return Ok(proposals.set.clone());
+    };
+    let file = baseline.template().file_name();
+    match crate::tenancy::baseline::check(scratch, installation, &proposals.set).await {
+        Ok(()) => {
+            tracing::debug!(file, "baseline checked");
+            Ok(proposals.set.clone())
+        }
+        Err(crate::tenancy::baseline::BaselineError::Postgres(e)) => Err(e.into()),
+        Err(e) if proposals.explicit => Err(Problem::Baseline(e)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the built-in baseline is not used");
+            Ok(proposals.set.without_baseline())
+        }
+    }
 }
 
 /// Where `set` disagrees with a published version (`published`: rows of

@@ -329,15 +329,12 @@ pub struct BuildFailed {
     pub why: String,
 }
 
-/// `templates` applied to a spare's schema as its role, and recorded in its
-/// history, inside the build's transaction.
+/// An application of templates to a spare's schema as its role, run and
+/// recorded in its history inside the build's transaction.
 async fn apply(
     tx: &tokio_postgres::Transaction<'_>,
-    schema: &SchemaName,
-    role: &RoleName,
-    templates: &[crate::tenancy::templates::Template],
+    application: TemplateApplication<'_>,
 ) -> Result<(), tokio_postgres::Error> {
-    let application = TemplateApplication::new(schema, role, templates);
     for (_, request) in application.requests(tx.client()) {
         request.await?;
     }
@@ -461,7 +458,13 @@ pub async fn build_one(
                 (schema, 0)
             }
         };
-        apply(&tx, &schema, &role, set.between(from, set.latest())).await?;
+        let application = if from == 0 {
+            // Its schema is empty: from the baseline when there is one.
+            TemplateApplication::building(&schema, &role, set, set.latest())
+        } else {
+            TemplateApplication::new(&schema, &role, set.between(from, set.latest()))
+        };
+        apply(&tx, application).await?;
         tx.execute(
             "UPDATE tenantry.spare_roles SET schema_name = $2, template_version = $3
              WHERE role_name = $1",
@@ -590,7 +593,11 @@ async fn build_one_citus(
             // Another process finishes it.
             return tx.commit().await;
         }
-        apply(&tx, &schema, &role, set.all()).await?;
+        apply(
+            &tx,
+            TemplateApplication::building(&schema, &role, set, set.latest()),
+        )
+        .await?;
         tx.batch_execute(&crate::tenancy::provisioning::distribute_sql(&schema))
             .await?;
         tx.execute(

@@ -2,6 +2,14 @@
 //! tenant schema. Parsed and checksummed with refinery's `Migration`, so a
 //! tenant's `refinery_schema_history` table is one refinery itself reads.
 //! Built into the binary; `TENANTRY_TEMPLATES_DIR` overrides at run time.
+//!
+//! A set may also hold one *baseline*, `B<m>__<name>.sql` (Flyway's name for
+//! it): SQL that builds in one go what V1..V<m> build in turn, for schemas
+//! made from nothing. It is a shortcut, never a version of its own: a tenant
+//! built from it records V1..V<m> in its history, and it is used only where
+//! the set's V1..V<m> are the ones it was written against
+//! ([`TemplateSet::with_baseline_of`]) and after it was shown to build the
+//! same schema as they do (`tenancy::baseline`).
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +30,7 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
-    #[error("template file {file} is not named V<version>__<name>.sql: {reason}")]
+    #[error("template file {file} is not named V<version>__<name>.sql (or B<version>__<name>.sql for a baseline): {reason}")]
     BadName { file: String, reason: String },
     #[error("template version {0} appears twice")]
     Duplicate(i32),
@@ -34,6 +42,8 @@ pub enum TemplateError {
         next: String,
         origin: String,
     },
+    #[error("baseline {file} is refused: {reason}")]
+    Baseline { file: String, reason: String },
     #[error("template {file} is refused (line {line}): {reason}")]
     Refused {
         file: String,
@@ -49,6 +59,8 @@ pub struct Template {
     name: String,
     sql: String,
     checksum: u64,
+    /// A baseline (`B<version>__<name>.sql`) rather than a version.
+    baseline: bool,
 }
 
 impl Template {
@@ -69,9 +81,25 @@ impl Template {
         self.checksum
     }
 
-    /// `V<version>__<name>.sql`, as the admin named the file.
+    /// `V<version>__<name>.sql` (`B…` for a baseline), as the admin named
+    /// the file.
     pub fn file_name(&self) -> String {
-        format!("V{}__{}.sql", self.version.get(), self.name)
+        let kind = if self.baseline { 'B' } else { 'V' };
+        format!("{kind}{}__{}.sql", self.version.get(), self.name)
+    }
+}
+
+/// A set's baseline, with the checksums of the versions V1..V<m> it stands
+/// for, as they were in the set it was read with.
+#[derive(Debug, Clone)]
+pub struct Baseline {
+    template: Template,
+    covers: Vec<u64>,
+}
+
+impl Baseline {
+    pub fn template(&self) -> &Template {
+        &self.template
     }
 }
 
@@ -80,6 +108,7 @@ impl Template {
 pub struct TemplateSet {
     templates: Vec<Template>,
     origin: String,
+    baseline: Option<Baseline>,
 }
 
 impl TemplateSet {
@@ -126,16 +155,26 @@ impl TemplateSet {
         origin: &str,
     ) -> Result<TemplateSet, TemplateError> {
         let mut templates = Vec::new();
+        let mut baselines = Vec::new();
         for (file, sql) in files {
             let stem = file.strip_suffix(".sql").unwrap_or(&file);
             let bad = |reason: String| TemplateError::BadName {
                 file: file.clone(),
                 reason,
             };
-            if !stem.starts_with('V') {
-                return Err(bad("only versioned (V) templates are supported".into()));
-            }
-            let migration = Migration::unapplied(stem, &sql).map_err(|e| bad(e.to_string()))?;
+            // A baseline's name is read as a version's (refinery's rules):
+            // `B5__x` as `V5__x`.
+            let (baseline, versioned) = match stem.strip_prefix('B') {
+                Some(rest) => (true, format!("V{rest}")),
+                None if stem.starts_with('V') => (false, stem.to_owned()),
+                None => {
+                    return Err(bad(
+                        "only versioned (V) templates and one baseline (B) are supported".into(),
+                    ))
+                }
+            };
+            let migration =
+                Migration::unapplied(&versioned, &sql).map_err(|e| bad(e.to_string()))?;
             lint::check(&sql).map_err(|e| TemplateError::Refused {
                 file: file.clone(),
                 line: e.line,
@@ -143,12 +182,18 @@ impl TemplateSet {
             })?;
             let version = TemplateVersion::parse(i64::from(migration.version()))
                 .map_err(|e| bad(e.to_string()))?;
-            templates.push(Template {
+            let template = Template {
                 version,
                 name: migration.name().to_owned(),
                 checksum: migration.checksum(),
                 sql,
-            });
+                baseline,
+            };
+            if baseline {
+                baselines.push(template);
+            } else {
+                templates.push(template);
+            }
         }
         templates.sort_by_key(|t| t.version);
         for pair in templates.windows(2) {
@@ -168,10 +213,84 @@ impl TemplateSet {
                 });
             }
         }
+        let baseline = match baselines.len() {
+            0 => None,
+            1 => {
+                let template = baselines.remove(0);
+                let m = template.version.get();
+                if m > templates.len() as i32 {
+                    return Err(TemplateError::Baseline {
+                        file: template.file_name(),
+                        reason: format!(
+                            "it stands for V1..V{m}, and the newest version in {origin} is V{}",
+                            templates.len()
+                        ),
+                    });
+                }
+                let covers = templates[..m as usize].iter().map(|t| t.checksum).collect();
+                Some(Baseline { template, covers })
+            }
+            _ => {
+                return Err(TemplateError::Baseline {
+                    file: baselines[1].file_name(),
+                    reason: format!(
+                        "{origin} holds another baseline ({}): keep one",
+                        baselines[0].file_name()
+                    ),
+                })
+            }
+        };
         Ok(TemplateSet {
             templates,
             origin: origin.to_owned(),
+            baseline,
         })
+    }
+
+    /// The set's baseline, if it has one (see the module's documentation).
+    pub fn baseline(&self) -> Option<&Baseline> {
+        self.baseline.as_ref()
+    }
+
+    /// This set with `other`'s baseline, when this set's V1..V<m> are the
+    /// versions the baseline stands for (same checksums); otherwise without
+    /// one. How a set read from the database gets the baseline of the
+    /// files this process was started with.
+    pub fn with_baseline_of(&self, other: &TemplateSet) -> TemplateSet {
+        let baseline = other.baseline.as_ref().filter(|b| {
+            self.templates.len() >= b.covers.len()
+                && self
+                    .templates
+                    .iter()
+                    .zip(&b.covers)
+                    .all(|(t, c)| t.checksum == *c)
+        });
+        TemplateSet {
+            templates: self.templates.clone(),
+            origin: self.origin.clone(),
+            baseline: baseline.cloned(),
+        }
+    }
+
+    /// This set without its baseline.
+    pub fn without_baseline(&self) -> TemplateSet {
+        TemplateSet {
+            baseline: None,
+            ..self.clone()
+        }
+    }
+
+    /// What to run to build a schema from nothing up to `to`, in order: the
+    /// baseline (when it stands for `to` or less) and the versions after
+    /// it, or every version. The history records V1..`to` either way.
+    pub fn to_build(&self, to: TemplateVersion) -> Vec<&Template> {
+        let all = self.between(0, to);
+        match &self.baseline {
+            Some(b) if b.template.version <= to => std::iter::once(&b.template)
+                .chain(&all[b.covers.len()..])
+                .collect(),
+            _ => all.iter().collect(),
+        }
     }
 
     /// Where the set was read from, for messages.
@@ -200,6 +319,10 @@ impl TemplateSet {
         TemplateSet {
             templates: self.between(0, version).to_vec(),
             origin: self.origin.clone(),
+            baseline: self
+                .baseline
+                .clone()
+                .filter(|b| b.template.version <= version),
         }
     }
 
@@ -236,6 +359,77 @@ mod tests {
             ]
         );
         assert_eq!(set.latest().get(), 5);
+        let baseline = set.baseline().expect("the built-in baseline");
+        assert_eq!(baseline.template().file_name(), "B5__baseline.sql");
+        let v = TemplateVersion::parse(5).unwrap();
+        let run: Vec<_> = set.to_build(v).iter().map(|t| t.file_name()).collect();
+        assert_eq!(run, ["B5__baseline.sql"]);
+    }
+
+    #[test]
+    fn a_baseline_stands_for_the_versions_up_to_its_own_and_no_further() {
+        let s = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "select 2"),
+            ("V3__c.sql", "select 3"),
+            ("B2__ab.sql", "select 12"),
+        ])
+        .unwrap();
+        let v = |n| TemplateVersion::parse(n).unwrap();
+        let run = |to| -> Vec<String> { s.to_build(v(to)).iter().map(|t| t.file_name()).collect() };
+        assert_eq!(run(3), ["B2__ab.sql", "V3__c.sql"]);
+        assert_eq!(run(2), ["B2__ab.sql"]);
+        // Below the baseline: the versions themselves.
+        assert_eq!(run(1), ["V1__a.sql"]);
+        // Never a version of its own.
+        assert_eq!(s.all().len(), 3);
+        assert_eq!(s.latest().get(), 3);
+        assert!(s.up_to(v(1)).baseline().is_none());
+        assert!(s.up_to(v(2)).baseline().is_some());
+    }
+
+    #[test]
+    fn a_baseline_is_kept_only_with_the_versions_it_was_written_against() {
+        let local = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "select 2"),
+            ("B2__ab.sql", "select 12"),
+        ])
+        .unwrap();
+        let same = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "select 2"),
+            ("V3__c.sql", "select 3"),
+        ])
+        .unwrap();
+        assert!(same.with_baseline_of(&local).baseline().is_some());
+        let other_v2 = set(&[("V1__a.sql", "select 1"), ("V2__b.sql", "select 22")]).unwrap();
+        assert!(other_v2.with_baseline_of(&local).baseline().is_none());
+        let shorter = set(&[("V1__a.sql", "select 1")]).unwrap();
+        assert!(shorter.with_baseline_of(&local).baseline().is_none());
+    }
+
+    #[test]
+    fn a_baseline_past_the_newest_version_or_a_second_one_is_refused() {
+        let err = set(&[("V1__a.sql", "select 1"), ("B2__ab.sql", "select 12")]).unwrap_err();
+        assert!(
+            matches!(&err, TemplateError::Baseline { file, .. } if file == "B2__ab.sql"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newest version"), "{err}");
+        let err = set(&[
+            ("V1__a.sql", "select 1"),
+            ("V2__b.sql", "select 2"),
+            ("B1__a.sql", "select 1"),
+            ("B2__ab.sql", "select 12"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("keep one"), "{err}");
+        let err = set(&[("V1__a.sql", "select 1"), ("B1__a.sql", "COMMIT")]).unwrap_err();
+        assert!(
+            matches!(&err, TemplateError::Refused { file, .. } if file == "B1__a.sql"),
+            "{err}"
+        );
     }
 
     #[test]

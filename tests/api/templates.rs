@@ -143,6 +143,8 @@ async fn the_published_set_wins_over_the_builtin_templates() {
     let own =
         builtin_templates_with(&[("V5__mine.sql", "CREATE TABLE mine (id bigint PRIMARY KEY);")]);
     std::fs::remove_file(own.join("V5__experience_search.sql")).unwrap();
+    // The baseline stands for the built-in V1..V5: it goes with their V5.
+    std::fs::remove_file(own.join("B5__baseline.sql")).unwrap();
     let out = publish(&db_name, &own).await;
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -248,4 +250,211 @@ async fn fleet_migrate_publishes_only_what_it_runs_to() {
         stderr(&out)
     );
     assert_eq!(published_files(&app.db_name).await.last().unwrap(), &six);
+}
+
+/// The built-in baseline with `marker` (SQL the check does not compare,
+/// such as a comment) appended: a tenant that has it was built from it.
+fn baseline_with(marker: &str) -> String {
+    let builtin = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tenant_templates/B5__baseline.sql"
+    ))
+    .unwrap();
+    format!("{builtin}\n{marker}\n")
+}
+
+/// What PostgreSQL says of a schema, as the baseline's check compares it.
+async fn described(db: &tokio_postgres::Client, schema: &str, role: &str) -> Vec<String> {
+    db.batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .await
+        .unwrap();
+    let rows = db
+        .query(tenantry::tenancy::baseline::DESCRIBE, &[&schema, &role])
+        .await
+        .unwrap();
+    db.batch_execute("RESET search_path").await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build() {
+    let dir = builtin_templates_with(&[(
+        "B5__baseline.sql",
+        &baseline_with("COMMENT ON TABLE experiences IS 'built from the baseline';"),
+    )]);
+    let app = spawn_app_with(|s| s.templates_dir = Some(dir.clone())).await;
+    let signup = app.register("bea").await;
+    assert_eq!(signup.status(), 201);
+    let db = app.db().await;
+    let comment: Option<String> = db
+        .query_one(
+            "SELECT obj_description('tenant_bea.experiences'::regclass, 'pg_class')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(comment.as_deref(), Some("built from the baseline"));
+
+    // Its history says V1..V5, as published: a fleet migration sees a
+    // tenant like any other.
+    let history: Vec<(i32, String, String)> = db
+        .query(
+            "SELECT h.version, h.name, h.checksum FROM tenant_bea.refinery_schema_history h
+             ORDER BY h.version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let published: Vec<(i32, String, String)> = db
+        .query(
+            "SELECT version, name, checksum FROM tenantry.templates ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(history, published);
+    assert_eq!(history.len() as i32, latest_version());
+
+    // The same schema as one built by V1..V5 in turn, here by hand.
+    db.batch_execute("CREATE SCHEMA by_versions; SET search_path TO by_versions")
+        .await
+        .unwrap();
+    for template in tenantry::templates::TemplateSet::builtin().unwrap().all() {
+        db.batch_execute(template.sql()).await.unwrap();
+    }
+    db.batch_execute("RESET search_path").await.unwrap();
+    let role: String = db
+        .query_one(
+            "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'tenant_bea'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let tenant_role: String = db
+        .query_one(
+            "SELECT tableowner FROM pg_tables WHERE schemaname = 'tenant_bea' AND tablename = 'experiences'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(role, tenant_role);
+    let mut by_baseline = described(&db, "tenant_bea", &tenant_role).await;
+    let mut by_versions = described(&db, "by_versions", &tenant_role).await;
+    // Only the tenant has the history table (the service's).
+    by_baseline.retain(|l| !l.contains("refinery_schema_history"));
+    by_versions.retain(|l| !l.contains("refinery_schema_history"));
+    assert!(by_baseline.len() > 60, "{by_baseline:?}");
+    assert_eq!(by_baseline, by_versions);
+
+    // And a new version after it: new tenants take the baseline, then V6.
+    let later = builtin_templates_with(&[
+        (
+            "B5__baseline.sql",
+            &baseline_with("COMMENT ON TABLE experiences IS 'built from the baseline';"),
+        ),
+        (
+            "V6__notes.sql",
+            "CREATE TABLE notes (id bigint PRIMARY KEY);",
+        ),
+    ]);
+    let out = tenantry(
+        &["templates", "publish", &later.display().to_string()],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let app6 = spawn_app_on(
+        {
+            let mut s = test_settings(&app.db_name);
+            s.templates_dir = Some(later.clone());
+            s
+        },
+        app.db_name.clone(),
+    )
+    .await;
+    let signup = app6.register("cyd").await;
+    assert_eq!(json(signup).await["template_version"], 6);
+    let row = db
+        .query_one(
+            "SELECT obj_description('tenant_cyd.experiences'::regclass, 'pg_class'),
+                    to_regclass('tenant_cyd.notes') IS NOT NULL,
+                    (SELECT array_agg(version ORDER BY version) FROM tenant_cyd.refinery_schema_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("built from the baseline")
+    );
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, Vec<i32>>(2), versions_up_to(6));
+}
+
+#[tokio::test]
+async fn a_baseline_that_builds_something_else_is_refused_naming_the_difference() {
+    let app = spawn_app().await;
+    // The first such check is experiences'.
+    let wrong = baseline_with("").replacen(
+        "CHECK (length(title) BETWEEN 1 AND 300)",
+        "CHECK (length(title) BETWEEN 1 AND 400)",
+        1,
+    );
+    assert!(wrong.contains("BETWEEN 1 AND 400"));
+    let dir = builtin_templates_with(&[
+        ("B5__baseline.sql", &wrong),
+        (
+            "V6__notes.sql",
+            "CREATE TABLE notes (id bigint PRIMARY KEY);",
+        ),
+    ]);
+    let out = tenantry(
+        &["templates", "publish", &dir.display().to_string()],
+        &cli_env(&app.db_name),
+        None,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("baseline B5__baseline.sql does not build what V1..V5 build")
+            && err.contains("experiences experiences_title_check")
+            && err.contains("<= 300"),
+        "{err}"
+    );
+    let leftovers = app
+        .count(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname LIKE '%template\\_\\_check%')
+                  + (SELECT count(*) FROM pg_roles WHERE rolname LIKE '%template\\_\\_check%')",
+        )
+        .await;
+    assert_eq!(leftovers, 0, "the tenants built to check are gone");
+
+    // Nothing of the set was published (the check comes first).
+    assert_eq!(
+        published_files(&app.db_name).await.len() as i32,
+        latest_version()
+    );
+
+    // `serve` with it refuses to start, saying the same.
+    let mut env = cli_env(&app.db_name);
+    env.push(("TENANTRY_TEMPLATES_DIR", dir.display().to_string()));
+    env.push(("TENANTRY_BIND", format!("127.0.0.1:{}", free_port())));
+    let out = tenantry(&["serve"], &env, None).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("baseline B5__baseline.sql does not build what V1..V5 build"),
+        "{}",
+        stderr(&out)
+    );
 }
