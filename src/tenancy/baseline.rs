@@ -13,10 +13,8 @@
 //! baseline that creates the column with its table builds the same schema
 //! in the same time at any size.
 
-use uuid::Uuid;
-
 use crate::db::Installation;
-use crate::domain::{TemplateVersion, Username};
+use crate::domain::TemplateVersion;
 use crate::tenancy::apply::TemplateApplication;
 use crate::tenancy::templates::TemplateSet;
 
@@ -145,18 +143,7 @@ async fn scratch(
     to: TemplateVersion,
     from_baseline: bool,
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let username = Username::scratch(&Uuid::new_v4().simple().to_string()[..8]);
-    let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
-    let local = Installation {
-        citus: false,
-        routers: 0,
-        ..installation.clone()
-    };
-    client
-        .batch_execute(&crate::provisioning::prelude(
-            &local, &schema, &role, true, None,
-        ))
-        .await?;
+    let (schema, role) = crate::provisioning::scratch_tenant(client, installation).await?;
     let application = if from_baseline {
         TemplateApplication::building(&schema, &role, set, to)
     } else {

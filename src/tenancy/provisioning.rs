@@ -700,13 +700,6 @@ pub async fn check_builds(
     installation: &Installation,
     templates: &[crate::tenancy::templates::Template],
 ) -> Result<(), ProvisionError> {
-    let username = Username::scratch(&Uuid::new_v4().simple().to_string()[..8]);
-    let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
-    let local = Installation {
-        citus: false,
-        routers: 0,
-        ..installation.clone()
-    };
     client.batch_execute("BEGIN").await?;
     let built = async {
         client
@@ -715,9 +708,7 @@ pub async fn check_builds(
                 &[],
             )
             .await?;
-        client
-            .batch_execute(&prelude(&local, &schema, &role, true, None))
-            .await?;
+        let (schema, role) = scratch_tenant(client, installation).await?;
         let application = TemplateApplication::new(&schema, &role, templates);
         for (step, request) in application.requests(client) {
             request.await.map_err(|e| match step {
@@ -739,6 +730,26 @@ pub async fn check_builds(
     }
 }
 
+/// A tenant that exists only in the caller's transaction (to be rolled
+/// back): its role and its empty schema, made here, on this node only
+/// (the caller turns Citus's propagation off).
+pub(crate) async fn scratch_tenant(
+    client: &tokio_postgres::Client,
+    installation: &Installation,
+) -> Result<(SchemaName, RoleName), tokio_postgres::Error> {
+    let username = Username::scratch(&Uuid::new_v4().simple().to_string()[..8]);
+    let (schema, role) = (username.schema(), installation.id.tenant_role(&username));
+    let local = Installation {
+        citus: false,
+        routers: 0,
+        ..installation.clone()
+    };
+    client
+        .batch_execute(&prelude(&local, &schema, &role, true, None))
+        .await?;
+    Ok((schema, role))
+}
+
 /// The tenant's role and its empty schema with its history table. The
 /// schema and the history belong to the service (a schema's owner may drop
 /// anything in it, the history included); the tenant role gets USAGE and
@@ -746,7 +757,7 @@ pub async fn check_builds(
 /// Identifiers are validated names, always quoted; no value is interpolated.
 /// On Citus the role and the schema exist already ([`Reservation`]); a
 /// spare role (`made_now` false) exists already too.
-pub(crate) fn prelude(
+fn prelude(
     installation: &Installation,
     schema: &SchemaName,
     role: &RoleName,

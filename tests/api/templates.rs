@@ -298,27 +298,22 @@ async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build(
 
     // Its history says V1..V5, as published: a fleet migration sees a
     // tenant like any other.
-    let history: Vec<(i32, String, String)> = db
-        .query(
-            "SELECT h.version, h.name, h.checksum FROM tenant_bea.refinery_schema_history h
-             ORDER BY h.version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    let published: Vec<(i32, String, String)> = db
-        .query(
-            "SELECT version, name, checksum FROM tenantry.templates ORDER BY version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let versions = |from: &'static str| {
+        let db = &db;
+        async move {
+            db.query(
+                &format!("SELECT version, name, checksum FROM {from} ORDER BY version"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect::<Vec<(i32, String, String)>>()
+        }
+    };
+    let history = versions("tenant_bea.refinery_schema_history").await;
+    let published = versions("tenantry.templates").await;
     assert_eq!(history, published);
     assert_eq!(history.len() as i32, latest_version());
 
@@ -366,12 +361,7 @@ async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build(
             "CREATE TABLE notes (id bigint PRIMARY KEY);",
         ),
     ]);
-    let out = tenantry(
-        &["templates", "publish", &later.display().to_string()],
-        &cli_env(&app.db_name),
-        None,
-    )
-    .await;
+    let out = publish(&app.db_name, &later).await;
     assert!(out.status.success(), "{}", stderr(&out));
     let app6 = spawn_app_on(
         {
@@ -418,12 +408,7 @@ async fn a_baseline_that_builds_something_else_is_refused_naming_the_difference(
             "CREATE TABLE notes (id bigint PRIMARY KEY);",
         ),
     ]);
-    let out = tenantry(
-        &["templates", "publish", &dir.display().to_string()],
-        &cli_env(&app.db_name),
-        None,
-    )
-    .await;
+    let out = publish(&app.db_name, &dir).await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     let err = stderr(&out);
     assert!(
