@@ -374,11 +374,12 @@ async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build(
     .await;
     let signup = app6.register("cyd").await;
     assert_eq!(json(signup).await["template_version"], 6);
+    // The catalogs apart from the tenant's table: on Citus a query that
+    // reads a tenant's table runs where the tenant is.
     let row = db
         .query_one(
             "SELECT obj_description('tenant_cyd.experiences'::regclass, 'pg_class'),
-                    to_regclass('tenant_cyd.notes') IS NOT NULL,
-                    (SELECT array_agg(version ORDER BY version) FROM tenant_cyd.refinery_schema_history)",
+                    to_regclass('tenant_cyd.notes') IS NOT NULL",
             &[],
         )
         .await
@@ -388,7 +389,17 @@ async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build(
         Some("built from the baseline")
     );
     assert!(row.get::<_, bool>(1));
-    assert_eq!(row.get::<_, Vec<i32>>(2), versions_up_to(6));
+    let history: Vec<i32> = db
+        .query(
+            "SELECT version FROM tenant_cyd.refinery_schema_history ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(history, versions_up_to(6));
 }
 
 #[tokio::test]
