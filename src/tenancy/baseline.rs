@@ -18,50 +18,90 @@ use crate::domain::TemplateVersion;
 use crate::tenancy::apply::TemplateApplication;
 use crate::tenancy::templates::TemplateSet;
 
-/// One line per fact about schema `$1`: its relations, columns (type,
-/// nullability, default or generation expression), constraints, indexes,
-/// user triggers, views, functions, types and policies, sorted, with the
-/// schema's name written `S` and the tenant role's (`$2`) `R`. Run with the schema alone on the search path,
+/// One line per fact about schema `$1`: its relations (persistence, row
+/// security, options, partitioning, grants), columns in order (type,
+/// nullability, default or generation expression, owned sequence, grants),
+/// sequences, inheritance, constraints, indexes, user triggers (enabled or
+/// not), rules, views, functions (and their grants), types (enum labels,
+/// domains) and policies, sorted, with the schema's name written `S` and
+/// the tenant role's (`$2`) `R`. Not compared: owners (every object a
+/// template makes is the tenant's: `lint` refuses a change of role),
+/// comments, and the rows a template inserts. Run with the schema alone on the search path,
 /// so that names in expressions are written unqualified.
 pub const DESCRIBE: &str = "
 WITH s AS (SELECT oid, nspname FROM pg_catalog.pg_namespace WHERE nspname = $1),
 facts AS (
   SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' ' || c.relpersistence::text
-         || ' rls=' || c.relrowsecurity::text || ' acl=' || coalesce(c.relacl::text, '-') AS fact
+         || ' rls=' || c.relrowsecurity::text || ' force=' || c.relforcerowsecurity::text
+         || ' options=' || coalesce(c.reloptions::text, '-')
+         || ' partition=' || coalesce(pg_catalog.pg_get_partkeydef(c.oid), '-')
+         || ' bound=' || coalesce(pg_catalog.pg_get_expr(c.relpartbound, c.oid), '-')
+         || ' acl=' || coalesce((SELECT string_agg(a.grantee::regrole::text || ':' || a.privilege_type
+                                 || ':' || a.is_grantable::text, ',' ORDER BY 1)
+                                 FROM pg_catalog.aclexplode(c.relacl) a), '-') AS fact
   FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid
   UNION ALL
-  SELECT 'column ' || c.relname || '.' || a.attname || ' #' || a.attnum::text || ' '
+  SELECT 'column ' || c.relname || '.' || a.attname || ' #'
+         || (row_number() OVER (PARTITION BY c.oid ORDER BY a.attnum))::text || ' '
          || pg_catalog.format_type(a.atttypid, a.atttypmod) || ' notnull=' || a.attnotnull::text
          || ' generated=' || a.attgenerated::text || ' identity=' || a.attidentity::text
          || ' default=' || coalesce(pg_catalog.pg_get_expr(d.adbin, d.adrelid), '-')
          || ' collation=' || a.attcollation::text
+         || ' serial=' || coalesce(pg_catalog.pg_get_serial_sequence(c.oid::regclass::text, a.attname), '-')
+         || ' acl=' || coalesce((SELECT string_agg(x.grantee::regrole::text || ':' || x.privilege_type,
+                                 ',' ORDER BY 1) FROM pg_catalog.aclexplode(a.attacl) x), '-')
   FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid
   JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
   LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
   UNION ALL
-  SELECT 'constraint ' || coalesce(r.relname, '-') || ' ' || k.conname || ' '
+  SELECT 'sequence ' || c.relname || ' ' || pg_catalog.format_type(q.seqtypid, NULL) || ' ' || q.seqstart::text
+         || ' ' || q.seqincrement::text || ' ' || q.seqmin::text || ' ' || q.seqmax::text
+         || ' ' || q.seqcache::text || ' ' || q.seqcycle::text
+  FROM pg_catalog.pg_sequence q JOIN pg_catalog.pg_class c ON c.oid = q.seqrelid
+  JOIN s ON c.relnamespace = s.oid
+  UNION ALL
+  SELECT 'inherits ' || c.relname || ' ' || p.relname || ' #' || i.inhseqno::text
+  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+  JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN s ON c.relnamespace = s.oid
+  UNION ALL
+  SELECT 'constraint ' || coalesce(r.relname, t.typname, '-') || ' ' || k.conname || ' '
          || pg_catalog.pg_get_constraintdef(k.oid)
   FROM pg_catalog.pg_constraint k JOIN s ON k.connamespace = s.oid
   LEFT JOIN pg_catalog.pg_class r ON r.oid = k.conrelid
+  LEFT JOIN pg_catalog.pg_type t ON t.oid = k.contypid
   UNION ALL
   SELECT 'index ' || pg_catalog.pg_get_indexdef(i.indexrelid)
   FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
   JOIN s ON c.relnamespace = s.oid
   UNION ALL
-  SELECT 'trigger ' || pg_catalog.pg_get_triggerdef(t.oid)
+  SELECT 'trigger ' || pg_catalog.pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text
   FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
   JOIN s ON c.relnamespace = s.oid WHERE NOT t.tgisinternal
+  UNION ALL
+  SELECT 'rule ' || r.tablename || ' ' || r.rulename || ' ' || r.definition
+  FROM pg_catalog.pg_rules r JOIN s ON r.schemaname = s.nspname
   UNION ALL
   SELECT 'view ' || c.relname || ' ' || pg_catalog.pg_get_viewdef(c.oid)
   FROM pg_catalog.pg_class c JOIN s ON c.relnamespace = s.oid WHERE c.relkind IN ('v', 'm')
   UNION ALL
-  SELECT 'function ' || pg_catalog.pg_get_functiondef(p.oid)
-  FROM pg_catalog.pg_proc p JOIN s ON p.pronamespace = s.oid WHERE p.prokind IN ('f', 'p')
+  SELECT 'function ' || p.proname || ' ' || p.prokind::text || ' '
+         || pg_catalog.pg_get_function_identity_arguments(p.oid) || ' '
+         || CASE WHEN p.prokind IN ('f', 'p') THEN pg_catalog.pg_get_functiondef(p.oid) ELSE '' END
+         || ' acl=' || coalesce((SELECT string_agg(x.grantee::regrole::text || ':' || x.privilege_type,
+                                 ',' ORDER BY 1) FROM pg_catalog.aclexplode(p.proacl) x), '-')
+  FROM pg_catalog.pg_proc p JOIN s ON p.pronamespace = s.oid
   UNION ALL
   SELECT 'type ' || t.typname || ' ' || t.typtype::text
+         || ' base=' || CASE WHEN t.typtype = 'd' THEN pg_catalog.format_type(t.typbasetype, t.typtypmod) ELSE '-' END
+         || ' notnull=' || t.typnotnull::text
+         || ' labels=' || coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+                                    FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid), '-')
   FROM pg_catalog.pg_type t JOIN s ON t.typnamespace = s.oid
   UNION ALL
-  SELECT 'policy ' || c.relname || ' ' || p.polname || ' ' || p.polcmd::text || ' '
+  SELECT 'policy ' || c.relname || ' ' || p.polname || ' ' || p.polcmd::text
+         || ' permissive=' || p.polpermissive::text
+         || ' to=' || coalesce((SELECT string_agg(CASE WHEN o = 0 THEN 'public' ELSE o::regrole::text END,
+                                 ',' ORDER BY 1) FROM unnest(p.polroles) o), '-') || ' '
          || coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), '-') || ' '
          || coalesce(pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid), '-')
   FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid = p.polrelid
@@ -100,6 +140,10 @@ pub async fn check(
         return Ok(());
     };
     let file = baseline.template().file_name();
+    // Up to the baseline's own version: the versions after it then run on
+    // a schema that is the same in every respect `DESCRIBE` knows (and
+    // running them here would run every version at each start, a slow
+    // or lock-taking one included).
     let to = baseline.template().version();
     client.batch_execute("BEGIN").await?;
     let described = async {

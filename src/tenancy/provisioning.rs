@@ -40,10 +40,11 @@ pub enum ProvisionError {
     UsernameTaken(String),
     #[error("email is already registered")]
     EmailTaken,
-    #[error("tenant template V{version}__{name} failed: {source}")]
+    #[error("tenant template {file} failed: {source}")]
     Template {
-        version: i32,
-        name: String,
+        /// As the admin named it (`V5__x.sql`, or `B5__x.sql` for a
+        /// baseline).
+        file: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -672,8 +673,7 @@ pub async fn provision_in(
         result.map_err(|e| match step {
             Step::Account | Step::Prelude => conflict_or(e, username),
             Step::Apply(ApplyStep::Template(t)) => ProvisionError::Template {
-                version: t.version().get(),
-                name: t.name().to_owned(),
+                file: t.file_name(),
                 source: e,
             },
             Step::Apply(_) | Step::Other => e.into(),
@@ -713,8 +713,7 @@ pub async fn check_builds(
         for (step, request) in application.requests(client) {
             request.await.map_err(|e| match step {
                 ApplyStep::Template(t) => ProvisionError::Template {
-                    version: t.version().get(),
-                    name: t.name().to_owned(),
+                    file: t.file_name(),
                     source: e,
                 },
                 ApplyStep::History => e.into(),

@@ -96,9 +96,9 @@ impl Templates {
             by: by.to_owned(),
         };
         publish(client, client, installation, &proposals).await?;
-        let local = baseline_checked(client, installation, &proposals).await?;
         let mut published = load(client).await?;
-        published.set = Arc::new(with_baseline(&published, &local));
+        published.set =
+            Arc::new(baseline_checked(client, installation, &proposals, &published).await?);
         Ok(Templates::new(published))
     }
 
@@ -484,7 +484,9 @@ pub async fn open(
             other => other?,
         },
         (Opening::Read, true) => {
-            let set = Arc::new(proposals.set.clone());
+            // Unchecked: no baseline (a command that then makes tenants
+            // publishes and reads the set again, `ready_to_provision`).
+            let set = Arc::new(proposals.set.without_baseline());
             return Ok((Published::new(set, 0), Publication::default()));
         }
         (Opening::Read, false) => {
@@ -510,48 +512,47 @@ pub async fn open(
     }
     let mut published = load(client).await?;
     if opening != Opening::Read {
-        let local = baseline_checked(scratch, installation, proposals).await?;
-        published.set = Arc::new(with_baseline(&published, &local));
+        published.set =
+            Arc::new(baseline_checked(scratch, installation, proposals, &published).await?);
     }
     Ok((published, publication))
 }
 
-/// The published set with `local`'s baseline, when it stands for the
-/// published versions it was written against (and said when not).
-fn with_baseline(published: &Published, local: &TemplateSet) -> TemplateSet {
-    let with = published.set.with_baseline_of(local);
-    if let (Some(b), None) = (local.baseline(), with.baseline()) {
-        tracing::warn!(
-            file = b.template().file_name(),
-            "the baseline is not used: the published versions it stands for are not the ones it was written against"
-        );
-    }
-    with
-}
-
-/// The proposals with their baseline once it builds what the versions it
-/// stands for build (`tenancy::baseline::check`, on `scratch`). A baseline
-/// from `TENANTRY_TEMPLATES_DIR` that fails the check is refused; the
-/// built-in one is then left unused, with a warning.
+/// The published set with the proposals' baseline, when it stands for the
+/// published versions it was written against and builds what they build
+/// (`tenancy::baseline::check`, on `scratch`); otherwise without one. A baseline from
+/// `TENANTRY_TEMPLATES_DIR` that fails the check is refused; the built-in
+/// one is then left unused, with a warning.
 async fn baseline_checked(
     scratch: &Client,
     installation: &Installation,
     proposals: &Proposals,
+    published: &Published,
 ) -> Result<TemplateSet, Problem> {
-    let Some(baseline) = proposals.set.baseline() else {
-        return Ok(proposals.set.clone());
+    let Some(proposed) = proposals.set.baseline() else {
+        return Ok(published.set.without_baseline());
     };
-    let file = baseline.template().file_name();
-    match crate::tenancy::baseline::check(scratch, installation, &proposals.set).await {
+    let file = proposed.template().file_name();
+    let with = published.set.with_baseline_of(&proposals.set);
+    if with.baseline().is_none() {
+        tracing::warn!(
+            file,
+            "the baseline is not used: the published versions it stands for are not the ones it was written against"
+        );
+        return Ok(with);
+    }
+    match crate::tenancy::baseline::check(scratch, installation, &with).await {
         Ok(()) => {
             tracing::debug!(file, "baseline checked");
-            Ok(proposals.set.clone())
+            Ok(with)
         }
-        Err(crate::tenancy::baseline::BaselineError::Postgres(e)) => Err(e.into()),
+        Err(crate::tenancy::baseline::BaselineError::Postgres(e)) if proposals.explicit => {
+            Err(e.into())
+        }
         Err(e) if proposals.explicit => Err(Problem::Baseline(e)),
         Err(e) => {
             tracing::warn!(error = %e, "the built-in baseline is not used");
-            Ok(proposals.set.without_baseline())
+            Ok(with.without_baseline())
         }
     }
 }
