@@ -263,6 +263,17 @@ fn baseline_with(marker: &str) -> String {
     format!("{builtin}\n{marker}\n")
 }
 
+/// Schema `by_versions`, built by the built-in V1..V5 in turn, by hand.
+async fn by_the_versions(db: &tokio_postgres::Client) {
+    db.batch_execute("CREATE SCHEMA by_versions; SET search_path TO by_versions")
+        .await
+        .unwrap();
+    for template in tenantry::templates::TemplateSet::builtin().unwrap().all() {
+        db.batch_execute(template.sql()).await.unwrap();
+    }
+    db.batch_execute("RESET search_path").await.unwrap();
+}
+
 /// What PostgreSQL says of a schema, as the baseline's check compares it.
 async fn described(db: &tokio_postgres::Client, schema: &str, role: &str) -> Vec<String> {
     db.batch_execute(&format!("SET search_path TO \"{schema}\""))
@@ -318,13 +329,7 @@ async fn a_new_tenant_is_built_from_the_baseline_and_is_what_the_versions_build(
     assert_eq!(history.len() as i32, latest_version());
 
     // The same schema as one built by V1..V5 in turn, here by hand.
-    db.batch_execute("CREATE SCHEMA by_versions; SET search_path TO by_versions")
-        .await
-        .unwrap();
-    for template in tenantry::templates::TemplateSet::builtin().unwrap().all() {
-        db.batch_execute(template.sql()).await.unwrap();
-    }
-    db.batch_execute("RESET search_path").await.unwrap();
+    by_the_versions(&db).await;
     let role: String = db
         .query_one(
             "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'tenant_bea'",
@@ -479,12 +484,7 @@ async fn by_default_new_tenants_are_built_from_the_built_in_baseline() {
     // Built by the versions, as a running `serve` does after a new version
     // is published, experiences is rewritten: the check above can fail.
     let db = app.db().await;
-    db.batch_execute("CREATE SCHEMA by_versions; SET search_path TO by_versions")
-        .await
-        .unwrap();
-    for template in tenantry::templates::TemplateSet::builtin().unwrap().all() {
-        db.batch_execute(template.sql()).await.unwrap();
-    }
+    by_the_versions(&db).await;
     let rewritten: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_class
