@@ -95,10 +95,11 @@ impl Templates {
             explicit: true,
             by: by.to_owned(),
         };
-        publish(client, client, installation, &proposals).await?;
+        let publication = publish(client, client, installation, &proposals).await?;
         let mut published = load(client).await?;
-        published.set =
-            Arc::new(baseline_checked(client, installation, &proposals, &published).await?);
+        published.set = Arc::new(
+            baseline_checked(client, installation, &proposals, &published, &publication).await?,
+        );
         Ok(Templates::new(published))
     }
 
@@ -512,8 +513,9 @@ pub async fn open(
     }
     let mut published = load(client).await?;
     if opening != Opening::Read {
-        published.set =
-            Arc::new(baseline_checked(scratch, installation, proposals, &published).await?);
+        published.set = Arc::new(
+            baseline_checked(scratch, installation, proposals, &published, &publication).await?,
+        );
     }
     Ok((published, publication))
 }
@@ -528,6 +530,7 @@ async fn baseline_checked(
     installation: &Installation,
     proposals: &Proposals,
     published: &Published,
+    publication: &Publication,
 ) -> Result<TemplateSet, Problem> {
     let Some(proposed) = proposals.set.baseline() else {
         return Ok(published.set.without_baseline());
@@ -539,6 +542,10 @@ async fn baseline_checked(
             file,
             "the baseline is not used: the published versions it stands for are not the ones it was written against"
         );
+        return Ok(with);
+    }
+    if proposals.explicit && !publication.published.is_empty() {
+        // `publish` checked it before it published them.
         return Ok(with);
     }
     match crate::tenancy::baseline::check(scratch, installation, &with).await {

@@ -133,18 +133,7 @@ impl Fleet {
     }
 
     async fn history_versions(&self, user: &str) -> Vec<i32> {
-        self.app
-            .db()
-            .await
-            .query(
-                &format!("SELECT version FROM tenant_{user}.refinery_schema_history ORDER BY 1"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
+        history_of(&self.app, &format!("tenant_{user}")).await
     }
 
     /// Whether the added version's column and index exist in the tenant's

@@ -885,6 +885,21 @@ pub fn templates_dir_with(files: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
+/// The versions in a schema's history.
+pub async fn history_of(app: &TestApp, schema: &str) -> Vec<i32> {
+    app.db()
+        .await
+        .query(
+            &format!("SELECT version FROM \"{schema}\".refinery_schema_history ORDER BY 1"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The version the built-in templates end at: what new tenants get.
 pub fn latest_version() -> i32 {
     tenantry::templates::TemplateSet::builtin()

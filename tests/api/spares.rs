@@ -619,21 +619,6 @@ async fn tables_of(app: &TestApp, schema: &str) -> Vec<(String, u32, String)> {
         .collect()
 }
 
-/// The versions in a schema's history.
-async fn history_of(app: &TestApp, schema: &str) -> Vec<i32> {
-    app.db()
-        .await
-        .query(
-            &format!("SELECT version FROM \"{schema}\".refinery_schema_history ORDER BY 1"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Every template table of `schema` belongs to `role` (the history to the
 /// service).
 async fn owned_by(app: &TestApp, schema: &str, role: &str) {
