@@ -5,10 +5,11 @@
 //! 1. Signups through the real service over HTTP (`POST /api/auth/register`,
 //!    4 clients, bcrypt cost 4, rate limits off, a non-superuser service
 //!    role), in blocks of 500 up to N; after each service block the same
-//!    number of tenants provisioned raw on a second private cluster (the
-//!    built-in templates' texts with the service's role, schema, grants,
-//!    history and registry row, one transaction per tenant as a superuser,
-//!    4 sessions; a superuser needs no membership to act as a role). The
+//!    number of tenants provisioned raw on a second private cluster: the
+//!    built-in templates' SQL that the service runs for a new schema (the
+//!    baseline, `B5`, and any version after it), with its role, schema,
+//!    grants, history and registry row, one transaction per tenant as a superuser,
+//!    4 sessions (a superuser needs no membership to act as a role). The
 //!    two sides take turns which goes first. Printed: each side's rate per
 //!    block, their ratio, and the first `SET ROLE` of a new session as what
 //!    the request pool logs in as (a tenant's router, `db::routers`, or the
@@ -218,8 +219,10 @@ async fn raw_side() -> Raw {
         sessions.push(bench.target.connect().await.unwrap().into_client());
     }
     let set = TemplateSet::builtin().unwrap();
+    // What the service runs for a new schema: the baseline, if any, and
+    // the versions after it.
     let templates_sql = set
-        .all()
+        .to_build(set.latest())
         .iter()
         .map(|t| t.sql())
         .collect::<Vec<_>>()
@@ -241,7 +244,7 @@ fn username(i: usize) -> Username {
 async fn signups(service: &Service, raw: &Raw, n: usize) -> Duration {
     println!(
         "signups per block of {BLOCK}: the service over HTTP ({CLIENTS} clients, bcrypt cost 4, limits off) \
-         and raw (same templates, {CLIENTS} superuser sessions, second cluster)"
+         and raw (the same SQL, {CLIENTS} superuser sessions, second cluster)"
     );
     println!(
         "{:>8} | {:>11} {:>9} {:>12} | {:>24} {:>5}",
