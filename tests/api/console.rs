@@ -272,6 +272,24 @@ impl Browser {
         .await;
     }
 
+    /// Until `css` finds an element whose text starts with `prefix`; that
+    /// text.
+    async fn until_text_starting(&self, css: &str, prefix: &str) -> String {
+        let found = std::sync::Mutex::new(None);
+        until(&format!("{css} starts with {prefix:?}"), || async {
+            let text = self
+                .texts(css)
+                .await
+                .into_iter()
+                .find(|t| t.starts_with(prefix));
+            let seen = text.is_some();
+            *found.lock().unwrap() = text;
+            seen
+        })
+        .await;
+        found.into_inner().unwrap().expect("found")
+    }
+
     async fn type_into(&self, css: &str, text: &str) {
         let field = self.find(css).await;
         field.clear().await.unwrap();
@@ -537,16 +555,29 @@ async fn in_a_browser_the_console_refuses_a_tenant_and_shows_an_auditor_only_the
     browser.until_text("h1", "Sign in").await;
     assert!(!browser.find("#nav").await.is_displayed().await.unwrap());
 
+    let before = app.count("SELECT count(*) FROM tenantry.audit_log").await;
     browser.sign_in(&app, "audra").await;
     browser.until_text("h1", "Audit log").await;
     browser.until_text("#who", "audra (auditor)").await;
-    let entries = app.count("SELECT count(*) FROM tenantry.audit_log").await;
-    browser
-        .until_text(
-            "#chain",
-            &format!("Chain verified: {entries} entries, 0 anchor(s) match. (No anchor written yet: serve writes them to its anchor file as it runs.)"),
-        )
+    // The verdict counts the log as it was when the page asked: audra's
+    // sign-in and all before it at least, nothing that was not written by
+    // the time the page shows it.
+    let verdict = browser
+        .until_text_starting("#chain", "Chain verified: ")
         .await;
+    let after = app.count("SELECT count(*) FROM tenantry.audit_log").await;
+    let entries: i64 = verdict["Chain verified: ".len()..]
+        .split_once(' ')
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of entries in {verdict:?}"));
+    assert!(
+        (before + 1..=after).contains(&entries),
+        "{verdict:?}: the log held {before} entries before the sign-in, {after} after the page"
+    );
+    assert_eq!(
+        verdict,
+        format!("Chain verified: {entries} entries, 0 anchor(s) match. (No anchor written yet: serve writes them to its anchor file as it runs.)")
+    );
     until("the audit log lists the signup", || async {
         browser
             .texts("tbody td:nth-child(3)")
